@@ -1,0 +1,64 @@
+"""Try a model: one answer, a completion, or an interactive chat.
+
+    python generate.py --prompt "What is the capital of France?"      # default model, SmolLM2-135M-Instruct
+    python generate.py --model path/to/hf_dir --chat                 # interactive; empty line or Ctrl-D quits
+    python generate.py --model model.gguf --raw --prompt "Once upon a time"   # plain completion, no template
+"""
+import argparse
+import sys
+
+import torch
+
+from model import NanotuneError, generate, load
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF directory, .gguf file, or hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", default="What is the capital of France?", help="the user message (or raw text with --raw)")
+    p.add_argument("--system", default=None, help="system message for chat templates")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
+    p.add_argument("--raw", action="store_true", help="complete the prompt as plain text, no chat template")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    a = p.parse_args(argv)
+    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
+    model, tok = load(a.model, dtype=dtype, device=a.device)
+    sample = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                  seed=a.seed, stop_ids=tok.stop_ids)
+
+    def reply(ids):
+        out = generate(model, ids, **sample)
+        return tok.decode(out).strip()
+
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    if a.raw:
+        print(a.prompt + tok.decode(generate(model, tok.encode(a.prompt), **sample)))
+    elif not a.chat:
+        print(reply(tok.chat(messages + [{"role": "user", "content": a.prompt}])))
+    else:
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                break
+            if not line:
+                break
+            messages.append({"role": "user", "content": line})
+            answer = reply(tok.chat(messages))
+            messages.append({"role": "assistant", "content": answer})
+            print(answer, flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except NanotuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,94 @@
+"""nanotune kernels: the small fused ops of a decoder, each as a plain-PyTorch reference.
+
+The references here are the ground truth the model uses on CPU; Triton versions (autograd
+Functions with a manual backward) join each one, next to it, and `use_triton(...)` picks
+between them. With no CUDA device the references always run.
+
+    import kernels; kernels.use_triton(False)   # force the references anywhere
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+_TRITON = torch.cuda.is_available()
+
+
+def use_triton(on: bool):
+    """Switch between Triton kernels (CUDA only) and the PyTorch references."""
+    global _TRITON
+    _TRITON = bool(on) and torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm: y = x / sqrt(mean(x^2) + eps) * (offset + w)     offset = 0 (Llama), 1 (Gemma)
+# Statistics in fp32, as every reference implementation does; the result in x's dtype.
+def rms_norm_ref(x, weight, eps: float, offset: float = 0.0):
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:  # Gemma: scale in fp32, then cast
+        return (y * (offset + weight.float())).to(x.dtype)
+    return weight * y.to(x.dtype)  # Llama: cast, then scale in the weight's dtype
+
+
+def rms_norm(x, weight, eps: float, offset: float = 0.0):
+    return rms_norm_ref(x, weight, eps, offset)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE, "rotate half" convention (Hugging Face): for the first `rot` dims of each head,
+#   x1, x2 = x[:rot/2], x[rot/2:rot]
+#   out = [x1*cos - x2*sin, x2*cos + x1*sin]        cos/sin: [B, T, rot] (halves repeated)
+# Dims past `rot` (partial rotary, Phi-3.5/4) pass through unchanged.
+def rope_ref(x, cos, sin):
+    """x: [B, H, T, D]; cos, sin: [B, T, rot]."""
+    rot = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)  # [B, 1, T, rot]
+    xr, xp = x[..., :rot], x[..., rot:]
+    x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((xr * cos + rotated * sin, xp), dim=-1)
+
+
+def rope(x, cos, sin):
+    return rope_ref(x, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gated MLP activation: act(gate) * up, with act = silu (SwiGLU) or tanh-approximate GELU (GeGLU)
+def gated_act_ref(gate, up, act: str):
+    if act == "silu":
+        return F.silu(gate) * up
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def gated_act(gate, up, act: str):
+    return gated_act_ref(gate, up, act)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit softcapping (Gemma 2): cap * tanh(x / cap)
+def softcap(x, cap):
+    return x if not cap else torch.tanh(x / cap) * cap
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/dim), i < dim/2, with Llama 3.1 or linear scaling applied."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "factors":  # GGUF `rope_freqs`: llama.cpp divides each frequency by its factor
+        return inv / torch.tensor(scaling["factors"], dtype=torch.float32)
+    if kind == "linear":  # positions divided by factor == frequencies divided by factor
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        # wavelengths longer than old_ctx/low are slowed by `factor`, shorter than old_ctx/high kept,
+        # and the band between blends the two linearly in old_ctx/wavelength.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+        s = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - s) * scaled / factor + s * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random Hugging Face models of every supported architecture, the default model."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Each entry: transformers config class name and the kwargs that make the family's variant visible
+# at 2 layers / hidden 64 (GQA where the family has it, windows shorter than the test sequences).
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+ARCH_CONFIGS = {
+    "llama": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8}, tie_word_embeddings=False)),
+    "llama-tied-linear": ("LlamaConfig", dict(tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "mistral": ("MistralConfig", dict(sliding_window=5, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False)),
+    "gemma": ("GemmaConfig", dict(head_dim=16, num_key_value_heads=1, hidden_act="gelu_pytorch_tanh")),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "phi3": ("Phi3Config", dict(sliding_window=6, tie_word_embeddings=False, num_key_value_heads=2)),
+}
+
+
+def make_hf_model(arch: str, out_dir: str, seed: int = 0):
+    """A random tiny transformers model of `arch`, saved as safetensors in out_dir; returns the HF model."""
+    import transformers
+    cls_name, extra = ARCH_CONFIGS[arch]
+    cfg = getattr(transformers, cls_name)(**{**TINY, **extra})
+    torch.manual_seed(seed)
+    kwargs = {"attn_implementation": "eager"} if arch == "gemma2" else {}
+    m = transformers.AutoModelForCausalLM.from_config(cfg, **kwargs).float().eval()
+    with torch.no_grad():  # norms start at 1 (or 0 for Gemma); randomise so a wrong norm shows
+        for n, p in m.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    m.save_pretrained(out_dir, safe_serialization=True)
+    return m
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf():
+    from model import default_model_path
+    return default_model_path()
