@@ -1,0 +1,226 @@
+"""nanotune LoRA: low-rank adapters on a built model, saved and loaded in PEFT's format.
+
+    y = W x + s * B A dropout(x)          A: [r, in] Kaiming-uniform, B: [out, r] zeros, s = alpha / r
+    rsLoRA:  s = alpha / sqrt(r)                                         (arXiv:2312.03732)
+    DoRA:    y = m / ||W + s B A||_row * (W + s B A) x,  m initialised to ||W||_row, the norm detached
+                                                                          (arXiv:2402.09353)
+LoRA: arXiv:2106.09685. The frozen base can be an nn.Linear or quant.py's 4-bit linear (anything with
+`in_features`, `out_features`, `bias` and a `dense_weight()`/`weight`).
+
+    from lora import apply_lora, save_adapter, load_adapter, merge_lora
+    apply_lora(model, r=16, alpha=16)              # q,k,v,o,gate,up,down; everything else frozen
+    save_adapter(model, "out/")                    # adapter_model.safetensors + adapter_config.json
+    load_adapter(model, "out/")                    # also adapters saved by `peft`
+"""
+import json
+import math
+import os
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import NanotuneError, read_json
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a dense [out, in] tensor (a 4-bit base dequantizes)."""
+    return base.dense_weight() if hasattr(base, "dense_weight") else base.weight
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora=False, dora=False):
+        super().__init__()
+        self.base = base
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        dev = dense_weight(base).device
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=dev, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=dev, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_magnitude_vector = None
+        if dora:  # m = ||W||_row, so the adapter starts as the identity
+            self.lora_magnitude_vector = nn.Parameter(dense_weight(base).detach().float().norm(dim=1))
+        self.merged, self.disabled = False, False
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A, the [out, in] update LoRA adds to W."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def dora_scale(self, weight, delta):
+        """m / ||W + s B A||_row as [out]; the norm is a constant for backprop (DoRA section 4.3)."""
+        norm = (weight + delta.to(weight.dtype)).float().norm(dim=1).detach()
+        return self.lora_magnitude_vector / norm
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.disabled or self.merged:
+            return y
+        xd = self.dropout(x)
+        lora = self.lora_B(self.lora_A(xd.to(self.lora_A.weight.dtype))) * self.scaling  # [.., out]
+        if self.lora_magnitude_vector is None:
+            return y + lora.to(y.dtype)
+        # DoRA: y + (g - 1) * W xd + g * s B A xd, with g = m / ||W + s B A||
+        w = dense_weight(self.base)
+        g = self.dora_scale(w, self.delta_weight())
+        base_out = F.linear(xd, w) if self.training and not isinstance(self.dropout, nn.Identity) else (
+            y if self.base.bias is None else y - self.base.bias)
+        return y + ((g - 1) * base_out + g * lora).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        """W <- W + s B A (DoRA: W <- g * (W + s B A)); the adapter then adds nothing."""
+        if self.merged:
+            return
+        w = self.base.weight
+        delta = self.delta_weight()
+        if self.lora_magnitude_vector is not None:
+            self._norm = (w.float() + delta).norm(dim=1)
+            w.copy_(((w.float() + delta) * (self.lora_magnitude_vector / self._norm)[:, None]).to(w.dtype))
+        else:
+            w.add_(delta.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            return
+        w = self.base.weight
+        delta = self.delta_weight()
+        if self.lora_magnitude_vector is not None:
+            w.copy_((w.float() * (self._norm / self.lora_magnitude_vector)[:, None] - delta).to(w.dtype))
+        else:
+            w.sub_(delta.to(w.dtype))
+        self.merged = False
+
+
+def _matches(name: str, targets) -> bool:
+    """PEFT's rule: a list matches the last name component(s); a single string is a full-name regex."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def apply_lora(model: nn.Module, r=16, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS, rslora=False, dora=False,
+               train_modules=()) -> list:
+    """Freeze the model, wrap every matching linear in a LoRALinear; `train_modules` (e.g. "lm_head",
+    "embed_tokens") stay fully trainable. Returns the wrapped module names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if _matches(n, targets) and hasattr(m, "in_features")
+             and not isinstance(m, LoRALinear)]
+    if not names:
+        raise NanotuneError(f"no module matches lora targets {targets!r}; valid names include "
+                            f"{', '.join(DEFAULT_TARGETS)}, lm_head.")
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        base = model.get_submodule(n)
+        setattr(model.get_submodule(parent) if parent else model, child, LoRALinear(base, r, alpha, dropout, rslora, dora))
+    for n, p in model.named_parameters():
+        if any(f".{t}." in f".{n}" for t in train_modules):
+            p.requires_grad_(True)
+    model.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                             use_rslora=rslora, use_dora=dora)
+    return names
+
+
+def lora_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def set_lora_enabled(model, on: bool):
+    """Adapters off = the base model (the DPO reference without a second copy)."""
+    for _, m in lora_layers(model):
+        m.disabled = not on
+
+
+def merge_lora(model, unwrap=False):
+    """Fold every adapter into its base weight; with `unwrap`, put the plain base layers back."""
+    for n, m in lora_layers(model):
+        m.merge()
+        if unwrap:
+            parent, _, child = n.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m.base)
+
+
+def unmerge_lora(model):
+    for _, m in lora_layers(model):
+        m.unmerge()
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT format: keys "base_model.model.<module>.lora_A.weight", "...lora_B.weight", DoRA's
+# "...lora_magnitude_vector"; adapter_config.json with peft_type LORA.
+PEFT_PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model, dtype=None) -> dict:
+    sd = {}
+    for n, m in lora_layers(model):
+        sd[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.lora_A.weight
+        sd[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.weight
+        if m.lora_magnitude_vector is not None:
+            sd[f"{PEFT_PREFIX}{n}.lora_magnitude_vector"] = m.lora_magnitude_vector
+    return {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def save_adapter(model, out_dir: str, base_model_name: str | None = None, dtype=None):
+    """adapter_model.safetensors + adapter_config.json, each written to a temp name then renamed."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    c = model.lora_config
+    targets = c["target_modules"] if isinstance(c["target_modules"], str) else sorted(set(
+        n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)))
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+           "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
+           "target_modules": targets, "use_rslora": c["use_rslora"], "use_dora": c["use_dora"], "bias": "none",
+           "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
+    tmp = os.path.join(out_dir, "adapter_model.safetensors.tmp")
+    save_file(adapter_state_dict(model, dtype), tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
+    with open(os.path.join(out_dir, "adapter_config.json.tmp"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    os.replace(os.path.join(out_dir, "adapter_config.json.tmp"), os.path.join(out_dir, "adapter_config.json"))
+
+
+def load_adapter(model, adapter_dir: str):
+    """Apply the adapter in `adapter_dir` (saved by nanotune or by `peft`) to a plain model."""
+    from safetensors.torch import load_file
+    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise NanotuneError(f"{adapter_dir} has no adapter_config.json; pass a PEFT/nanotune adapter directory.")
+    c = read_json(cfg_path)
+    if c.get("peft_type") != "LORA":
+        raise NanotuneError(f"{cfg_path}: peft_type {c.get('peft_type')!r} is not supported (LORA is).")
+    if c.get("rank_pattern") or c.get("alpha_pattern") or c.get("modules_to_save"):
+        raise NanotuneError(f"{cfg_path}: rank_pattern, alpha_pattern and modules_to_save are not supported.")
+    apply_lora(model, c["r"], c["lora_alpha"], c.get("lora_dropout", 0.0), c["target_modules"],
+               c.get("use_rslora", False), c.get("use_dora", False))
+    sd = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    params = {f"{PEFT_PREFIX}{n}": p for n, p in model.named_parameters()}
+    for k, v in sd.items():
+        name = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        if name.endswith(".lora_magnitude_vector.weight"):
+            name = name[: -len(".weight")]
+        if name not in params:
+            raise NanotuneError(f"{adapter_dir}: adapter tensor {k!r} has no place in this model; was it trained "
+                                "on another base?")
+        if params[name].shape != v.shape:
+            raise NanotuneError(f"{adapter_dir}: {k!r} has shape {tuple(v.shape)} but this model needs "
+                                f"{tuple(params[name].shape)}; the adapter belongs to another base model.")
+        with torch.no_grad():
+            params[name].copy_(v)
+    return model

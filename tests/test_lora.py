@@ -1,0 +1,92 @@
+"""Tier 1: nanotune's LoRA (plain, rsLoRA, DoRA) against `peft` on a tiny model, both adapter directions."""
+import pytest
+import torch
+from conftest import make_hf_model
+
+import lora
+import model as nt
+
+VARIANTS = {"lora": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
+
+
+def randomise_adapters(m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(m):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+            if layer.lora_magnitude_vector is not None:
+                layer.lora_magnitude_vector.mul_(1 + 0.1 * torch.rand(layer.lora_magnitude_vector.shape, generator=g))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_adapter_roundtrip_with_peft(variant, tmp_path):
+    from peft import PeftModel, get_peft_model, LoraConfig
+    hf = make_hf_model("qwen2", tmp_path / "base")
+    ids = torch.randint(3, 128, (2, 10))
+    m = nt.load_model(str(tmp_path / "base"))
+    lora.apply_lora(m, r=4, alpha=8, **VARIANTS[variant])
+    randomise_adapters(m)
+    with torch.no_grad():
+        ours = m.logits(m(ids))
+    lora.save_adapter(m, str(tmp_path / "ours"))
+
+    # nanotune's adapter in peft reproduces nanotune's logits
+    pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        theirs = pm(input_ids=ids).logits
+    assert (theirs - ours).abs().max() < 1e-5
+
+    # a peft-made adapter (its own init and save) loads into nanotune with peft's logits
+    hf2 = make_hf_model("qwen2", tmp_path / "base2")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
+                     use_rslora=variant == "rslora", use_dora=variant == "dora", init_lora_weights=False)
+    pm2 = get_peft_model(hf2, cfg).eval()
+    pm2.save_pretrained(str(tmp_path / "peft"))
+    with torch.no_grad():
+        ref = pm2(input_ids=ids).logits
+    m2 = lora.load_adapter(nt.load_model(str(tmp_path / "base2")), str(tmp_path / "peft"))
+    with torch.no_grad():
+        got = m2.logits(m2(ids))
+    assert (ref - got).abs().max() < 1e-5
+    assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == {"q_proj", "v_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_merge_equals_adapter_and_unmerge_restores(variant, tmp_path):
+    make_hf_model("llama", tmp_path)
+    m = nt.load_model(str(tmp_path))
+    before = {n: p.clone() for n, p in m.named_parameters()}
+    lora.apply_lora(m, r=4, alpha=8, **VARIANTS[variant])
+    randomise_adapters(m)
+    ids = torch.randint(3, 128, (1, 9))
+    with torch.no_grad():
+        unmerged = m.logits(m(ids))
+        lora.merge_lora(m)
+        merged = m.logits(m(ids))
+        lora.unmerge_lora(m)
+    assert (merged - unmerged).abs().max() < 1e-5
+    after = {n.replace(".base.", "."): p for n, p in m.named_parameters() if "lora_" not in n}
+    for n, p in before.items():
+        assert torch.allclose(after[n], p, atol=1e-6), n
+
+
+def test_only_adapters_train_and_lm_head_is_opt_in(tmp_path):
+    make_hf_model("llama", tmp_path)
+    m = nt.load_model(str(tmp_path))
+    names = lora.apply_lora(m, r=2, alpha=2)
+    assert len(names) == 2 * 7 and not any("lm_head" in n for n in names)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    m2 = nt.load_model(str(tmp_path))
+    lora.apply_lora(m2, r=2, alpha=2, targets=["q_proj", "lm_head"])
+    assert any(n == "lm_head" for n, _ in lora.lora_layers(m2))
+
+
+def test_adapter_for_another_base_fails_clearly(tmp_path):
+    make_hf_model("llama", tmp_path / "a")
+    m = nt.load_model(str(tmp_path / "a"))
+    lora.apply_lora(m, r=2, alpha=2)
+    lora.save_adapter(m, str(tmp_path / "ad"))
+    make_hf_model("qwen3", tmp_path / "b")  # head_dim 32: q_proj is 128 wide, not 64
+    with pytest.raises(nt.NanotuneError, match="another base"):
+        lora.load_adapter(nt.load_model(str(tmp_path / "b")), str(tmp_path / "ad"))
