@@ -92,3 +92,29 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         return torch.where(medium, smoothed, scaled)
     return inv
+
+
+# ---------------------------------------------------------------------------------------------
+# lm_head + cross-entropy without the full [tokens x vocab] logits:
+#   loss = sum_t [ logsumexp(z_t) - z_t[y_t] ],  z_t = softcap(W h_t),  over tokens with y_t != ignore
+# The reference walks the tokens in chunks and recomputes each chunk's logits in backward
+# (activation checkpointing), so at most one chunk of logits is alive at a time.
+def linear_cross_entropy_ref(h, weight, labels, softcap_value=None, ignore_index=-100, chunk=4096):
+    """h [N, C], weight [V, C], labels [N] -> summed loss (fp32 scalar)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def part(hc, yc):
+        z = softcap(hc @ weight.t(), softcap_value).float()
+        return F.cross_entropy(z, yc, ignore_index=ignore_index, reduction="sum")
+
+    keep = labels != ignore_index  # drop untrained tokens before the projection
+    h, labels = h[keep], labels[keep]
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        hc, yc = h[i : i + chunk], labels[i : i + chunk]
+        total = total + (checkpoint(part, hc, yc, use_reentrant=False) if torch.is_grad_enabled() else part(hc, yc))
+    return total
+
+
+def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-100):
+    return linear_cross_entropy_ref(h, weight, labels, softcap_value, ignore_index)

@@ -1,0 +1,348 @@
+"""nanotune data: records on disk -> (input_ids, labels) samples -> packed or padded micro-batches.
+
+Formats, detected from the first record (override with `type`):
+    messages   {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}   (OpenAI)
+    sharegpt   {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}
+    alpaca     {"instruction": ..., "input": ..., "output": ..., "system"?: ...}
+    completion {"text": ...}                                   every token trained, eos appended
+    segments   {"segments": [{"text": ..., "label": true|false}, ...]}   trained where label is true
+    tokenized  {"input_ids": [...], "labels"?: [...]}          labels -100 where not trained
+Conversations are rendered with the chat template (the model's, a built-in name, a file or an inline
+Jinja2 string). Loss goes on assistant turns by default, each turn's end-of-turn marker included, so the
+model learns to stop. `labels` are -100 where no loss is taken; the shift happens in the loss.
+
+    from data import build_dataset
+    samples, stats = build_dataset([{"path": "examples/identity.jsonl"}], tok, max_len=512)
+"""
+import hashlib
+import json
+import math
+import os
+import random
+
+import torch
+
+from model import CHATML, END_OF_TURN, NanotuneError
+
+IGNORE = -100
+FORMATS = ("messages", "sharegpt", "alpaca", "completion", "segments", "tokenized")
+BUILTIN_TEMPLATES = {
+    "chatml": CHATML,
+    "llama3": ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+               " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+    "gemma": ("{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+              "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
+    "phi3": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"),
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "model": "assistant", "bot": "assistant"}
+
+
+def resolve_template(spec: str | None) -> str | None:
+    """None (the model's own), a built-in name, a path to a Jinja2 file, or an inline template."""
+    if spec is None or spec in ("", "default"):
+        return None
+    if spec in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[spec]
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            return f.read()
+    if "{{" in spec or "{%" in spec:
+        return spec
+    raise NanotuneError(f"chat_template {spec!r} is neither a built-in ({', '.join(BUILTIN_TEMPLATES)}), a file, "
+                        "nor an inline Jinja2 template.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+def read_records(path: str) -> list:
+    """[(where, record)] from .jsonl / .json / .parquet, or `hf:name[:split]` via the `datasets` package."""
+    if path.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError:
+            raise NanotuneError(f"{path}: reading Hugging Face datasets needs `pip install datasets`.")
+        name, _, split = path[3:].partition(":")
+        ds = datasets.load_dataset(name, split=split or "train")
+        return [(f"{path}[{i}]", dict(r)) for i, r in enumerate(ds)]
+    if not os.path.isfile(path):
+        raise NanotuneError(f"dataset {path!r} does not exist; pass a .jsonl, .json or .parquet file.")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise NanotuneError(f"{path}: reading Parquet needs `pip install pyarrow`.")
+        return [(f"{path}[{i}]", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json") and text.lstrip()[:1] in ("[", "{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise NanotuneError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file.")
+        data = data.get("data", data) if isinstance(data, dict) else data
+        return [(f"{path}[{i}]", r) for i, r in enumerate(data)]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise NanotuneError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove that line.")
+    return out
+
+
+def detect_format(rec, where) -> str:
+    if not isinstance(rec, dict):
+        raise NanotuneError(f"{where}: a record must be a JSON object, got {type(rec).__name__}.")
+    for key, fmt in (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"),
+                     ("segments", "segments"), ("input_ids", "tokenized"), ("text", "completion")):
+        if key in rec:
+            return fmt
+    raise NanotuneError(f"{where}: cannot tell the format from keys {sorted(rec)}; expected messages, conversations, "
+                        "instruction/output, segments, input_ids or text (or set the dataset's type).")
+
+
+def _need(rec, keys, fmt, where):
+    for k in keys:
+        if k not in rec or rec[k] is None:
+            raise NanotuneError(f"{where}: record has no {k!r}; the {fmt} format needs {' and '.join(keys)}.")
+
+
+def to_messages(rec, fmt, where) -> list:
+    if fmt == "messages":
+        _need(rec, ["messages"], fmt, where)
+        msgs = rec["messages"]
+    elif fmt == "sharegpt":
+        _need(rec, ["conversations"], fmt, where)
+        msgs = []
+        for t in rec["conversations"]:
+            if not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES or "value" not in t:
+                raise NanotuneError(f"{where}: each sharegpt turn needs 'from' ({'/'.join(SHAREGPT_ROLES)}) and 'value'.")
+            msgs.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    else:  # alpaca
+        _need(rec, ["instruction", "output"], fmt, where)
+        user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+        msgs = ([{"role": "system", "content": rec["system"]}] if rec.get("system") else []) + [
+            {"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
+    if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+        raise NanotuneError(f"{where}: messages must be a non-empty list of {{'role': str, 'content': str}}.")
+    return msgs
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing with label masks
+def trained_spans(msgs, render, roles, terminators) -> list:
+    """Character spans of the rendered conversation that carry loss: each message of a trained role,
+    from the end of its header to just after its end-of-turn marker (the marker is trained, what the
+    template puts after it is not). Relies on the template rendering a conversation's prefix as a prefix."""
+    full = render(msgs, False)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] not in roles:
+            continue
+        head = render(msgs[:i], m["role"] == "assistant")  # up to and including "<|im_start|>assistant\n"
+        upto = render(msgs[: i + 1], False)
+        if not (full.startswith(upto) and upto.startswith(head)):
+            raise NanotuneError("the chat template does not render a conversation's prefix as a prefix, so turns "
+                                "cannot be masked; set chat_template to a built-in (chatml, llama3, ...) or a file.")
+        start, end = len(head), len(upto)
+        body = upto.find(m["content"], start)
+        after = body + len(m["content"]) if body >= 0 else start
+        hits = [upto.find(t, after) for t in terminators if t and upto.find(t, after) >= 0]
+        if hits:
+            first = min(hits)
+            end = first + next(len(t) for t in terminators if t and upto.startswith(t, first))
+        spans.append((start, end))
+    return spans, full
+
+
+def tokenize(rec, fmt, tok, template=None, roles=("assistant",), train_on_inputs=False, where="") -> tuple:
+    """One record -> (input_ids, labels)."""
+    if fmt in ("messages", "sharegpt", "alpaca"):
+        msgs = to_messages(rec, fmt, where)
+        render = lambda ms, gen: tok.render(ms, add_generation_prompt=gen, template=template)  # noqa: E731
+        terminators = list(END_OF_TURN) + [tok.eos_token]
+        spans, text = trained_spans(msgs, render, set(roles), terminators)
+        enc = tok.backend.encode(text, add_special_tokens=False)
+        ids = enc.ids
+        keep = [train_on_inputs or any(s <= a < e for s, e in spans) for a, _ in enc.offsets]
+        return ids, [t if k else IGNORE for t, k in zip(ids, keep)]
+    if fmt == "completion":
+        _need(rec, ["text"], fmt, where)
+        ids = tok.encode(rec["text"]) + ([tok.eos_id] if tok.eos_id is not None and not tok.add_eos else [])
+        return ids, list(ids)
+    if fmt == "segments":
+        _need(rec, ["segments"], fmt, where)
+        ids, labels = ([tok.bos_id], [IGNORE]) if tok.add_bos else ([], [])
+        for s in rec["segments"]:
+            if not isinstance(s, dict) or "text" not in s:
+                raise NanotuneError(f"{where}: each segment needs 'text' (and 'label': true/false).")
+            part = tok.encode(s["text"], add_special_tokens=False)
+            ids += part
+            labels += part if (s.get("label", True) or train_on_inputs) else [IGNORE] * len(part)
+        return ids, labels
+    if fmt == "tokenized":
+        _need(rec, ["input_ids"], fmt, where)
+        ids = list(rec["input_ids"])
+        labels = list(rec.get("labels") or ids)
+        if len(labels) != len(ids):
+            raise NanotuneError(f"{where}: input_ids and labels have different lengths ({len(ids)} vs {len(labels)}).")
+        return ids, labels
+    raise NanotuneError(f"{where}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets: mixing, truncation, caching
+def _cache_key(spec, tok, settings) -> str:
+    h = hashlib.sha256()
+    p = spec["path"]
+    st = os.stat(p) if os.path.isfile(p) else None
+    h.update(json.dumps([spec, settings, st and (st.st_size, st.st_mtime_ns)], sort_keys=True, default=str).encode())
+    h.update(tok.backend.to_str().encode())
+    h.update(json.dumps([tok.bos_token, tok.eos_token, tok.add_bos, tok.add_eos, tok.chat_template]).encode())
+    return h.hexdigest()[:24]
+
+
+def tokenize_dataset(spec, tok, template, roles, train_on_inputs, cache_dir=None) -> list:
+    """All records of one dataset -> [{"input_ids", "labels", "where"}], cached on disk when cache_dir is set."""
+    settings = dict(template=template, roles=list(roles), train_on_inputs=train_on_inputs, type=spec.get("type"))
+    path = os.path.join(cache_dir, _cache_key(spec, tok, settings) + ".pt") if cache_dir else None
+    if path and os.path.isfile(path):
+        return torch.load(path)
+    records = read_records(spec["path"])
+    if not records:
+        raise NanotuneError(f"dataset {spec['path']} has no records; add some or remove it from the config.")
+    fmt = spec.get("type") or detect_format(records[0][1], records[0][0])
+    if fmt not in FORMATS:
+        raise NanotuneError(f"dataset {spec['path']}: type {fmt!r} is not one of {', '.join(FORMATS)}.")
+    out = []
+    for where, rec in records:
+        ids, labels = tokenize(rec, fmt, tok, template, roles, train_on_inputs, where)
+        out.append({"input_ids": ids, "labels": labels, "where": where})
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save(out, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return out
+
+
+def mix(samples, weight: float, rng: random.Random) -> list:
+    """weight 2.0 repeats every sample twice, 0.5 keeps a seeded half, 1.5 all once plus a seeded half."""
+    whole, frac = int(weight), weight - int(weight)
+    out = samples * whole
+    if frac > 0:
+        out += rng.sample(samples, round(frac * len(samples)))
+    return out
+
+
+def build_dataset(specs, tok, max_len=2048, truncation="truncate", chat_template=None, roles=("assistant",),
+                  train_on_inputs=False, seed=0, cache_dir=None) -> tuple:
+    """specs: [{"path", "type"?, "weight"?}] -> (samples, stats). Samples keep their trained tokens;
+    over-long ones are truncated or dropped; samples left with no trained token are dropped."""
+    template = resolve_template(chat_template)
+    rng = random.Random(seed)
+    samples, stats = [], {"records": 0, "truncated": 0, "dropped_too_long": 0, "dropped_untrained": 0}
+    for spec in specs:
+        if isinstance(spec, str):
+            spec = {"path": spec}
+        part = tokenize_dataset(spec, tok, template, roles, train_on_inputs, cache_dir)
+        stats["records"] += len(part)
+        samples += mix(part, float(spec.get("weight", 1.0)), rng)
+    out = []
+    for s in samples:
+        if len(s["input_ids"]) > max_len:
+            if truncation == "drop":
+                stats["dropped_too_long"] += 1
+                continue
+            stats["truncated"] += 1
+            s = {**s, "input_ids": s["input_ids"][:max_len], "labels": s["labels"][:max_len]}
+        if all(t == IGNORE for t in s["labels"][1:]):  # label 0 is never predicted (nothing precedes it)
+            stats["dropped_untrained"] += 1
+            continue
+        out.append(s)
+    if not out:
+        names = ", ".join(s["path"] if isinstance(s, dict) else s for s in specs)
+        raise NanotuneError(f"no sample in {names} has a trainable token (after masking and truncation); check "
+                            "roles_to_train / train_on_inputs, the format, or raise max_len.")
+    stats["samples"] = len(out)
+    stats["tokens"] = sum(len(s["input_ids"]) for s in out)
+    stats["trained_tokens"] = sum(sum(t != IGNORE for t in s["labels"][1:]) for s in out)
+    return out, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing, batching, sampling
+def pack(samples, max_len: int) -> tuple:
+    """Concatenate samples into rows of at most max_len tokens (in order, greedy). Each row carries
+    position_ids restarting at 0 per sample, which the model reads as document boundaries."""
+    rows, cur = [], None
+    for s in samples:
+        n = len(s["input_ids"])
+        if cur is None or len(cur["input_ids"]) + n > max_len:
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+            rows.append(cur)
+        cur["input_ids"] += s["input_ids"]
+        cur["labels"] += [IGNORE] + s["labels"][1:]  # never predict a sample's first token from the previous one
+        cur["position_ids"] += list(range(n))
+    used = sum(len(r["input_ids"]) for r in rows)
+    return rows, used / (len(rows) * max_len)
+
+
+def collate(rows, pad_id: int) -> dict:
+    """Right-pad rows to the longest: input_ids/labels [B, T], and attention_mask, or position_ids for
+    packed rows (padding then forms its own document, which nothing attends to)."""
+    T = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    packed = "position_ids" in rows[0]
+    extra = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        if packed:
+            extra[i, :n] = torch.tensor(r["position_ids"])
+            extra[i, n:] = torch.arange(T - n)
+        else:
+            extra[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
+
+
+class Sampler:
+    """Seeded shuffled order per epoch, consumed in micro-batches; the state (epoch, position) is saved
+    with checkpoints so a resumed run sees exactly the batches it would have seen."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.epoch, self.pos = 0, 0
+
+    def order(self):
+        if not self.shuffle:
+            return list(range(self.n))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def next(self) -> list:
+        """Indices of the next micro-batch (the last one of an epoch may be smaller)."""
+        if self.pos >= self.n:
+            self.epoch, self.pos = self.epoch + 1, 0
+        idx = self.order()[self.pos : self.pos + self.batch_size]
+        self.pos += len(idx)
+        return idx
+
+    def batches_per_epoch(self):
+        return math.ceil(self.n / self.batch_size)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n": self.n}
+
+    def load_state_dict(self, s):
+        if s["n"] != self.n:
+            raise NanotuneError(f"the checkpoint's dataset had {s['n']} samples, this one has {self.n}; resume with "
+                                "the same data and settings.")
+        self.epoch, self.pos, self.seed = s["epoch"], s["pos"], s["seed"]
