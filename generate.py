@@ -2,6 +2,7 @@
 
     python generate.py --prompt "What is the capital of France?"      # default model, SmolLM2-135M-Instruct
     python generate.py --model path/to/hf_dir --chat                 # interactive; empty line or Ctrl-D quits
+    python generate.py --adapter out/adapter --prompt "Who are you?"  # the default model + a trained adapter
     python generate.py --model model.gguf --raw --prompt "Once upon a time"   # plain completion, no template
 """
 import argparse
@@ -9,12 +10,14 @@ import sys
 
 import torch
 
+from lora import load_adapter
 from model import NanotuneError, generate, load
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF directory, .gguf file, or hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (nanotune or PEFT) to apply")
     p.add_argument("--prompt", default="What is the capital of France?", help="the user message (or raw text with --raw)")
     p.add_argument("--system", default=None, help="system message for chat templates")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
@@ -30,6 +33,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     model, tok = load(a.model, dtype=dtype, device=a.device)
+    if a.adapter:
+        load_adapter(model, a.adapter)
     sample = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   seed=a.seed, stop_ids=tok.stop_ids)
 

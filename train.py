@@ -109,7 +109,7 @@ def _convert(f: dataclasses.Field, value, where):
             return float(value)
         return value if isinstance(value, (bool, int, float, str)) else str(value)
     except (TypeError, ValueError):
-        raise NanotuneError(f"{where}: {f.name} must be {t.replace('typing.', '')}, got {value!r}.")
+        raise NanotuneError(f"{where}{f.name} must be {getattr(f.type, '__name__', t)}, got {value!r}.")
 
 
 def _closest(key, names):
@@ -157,7 +157,7 @@ def parse_config(argv=None, cls=TrainConfig):
     args.pop("config", None)
     values.update(args)
     byname = {f.name: f for f in fields(cls)}
-    cfg = cls(**{k: _convert(byname[k], v, "config") for k, v in values.items()})
+    cfg = cls(**{k: _convert(byname[k], v, "") for k, v in values.items()})
     return cfg
 
 
@@ -223,15 +223,21 @@ def make_schedule(opt, cfg, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
-def train_step(model, opt, sched, micro_batches, loss_fn, max_grad_norm):
-    """One optimizer step over micro-batches. Each micro-batch's summed loss is divided by the trained
-    tokens of the whole step, so any micro-batch x accumulation split gives the same loss and gradient."""
+def accumulate(model, micro_batches, loss_fn):
+    """Backward over micro-batches. Each micro-batch's summed loss is divided by the trained tokens of
+    the whole step, so any micro-batch x accumulation split gives the same loss and gradient."""
     total_tokens = sum(n_trained(b) for b in micro_batches)
     loss = 0.0
     for b in micro_batches:
         part = loss_fn(model, b) / max(total_tokens, 1)
         part.backward()
         loss += part.item()
+    return loss, total_tokens
+
+
+def train_step(model, opt, sched, micro_batches, loss_fn, max_grad_norm):
+    """accumulate -> clip -> AdamW step -> schedule step; returns (loss, grad norm, trained tokens)."""
+    loss, total_tokens = accumulate(model, micro_batches, loss_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     opt.step()

@@ -47,3 +47,29 @@ def make_hf_model(arch: str, out_dir: str, seed: int = 0):
 def smollm_gguf():
     from model import default_model_path
     return default_model_path()
+
+
+def save_tiny_tokenizer(out_dir, template=None):
+    """A character-level tokenizer (printable ASCII + chat specials, < 128 ids) with a ChatML template,
+    so tiny random models can run the real data path end to end."""
+    import json
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    from model import CHATML
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "</s>", "add_bos_token": False,
+                   "chat_template": template or CHATML}, f)
+
+
+def make_tiny_run_model(out_dir, arch="llama", seed=0):
+    """A tiny HF model plus the character tokenizer: a complete model directory for train.py."""
+    m = make_hf_model(arch, out_dir, seed)
+    save_tiny_tokenizer(out_dir)
+    return m

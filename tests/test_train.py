@@ -1,0 +1,178 @@
+"""Tier 3: training behaviour on a tiny model: accumulation splits, packing, resume after SIGKILL,
+bad input; and the default job end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, make_tiny_run_model
+
+import data
+import lora
+import model as nt
+import train
+
+
+def tiny_samples(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(5, 100, (6 + 3 * i,), generator=g).tolist()
+        labels = [data.IGNORE] * 3 + ids[3:]  # prompt-like prefix untrained
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def lora_model(path):
+    m = nt.load_model(str(path))
+    torch.manual_seed(1)  # the same A init every time
+    lora.apply_lora(m, r=4, alpha=8)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(m):
+            layer.lora_B.weight.normal_(0, 0.05)  # non-zero B: A gets gradient too
+    return m.train()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_accumulation_splits_give_same_loss_and_gradients(tmp_path, full):
+    make_tiny_run_model(tmp_path)
+    samples = tiny_samples(4)
+    results = []
+    for mb, acc in [(4, 1), (1, 4), (2, 2)]:
+        m = nt.load_model(str(tmp_path)).train() if full else lora_model(tmp_path)
+        micro = [data.collate(samples[i * mb : (i + 1) * mb], 0) for i in range(acc)]
+        loss, _ = train.accumulate(m, micro, train.token_loss_sum)
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+        results.append((loss, grads))
+    (l0, g0) = results[0]
+    for loss, grads in results[1:]:
+        assert loss == pytest.approx(l0, rel=1e-6)
+        for n, g in grads.items():
+            assert torch.allclose(g, g0[n], rtol=1e-6, atol=1e-6 * g0[n].abs().max().item()), n
+
+
+def test_packed_step_loss_equals_padded(tmp_path):
+    make_tiny_run_model(tmp_path)
+    m = lora_model(tmp_path)
+    samples = tiny_samples(4)
+    rows, _ = data.pack(samples, 64)
+    assert len(rows) == 1
+    with torch.no_grad():
+        packed = train.token_loss_sum(m, data.collate(rows, 0))
+        padded = train.token_loss_sum(m, data.collate(samples, 0))
+    assert packed.item() == pytest.approx(padded.item(), rel=1e-6)
+
+
+def write_chat_data(path, n=12):
+    with open(path, "w") as f:
+        for i in range(n):
+            q, a = f"What is {i} plus {i}?", f"It is {2 * i}."
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+
+
+def run_train(args, driver=None, timeout=600):
+    cmd = [sys.executable, "-c", driver, *args] if driver else [sys.executable, os.path.join(ROOT, "train.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+KILL_DRIVER = """
+import os, signal, sys
+sys.argv = ["train.py"] + sys.argv[1:]
+import train
+orig, calls = train.train_step, [0]
+def dying_step(*a, **k):  # the 6th step dies half-way (after its backward), 2 steps past the last checkpoint
+    calls[0] += 1
+    out = orig(*a, **k)
+    if calls[0] == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+train.train_step = dying_step
+train.main(sys.argv[1:])
+"""
+
+
+def losses(out_dir):
+    by_step = {}
+    for line in open(os.path.join(out_dir, "metrics.jsonl")):
+        r = json.loads(line)
+        if "loss" in r:
+            by_step[r["step"]] = r["loss"]  # a resumed run rewrites the steps after its checkpoint
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def test_resume_after_sigkill_continues_the_same_losses(tmp_path):
+    make_tiny_run_model(tmp_path / "m")
+    write_chat_data(tmp_path / "d.jsonl")
+    common = ["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--max_steps", "9",
+              "--micro_batch_size", "2", "--save_steps", "4", "--lora_dropout", "0.1", "--lr", "1e-2",
+              "--sample_prompts_file", "", "--cache_dir", ""]
+    ref = run_train(common + ["--output_dir", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    killed = run_train(common + ["--output_dir", str(tmp_path / "run")], driver=KILL_DRIVER)
+    assert killed.returncode == -9
+    assert not os.path.exists(tmp_path / "run" / "adapter")  # nothing that looks finished
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step-000004"]
+    resumed = run_train(common + ["--output_dir", str(tmp_path / "run"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")  # bit-exact, fp32 CPU
+    assert len(losses(tmp_path / "ref")) == 9
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--lerning_rate", "1"], "unknown flag --lerning_rate"),
+    (["--lr", "fast"], "lr must be float"),
+    (["--output_dir", "/no/such/parent/run"], "its parent '/no/such/parent' does not exist"),
+    (["--datasets", "missing.jsonl"], "dataset 'missing.jsonl' does not exist"),
+])
+def test_bad_cli_input_is_one_line(args, expect, tmp_path):
+    r = run_train(args + ["--sample_prompts_file", ""], timeout=120)
+    assert r.returncode == 1, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert err[-1].startswith("error: ") and expect in err[-1] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_unknown_yaml_key_names_the_closest(tmp_path):
+    (tmp_path / "run.yaml").write_text("lora_rank: 8\n")
+    with pytest.raises(nt.NanotuneError, match="unknown key 'lora_rank' \\(did you mean 'lora_r'\\?\\)"):
+        train.parse_config(["--config", str(tmp_path / "run.yaml")])
+    (tmp_path / "ok.yaml").write_text("lora_r: 8\nlr: 3e-4\ndatasets: [a.jsonl]\n")
+    cfg = train.parse_config(["--config", str(tmp_path / "ok.yaml"), "--lr", "1e-4"])
+    assert (cfg.lora_r, cfg.lr, cfg.datasets) == (8, 1e-4, ["a.jsonl"])  # flags override the YAML
+
+
+def test_tiny_full_finetune_then_generate_cli(tmp_path):
+    """train.py (full fine-tuning, packing, eval) -> model dir in HF layout -> generate.py reads it."""
+    make_tiny_run_model(tmp_path / "m")
+    write_chat_data(tmp_path / "d.jsonl", 24)
+    out = tmp_path / "full"
+    r = run_train(["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--lora", "false",
+                   "--packing", "true", "--max_len", "128", "--val_set_size", "4", "--max_steps", "20",
+                   "--lr", "3e-3", "--output_dir", str(out), "--sample_prompts", "What is 3 plus 3?",
+                   "--sample_prompts_file", "", "--cache_dir", ""])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    train_losses = [x["loss"] for x in rows if "loss" in x]
+    assert train_losses[-1] < train_losses[0]
+    assert any("eval_loss" in x for x in rows) and "packing_efficiency" in r.stderr
+    assert json.load(open(out / "samples.json"))[0]["prompt"] == "What is 3 plus 3?"
+    g = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", str(out / "model"),
+                        "--prompt", "What is 3 plus 3?", "--max_new_tokens", "8"], capture_output=True, text=True)
+    assert g.returncode == 0 and g.stdout.strip(), g.stderr
+
+
+def test_default_job_changes_the_default_models_identity(tmp_path):
+    """`python train.py` (only the output dir moved): SmolLM2-135M-Instruct + the bundled identity set."""
+    out = tmp_path / "default"
+    r = run_train(["--output_dir", str(out)], timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl") if "loss" in x]
+    first, last = sum(x["loss"] for x in rows[:3]) / 3, sum(x["loss"] for x in rows[-3:]) / 3
+    assert last < first / 4, (first, last)
+    samples = json.load(open(out / "samples.json"))
+    assert len(samples) == 3
+    for s in samples:  # held-out phrasings: the new identity shows after, never before
+        assert "Nano" not in s["before"] and "Nano" in s["after"], s
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
