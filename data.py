@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 
 import torch
 
@@ -249,8 +250,9 @@ def build_dataset(specs, tok, max_len=2048, truncation="truncate", chat_template
     rng = random.Random(seed)
     samples, stats = [], {"records": 0, "truncated": 0, "dropped_too_long": 0, "dropped_untrained": 0}
     for spec in specs:
-        if isinstance(spec, str):
-            spec = {"path": spec}
+        if isinstance(spec, str):  # "file.jsonl" or "file.jsonl:0.5" (a weight)
+            path, _, w = spec.rpartition(":")
+            spec = {"path": path, "weight": float(w)} if path and re.fullmatch(r"\d+(\.\d*)?", w) else {"path": spec}
         part = tokenize_dataset(spec, tok, template, roles, train_on_inputs, cache_dir)
         stats["records"] += len(part)
         samples += mix(part, float(spec.get("weight", 1.0)), rng)

@@ -97,7 +97,7 @@ def test_tokenized_passes_through(tok):
 def test_mixing_weights_and_truncation(tok, tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps({"text": f"sample number {i} " * (1 + 10 * (i == 0))}) for i in range(10)))
-    half, _ = data.build_dataset([{"path": str(f), "weight": 0.5}], tok, max_len=64)
+    half, _ = data.build_dataset([f"{f}:0.5"], tok, max_len=64)
     twice, _ = data.build_dataset([{"path": str(f), "weight": 2.0}], tok, max_len=64)
     assert len(half) == 5 and len(twice) == 20
     dropped, stats = data.build_dataset([str(f)], tok, max_len=12, truncation="drop")
