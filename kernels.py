@@ -11,13 +11,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-_TRITON = torch.cuda.is_available()
+try:  # Triton runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (the CI tests)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+_TRITON = torch.cuda.is_available() and triton is not None
 
 
 def use_triton(on: bool):
     """Switch between Triton kernels (CUDA only) and the PyTorch references."""
     global _TRITON
-    _TRITON = bool(on) and torch.cuda.is_available()
+    _TRITON = bool(on) and torch.cuda.is_available() and triton is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,3 +124,54 @@ def linear_cross_entropy_ref(h, weight, labels, softcap_value=None, ignore_index
 
 def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-100):
     return linear_cross_entropy_ref(h, weight, labels, softcap_value, ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# NF4 dequantize (QLoRA / bitsandbytes layout, see quant.py):
+#   w[i] = code[q_i] * absmax[i // 64],   q_{2k} = byte_k >> 4,  q_{2k+1} = byte_k & 15   (fp32, then cast)
+# A double-quantized absmax is expanded first (n/64 values, plain PyTorch in both paths):
+#   absmax[b] = dyn[absmax_u8[b]] * nested_absmax[b // 256] + offset
+def nf4_absmax(absmax, dyn=None, nested_absmax=None, offset=0.0):
+    if nested_absmax is None:
+        return absmax
+    return dyn[absmax.long()] * nested_absmax.repeat_interleave(256)[: absmax.numel()] + offset
+
+
+def nf4_dequantize_ref(packed, absmax, code, shape, dtype):
+    n = math.prod(shape)
+    p = packed.reshape(-1)
+    q = torch.stack([p >> 4, p & 0xF], 1).reshape(-1)[:n].long()  # [n] 4-bit codes, high nibble first
+    return (code[q] * absmax.repeat_interleave(64)[:n]).reshape(shape).to(dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCK: tl.constexpr,
+                               BF16_BITS: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # element indices
+        mask = i < n
+        byte = tl.load(packed_ptr + i // 2, mask=mask, other=0).to(tl.int32)
+        q = tl.where(i % 2 == 0, byte >> 4, byte & 15)
+        w = tl.load(code_ptr + q, mask=mask, other=0.0) * tl.load(absmax_ptr + i // 64, mask=mask, other=0.0)
+        if BF16_BITS:  # fp32 -> bf16 round-to-nearest-even on the bits (as torch does, on GPU and interpreter)
+            b = w.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            tl.store(out_ptr + i, b.to(tl.int16), mask=mask)
+        else:
+            tl.store(out_ptr + i, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def nf4_dequantize_triton(packed, absmax, code, shape, dtype):
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    n, BLOCK = out.numel(), 1024
+    bf16 = dtype == torch.bfloat16
+    _nf4_dequantize_kernel[(triton.cdiv(n, BLOCK),)](packed, absmax, code, out.view(torch.int16) if bf16 else out,
+                                                     n, BLOCK=BLOCK, BF16_BITS=bf16)
+    return out
+
+
+def nf4_dequantize(packed, absmax, code, shape, dtype, dyn=None, nested_absmax=None, offset=0.0):
+    absmax = nf4_absmax(absmax, dyn, nested_absmax, offset)
+    if _TRITON and packed.is_cuda:
+        return nf4_dequantize_triton(packed, absmax, code, shape, dtype)
+    return nf4_dequantize_ref(packed, absmax, code, shape, dtype)

@@ -37,7 +37,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.r, self.alpha = r, alpha
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        dev = dense_weight(base).device
+        dev = base.weight.device
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=dev, dtype=torch.float32)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=dev, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
@@ -85,6 +85,9 @@ class LoRALinear(nn.Module):
         """W <- W + s B A (DoRA: W <- g * (W + s B A)); the adapter then adds nothing."""
         if self.merged:
             return
+        if hasattr(self.base, "dense_weight"):
+            raise NanotuneError("cannot merge into a 4-bit base in place; dequantize the model first "
+                                "(export.py does this).")
         w = self.base.weight
         delta = self.delta_weight()
         if self.lora_magnitude_vector is not None:

@@ -454,8 +454,13 @@ def iter_safetensors(files):
 def load_tensors(model: Transformer, tensors, dtype, device, source: str):
     """Assign checkpoint tensors one at a time into a model built on the meta device."""
     params = dict(model.named_parameters())
+    hooks = {n: m for n, m in model.named_modules() if hasattr(m, "assign_tensor")}  # e.g. quant.Linear4bit
     for name, t in tensors:
         if name.endswith("rotary_emb.inv_freq") or (model.config.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        owner = next((m for m in hooks if name.startswith(m + ".")), None)
+        if owner is not None:  # the module takes the tensor itself (quantizes it, or collects 4-bit parts)
+            hooks[owner].assign_tensor(name[len(owner) + 1:], t, device, dtype)
             continue
         if name not in params:
             raise NanotuneError(f"{source}: tensor {name!r} does not belong to a {model.config.model_type} model "
@@ -467,7 +472,8 @@ def load_tensors(model: Transformer, tensors, dtype, device, source: str):
         mod = model.get_submodule(mod_name)
         mod._parameters[attr] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
     model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing = [n for n, p in model.named_parameters() if p.is_meta] + [
+        n + ".weight" for n, m in hooks.items() if not m.is_ready]
     if missing:
         raise NanotuneError(f"{source}: the checkpoint lacks {len(missing)} tensors (first: {missing[0]!r}); "
                             "it is incomplete or not a model of this architecture.")
@@ -478,9 +484,12 @@ def load_tensors(model: Transformer, tensors, dtype, device, source: str):
     return model
 
 
-def load_model(path: str | None = None, dtype=torch.float32, device="cpu") -> Transformer:
-    """Build on the meta device, then load tensor by tensor into `dtype` on `device`."""
+def load_model(path: str | None = None, dtype=torch.float32, device="cpu", prepare=None) -> Transformer:
+    """Build on the meta device, then load tensor by tensor into `dtype` on `device`. `prepare(model)`
+    may swap modules before loading (quant.prepare_4bit quantizes each weight as it is read); a
+    pre-quantized bitsandbytes 4-bit checkpoint is routed through quant.py by itself."""
     path = resolve_model_path(path)
+    quantized = False
     if is_gguf(path):
         reader, meta = read_gguf(path)
         cfg = gguf_config(meta, reader, path)
@@ -489,9 +498,19 @@ def load_model(path: str | None = None, dtype=torch.float32, device="cpu") -> Tr
         if not os.path.isdir(path):
             raise NanotuneError(f"{path} is neither a model directory nor a .gguf file.")
         cfg = hf_config(path)
+        qc = read_json(os.path.join(path, "config.json")).get("quantization_config") or {}
+        quantized = qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit")
+        if qc and not quantized:
+            raise NanotuneError(f"{path}: quantization {qc.get('quant_method')!r} is not supported; nanotune reads "
+                                "bitsandbytes 4-bit (nf4) and 16/32-bit checkpoints.")
         tensors = (p for n, t in iter_safetensors(safetensors_files(path)) for p in split_fused(cfg, n, t))
     with torch.device("meta"):
         model = Transformer(cfg)
+    if quantized and prepare is None:
+        import quant
+        prepare = quant.prepare_4bit
+    if prepare is not None:
+        prepare(model)
     return load_tensors(model, tensors, dtype, device, path).eval()
 
 
@@ -501,13 +520,15 @@ def load(path: str | None = None, dtype=torch.float32, device="cpu"):
     return load_model(path, dtype, device), load_tokenizer(path)
 
 
-def save_hf(model: Transformer, out_dir: str, tokenizer=None, dtype=None, shard_bytes: int = 5 << 30):
+def save_hf(model: Transformer, out_dir: str, tokenizer=None, dtype=None, shard_bytes: int = 5 << 30,
+            extra_config=None):
     """config.json + (sharded) model.safetensors in the checkpoint's own layout; written to a temp dir
     beside `out_dir`, then renamed, so a crash never leaves a directory that looks finished."""
     from safetensors.torch import save_file
     tmp = out_dir.rstrip("/") + ".tmp"
     os.makedirs(tmp, exist_ok=True)
-    sd = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in hf_state_dict(model).items()}
+    cast = lambda k, v: v.to(dtype) if dtype and v.is_floating_point() and k.endswith((".weight", ".bias")) else v  # noqa: E731
+    sd = {k: cast(k, v).detach().cpu().contiguous() for k, v in hf_state_dict(model).items()}
     shards, cur, size = [], {}, 0
     for k, v in sd.items():
         if cur and size + v.nbytes > shard_bytes:
@@ -527,7 +548,8 @@ def save_hf(model: Transformer, out_dir: str, tokenizer=None, dtype=None, shard_
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     cfg = model.config.to_hf()
-    cfg["torch_dtype"] = cfg["dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
+    cfg["torch_dtype"] = cfg["dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
+    cfg.update(extra_config or {})
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     if tokenizer is not None:

@@ -3,6 +3,7 @@
     python train.py                                   # default model + bundled identity set, a few minutes on CPU
     python train.py --config examples/smollm2_identity.yaml --lr 5e-4
     python train.py --model ./Llama-3.2-1B-Instruct --datasets data.jsonl --max_len 2048 --packing true
+    python train.py --load_in_4bit true               # QLoRA: NF4 base, LoRA adapters
     python train.py --lora false --lr 2e-5            # full fine-tuning
     python train.py --resume                          # continue from the latest checkpoint in --output_dir
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 import kernels
 import lora
+import quant
 from lora import DEFAULT_TARGETS
 from data import IGNORE, Sampler, build_dataset, collate, pack
 from model import NanotuneError, generate, load_model, load_tokenizer, resolve_model_path
@@ -55,6 +57,7 @@ class TrainConfig:
     cache_dir: str | None = F_("~/.cache/nanotune", "tokenized-dataset cache ('' to disable)")
     # method
     lora: bool = F_(True, "train LoRA adapters (false: full fine-tuning)")
+    load_in_4bit: bool = F_(False, "QLoRA: NF4 base weights (double-quantized), quantized while loading")
     lora_r: int = F_(16, "LoRA rank")
     lora_alpha: float = F_(32.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora)")
     lora_dropout: float = F_(0.0, "dropout on the LoRA input")
@@ -181,7 +184,9 @@ def pick_device(cfg):
 
 def build_model(cfg, device, dtype):
     """Load -> (LoRA | full) -> checkpointing; LoRA weights stay fp32 (the precision policy)."""
-    model = load_model(cfg.model, dtype=dtype, device=device)
+    if cfg.load_in_4bit and not cfg.lora:
+        raise NanotuneError("load_in_4bit needs lora true: 4-bit base weights are frozen.")
+    model = load_model(cfg.model, dtype=dtype, device=device, prepare=quant.prepare_4bit if cfg.load_in_4bit else None)
     if cfg.lora:
         lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.use_rslora,
                         cfg.use_dora, cfg.train_modules)

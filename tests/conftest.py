@@ -5,6 +5,9 @@ import sys
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU (before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -27,11 +30,11 @@ ARCH_CONFIGS = {
 }
 
 
-def make_hf_model(arch: str, out_dir: str, seed: int = 0):
+def make_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides):
     """A random tiny transformers model of `arch`, saved as safetensors in out_dir; returns the HF model."""
     import transformers
     cls_name, extra = ARCH_CONFIGS[arch]
-    cfg = getattr(transformers, cls_name)(**{**TINY, **extra})
+    cfg = getattr(transformers, cls_name)(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
     kwargs = {"attn_implementation": "eager"} if arch == "gemma2" else {}
     m = transformers.AutoModelForCausalLM.from_config(cfg, **kwargs).float().eval()

@@ -1,0 +1,243 @@
+"""nanotune 4-bit: NF4 quantization byte-identical to bitsandbytes, with double quantization, a 4-bit
+linear layer for QLoRA, quantize-while-loading, and bitsandbytes' checkpoint layout in and out.
+
+NF4 (QLoRA, arXiv:2305.14314): weights flattened row-major, cut into blocks of 64; per block
+    absmax_b = max |w|  (fp32),   code_i = nearest NF4 value to w_i / absmax_b   (4 bits, ties -> lower)
+    packed byte k = code[2k] << 4 | code[2k+1]          (first element in the high nibble)
+Double quantization: absmax - mean(absmax) quantized again with the signed 8-bit dynamic map, in
+blocks of 256 (nested_absmax = per-256 max), so the constants cost ~0.127 instead of 0.5 bits/weight.
+
+    import quant
+    model = load_model(path, dtype=torch.bfloat16, device="cuda", prepare=quant.prepare_4bit)  # per tensor
+    quant.quantize_model(model)                # or quantize a model already in memory
+    quant.save_4bit(model, "out/model-bnb-4bit")   # loads in transformers + bitsandbytes
+"""
+import json
+
+import torch
+import torch.nn as nn
+
+import kernels
+from model import NanotuneError
+
+# The 16 NF4 values (bitsandbytes' table, index = 4-bit code)
+NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                    0.7229568362236023, 1.0], dtype=torch.float32)
+BLOCK, NESTED_BLOCK = 64, 256
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map: for exponent i = 0..6 the midpoints of
+    linspace(0.1, 1, 2^i + 1) scaled by 10^(i-6), both signs; plus 0 and 1; sorted (256 values)."""
+    vals = []
+    for i in range(7):
+        b = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (b[:-1] + b[1:]) / 2.0
+        vals += ((10 ** (i - 6)) * means).tolist() + (-(10 ** (i - 6)) * means).tolist()
+    return torch.tensor(sorted(vals + [0.0, 1.0]), dtype=torch.float32)
+
+
+DYNAMIC = dynamic_map()
+
+
+def blockwise_absmax_codes(x: torch.Tensor, code: torch.Tensor, block: int):
+    """Flat fp32 x -> (uint8 index of the nearest `code` value per element, fp32 absmax per block).
+    Scaled values are x * (1 / absmax) for full blocks and x / absmax for the short last one, then
+    clamped to [-1, 1]; nearest = bucketize against midpoints (a tie goes to the lower index)."""
+    n = x.numel()
+    full = n - n % block
+    absmax = x[:full].view(-1, block).abs().amax(1)
+    scaled = (x[:full].view(-1, block) * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1)
+    if full < n:
+        tail = x[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail[None]])
+        scaled = torch.cat([scaled, x[full:] / tail])
+    mids = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(scaled.clamp(-1, 1), mids.to(x.device)).to(torch.uint8), absmax
+
+
+def quantize_nf4(w: torch.Tensor, double_quant=True) -> dict:
+    """Any-shape float tensor -> the quant state (bitsandbytes' field names)."""
+    x = w.detach().reshape(-1).float()
+    codes, absmax = blockwise_absmax_codes(x, NF4, BLOCK)
+    if codes.numel() % 2:  # an odd count is padded with the code of 0.0 (index 7), as bitsandbytes does
+        codes = torch.cat([codes, codes.new_full((1,), 7)])
+    state = {"weight": ((codes[0::2] << 4) | codes[1::2])[:, None], "absmax": absmax, "shape": list(w.shape),
+             "dtype": w.dtype}
+    if double_quant:
+        offset = absmax.mean()
+        q, nested = blockwise_absmax_codes(absmax - offset, DYNAMIC.to(w.device), NESTED_BLOCK)
+        state.update(absmax=q, nested_absmax=nested, offset=float(offset))
+    return state
+
+
+def dequantize_nf4(state: dict, dtype=None) -> torch.Tensor:
+    dev = state["weight"].device
+    nested = "nested_absmax" in state
+    return kernels.nf4_dequantize(state["weight"], state["absmax"], _table(NF4, dev), state["shape"],
+                                  dtype or state["dtype"], _table(DYNAMIC, dev) if nested else None,
+                                  state.get("nested_absmax"), state.get("offset", 0.0))
+
+
+_TABLES = {}
+
+
+def _table(t, device):
+    """The code tables, cached per device (no host-to-device copy per matmul)."""
+    key = (id(t), str(device))
+    if key not in _TABLES:
+        _TABLES[key] = t.to(device)
+    return _TABLES[key]
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x W^T with W dequantized on the fly; backward dequantizes again (dx = dy W) and saves
+    no 16-bit copy of W. The base is frozen: no gradient for W."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return x @ layer.dense_weight(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy @ ctx.layer.dense_weight(dy.dtype), None
+
+
+class Linear4bit(nn.Module):
+    """A frozen linear layer holding NF4 weights: `weight` is the packed uint8 [(n+1)//2, 1] buffer."""
+
+    def __init__(self, in_features, out_features, bias=None, compute_dtype=torch.bfloat16, double_quant=True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype, self.double_quant = compute_dtype, double_quant
+        self.bias = bias  # an nn.Parameter or None
+        self.state = None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, double_quant=True):
+        q = cls(lin.in_features, lin.out_features, lin.bias, lin.weight.dtype, double_quant)
+        q.set_dense(lin.weight)
+        return q
+
+    def set_dense(self, w):
+        self.compute_dtype = w.dtype
+        self.state = quantize_nf4(w, self.double_quant)
+
+    def dense_weight(self, dtype=None) -> torch.Tensor:
+        return dequantize_nf4(self.state, dtype or self.compute_dtype)
+
+    @property
+    def weight(self):  # packed bytes, as bitsandbytes' Params4bit
+        return self.state["weight"]
+
+    def forward(self, x):
+        y = _NF4Matmul.apply(x.to(self.compute_dtype), self)
+        return y + self.bias if self.bias is not None else y
+
+    def _apply(self, fn, recurse=True):  # .to(device) / .cuda() move the quant state too
+        super()._apply(fn, recurse)
+        if self.state is not None:
+            for k in ("weight", "absmax", "nested_absmax"):
+                if k in self.state:
+                    t = fn(self.state[k])
+                    self.state[k] = t if t.dtype == self.state[k].dtype else self.state[k].to(t.device)
+        return self
+
+    # bitsandbytes' state-dict layout -------------------------------------------------------
+    def _save_to_state_dict(self, dest, prefix, keep_vars):
+        super()._save_to_state_dict(dest, prefix, keep_vars)
+        s = self.state
+        dest[prefix + "weight"] = s["weight"]
+        dest[prefix + "weight.absmax"] = s["absmax"]
+        dest[prefix + "weight.quant_map"] = NF4.clone()
+        meta = {"quant_type": "nf4", "blocksize": BLOCK, "dtype": str(s["dtype"]).removeprefix("torch."),
+                "shape": s["shape"]}
+        if "nested_absmax" in s:
+            dest[prefix + "weight.nested_absmax"] = s["nested_absmax"]
+            dest[prefix + "weight.nested_quant_map"] = DYNAMIC.clone()
+            meta.update(nested_blocksize=NESTED_BLOCK, nested_dtype="float32", nested_offset=s["offset"])
+        dest[prefix + "weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode()),
+                                                                             dtype=torch.uint8)
+
+    def assign_tensor(self, key: str, t: torch.Tensor, device, dtype):
+        """Loading hook (model.load_tensors): a dense `weight` is quantized on `device` right away; the
+        parts of a pre-quantized bitsandbytes weight are collected until complete."""
+        if key == "bias":
+            self.bias = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+        elif key == "weight" and t.is_floating_point():
+            self.compute_dtype = dtype
+            self.state = quantize_nf4(t.to(device=device, dtype=dtype), self.double_quant)
+        else:
+            self._parts = getattr(self, "_parts", {})
+            self._parts[key] = t.to(device)
+            if "weight" in self._parts and "weight.quant_state.bitsandbytes__nf4" in self._parts:
+                self._from_bnb(self._parts, dtype)
+
+    def _from_bnb(self, parts, dtype):
+        meta = json.loads(bytes(parts["weight.quant_state.bitsandbytes__nf4"].tolist()).decode())
+        if meta.get("quant_type") != "nf4" or meta.get("blocksize") != BLOCK:
+            raise NanotuneError(f"4-bit checkpoint uses {meta.get('quant_type')} with blocksize {meta.get('blocksize')}; "
+                                "nanotune reads nf4 with blocksize 64.")
+        if "nested_blocksize" in meta and meta["nested_blocksize"] != NESTED_BLOCK:
+            raise NanotuneError("4-bit checkpoint uses a nested blocksize other than 256.")
+        if "weight.absmax" not in parts or ("nested_blocksize" in meta and "weight.nested_absmax" not in parts):
+            return  # wait for the rest
+        self.state = {"weight": parts["weight"].view(torch.uint8).reshape(-1, 1), "absmax": parts["weight.absmax"],
+                      "shape": meta["shape"], "dtype": getattr(torch, meta["dtype"])}
+        if "nested_blocksize" in meta:
+            self.state.update(nested_absmax=parts["weight.nested_absmax"].float(), offset=meta["nested_offset"])
+        self.compute_dtype = dtype
+        del self._parts
+
+    @property
+    def is_ready(self):
+        return self.state is not None
+
+
+DEFAULT_SKIP = ("lm_head", "embed_tokens")
+
+
+def _targets(model, skip):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+            and not any(n == s or n.endswith("." + s) for s in skip)]
+
+
+def quantize_model(model, skip=DEFAULT_SKIP, double_quant=True):
+    """Replace every nn.Linear (but `skip`) by a Linear4bit; lm_head and embeddings stay 16-bit."""
+    for n, lin in _targets(model, skip):
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent), child, Linear4bit.from_linear(lin, double_quant))
+    model.quantized_4bit = True
+    return model
+
+
+def prepare_4bit(model, skip=DEFAULT_SKIP, double_quant=True):
+    """For load_model(prepare=...): swap the (meta) linears for empty Linear4bit layers, so each weight
+    is quantized as it is read and no full 16-bit model ever exists on host or GPU."""
+    for n, lin in _targets(model, skip):
+        parent, _, child = n.rpartition(".")
+        bias = lin.bias
+        setattr(model.get_submodule(parent), child, Linear4bit(lin.in_features, lin.out_features, bias,
+                                                                double_quant=double_quant))
+    model.quantized_4bit = True
+    return model
+
+
+def bnb_quantization_config(model):
+    dq = any("nested_absmax" in m.state for m in model.modules() if isinstance(m, Linear4bit))
+    dtype = next(m.compute_dtype for m in model.modules() if isinstance(m, Linear4bit))
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": dq,
+            "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": list(DEFAULT_SKIP)}
+
+
+def save_4bit(model, out_dir, tokenizer=None):
+    """A pre-quantized checkpoint in bitsandbytes' layout (+ quantization_config) that transformers loads."""
+    from model import save_hf
+    if model.config.fused_checkpoint:
+        raise NanotuneError("saving 4-bit Phi-3 checkpoints (fused qkv/gate_up) is not supported; export 16-bit.")
+    save_hf(model, out_dir, tokenizer, extra_config={"quantization_config": bnb_quantization_config(model)})
