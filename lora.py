@@ -81,20 +81,26 @@ class LoRALinear(nn.Module):
         return y + ((g - 1) * base_out + g * lora).to(y.dtype)
 
     @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The fp32 [out, in] weight with the adapter folded in, leaving the base untouched:
+        W + s B A, or for DoRA m / ||W + s B A||_row * (W + s B A). A 4-bit base is dequantized."""
+        w = dense_weight(self.base).float() + self.delta_weight()
+        if self.lora_magnitude_vector is not None:
+            w = w * (self.lora_magnitude_vector / w.norm(dim=1))[:, None]
+        return w
+
+    @torch.no_grad()
     def merge(self):
-        """W <- W + s B A (DoRA: W <- g * (W + s B A)); the adapter then adds nothing."""
+        """W <- merged_weight(); the adapter then adds nothing (unmerge restores W)."""
         if self.merged:
             return
         if hasattr(self.base, "dense_weight"):
             raise NanotuneError("cannot merge into a 4-bit base in place; dequantize the model first "
                                 "(export.py does this).")
         w = self.base.weight
-        delta = self.delta_weight()
         if self.lora_magnitude_vector is not None:
-            self._norm = (w.float() + delta).norm(dim=1)
-            w.copy_(((w.float() + delta) * (self.lora_magnitude_vector / self._norm)[:, None]).to(w.dtype))
-        else:
-            w.add_(delta.to(w.dtype))
+            self._norm = (w.float() + self.delta_weight()).norm(dim=1)
+        w.copy_(self.merged_weight().to(w.dtype))
         self.merged = True
 
     @torch.no_grad()

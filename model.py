@@ -857,7 +857,7 @@ def gguf_tokenizer(meta: dict, where: str) -> Tokenizer:
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens or [])
     if kind == "gpt2":
         pre = meta.get("tokenizer.ggml.pre", "default")
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
         backend = Backend(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=pre in (
             "llama-bpe", "llama3"), fuse_unk=False))
         if pre in GGUF_PRE_SPLITS:
@@ -884,9 +884,11 @@ def gguf_tokenizer(meta: dict, where: str) -> Tokenizer:
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[i] if i is not None and i < len(tokens) else None
 
-    return Tokenizer(backend, tok("bos"), tok("eos"), tok("padding"), meta.get("tokenizer.chat_template"),
-                     add_bos=meta.get("tokenizer.ggml.add_bos_token", kind == "llama"),
-                     add_eos=meta.get("tokenizer.ggml.add_eos_token", False))
+    t = Tokenizer(backend, tok("bos"), tok("eos"), tok("padding"), meta.get("tokenizer.chat_template"),
+                  add_bos=meta.get("tokenizer.ggml.add_bos_token", kind == "llama"),
+                  add_eos=meta.get("tokenizer.ggml.add_eos_token", False))
+    t.gguf_pre = meta.get("tokenizer.ggml.pre") if kind == "gpt2" else None  # export writes it back unchanged
+    return t
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,15 +53,16 @@ def smollm_gguf():
 
 
 def save_tiny_tokenizer(out_dir, template=None):
-    """A character-level tokenizer (printable ASCII + chat specials, < 128 ids) with a ChatML template,
-    so tiny random models can run the real data path end to end."""
+    """A byte-level BPE tokenizer over printable ASCII + newline + chat specials (< 128 ids, no merges),
+    with a ChatML template: tiny random models then run the real data, export and llama.cpp paths."""
     import json
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
+    chars = ["\u0120" if c == 32 else chr(c) for c in range(32, 127)] + ["\u010a"]  # byte-level spellings
+    vocab = {t: i for i, t in enumerate(specials + chars)}
     tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
     os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))

@@ -1,0 +1,125 @@
+"""Export: merged HF directories read by transformers, GGUF files run by llama.cpp (llama-cpp-python),
+adapters, Ollama Modelfiles, and clean failures."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ARCH_CONFIGS, ROOT, make_hf_model, save_tiny_tokenizer
+
+import export
+import lora
+import model as nt
+
+GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to express the HF variant
+    "llama": {}, "llama-tied-linear": {}, "qwen2": {}, "qwen3": {}, "gemma": {},
+    "gemma2": {"query_pre_attn_scalar": 16},  # llama.cpp scales by 1/sqrt(head_dim)
+    "mistral": {"sliding_window": 4096},  # llama.cpp's llama arch has no sliding window
+    "phi3": {},
+}
+
+
+def tiny_with_lora(arch, path, **overrides):
+    make_hf_model(arch, path, **overrides)
+    save_tiny_tokenizer(path)
+    m = nt.load_model(str(path))
+    torch.manual_seed(3)
+    lora.apply_lora(m, r=4, alpha=8, dora=arch == "qwen2")
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(m):
+            layer.lora_B.weight.normal_(0, 0.05)
+    return m.eval(), nt.load_tokenizer(str(path))
+
+
+@pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
+def test_merged_directory_loads_in_transformers(arch, tmp_path):
+    import transformers
+    m, tok = tiny_with_lora(arch, tmp_path / "base")
+    export.export_merged(m, tok, str(tmp_path / "merged"), dtype=torch.float32)
+    files = set(os.listdir(tmp_path / "merged"))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json", "chat_template.jinja"} <= files
+    kw = {"attn_implementation": "eager"} if arch == "gemma2" else {}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), **kw).float().eval()
+    ids = torch.randint(3, 100, (2, 11))
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - m.logits(m(ids))).abs().max() < 1e-4
+
+
+def test_merged_export_shards_and_4bit_base(tmp_path):
+    import quant
+    make_hf_model("llama", tmp_path / "base")
+    save_tiny_tokenizer(tmp_path / "base")
+    m = nt.load_model(str(tmp_path / "base"), prepare=quant.prepare_4bit)
+    lora.apply_lora(m, r=2, alpha=4)
+    tok = nt.load_tokenizer(str(tmp_path / "base"))
+    export.export_merged(m, tok, str(tmp_path / "m"), dtype=torch.float32, shard_bytes=30_000)
+    names = os.listdir(tmp_path / "m")
+    assert "model.safetensors.index.json" in names and any(n.endswith("-of-00004.safetensors") or "-of-" in n for n in names)
+    again = nt.load_model(str(tmp_path / "m"))
+    ids = torch.randint(3, 100, (1, 9))
+    with torch.no_grad():  # a 4-bit base is dequantized, then merged
+        assert (again.logits(again(ids)) - m.logits(m(ids))).abs().max() < 1e-5
+
+
+def llama_cpp_logits(path, ids):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    llm.reset()
+    llm.eval(ids)
+    out = torch.tensor(llm.scores[: len(ids)])
+    del llm
+    return out
+
+
+@pytest.mark.parametrize("arch", list(GGUF_ARCHS))
+def test_gguf_runs_in_llama_cpp_with_nanotunes_logits(arch, tmp_path):
+    m, tok = tiny_with_lora(arch, tmp_path / "base", **GGUF_ARCHS[arch])
+    ids = [3, 20, 45, 71, 9, 88, 30, 55, 12, 64, 99, 7]
+    with torch.no_grad():
+        want = m.logits(m(torch.tensor([ids])))[0]
+    for q, tol in (("f32", 1e-3), ("f16", 2e-2), ("q8_0", None)):
+        path = tmp_path / f"m-{q}.gguf"
+        export.export_gguf(m, tok, str(path), q)
+        got = llama_cpp_logits(path, ids)
+        if tol:
+            assert (got - want).abs().max() < tol, (arch, q, (got - want).abs().max().item())
+        else:
+            assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95, (arch, q)
+        back = nt.load_model(str(path))  # nanotune reads every file it writes
+        with torch.no_grad():
+            mine = back.logits(back(torch.tensor([ids])))[0]
+        assert (mine - got).abs().max() < 1e-3, (arch, q)
+
+
+def test_kquant_and_ollama_modelfile(tmp_path):
+    pytest.importorskip("llama_cpp")
+    m, tok = tiny_with_lora("llama", tmp_path / "base")
+    export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "q4_k_m")
+    assert nt.load_model(str(tmp_path / "m.gguf")).config.num_hidden_layers == 2
+    text = export.ollama_modelfile(str(tmp_path / "m.gguf"), tok, system="Be brief.")
+    assert text.startswith("FROM ./m.gguf\nTEMPLATE") and 'PARAMETER stop "<|im_end|>"' in text
+    assert 'SYSTEM """Be brief."""' in text and "<|im_start|>assistant" in text
+
+
+def run_export(args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def test_export_errors_are_clear_and_leave_nothing(tmp_path):
+    m, tok = tiny_with_lora("llama", tmp_path / "a")
+    lora.save_adapter(m, str(tmp_path / "ad"))
+    make_hf_model("qwen3", tmp_path / "b")  # q_proj is 128 wide there, 64 here
+    save_tiny_tokenizer(tmp_path / "b")
+    r = run_export(["--model", str(tmp_path / "b"), "--adapter", str(tmp_path / "ad"), "--format", "gguf",
+                    "--out", str(tmp_path / "x.gguf")])
+    assert r.returncode == 1 and "another base" in r.stderr and not os.path.exists(tmp_path / "x.gguf")
+    r = run_export(["--model", str(tmp_path / "a"), "--format", "gguf", "--quant", "q3_x", "--out", str(tmp_path / "y.gguf")])
+    assert r.returncode == 1 and "unknown quant type 'q3_x'" in r.stderr and not os.path.exists(tmp_path / "y.gguf")
+    (tmp_path / "exists.gguf").write_text("keep me")
+    r = run_export(["--model", str(tmp_path / "a"), "--format", "gguf", "--out", str(tmp_path / "exists.gguf")])
+    assert r.returncode == 1 and "--overwrite" in r.stderr and (tmp_path / "exists.gguf").read_text() == "keep me"
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
