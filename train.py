@@ -228,27 +228,49 @@ def make_schedule(opt, cfg, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
-def accumulate(model, micro_batches, loss_fn):
-    """Backward over micro-batches. Each micro-batch's summed loss is divided by the trained tokens of
-    the whole step, so any micro-batch x accumulation split gives the same loss and gradient."""
-    total_tokens = sum(n_trained(b) for b in micro_batches)
-    loss = 0.0
+class SFT:
+    """What SFT plugs into the shared loop (dpo.py plugs in its own): batches, a summed loss with
+    metrics, and the count the step's loss is normalised by (here: trained tokens)."""
+    name = "train"
+
+    def collate(self, rows, tok):
+        return collate(rows, tok.pad_id)
+
+    def loss(self, model, batch):
+        return token_loss_sum(model, batch), {}
+
+    def count(self, batch):
+        return n_trained(batch)
+
+    def evaluate(self, model, rows, cfg, tok, device):
+        return {"eval_loss": evaluate(model, rows, cfg, tok.pad_id, device)}
+
+
+def accumulate(model, micro_batches, task):
+    """Backward over micro-batches. Each micro-batch's summed loss is divided by the count of the
+    whole step (trained tokens for SFT, pairs for DPO), so any micro-batch x accumulation split gives
+    the same loss and gradient. Returns (loss, count, metrics averaged the same way)."""
+    total = sum(task.count(b) for b in micro_batches)
+    loss, metrics = 0.0, {}
     for b in micro_batches:
-        part = loss_fn(model, b) / max(total_tokens, 1)
+        part, mets = task.loss(model, b)
+        part = part / max(total, 1)
         part.backward()
         loss += part.item()
-    return loss, total_tokens
+        for k, v in mets.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v) / max(total, 1)
+    return loss, total, metrics
 
 
-def train_step(model, opt, sched, micro_batches, loss_fn, max_grad_norm):
-    """accumulate -> clip -> AdamW step -> schedule step; returns (loss, grad norm, trained tokens)."""
-    loss, total_tokens = accumulate(model, micro_batches, loss_fn)
+def train_step(model, opt, sched, micro_batches, task, max_grad_norm):
+    """accumulate -> clip -> AdamW step -> schedule step; returns (loss, grad norm, count, metrics)."""
+    loss, total, metrics = accumulate(model, micro_batches, task)
     params = [p for p in model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return loss, float(norm), total_tokens
+    return loss, float(norm), total, metrics
 
 
 @torch.no_grad()
@@ -374,24 +396,33 @@ def log(msg):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    model, tok, device = setup(cfg)
+    rows, eval_s, stats = prepare_data(cfg, tok)
+    log(f"data: {json.dumps(stats)}")
+    fit(cfg, model, tok, rows, eval_s, SFT(), device)
+
+
+def setup(cfg):
+    """Seed, pick device/dtype, print the config, load tokenizer and model (+ LoRA / 4-bit)."""
     check_output_dir(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device, dtype = pick_device(cfg)
-    log("nanotune train config:\n" + "\n".join(f"  {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
-
-    model_path = resolve_model_path(cfg.model)
-    tok = load_tokenizer(model_path)
-    rows, eval_s, stats = prepare_data(cfg, tok)
-    log(f"data: {json.dumps(stats)}")
-    cfg.model = model_path
+    log(f"nanotune {type(cfg).__name__}:\n" + "\n".join(f"  {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
+    cfg.model = resolve_model_path(cfg.model)
+    tok = load_tokenizer(cfg.model)
     model = build_model(cfg, device, dtype)
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log(f"model: {model.config.model_type}, {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
         f"({100 * n_train / n_all:.2f}%), {dtype}, {device}")
+    return model, tok, device
 
+
+def fit(cfg, model, tok, rows, eval_rows, task, device):
+    """The loop every trainer shares: sampler, AdamW + schedule, accumulation, eval and samples,
+    atomic checkpoints and exact resume, progress bar and metrics.jsonl, then the result."""
     sampler = Sampler(len(rows), cfg.micro_batch_size, cfg.seed)
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * sampler.batches_per_epoch() / cfg.grad_accum))
     opt = make_optimizer(model, cfg, device)
@@ -412,37 +443,38 @@ def main(argv=None):
 
     from tqdm import tqdm
     metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a" if ckpt else "w")
-    bar = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=steps, initial=start, desc=task.name, dynamic_ncols=True, file=sys.stderr)
     t0, tokens_seen = time.time(), 0
     for step in range(start + 1, steps + 1):
-        micro = [to_device(collate([rows[i] for i in sampler.next()], tok.pad_id), device) for _ in range(cfg.grad_accum)]
-        loss, gnorm, ntok = train_step(model, opt, sched, micro, token_loss_sum, cfg.max_grad_norm)
+        micro = [to_device(task.collate([rows[i] for i in sampler.next()], tok), device) for _ in range(cfg.grad_accum)]
+        loss, gnorm, count, mets = train_step(model, opt, sched, micro, task, cfg.max_grad_norm)
         tokens_seen += sum(b["input_ids"].numel() for b in micro)
         tps = tokens_seen / (time.time() - t0)
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{tps:.0f}",
+        shown = {k.split("/")[-1][:6]: f"{v:.3f}" for k, v in list(mets.items())[:3]}
+        bar.set_postfix(loss=f"{loss:.4f}", **shown, lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{tps:.0f}",
                         mem=f"{mem:.1f}G" if mem else "-")
         if step % cfg.log_steps == 0 or step == steps:
-            metrics.write(json.dumps({"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
-                                      "trained_tokens": ntok, "tokens_per_s": round(tps, 1),
+            metrics.write(json.dumps({"step": step, "loss": loss, **mets, "lr": sched.get_last_lr()[0],
+                                      "grad_norm": gnorm, "count": count, "tokens_per_s": round(tps, 1),
                                       "epoch": sampler.epoch, "peak_mem_gib": round(mem, 3)}) + "\n")
             metrics.flush()
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step != steps:
-            run_eval(model, tok, eval_s, prompts, cfg, device, step, metrics, bar)
+            run_eval(model, tok, eval_rows, prompts, cfg, device, step, metrics, bar, task)
         if cfg.save_steps and step % cfg.save_steps == 0 and step != steps:
             save_checkpoint(cfg.output_dir, step, model, opt, sched, sampler, cfg.save_total_limit)
     bar.close()
-    after = run_eval(model, tok, eval_s, prompts, cfg, device, steps, metrics, None)
+    after = run_eval(model, tok, eval_rows, prompts, cfg, device, steps, metrics, None, task)
     metrics.close()
     finish(model, tok, cfg, prompts, before, after)
 
 
-def run_eval(model, tok, eval_s, prompts, cfg, device, step, metrics, bar):
-    if eval_s:
-        el = evaluate(model, eval_s, cfg, tok.pad_id, device)
-        metrics.write(json.dumps({"step": step, "eval_loss": el}) + "\n")
-        (bar.write if bar else log)(f"step {step}: eval loss {el:.4f}")
+def run_eval(model, tok, eval_rows, prompts, cfg, device, step, metrics, bar, task):
+    if eval_rows:
+        res = task.evaluate(model, eval_rows, cfg, tok, device)
+        metrics.write(json.dumps({"step": step, **res}) + "\n")
+        (bar.write if bar else log)(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
     answers = answer_prompts(model, tok, prompts, cfg.sample_max_tokens) if prompts else []
     for p, a in zip(prompts[:2], answers) if bar else []:
         bar.write(f"  [{step}] {p!r} -> {a!r}")
