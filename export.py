@@ -300,7 +300,7 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         raise NanotuneError(f"unknown quant type {qtype!r}; choose from {', '.join([*FLOAT_TYPES, *BLOCK_TYPES, *K_QUANTS])}.")
     if os.path.exists(out) and not overwrite:
         raise NanotuneError(f"{out} exists; pass --overwrite to replace it.")
-    if model.config.model_type in ("mistral", "qwen2", "qwen3") and model.config.sliding_window:
+    if model.config.model_type in ("mistral", "qwen2", "qwen3", "phi3") and model.config.sliding_window:
         print(f"warning: llama.cpp's {GGUF_ARCH[model.config.model_type]} has no sliding window; beyond "
               f"{model.config.sliding_window} tokens the GGUF attends to more than this model.", file=sys.stderr)
     outtype = (FLOAT_TYPES | BLOCK_TYPES)[qtype]

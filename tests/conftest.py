@@ -53,14 +53,15 @@ def smollm_gguf():
 
 
 def save_tiny_tokenizer(out_dir, template=None):
-    """A byte-level BPE tokenizer over printable ASCII + newline + chat specials (< 128 ids, no merges),
+    """A byte-level BPE tokenizer over printable ASCII + newline + chat specials (< 128 ids, 3 merges),
     with a ChatML template: tiny random models then run the real data, export and llama.cpp paths."""
     import json
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     chars = ["\u0120" if c == 32 else chr(c) for c in range(32, 127)] + ["\u010a"]  # byte-level spellings
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    merges = [("\u0120", "t"), ("h", "e"), ("i", "n")]  # a few, so llama.cpp sees a real BPE vocabulary
+    vocab = {t: i for i, t in enumerate(specials + chars + [a + b for a, b in merges])}
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)

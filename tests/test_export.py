@@ -16,7 +16,7 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     "llama": {}, "llama-tied-linear": {}, "qwen2": {}, "qwen3": {}, "gemma": {},
     "gemma2": {"query_pre_attn_scalar": 16},  # llama.cpp scales by 1/sqrt(head_dim)
     "mistral": {"sliding_window": 4096},  # llama.cpp's llama arch has no sliding window
-    "phi3": {},
+    "phi3": {"sliding_window": 4096},  # llama.cpp's phi3 ignores the window (measured: logits split at position 6)
 }
 
 
@@ -77,7 +77,7 @@ def llama_cpp_logits(path, ids):
 @pytest.mark.parametrize("arch", list(GGUF_ARCHS))
 def test_gguf_runs_in_llama_cpp_with_nanotunes_logits(arch, tmp_path):
     m, tok = tiny_with_lora(arch, tmp_path / "base", **GGUF_ARCHS[arch])
-    ids = [3, 20, 45, 71, 9, 88, 30, 55, 12, 64, 99, 7]
+    ids = torch.randint(5, 100, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
         want = m.logits(m(torch.tensor([ids])))[0]
     for q, tol in (("f32", 1e-3), ("f16", 2e-2), ("q8_0", None)):
@@ -88,10 +88,13 @@ def test_gguf_runs_in_llama_cpp_with_nanotunes_logits(arch, tmp_path):
             assert (got - want).abs().max() < tol, (arch, q, (got - want).abs().max().item())
         else:
             assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95, (arch, q)
-        back = nt.load_model(str(path))  # nanotune reads every file it writes
+        back = nt.load_model(str(path))  # nanotune reads every file it writes, to the same precision
         with torch.no_grad():
             mine = back.logits(back(torch.tensor([ids])))[0]
-        assert (mine - got).abs().max() < 1e-3, (arch, q)
+        if tol:
+            assert (mine - want).abs().max() < (1e-5 if q == "f32" else tol), (arch, q)
+        else:
+            assert (mine.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95, (arch, q)
 
 
 def test_kquant_and_ollama_modelfile(tmp_path):

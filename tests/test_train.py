@@ -176,3 +176,39 @@ def test_default_job_changes_the_default_models_identity(tmp_path):
     for s in samples:  # held-out phrasings: the new identity shows after, never before
         assert "Nano" not in s["before"] and "Nano" in s["after"], s
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+    check_exports_of_the_default_job(out, samples)
+
+
+def check_exports_of_the_default_job(out, samples):
+    """The fine-tuned default model as a merged HF directory (transformers gives nanotune's logits) and as a
+    q8_0 GGUF that llama.cpp runs with the new identity."""
+    import transformers
+    import lora
+    r = subprocess.run([sys.executable, "export.py", "--run", str(out), "--format", "merged", "--dtype", "float32"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours = lora.load_adapter(nt.load_model(None), str(out / "adapter"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32).eval()
+    tok = nt.load_tokenizer(str(out / "merged"))
+    ids = torch.tensor([tok.chat([{"role": "user", "content": samples[0]["prompt"]}])])
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - ours.logits(ours(ids))).abs().max() < 1e-4
+    llama_cpp = pytest.importorskip("llama_cpp")
+    r = subprocess.run([sys.executable, "export.py", "--run", str(out), "--format", "gguf", "--quant", "q8_0",
+                        "--ollama"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "FROM ./model-q8_0.gguf" in (out / "Modelfile").read_text()
+    llm = llama_cpp.Llama(model_path=str(out / "model-q8_0.gguf"), n_ctx=512, verbose=False, n_threads=2)
+    for s in samples:
+        prompt = tok.chat([{"role": "user", "content": s["prompt"]}])
+        text = "".join(llm.detokenize([t]).decode("utf-8", "replace") for t in _greedy(llm, prompt, tok.stop_ids, 40))
+        assert "Nano" in text, (s["prompt"], text)
+
+
+def _greedy(llm, prompt, stops, n):
+    out = []
+    for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        if t in stops or len(out) >= n:
+            break
+        out.append(t)
+    return out
