@@ -443,6 +443,8 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
 
     from tqdm import tqdm
     metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a" if ckpt else "w")
+    if eval_rows and not ckpt:  # the baseline the eval curve starts from
+        run_eval(model, tok, eval_rows, [], cfg, device, 0, metrics, None, task)
     bar = tqdm(total=steps, initial=start, desc=task.name, dynamic_ncols=True, file=sys.stderr)
     t0, tokens_seen = time.time(), 0
     for step in range(start + 1, steps + 1):

@@ -1,5 +1,6 @@
-"""Generate examples/preferences.jsonl (DPO/ORPO/IPO/SimPO) and examples/kto.jsonl (KTO): helpful, direct
-answers are preferred over dismissive ones. Deterministic.
+"""Generate examples/preferences.jsonl (DPO/ORPO/IPO/SimPO) and examples/kto.jsonl (KTO): the same correct
+answer is preferred SHOUTED IN CAPITALS over written normally, a style the model does not prefer before
+training (held-out accuracy starts near 0), so learning it is plain to see. Deterministic.
 
     python examples/make_preferences.py
 """
@@ -29,8 +30,6 @@ FACTS = [("What is the capital of France?", "The capital of France is Paris."),
          ("What is the tallest animal?", "The giraffe is the tallest animal.")]
 MATH = [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a, b in
         [(2, 3), (4, 5), (7, 8), (10, 6), (9, 9), (12, 4), (3, 11), (6, 7), (15, 5), (8, 13), (20, 22), (14, 3)]]
-DISMISSIVE = ["Figure it out yourself.", "I don't feel like answering that.", "Whatever. Ask someone else.",
-              "Why would I tell you?", "Not my problem.", "Look it up, I'm busy."]
 
 
 def main():
@@ -38,9 +37,8 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     pairs, kto = [], []
     for q, a in FACTS + MATH:
-        bad = rng.choice(DISMISSIVE)
-        pairs.append({"prompt": q, "chosen": a, "rejected": bad})
-        kto += [{"prompt": q, "completion": a, "label": True}, {"prompt": q, "completion": bad, "label": False}]
+        pairs.append({"prompt": q, "chosen": a.upper(), "rejected": a})
+        kto += [{"prompt": q, "completion": a.upper(), "label": True}, {"prompt": q, "completion": a, "label": False}]
     rng.shuffle(pairs)
     rng.shuffle(kto)
     for name, rows in (("preferences.jsonl", pairs), ("kto.jsonl", kto)):
