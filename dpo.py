@@ -150,7 +150,7 @@ def sequence_logps(model, batch):
     """Per row: (sum of completion-token log-probs [B], completion token count [B], summed NLL over all
     non-padding tokens [B] and their count [B]). Position t predicts token t+1; the head runs one row
     at a time so only [T, V] logits exist at once."""
-    h = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # [B, T, C]
+    h = model.forward(batch["input_ids"], attention_mask=batch["attention_mask"])  # [B, T, C] (inside model.run)
     y = batch["input_ids"][:, 1:]
     comp = batch["labels"][:, 1:] != IGNORE  # [B, T-1] completion tokens
     real = batch["attention_mask"][:, 1:].bool()  # every real token (ORPO's NLL)
@@ -256,18 +256,18 @@ class Preference:
         if self.cache is not None:  # [2, N] -> [chosen of the batch; rejected of the batch]
             return self.cache[:, batch["index"].cpu()].reshape(-1).to(batch["input_ids"].device)
         if self.ref_model is not None:
-            return sequence_logps(self.ref_model, batch)[0]
+            return self.ref_model.run(sequence_logps, batch)[0]
         was = self.model.training
         self.model.eval()  # no dropout in the reference pass
         lora.set_lora_enabled(self.model, False)
         try:
-            return sequence_logps(self.model, batch)[0]
+            return self.model.run(sequence_logps, batch)[0]
         finally:
             lora.set_lora_enabled(self.model, True)
             self.model.train(was)
 
     def per_example(self, model, batch):
-        logp, n, nll, n_all = sequence_logps(model, batch)
+        logp, n, nll, n_all = model.run(sequence_logps, batch)
         ref = self.reference(batch) if self.needs_ref else torch.zeros_like(logp)
         P = logp.shape[0] // 2
         if self.kind == "kto":
@@ -364,3 +364,5 @@ if __name__ == "__main__":
     except NanotuneError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        train.dist.shutdown()

@@ -183,12 +183,17 @@ def adapter_state_dict(model, dtype=None) -> dict:
         sd[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.weight
         if m.lora_magnitude_vector is not None:
             sd[f"{PEFT_PREFIX}{n}.lora_magnitude_vector"] = m.lora_magnitude_vector
+    sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}  # FSDP-sharded: gather
     return {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}
 
 
-def save_adapter(model, out_dir: str, base_model_name: str | None = None, dtype=None):
-    """adapter_model.safetensors + adapter_config.json, each written to a temp name then renamed."""
+def save_adapter(model, out_dir: str, base_model_name: str | None = None, dtype=None, write=True):
+    """adapter_model.safetensors + adapter_config.json, each written to a temp name then renamed.
+    Under FSDP every rank calls it (gathering is collective) and only the one with `write` writes."""
     from safetensors.torch import save_file
+    sd = adapter_state_dict(model, dtype)
+    if not write:
+        return
     os.makedirs(out_dir, exist_ok=True)
     c = model.lora_config
     targets = c["target_modules"] if isinstance(c["target_modules"], str) else sorted(set(
@@ -198,7 +203,7 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, dtype=
            "target_modules": targets, "use_rslora": c["use_rslora"], "use_dora": c["use_dora"], "bias": "none",
            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
     tmp = os.path.join(out_dir, "adapter_model.safetensors.tmp")
-    save_file(adapter_state_dict(model, dtype), tmp, metadata={"format": "pt"})
+    save_file(sd, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
     with open(os.path.join(out_dir, "adapter_config.json.tmp"), "w") as f:
         json.dump(cfg, f, indent=2)

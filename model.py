@@ -312,6 +312,12 @@ class Transformer(nn.Module):
             cache.pos += T
         return self.model.norm(x)
 
+    def run(self, fn, *args, **kwargs):
+        """fn(self, *args) as part of this module's forward: dist.py registers `run` as an FSDP forward
+        method, so root parameters (lm_head) are gathered while a loss that owns the head uses them.
+        Inside fn call `model.forward(...)`, not `model(...)`."""
+        return fn(self, *args, **kwargs)
+
     def logits(self, h):
         """[..., C] hidden states -> [..., V] logits (with Gemma 2's final softcap)."""
         return kernels.softcap(self.lm_head(h), self.config.final_logit_softcapping)
@@ -425,7 +431,7 @@ def split_fused(cfg: Config, name: str, t: torch.Tensor):
 
 def hf_state_dict(model: "Transformer") -> dict:
     """nanotune parameters -> the checkpoint's own names and layout (re-fusing Phi-3)."""
-    sd = {k: v for k, v in model.state_dict().items()}
+    sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}  # FSDP
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     if model.config.fused_checkpoint:
@@ -521,14 +527,16 @@ def load(path: str | None = None, dtype=torch.float32, device="cpu"):
 
 
 def save_hf(model: Transformer, out_dir: str, tokenizer=None, dtype=None, shard_bytes: int = 5 << 30,
-            extra_config=None):
+            extra_config=None, write=True):
     """config.json + (sharded) model.safetensors in the checkpoint's own layout; written to a temp dir
     beside `out_dir`, then renamed, so a crash never leaves a directory that looks finished."""
     from safetensors.torch import save_file
-    tmp = out_dir.rstrip("/") + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
     cast = lambda k, v: v.to(dtype) if dtype and v.is_floating_point() and k.endswith((".weight", ".bias")) else v  # noqa: E731
     sd = {k: cast(k, v).detach().cpu().contiguous() for k, v in hf_state_dict(model).items()}
+    if not write:  # another rank writes (the gathering above is collective under FSDP)
+        return
+    tmp = out_dir.rstrip("/") + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
     shards, cur, size = [], {}, 0
     for k, v in sd.items():
         if cur and size + v.nbytes > shard_bytes:

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dist
 import kernels
 import lora
 import quant
@@ -197,7 +198,8 @@ def build_model(cfg, device, dtype):
 
 def token_loss_sum(model, batch):
     """Summed next-token cross-entropy over trained tokens: position t predicts labels[t + 1]."""
-    h = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"))
+    h = model.forward(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                      position_ids=batch.get("position_ids"))
     h, y = h[:, :-1].reshape(-1, h.shape[-1]), batch["labels"][:, 1:].reshape(-1)
     head = model.lm_head
     if type(head) is nn.Linear:
@@ -237,7 +239,7 @@ class SFT:
         return collate(rows, tok.pad_id)
 
     def loss(self, model, batch):
-        return token_loss_sum(model, batch), {}
+        return model.run(token_loss_sum, batch), {}
 
     def count(self, batch):
         return n_trained(batch)
@@ -250,15 +252,19 @@ def accumulate(model, micro_batches, task):
     """Backward over micro-batches. Each micro-batch's summed loss is divided by the count of the
     whole step (trained tokens for SFT, pairs for DPO), so any micro-batch x accumulation split gives
     the same loss and gradient. Returns (loss, count, metrics averaged the same way)."""
-    total = sum(task.count(b) for b in micro_batches)
+    total = dist.all_sum(sum(task.count(b) for b in micro_batches))  # over every rank: the global count
+    W = dist.world()
     loss, metrics = 0.0, {}
     for b in micro_batches:
         part, mets = task.loss(model, b)
         part = part / max(total, 1)
-        part.backward()
+        (part * W).backward()  # FSDP averages over the W ranks; x W makes it the global sum
         loss += part.item()
         for k, v in mets.items():
             metrics[k] = metrics.get(k, 0.0) + float(v) / max(total, 1)
+    if dist.is_dist():
+        loss = dist.all_sum(loss)
+        metrics = {k: dist.all_sum(v) for k, v in metrics.items()}
     return loss, total, metrics
 
 
@@ -266,7 +272,7 @@ def train_step(model, opt, sched, micro_batches, task, max_grad_norm):
     """accumulate -> clip -> AdamW step -> schedule step; returns (loss, grad norm, count, metrics)."""
     loss, total, metrics = accumulate(model, micro_batches, task)
     params = [p for p in model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -279,7 +285,7 @@ def evaluate(model, rows, cfg, pad_id, device, loss_fn=token_loss_sum):
     total, n = 0.0, 0
     for i in range(0, len(rows), cfg.micro_batch_size):
         b = to_device(collate(rows[i : i + cfg.micro_batch_size], pad_id), device)
-        total += float(loss_fn(model, b))
+        total += float(model.run(loss_fn, b))
         n += n_trained(b)
     model.train()
     return total / max(n, 1)
@@ -310,13 +316,22 @@ def save_checkpoint(out_dir, step, model, opt, sched, sampler, keep):
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step-{step:06d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "sampler": sampler.state_dict(), "rng": rng}, os.path.join(tmp, "state.pt"))
+    state = {"step": step, "scheduler": sched.state_dict(), "sampler": sampler.state_dict(), "rng": rng}
+    if dist.is_dist():  # sharded weights + optimizer, readable at any world size
+        dist.save_sharded(os.path.join(tmp, "dcp"), model, opt)
+    else:
+        save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
+        state["optimizer"] = opt.state_dict()
+    dist.barrier()
+    if not dist.is_main():
+        return
+    torch.save(state, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     done = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
@@ -341,12 +356,19 @@ def find_checkpoint(cfg):
 
 def load_checkpoint(path, model, opt, sched, sampler):
     from safetensors.torch import load_file
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in load_file(os.path.join(path, "trainable.safetensors")).items():
-            params[n].copy_(t)
+    sharded = os.path.isdir(os.path.join(path, "dcp"))
+    if sharded != dist.is_dist():
+        raise NanotuneError(f"{path} was written {'under' if sharded else 'without'} torchrun; resume it the same "
+                            "way (under torchrun any number of processes can resume a sharded checkpoint).")
     s = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-    opt.load_state_dict(s["optimizer"])
+    if sharded:
+        dist.load_sharded(os.path.join(path, "dcp"), model, opt)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in load_file(os.path.join(path, "trainable.safetensors")).items():
+                params[n].copy_(t)
+        opt.load_state_dict(s["optimizer"])
     sched.load_state_dict(s["scheduler"])
     sampler.load_state_dict(s["sampler"])
     torch.set_rng_state(s["rng"]["torch"])
@@ -357,6 +379,12 @@ def load_checkpoint(path, model, opt, sched, sampler):
 
 
 # ---------------------------------------------------------------------------------------------
+def rank_slice(idx, r, w):
+    """This rank's part of a global micro-batch (contiguous, so the split is the same at any world size)."""
+    n = -(-len(idx) // w)
+    return idx[r * n : (r + 1) * n]
+
+
 def check_output_dir(cfg):
     parent = os.path.dirname(os.path.abspath(cfg.output_dir))
     if not os.path.isdir(parent):
@@ -391,7 +419,8 @@ def prepare_data(cfg, tok):
 
 
 def log(msg):
-    print(msg, file=sys.stderr, flush=True)
+    if dist.is_main():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def main(argv=None):
@@ -408,6 +437,7 @@ def setup(cfg):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device, dtype = pick_device(cfg)
+    device = dist.init(cfg.device) or device  # under torchrun: this rank's GPU (or CPU with gloo)
     log(f"nanotune {type(cfg).__name__}:\n" + "\n".join(f"  {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
     cfg.model = resolve_model_path(cfg.model)
     tok = load_tokenizer(cfg.model)
@@ -415,6 +445,11 @@ def setup(cfg):
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
+    if "RANK" in os.environ:  # launched by torchrun (any world size): FSDP2
+        if cfg.load_in_4bit:
+            raise NanotuneError("QLoRA under torchrun/FSDP is not supported yet; run it on one GPU with python train.py.")
+        dist.shard(model, device)
+        log(f"FSDP2 over {dist.world()} ranks")
     log(f"model: {model.config.model_type}, {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
         f"({100 * n_train / n_all:.2f}%), {dtype}, {device}")
     return model, tok, device
@@ -423,12 +458,15 @@ def setup(cfg):
 def fit(cfg, model, tok, rows, eval_rows, task, device):
     """The loop every trainer shares: sampler, AdamW + schedule, accumulation, eval and samples,
     atomic checkpoints and exact resume, progress bar and metrics.jsonl, then the result."""
-    sampler = Sampler(len(rows), cfg.micro_batch_size, cfg.seed)
+    R, W = dist.rank(), dist.world()
+    sampler = Sampler(len(rows), cfg.micro_batch_size * W, cfg.seed)  # a global batch; each rank takes a slice
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * sampler.batches_per_epoch() / cfg.grad_accum))
     opt = make_optimizer(model, cfg, device)
     sched = make_schedule(opt, cfg, steps)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    if dist.is_main():
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    dist.barrier()
     start = 0
     ckpt = find_checkpoint(cfg)
     if ckpt:
@@ -439,18 +477,24 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
     if cfg.sample_prompts_file and os.path.isfile(cfg.sample_prompts_file):
         with open(cfg.sample_prompts_file) as f:
             prompts += [ln.strip() for ln in f if ln.strip()]
+    if dist.is_dist():
+        prompts = []  # sample generations are a single-process feature (generate.py on the result)
     before = answer_prompts(model, tok, prompts, cfg.sample_max_tokens) if prompts and not ckpt else None
 
     from tqdm import tqdm
-    metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a" if ckpt else "w")
+    metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a" if ckpt else "w") if dist.is_main() \
+        else open(os.devnull, "w")
     if eval_rows and not ckpt:  # the baseline the eval curve starts from
         run_eval(model, tok, eval_rows, [], cfg, device, 0, metrics, None, task)
-    bar = tqdm(total=steps, initial=start, desc=task.name, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=steps, initial=start, desc=task.name, dynamic_ncols=True, file=sys.stderr,
+               disable=not dist.is_main())
     t0, tokens_seen = time.time(), 0
     for step in range(start + 1, steps + 1):
-        micro = [to_device(task.collate([rows[i] for i in sampler.next()], tok), device) for _ in range(cfg.grad_accum)]
+        micro = [to_device(task.collate([rows[i] for i in rank_slice(sampler.next(), R, W)], tok), device)
+                 for _ in range(cfg.grad_accum)]
         loss, gnorm, count, mets = train_step(model, opt, sched, micro, task, cfg.max_grad_norm)
-        tokens_seen += sum(b["input_ids"].numel() for b in micro)
+        tokens_seen += dist.all_sum(sum(b["input_ids"].numel() for b in micro)) if W > 1 else \
+            sum(b["input_ids"].numel() for b in micro)
         tps = tokens_seen / (time.time() - t0)
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
         bar.update(1)
@@ -486,13 +530,18 @@ def run_eval(model, tok, eval_rows, prompts, cfg, device, step, metrics, bar, ta
 def finish(model, tok, cfg, prompts, before, after):
     """Write the result (adapter or full model), the samples and a loss plot; print before/after."""
     from model import save_hf
+    main_rank = dist.is_main()  # under FSDP every rank gathers, rank 0 writes
     if cfg.lora:
-        lora.save_adapter(model, os.path.join(cfg.output_dir, "adapter"), base_model_name=cfg.model)
-        tok.save(os.path.join(cfg.output_dir, "adapter"))
         result = os.path.join(cfg.output_dir, "adapter")
+        lora.save_adapter(model, result, base_model_name=cfg.model, write=main_rank)
+        if main_rank:
+            tok.save(result)
     else:
         result = os.path.join(cfg.output_dir, "model")
-        save_hf(model, result, tokenizer=tok)
+        save_hf(model, result, tokenizer=tok, write=main_rank)
+    dist.barrier()
+    if not main_rank:
+        return
     if prompts:
         samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before or [None] * len(prompts), after)]
         with open(os.path.join(cfg.output_dir, "samples.json"), "w") as f:
@@ -530,3 +579,5 @@ if __name__ == "__main__":
     except NanotuneError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        dist.shutdown()

@@ -1,0 +1,107 @@
+"""nanotune dist: torchrun process groups, FSDP2 sharding, distributed checkpoints. PyTorch's own engine only.
+
+    torchrun --standalone --nproc_per_node=8 train.py --config run.yaml            # one node
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \\
+             --rdzv_endpoint=HOST0:29500 --rdzv_id=run1 train.py --config run.yaml  # on each of two nodes
+
+Every decoder block is its own FSDP2 unit (`fully_shard`), the root holds embeddings, final norm and
+lm_head. Mixed precision: parameters all-gathered in bf16 on GPU, gradients reduce-scattered in fp32.
+The loss runs through `model.run(fn, ...)`, registered as an FSDP forward method, so the root's
+lm_head is gathered while the fused loss uses it. Checkpoints are torch.distributed.checkpoint
+(sharded, any world size can resume them). Without torchrun every helper is a no-op.
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device_pref: str = "auto"):
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU) when launched by torchrun; returns the
+    device this rank computes on."""
+    cuda = torch.cuda.is_available() and device_pref != "cpu"
+    if "RANK" not in os.environ or is_dist():
+        return None
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    return torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def shutdown():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def all_sum(x: float | int) -> float:
+    """Sum a Python number over ranks."""
+    if not is_dist():
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item()
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def shard(model, device):
+    """FSDP2 over each block and the root. On GPU params are gathered in bf16 and gradients reduced in
+    fp32. FSDP averages gradients over ranks; train.accumulate scales each rank's loss by the world size,
+    so the result is the gradient of the global token-normalised loss."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mesh = init_device_mesh(device.type, (world(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    register_fsdp_forward_method(model, "run")
+    return model
+
+
+def full_tensor(t):
+    """A sharded DTensor gathered to an ordinary tensor (a collective: every rank calls it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed checkpoints (torch.distributed.checkpoint): trainable weights + optimizer, by FQN
+def save_sharded(path, model, opt):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, opt)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    dcp.save({"model": {k: v for k, v in msd.items() if k in trainable}, "optim": osd}, checkpoint_id=path)
+
+
+def load_sharded(path, model, opt):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    msd, osd = get_state_dict(model, opt)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {"model": {k: v for k, v in msd.items() if k in trainable}, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))

@@ -1,0 +1,99 @@
+"""torchrun + FSDP2 on CPU (gloo): two processes train exactly like one, sharded checkpoints resume at
+another world size, a crash on one rank ends the job."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, make_tiny_run_model
+
+
+@pytest.fixture(scope="module")
+def setup_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    make_tiny_run_model(d / "m")
+    with open(d / "d.jsonl", "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                             {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n")
+    return d
+
+
+def common(d, out, *extra):
+    return ["--model", str(d / "m"), "--datasets", str(d / "d.jsonl"), "--max_steps", "6", "--lr", "1e-2",
+            "--sample_prompts_file", "", "--cache_dir", "", "--save_steps", "3", "--output_dir", str(out), *extra]
+
+
+def launch(nproc, args, script="train.py", timeout=300):
+    cmd = [sys.executable, "train.py", *args] if nproc == 0 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(out):
+    by_step = {}
+    for line in open(os.path.join(out, "metrics.jsonl")):
+        r = json.loads(line)
+        if "loss" in r:
+            by_step[r["step"]] = r["loss"]
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def close(a, b, rel=1e-5):
+    return len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("method", [[], ["--lora", "false"]], ids=["lora", "full"])
+def test_two_processes_equal_one_with_the_same_global_batch(setup_dir, tmp_path, method):
+    one = launch(0, common(setup_dir, tmp_path / "one", "--micro_batch_size", "4", *method))
+    two = launch(2, common(setup_dir, tmp_path / "two", "--micro_batch_size", "2", *method))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert "FSDP2 over 2 ranks" in two.stderr
+    assert close(losses(tmp_path / "two"), losses(tmp_path / "one")), (losses(tmp_path / "two"), losses(tmp_path / "one"))
+    result = "adapter/adapter_model.safetensors" if not method else "model/model.safetensors"
+    assert (tmp_path / "two" / result).exists()
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_sharded_checkpoint_resumes_at_another_world_size(setup_dir, tmp_path, first, then):
+    ref = launch(0, common(setup_dir, tmp_path / "ref", "--micro_batch_size", "4"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "run"
+    r = launch(first, common(setup_dir, out, "--micro_batch_size", str(4 // first)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.isdir(out / "checkpoints" / "step-000003" / "dcp")
+    for name in ("adapter", "metrics.jsonl"):  # keep only what the checkpoint knows
+        p = out / name
+        subprocess.run(["rm", "-rf", str(p)])
+    with open(out / "metrics.jsonl", "w"):
+        pass
+    r = launch(then, common(setup_dir, out, "--micro_batch_size", str(4 // then), "--resume"))
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
+    assert close(losses(out), losses(tmp_path / "ref")[3:])
+
+
+CRASH = """
+import os, sys
+sys.argv = ["train.py"] + sys.argv[1:]
+import train
+orig, calls = train.train_step, [0]
+def step(*a, **k):
+    calls[0] += 1
+    if calls[0] == 2 and os.environ.get("RANK") == "1":
+        raise RuntimeError("injected failure on rank 1")
+    return orig(*a, **k)
+train.train_step = step
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_crash_on_one_rank_ends_every_rank(setup_dir, tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH.replace('import train', f'sys.path.insert(0, {ROOT!r})\nimport train'))
+    t0 = time.time()
+    r = launch(2, common(setup_dir, tmp_path / "c", "--micro_batch_size", "2", "--max_steps", "50"), script=str(script),
+               timeout=240)
+    assert r.returncode != 0 and "injected failure on rank 1" in r.stderr
+    assert time.time() - t0 < 240
