@@ -37,7 +37,87 @@ def rms_norm_ref(x, weight, eps: float, offset: float = 0.0):
     return weight * y.to(x.dtype)  # Llama: cast, then scale in the weight's dtype
 
 
+if triton is not None:
+    @triton.jit
+    def _rms_fwd(X, W, Y, RSTD, C, eps, offset, BLOCK: tl.constexpr, GEMMA: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = cols < C
+        x = tl.load(X + row * C + cols, mask=m, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / C + eps)
+        w = tl.load(W + cols, mask=m, other=0.0)
+        if GEMMA:  # (x * rstd) * (offset + w) in fp32, one rounding
+            y = x * rstd * (offset + w.to(tl.float32))
+        else:  # Llama: round x * rstd to the activation dtype, then scale by w (as the reference does)
+            y = (x * rstd).to(Y.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
+        tl.store(Y + row * C + cols, y.to(Y.dtype.element_ty), mask=m)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _rms_bwd(DY, X, W, RSTD, DX, DW, C, offset, rows_per_prog, n_rows, BLOCK: tl.constexpr,
+                 NEED_DW: tl.constexpr):
+        # dx = rstd * (g - xhat * mean(g * xhat)),  g = dy * (offset + w),  xhat = x * rstd
+        # dw = sum_rows dy * xhat   (per-program partial sums, added up in PyTorch)
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < C
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32) + offset
+        dw = tl.zeros((BLOCK,), dtype=tl.float32)
+        row0 = pid.to(tl.int64) * rows_per_prog
+        for k in range(0, rows_per_prog):
+            r = row0 + k
+            rm = m & ((r + cols * 0) < n_rows)  # broadcast the row test over the block
+            x = tl.load(X + r * C + cols, mask=rm, other=0.0).to(tl.float32)
+            dy = tl.load(DY + r * C + cols, mask=rm, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + tl.minimum(r, n_rows - 1))  # rows past the end are masked above
+            xhat = x * rstd
+            g = dy * w
+            dx = rstd * (g - xhat * tl.sum(g * xhat, 0) / C)
+            tl.store(DX + r * C + cols, dx.to(DX.dtype.element_ty), mask=rm)
+            if NEED_DW:
+                dw += dy * xhat
+        if NEED_DW:
+            tl.store(DW + pid * C + cols, dw, mask=m)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, eps, offset):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        N, C = x2.shape
+        y = torch.empty_like(x2)
+        rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+        BLOCK = triton.next_power_of_2(C)
+        _rms_fwd[(N,)](x2, w, y, rstd, C, eps, offset, BLOCK=BLOCK, GEMMA=bool(offset),
+                       num_warps=min(16, max(1, BLOCK // 256)))
+        ctx.save_for_backward(x2, w, rstd)
+        ctx.offset, ctx.shape = offset, shape
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w, rstd = ctx.saved_tensors
+        N, C = x2.shape
+        dy = dy.reshape(N, C).contiguous()
+        dx = torch.empty_like(x2)
+        need_dw = ctx.needs_input_grad[1]  # frozen norm weights (LoRA): no weight-gradient work at all
+        progs = min(N, 4 * (torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 2))
+        rows_per = triton.cdiv(N, progs)
+        dw = torch.empty((progs, C), dtype=torch.float32, device=x2.device) if need_dw else rstd
+        BLOCK = triton.next_power_of_2(C)
+        _rms_bwd[(progs,)](dy, x2, w, rstd, dx, dw, C, ctx.offset, rows_per, N, BLOCK=BLOCK, NEED_DW=need_dw,
+                           num_warps=min(16, max(1, BLOCK // 256)))
+        return dx.view(ctx.shape), (dw.sum(0).to(w.dtype) if need_dw else None), None, None
+
+
+def rms_norm_triton(x, weight, eps: float, offset: float = 0.0):
+    return _RMSNorm.apply(x, weight, eps, float(offset))
+
+
 def rms_norm(x, weight, eps: float, offset: float = 0.0):
+    if _TRITON and x.is_cuda:
+        return rms_norm_triton(x, weight, eps, offset)
     return rms_norm_ref(x, weight, eps, offset)
 
 
@@ -56,7 +136,60 @@ def rope_ref(x, cos, sin):
     return torch.cat((xr * cos + rotated * sin, xp), dim=-1)
 
 
+if triton is not None:
+    @triton.jit
+    def _rope_kernel(X, COS, SIN, Y, H, T, D, sxb, sxh, sxt, syb, syh, syt, HALF: tl.constexpr,
+                     BLOCK_H: tl.constexpr, SIGN: tl.constexpr):
+        # one program per (b, t): every head's first 2*HALF dims rotated, the rest copied
+        bt = tl.program_id(0).to(tl.int64)
+        b, t = bt // T, bt % T
+        h = tl.arange(0, BLOCK_H)[:, None]
+        i = tl.arange(0, HALF)[None, :]
+        mh = h < H
+        cos = tl.load(COS + bt * 2 * HALF + i).to(tl.float32)
+        sin = tl.load(SIN + bt * 2 * HALF + i).to(tl.float32) * SIGN  # SIGN = -1: the inverse rotation
+        xp = X + b * sxb + t * sxt + h * sxh
+        yp = Y + b * syb + t * syt + h * syh
+        x1 = tl.load(xp + i, mask=mh, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + HALF + i, mask=mh, other=0.0).to(tl.float32)
+        tl.store(yp + i, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mh)
+        tl.store(yp + HALF + i, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=mh)
+        for j in range(2 * HALF, D):  # partial rotary: pass the rest through
+            v = tl.load(xp + j, mask=mh, other=0.0)
+            tl.store(yp + j, v, mask=mh)
+
+
+def _rope_launch(x, cos, sin, sign):
+    B, H, T, D = x.shape
+    rot = cos.shape[-1]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    y = torch.empty((B, T, H, D), dtype=x.dtype, device=x.device).transpose(1, 2)  # [B, H, T, D] view
+    _rope_kernel[(B * T,)](x, cos, sin, y, H, T, D, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
+                           y.stride(1), y.stride(2), HALF=rot // 2, BLOCK_H=triton.next_power_of_2(H), SIGN=sign)
+    return y
+
+
+class _RoPE(torch.autograd.Function):
+    """Forward rotates by theta; backward rotates the gradient by -theta (the transpose of a rotation)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_launch(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rope_launch(dy, cos, sin, -1.0), None, None
+
+
+def rope_triton(x, cos, sin):
+    return _RoPE.apply(x, cos.float(), sin.float())
+
+
 def rope(x, cos, sin):
+    if _TRITON and x.is_cuda and x.stride(-1) == 1:
+        return rope_triton(x, cos, sin)
     return rope_ref(x, cos, sin)
 
 
@@ -68,7 +201,71 @@ def gated_act_ref(gate, up, act: str):
     return F.gelu(gate, approximate="tanh") * up
 
 
+if triton is not None:
+    @triton.jit
+    def _gelu_tanh_parts(g):
+        # gelu(g) = 0.5 g (1 + tanh(k (g + 0.044715 g^3))), k = sqrt(2/pi); returns (gelu, d gelu / d g)
+        k: tl.constexpr = 0.7978845608028654
+        inner = k * (g + 0.044715 * g * g * g)
+        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh
+        return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * g * g)
+
+    @triton.jit
+    def _glu_fwd(G, U, Y, n, BLOCK: tl.constexpr, GELU: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        g = tl.load(G + i, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(U + i, mask=m, other=0.0).to(tl.float32)
+        if GELU:
+            a, _ = _gelu_tanh_parts(g)
+        else:
+            a = g * tl.sigmoid(g)
+        tl.store(Y + i, (a * u).to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _glu_bwd(DY, G, U, DG, DU, n, BLOCK: tl.constexpr, GELU: tl.constexpr):
+        # recomputed, nothing saved but the inputs: dU = dy act(g), dG = dy u act'(g)
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        dy = tl.load(DY + i, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(G + i, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(U + i, mask=m, other=0.0).to(tl.float32)
+        if GELU:
+            a, da = _gelu_tanh_parts(g)
+        else:
+            s = tl.sigmoid(g)
+            a, da = g * s, s * (1.0 + g * (1.0 - s))
+        tl.store(DU + i, (dy * a).to(DU.dtype.element_ty), mask=m)
+        tl.store(DG + i, (dy * u * da).to(DG.dtype.element_ty), mask=m)
+
+
+class _GLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, gelu):
+        gate, up = gate.contiguous(), up.contiguous()
+        y = torch.empty_like(gate)
+        n = y.numel()
+        _glu_fwd[(triton.cdiv(n, 1024),)](gate, up, y, n, BLOCK=1024, GELU=gelu)
+        ctx.save_for_backward(gate, up)
+        ctx.gelu = gelu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        _glu_bwd[(triton.cdiv(n, 1024),)](dy.contiguous(), gate, up, dg, du, n, BLOCK=1024, GELU=ctx.gelu)
+        return dg, du, None
+
+
+def gated_act_triton(gate, up, act: str):
+    return _GLU.apply(gate, up, act != "silu")
+
+
 def gated_act(gate, up, act: str):
+    if _TRITON and gate.is_cuda:
+        return gated_act_triton(gate, up, act)
     return gated_act_ref(gate, up, act)
 
 
@@ -122,7 +319,82 @@ def linear_cross_entropy_ref(h, weight, labels, softcap_value=None, ignore_index
     return total
 
 
+if triton is not None:
+    @triton.jit
+    def _ce_rows(Z, Y, LOSS, V, stride, cap, BLOCK: tl.constexpr, SOFTCAP: tl.constexpr):
+        """One row of logits z (raw lm_head output): loss = logsumexp(c) - c[y] with c = cap tanh(z / cap)
+        (or c = z), then z is overwritten in place by d loss / d z = (softmax(c) - onehot(y)) * dc/dz."""
+        row = tl.program_id(0).to(tl.int64)
+        zp = Z + row * stride
+        y = tl.load(Y + row)
+        m = -float("inf")
+        d = 0.0
+        for start in range(0, V, BLOCK):  # pass 1: online max and sum of exp
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(zp + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+            if SOFTCAP:
+                z = cap * (2.0 * tl.sigmoid(2.0 * z / cap) - 1.0)
+            m_new = tl.maximum(m, tl.max(z, 0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            m = m_new
+        lse = m + tl.log(d)
+        zy = tl.load(zp + y).to(tl.float32)
+        if SOFTCAP:
+            zy = cap * (2.0 * tl.sigmoid(2.0 * zy / cap) - 1.0)
+        tl.store(LOSS + row, lse - zy)
+        for start in range(0, V, BLOCK):  # pass 2: the gradient, in place
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(zp + cols, mask=cols < V, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                t = 2.0 * tl.sigmoid(2.0 * z / cap) - 1.0
+                g = tl.exp(cap * t - lse) - (cols == y).to(tl.float32)
+                g = g * (1.0 - t * t)
+            else:
+                g = tl.exp(z - lse) - (cols == y).to(tl.float32)
+            tl.store(zp + cols, g.to(Z.dtype.element_ty), mask=cols < V)
+
+
+class _LinearCE(torch.autograd.Function):
+    """Summed cross-entropy of softcap(h W^T) without the full logits: tokens go through in chunks sized
+    like h itself; each chunk's logits become their own gradient in place (Triton), then
+    dh = G W and dW += G^T h (fp32). All gradient work happens in forward; backward scales it."""
+
+    @staticmethod
+    def forward(ctx, h, w, labels, cap):
+        N, C = h.shape
+        V = w.shape[0]
+        chunk = max(1, min(N, triton.next_power_of_2(triton.cdiv(N, triton.cdiv(V, C)))))
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h)
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+        for i in range(0, N, chunk):
+            hc, yc = h[i : i + chunk], labels[i : i + chunk]
+            z = hc @ w.t()  # [n, V] in the activation dtype
+            rows = torch.empty(z.shape[0], dtype=torch.float32, device=h.device)
+            _ce_rows[(z.shape[0],)](z, yc, rows, V, z.stride(0), float(cap or 0.0), BLOCK=min(4096, triton.next_power_of_2(V)),
+                                    SOFTCAP=bool(cap), num_warps=8)
+            loss += rows.sum()
+            dh[i : i + chunk] = z @ w
+            if dw is not None:
+                dw.addmm_(z.t().float(), hc.float())
+        ctx.save_for_backward(dh, dw if dw is not None else loss)
+        ctx.has_dw, ctx.w_dtype = dw is not None, w.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dw = ctx.saved_tensors
+        return dh * g.to(dh.dtype), (dw * g).to(ctx.w_dtype) if ctx.has_dw else None, None, None
+
+
+def linear_cross_entropy_triton(h, weight, labels, softcap_value=None, ignore_index=-100):
+    keep = labels != ignore_index  # untrained tokens never reach the projection
+    return _LinearCE.apply(h[keep], weight, labels[keep], softcap_value)
+
+
 def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-100):
+    if _TRITON and h.is_cuda:
+        return linear_cross_entropy_triton(h, weight, labels, softcap_value, ignore_index)
     return linear_cross_entropy_ref(h, weight, labels, softcap_value, ignore_index)
 
 
