@@ -1,0 +1,288 @@
+"""nanotune bench: training tokens/s and peak memory, nanotune beside its peers, each in its own process
+on the same GPU with the same random-init checkpoint, shape and batch.
+
+    python bench.py --shape 8b --mode lora --batch 4 --seq 2048          # all contenders that import
+    python bench.py --shape 1b --mode qlora --contenders nanotune,unsloth
+    python bench.py --kernels                                          # each kernel vs reference vs compile
+    torchrun --nproc_per_node=1 bench.py --shape 8b --mode full --contenders nanotune --fsdp
+
+Contenders: nanotune, hf_peft (transformers + PEFT, SDPA), hf_peft_liger (+ Liger kernels), hf_bnb_qlora
+(transformers + bitsandbytes + PEFT; --mode qlora), unsloth. Peers are skipped when they do not import
+(../shared/tools/bench_wheels.sh prepares them for the GPU machine). Median step time after warm-up,
+tokens/s, model-FLOPs utilisation (vs the GPU's dense bf16 peak) and torch.cuda.max_memory_allocated over
+loading + training. Results: a table on stdout and JSON (--json, default results/bench.json).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPES = {  # Llama-3.1-8B and Llama-3.2-1B; tiny for a smoke run
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),
+}
+ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+APPLIES = {"lora": ("nanotune", "hf_peft", "hf_peft_liger", "unsloth"),
+           "qlora": ("nanotune", "hf_bnb_qlora", "unsloth"),
+           "full": ("nanotune", "hf_peft", "unsloth")}  # hf_peft in full mode is plain transformers
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16 FLOP/s (vendor spec)
+
+
+def make_checkpoint(shape, path):
+    """One random-init checkpoint (HF layout, bf16) that every contender loads."""
+    from model import Config, Transformer, save_hf
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    s = SHAPES[shape]
+    cfg = Config(model_type="llama", head_dim=s["hidden_size"] // s["num_attention_heads"], rms_norm_eps=1e-5,
+                 rope_theta=500000.0, rope_scaling=ROPE, max_position_embeddings=131072, bos_token_id=1,
+                 eos_token_id=2, **s)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        m = Transformer(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.02)
+    save_hf(m, path)
+
+
+def model_flops_per_token(cfg, mode, seq):
+    """Matmul FLOPs per trained token: forward 2N, input-gradient 2N, weight-gradient 2N (full only);
+    attention 6 L s d (causal, forward + backward). Recomputation is not counted (model FLOPs)."""
+    h, L = cfg["hidden_size"], cfg["num_hidden_layers"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * cfg["intermediate_size"]
+    n = L * per_layer + h * cfg["vocab_size"]
+    return (6 if mode == "full" else 4) * n + 6 * L * seq * h
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one contender, one process
+def load_contender(name, ckpt, mode, seq):
+    """-> (model, step_fn(ids) -> loss tensor, trainable params)"""
+    if name == "nanotune":
+        import lora
+        import quant
+        import train
+        from model import load_model
+        m = load_model(ckpt, dtype=torch.bfloat16, device="cuda", prepare=quant.prepare_4bit if mode == "qlora" else None)
+        if mode != "full":
+            lora.apply_lora(m, r=16, alpha=16, dropout=0.0)
+        m.gradient_checkpointing = True
+        m.train()
+
+        def loss(ids):
+            b = {"input_ids": ids, "labels": ids}
+            return m.run(train.token_loss_sum, b) / (ids.numel() - ids.shape[0])
+        return m, loss
+    import transformers
+    kw = dict(dtype=torch.bfloat16, attn_implementation="sdpa")
+    if name == "hf_peft_liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        apply_liger_kernel_to_llama()
+    if name == "unsloth":
+        from unsloth import FastLanguageModel
+        m, _ = FastLanguageModel.from_pretrained(ckpt, max_seq_length=seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=mode == "qlora", full_finetuning=mode == "full")
+        if mode != "full":
+            m = FastLanguageModel.get_peft_model(m, r=16, lora_alpha=16, lora_dropout=0, target_modules=TARGETS,
+                                                 use_gradient_checkpointing="unsloth")
+    else:
+        if mode == "qlora":
+            kw["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)
+        m = transformers.AutoModelForCausalLM.from_pretrained(ckpt, device_map="cuda", **kw)
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mode != "full":
+            from peft import LoraConfig, get_peft_model
+            if mode == "qlora":
+                from peft import prepare_model_for_kbit_training
+                m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True)
+            m = get_peft_model(m, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    m.train()
+
+    def loss(ids):
+        return m(input_ids=ids, labels=ids).loss
+    return m, loss
+
+
+def worker(a):
+    torch.cuda.reset_peak_memory_stats()
+    if a.fsdp:
+        import dist
+        dist.init()
+    m, loss_fn = load_contender(a.worker, a.ckpt, a.mode, a.seq)
+    if a.fsdp:
+        import dist
+        dist.shard(m, torch.device("cuda", torch.cuda.current_device()))
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    vocab = json.load(open(os.path.join(a.ckpt, "config.json")))["vocab_size"]
+    times, losses = [], []
+    for i in range(a.warmup + a.steps):
+        ids = torch.randint(0, vocab, (a.batch, a.seq), device="cuda", generator=g)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = loss_fn(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    step = statistics.median(times)
+    print("RESULT " + json.dumps({"contender": a.worker, "step_s": step, "tokens_per_s": a.batch * a.seq / step,
+                                  "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss_first": losses[0],
+                                  "loss_last": losses[-1], "trainable": sum(p.numel() for p in params)}), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+def versions():
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+    for pkg in ("triton", "transformers", "peft", "bitsandbytes", "liger_kernel", "unsloth"):
+        try:
+            mod = __import__(pkg)
+            out[pkg] = getattr(mod, "__version__", "?")
+        except Exception:
+            pass
+    return out
+
+
+def bench_kernels():
+    """Each Triton kernel vs its PyTorch reference vs torch.compile(reference): fwd+bwd time and memory."""
+    import kernels
+    dev, dt = "cuda", torch.bfloat16
+    N, C, I, V = 4 * 2048, 4096, 14336, 128256
+
+    def timeit(fn, *xs):
+        xs = [x.detach().requires_grad_(x.is_floating_point()) for x in xs]
+        for _ in range(3):
+            fn(*xs).float().sum().backward()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            fn(*xs).float().sum().backward()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / 10 * 1e3, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    x, w = torch.randn(N, C, device=dev, dtype=dt), torch.ones(C, device=dev, dtype=dt)
+    g, u = torch.randn(N, I, device=dev, dtype=dt), torch.randn(N, I, device=dev, dtype=dt)
+    h, W = torch.randn(N, C, device=dev, dtype=dt), torch.randn(V, C, device=dev, dtype=dt) * 0.02
+    y = torch.randint(0, V, (N,), device=dev)
+    q = torch.randn(4, 2048, 32, 128, device=dev, dtype=dt).transpose(1, 2)
+    fr = torch.arange(2048, device=dev)[None, :, None].float() * kernels.rope_inv_freq(128, 5e5, None).to(dev)
+    cos, sin = torch.cat((fr, fr), -1).cos().expand(4, -1, -1), torch.cat((fr, fr), -1).sin().expand(4, -1, -1)
+    cases = {
+        "rms_norm [8192x4096]": (kernels.rms_norm_triton, kernels.rms_norm_ref, (x, w), (1e-5,)),
+        "swiglu [8192x14336]": (kernels.gated_act_triton, kernels.gated_act_ref, (g, u), ("silu",)),
+        "rope q [4x32x2048x128]": (kernels.rope_triton, kernels.rope_ref, (q,), (cos, sin)),
+        "linear_ce [8192x4096 -> 128256]": (kernels.linear_cross_entropy_triton,
+                                            lambda a, b, yy: torch.nn.functional.cross_entropy(
+                                                (a @ b.t()).float(), yy, reduction="sum"), (h, W), (y,)),
+    }
+    rows = []
+    for name, (tri, ref, xs, extra) in cases.items():
+        r = {"kernel": name}
+        for label, fn in (("triton", tri), ("reference", ref), ("compiled", torch.compile(ref))):
+            try:
+                r[label] = timeit(lambda *a, fn=fn: fn(*a, *extra), *xs)
+            except Exception as e:  # e.g. out of memory for the unfused reference
+                r[label] = (float("nan"), float("nan"))
+                r[label + "_error"] = str(e).splitlines()[0][:120]
+        rows.append(r)
+        print(f"{name:34s} " + "  ".join(f"{k}: {r[k][0]:7.2f} ms {r[k][1]:8.0f} MiB" for k in ("triton", "reference", "compiled")),
+              flush=True)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="8b", choices=list(SHAPES))
+    p.add_argument("--mode", default="lora", choices=["lora", "qlora", "full"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--contenders", default="nanotune,hf_peft,hf_peft_liger,hf_bnb_qlora,unsloth")
+    p.add_argument("--ckpt_dir", default="/tmp/nanotune-bench")
+    p.add_argument("--json", default="results/bench.json", help="append this run's rows to the file")
+    p.add_argument("--fsdp", action="store_true", help="nanotune under torchrun + FSDP2 (world size from torchrun)")
+    p.add_argument("--kernels", action="store_true")
+    p.add_argument("--worker_timeout", type=int, default=400, help="seconds before a contender is skipped")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if a.kernels:
+        rows = bench_kernels()
+        return save(a.json, gpu, [{"kernels": rows}])
+    ckpt = os.path.join(a.ckpt_dir, a.shape)
+    make_checkpoint(a.shape, ckpt)
+    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+    fpt = model_flops_per_token(SHAPES[a.shape], a.mode, a.seq)
+    rows = []
+    for c in a.contenders.split(","):
+        if c not in APPLIES[a.mode]:
+            continue
+        cmd = [sys.executable, __file__, "--worker", c, "--ckpt", ckpt, "--mode", a.mode, "--batch", str(a.batch),
+               "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+        if a.fsdp and c == "nanotune":
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *cmd[1:], "--fsdp"]
+        t0 = time.time()
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.worker_timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{c}: skipped (over {a.worker_timeout} s)", flush=True)
+            continue
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            err = (r.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            print(f"{c}: skipped ({err})", flush=True)
+            continue
+        res = json.loads(line[7:])
+        res.update(shape=a.shape, mode=a.mode + ("+fsdp" if a.fsdp and c == "nanotune" else ""), batch=a.batch,
+                   seq=a.seq, mfu=res["tokens_per_s"] * fpt / peak if peak else None, wall_s=round(time.time() - t0))
+        rows.append(res)
+        print(f"{c:14s} {res['tokens_per_s']:9,.0f} tok/s  {res['peak_gib']:6.2f} GiB  MFU {res['mfu'] or 0:.1%}  "
+              f"loss {res['loss_first']:.3f}->{res['loss_last']:.3f}", flush=True)
+    base = {r["contender"]: r["tokens_per_s"] for r in rows}
+    for r in rows:
+        for peer in ("hf_peft", "hf_bnb_qlora", "unsloth"):
+            if peer in base and r["contender"] != peer:
+                r[f"vs_{peer}"] = r["tokens_per_s"] / base[peer]
+    save(a.json, gpu, rows)
+
+
+def save(path, gpu, rows):
+    if not path:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    old = json.load(open(path)) if os.path.isfile(path) else {"rows": []}
+    old.update(gpu=gpu, versions=versions())
+    old["rows"] = old.get("rows", []) + rows
+    with open(path + ".tmp", "w") as f:
+        json.dump(old, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    main()
