@@ -43,7 +43,7 @@ def make_checkpoint(shape, path):
     """One random-init checkpoint (HF layout, bf16) that every contender loads."""
     from model import Config, Transformer, save_hf
     if os.path.isfile(os.path.join(path, "config.json")):
-        return
+        return save_bench_tokenizer(path)
     s = SHAPES[shape]
     cfg = Config(model_type="llama", head_dim=s["hidden_size"] // s["num_attention_heads"], rms_norm_eps=1e-5,
                  rope_theta=500000.0, rope_scaling=ROPE, max_position_embeddings=131072, bos_token_id=1,
@@ -56,6 +56,23 @@ def make_checkpoint(shape, path):
             if p.ndim == 2:
                 p.normal_(0, 0.02)
     save_hf(m, path)
+    save_bench_tokenizer(path)
+
+
+def save_bench_tokenizer(path):
+    """Peers load a tokenizer with the weights (the ids are random anyway): a byte-level BPE with no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return
+    alphabet = ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(["<s>", "</s>", *sorted(alphabet)])}, []))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                   "pad_token": "</s>", "model_max_length": 131072}, f)
 
 
 def model_flops_per_token(cfg, mode, seq):
@@ -223,7 +240,8 @@ def main():
     p.add_argument("--contenders", default="nanotune,hf_peft,hf_peft_liger,hf_bnb_qlora,unsloth")
     p.add_argument("--ckpt_dir", default="/tmp/nanotune-bench")
     p.add_argument("--json", default="results/bench.json", help="append this run's rows to the file")
-    p.add_argument("--fsdp", action="store_true", help="nanotune under torchrun + FSDP2 (world size from torchrun)")
+    p.add_argument("--fsdp", action="store_true", help="nanotune under torchrun + FSDP2")
+    p.add_argument("--nproc", type=int, default=1, help="--fsdp: GPUs (processes); tokens/s is per GPU")
     p.add_argument("--kernels", action="store_true")
     p.add_argument("--worker_timeout", type=int, default=400, help="seconds before a contender is skipped")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -246,7 +264,8 @@ def main():
         cmd = [sys.executable, __file__, "--worker", c, "--ckpt", ckpt, "--mode", a.mode, "--batch", str(a.batch),
                "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
         if a.fsdp and c == "nanotune":
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *cmd[1:], "--fsdp"]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
+                   *cmd[1:], "--fsdp"]
         t0 = time.time()
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.worker_timeout)
@@ -255,11 +274,12 @@ def main():
             continue
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
-            err = (r.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            err = " | ".join(ln for ln in r.stderr.strip().splitlines() if "Error" in ln or "error" in ln)[-600:] or \
+                (r.stderr.strip().splitlines() or ["no output"])[-1][:300]
             print(f"{c}: skipped ({err})", flush=True)
             continue
         res = json.loads(line[7:])
-        res.update(shape=a.shape, mode=a.mode + ("+fsdp" if a.fsdp and c == "nanotune" else ""), batch=a.batch,
+        res.update(shape=a.shape, mode=a.mode + (f"+fsdp{a.nproc}" if a.fsdp and c == "nanotune" else ""), batch=a.batch,
                    seq=a.seq, mfu=res["tokens_per_s"] * fpt / peak if peak else None, wall_s=round(time.time() - t0))
         rows.append(res)
         print(f"{c:14s} {res['tokens_per_s']:9,.0f} tok/s  {res['peak_gib']:6.2f} GiB  MFU {res['mfu'] or 0:.1%}  "

@@ -70,7 +70,8 @@ class LoRALinear(nn.Module):
         if self.disabled or self.merged:
             return y
         xd = self.dropout(x)
-        lora = self.lora_B(self.lora_A(xd.to(self.lora_A.weight.dtype))) * self.scaling  # [.., out]
+        # fp32 master weights, compute in the activation dtype (the cast of A and B is tiny; casting x is not)
+        lora = F.linear(F.linear(xd, self.lora_A.weight.to(xd.dtype)), self.lora_B.weight.to(xd.dtype)) * self.scaling
         if self.lora_magnitude_vector is None:
             return y + lora.to(y.dtype)
         # DoRA: y + (g - 1) * W xd + g * s B A xd, with g = m / ||W + s B A||

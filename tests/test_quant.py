@@ -62,10 +62,11 @@ def test_double_quant_equals_bitsandbytes(dtype, shape):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_triton_dequantize_equals_reference_bit_for_bit(dtype, shape):
     torch.manual_seed(2)
-    st = quant.quantize_nf4(torch.randn(*shape, dtype=dtype), double_quant=True)
-    absmax = kernels.nf4_absmax(st["absmax"], quant.DYNAMIC, st["nested_absmax"], st["offset"])
-    ref = kernels.nf4_dequantize_ref(st["weight"], absmax, quant.NF4, st["shape"], dtype)
-    tri = kernels.nf4_dequantize_triton(st["weight"], absmax, quant.NF4, st["shape"], dtype)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # real Triton on a GPU, the interpreter on CPU
+    st = quant.quantize_nf4(torch.randn(*shape, dtype=dtype, device=dev), double_quant=True)
+    absmax = kernels.nf4_absmax(st["absmax"], quant.DYNAMIC.to(dev), st["nested_absmax"], st["offset"])
+    ref = kernels.nf4_dequantize_ref(st["weight"], absmax, quant.NF4.to(dev), st["shape"], dtype)
+    tri = kernels.nf4_dequantize_triton(st["weight"], absmax, quant.NF4.to(dev), st["shape"], dtype)
     assert torch.equal(ref, tri)
 
 
