@@ -22,8 +22,6 @@ Data (JSONL): {"prompt": str, "chosen": str, "rejected": str}, or {"chosen": [me
 """
 import copy
 import json
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 import lora
 import train
 from data import IGNORE, collate, read_records
-from model import NanotuneError
+from model import NanotuneError, cli
 from train import F_, TrainConfig
 
 LOSSES = ("dpo", "ipo", "orpo", "kto", "simpo")
@@ -359,10 +357,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NanotuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        train.dist.shutdown()
+    cli(main, train.dist.shutdown)

@@ -24,7 +24,7 @@ import torch
 
 import lora
 import quant
-from model import NanotuneError, gguf_names, llama_qk_permute, load_model, load_tokenizer, resolve_model_path
+from model import NanotuneError, cli, gguf_names, llama_qk_permute, load_model, load_tokenizer, resolve_model_path
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
              "gemma2": "gemma2", "phi3": "phi3"}
@@ -257,7 +257,6 @@ def gguf_tensors(model):
 def write_gguf_metadata(w, model, tok, outtype):
     import gguf
     cfg = model.config
-    arch = GGUF_ARCH[cfg.model_type]
     if cfg.model_type == "gemma2" and cfg.query_pre_attn_scalar != cfg.head_dim:
         raise NanotuneError("llama.cpp scales Gemma 2 attention by 1/sqrt(head_dim); this model's "
                             f"query_pre_attn_scalar ({cfg.query_pre_attn_scalar}) differs, so its GGUF would be wrong.")
@@ -492,8 +491,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NanotuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main)

@@ -6,12 +6,11 @@
     python generate.py --model model.gguf --raw --prompt "Once upon a time"   # plain completion, no template
 """
 import argparse
-import sys
 
 import torch
 
 from lora import load_adapter
-from model import NanotuneError, generate, load
+from model import cli, generate, load
 
 
 def main(argv=None):
@@ -62,8 +61,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NanotuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main)

@@ -19,7 +19,7 @@ import importlib.util
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,19 @@ import kernels
 
 class NanotuneError(Exception):
     """A problem the user can fix; scripts print its one sentence and exit 1, no traceback."""
+
+
+def cli(main, cleanup=None):
+    """Run a script's main(): a NanotuneError becomes one line on stderr and exit status 1."""
+    import sys
+    try:
+        main()
+    except NanotuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if cleanup:
+            cleanup()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import lora
 import quant
 from lora import DEFAULT_TARGETS
 from data import IGNORE, Sampler, build_dataset, collate, pack
-from model import NanotuneError, generate, load_model, load_tokenizer, resolve_model_path
+from model import NanotuneError, cli, generate, load_model, load_tokenizer, resolve_model_path
 
 
 def F_(default, help):  # noqa: N802 - a dataclass field with its --help text
@@ -488,6 +488,7 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
         run_eval(model, tok, eval_rows, [], cfg, device, 0, metrics, None, task)
     bar = tqdm(total=steps, initial=start, desc=task.name, dynamic_ncols=True, file=sys.stderr,
                disable=not dist.is_main())
+    tb = tensorboard(cfg.output_dir) if dist.is_main() else None
     t0, tokens_seen = time.time(), 0
     for step in range(start + 1, steps + 1):
         micro = [to_device(task.collate([rows[i] for i in rank_slice(sampler.next(), R, W)], tok), device)
@@ -506,6 +507,9 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
                                       "grad_norm": gnorm, "count": count, "tokens_per_s": round(tps, 1),
                                       "epoch": sampler.epoch, "peak_mem_gib": round(mem, 3)}) + "\n")
             metrics.flush()
+            if tb:
+                for k, v in {"loss": loss, **mets, "lr": sched.get_last_lr()[0], "grad_norm": gnorm}.items():
+                    tb.add_scalar(f"train/{k}", v, step)
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step != steps:
             run_eval(model, tok, eval_rows, prompts, cfg, device, step, metrics, bar, task)
         if cfg.save_steps and step % cfg.save_steps == 0 and step != steps:
@@ -514,6 +518,15 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
     after = run_eval(model, tok, eval_rows, prompts, cfg, device, steps, metrics, None, task)
     metrics.close()
     finish(model, tok, cfg, prompts, before, after)
+
+
+def tensorboard(out_dir):
+    """A TensorBoard writer in <output_dir>/tb when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(out_dir, "tb"))
 
 
 def run_eval(model, tok, eval_rows, prompts, cfg, device, step, metrics, bar, task):
@@ -574,10 +587,4 @@ def plot_losses(out_dir):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NanotuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        dist.shutdown()
+    cli(main, dist.shutdown)

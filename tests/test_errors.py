@@ -1,7 +1,6 @@
 """Bad model input ends with one clear line on stderr and exit 1, never a traceback."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 

@@ -195,8 +195,9 @@ def check_exports_of_the_default_job(out, samples):
         assert (hf(input_ids=ids).logits - ours.logits(ours(ids))).abs().max() < 1e-4
     llama_cpp = pytest.importorskip("llama_cpp")
     r = subprocess.run([sys.executable, "export.py", "--run", str(out), "--format", "gguf", "--quant", "q8_0",
-                        "--ollama"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        "--ollama", "--verify"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("verify (llama.cpp)") == 3 and "top-1 same" in r.stdout, r.stdout
     assert "FROM ./model-q8_0.gguf" in (out / "Modelfile").read_text()
     llm = llama_cpp.Llama(model_path=str(out / "model-q8_0.gguf"), n_ctx=512, verbose=False, n_threads=2)
     for s in samples:
