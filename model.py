@@ -463,9 +463,9 @@ def iter_safetensors(files):
             with safe_open(f, framework="pt") as st:
                 for name in st.keys():
                     yield name, st.get_tensor(name)
-        except (OSError, RuntimeError, ValueError, Exception) as e:
-            if isinstance(e, NanotuneError):
-                raise
+        except NanotuneError:
+            raise
+        except Exception as e:  # safetensors raises several types for truncated or foreign files
             raise NanotuneError(f"{f} could not be read as safetensors ({str(e).splitlines()[0]}); the file is "
                                 "truncated or corrupt: copy or download it again.")
 

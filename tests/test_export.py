@@ -56,7 +56,7 @@ def test_merged_export_shards_and_4bit_base(tmp_path):
     tok = nt.load_tokenizer(str(tmp_path / "base"))
     export.export_merged(m, tok, str(tmp_path / "m"), dtype=torch.float32, shard_bytes=30_000)
     names = os.listdir(tmp_path / "m")
-    assert "model.safetensors.index.json" in names and any(n.endswith("-of-00004.safetensors") or "-of-" in n for n in names)
+    assert "model.safetensors.index.json" in names and sum("-of-" in n for n in names) > 1
     again = nt.load_model(str(tmp_path / "m"))
     ids = torch.randint(3, 100, (1, 9))
     with torch.no_grad():  # a 4-bit base is dequantized, then merged
