@@ -8,7 +8,8 @@ Every decoder block is its own FSDP2 unit (`fully_shard`), the root holds embedd
 lm_head. Mixed precision: parameters all-gathered in bf16 on GPU, gradients reduce-scattered in fp32.
 The loss runs through `model.run(fn, ...)`, registered as an FSDP forward method, so the root's
 lm_head is gathered while the fused loss uses it. Checkpoints are torch.distributed.checkpoint
-(sharded, any world size can resume them). Without torchrun every helper is a no-op.
+(sharded, any world size can resume them). train.py builds the model on the meta device, applies LoRA and
+`shard` there, and each rank then loads only its rows of every tensor. Without torchrun every helper is a no-op.
 """
 import datetime
 import os

@@ -472,7 +472,8 @@ def iter_safetensors(files):
 
 def load_tensors(model: Transformer, tensors, dtype, device, source: str):
     """Assign checkpoint tensors one at a time into a model built on the meta device."""
-    params = dict(model.named_parameters())
+    # a wrapper (lora.LoRALinear, applied before loading under FSDP) keeps the layer it wraps as `.base`
+    params = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
     hooks = {n: m for n, m in model.named_modules() if hasattr(m, "assign_tensor")}  # e.g. quant.Linear4bit
     for name, t in tensors:
         if name.endswith("rotary_emb.inv_freq") or (model.config.tie_word_embeddings and name == "lm_head.weight"):
@@ -487,9 +488,14 @@ def load_tensors(model: Transformer, tensors, dtype, device, source: str):
         if tuple(t.shape) != tuple(params[name].shape):
             raise NanotuneError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, the config expects "
                                 f"{tuple(params[name].shape)}.")
+        if hasattr(params[name], "to_local"):  # already sharded (dist.py): keep only this rank's rows
+            local, mesh = params[name].to_local(), params[name].device_mesh
+            with torch.no_grad():
+                local.copy_(t.chunk(mesh.size(), 0)[mesh.get_local_rank()].to(local.dtype))
+            continue
         mod_name, _, attr = name.rpartition(".")
         mod = model.get_submodule(mod_name)
-        mod._parameters[attr] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+        mod._parameters[attr] = nn.Parameter(t.to(device=device, dtype=dtype))
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta] + [
         n + ".weight" for n, m in hooks.items() if not m.is_ready]
@@ -498,8 +504,6 @@ def load_tensors(model: Transformer, tensors, dtype, device, source: str):
                             "it is incomplete or not a model of this architecture.")
     model.inv_freq = torch.empty(model.config.rotary_dim // 2, device=device)
     model.reset_rope()
-    for p in model.parameters():
-        p.requires_grad_(True)
     return model
 
 

@@ -187,13 +187,50 @@ def build_model(cfg, device, dtype):
     """Load -> (LoRA | full) -> checkpointing; LoRA weights stay fp32 (the precision policy)."""
     if cfg.load_in_4bit and not cfg.lora:
         raise NanotuneError("load_in_4bit needs lora true: 4-bit base weights are frozen.")
-    model = load_model(cfg.model, dtype=dtype, device=device, prepare=quant.prepare_4bit if cfg.load_in_4bit else None)
-    if cfg.lora:
-        lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.use_rslora,
-                        cfg.use_dora, cfg.train_modules)
+    if dist.is_dist():  # torchrun: LoRA and FSDP2 on the meta model, then every rank loads only its shards
+        if cfg.load_in_4bit:
+            raise NanotuneError("QLoRA under torchrun/FSDP is not supported yet; run it on one GPU with python train.py.")
+        model = load_model(cfg.model, dtype=dtype, device=device, prepare=lambda m: shard_on_meta(m, cfg, device, dtype))
+    else:
+        model = load_model(cfg.model, dtype=dtype, device=device,
+                           prepare=quant.prepare_4bit if cfg.load_in_4bit else None)
+        if cfg.lora:
+            lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.use_rslora,
+                            cfg.use_dora, cfg.train_modules)
+    init_lora(model, cfg.seed)
     model.gradient_checkpointing = (device.type == "cuda") if cfg.gradient_checkpointing is None else \
         cfg.gradient_checkpointing
     return model
+
+
+def shard_on_meta(model, cfg, device, dtype):
+    """Still on the meta device: base weights to `dtype`, LoRA (fp32) applied, FSDP2 sharding, then each
+    rank allocates only its shards; load_tensors fills them tensor by tensor."""
+    model.to(dtype)
+    if cfg.lora:
+        lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.use_rslora,
+                        cfg.use_dora, cfg.train_modules)
+    dist.shard(model, device)
+    model.to_empty(device=device)
+
+
+@torch.no_grad()
+def init_lora(model, seed):
+    """Seeded LoRA init, identical at any world size: the same full A on every rank (Kaiming-uniform with
+    a=sqrt(5), as PEFT), each rank keeping its rows when sharded; B = 0; DoRA's magnitude = the norms of
+    the (local) rows of W."""
+    g = torch.Generator().manual_seed(seed)
+    for _, m in lora.lora_layers(model):
+        a = m.lora_A.weight
+        bound = 1 / math.sqrt(m.in_features)
+        full = torch.empty(a.shape).uniform_(-bound, bound, generator=g)
+        if hasattr(a, "to_local"):
+            a.to_local().copy_(full.chunk(a.device_mesh.size(), 0)[a.device_mesh.get_local_rank()])
+            m.lora_B.weight.to_local().zero_()
+            if m.lora_magnitude_vector is not None:
+                m.lora_magnitude_vector.to_local().copy_(m.base.weight.to_local().float().norm(dim=1))
+        else:
+            a.copy_(full)
 
 
 def token_loss_sum(model, batch):
@@ -445,11 +482,8 @@ def setup(cfg):
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    if "RANK" in os.environ:  # launched by torchrun (any world size): FSDP2
-        if cfg.load_in_4bit:
-            raise NanotuneError("QLoRA under torchrun/FSDP is not supported yet; run it on one GPU with python train.py.")
-        dist.shard(model, device)
-        log(f"FSDP2 over {dist.world()} ranks")
+    if dist.is_dist():
+        log(f"FSDP2 over {dist.world()} ranks: each loaded only its own shard of every tensor")
     log(f"model: {model.config.model_type}, {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
         f"({100 * n_train / n_all:.2f}%), {dtype}, {device}")
     return model, tok, device
