@@ -24,7 +24,8 @@ import torch
 
 import lora
 import quant
-from model import NanotuneError, cli, gguf_names, llama_qk_permute, load_model, load_tokenizer, resolve_model_path
+from model import (NanotuneError, cli, gguf_names, llama_qk_permute, load_model, load_tokenizer, resolve_model_path,
+                   write_safetensors)
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
              "gemma2": "gemma2", "phi3": "phi3"}
@@ -97,30 +98,8 @@ def finish_dir(tmp, out):
 def export_merged(model, tok, out, dtype=torch.bfloat16, overwrite=False, shard_bytes=5 << 30):
     """config.json, model-0000i-of-0000N.safetensors (+ index), tokenizer files, generation_config.json.
     Shards are written as they fill, so only one shard is ever held in memory."""
-    from safetensors.torch import save_file
     tmp = atomic_dir(out, overwrite)
-    shards, cur, size, total = [], {}, 0, 0
-
-    def flush():
-        name = f"shard-{len(shards):05d}.safetensors"
-        save_file(cur, os.path.join(tmp, name), metadata={"format": "pt"})
-        shards.append((name, list(cur)))
-
-    for name, t in dense_tensors(model):
-        t = t.to(dtype).cpu().contiguous()
-        if cur and size + t.nbytes > shard_bytes:
-            flush()
-            cur, size = {}, 0
-        cur[name], size, total = t, size + t.nbytes, total + t.nbytes
-    flush()
-    weight_map = {}
-    for i, (name, keys) in enumerate(shards):
-        final = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        os.replace(os.path.join(tmp, name), os.path.join(tmp, final))
-        weight_map.update({k: final for k in keys})
-    if len(shards) > 1:
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_safetensors(tmp, ((name, t.to(dtype)) for name, t in dense_tensors(model)), shard_bytes)
     cfg = model.config.to_hf()
     cfg["torch_dtype"] = cfg["dtype"] = str(dtype).removeprefix("torch.")
     with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -422,7 +401,7 @@ def next_token_logits(model, ids):
     return model.logits(model(torch.tensor([ids]))[0, -1]).float()
 
 
-def verify(fmt, out, model, tok, base_path, qtype=None):
+def verify(fmt, out, model, tok, base_path):
     """Reload what was written and compare next-token logits with the in-memory model."""
     prompts = [tok.chat([{"role": "user", "content": p}]) for p in VERIFY_PROMPTS]
     want = [next_token_logits(model, p) for p in prompts]
@@ -487,7 +466,7 @@ def main(argv=None):
                 f.write(ollama_modelfile(out, tok, a.system))
     print(f"wrote {out}")
     if a.verify:
-        verify(a.format, out, model, tok, base_path, a.quant)
+        verify(a.format, out, model, tok, base_path)
 
 
 if __name__ == "__main__":

@@ -543,35 +543,45 @@ def load(path: str | None = None, dtype=torch.float32, device="cpu"):
     return load_model(path, dtype, device), load_tokenizer(path)
 
 
+def write_safetensors(out_dir, tensors, shard_bytes: int = 5 << 30):
+    """A stream of (name, tensor) -> model.safetensors, or model-0000i-of-0000N.safetensors + index once it
+    passes shard_bytes. Each shard is written as it fills, so one shard is the most ever held."""
+    from safetensors.torch import save_file
+    shards, cur, size, total = [], {}, 0, 0
+
+    def flush():
+        name = f"shard-{len(shards):05d}.tmp"  # the final names need the shard count
+        save_file(cur, os.path.join(out_dir, name), metadata={"format": "pt"})
+        shards.append((name, list(cur)))
+
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        if cur and size + t.nbytes > shard_bytes:
+            flush()
+            cur, size = {}, 0
+        cur[name], size, total = t, size + t.nbytes, total + t.nbytes
+    flush()
+    weight_map = {}
+    for i, (name, keys) in enumerate(shards):
+        final = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(os.path.join(out_dir, name), os.path.join(out_dir, final))
+        weight_map.update({k: final for k in keys})
+    if len(shards) > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
 def save_hf(model: Transformer, out_dir: str, tokenizer=None, dtype=None, shard_bytes: int = 5 << 30,
             extra_config=None, write=True):
     """config.json + (sharded) model.safetensors in the checkpoint's own layout; written to a temp dir
     beside `out_dir`, then renamed, so a crash never leaves a directory that looks finished."""
-    from safetensors.torch import save_file
     cast = lambda k, v: v.to(dtype) if dtype and v.is_floating_point() and k.endswith((".weight", ".bias")) else v  # noqa: E731
     sd = {k: cast(k, v).detach().cpu().contiguous() for k, v in hf_state_dict(model).items()}
     if not write:  # another rank writes (the gathering above is collective under FSDP)
         return
     tmp = out_dir.rstrip("/") + ".tmp"
     os.makedirs(tmp, exist_ok=True)
-    shards, cur, size = [], {}, 0
-    for k, v in sd.items():
-        if cur and size + v.nbytes > shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k], size = v, size + v.nbytes
-    shards.append(cur)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-        total = sum(v.nbytes for v in sd.values())
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_safetensors(tmp, sd.items(), shard_bytes)
     cfg = model.config.to_hf()
     cfg["torch_dtype"] = cfg["dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
     cfg.update(extra_config or {})

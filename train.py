@@ -371,9 +371,16 @@ def save_checkpoint(out_dir, step, model, opt, sched, sampler, keep):
     torch.save(state, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    done = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
+    done = finished_checkpoints(root)
     for d in done[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def finished_checkpoints(root):
+    """step-NNNNNN directories in order, without the temp ones a crash may have left."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
 
 
 def find_checkpoint(cfg):
@@ -384,8 +391,7 @@ def find_checkpoint(cfg):
             raise NanotuneError(f"--resume {cfg.resume!r} is not a checkpoint directory (no state.pt).")
         return cfg.resume
     root = os.path.join(cfg.output_dir, "checkpoints")
-    done = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp")) if \
-        os.path.isdir(root) else []
+    done = finished_checkpoints(root)
     if not done:
         raise NanotuneError(f"--resume: no checkpoint in {root}; train with --save_steps N first.")
     return os.path.join(root, done[-1])
