@@ -89,15 +89,18 @@ def model_flops_per_token(cfg, mode, seq):
 # Workers: one contender, one process
 def load_contender(name, ckpt, mode, seq):
     """-> (model, step_fn(ids) -> loss tensor, trainable params)"""
-    if name == "nanotune":
+    if name.startswith("nanotune"):  # variants: nanotune-nooffload (block inputs stay on the GPU),
+        import kernels                # nanotune-ref (PyTorch references instead of the kernels)
         import lora
         import quant
         import train
         from model import load_model
+        kernels.use_triton("-ref" not in name)
         m = load_model(ckpt, dtype=torch.bfloat16, device="cuda", prepare=quant.prepare_4bit if mode == "qlora" else None)
         if mode != "full":
             lora.apply_lora(m, r=16, alpha=16, dropout=0.0)
         m.gradient_checkpointing = True
+        m.offload_activations = "-nooffload" not in name
         m.train()
 
         def loss(ids):
@@ -163,6 +166,13 @@ def worker(a):
             times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     step = statistics.median(times)
+    if a.profile:  # one more step under the profiler: the GPU time per kernel, largest first
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            loss_fn(ids).backward()
+            torch.cuda.synchronize()
+        with open(a.profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
     print("RESULT " + json.dumps({"contender": a.worker, "step_s": step, "tokens_per_s": a.batch * a.seq / step,
                                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss_first": losses[0],
                                   "loss_last": losses[-1], "trainable": sum(p.numel() for p in params)}), flush=True)
@@ -206,7 +216,17 @@ def bench_kernels():
     q = torch.randn(4, 2048, 32, 128, device=dev, dtype=dt).transpose(1, 2)
     fr = torch.arange(2048, device=dev)[None, :, None].float() * kernels.rope_inv_freq(128, 5e5, None).to(dev)
     cos, sin = torch.cat((fr, fr), -1).cos().expand(4, -1, -1), torch.cat((fr, fr), -1).sin().expand(4, -1, -1)
+    Ws = [torch.randn(o, C, device=dev, dtype=dt) * 0.02 for o in (4096, 1024, 1024)]  # q, k, v
+    wfs, ab = [lambda d, w=w: w for w in Ws], [torch.randn(16, C, device=dev) * 0.01 for _ in Ws] + [
+        torch.randn(w.shape[0], 16, device=dev) * 0.01 for w in Ws]
+
+    def cat(ys):
+        return torch.cat([t.flatten() for t in ys])
     cases = {
+        "lora q/k/v [8192x4096, r=16]": (lambda x, *p: cat(kernels._LoRALinear.apply(x, wfs, [None] * 3, [2.0] * 3,
+                                                                                     True, *p)),
+                                         lambda x, *p: cat(kernels.lora_linear_ref(x, wfs, [None] * 3, [2.0] * 3,
+                                                                                   p[:3], p[3:])), (h, *ab), ()),
         "rms_norm [8192x4096]": (kernels.rms_norm_triton, kernels.rms_norm_ref, (x, w), (1e-5,)),
         "swiglu [8192x14336]": (kernels.gated_act_triton, kernels.gated_act_ref, (g, u), ("silu",)),
         "rope q [4x32x2048x128]": (kernels.rope_triton, kernels.rope_ref, (q,), (cos, sin)),
@@ -244,6 +264,7 @@ def main():
     p.add_argument("--nproc", type=int, default=1, help="--fsdp: GPUs (processes); tokens/s is per GPU")
     p.add_argument("--kernels", action="store_true")
     p.add_argument("--worker_timeout", type=int, default=400, help="seconds before a contender is skipped")
+    p.add_argument("--profile", help="nanotune: write a per-kernel GPU time table of one step to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -259,11 +280,13 @@ def main():
     fpt = model_flops_per_token(SHAPES[a.shape], a.mode, a.seq)
     rows = []
     for c in a.contenders.split(","):
-        if c not in APPLIES[a.mode]:
+        if c not in APPLIES[a.mode] and not c.startswith("nanotune"):
             continue
         cmd = [sys.executable, __file__, "--worker", c, "--ckpt", ckpt, "--mode", a.mode, "--batch", str(a.batch),
                "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
-        if a.fsdp and c == "nanotune":
+        if a.profile and c.startswith("nanotune"):
+            cmd += ["--profile", f"{a.profile}.{c}.{a.shape}.{a.mode}.txt"]
+        if a.fsdp and c.startswith("nanotune"):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
                    *cmd[1:], "--fsdp"]
         t0 = time.time()
@@ -279,7 +302,7 @@ def main():
             print(f"{c}: skipped ({err})", flush=True)
             continue
         res = json.loads(line[7:])
-        res.update(shape=a.shape, mode=a.mode + (f"+fsdp{a.nproc}" if a.fsdp and c == "nanotune" else ""), batch=a.batch,
+        res.update(shape=a.shape, mode=a.mode + (f"+fsdp{a.nproc}" if a.fsdp and c.startswith("nanotune") else ""), batch=a.batch,
                    seq=a.seq, mfu=res["tokens_per_s"] * fpt / peak if peak else None, wall_s=round(time.time() - t0))
         rows.append(res)
         print(f"{c:14s} {res['tokens_per_s']:9,.0f} tok/s  {res['peak_gib']:6.2f} GiB  MFU {res['mfu'] or 0:.1%}  "

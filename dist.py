@@ -66,6 +66,12 @@ def barrier():
         dist.barrier()
 
 
+def gather_dtype(device, dtype):
+    """The dtype FSDP all-gathers parameters in (bf16 on GPU, else the model's): 4-bit weights store their
+    packed bytes as this dtype, so the mixed-precision cast leaves them untouched."""
+    return torch.bfloat16 if device.type == "cuda" else dtype
+
+
 def shard(model, device):
     """FSDP2 over each block and the root. On GPU params are gathered in bf16 and gradients reduced in
     fp32. FSDP averages gradients over ranks; train.accumulate scales each rank's loss by the world size,
@@ -74,7 +80,7 @@ def shard(model, device):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mesh = init_device_mesh(device.type, (world(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()
+        else MixedPrecisionPolicy()  # gather_dtype below must agree
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)

@@ -6,6 +6,7 @@ between them. With no CUDA device the references always run.
 
     import kernels; kernels.use_triton(False)   # force the references anywhere
 """
+import contextlib
 import math
 
 import torch
@@ -375,7 +376,7 @@ class _LinearCE(torch.autograd.Function):
             _ce_rows[(z.shape[0],)](z, yc, rows, V, z.stride(0), float(cap or 0.0), BLOCK=min(4096, triton.next_power_of_2(V)),
                                     SOFTCAP=bool(cap), num_warps=8)
             loss += rows.sum()
-            dh[i : i + chunk] = z @ w
+            torch.mm(z, w, out=dh[i : i + chunk])
             if dw is not None:
                 dw += z.t() @ hc  # bf16 GEMM (fp32 accumulate inside), summed over chunks in fp32
         ctx.save_for_backward(dh, dw if dw is not None else loss)
@@ -397,6 +398,177 @@ def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-10
     if _TRITON and h.is_cuda:
         return linear_cross_entropy_triton(h, weight, labels, softcap_value, ignore_index)
     return linear_cross_entropy_ref(h, weight, labels, softcap_value, ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA over frozen projections that read the same input (q/k/v, gate/up, or one alone):
+#   y_i = x W_i^T (+ b_i) + s_i (x A_i^T) B_i^T        x [N, C], W_i [O_i, C], A_i [r, C], B_i [O_i, r]
+# Forward: one skinny GEMM for all the A's (xa = x [A_1; A_2; ..]^T, [N, R]); the LoRA term lands in the
+# GEMM epilogue (addmm, alpha = s_i), so no [N, O] temporaries and no separate add or scale.
+# Backward saves only x and xa, never W (a 4-bit W is dequantized again), rank-first products:
+#   g_i = s_i dy_i B_i [N, r]    dB_i = s_i dy_i^T xa_i [O_i, r]    dA = [g_1 g_2 ..]^T x [R, C]
+#   dx = sum_i dy_i W_i + [g_1 g_2 ..] [A_1; A_2; ..]       (accumulated in place by addmm)
+# value=False skips the x W^T GEMMs and returns uninitialised y: for a recompute in which y only feeds a
+# residual add (see the recompute hints below), since going backward never needs y itself.
+def lora_linear_ref(x, weight_fns, biases, scalings, As, Bs):
+    """The same math through autograd (weight_fns[i](dtype) gives W_i)."""
+    return [F.linear(x, f(x.dtype), None if b is None else b.to(x.dtype))
+            + F.linear(F.linear(x, a.to(x.dtype)), bb.to(x.dtype)) * s
+            for f, b, s, a, bb in zip(weight_fns, biases, scalings, As, Bs)]
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight_fns, biases, scalings, value, *AB):
+        n, dt = len(weight_fns), x.dtype
+        As, Bs = AB[:n], AB[n:]
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ torch.cat([a.to(dt) for a in As]).t()  # [N, R]
+        ys, start = [], 0
+        for f, b, s, B in zip(weight_fns, biases, scalings, Bs):
+            r = B.shape[1]
+            if value:
+                w = f(dt)
+                y = torch.addmm(b.to(dt), x2, w.t()) if b is not None else x2 @ w.t()
+                y.addmm_(xa[:, start : start + r], B.to(dt).t(), alpha=s)
+            else:
+                y = x2.new_empty(x2.shape[0], B.shape[0])
+            ys.append(y.view(*x.shape[:-1], B.shape[0]))
+            start += r
+        ctx.save_for_backward(x, xa, *AB)
+        ctx.weight_fns, ctx.scalings = weight_fns, scalings
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x, xa, *AB = ctx.saved_tensors
+        n, dt = len(ctx.weight_fns), x.dtype
+        As, Bs = AB[:n], AB[n:]
+        x2 = x.reshape(-1, x.shape[-1])
+        dx, gs, dBs, start = None, [], [], 0
+        for f, s, B, dy in zip(ctx.weight_fns, ctx.scalings, Bs, dys):
+            r, dy = B.shape[1], dy.reshape(-1, B.shape[0])
+            w = f(dt)
+            dx = dy @ w if dx is None else dx.addmm_(dy, w)
+            del w  # a dequantized 4-bit weight lives only for its own GEMM
+            gs.append((dy @ B.to(dt)).mul_(s))  # [N, r]
+            dBs.append((dy.t() @ xa[:, start : start + r]).mul_(s).to(B.dtype))  # [O, r]
+            start += r
+        g = torch.cat(gs, 1)  # [N, R]
+        dA = g.t() @ x2  # [R, C]
+        dx.addmm_(g, torch.cat([a.to(dt) for a in As]))
+        dAs = [d.to(a.dtype) for d, a in zip(dA.split([a.shape[0] for a in As]), As)]
+        return (dx.view_as(x), None, None, None, None, *dAs, *dBs)
+
+
+def lora_linear(x, weight_fns, biases, scalings, As, Bs, value=True):
+    """[y_i] for projections sharing x (see above): the fused Function wherever kernels are on (plain
+    PyTorch, so CPU tensors work too), else the reference (which ignores `value`)."""
+    if _TRITON:
+        return list(_LoRALinear.apply(x, list(weight_fns), list(biases), list(scalings), value, *As, *Bs))
+    return lora_linear_ref(x, weight_fns, biases, scalings, As, Bs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recompute hints. model.py checkpoints each block with context_fn=recompute_context, so code can tell
+# the recompute (for backward) from the real forward. In a block y = h + down_proj(a), backward needs
+# down_proj's gradient path but never its output: inside `value_unused()`, a projection that can (the
+# fused LoRA path) skips its base GEMM during the recompute - about a quarter of a block's matmul FLOPs.
+_HINTS = {"recompute": False, "unused": False}
+
+
+@contextlib.contextmanager
+def _hint(name, on=True):
+    old, _HINTS[name] = _HINTS[name], on
+    try:
+        yield
+    finally:
+        _HINTS[name] = old
+
+
+def recompute_context():
+    """For torch.utils.checkpoint(..., context_fn=recompute_context): (forward ctx, recompute ctx)."""
+    return contextlib.nullcontext(), _hint("recompute")
+
+
+def value_unused(on=True):
+    return _hint("unused", on)
+
+
+def skip_value() -> bool:
+    return _HINTS["recompute"] and _HINTS["unused"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation offload. With per-block checkpointing the only activation kept per block is its input x
+# ([B, T, C]; 64 MiB per block for Llama-3.1-8B at 4 x 2048). Offload sends each x to pinned host memory
+# on a side stream as the forward goes, and brings it back one block ahead during backward (block i-1 is
+# copied while block i recomputes), so the GPU holds about two block inputs instead of all of them.
+# Host buffers are kept per block and reused every step. On CPU the copies are plain (for the tests).
+class Offload:
+    _host: dict = {}  # block index -> flat uint8 host buffer (pinned on CUDA), grown on demand
+    _side: dict = {}  # device -> side stream
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        if self.cuda and str(device) not in Offload._side:
+            Offload._side[str(device)] = torch.cuda.Stream(device)
+        self.side = Offload._side.get(str(device))
+        self.items = []  # per block, in forward order: host copy, shape, dtype, GPU copy, ready event
+
+    def _host_view(self, i, t):
+        n = t.numel() * t.element_size()
+        buf = Offload._host.get(i)
+        if buf is None or buf.numel() < n:
+            buf = Offload._host[i] = torch.empty(n, dtype=torch.uint8, pin_memory=self.cuda)
+        return buf[:n].view(t.dtype).view(t.shape)
+
+    def _fetch(self, i):
+        it = self.items[i]
+        it["gpu"] = torch.empty(it["host"].shape, dtype=it["host"].dtype, device=it["device"])
+        if not self.cuda:
+            it["gpu"].copy_(it["host"])
+            return
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            it["gpu"].copy_(it["host"], non_blocking=True)
+            it["ready"] = torch.cuda.Event()
+            it["ready"].record()
+        it["gpu"].record_stream(self.side)
+
+    def saving(self, x):
+        """Context for checkpointing one block whose input is x: x, as saved, goes to the host."""
+        i, ptr, shape = len(self.items), x.data_ptr(), x.shape  # not x itself: the hooks must not keep it
+        self.items.append(None)
+
+        def pack(t):
+            if t.data_ptr() != ptr or t.shape != shape:
+                return t  # cos/sin/mask: shared by every block, tiny
+            host = self._host_view(i, t)
+            if self.cuda:
+                self.side.wait_stream(torch.cuda.current_stream())  # x is computed
+                with torch.cuda.stream(self.side):
+                    host.copy_(t, non_blocking=True)
+                t.record_stream(self.side)  # x's memory is not reused before the copy has read it
+            else:
+                host.copy_(t)
+            self.items[i] = {"host": host, "device": t.device, "gpu": None}
+            return i
+
+        def unpack(h):
+            if not isinstance(h, int):
+                return h
+            it = self.items[h]
+            if it["gpu"] is None:  # not prefetched (the last block, or a second backward)
+                self._fetch(h)
+            if self.cuda:
+                torch.cuda.current_stream().wait_event(it["ready"])
+            x_back, it["gpu"] = it["gpu"], None
+            if h > 0 and self.items[h - 1] is not None:
+                self._fetch(h - 1)  # backward runs the blocks in reverse: the previous one is next
+            return x_back
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from model import NanotuneError, read_json
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -65,7 +66,30 @@ class LoRALinear(nn.Module):
         norm = (weight + delta.to(weight.dtype)).float().norm(dim=1).detach()
         return self.lora_magnitude_vector / norm
 
+    def fusable(self) -> bool:
+        """Plain LoRA, active, no dropout, frozen base: kernels.lora_linear computes it (with any
+        projections that share the input, see project)."""
+        return not (self.disabled or self.merged) and self.lora_magnitude_vector is None and \
+            isinstance(self.dropout, nn.Identity) and not getattr(self.base.weight, "requires_grad", False)
+
+    def weight_as(self, dtype):
+        """The base weight, dense, in `dtype` (a 4-bit base dequantizes on every call)."""
+        b = self.base
+        return b.dense_weight(dtype) if hasattr(b, "dense_weight") else b.weight.to(dtype)
+
+    @staticmethod
+    def project_together(mods, x):
+        """[m(x) for m in mods] for layers reading the same x (model.shared_input calls this): one fused
+        call when all can take it; inside kernels.value_unused() a recompute skips the base GEMMs."""
+        if not all(isinstance(m, LoRALinear) and m.fusable() for m in mods):
+            return [m(x) for m in mods]
+        return kernels.lora_linear(x, [m.weight_as for m in mods], [m.base.bias for m in mods],
+                                   [m.scaling for m in mods], [m.lora_A.weight for m in mods],
+                                   [m.lora_B.weight for m in mods], value=not kernels.skip_value())
+
     def forward(self, x):
+        if self.fusable():
+            return self.project_together([self], x)[0]
         y = self.base(x)
         if self.disabled or self.merged:
             return y

@@ -15,6 +15,7 @@ Gemma 2 (arXiv:2408.00118); GGUF: github.com/ggml-org/ggml/blob/master/docs/gguf
     model, tok = load("path/to/hf_dir")      # config.json + *.safetensors + tokenizer.json
     ids = generate(model, tok, tok.chat([{"role": "user", "content": "Hi"}]), max_new_tokens=32)
 """
+import contextlib
 import importlib.util
 import json
 import os
@@ -186,6 +187,14 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps, self.offset)
 
 
+def shared_input(x, *mods):
+    """[m(x) for m in mods] for projections that read the same x. A module type may compute them
+    together through a `project_together(mods, x)` static method (lora.LoRALinear does: one fused call
+    for q/k/v and one for gate/up)."""
+    together = getattr(type(mods[0]), "project_together", None)
+    return together(mods, x) if together else [m(x) for m in mods]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
@@ -204,9 +213,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, KV, T, D]
+        q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k = q.view(B, T, self.nh, self.hd), k.view(B, T, self.nkv, self.hd)
+        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, KV, T, D]
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q = kernels.rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
@@ -235,8 +244,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = cfg.hidden_act
 
-    def forward(self, x):
-        return self.down_proj(kernels.gated_act(self.gate_proj(x), self.up_proj(x), self.act))
+    def forward(self, x, residual=False):
+        """residual: the caller only adds the output to the residual stream, so a recompute for backward
+        may skip computing it (kernels.value_unused)."""
+        h = kernels.gated_act(*shared_input(x, self.gate_proj, self.up_proj), self.act)
+        with kernels.value_unused(residual):
+            return self.down_proj(h)
 
 
 class Block(nn.Module):
@@ -255,7 +268,7 @@ class Block(nn.Module):
             x = x + self.post_attention_layernorm(a)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), residual=True)
 
 
 class Decoder(nn.Module):
@@ -278,6 +291,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", torch.empty(cfg.rotary_dim // 2), persistent=False)
         self.reset_rope()
         self.gradient_checkpointing = False
+        self.offload_activations = False  # with checkpointing: block inputs wait in host memory (kernels.Offload)
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
@@ -315,10 +329,14 @@ class Transformer(nn.Module):
         for w in {c.sliding_window if layer.self_attn.sliding else None for layer in self.model.layers}:
             if need or (w and S > w):
                 masks[w] = attention_mask_for(B, T, offset, attention_mask, docs, w, x.device)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        offload = kernels.Offload(x.device) if ckpt and self.offload_activations else None
         for layer in self.model.layers:
             mask = masks.get(c.sliding_window if layer.self_attn.sliding else None)
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            if ckpt:  # keep only the block input (on the host with offload); recompute the rest in backward
+                with offload.saving(x) if offload else contextlib.nullcontext():
+                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False,
+                                                          context_fn=kernels.recompute_context)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
@@ -470,11 +488,25 @@ def iter_safetensors(files):
                                 "truncated or corrupt: copy or download it again.")
 
 
+def assign_param(param: nn.Parameter, full: torch.Tensor) -> nn.Parameter:
+    """Put a whole tensor into a parameter's place: a sharded one (dist.py, FSDP2 shards dim 0 as
+    torch.chunk does) keeps only this rank's rows in its local storage; otherwise a new frozen-or-not
+    Parameter holding `full`."""
+    if hasattr(param, "to_local"):
+        local, mesh = param.to_local(), param.device_mesh
+        chunks = full.chunk(mesh.size(), 0)  # fewer chunks than ranks when rows < ranks: the rest hold none
+        with torch.no_grad():
+            local.copy_(chunks[mesh.get_local_rank()] if mesh.get_local_rank() < len(chunks) else full[:0])
+        return param
+    return nn.Parameter(full, requires_grad=param.requires_grad)
+
+
 def load_tensors(model: Transformer, tensors, dtype, device, source: str):
     """Assign checkpoint tensors one at a time into a model built on the meta device."""
     # a wrapper (lora.LoRALinear, applied before loading under FSDP) keeps the layer it wraps as `.base`
     params = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
-    hooks = {n: m for n, m in model.named_modules() if hasattr(m, "assign_tensor")}  # e.g. quant.Linear4bit
+    hooks = {(n + ".").replace(".base.", ".")[:-1]: m for n, m in model.named_modules()
+             if hasattr(m, "assign_tensor")}  # e.g. quant.Linear4bit
     for name, t in tensors:
         if name.endswith("rotary_emb.inv_freq") or (model.config.tie_word_embeddings and name == "lm_head.weight"):
             continue
@@ -488,17 +520,13 @@ def load_tensors(model: Transformer, tensors, dtype, device, source: str):
         if tuple(t.shape) != tuple(params[name].shape):
             raise NanotuneError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, the config expects "
                                 f"{tuple(params[name].shape)}.")
-        if hasattr(params[name], "to_local"):  # already sharded (dist.py): keep only this rank's rows
-            local, mesh = params[name].to_local(), params[name].device_mesh
-            with torch.no_grad():
-                local.copy_(t.chunk(mesh.size(), 0)[mesh.get_local_rank()].to(local.dtype))
-            continue
         mod_name, _, attr = name.rpartition(".")
         mod = model.get_submodule(mod_name)
-        mod._parameters[attr] = nn.Parameter(t.to(device=device, dtype=dtype))
+        mod._parameters[attr] = assign_param(params[name], t.to(dtype=dtype) if hasattr(params[name], "to_local")
+                                             else t.to(device=device, dtype=dtype))
     model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta] + [
-        n + ".weight" for n, m in hooks.items() if not m.is_ready]
+    missing = list(dict.fromkeys([n for n, p in model.named_parameters() if p.is_meta] + [
+        n + ".weight" for n, m in hooks.items() if not m.is_ready]))
     if missing:
         raise NanotuneError(f"{source}: the checkpoint lacks {len(missing)} tensors (first: {missing[0]!r}); "
                             "it is incomplete or not a model of this architecture.")

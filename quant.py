@@ -4,8 +4,9 @@ linear layer for QLoRA, quantize-while-loading, and bitsandbytes' checkpoint lay
 NF4 (QLoRA, arXiv:2305.14314): weights flattened row-major, cut into blocks of 64; per block
     absmax_b = max |w|  (fp32),   code_i = nearest NF4 value to w_i / absmax_b   (4 bits, ties -> lower)
     packed byte k = code[2k] << 4 | code[2k+1]          (first element in the high nibble)
-Double quantization: absmax - mean(absmax) quantized again with the signed 8-bit dynamic map, in
-blocks of 256 (nested_absmax = per-256 max), so the constants cost ~0.127 instead of 0.5 bits/weight.
+Double quantization: absmax - mean(absmax) quantized again with the signed 8-bit dynamic map (through
+bitsandbytes' 65,536-point lookup grid, see dynamic_lut), in blocks of 256 (nested_absmax = per-256 max),
+so the constants cost ~0.127 instead of 0.5 bits/weight.
 
     import quant
     model = load_model(path, dtype=torch.bfloat16, device="cuda", prepare=quant.prepare_4bit)  # per tensor
@@ -42,10 +43,24 @@ def dynamic_map() -> torch.Tensor:
 DYNAMIC = dynamic_map()
 
 
-def blockwise_absmax_codes(x: torch.Tensor, code: torch.Tensor, block: int):
-    """Flat fp32 x -> (uint8 index of the nearest `code` value per element, fp32 absmax per block).
+def dynamic_lut() -> torch.Tensor:
+    """bitsandbytes' CPU kernel does not search the 256 dynamic-map codes: it rounds the scaled value to
+    the nearest of 65,536 grid points over [-1, 1] (g_j = j / 32767.5 - 1) and takes the code nearest
+    that grid point (measured against bitsandbytes 0.50.2: every boundary sits on a grid midpoint, and 0.0
+    itself maps to the code 2.1e-5). This is that table: grid index -> code index (ties -> lower)."""
+    grid = (torch.arange(65536, dtype=torch.float64) / 32767.5 - 1).float().double()
+    code = DYNAMIC.double()
+    return torch.bucketize(grid, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+
+
+DYNAMIC_LUT = dynamic_lut()
+
+
+def blockwise_absmax_codes(x: torch.Tensor, code: torch.Tensor, block: int, lut=None):
+    """Flat fp32 x -> (uint8 code index per element, fp32 absmax per block).
     Scaled values are x * (1 / absmax) for full blocks and x / absmax for the short last one, then
-    clamped to [-1, 1]; nearest = bucketize against midpoints (a tie goes to the lower index)."""
+    clamped to [-1, 1]; the code is the nearest `code` value (bucketize against midpoints, a tie goes to
+    the lower index), or, given `lut`, the table entry of the nearest grid point (see dynamic_lut)."""
     n = x.numel()
     full = n - n % block
     absmax = x[:full].view(-1, block).abs().amax(1)
@@ -54,8 +69,12 @@ def blockwise_absmax_codes(x: torch.Tensor, code: torch.Tensor, block: int):
         tail = x[full:].abs().max().clamp(min=1e-38)
         absmax = torch.cat([absmax, tail[None]])
         scaled = torch.cat([scaled, x[full:] / tail])
+    scaled = scaled.clamp(-1, 1)
+    if lut is not None:  # fp32 throughout, as the C++ kernel: j = floor((s + 1) * 32767.5 + 0.5)
+        j = torch.floor((scaled + 1) * 32767.5 + 0.5).long().clamp(0, 65535)
+        return lut.to(x.device)[j], absmax
     mids = (code[:-1] + code[1:]) / 2
-    return torch.bucketize(scaled.clamp(-1, 1), mids.to(x.device)).to(torch.uint8), absmax
+    return torch.bucketize(scaled, mids.to(x.device)).to(torch.uint8), absmax
 
 
 def quantize_nf4(w: torch.Tensor, double_quant=True) -> dict:
@@ -68,7 +87,7 @@ def quantize_nf4(w: torch.Tensor, double_quant=True) -> dict:
              "dtype": w.dtype}
     if double_quant:
         offset = absmax.mean()
-        q, nested = blockwise_absmax_codes(absmax - offset, DYNAMIC.to(w.device), NESTED_BLOCK)
+        q, nested = blockwise_absmax_codes(absmax - offset, DYNAMIC, NESTED_BLOCK, lut=_table(DYNAMIC_LUT, w.device))
         state.update(absmax=q, nested_absmax=nested, offset=float(offset))
     return state
 
@@ -107,50 +126,79 @@ class _NF4Matmul(torch.autograd.Function):
 
 
 class Linear4bit(nn.Module):
-    """A frozen linear layer holding NF4 weights: `weight` is the packed uint8 [(n+1)//2, 1] buffer."""
+    """A frozen linear layer holding NF4 weights. `weight` is a frozen Parameter holding the packed bytes:
+    bitsandbytes' uint8 [(n+1)//2, 1], or under FSDP the same bytes viewed as the dtype FSDP gathers in
+    (`storage`, zero-padded to whole elements), so fully_shard shards and all-gathers them like any weight
+    and its mixed-precision cast is a no-op. absmax and the rest of the quant state are 1/32 of that and
+    stay whole on every rank."""
 
-    def __init__(self, in_features, out_features, bias=None, compute_dtype=torch.bfloat16, double_quant=True):
+    def __init__(self, in_features, out_features, bias=None, compute_dtype=torch.bfloat16, double_quant=True,
+                 storage=torch.uint8, device="meta"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype, self.double_quant = compute_dtype, double_quant
         self.bias = bias  # an nn.Parameter or None
-        self.state = None
+        self.nbytes = (in_features * out_features + 1) // 2
+        self.weight = nn.Parameter(torch.empty(-(-self.nbytes // storage.itemsize), 1, dtype=storage, device=device),
+                                   requires_grad=False)
+        self.state = None  # absmax, [nested_absmax, offset], shape, dtype
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, double_quant=True):
-        q = cls(lin.in_features, lin.out_features, lin.bias, lin.weight.dtype, double_quant)
+        q = cls(lin.in_features, lin.out_features, lin.bias, lin.weight.dtype, double_quant, device=lin.weight.device)
         q.set_dense(lin.weight)
         return q
 
     def set_dense(self, w):
         self.compute_dtype = w.dtype
-        self.state = quantize_nf4(w, self.double_quant)
+        self.set_state(quantize_nf4(w, self.double_quant))
+
+    def set_state(self, state):
+        """Take a quant state (quantize_nf4's dict); its packed bytes go into `weight`, padded and viewed
+        as `storage`; a sharded (FSDP) weight keeps only this rank's rows."""
+        from model import assign_param
+        flat = state.pop("weight").reshape(-1)
+        storage = self.weight.dtype
+        flat = torch.cat([flat, flat.new_zeros(-flat.numel() % storage.itemsize)])
+        self.weight = assign_param(self.weight, flat.view(storage).view(-1, 1))
+        self.state = state
+
+    def packed(self) -> torch.Tensor:
+        """bitsandbytes' uint8 [(n+1)//2, 1] (a view of `weight`; whole inside an FSDP forward/backward)."""
+        return self.weight.view(torch.uint8).reshape(-1)[: self.nbytes].view(-1, 1)
 
     def dense_weight(self, dtype=None) -> torch.Tensor:
-        return dequantize_nf4(self.state, dtype or self.compute_dtype)
-
-    @property
-    def weight(self):  # packed bytes, as bitsandbytes' Params4bit
-        return self.state["weight"]
+        return dequantize_nf4(dict(self.state, weight=self.packed()), dtype or self.compute_dtype)
 
     def forward(self, x):
         y = _NF4Matmul.apply(x.to(self.compute_dtype), self)
         return y + self.bias if self.bias is not None else y
 
-    def _apply(self, fn, recurse=True):  # .to(device) / .cuda() move the quant state too
+    def _apply(self, fn, recurse=True):
+        """.to(device) moves the bytes and the quant state; a dtype cast (model.to(bf16)) leaves them be."""
+        raw = self.weight.detach()
         super()._apply(fn, recurse)
+        if self.weight.dtype != raw.dtype:
+            self.weight = nn.Parameter(raw.to(self.weight.device), requires_grad=False)
         if self.state is not None:
-            for k in ("weight", "absmax", "nested_absmax"):
+            for k in ("absmax", "nested_absmax"):
                 if k in self.state:
                     t = fn(self.state[k])
                     self.state[k] = t if t.dtype == self.state[k].dtype else self.state[k].to(t.device)
         return self
 
+    def use_storage(self, dtype):
+        """Before loading (on meta): hold the packed bytes as `dtype` elements (dist.py: the FSDP gather dtype)."""
+        self.weight = nn.Parameter(torch.empty(-(-self.nbytes // dtype.itemsize), 1, dtype=dtype, device="meta"),
+                                   requires_grad=False)
+
     # bitsandbytes' state-dict layout -------------------------------------------------------
     def _save_to_state_dict(self, dest, prefix, keep_vars):
         super()._save_to_state_dict(dest, prefix, keep_vars)
+        if hasattr(self.weight, "to_local"):  # sharded under FSDP: the frozen shard only (never checkpointed)
+            return
         s = self.state
-        dest[prefix + "weight"] = s["weight"]
+        dest[prefix + "weight"] = self.packed()
         dest[prefix + "weight.absmax"] = s["absmax"]
         dest[prefix + "weight.quant_map"] = NF4.clone()
         meta = {"quant_type": "nf4", "blocksize": BLOCK, "dtype": str(s["dtype"]).removeprefix("torch."),
@@ -169,7 +217,7 @@ class Linear4bit(nn.Module):
             self.bias = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
         elif key == "weight" and t.is_floating_point():
             self.compute_dtype = dtype
-            self.state = quantize_nf4(t.to(device=device, dtype=dtype), self.double_quant)
+            self.set_state(quantize_nf4(t.to(device=device, dtype=dtype), self.double_quant))
         else:
             self._parts = getattr(self, "_parts", {})
             self._parts[key] = t.to(device)
@@ -185,10 +233,11 @@ class Linear4bit(nn.Module):
             raise NanotuneError("4-bit checkpoint uses a nested blocksize other than 256.")
         if "weight.absmax" not in parts or ("nested_blocksize" in meta and "weight.nested_absmax" not in parts):
             return  # wait for the rest
-        self.state = {"weight": parts["weight"].view(torch.uint8).reshape(-1, 1), "absmax": parts["weight.absmax"],
-                      "shape": meta["shape"], "dtype": getattr(torch, meta["dtype"])}
+        state = {"weight": parts["weight"].view(torch.uint8).reshape(-1, 1), "absmax": parts["weight.absmax"],
+                 "shape": meta["shape"], "dtype": getattr(torch, meta["dtype"])}
         if "nested_blocksize" in meta:
-            self.state.update(nested_absmax=parts["weight.nested_absmax"].float(), offset=meta["nested_offset"])
+            state.update(nested_absmax=parts["weight.nested_absmax"].float(), offset=meta["nested_offset"])
+        self.set_state(state)
         self.compute_dtype = dtype
         del self._parts
 
@@ -221,7 +270,7 @@ def prepare_4bit(model, skip=DEFAULT_SKIP, double_quant=True):
         parent, _, child = n.rpartition(".")
         bias = lin.bias
         setattr(model.get_submodule(parent), child, Linear4bit(lin.in_features, lin.out_features, bias,
-                                                                double_quant=double_quant))
+                                                                double_quant=double_quant, device=lin.weight.device))
     model.quantized_4bit = True
     return model
 

@@ -77,6 +77,8 @@ class TrainConfig:
     grad_accum: int = F_(1, "micro-batches per optimizer step")
     max_grad_norm: float = F_(1.0, "gradient clipping (0: off)")
     gradient_checkpointing: bool | None = F_(None, "recompute blocks in backward (default: on for GPU)")
+    offload_activations: bool | None = F_(None, "with checkpointing: block inputs wait in pinned host memory "
+                                                 "(default: on for GPU)")
     dtype: str = F_("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     device: str = F_("auto", "auto | cpu | cuda | cuda:N")
     seed: int = F_(0, "seed for init, data order and dropout")
@@ -188,8 +190,8 @@ def build_model(cfg, device, dtype):
     if cfg.load_in_4bit and not cfg.lora:
         raise NanotuneError("load_in_4bit needs lora true: 4-bit base weights are frozen.")
     if dist.is_dist():  # torchrun: LoRA and FSDP2 on the meta model, then every rank loads only its shards
-        if cfg.load_in_4bit:
-            raise NanotuneError("QLoRA under torchrun/FSDP is not supported yet; run it on one GPU with python train.py.")
+        if cfg.load_in_4bit and cfg.use_dora:
+            raise NanotuneError("DoRA over a 4-bit base is not supported under torchrun/FSDP; use LoRA, or one GPU.")
         model = load_model(cfg.model, dtype=dtype, device=device, prepare=lambda m: shard_on_meta(m, cfg, device, dtype))
     else:
         model = load_model(cfg.model, dtype=dtype, device=device,
@@ -200,13 +202,21 @@ def build_model(cfg, device, dtype):
     init_lora(model, cfg.seed)
     model.gradient_checkpointing = (device.type == "cuda") if cfg.gradient_checkpointing is None else \
         cfg.gradient_checkpointing
+    model.offload_activations = (device.type == "cuda") if cfg.offload_activations is None else \
+        cfg.offload_activations
     return model
 
 
 def shard_on_meta(model, cfg, device, dtype):
     """Still on the meta device: base weights to `dtype`, LoRA (fp32) applied, FSDP2 sharding, then each
-    rank allocates only its shards; load_tensors fills them tensor by tensor."""
+    rank allocates only its shards; load_tensors fills them tensor by tensor (4-bit: each rank quantizes
+    a weight as it is read and keeps its share of the packed bytes)."""
     model.to(dtype)
+    if cfg.load_in_4bit:
+        quant.prepare_4bit(model)
+        for m in model.modules():
+            if isinstance(m, quant.Linear4bit):
+                m.use_storage(dist.gather_dtype(device, dtype))
     if cfg.lora:
         lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.use_rslora,
                         cfg.use_dora, cfg.train_modules)
@@ -487,9 +497,11 @@ def setup(cfg):
     model = build_model(cfg, device, dtype)
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
+    n_all = sum(p.numel() for p in model.parameters()) + sum(  # a 4-bit weight counts its values, not its bytes
+        m.in_features * m.out_features - m.weight.numel() for m in model.modules() if isinstance(m, quant.Linear4bit))
     if dist.is_dist():
-        log(f"FSDP2 over {dist.world()} ranks: each loaded only its own shard of every tensor")
+        log(f"FSDP2 over {dist.world()} ranks: each loaded only its own shard of every tensor"
+            + (" (4-bit weights sharded too)" if cfg.load_in_4bit else ""))
     log(f"model: {model.config.model_type}, {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
         f"({100 * n_train / n_all:.2f}%), {dtype}, {device}")
     return model, tok, device

@@ -45,14 +45,16 @@ def close(a, b, rel=1e-5):
     return len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("method", [[], ["--lora", "false"]], ids=["lora", "full"])
+@pytest.mark.parametrize("method", [[], ["--lora", "false"], ["--load_in_4bit", "true"]], ids=["lora", "full", "qlora"])
 def test_two_processes_equal_one_with_the_same_global_batch(setup_dir, tmp_path, method):
     one = launch(0, common(setup_dir, tmp_path / "one", "--micro_batch_size", "4", *method))
     two = launch(2, common(setup_dir, tmp_path / "two", "--micro_batch_size", "2", *method))
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert "FSDP2 over 2 ranks" in two.stderr
     assert close(losses(tmp_path / "two"), losses(tmp_path / "one")), (losses(tmp_path / "two"), losses(tmp_path / "one"))
-    result = "adapter/adapter_model.safetensors" if not method else "model/model.safetensors"
+    if "--load_in_4bit" in method:  # the packed 4-bit bytes were sharded like any weight
+        assert "4-bit weights sharded" in two.stderr
+    result = "model/model.safetensors" if "--lora" in method else "adapter/adapter_model.safetensors"
     assert (tmp_path / "two" / result).exists()
 
 

@@ -81,3 +81,104 @@ def test_linear_cross_entropy(dtype, cap):
     y[::5] = -100  # untrained tokens
     check(lambda a, b: kernels.linear_cross_entropy_triton(a, b, y, cap)[None],
           lambda a, b: kernels.linear_cross_entropy_ref(a, b, y, cap)[None], [h, w], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("outs,bias", [((45,), False), ((40, 8, 8), True)], ids=["one", "qkv+bias"])
+def test_lora_linear(dtype, outs, bias, monkeypatch):
+    """The fused LoRA projections (one or three sharing x, rank 4 and 5) vs autograd through the plain ops:
+    outputs and the gradients of x, every A and every B; the frozen W gets none."""
+    monkeypatch.setattr(kernels, "_TRITON", True)  # the fused Function is plain PyTorch: it runs on CPU too
+    C, rs = 37, [4, 5, 4][: len(outs)]
+    Ws = [randn(o, C, seed=10 + i, scale=0.2) for i, o in enumerate(outs)]
+    bs = [randn(o, seed=20 + i) if bias else None for i, o in enumerate(outs)]
+    fns = [lambda dt, w=w: w.to(dt) for w in Ws]
+    scal = [2.0, 0.5, 4.0][: len(outs)]
+    x = randn(3, 41, C, seed=1)
+    As = [randn(r, C, seed=30 + i, scale=0.3) for i, r in enumerate(rs)]
+    Bs = [randn(o, r, seed=40 + i, scale=0.3) for i, (o, r) in enumerate(zip(outs, rs))]
+    n = len(outs)
+
+    def flat(ys):
+        return torch.cat([y.reshape(-1) for y in ys])
+    check(lambda x, *ab: flat(kernels.lora_linear(x, fns, bs, scal, ab[:n], ab[n:])),
+          lambda x, *ab: flat(kernels.lora_linear_ref(x, fns, bs, scal, ab[:n], ab[n:])), [x, *As, *Bs], dtype)
+
+
+def test_lora_linear_skipped_value_keeps_every_gradient(monkeypatch):
+    """value=False (a recompute whose output only feeds a residual add) gives the same gradients."""
+    monkeypatch.setattr(kernels, "_TRITON", True)
+    W, x, A, B = randn(16, 12), randn(5, 12, seed=1), randn(4, 12, seed=2), randn(16, 4, seed=3)
+    grads = []
+    for value in (True, False):
+        xs, a, b = (t.clone().requires_grad_() for t in (x, A, B))
+        (y,) = kernels.lora_linear(xs, [lambda dt: W], [None], [2.0], [a], [b], value=value)
+        y.backward(torch.ones_like(y))
+        grads.append([xs.grad, a.grad, b.grad])
+    for g1, g2 in zip(*grads):
+        assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
+def test_thirty_steps_with_kernels_on_and_off_follow_one_loss_curve(mode, tmp_path, monkeypatch):
+    """30 training steps of a small Llama with the kernels on and with the PyTorch references give the same
+    loss curve: bf16 on a GPU (every Triton kernel, the fused LoRA path, recompute hints, activation offload);
+    fp32 on CPU (the fused LoRA path and recompute hints; Triton kernels only run on CUDA tensors)."""
+    from conftest import make_hf_model
+    import lora
+    import model as nt
+    import quant
+    import train
+    make_hf_model("llama", tmp_path, hidden_size=128, intermediate_size=256, num_hidden_layers=3, vocab_size=512)
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(3, 512, (4, 64), generator=g).to(DEV) for _ in range(6)]
+    curves = []
+    for on in (False, True):
+        monkeypatch.setattr(kernels, "_TRITON", on)
+        m = nt.load_model(str(tmp_path), dtype=dtype, device=DEV, prepare=quant.prepare_4bit if mode == "qlora" else None)
+        if mode != "full":
+            torch.manual_seed(0)
+            lora.apply_lora(m, r=8, alpha=16)
+        m.train()
+        m.gradient_checkpointing = m.offload_activations = True
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3 if mode != "full" else 1e-4)
+        losses = []
+        for step in range(30):
+            ids = batches[step % len(batches)]
+            loss = m.run(train.token_loss_sum, {"input_ids": ids, "labels": ids}) / (ids.numel() - ids.shape[0])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        curves.append(torch.tensor(losses))
+    off, on = curves
+    assert on[-5:].mean() < off[0] - 0.1  # it trains
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert ((on - off).abs() / off).max() < tol, (off.tolist(), on.tolist())
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_offload_releases_block_inputs_until_backward(offload, tmp_path):
+    """With checkpointing each block keeps its input alive for the recompute; with offload that input lives
+    only on the host between forward and backward (the device copy is gone), and gradients are unchanged."""
+    import weakref
+    from conftest import make_hf_model
+    import lora
+    import model as nt
+    make_hf_model("llama", tmp_path)
+    m = nt.load_model(str(tmp_path))
+    torch.manual_seed(0)
+    lora.apply_lora(m, r=4)
+    m.train()
+    m.gradient_checkpointing, m.offload_activations = True, offload
+    seen = []
+    for block in m.model.layers[1:]:  # the first block's input is the embedding output, kept by autograd
+        block.register_forward_pre_hook(lambda mod, args: seen.append(weakref.ref(args[0])))
+    ids = torch.randint(3, 128, (2, 9))
+    loss = m.logits(m(ids)).float().logsumexp(-1).sum()
+    alive = [r() is not None for r in seen]
+    assert alive == [not offload] * len(seen)
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
