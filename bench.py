@@ -87,16 +87,19 @@ def model_flops_per_token(cfg, mode, seq):
 
 # ---------------------------------------------------------------------------------------------
 # Workers: one contender, one process
-def load_contender(name, ckpt, mode, seq):
+def load_contender(name, ckpt, mode, seq, fsdp=False):
     """-> (model, step_fn(ids) -> loss tensor, trainable params)"""
-    if name.startswith("nanotune"):  # variants: nanotune-nooffload (block inputs stay on the GPU),
-        import kernels                # nanotune-ref (PyTorch references instead of the kernels)
+    if name.startswith("nanotune"):  # variants: -nooffload (block inputs stay on the GPU), -ref (PyTorch
+        import kernels                # references instead of the kernels), -flash (no cuDNN attention)
         import lora
         import quant
         import train
         from model import load_model
         kernels.use_triton("-ref" not in name)
-        m = load_model(ckpt, dtype=torch.bfloat16, device="cuda", prepare=quant.prepare_4bit if mode == "qlora" else None)
+        if "-flash" in name:  # SDPA without its cuDNN backend (flash attention instead)
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        q4 = lambda m: quant.prepare_4bit(m, storage=torch.bfloat16 if fsdp else torch.uint8)  # noqa: E731
+        m = load_model(ckpt, dtype=torch.bfloat16, device="cuda", prepare=q4 if mode == "qlora" else None)
         if mode != "full":
             lora.apply_lora(m, r=16, alpha=16, dropout=0.0)
         m.gradient_checkpointing = True
@@ -144,7 +147,7 @@ def worker(a):
     if a.fsdp:
         import dist
         dist.init()
-    m, loss_fn = load_contender(a.worker, a.ckpt, a.mode, a.seq)
+    m, loss_fn = load_contender(a.worker, a.ckpt, a.mode, a.seq, a.fsdp)
     if a.fsdp:
         import dist
         dist.shard(m, torch.device("cuda", torch.cuda.current_device()))
@@ -168,11 +171,12 @@ def worker(a):
     step = statistics.median(times)
     if a.profile:  # one more step under the profiler: the GPU time per kernel, largest first
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             loss_fn(ids).backward()
             torch.cuda.synchronize()
         with open(a.profile, "w") as f:
-            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+            for key in ("self_cuda_time_total", "self_cpu_time_total"):
+                f.write(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70) + "\n")
     print("RESULT " + json.dumps({"contender": a.worker, "step_s": step, "tokens_per_s": a.batch * a.seq / step,
                                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss_first": losses[0],
                                   "loss_last": losses[-1], "trainable": sum(p.numel() for p in params)}), flush=True)
@@ -224,7 +228,7 @@ def bench_kernels():
         return torch.cat([t.flatten() for t in ys])
     cases = {
         "lora q/k/v [8192x4096, r=16]": (lambda x, *p: cat(kernels._LoRALinear.apply(x, wfs, [None] * 3, [2.0] * 3,
-                                                                                     True, *p)),
+                                                                                     True, False, *p)),
                                          lambda x, *p: cat(kernels.lora_linear_ref(x, wfs, [None] * 3, [2.0] * 3,
                                                                                    p[:3], p[3:])), (h, *ab), ()),
         "rms_norm [8192x4096]": (kernels.rms_norm_triton, kernels.rms_norm_ref, (x, w), (1e-5,)),

@@ -8,6 +8,7 @@ between them. With no CUDA device the references always run.
 """
 import contextlib
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -417,55 +418,76 @@ def lora_linear_ref(x, weight_fns, biases, scalings, As, Bs):
             for f, b, s, a, bb in zip(weight_fns, biases, scalings, As, Bs)]
 
 
+_CASTS = {}  # id of a group's first A -> (its tensors (weakly), versions, [A_1; A_2; ..], [s_i B_i]) in the compute dtype
+
+
+def _lora_weights(As, Bs, scalings, dt, cache=True):
+    """[A_1; A_2; ..] and s_i B_i in the compute dtype. Cached between optimizer steps: every in-place
+    update bumps a tensor's version, which invalidates the entry (not under FSDP, whose all-gathers
+    rewrite the same tensors: there cache=False)."""
+    ts = (*As, *Bs)
+    hit = _CASTS.get(id(As[0])) if cache else None
+    if hit is None or [r() for r in hit[0]] != list(ts) or hit[1] != [t._version for t in ts]:
+        hit = ([weakref.ref(t) for t in ts], [t._version for t in ts], torch.cat([a.to(dt) for a in As]),
+               [(b * s).to(dt) for b, s in zip(Bs, scalings)])
+        if cache:
+            _CASTS[id(As[0])] = hit
+    return hit[2], hit[3]
+
+
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight_fns, biases, scalings, value, *AB):
+    def forward(ctx, x, weight_fns, biases, scalings, value, cache, *AB):
         n, dt = len(weight_fns), x.dtype
-        As, Bs = AB[:n], AB[n:]
+        A, sBs = _lora_weights(AB[:n], AB[n:], scalings, dt, cache)  # [R, C], [O_i, r_i]
         x2 = x.reshape(-1, x.shape[-1])
-        xa = x2 @ torch.cat([a.to(dt) for a in As]).t()  # [N, R]
+        xa = x2 @ A.t()  # [N, R]
         ys, start = [], 0
-        for f, b, s, B in zip(weight_fns, biases, scalings, Bs):
-            r = B.shape[1]
+        for f, b, sB in zip(weight_fns, biases, sBs):
+            r = sB.shape[1]
             if value:
                 w = f(dt)
                 y = torch.addmm(b.to(dt), x2, w.t()) if b is not None else x2 @ w.t()
-                y.addmm_(xa[:, start : start + r], B.to(dt).t(), alpha=s)
+                y.addmm_(xa[:, start : start + r], sB.t())
             else:
-                y = x2.new_empty(x2.shape[0], B.shape[0])
-            ys.append(y.view(*x.shape[:-1], B.shape[0]))
+                y = x2.new_empty(x2.shape[0], sB.shape[0])
+            ys.append(y.view(*x.shape[:-1], sB.shape[0]))
             start += r
-        ctx.save_for_backward(x, xa, *AB)
-        ctx.weight_fns, ctx.scalings = weight_fns, scalings
+        ctx.save_for_backward(x, xa)
+        ctx.weight_fns, ctx.scalings, ctx.A, ctx.sBs = weight_fns, scalings, A, sBs  # casts: cached, not copies
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *dys):
-        x, xa, *AB = ctx.saved_tensors
-        n, dt = len(ctx.weight_fns), x.dtype
-        As, Bs = AB[:n], AB[n:]
+        x, xa = ctx.saved_tensors
+        dt, scalings = x.dtype, ctx.scalings
         x2 = x.reshape(-1, x.shape[-1])
+        uniform = len(set(scalings)) == 1
+        if uniform and scalings[0] != 1:
+            xa = xa * scalings[0]  # dB_i = s_i dy_i^T xa_i: scale the [N, R] factor once
         dx, gs, dBs, start = None, [], [], 0
-        for f, s, B, dy in zip(ctx.weight_fns, ctx.scalings, Bs, dys):
-            r, dy = B.shape[1], dy.reshape(-1, B.shape[0])
+        for f, s, sB, dy in zip(ctx.weight_fns, scalings, ctx.sBs, dys):
+            r, dy = sB.shape[1], dy.reshape(-1, sB.shape[0])
             w = f(dt)
             dx = dy @ w if dx is None else dx.addmm_(dy, w)
             del w  # a dequantized 4-bit weight lives only for its own GEMM
-            gs.append((dy @ B.to(dt)).mul_(s))  # [N, r]
-            dBs.append((dy.t() @ xa[:, start : start + r]).mul_(s).to(B.dtype))  # [O, r]
+            gs.append(dy @ sB)  # [N, r] = s dy B
+            dB = dy.t() @ xa[:, start : start + r]  # [O, r]
+            dBs.append(dB if uniform else dB.mul_(s))
             start += r
-        g = torch.cat(gs, 1)  # [N, R]
+        g = torch.cat(gs, 1) if len(gs) > 1 else gs[0]  # [N, R]
         dA = g.t() @ x2  # [R, C]
-        dx.addmm_(g, torch.cat([a.to(dt) for a in As]))
-        dAs = [d.to(a.dtype) for d, a in zip(dA.split([a.shape[0] for a in As]), As)]
-        return (dx.view_as(x), None, None, None, None, *dAs, *dBs)
+        dx.addmm_(g, ctx.A)
+        dAs = dA.split([sB.shape[1] for sB in ctx.sBs]) if len(gs) > 1 else (dA,)
+        return (dx.view_as(x), None, None, None, None, None, *dAs, *dBs)  # autograd casts to the params' dtype
 
 
 def lora_linear(x, weight_fns, biases, scalings, As, Bs, value=True):
     """[y_i] for projections sharing x (see above): the fused Function wherever kernels are on (plain
     PyTorch, so CPU tensors work too), else the reference (which ignores `value`)."""
     if _TRITON:
-        return list(_LoRALinear.apply(x, list(weight_fns), list(biases), list(scalings), value, *As, *Bs))
+        cache = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        return list(_LoRALinear.apply(x, list(weight_fns), list(biases), list(scalings), value, cache, *As, *Bs))
     return lora_linear_ref(x, weight_fns, biases, scalings, As, Bs)
 
 
@@ -504,7 +526,8 @@ def skip_value() -> bool:
 # ([B, T, C]; 64 MiB per block for Llama-3.1-8B at 4 x 2048). Offload sends each x to pinned host memory
 # on a side stream as the forward goes, and brings it back one block ahead during backward (block i-1 is
 # copied while block i recomputes), so the GPU holds about two block inputs instead of all of them.
-# Host buffers are kept per block and reused every step. On CPU the copies are plain (for the tests).
+# Host buffers are kept per block and reused every step. The last block is not offloaded (backward needs
+# it first), and the one before it starts coming back as soon as forward ends. On CPU the copies are plain.
 class Offload:
     _host: dict = {}  # block index -> flat uint8 host buffer (pinned on CUDA), grown on demand
     _side: dict = {}  # device -> side stream
@@ -535,6 +558,10 @@ class Offload:
             it["ready"] = torch.cuda.Event()
             it["ready"].record()
         it["gpu"].record_stream(self.side)
+
+    def prefetch_last(self):
+        if self.items and self.items[-1] is not None:
+            self._fetch(len(self.items) - 1)
 
     def saving(self, x):
         """Context for checkpointing one block whose input is x: x, as saved, goes to the host."""
@@ -574,7 +601,7 @@ class Offload:
 # ---------------------------------------------------------------------------------------------
 # NF4 dequantize (QLoRA / bitsandbytes layout, see quant.py):
 #   w[i] = code[q_i] * absmax[i // 64],   q_{2k} = byte_k >> 4,  q_{2k+1} = byte_k & 15   (fp32, then cast)
-# A double-quantized absmax is expanded first (n/64 values, plain PyTorch in both paths):
+# A double-quantized absmax is expanded on the way (the reference does it first, in PyTorch):
 #   absmax[b] = dyn[absmax_u8[b]] * nested_absmax[b // 256] + offset
 def nf4_absmax(absmax, dyn=None, nested_absmax=None, offset=0.0):
     if nested_absmax is None:
@@ -591,13 +618,17 @@ def nf4_dequantize_ref(packed, absmax, code, shape, dtype):
 
 if triton is not None:
     @triton.jit
-    def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCK: tl.constexpr,
-                               BF16_BITS: tl.constexpr):
+    def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, dyn_ptr, nested_ptr, offset, out_ptr, n,
+                               BLOCK: tl.constexpr, NESTED: tl.constexpr, BF16_BITS: tl.constexpr):
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # element indices
         mask = i < n
         byte = tl.load(packed_ptr + i // 2, mask=mask, other=0).to(tl.int32)
         q = tl.where(i % 2 == 0, byte >> 4, byte & 15)
-        w = tl.load(code_ptr + q, mask=mask, other=0.0) * tl.load(absmax_ptr + i // 64, mask=mask, other=0.0)
+        a = tl.load(absmax_ptr + i // 64, mask=mask, other=0)
+        if NESTED:  # launched with enable_fp_fusion=False: a multiply then an add, as PyTorch rounds them
+            a = tl.load(dyn_ptr + a.to(tl.int32), mask=mask, other=0.0) * \
+                tl.load(nested_ptr + i // (64 * 256), mask=mask, other=0.0) + offset
+        w = tl.load(code_ptr + q, mask=mask, other=0.0) * a
         if BF16_BITS:  # fp32 -> bf16 round-to-nearest-even on the bits (as torch does, on GPU and interpreter)
             b = w.to(tl.uint32, bitcast=True)
             b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
@@ -606,17 +637,18 @@ if triton is not None:
             tl.store(out_ptr + i, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def nf4_dequantize_triton(packed, absmax, code, shape, dtype):
+def nf4_dequantize_triton(packed, absmax, code, shape, dtype, dyn=None, nested_absmax=None, offset=0.0):
+    """One launch per weight, the double-quantized absmax expanded inside."""
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     n, BLOCK = out.numel(), 1024
-    bf16 = dtype == torch.bfloat16
-    _nf4_dequantize_kernel[(triton.cdiv(n, BLOCK),)](packed, absmax, code, out.view(torch.int16) if bf16 else out,
-                                                     n, BLOCK=BLOCK, BF16_BITS=bf16)
+    bf16, nested = dtype == torch.bfloat16, nested_absmax is not None
+    _nf4_dequantize_kernel[(triton.cdiv(n, BLOCK),)](
+        packed, absmax, code, dyn if nested else code, nested_absmax if nested else code, float(offset),
+        out.view(torch.int16) if bf16 else out, n, BLOCK=BLOCK, NESTED=nested, BF16_BITS=bf16, enable_fp_fusion=False)
     return out
 
 
 def nf4_dequantize(packed, absmax, code, shape, dtype, dyn=None, nested_absmax=None, offset=0.0):
-    absmax = nf4_absmax(absmax, dyn, nested_absmax, offset)
     if _TRITON and packed.is_cuda:
-        return nf4_dequantize_triton(packed, absmax, code, shape, dtype)
-    return nf4_dequantize_ref(packed, absmax, code, shape, dtype)
+        return nf4_dequantize_triton(packed, absmax, code, shape, dtype, dyn, nested_absmax, offset)
+    return nf4_dequantize_ref(packed, nf4_absmax(absmax, dyn, nested_absmax, offset), code, shape, dtype)

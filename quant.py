@@ -187,11 +187,6 @@ class Linear4bit(nn.Module):
                     self.state[k] = t if t.dtype == self.state[k].dtype else self.state[k].to(t.device)
         return self
 
-    def use_storage(self, dtype):
-        """Before loading (on meta): hold the packed bytes as `dtype` elements (dist.py: the FSDP gather dtype)."""
-        self.weight = nn.Parameter(torch.empty(-(-self.nbytes // dtype.itemsize), 1, dtype=dtype, device="meta"),
-                                   requires_grad=False)
-
     # bitsandbytes' state-dict layout -------------------------------------------------------
     def _save_to_state_dict(self, dest, prefix, keep_vars):
         super()._save_to_state_dict(dest, prefix, keep_vars)
@@ -263,14 +258,16 @@ def quantize_model(model, skip=DEFAULT_SKIP, double_quant=True):
     return model
 
 
-def prepare_4bit(model, skip=DEFAULT_SKIP, double_quant=True):
+def prepare_4bit(model, skip=DEFAULT_SKIP, double_quant=True, storage=torch.uint8):
     """For load_model(prepare=...): swap the (meta) linears for empty Linear4bit layers, so each weight
-    is quantized as it is read and no full 16-bit model ever exists on host or GPU."""
+    is quantized as it is read and no full 16-bit model ever exists on host or GPU. Under FSDP `storage`
+    is the dtype FSDP gathers in (dist.gather_dtype), so the packed bytes shard like any weight."""
     for n, lin in _targets(model, skip):
         parent, _, child = n.rpartition(".")
         bias = lin.bias
         setattr(model.get_submodule(parent), child, Linear4bit(lin.in_features, lin.out_features, bias,
-                                                                double_quant=double_quant, device=lin.weight.device))
+                                                                double_quant=double_quant, storage=storage,
+                                                                device=lin.weight.device))
     model.quantized_4bit = True
     return model
 

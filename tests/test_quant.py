@@ -67,11 +67,13 @@ def test_dynamic_codes_equal_bitsandbytes_at_every_boundary():
 def test_triton_dequantize_equals_reference_bit_for_bit(dtype, shape):
     torch.manual_seed(2)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # real Triton on a GPU, the interpreter on CPU
-    st = quant.quantize_nf4(torch.randn(*shape, dtype=dtype, device=dev), double_quant=True)
-    absmax = kernels.nf4_absmax(st["absmax"], quant.DYNAMIC.to(dev), st["nested_absmax"], st["offset"])
-    ref = kernels.nf4_dequantize_ref(st["weight"], absmax, quant.NF4.to(dev), st["shape"], dtype)
-    tri = kernels.nf4_dequantize_triton(st["weight"], absmax, quant.NF4.to(dev), st["shape"], dtype)
-    assert torch.equal(ref, tri)
+    for dq in (True, False):  # the Triton kernel expands a double-quantized absmax itself
+        st = quant.quantize_nf4(torch.randn(*shape, dtype=dtype, device=dev) * 3, double_quant=dq)
+        absmax = kernels.nf4_absmax(st["absmax"], quant.DYNAMIC.to(dev), st.get("nested_absmax"), st.get("offset", 0))
+        ref = kernels.nf4_dequantize_ref(st["weight"], absmax, quant.NF4.to(dev), st["shape"], dtype)
+        tri = kernels.nf4_dequantize_triton(st["weight"], st["absmax"], quant.NF4.to(dev), st["shape"], dtype,
+                                            quant.DYNAMIC.to(dev), st.get("nested_absmax"), st.get("offset", 0))
+        assert torch.equal(ref, tri)
 
 
 def bnb_model(tmp_path, double_quant=True):
