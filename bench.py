@@ -185,11 +185,11 @@ def worker(a):
 # ---------------------------------------------------------------------------------------------
 def versions():
     out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+    from importlib.metadata import PackageNotFoundError, version
     for pkg in ("triton", "transformers", "peft", "bitsandbytes", "liger_kernel", "unsloth"):
-        try:
-            mod = __import__(pkg)
-            out[pkg] = getattr(mod, "__version__", "?")
-        except Exception:
+        try:  # installed metadata, no import (importing unsloth patches the process)
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
             pass
     return out
 
@@ -309,6 +309,7 @@ def main():
         res.update(shape=a.shape, mode=a.mode + (f"+fsdp{a.nproc}" if a.fsdp and c.startswith("nanotune") else ""), batch=a.batch,
                    seq=a.seq, mfu=res["tokens_per_s"] * fpt / peak if peak else None, wall_s=round(time.time() - t0))
         rows.append(res)
+        save(a.json, gpu, [res])  # row by row: a run cut short keeps what it measured
         print(f"{c:14s} {res['tokens_per_s']:9,.0f} tok/s  {res['peak_gib']:6.2f} GiB  MFU {res['mfu'] or 0:.1%}  "
               f"loss {res['loss_first']:.3f}->{res['loss_last']:.3f}", flush=True)
     base = {r["contender"]: r["tokens_per_s"] for r in rows}
@@ -316,7 +317,7 @@ def main():
         for peer in ("hf_peft", "hf_bnb_qlora", "unsloth"):
             if peer in base and r["contender"] != peer:
                 r[f"vs_{peer}"] = r["tokens_per_s"] / base[peer]
-    save(a.json, gpu, rows)
+                print(f"{r['contender']} / {peer}: {r[f'vs_{peer}']:.2f}x", flush=True)
 
 
 def save(path, gpu, rows):

@@ -61,6 +61,13 @@ def all_sum(x: float | int) -> float:
     return t.item()
 
 
+def all_sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum a detached tensor over ranks, in place (every rank calls it at the same point)."""
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
 def barrier():
     if is_dist():
         dist.barrier()

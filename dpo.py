@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import dist
 import lora
 import train
 from data import IGNORE, collate, read_records
@@ -203,8 +204,11 @@ def pair_loss(kind, cfg, lc, lr, rc, rr, nc, nr, nll_c=None):
 
 def kto_loss(cfg, l, rl, label, kl_l, kl_rl):
     """Per-example KTO losses and metric values; the KL baseline is the clamped batch mean of the
-    mismatched pairs' log-ratios, detached."""
-    kl = (kl_l - kl_rl).mean().clamp(min=0).detach()
+    mismatched pairs' log-ratios, detached (under torchrun the mean over every rank's micro-batch, as
+    TRL gathers it across processes)."""
+    d = (kl_l - kl_rl).detach()
+    tot = dist.all_sum_tensor(torch.stack([d.sum(), torch.tensor(float(d.numel()), device=d.device, dtype=d.dtype)]))
+    kl = (tot[0] / tot[1]).clamp(min=0)
     r = l - rl
     des = 1 - torch.sigmoid(cfg.beta * (r - kl))
     und = 1 - torch.sigmoid(cfg.beta * (kl - r))

@@ -337,7 +337,7 @@ class Transformer(nn.Module):
             if ckpt:  # keep only the block input (on the host with offload); recompute the rest in backward
                 with offload.saving(x) if offload and layer is not last else contextlib.nullcontext():
                     x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False,
-                                                          context_fn=kernels.recompute_context, preserve_rng_state=False, determinism_check="none")
+                                                          context_fn=kernels.recompute_context)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:

@@ -27,7 +27,7 @@ def common(d, out, *extra):
 
 
 def launch(nproc, args, script="train.py", timeout=300):
-    cmd = [sys.executable, "train.py", *args] if nproc == 0 else \
+    cmd = [sys.executable, script, *args] if nproc == 0 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -99,3 +99,22 @@ def test_a_crash_on_one_rank_ends_every_rank(setup_dir, tmp_path):
                timeout=240)
     assert r.returncode != 0 and "injected failure on rank 1" in r.stderr
     assert time.time() - t0 < 240
+
+
+def test_dora_over_a_4bit_base_is_refused_under_torchrun(setup_dir, tmp_path):
+    r = launch(2, common(setup_dir, tmp_path / "d", "--load_in_4bit", "true", "--use_dora", "true"), timeout=120)
+    assert r.returncode != 0 and "DoRA over a 4-bit base is not supported under torchrun" in r.stderr
+    assert not (tmp_path / "d" / "adapter").exists()
+
+
+@pytest.mark.parametrize("loss", ["dpo", "orpo"])
+def test_dpo_two_processes_equal_one(setup_dir, tmp_path, loss):
+    """dpo.py under torchrun: pairs shard like SFT rows; DPO's reference is the model with adapters off.
+    (KTO is left out: its KL estimate pairs prompts with completions inside each micro-batch, so the
+    estimate itself depends on how the batch is split; its batch mean is taken over ranks, as TRL does.)"""
+    args = ["--model", str(setup_dir / "m"), "--datasets", "examples/preferences.jsonl", "--loss", loss, "--max_steps", "4", "--lr", "1e-2",
+            "--val_set_size", "0", "--cache_dir", "", "--sample_prompts_file", "", "--output_dir"]
+    one = launch(0, [*args, str(tmp_path / "one"), "--micro_batch_size", "4"], script="dpo.py")
+    two = launch(2, [*args, str(tmp_path / "two"), "--micro_batch_size", "2"], script="dpo.py")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert close(losses(tmp_path / "two"), losses(tmp_path / "one")), (losses(tmp_path / "two"), losses(tmp_path / "one"))
