@@ -497,8 +497,10 @@ def setup(cfg):
     n_all = sum(p.numel() for p in model.parameters()) + sum(  # a 4-bit weight counts its values, not its bytes
         m.in_features * m.out_features - m.weight.numel() for m in model.modules() if isinstance(m, quant.Linear4bit))
     if dist.is_dist():
+        q4 = [m.weight for m in model.modules() if isinstance(m, quant.Linear4bit)]
+        held = sum(w.to_local().nbytes for w in q4) / max(sum(w.numel() * w.element_size() for w in q4), 1)
         log(f"FSDP2 over {dist.world()} ranks: each loaded only its own shard of every tensor"
-            + (" (4-bit weights sharded too)" if cfg.load_in_4bit else ""))
+            + (f" (4-bit weights too: rank 0 holds {100 * held:.0f}% of their bytes)" if q4 else ""))
     log(f"model: {model.config.model_type}, {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
         f"({100 * n_train / n_all:.2f}%), {dtype}, {device}")
     return model, tok, device
