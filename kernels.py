@@ -12,6 +12,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 try:  # Triton runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (the CI tests)
     import triton
@@ -405,7 +406,8 @@ def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-10
 # LoRA over frozen projections that read the same input (q/k/v, gate/up, or one alone):
 #   y_i = x W_i^T (+ b_i) + s_i (x A_i^T) B_i^T        x [N, C], W_i [O_i, C], A_i [r, C], B_i [O_i, r]
 # Forward: one skinny GEMM for all the A's (xa = x [A_1; A_2; ..]^T, [N, R]); the LoRA term lands in the
-# GEMM epilogue (addmm, alpha = s_i), so no [N, O] temporaries and no separate add or scale.
+# base GEMM's epilogue (addmm with s_i B_i, cast once per optimizer step), so no [N, O] temporaries and no
+# separate add or scale.
 # Backward saves only x and xa, never W (a 4-bit W is dequantized again), rank-first products:
 #   g_i = s_i dy_i B_i [N, r]    dB_i = s_i dy_i^T xa_i [O_i, r]    dA = [g_1 g_2 ..]^T x [R, C]
 #   dx = sum_i dy_i W_i + [g_1 g_2 ..] [A_1; A_2; ..]       (accumulated in place by addmm)
@@ -418,21 +420,34 @@ def lora_linear_ref(x, weight_fns, biases, scalings, As, Bs):
             for f, b, s, a, bb in zip(weight_fns, biases, scalings, As, Bs)]
 
 
-_CASTS = {}  # id of a group's first A -> (its tensors (weakly), versions, [A_1; A_2; ..], [s_i B_i]) in the compute dtype
+_CASTS = {}  # id of a group's first A -> (its tensors (weakly), versions, optimizer steps, [A_1; A_2; ..], [s_i B_i])
+_OPT_STEPS = [0]  # optimizer steps taken in this process (any optimizer)
+
+
+def _count_step(*_):
+    _OPT_STEPS[0] += 1
+
+
+# Fused optimizers (AdamW(fused=True)) update parameters without bumping their version counters, so the
+# cached casts are also keyed on a count of optimizer steps, kept by a global optimizer hook.
+register_optimizer_step_post_hook(_count_step)
 
 
 def _lora_weights(As, Bs, scalings, dt, cache=True):
-    """[A_1; A_2; ..] and s_i B_i in the compute dtype. Cached between optimizer steps: every in-place
-    update bumps a tensor's version, which invalidates the entry (not under FSDP, whose all-gathers
-    rewrite the same tensors: there cache=False)."""
-    ts = (*As, *Bs)
-    hit = _CASTS.get(id(As[0])) if cache else None
-    if hit is None or [r() for r in hit[0]] != list(ts) or hit[1] != [t._version for t in ts]:
-        hit = ([weakref.ref(t) for t in ts], [t._version for t in ts], torch.cat([a.to(dt) for a in As]),
-               [(b * s).to(dt) for b, s in zip(Bs, scalings)])
+    """[A_1; A_2; ..] and s_i B_i in the compute dtype, cast once per optimizer step, not once per call.
+    An entry is stale after any optimizer step or any in-place change of its tensors (their versions);
+    not used under FSDP, whose all-gathers rewrite the same tensors (cache=False there)."""
+    ts, key = (*As, *Bs), id(As[0])
+    hit = _CASTS.get(key) if cache else None
+    if hit is None or hit[2] != _OPT_STEPS[0] or [r() for r in hit[0]] != list(ts) or \
+            hit[1] != [t._version for t in ts] or hit[3].dtype != dt:
+        hit = ([weakref.ref(t) for t in ts], [t._version for t in ts], _OPT_STEPS[0],
+               torch.cat([a.to(dt) for a in As]), [(b * s).to(dt) for b, s in zip(Bs, scalings)])
         if cache:
-            _CASTS[id(As[0])] = hit
-    return hit[2], hit[3]
+            if key not in _CASTS:
+                weakref.finalize(As[0], _CASTS.pop, key, None)  # the entry goes when the adapter does
+            _CASTS[key] = hit
+    return hit[3], hit[4]
 
 
 class _LoRALinear(torch.autograd.Function):
