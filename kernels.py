@@ -439,7 +439,7 @@ def _lora_weights(As, Bs, scalings, dt, cache=True):
     not used under FSDP, whose all-gathers rewrite the same tensors (cache=False there)."""
     ts, key = (*As, *Bs), id(As[0])
     hit = _CASTS.get(key) if cache else None
-    if hit is None or hit[2] != _OPT_STEPS[0] or [r() for r in hit[0]] != list(ts) or \
+    if hit is None or hit[2] != _OPT_STEPS[0] or any(r() is not t for r, t in zip(hit[0], ts)) or \
             hit[1] != [t._version for t in ts] or hit[3].dtype != dt:
         hit = ([weakref.ref(t) for t in ts], [t._version for t in ts], _OPT_STEPS[0],
                torch.cat([a.to(dt) for a in As]), [(b * s).to(dt) for b, s in zip(Bs, scalings)])
