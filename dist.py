@@ -52,20 +52,24 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def all_sum(x: float | int) -> float:
-    """Sum a Python number over ranks."""
-    if not is_dist():
-        return x
-    t = torch.tensor(float(x), dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return t.item()
-
-
 def all_sum_tensor(t: torch.Tensor) -> torch.Tensor:
     """Sum a detached tensor over ranks, in place (every rank calls it at the same point)."""
     if is_dist():
         dist.all_reduce(t)
     return t
+
+
+def all_sums(xs: list) -> list:
+    """Sum a list of Python numbers over ranks, in one collective."""
+    if not is_dist():
+        return list(xs)
+    t = torch.tensor([float(x) for x in xs], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    return all_sum_tensor(t).tolist()
+
+
+def all_sum(x: float | int) -> float:
+    return all_sums([x])[0]
 
 
 def barrier():

@@ -33,7 +33,7 @@ import lora
 import quant
 from lora import DEFAULT_TARGETS
 from data import IGNORE, Sampler, build_dataset, collate, pack
-from model import NanotuneError, cli, generate, load_model, load_tokenizer, resolve_model_path
+from model import NanotuneError, assign_param, cli, generate, load_model, load_tokenizer, resolve_model_path
 
 
 def F_(default, help):  # noqa: N802 - a dataclass field with its --help text
@@ -232,7 +232,7 @@ def init_lora(model, seed):
         bound = 1 / math.sqrt(m.in_features)
         full = torch.empty(a.shape).uniform_(-bound, bound, generator=g)
         if hasattr(a, "to_local"):
-            a.to_local().copy_(full.chunk(a.device_mesh.size(), 0)[a.device_mesh.get_local_rank()])
+            assign_param(a, full)  # this rank's rows
             m.lora_B.weight.to_local().zero_()
             if m.lora_magnitude_vector is not None:
                 m.lora_magnitude_vector.to_local().copy_(m.base.weight.to_local().float().norm(dim=1))
@@ -306,9 +306,9 @@ def accumulate(model, micro_batches, task):
         loss += part.item()
         for k, v in mets.items():
             metrics[k] = metrics.get(k, 0.0) + float(v) / max(total, 1)
-    if dist.is_dist():
-        loss = dist.all_sum(loss)
-        metrics = {k: dist.all_sum(v) for k, v in metrics.items()}
+    if dist.is_dist():  # the loss and every metric in one collective
+        loss, *vals = dist.all_sums([loss, *metrics.values()])
+        metrics = dict(zip(metrics, vals))
     return loss, total, metrics
 
 
@@ -545,8 +545,7 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
         micro = [to_device(task.collate([rows[i] for i in rank_slice(sampler.next(), R, W)], tok), device)
                  for _ in range(cfg.grad_accum)]
         loss, gnorm, count, mets = train_step(model, opt, sched, micro, task, cfg.max_grad_norm)
-        tokens_seen += dist.all_sum(sum(b["input_ids"].numel() for b in micro)) if W > 1 else \
-            sum(b["input_ids"].numel() for b in micro)
+        tokens_seen += dist.all_sum(sum(b["input_ids"].numel() for b in micro))  # a no-op on one process
         tps = tokens_seen / (time.time() - t0)
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
         bar.update(1)
