@@ -77,21 +77,16 @@ def barrier():
         dist.barrier()
 
 
-def gather_dtype(device, dtype):
-    """The dtype FSDP all-gathers parameters in (bf16 on GPU, else the model's): 4-bit weights store their
-    packed bytes as this dtype, so the mixed-precision cast leaves them untouched."""
-    return torch.bfloat16 if device.type == "cuda" else dtype
-
-
-def shard(model, device):
-    """FSDP2 over each block and the root. On GPU params are gathered in bf16 and gradients reduced in
-    fp32. FSDP averages gradients over ranks; train.accumulate scales each rank's loss by the world size,
-    so the result is the gradient of the global token-normalised loss."""
+def shard(model, device, dtype):
+    """FSDP2 over each block and the root. Parameters are gathered in the training dtype `dtype` (LoRA's
+    fp32 weights too, as the fused LoRA path casts them anyway; a 4-bit weight stores its packed bytes
+    as `dtype`, so the cast leaves them untouched) and gradients are reduced in fp32. FSDP averages
+    gradients over ranks; train.accumulate scales each rank's loss by the world size, so the result is
+    the gradient of the global token-normalised loss."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mesh = init_device_mesh(device.type, (world(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()  # gather_dtype below must agree
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)

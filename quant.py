@@ -261,7 +261,7 @@ def quantize_model(model, skip=DEFAULT_SKIP, double_quant=True):
 def prepare_4bit(model, skip=DEFAULT_SKIP, double_quant=True, storage=torch.uint8):
     """For load_model(prepare=...): swap the (meta) linears for empty Linear4bit layers, so each weight
     is quantized as it is read and no full 16-bit model ever exists on host or GPU. Under FSDP `storage`
-    is the dtype FSDP gathers in (dist.gather_dtype), so the packed bytes shard like any weight."""
+    is the dtype FSDP gathers in (dist.shard), so the packed bytes shard like any weight."""
     for n, lin in _targets(model, skip):
         parent, _, child = n.rpartition(".")
         bias = lin.bias

@@ -213,11 +213,11 @@ def shard_on_meta(model, cfg, device, dtype):
     a weight as it is read and keeps its share of the packed bytes)."""
     model.to(dtype)
     if cfg.load_in_4bit:
-        quant.prepare_4bit(model, storage=dist.gather_dtype(device, dtype))
+        quant.prepare_4bit(model, storage=dtype)  # FSDP gathers in dtype (dist.shard)
     if cfg.lora:
         lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.use_rslora,
                         cfg.use_dora, cfg.train_modules)
-    dist.shard(model, device)
+    dist.shard(model, device, dtype)
     model.to_empty(device=device)
 
 

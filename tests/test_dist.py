@@ -1,5 +1,6 @@
 """torchrun + FSDP2 on CPU (gloo): two processes train exactly like one, sharded checkpoints resume at
-another world size, a crash on one rank ends the job."""
+another world size, a crash on one rank ends the job. On a machine with two or more GPUs the same tests
+run on the GPUs (NCCL), in fp32."""
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import ROOT, make_tiny_run_model
 
 
@@ -24,7 +26,8 @@ def setup_dir(tmp_path_factory):
 
 def common(d, out, *extra):
     return ["--model", str(d / "m"), "--datasets", str(d / "d.jsonl"), "--max_steps", "6", "--lr", "1e-2",
-            "--sample_prompts_file", "", "--cache_dir", "", "--save_steps", "3", "--output_dir", str(out), *extra]
+            "--sample_prompts_file", "", "--cache_dir", "", "--save_steps", "3", "--dtype", "float32",
+            "--output_dir", str(out), *extra]
 
 
 def launch(nproc, args, script="train.py", timeout=300):
@@ -42,7 +45,12 @@ def losses(out):
     return [by_step[k] for k in sorted(by_step)]
 
 
-def close(a, b, rel=1e-5):
+# CPU: the same fp32 sums in another order. GPUs: cuBLAS picks other kernels for other batch shapes, and
+# NCCL sums in its own order, so the curves drift further apart (still fp32).
+REL = 1e-3 if torch.cuda.is_available() else 1e-5
+
+
+def close(a, b, rel=REL):
     return len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b))
 
 
@@ -58,6 +66,14 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup_dir, tmp_path,
         assert held and 45 <= int(held[1]) <= 55, two.stderr[-2000:]
     result = "model/model.safetensors" if "--lora" in method else "adapter/adapter_model.safetensors"
     assert (tmp_path / "two" / result).exists()
+
+
+def test_one_process_under_torchrun_equals_plain(setup_dir, tmp_path):
+    """FSDP with one rank computes in the dtype asked for (fp32 here; on a GPU it once gathered in bf16)."""
+    one = launch(0, common(setup_dir, tmp_path / "one", "--micro_batch_size", "4"))
+    fsdp = launch(1, common(setup_dir, tmp_path / "fsdp", "--micro_batch_size", "4"))
+    assert one.returncode == 0 and fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert close(losses(tmp_path / "fsdp"), losses(tmp_path / "one")), (losses(tmp_path / "fsdp"), losses(tmp_path / "one"))
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
@@ -115,7 +131,7 @@ def test_dpo_two_processes_equal_one(setup_dir, tmp_path, loss):
     (KTO is left out: its KL estimate pairs prompts with completions inside each micro-batch, so the
     estimate itself depends on how the batch is split; its batch mean is taken over ranks, as TRL does.)"""
     args = ["--model", str(setup_dir / "m"), "--datasets", "examples/preferences.jsonl", "--loss", loss, "--max_steps", "4", "--lr", "1e-2",
-            "--val_set_size", "0", "--cache_dir", "", "--sample_prompts_file", "", "--output_dir"]
+            "--val_set_size", "0", "--cache_dir", "", "--sample_prompts_file", "", "--dtype", "float32", "--output_dir"]
     one = launch(0, [*args, str(tmp_path / "one"), "--micro_batch_size", "4"], script="dpo.py")
     two = launch(2, [*args, str(tmp_path / "two"), "--micro_batch_size", "2"], script="dpo.py")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
