@@ -222,7 +222,9 @@ class Attention(nn.Module):
         k = kernels.rope(k.transpose(1, 2), cos, sin)  # [B, KV, T, D]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, KV, S, D], S = cached + T
-        if self.softcap:  # Gemma 2: cap * tanh(scores / cap) before the mask; SDPA cannot do this
+        if isinstance(mask, PackedRows):  # packed rows on a GPU: flash attention over each document alone
+            y = varlen_attention(q, k, v, mask, self.scale)
+        elif self.softcap:  # Gemma 2: cap * tanh(scores / cap) before the mask; SDPA cannot do this
             k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))
             s = kernels.softcap((q @ k.transpose(-1, -2)) * self.scale, self.softcap)  # [B, H, T, S]
             if mask is not None:
@@ -292,6 +294,7 @@ class Transformer(nn.Module):
         self.reset_rope()
         self.gradient_checkpointing = False
         self.offload_activations = False  # with checkpointing: block inputs wait in host memory (kernels.Offload)
+        self.varlen = False  # packed rows on a GPU: flash varlen attention instead of a block-diagonal mask
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
@@ -325,8 +328,10 @@ class Transformer(nn.Module):
         S = offset + T
         need = attention_mask is not None or packed or (offset > 0 and T > 1)
         docs = position_ids.eq(0).cumsum(1) if packed else None  # [B, T] document index per token
-        masks = {}
-        for w in {c.sliding_window if layer.self_attn.sliding else None for layer in self.model.layers}:
+        masks, windows = {}, {c.sliding_window if layer.self_attn.sliding else None for layer in self.model.layers}
+        if self.varlen and packed and attention_mask is None and cache is None and varlen_usable(x, c, windows):
+            masks = packed_rows(position_ids, windows)  # no [B, 1, T, T] mask: varlen flash attention
+        for w in windows - set(masks):
             if need or (w and S > w):
                 masks[w] = attention_mask_for(B, T, offset, attention_mask, docs, w, x.device)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -369,6 +374,67 @@ def attention_mask_for(B, T, offset, attention_mask, docs, window, device):
     if docs is not None:
         m = m & (docs[:, None, :, None] == docs[:, None, None, :])
     return (m | (k == q)).expand(B, 1, T, offset + T)  # a padded row still sees itself: no NaN rows
+
+
+class PackedRows:
+    """Packed rows for varlen attention. The B rows are flattened to B*T tokens; cu [docs + 1] (int32)
+    holds where each document starts (a row start or a position 0), then B*T; max_len is the longest
+    document; window the sliding window (None: plain causal)."""
+
+    def __init__(self, cu, max_len, window):
+        self.cu, self.max_len, self.window = cu, max_len, window
+
+
+def packed_rows(position_ids, windows) -> dict:
+    B, T = position_ids.shape
+    starts = position_ids.eq(0)
+    starts[:, 0] = True
+    idx = starts.flatten().nonzero().flatten()
+    cu = torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())  # one host sync per forward, not per layer
+    return {w: PackedRows(cu, max_len, w) for w in windows}
+
+
+def _varlen_params():
+    try:  # torch >= 2.10; its arguments grew over releases, so read them off the signature
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, set()
+    import inspect
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+
+VARLEN, VARLEN_ARGS = _varlen_params()
+
+
+def varlen_usable(x, cfg, windows) -> bool:
+    """Flash varlen runs on CUDA in 16-bit, without Gemma 2's score softcap; a sliding window and a
+    non-default scale need a torch whose varlen_attn takes them."""
+    if VARLEN is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or cfg.attn_logit_softcapping:
+        return False
+    if windows != {None} and "window_size" not in VARLEN_ARGS:
+        return False
+    return "scale" in VARLEN_ARGS or not cfg.query_pre_attn_scalar
+
+
+def varlen_attention(q, k, v, rows: PackedRows, scale):
+    """q [B, H, T, D], k/v [B, KV, T, D] -> [B, H, T, D]: causal (windowed) attention inside each document
+    of the flattened rows; the reference is SDPA with attention_mask_for's block-diagonal mask."""
+    B, H, T, D = q.shape
+    if k.shape[1] != H and "enable_gqa" not in VARLEN_ARGS:  # older torch: one K/V head per query head
+        k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
+    q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v))  # [B*T, heads, D]
+    kw = {}
+    if "window_size" in VARLEN_ARGS:  # flash keeps keys j with i - left <= j <= i + right
+        kw["window_size"] = (-1 if rows.window is None else rows.window - 1, 0)
+    else:
+        kw["is_causal"] = True
+    if "scale" in VARLEN_ARGS:
+        kw["scale"] = scale
+    if "enable_gqa" in VARLEN_ARGS:
+        kw["enable_gqa"] = k.shape[1] != H
+    y = VARLEN(q, k, v, rows.cu, rows.cu, rows.max_len, rows.max_len, **kw)
+    return y.view(B, T, H, D).transpose(1, 2)
 
 
 class KVCache:

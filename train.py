@@ -53,6 +53,8 @@ class TrainConfig:
     max_len: int = F_(1024, "tokens per sample (and per packed row)")
     truncation: str = F_("truncate", "over-long samples: truncate | drop")
     packing: bool = F_(False, "pack samples into max_len rows (no attention across samples)")
+    varlen_attention: bool = F_(False, "packed rows on a GPU: varlen flash attention instead of a block-diagonal "
+                                       "mask (less GPU work, more CPU time per layer: see README)")
     val_set_size: float = F_(0.0, "fraction (<1) or count (>=1) of samples held out for eval loss")
     eval_file: str | None = F_(None, "a separate eval dataset file")
     cache_dir: str | None = F_("~/.cache/nanotune", "tokenized-dataset cache ('' to disable)")
@@ -204,6 +206,7 @@ def build_model(cfg, device, dtype):
         cfg.gradient_checkpointing
     model.offload_activations = (device.type == "cuda") if cfg.offload_activations is None else \
         cfg.offload_activations
+    model.varlen = cfg.varlen_attention
     return model
 
 

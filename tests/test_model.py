@@ -56,6 +56,45 @@ def test_packed_rows_equal_separate_sequences(arch, tmp_path):
     assert (packed - alone).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_packed_rows_train_like_separate_sequences(arch, tmp_path, monkeypatch):
+    """Packed rows give each document's hidden states and the same gradients as the documents one by
+    one: on a GPU through varlen flash attention (bf16; the test counts its calls), on CPU through
+    the block-diagonal mask (fp32). mistral has a sliding window of 5, shorter than the documents."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    make_hf_model(arch, tmp_path / "hf")
+    m = nt.load_model(str(tmp_path / "hf"), dtype=dtype, device=dev).train()
+    m.varlen = True
+    calls = []
+    if nt.VARLEN is not None:
+        monkeypatch.setattr(nt, "varlen_attention", lambda *a: calls.append(1) or VARLEN_ATTENTION(*a))
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, 128, (1, n), generator=g).to(dev) for n in (5, 11, 16, 9)]
+    ids = torch.cat([torch.cat(docs[:2], 1), docs[2], torch.cat([docs[3], docs[3][:, :7]], 1)])  # 3 rows of 16
+    pos = torch.stack([torch.cat([torch.arange(5), torch.arange(11)]), torch.arange(16),
+                       torch.cat([torch.arange(9), torch.arange(7)])]).to(dev)
+    w = torch.randn(3, 16, m.config.hidden_size, generator=g).to(dev, dtype)
+
+    def grads(loss):
+        m.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.float().flatten() for p in m.parameters() if p.grad is not None])  # not lm_head
+    h = m(ids, position_ids=pos)
+    packed = grads((h.float() * w.float()).sum())
+    hs = [m(d) for d in (*docs, docs[3][:, :7])]
+    alone = torch.cat([torch.cat(hs[:2], 1), hs[2], torch.cat(hs[3:], 1)])
+    separate = grads((alone.float() * w.float()).sum())
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    assert (h - alone).float().abs().max() <= tol * alone.float().abs().max()
+    assert (packed - separate).abs().max() <= tol * separate.abs().max()
+    if dev == "cuda" and nt.varlen_usable(h, m.config, {None}):
+        assert calls, "varlen attention was not used for packed rows on the GPU"
+
+
+VARLEN_ATTENTION = nt.varlen_attention
+
+
 def test_sharded_checkpoint_loads(tmp_path):
     make_hf_model("qwen2", tmp_path / "hf")
     m = nt.load_model(str(tmp_path / "hf"))
