@@ -4,7 +4,8 @@ on the same GPU with the same random-init checkpoint, shape and batch.
     python bench.py --shape 8b --mode lora --batch 4 --seq 2048          # all contenders that import
     python bench.py --shape 1b --mode qlora --contenders nanotune,unsloth
     python bench.py --kernels                                          # each kernel vs reference vs compile
-    torchrun --nproc_per_node=1 bench.py --shape 8b --mode full --contenders nanotune --fsdp
+    python bench.py --shape 8b --mode full --contenders nanotune --fsdp --nproc 2  # torchrun + FSDP2, per GPU
+    python bench.py --shape 70b --mode qlora --contenders nanotune --fsdp --nproc 2 --steps 3 --warmup 1
 
 Contenders: nanotune, hf_peft (transformers + PEFT, SDPA), hf_peft_liger (+ Liger kernels), hf_bnb_qlora
 (transformers + bitsandbytes + PEFT; --mode qlora), unsloth. Peers are skipped when they do not import
@@ -27,6 +28,8 @@ SHAPES = {  # Llama-3.1-8B and Llama-3.2-1B; tiny for a smoke run
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),  # Llama-3.1-70B
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),
 }
@@ -36,27 +39,45 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 APPLIES = {"lora": ("nanotune", "hf_peft", "hf_peft_liger", "unsloth"),
            "qlora": ("nanotune", "hf_bnb_qlora", "unsloth"),
            "full": ("nanotune", "hf_peft", "unsloth")}  # hf_peft in full mode is plain transformers
+IN_PLACE = {"70b"}  # no checkpoint (141 GB of bf16 outgrows the disk): nanotune --fsdp, random init on the GPUs
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16 FLOP/s (vendor spec)
 
 
+def shape_config(shape):
+    from model import Config
+    s = SHAPES[shape]
+    return Config(model_type="llama", head_dim=s["hidden_size"] // s["num_attention_heads"], rms_norm_eps=1e-5,
+                  rope_theta=500000.0, rope_scaling=ROPE, max_position_embeddings=131072, bos_token_id=1,
+                  eos_token_id=2, **s)
+
+
 def make_checkpoint(shape, path):
-    """One random-init checkpoint (HF layout, bf16) that every contender loads."""
-    from model import Config, Transformer, save_hf
+    """One random-init checkpoint (HF layout, bf16) that every contender loads: N(0, 0.02) matrices,
+    norm weights 1."""
+    from model import Transformer, save_hf
     if os.path.isfile(os.path.join(path, "config.json")):
         return save_bench_tokenizer(path)
-    s = SHAPES[shape]
-    cfg = Config(model_type="llama", head_dim=s["hidden_size"] // s["num_attention_heads"], rms_norm_eps=1e-5,
-                 rope_theta=500000.0, rope_scaling=ROPE, max_position_embeddings=131072, bos_token_id=1,
-                 eos_token_id=2, **s)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        m = Transformer(cfg).to(torch.bfloat16)
+        m = Transformer(shape_config(shape)).to(torch.bfloat16)
     with torch.no_grad():
         for p in m.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.02)
     save_hf(m, path)
     save_bench_tokenizer(path)
+
+
+def random_tensors(cfg, device):
+    """The same kind of init as make_checkpoint, made tensor by tensor on the GPU (seeded, so every rank
+    makes the same weights) for shapes whose checkpoint would not fit the disk."""
+    from model import Transformer
+    with torch.device("meta"):
+        names = [(n, p.shape) for n, p in Transformer(cfg).named_parameters()]
+    g = torch.Generator(device).manual_seed(0)
+    for n, shape in names:
+        t = torch.empty(shape, device=device, dtype=torch.bfloat16)
+        yield n, (t.normal_(0, 0.02, generator=g) if len(shape) == 2 else t.fill_(1.0))
 
 
 def save_bench_tokenizer(path):
@@ -87,27 +108,33 @@ def model_flops_per_token(cfg, mode, seq):
 
 # ---------------------------------------------------------------------------------------------
 # Workers: one contender, one process
-def load_contender(name, ckpt, mode, seq, fsdp=False):
-    """-> (model, step_fn(ids) -> loss tensor, trainable params)"""
+def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0):
+    """-> (model, step_fn(ids) -> loss tensor); ckpt None: random init in place (IN_PLACE shapes)"""
     if name.startswith("nanotune"):  # variants: -nooffload (block inputs stay on the GPU), -ref (PyTorch
-        import kernels                # references instead of the kernels), -flash (no cuDNN attention)
-        import lora
+        import kernels                # references instead of the kernels), -flash (no cuDNN attention),
+        import lora                   # -varlen (packed rows through varlen flash attention, not a mask)
         import quant
         import train
         from model import load_model
         kernels.use_triton("-ref" not in name)
         if "-flash" in name:  # SDPA without its cuDNN backend (flash attention instead)
             torch.backends.cuda.enable_cudnn_sdp(False)
-        q4 = lambda m: quant.prepare_4bit(m, storage=torch.bfloat16 if fsdp else torch.uint8)  # noqa: E731
-        m = load_model(ckpt, dtype=torch.bfloat16, device="cuda", prepare=q4 if mode == "qlora" else None)
-        if mode != "full":
-            lora.apply_lora(m, r=16, alpha=16, dropout=0.0)
+        if fsdp:  # as train.py under torchrun: LoRA + sharding on the meta model, each rank loads its shards
+            m = nanotune_fsdp(ckpt, mode, shape, offload="-nooffload" not in name)
+        else:
+            q4 = quant.prepare_4bit if mode == "qlora" else None
+            m = load_model(ckpt, dtype=torch.bfloat16, device="cuda", prepare=q4)
+            if mode != "full":
+                lora.apply_lora(m, r=16, alpha=16, dropout=0.0)
         m.gradient_checkpointing = True
         m.offload_activations = "-nooffload" not in name
+        m.varlen = "-varlen" in name
         m.train()
 
         def loss(ids):
             b = {"input_ids": ids, "labels": ids}
+            if doc_len:  # packed rows: documents of doc_len tokens, positions restart at each
+                b["position_ids"] = (torch.arange(ids.shape[1], device=ids.device) % doc_len).expand_as(ids)
             return m.run(train.token_loss_sum, b) / (ids.numel() - ids.shape[0])
         return m, loss
     import transformers
@@ -142,19 +169,33 @@ def load_contender(name, ckpt, mode, seq, fsdp=False):
     return m, loss
 
 
+def nanotune_fsdp(ckpt, mode, shape, offload):
+    import train
+    from model import Transformer, load_tensors
+    tc = train.TrainConfig(model=ckpt, lora=mode != "full", load_in_4bit=mode == "qlora", lora_alpha=16.0,
+                           lora_targets=TARGETS, gradient_checkpointing=True, offload_activations=offload)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    if ckpt is not None:
+        return train.build_model(tc, dev, torch.bfloat16)
+    with torch.device("meta"):
+        m = Transformer(shape_config(shape))
+    train.shard_on_meta(m, tc, dev, torch.bfloat16)
+    load_tensors(m, random_tensors(m.config, dev), torch.bfloat16, dev, f"random {shape}")
+    train.init_lora(m, 0)
+    return m
+
+
 def worker(a):
     torch.cuda.reset_peak_memory_stats()
     if a.fsdp:
         import dist
         dist.init()
-    m, loss_fn = load_contender(a.worker, a.ckpt, a.mode, a.seq, a.fsdp)
-    if a.fsdp:
-        import dist
-        dist.shard(m, torch.device("cuda", torch.cuda.current_device()))
+    ckpt = None if a.ckpt == "none" else a.ckpt
+    m, loss_fn = load_contender(a.worker, ckpt, a.mode, a.seq, a.fsdp, a.shape, a.doc_len)
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     g = torch.Generator(device="cuda").manual_seed(0)
-    vocab = json.load(open(os.path.join(a.ckpt, "config.json")))["vocab_size"]
+    vocab = SHAPES[a.shape]["vocab_size"]
     times, losses = [], []
     for i in range(a.warmup + a.steps):
         ids = torch.randint(0, vocab, (a.batch, a.seq), device="cuda", generator=g)
@@ -264,6 +305,7 @@ def main():
     p.add_argument("--contenders", default="nanotune,hf_peft,hf_peft_liger,hf_bnb_qlora,unsloth")
     p.add_argument("--ckpt_dir", default="/tmp/nanotune-bench")
     p.add_argument("--json", default="results/bench.json", help="append this run's rows to the file")
+    p.add_argument("--doc_len", type=int, default=0, help="nanotune: packed rows of documents this long (0: one per row)")
     p.add_argument("--fsdp", action="store_true", help="nanotune under torchrun + FSDP2")
     p.add_argument("--nproc", type=int, default=1, help="--fsdp: GPUs (processes); tokens/s is per GPU")
     p.add_argument("--kernels", action="store_true")
@@ -278,16 +320,20 @@ def main():
     if a.kernels:
         rows = bench_kernels()
         return save(a.json, gpu, [{"kernels": rows}])
-    ckpt = os.path.join(a.ckpt_dir, a.shape)
-    make_checkpoint(a.shape, ckpt)
+    if a.shape in IN_PLACE and (not a.fsdp or a.contenders != "nanotune"):
+        p.error(f"--shape {a.shape} runs only as --contenders nanotune --fsdp (it is initialised on the GPUs)")
+    ckpt = "none" if a.shape in IN_PLACE else os.path.join(a.ckpt_dir, a.shape)
+    if a.shape not in IN_PLACE:
+        make_checkpoint(a.shape, ckpt)
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     fpt = model_flops_per_token(SHAPES[a.shape], a.mode, a.seq)
     rows = []
     for c in a.contenders.split(","):
         if c not in APPLIES[a.mode] and not c.startswith("nanotune"):
             continue
-        cmd = [sys.executable, __file__, "--worker", c, "--ckpt", ckpt, "--mode", a.mode, "--batch", str(a.batch),
-               "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+        cmd = [sys.executable, __file__, "--worker", c, "--ckpt", ckpt, "--shape", a.shape, "--mode", a.mode,
+               "--batch", str(a.batch),
+               "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup), "--doc_len", str(a.doc_len)]
         if a.profile and c.startswith("nanotune"):
             cmd += ["--profile", f"{a.profile}.{c}.{a.shape}.{a.mode}.txt"]
         if a.fsdp and c.startswith("nanotune"):
@@ -306,7 +352,8 @@ def main():
             print(f"{c}: skipped ({err})", flush=True)
             continue
         res = json.loads(line[7:])
-        res.update(shape=a.shape, mode=a.mode + (f"+fsdp{a.nproc}" if a.fsdp and c.startswith("nanotune") else ""), batch=a.batch,
+        res.update(shape=a.shape, mode=a.mode + (f"+fsdp{a.nproc}" if a.fsdp and c.startswith("nanotune") else "") +
+                   (f"+docs{a.doc_len}" if a.doc_len and c.startswith("nanotune") else ""), batch=a.batch,
                    seq=a.seq, mfu=res["tokens_per_s"] * fpt / peak if peak else None, wall_s=round(time.time() - t0))
         rows.append(res)
         save(a.json, gpu, [res])  # row by row: a run cut short keeps what it measured
