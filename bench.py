@@ -316,7 +316,10 @@ def main():
     a = p.parse_args()
     if a.worker:
         return worker(a)
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        sys.exit("bench.py measures on a CUDA GPU and none is visible here; run it on a GPU machine "
+                 "(the tests in tests/ are the CPU check).")
+    gpu = torch.cuda.get_device_name()
     if a.kernels:
         rows = bench_kernels()
         return save(a.json, gpu, [{"kernels": rows}])
