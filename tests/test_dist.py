@@ -1,6 +1,6 @@
 """torchrun + FSDP2 on CPU (gloo): two processes train exactly like one, sharded checkpoints resume at
 another world size, a crash on one rank ends the job. On a machine with two or more GPUs the same tests
-run on the GPUs (NCCL), in fp32."""
+run on the GPUs (NCCL), in fp32; with one GPU they stay on the CPU (two ranks need two GPUs)."""
 import json
 import os
 import re
@@ -24,9 +24,13 @@ def setup_dir(tmp_path_factory):
     return d
 
 
+GPUS = torch.cuda.device_count() >= 2
+WHERE = ["--dtype", "float32"] + ([] if GPUS else ["--device", "cpu"])
+
+
 def common(d, out, *extra):
     return ["--model", str(d / "m"), "--datasets", str(d / "d.jsonl"), "--max_steps", "6", "--lr", "1e-2",
-            "--sample_prompts_file", "", "--cache_dir", "", "--save_steps", "3", "--dtype", "float32",
+            "--sample_prompts_file", "", "--cache_dir", "", "--save_steps", "3", *WHERE,
             "--output_dir", str(out), *extra]
 
 
@@ -47,7 +51,7 @@ def losses(out):
 
 # CPU: the same fp32 sums in another order. GPUs: cuBLAS picks other kernels for other batch shapes, and
 # NCCL sums in its own order, so the curves drift further apart (still fp32).
-REL = 1e-3 if torch.cuda.is_available() else 1e-5
+REL = 1e-3 if GPUS else 1e-5
 
 
 def close(a, b, rel=REL):
@@ -131,7 +135,7 @@ def test_dpo_two_processes_equal_one(setup_dir, tmp_path, loss):
     (KTO is left out: its KL estimate pairs prompts with completions inside each micro-batch, so the
     estimate itself depends on how the batch is split; its batch mean is taken over ranks, as TRL does.)"""
     args = ["--model", str(setup_dir / "m"), "--datasets", "examples/preferences.jsonl", "--loss", loss, "--max_steps", "4", "--lr", "1e-2",
-            "--val_set_size", "0", "--cache_dir", "", "--sample_prompts_file", "", "--dtype", "float32", "--output_dir"]
+            "--val_set_size", "0", "--cache_dir", "", "--sample_prompts_file", "", *WHERE, "--output_dir"]
     one = launch(0, [*args, str(tmp_path / "one"), "--micro_batch_size", "4"], script="dpo.py")
     two = launch(2, [*args, str(tmp_path / "two"), "--micro_batch_size", "2"], script="dpo.py")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
