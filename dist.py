@@ -68,10 +68,6 @@ def all_sums(xs: list) -> list:
     return all_sum_tensor(t).tolist()
 
 
-def all_sum(x: float | int) -> float:
-    return all_sums([x])[0]
-
-
 def barrier():
     if is_dist():
         dist.barrier()

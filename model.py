@@ -21,6 +21,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -327,10 +328,10 @@ class Transformer(nn.Module):
         cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()  # [B, T, rot]
         S = offset + T
         need = attention_mask is not None or packed or (offset > 0 and T > 1)
-        docs = position_ids.eq(0).cumsum(1) if packed else None  # [B, T] document index per token
         masks, windows = {}, {c.sliding_window if layer.self_attn.sliding else None for layer in self.model.layers}
         if self.varlen and packed and attention_mask is None and cache is None and varlen_usable(x, c, windows):
             masks = packed_rows(position_ids, windows)  # no [B, 1, T, T] mask: varlen flash attention
+        docs = position_ids.eq(0).cumsum(1) if packed and not masks else None  # [B, T] document index per token
         for w in windows - set(masks):
             if need or (w and S > w):
                 masks[w] = attention_mask_for(B, T, offset, attention_mask, docs, w, x.device)
@@ -376,13 +377,13 @@ def attention_mask_for(B, T, offset, attention_mask, docs, window, device):
     return (m | (k == q)).expand(B, 1, T, offset + T)  # a padded row still sees itself: no NaN rows
 
 
-class PackedRows:
+class PackedRows(NamedTuple):
     """Packed rows for varlen attention. The B rows are flattened to B*T tokens; cu [docs + 1] (int32)
     holds where each document starts (a row start or a position 0), then B*T; max_len is the longest
     document; window the sliding window (None: plain causal)."""
-
-    def __init__(self, cu, max_len, window):
-        self.cu, self.max_len, self.window = cu, max_len, window
+    cu: torch.Tensor
+    max_len: int
+    window: int | None
 
 
 def packed_rows(position_ids, windows) -> dict:

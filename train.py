@@ -298,8 +298,10 @@ class SFT:
 def accumulate(model, micro_batches, task):
     """Backward over micro-batches. Each micro-batch's summed loss is divided by the count of the
     whole step (trained tokens for SFT, pairs for DPO), so any micro-batch x accumulation split gives
-    the same loss and gradient. Returns (loss, count, metrics averaged the same way)."""
-    total = dist.all_sum(sum(task.count(b) for b in micro_batches))  # over every rank: the global count
+    the same loss and gradient. Returns (loss, count, input tokens, metrics averaged the same way), the
+    count and tokens summed over every rank (one collective, before backward needs the global count)."""
+    total, tokens = dist.all_sums([sum(task.count(b) for b in micro_batches),
+                                   sum(b["input_ids"].numel() for b in micro_batches)])
     W = dist.world()
     loss, metrics = 0.0, {}
     for b in micro_batches:
@@ -312,18 +314,18 @@ def accumulate(model, micro_batches, task):
     if dist.is_dist():  # the loss and every metric in one collective
         loss, *vals = dist.all_sums([loss, *metrics.values()])
         metrics = dict(zip(metrics, vals))
-    return loss, total, metrics
+    return loss, total, tokens, metrics
 
 
 def train_step(model, opt, sched, micro_batches, task, max_grad_norm):
-    """accumulate -> clip -> AdamW step -> schedule step; returns (loss, grad norm, count, metrics)."""
-    loss, total, metrics = accumulate(model, micro_batches, task)
+    """accumulate -> clip -> AdamW step -> schedule step; returns (loss, grad norm, count, tokens, metrics)."""
+    loss, total, tokens, metrics = accumulate(model, micro_batches, task)
     params = [p for p in model.parameters() if p.requires_grad]
     norm = dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return loss, float(norm), total, metrics
+    return loss, float(norm), total, tokens, metrics
 
 
 @torch.no_grad()
@@ -547,8 +549,8 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
     for step in range(start + 1, steps + 1):
         micro = [to_device(task.collate([rows[i] for i in rank_slice(sampler.next(), R, W)], tok), device)
                  for _ in range(cfg.grad_accum)]
-        loss, gnorm, count, mets = train_step(model, opt, sched, micro, task, cfg.max_grad_norm)
-        tokens_seen += dist.all_sum(sum(b["input_ids"].numel() for b in micro))  # a no-op on one process
+        loss, gnorm, count, tokens, mets = train_step(model, opt, sched, micro, task, cfg.max_grad_norm)
+        tokens_seen += tokens
         tps = tokens_seen / (time.time() - t0)
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
         bar.update(1)

@@ -66,9 +66,8 @@ def test_packed_rows_train_like_separate_sequences(arch, tmp_path, monkeypatch):
     make_hf_model(arch, tmp_path / "hf")
     m = nt.load_model(str(tmp_path / "hf"), dtype=dtype, device=dev).train()
     m.varlen = True
-    calls = []
-    if nt.VARLEN is not None:
-        monkeypatch.setattr(nt, "varlen_attention", lambda *a: calls.append(1) or VARLEN_ATTENTION(*a))
+    calls, varlen = [], nt.varlen_attention
+    monkeypatch.setattr(nt, "varlen_attention", lambda *a: calls.append(1) or varlen(*a))
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(3, 128, (1, n), generator=g).to(dev) for n in (5, 11, 16, 9)]
     ids = torch.cat([torch.cat(docs[:2], 1), docs[2], torch.cat([docs[3], docs[3][:, :7]], 1)])  # 3 rows of 16
@@ -90,9 +89,6 @@ def test_packed_rows_train_like_separate_sequences(arch, tmp_path, monkeypatch):
     assert (packed - separate).abs().max() <= tol * separate.abs().max()
     if dev == "cuda" and nt.varlen_usable(h, m.config, {None}):
         assert calls, "varlen attention was not used for packed rows on the GPU"
-
-
-VARLEN_ATTENTION = nt.varlen_attention
 
 
 def test_sharded_checkpoint_loads(tmp_path):

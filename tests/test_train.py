@@ -43,7 +43,7 @@ def test_accumulation_splits_give_same_loss_and_gradients(tmp_path, full):
     for mb, acc in [(4, 1), (1, 4), (2, 2)]:
         m = nt.load_model(str(tmp_path)).train() if full else lora_model(tmp_path)
         micro = [data.collate(samples[i * mb : (i + 1) * mb], 0) for i in range(acc)]
-        loss, _, _ = train.accumulate(m, micro, train.SFT())
+        loss, _, _, _ = train.accumulate(m, micro, train.SFT())
         grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
         results.append((loss, grads))
     (l0, g0) = results[0]
