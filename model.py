@@ -16,6 +16,7 @@ Gemma 2 (arXiv:2408.00118); GGUF: github.com/ggml-org/ggml/blob/master/docs/gguf
     ids = generate(model, tok, tok.chat([{"role": "user", "content": "Hi"}]), max_new_tokens=32)
 """
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -396,45 +397,48 @@ def packed_rows(position_ids, windows) -> dict:
     return {w: PackedRows(cu, max_len, w) for w in windows}
 
 
-def _varlen_params():
-    try:  # torch >= 2.10; its arguments grew over releases, so read them off the signature
+@functools.cache
+def _varlen():
+    """(torch's varlen_attn, its argument names), or (None, set()) before torch 2.10. Imported on first
+    use, not with this module: it pulls in torch._dynamo (a second of start-up, and threads that made
+    torchrun workers abort at exit now and then)."""
+    try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None, set()
     import inspect
-    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
-
-
-VARLEN, VARLEN_ARGS = _varlen_params()
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)  # the arguments grew over releases
 
 
 def varlen_usable(x, cfg, windows) -> bool:
     """Flash varlen runs on CUDA in 16-bit, without Gemma 2's score softcap; a sliding window and a
     non-default scale need a torch whose varlen_attn takes them."""
-    if VARLEN is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or cfg.attn_logit_softcapping:
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or cfg.attn_logit_softcapping:
         return False
-    if windows != {None} and "window_size" not in VARLEN_ARGS:
+    fn, args = _varlen()
+    if fn is None or (windows != {None} and "window_size" not in args):
         return False
-    return "scale" in VARLEN_ARGS or not cfg.query_pre_attn_scalar
+    return "scale" in args or not cfg.query_pre_attn_scalar
 
 
 def varlen_attention(q, k, v, rows: PackedRows, scale):
     """q [B, H, T, D], k/v [B, KV, T, D] -> [B, H, T, D]: causal (windowed) attention inside each document
     of the flattened rows; the reference is SDPA with attention_mask_for's block-diagonal mask."""
     B, H, T, D = q.shape
-    if k.shape[1] != H and "enable_gqa" not in VARLEN_ARGS:  # older torch: one K/V head per query head
+    varlen_attn, args = _varlen()
+    if k.shape[1] != H and "enable_gqa" not in args:  # older torch: one K/V head per query head
         k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
     q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v))  # [B*T, heads, D]
     kw = {}
-    if "window_size" in VARLEN_ARGS:  # flash keeps keys j with i - left <= j <= i + right
+    if "window_size" in args:  # flash keeps keys j with i - left <= j <= i + right
         kw["window_size"] = (-1 if rows.window is None else rows.window - 1, 0)
     else:
         kw["is_causal"] = True
-    if "scale" in VARLEN_ARGS:
+    if "scale" in args:
         kw["scale"] = scale
-    if "enable_gqa" in VARLEN_ARGS:
+    if "enable_gqa" in args:
         kw["enable_gqa"] = k.shape[1] != H
-    y = VARLEN(q, k, v, rows.cu, rows.cu, rows.max_len, rows.max_len, **kw)
+    y = varlen_attn(q, k, v, rows.cu, rows.cu, rows.max_len, rows.max_len, **kw)
     return y.view(B, T, H, D).transpose(1, 2)
 
 
