@@ -12,6 +12,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 try:  # Triton runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (the CI tests)
@@ -501,15 +502,20 @@ def lora_linear(x, weight_fns, biases, scalings, As, Bs, value=True):
     """[y_i] for projections sharing x (see above): the fused Function wherever kernels are on (plain
     PyTorch, so CPU tensors work too), else the reference (which ignores `value`)."""
     if _TRITON:
-        cache = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        cache = not _distributed()
         return list(_LoRALinear.apply(x, list(weight_fns), list(biases), list(scalings), value, cache, *As, *Bs))
     return lora_linear_ref(x, weight_fns, biases, scalings, As, Bs)
 
 
 # ---------------------------------------------------------------------------------------------
-# Recompute hints. model.py checkpoints each block with context_fn=recompute_context, so code can tell
-# the recompute (for backward) from the real forward. In a block y = h + down_proj(a), backward needs
-# down_proj's gradient path but never its output: inside `value_unused()`, a projection that can (the
+# Per-block activation checkpointing, and recompute hints. A checkpointed block runs once without autograd
+# (it builds no graph and saves nothing but its input x), then again in backward, with autograd and inside
+# the recompute hint, and backward goes through that second run. torch.utils.checkpoint (non-reentrant)
+# builds the whole graph in the first forward as well and keeps per-tensor bookkeeping: at small shapes
+# that CPU time bounds the step. Under FSDP blocks keep torch.utils.checkpoint, whose recompute happens
+# inside the outer backward where FSDP2's hooks expect it.
+# The hint lets code tell the recompute from the real forward. In a block y = h + down_proj(a), backward
+# needs down_proj's gradient path but never its output: inside `value_unused()`, a projection that can (the
 # fused LoRA path) skips its base GEMM during the recompute - about a quarter of a block's matmul FLOPs.
 _HINTS = {"recompute": False, "unused": False}
 
@@ -534,6 +540,51 @@ def value_unused(on=True):
 
 def skip_value() -> bool:
     return _HINTS["recompute"] and _HINTS["unused"]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _block_grads(fn, x, dy, args, params, need_x):
+    """Run fn(x, *args) again with autograd, inside the recompute hint, and go backward through it:
+    -> (dx or None, d param_1, ...) for the parameters that require grad."""
+    x = x.detach().requires_grad_(need_x)
+    with torch.enable_grad(), _hint("recompute"):
+        y = fn(x, *args)
+    gs = torch.autograd.grad(y, ([x] if need_x else []) + params, dy, allow_unused=True)
+    return (None,) * (not need_x) + gs
+
+
+class _Recompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, opts, x, *rest):
+        n, rng = opts  # rest: n args (cos, sin, mask: shared by every block), then fn's trainable params
+        ctx.fn, ctx.args, ctx.params = fn, rest[:n], list(rest[n:])
+        # with dropout in the block, the recompute must draw the same masks: keep the RNG state
+        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None) if rng else None
+        ctx.save_for_backward(x)  # the only tensor kept (Offload's hooks may move it to the host)
+        return fn(x, *ctx.args)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else [], enabled=ctx.rng is not None):
+            if ctx.rng is not None:
+                torch.set_rng_state(ctx.rng[0])
+                if ctx.rng[1] is not None:
+                    torch.cuda.set_rng_state(ctx.rng[1], x.device)
+            grads = _block_grads(ctx.fn, x, dy, ctx.args, ctx.params, ctx.needs_input_grad[2])
+        return (None, None, grads[0], *[None] * len(ctx.args), *grads[1:])
+
+
+def checkpoint(fn, x, *args, rng=False):
+    """fn(x, *args) keeping only x for backward, which runs fn again (see above). rng: fn draws random
+    numbers (dropout) that the recompute must repeat."""
+    if _distributed():
+        return torch.utils.checkpoint.checkpoint(fn, x, *args, use_reentrant=False, context_fn=recompute_context)
+    params = [p for p in fn.parameters() if p.requires_grad]
+    return _Recompute.apply(fn, (len(args), rng), x, *args, *params)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -338,13 +338,13 @@ class Transformer(nn.Module):
                 masks[w] = attention_mask_for(B, T, offset, attention_mask, docs, w, x.device)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         offload = kernels.Offload(x.device) if ckpt and self.offload_activations else None
+        dropout = ckpt and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.model.layers.modules())
         last = self.model.layers[-1]
         for layer in self.model.layers:
             mask = masks.get(c.sliding_window if layer.self_attn.sliding else None)
             if ckpt:  # keep only the block input (on the host with offload); recompute the rest in backward
                 with offload.saving(x) if offload and layer is not last else contextlib.nullcontext():
-                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False,
-                                                          context_fn=kernels.recompute_context)
+                    x = kernels.checkpoint(layer, x, cos, sin, mask, rng=dropout)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:

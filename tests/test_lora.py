@@ -92,6 +92,29 @@ def test_adapter_for_another_base_fails_clearly(tmp_path):
         lora.load_adapter(nt.load_model(str(tmp_path / "b")), str(tmp_path / "ad"))
 
 
+def test_checkpointing_with_dropout_repeats_the_masks(tmp_path):
+    """With LoRA dropout, checkpointed blocks draw the same dropout masks when they recompute in backward:
+    loss and every adapter gradient equal those of the run without checkpointing, from the same seed."""
+    make_hf_model("llama", tmp_path)
+    ids = torch.randint(3, 128, (2, 12))
+    results = []
+    for ckpt in (False, True):
+        m = nt.load_model(str(tmp_path))
+        torch.manual_seed(0)
+        lora.apply_lora(m, r=4, alpha=8, dropout=0.3)
+        randomise_adapters(m)
+        m.train()
+        m.gradient_checkpointing = ckpt
+        torch.manual_seed(1)
+        loss = m.logits(m(ids)).float().logsumexp(-1).sum()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = results
+    assert l0 == l1 and g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n
+
+
 @pytest.mark.parametrize("arch,four_bit", [("qwen2", False), ("llama", True), ("gemma2", False)])
 def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp_path, monkeypatch):
     """The training path (fused q/k/v and gate/up projections, block checkpointing whose recompute skips
