@@ -343,8 +343,8 @@ def main():
         if c not in APPLIES[a.mode] and not c.startswith("nanotune"):
             continue
         cmd = [sys.executable, __file__, "--worker", c, "--ckpt", ckpt, "--shape", a.shape, "--mode", a.mode,
-               "--batch", str(a.batch),
-               "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup), "--doc_len", str(a.doc_len)]
+               "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup),
+               "--doc_len", str(a.doc_len)]
         if a.profile:
             cmd += ["--profile", f"{a.profile}.{c}.{a.shape}.{a.mode}.txt"]
         if a.fsdp and c.startswith("nanotune"):

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import dist
+
 try:  # Triton runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (the CI tests)
     import triton
     import triton.language as tl
@@ -502,7 +504,7 @@ def lora_linear(x, weight_fns, biases, scalings, As, Bs, value=True):
     """[y_i] for projections sharing x (see above): the fused Function wherever kernels are on (plain
     PyTorch, so CPU tensors work too), else the reference (which ignores `value`)."""
     if _TRITON:
-        cache = not _distributed()
+        cache = not dist.is_dist()
         return list(_LoRALinear.apply(x, list(weight_fns), list(biases), list(scalings), value, cache, *As, *Bs))
     return lora_linear_ref(x, weight_fns, biases, scalings, As, Bs)
 
@@ -542,10 +544,6 @@ def skip_value() -> bool:
     return _HINTS["recompute"] and _HINTS["unused"]
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def _block_grads(fn, x, dy, args, params, need_x):
     """Run fn(x, *args) again with autograd, inside the recompute hint, and go backward through it:
     -> (dx or None, d param_1, ...) for the parameters that require grad."""
@@ -581,7 +579,7 @@ class _Recompute(torch.autograd.Function):
 def checkpoint(fn, x, *args, rng=False):
     """fn(x, *args) keeping only x for backward, which runs fn again (see above). rng: fn draws random
     numbers (dropout) that the recompute must repeat."""
-    if _distributed():
+    if dist.is_dist():
         return torch.utils.checkpoint.checkpoint(fn, x, *args, use_reentrant=False, context_fn=recompute_context)
     params = [p for p in fn.parameters() if p.requires_grad]
     return _Recompute.apply(fn, (len(args), rng), x, *args, *params)
