@@ -360,6 +360,20 @@ if triton is not None:
             tl.store(zp + cols, g.to(Z.dtype.element_ty), mask=cols < V)
 
 
+def _addmm_fp32(acc, a, b):
+    """acc += a @ b for an fp32 acc and bf16/fp16 a, b: on CUDA (torch >= 2.8) one GEMM writing fp32, else
+    through a half-precision temporary (the GEMM accumulates in fp32 inside either way)."""
+    if acc.is_cuda and a.dtype != acc.dtype and _OUT_DTYPE[0]:
+        try:
+            return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        except RuntimeError:  # raised before any work: this build has no such GEMM for these dtypes
+            _OUT_DTYPE[0] = False
+    acc += a @ b
+
+
+_OUT_DTYPE = [hasattr(torch.ops.aten.addmm, "dtype_out")]
+
+
 class _LinearCE(torch.autograd.Function):
     """Summed cross-entropy of softcap(h W^T) without the full logits: tokens go through in chunks sized
     like h itself; each chunk's logits become their own gradient in place (Triton), then
@@ -383,7 +397,7 @@ class _LinearCE(torch.autograd.Function):
             loss += rows.sum()
             torch.mm(z, w, out=dh[i : i + chunk])
             if dw is not None:
-                dw += z.t() @ hc  # bf16 GEMM (fp32 accumulate inside), summed over chunks in fp32
+                _addmm_fp32(dw, z.t(), hc)  # summed over chunks in fp32
         ctx.save_for_backward(dh, dw if dw is not None else loss)
         ctx.has_dw, ctx.w_dtype = dw is not None, w.dtype
         return loss
@@ -500,6 +514,33 @@ class _LoRALinear(torch.autograd.Function):
         return (dx.view_as(x), None, None, None, None, None, *dAs, *dBs)  # autograd casts to the params' dtype
 
 
+# A plain linear layer with a manual backward, so that a recompute can skip its GEMM (full fine-tuning's
+# down_proj, or a frozen one LoRA does not target; see the recompute hints below):
+#   y = x W^T + b      dx = dy W      dW = dy^T x      db = sum_rows dy
+# It saves (x, W) like F.linear does, whether or not it computes y.
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, value):
+        ctx.save_for_backward(x, w)
+        return F.linear(x, w, b) if value else x.new_empty(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # [N, O], [N, C]
+        need = ctx.needs_input_grad
+        return ((dy2 @ w).view_as(x) if need[0] else None, dy2.t() @ x2 if need[1] else None,
+                dy2.sum(0) if need[2] else None, None)
+
+
+def linear(mod, x):
+    """mod(x); a plain nn.Linear goes through _Linear where kernels are on, skipping its GEMM inside
+    value_unused() during a recompute. Other module types (LoRA, 4-bit) are called as they are."""
+    if _TRITON and type(mod) is torch.nn.Linear:
+        return _Linear.apply(x, mod.weight, mod.bias, not skip_value())
+    return mod(x)
+
+
 def lora_linear(x, weight_fns, biases, scalings, As, Bs, value=True):
     """[y_i] for projections sharing x (see above): the fused Function wherever kernels are on (plain
     PyTorch, so CPU tensors work too), else the reference (which ignores `value`)."""
@@ -518,7 +559,8 @@ def lora_linear(x, weight_fns, biases, scalings, As, Bs, value=True):
 # inside the outer backward where FSDP2's hooks expect it.
 # The hint lets code tell the recompute from the real forward. In a block y = h + down_proj(a), backward
 # needs down_proj's gradient path but never its output: inside `value_unused()`, a projection that can (the
-# fused LoRA path) skips its base GEMM during the recompute - about a quarter of a block's matmul FLOPs.
+# fused LoRA path, `linear`) skips its base GEMM during the recompute - about a quarter of a block's matmul
+# FLOPs in the recompute.
 _HINTS = {"recompute": False, "unused": False}
 
 

@@ -253,7 +253,7 @@ class MLP(nn.Module):
         may skip computing it (kernels.value_unused)."""
         h = kernels.gated_act(*shared_input(x, self.gate_proj, self.up_proj), self.act)
         with kernels.value_unused(residual):
-            return self.down_proj(h)
+            return kernels.linear(self.down_proj, h)
 
 
 class Block(nn.Module):

@@ -119,6 +119,30 @@ def test_lora_linear_skipped_value_keeps_every_gradient(monkeypatch):
         assert torch.equal(g1, g2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_with_manual_backward(dtype, monkeypatch):
+    """kernels.linear (full fine-tuning's down_proj) against F.linear: output and the x, W, b gradients;
+    with the value skipped (a recompute) the gradients are bit-identical."""
+    monkeypatch.setattr(kernels, "_TRITON", True)
+    lin = torch.nn.Linear(123, 45).to(DEV)
+    x = randn(3, 7, 123, seed=1)
+    check(lambda x, w, b: kernels._Linear.apply(x, w, b, True), torch.nn.functional.linear,
+          [x, lin.weight.detach(), lin.bias.detach()], dtype)
+    grads, gemms, plain = [], [], torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: gemms.append(1) or plain(*a))
+    for value in (True, False):
+        xs = x.to(dtype).requires_grad_()
+        m = torch.nn.Linear(123, 45, device=DEV, dtype=dtype)
+        m.load_state_dict(lin.state_dict())
+        with kernels._hint("recompute"), kernels.value_unused(not value):
+            y = kernels.linear(m, xs)
+        y.backward(randn(3, 7, 45, seed=2).to(dtype))
+        grads.append([xs.grad, m.weight.grad, m.bias.grad])
+    assert len(gemms) == 1  # the recompute skipped the forward GEMM
+    for g1, g2 in zip(*grads):
+        assert torch.equal(g1, g2)
+
+
 @pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
 def test_thirty_steps_with_kernels_on_and_off_follow_one_loss_curve(mode, tmp_path, monkeypatch):
     """30 training steps of a small Llama with the kernels on and with the PyTorch references give the same
