@@ -308,16 +308,29 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
 #   loss = sum_t [ logsumexp(z_t) - z_t[y_t] ],  z_t = softcap(W h_t),  over tokens with y_t != ignore
 # The reference walks the tokens in chunks and recomputes each chunk's logits in backward
 # (activation checkpointing), so at most one chunk of logits is alive at a time.
-def linear_cross_entropy_ref(h, weight, labels, softcap_value=None, ignore_index=-100, chunk=4096):
-    """h [N, C], weight [V, C], labels [N] -> summed loss (fp32 scalar)."""
+def trained_rows(labels, ignore_index=-100):
+    """Indices of the tokens that train (labels != ignore_index). Finding them makes the CPU wait for the
+    GPU (the count decides a shape): do it before the forward, while the GPU queue is short, and pass
+    `rows` to linear_cross_entropy; inside the loss the wait would drain a queue the CPU built up ahead."""
+    return (labels != ignore_index).nonzero().squeeze(1)
+
+
+def _kept(h, labels, ignore_index, rows):
+    """Untrained tokens never reach the projection. index_select (not a boolean mask) so that neither the
+    gather nor its backward (index_add) waits for the GPU."""
+    rows = trained_rows(labels, ignore_index) if rows is None else rows
+    return h.index_select(0, rows), labels.index_select(0, rows)
+
+
+def linear_cross_entropy_ref(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None, chunk=4096):
+    """h [N, C], weight [V, C], labels [N] -> summed loss (fp32 scalar). rows: trained_rows(labels), if known."""
     from torch.utils.checkpoint import checkpoint
 
     def part(hc, yc):
         z = softcap(hc @ weight.t(), softcap_value).float()
-        return F.cross_entropy(z, yc, ignore_index=ignore_index, reduction="sum")
+        return F.cross_entropy(z, yc, reduction="sum")
 
-    keep = labels != ignore_index  # drop untrained tokens before the projection
-    h, labels = h[keep], labels[keep]
+    h, labels = _kept(h, labels, ignore_index, rows)
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
         hc, yc = h[i : i + chunk], labels[i : i + chunk]
@@ -408,15 +421,15 @@ class _LinearCE(torch.autograd.Function):
         return dh * g.to(dh.dtype), (dw * g).to(ctx.w_dtype) if ctx.has_dw else None, None, None
 
 
-def linear_cross_entropy_triton(h, weight, labels, softcap_value=None, ignore_index=-100):
-    keep = labels != ignore_index  # untrained tokens never reach the projection
-    return _LinearCE.apply(h[keep], weight, labels[keep], softcap_value)
+def linear_cross_entropy_triton(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None):
+    h, labels = _kept(h, labels, ignore_index, rows)
+    return _LinearCE.apply(h, weight, labels, softcap_value)
 
 
-def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-100):
+def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None):
     if _TRITON and h.is_cuda:
-        return linear_cross_entropy_triton(h, weight, labels, softcap_value, ignore_index)
-    return linear_cross_entropy_ref(h, weight, labels, softcap_value, ignore_index)
+        return linear_cross_entropy_triton(h, weight, labels, softcap_value, ignore_index, rows)
+    return linear_cross_entropy_ref(h, weight, labels, softcap_value, ignore_index, rows)
 
 
 # ---------------------------------------------------------------------------------------------

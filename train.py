@@ -245,13 +245,15 @@ def init_lora(model, seed):
 
 def token_loss_sum(model, batch):
     """Summed next-token cross-entropy over trained tokens: position t predicts labels[t + 1]."""
+    y = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE).reshape(-1)  # [B*T] target of each position
+    rows = kernels.trained_rows(y, IGNORE)  # before the forward: found later, it would stall the GPU queue
     h = model.forward(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       position_ids=batch.get("position_ids"))
-    h, y = h[:, :-1].reshape(-1, h.shape[-1]), batch["labels"][:, 1:].reshape(-1)
+    h = h.reshape(-1, h.shape[-1])  # [B*T, C]
     head = model.lm_head
     if type(head) is nn.Linear:
-        return kernels.linear_cross_entropy(h, head.weight, y, model.config.final_logit_softcapping, IGNORE)
-    return F.cross_entropy(model.logits(h).float(), y, ignore_index=IGNORE, reduction="sum")
+        return kernels.linear_cross_entropy(h, head.weight, y, model.config.final_logit_softcapping, IGNORE, rows)
+    return F.cross_entropy(model.logits(h.index_select(0, rows)).float(), y.index_select(0, rows), reduction="sum")
 
 
 def n_trained(batch):

@@ -81,6 +81,9 @@ def test_linear_cross_entropy(dtype, cap):
     y[::5] = -100  # untrained tokens
     check(lambda a, b: kernels.linear_cross_entropy_triton(a, b, y, cap)[None],
           lambda a, b: kernels.linear_cross_entropy_ref(a, b, y, cap)[None], [h, w], dtype)
+    rows = kernels.trained_rows(y)  # found ahead by the caller: the same loss
+    assert len(rows) == N - 9 and torch.equal(kernels.linear_cross_entropy_triton(h, w, y, cap, rows=rows),
+                                              kernels.linear_cross_entropy_triton(h, w, y, cap))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -181,6 +184,36 @@ def test_thirty_steps_with_kernels_on_and_off_follow_one_loss_curve(mode, tmp_pa
     assert on[-5:].mean() < off[0] - 0.1  # it trains
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     assert ((on - off).abs() / off).max() < tol, (off.tolist(), on.tolist())
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="host-device syncs exist only with a GPU")
+def test_training_step_never_waits_for_the_gpu(tmp_path, monkeypatch):
+    """Once the trained rows are known (train.token_loss_sum finds them before the forward), forward and
+    backward of the SFT loss make no host-device sync: a sync drains the queue of kernels the CPU has
+    launched ahead, and a small model's step is CPU-bound. Checkpointing, offload and the fused loss on."""
+    from conftest import make_hf_model
+    import lora
+    import model as nt
+    import train
+    make_hf_model("llama", tmp_path, num_hidden_layers=3)
+    m = nt.load_model(str(tmp_path), dtype=torch.bfloat16, device=DEV)
+    lora.apply_lora(m, r=8)
+    m.train()
+    m.gradient_checkpointing = m.offload_activations = True
+    ids = torch.randint(3, 128, (2, 33), device=DEV)
+    labels = ids.clone()
+    labels[:, :7] = -100  # a prompt that does not train
+    batch = {"input_ids": ids, "labels": labels}
+    m.run(train.token_loss_sum, batch).backward()  # warm-up: compile kernels, pin host buffers
+    y = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    rows = kernels.trained_rows(y)
+    monkeypatch.setattr(kernels, "trained_rows", lambda *a: rows)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        m.run(train.token_loss_sum, batch).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("offload", [False, True])
