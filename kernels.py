@@ -373,18 +373,18 @@ if triton is not None:
             tl.store(zp + cols, g.to(Z.dtype.element_ty), mask=cols < V)
 
 
+_OUT_DTYPE = [hasattr(torch.ops.aten.addmm, "dtype_out")]  # addmm(..., out_dtype=) exists (torch >= 2.8)
+
+
 def _addmm_fp32(acc, a, b):
-    """acc += a @ b for an fp32 acc and bf16/fp16 a, b: on CUDA (torch >= 2.8) one GEMM writing fp32, else
-    through a half-precision temporary (the GEMM accumulates in fp32 inside either way)."""
+    """acc += a @ b for an fp32 acc and bf16/fp16 a, b: on CUDA one GEMM writing fp32, else through a
+    half-precision temporary (the GEMM accumulates in fp32 inside either way)."""
     if acc.is_cuda and a.dtype != acc.dtype and _OUT_DTYPE[0]:
         try:
             return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
         except RuntimeError:  # raised before any work: this build has no such GEMM for these dtypes
             _OUT_DTYPE[0] = False
     acc += a @ b
-
-
-_OUT_DTYPE = [hasattr(torch.ops.aten.addmm, "dtype_out")]
 
 
 class _LinearCE(torch.autograd.Function):
@@ -471,8 +471,10 @@ def _lora_weights(As, Bs, scalings, dt, cache=True):
     hit = _CASTS.get(key) if cache else None
     if hit is None or hit[2] != _OPT_STEPS[0] or any(r() is not t for r, t in zip(hit[0], ts)) or \
             hit[1] != [t._version for t in ts] or hit[3].dtype != dt:
-        hit = ([weakref.ref(t) for t in ts], [t._version for t in ts], _OPT_STEPS[0],
-               torch.cat([a.to(dt) for a in As]), [(b * s).to(dt) for b, s in zip(Bs, scalings)])
+        # few kernels: one cat then one cast, no multiply when s = 1; always copies (never the parameter itself)
+        A = torch.cat(As).to(dt) if len(As) > 1 else As[0].to(dt, copy=True)
+        sBs = [b.to(dt, copy=True) if s == 1 else (b * s).to(dt) for b, s in zip(Bs, scalings)]
+        hit = ([weakref.ref(t) for t in ts], [t._version for t in ts], _OPT_STEPS[0], A, sBs)
         if cache:
             if key not in _CASTS:
                 weakref.finalize(As[0], _CASTS.pop, key, None)  # the entry goes when the adapter does
