@@ -315,9 +315,9 @@ def trained_rows(labels, ignore_index=-100):
     return (labels != ignore_index).nonzero().squeeze(1)
 
 
-def _kept(h, labels, ignore_index, rows):
-    """Untrained tokens never reach the projection. index_select (not a boolean mask) so that neither the
-    gather nor its backward (index_add) waits for the GPU."""
+def trained_part(h, labels, ignore_index=-100, rows=None):
+    """(h, labels) of the trained tokens only, so untrained ones never reach the projection. index_select
+    (not a boolean mask) so that neither the gather nor its backward (index_add) waits for the GPU."""
     rows = trained_rows(labels, ignore_index) if rows is None else rows
     return h.index_select(0, rows), labels.index_select(0, rows)
 
@@ -330,7 +330,7 @@ def linear_cross_entropy_ref(h, weight, labels, softcap_value=None, ignore_index
         z = softcap(hc @ weight.t(), softcap_value).float()
         return F.cross_entropy(z, yc, reduction="sum")
 
-    h, labels = _kept(h, labels, ignore_index, rows)
+    h, labels = trained_part(h, labels, ignore_index, rows)
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
         hc, yc = h[i : i + chunk], labels[i : i + chunk]
@@ -422,7 +422,7 @@ class _LinearCE(torch.autograd.Function):
 
 
 def linear_cross_entropy_triton(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None):
-    h, labels = _kept(h, labels, ignore_index, rows)
+    h, labels = trained_part(h, labels, ignore_index, rows)
     return _LinearCE.apply(h, weight, labels, softcap_value)
 
 

@@ -253,7 +253,8 @@ def token_loss_sum(model, batch):
     head = model.lm_head
     if type(head) is nn.Linear:
         return kernels.linear_cross_entropy(h, head.weight, y, model.config.final_logit_softcapping, IGNORE, rows)
-    return F.cross_entropy(model.logits(h.index_select(0, rows)).float(), y.index_select(0, rows), reduction="sum")
+    h, y = kernels.trained_part(h, y, IGNORE, rows)
+    return F.cross_entropy(model.logits(h).float(), y, reduction="sum")
 
 
 def n_trained(batch):
