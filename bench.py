@@ -23,11 +23,13 @@ import time
 
 import torch
 
-SHAPES = {  # Llama-3.1-8B and Llama-3.2-1B; tiny for a smoke run
+SHAPES = {  # Llama-3.1-8B, Llama-3.2-1B and SmolLM2-135M (the default model); tiny for a smoke run
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),  # Llama-3.1-70B
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -112,7 +114,8 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0):
     """-> (model, step_fn(ids) -> loss tensor); ckpt None: random init in place (IN_PLACE shapes)"""
     if name.startswith("nanotune"):  # variants: -nooffload (block inputs stay on the GPU), -ref (PyTorch
         import kernels                # references instead of the kernels), -flash (no cuDNN attention),
-        import lora                   # -varlen (packed rows through varlen flash attention, not a mask)
+        import lora                   # -varlen (packed rows through varlen flash attention, not a mask),
+                                      # -graph (forward + backward replayed as one CUDA graph)
         import quant
         import train
         from model import load_model
@@ -131,11 +134,18 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0):
         m.varlen = "-varlen" in name
         m.train()
 
-        def loss(ids):
+        def batch(ids):
             b = {"input_ids": ids, "labels": ids}
             if doc_len:  # packed rows: documents of doc_len tokens, positions restart at each
                 b["position_ids"] = (torch.arange(ids.shape[1], device=ids.device) % doc_len).expand_as(ids)
-            return m.run(train.token_loss_sum, b) / (ids.numel() - ids.shape[0])
+            return b
+
+        def loss(ids):  # mean over the trained tokens (every position but each row's last)
+            return m.run(train.token_loss_sum, batch(ids)) / (ids.numel() - ids.shape[0])
+        if "-graph" in name:  # forward + backward replayed as a CUDA graph (train.py --cuda_graphs)
+            graph = train.GraphedLoss(m)
+            n = lambda ids: ids.numel() - ids.shape[0]  # noqa: E731
+            loss.fwd_bwd = lambda ids: graph(batch(ids), 1 / n(ids)) / n(ids)
         return m, loss
     import transformers
     kw = dict(dtype=torch.bfloat16, attn_implementation="sdpa")
@@ -194,6 +204,7 @@ def worker(a):
     m, loss_fn = load_contender(a.worker, ckpt, a.mode, a.seq, a.fsdp, a.shape, a.doc_len)
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    fwd_bwd = getattr(loss_fn, "fwd_bwd", None)  # runs backward itself (-graph)
     g = torch.Generator(device="cuda").manual_seed(0)
     vocab = SHAPES[a.shape]["vocab_size"]
     times, losses = [], []
@@ -201,10 +212,13 @@ def worker(a):
         ids = torch.randint(0, vocab, (a.batch, a.seq), device="cuda", generator=g)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = loss_fn(ids)
-        loss.backward()
+        if fwd_bwd:
+            loss = fwd_bwd(ids)
+        else:
+            loss = loss_fn(ids)
+            loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=fwd_bwd is None)
         torch.cuda.synchronize()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
@@ -215,7 +229,7 @@ def worker(a):
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
-            loss_fn(ids).backward()
+            fwd_bwd(ids) if fwd_bwd else loss_fn(ids).backward()
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
         events = prof.key_averages()

@@ -296,10 +296,10 @@ def pack(samples, max_len: int) -> tuple:
     return rows, used / (len(rows) * max_len)
 
 
-def collate(rows, pad_id: int) -> dict:
-    """Right-pad rows to the longest: input_ids/labels [B, T], and attention_mask, or position_ids for
-    packed rows (padding then forms its own document, which nothing attends to)."""
-    T = max(len(r["input_ids"]) for r in rows)
+def collate(rows, pad_id: int, pad_to: int | None = None) -> dict:
+    """Right-pad rows to the longest (or to pad_to): input_ids/labels [B, T], and attention_mask, or
+    position_ids for packed rows (padding then forms its own document, which nothing attends to)."""
+    T = max(max(len(r["input_ids"]) for r in rows), pad_to or 0)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
     packed = "position_ids" in rows[0]

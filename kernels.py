@@ -317,18 +317,22 @@ def trained_rows(labels, ignore_index=-100):
 
 def trained_part(h, labels, ignore_index=-100, rows=None):
     """(h, labels) of the trained tokens only, so untrained ones never reach the projection. index_select
-    (not a boolean mask) so that neither the gather nor its backward (index_add) waits for the GPU."""
+    (not a boolean mask) so that neither the gather nor its backward (index_add) waits for the GPU.
+    rows=False keeps every row (a fixed shape, for a CUDA graph): untrained ones add zero loss and gradient."""
+    if rows is False:
+        return h, labels
     rows = trained_rows(labels, ignore_index) if rows is None else rows
     return h.index_select(0, rows), labels.index_select(0, rows)
 
 
 def linear_cross_entropy_ref(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None, chunk=4096):
-    """h [N, C], weight [V, C], labels [N] -> summed loss (fp32 scalar). rows: trained_rows(labels), if known."""
+    """h [N, C], weight [V, C], labels [N] -> summed loss (fp32 scalar). rows: trained_rows(labels), if known
+    (False: keep every row, see trained_part)."""
     from torch.utils.checkpoint import checkpoint
 
     def part(hc, yc):
         z = softcap(hc @ weight.t(), softcap_value).float()
-        return F.cross_entropy(z, yc, reduction="sum")
+        return F.cross_entropy(z, yc, reduction="sum", ignore_index=ignore_index)
 
     h, labels = trained_part(h, labels, ignore_index, rows)
     total = h.new_zeros((), dtype=torch.float32)
@@ -340,12 +344,15 @@ def linear_cross_entropy_ref(h, weight, labels, softcap_value=None, ignore_index
 
 if triton is not None:
     @triton.jit
-    def _ce_rows(Z, Y, LOSS, V, stride, cap, BLOCK: tl.constexpr, SOFTCAP: tl.constexpr):
+    def _ce_rows(Z, Y, LOSS, V, stride, cap, ignore, BLOCK: tl.constexpr, SOFTCAP: tl.constexpr):
         """One row of logits z (raw lm_head output): loss = logsumexp(c) - c[y] with c = cap tanh(z / cap)
-        (or c = z), then z is overwritten in place by d loss / d z = (softmax(c) - onehot(y)) * dc/dz."""
+        (or c = z), then z is overwritten in place by d loss / d z = (softmax(c) - onehot(y)) * dc/dz.
+        A row whose label is `ignore` gets loss 0 and gradient 0."""
         row = tl.program_id(0).to(tl.int64)
         zp = Z + row * stride
         y = tl.load(Y + row)
+        keep = (y != ignore).to(tl.float32)
+        y = tl.where(y != ignore, y, 0)
         m = -float("inf")
         d = 0.0
         for start in range(0, V, BLOCK):  # pass 1: online max and sum of exp
@@ -360,7 +367,7 @@ if triton is not None:
         zy = tl.load(zp + y).to(tl.float32)
         if SOFTCAP:
             zy = cap * (2.0 * tl.sigmoid(2.0 * zy / cap) - 1.0)
-        tl.store(LOSS + row, lse - zy)
+        tl.store(LOSS + row, (lse - zy) * keep)
         for start in range(0, V, BLOCK):  # pass 2: the gradient, in place
             cols = start + tl.arange(0, BLOCK)
             z = tl.load(zp + cols, mask=cols < V, other=0.0).to(tl.float32)
@@ -370,7 +377,7 @@ if triton is not None:
                 g = g * (1.0 - t * t)
             else:
                 g = tl.exp(z - lse) - (cols == y).to(tl.float32)
-            tl.store(zp + cols, g.to(Z.dtype.element_ty), mask=cols < V)
+            tl.store(zp + cols, (g * keep).to(Z.dtype.element_ty), mask=cols < V)
 
 
 _OUT_DTYPE = [hasattr(torch.ops.aten.addmm, "dtype_out")]  # addmm(..., out_dtype=) exists (torch >= 2.8)
@@ -393,7 +400,7 @@ class _LinearCE(torch.autograd.Function):
     dh = G W and dW += G^T h (fp32). All gradient work happens in forward; backward scales it."""
 
     @staticmethod
-    def forward(ctx, h, w, labels, cap):
+    def forward(ctx, h, w, labels, cap, ignore_index):
         N, C = h.shape
         V = w.shape[0]
         # chunks of ~1024 rows: [1024, V] logits stay small while the matmuls stay efficient
@@ -405,8 +412,8 @@ class _LinearCE(torch.autograd.Function):
             hc, yc = h[i : i + chunk], labels[i : i + chunk]
             z = hc @ w.t()  # [n, V] in the activation dtype
             rows = torch.empty(z.shape[0], dtype=torch.float32, device=h.device)
-            _ce_rows[(z.shape[0],)](z, yc, rows, V, z.stride(0), float(cap or 0.0), BLOCK=min(4096, triton.next_power_of_2(V)),
-                                    SOFTCAP=bool(cap), num_warps=8)
+            _ce_rows[(z.shape[0],)](z, yc, rows, V, z.stride(0), float(cap or 0.0), ignore_index,
+                                    BLOCK=min(4096, triton.next_power_of_2(V)), SOFTCAP=bool(cap), num_warps=8)
             loss += rows.sum()
             torch.mm(z, w, out=dh[i : i + chunk])
             if dw is not None:
@@ -418,12 +425,12 @@ class _LinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         dh, dw = ctx.saved_tensors
-        return dh * g.to(dh.dtype), (dw * g).to(ctx.w_dtype) if ctx.has_dw else None, None, None
+        return dh * g.to(dh.dtype), (dw * g).to(ctx.w_dtype) if ctx.has_dw else None, None, None, None
 
 
 def linear_cross_entropy_triton(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None):
     h, labels = trained_part(h, labels, ignore_index, rows)
-    return _LinearCE.apply(h, weight, labels, softcap_value)
+    return _LinearCE.apply(h, weight, labels, softcap_value, ignore_index)
 
 
 def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None):
@@ -559,8 +566,8 @@ def linear(mod, x):
 def lora_linear(x, weight_fns, biases, scalings, As, Bs, value=True):
     """[y_i] for projections sharing x (see above): the fused Function wherever kernels are on (plain
     PyTorch, so CPU tensors work too), else the reference (which ignores `value`)."""
-    if _TRITON:
-        cache = not dist.is_dist()
+    if _TRITON:  # no cached casts under FSDP (see _lora_weights) or in a CUDA graph, whose replays must cast
+        cache = not dist.is_dist() and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
         return list(_LoRALinear.apply(x, list(weight_fns), list(biases), list(scalings), value, cache, *As, *Bs))
     return lora_linear_ref(x, weight_fns, biases, scalings, As, Bs)
 
@@ -668,6 +675,7 @@ class Offload:
         return buf[:n].view(t.dtype).view(t.shape)
 
     def _fetch(self, i):
+        """Copy block i's input back on the side stream; the main stream waits for `ready` before using it."""
         it = self.items[i]
         it["gpu"] = torch.empty(it["host"].shape, dtype=it["host"].dtype, device=it["device"])
         if not self.cuda:
@@ -678,9 +686,22 @@ class Offload:
             it["gpu"].copy_(it["host"], non_blocking=True)
             it["ready"] = torch.cuda.Event()
             it["ready"].record()
-        it["gpu"].record_stream(self.side)
+        if not torch.cuda.is_current_stream_capturing():  # an abandoned backward may not free memory the copy
+            it["gpu"].record_stream(self.side)             # still writes (a capture would keep it to the end)
+
+    def _release(self, i):
+        """Drop block i's device input once the main stream has waited for its copy to the host. (Not
+        record_stream: inside a CUDA graph capture the allocator defers such frees to the capture's end,
+        which would keep every block input alive.) Called a block later, when the copy is long done."""
+        it = self.items[i] if 0 <= i < len(self.items) else None
+        if it is not None and it.get("x") is not None:
+            torch.cuda.current_stream().wait_event(it["copied"])
+            it["x"] = None
 
     def prefetch_last(self):
+        if self.cuda:
+            for i in range(len(self.items)):
+                self._release(i)
         if self.items and self.items[-1] is not None:
             self._fetch(len(self.items) - 1)
 
@@ -693,14 +714,17 @@ class Offload:
             if t.data_ptr() != ptr or t.shape != shape:
                 return t  # cos/sin/mask: shared by every block, tiny
             host = self._host_view(i, t)
+            self.items[i] = {"host": host, "device": t.device, "gpu": None}
             if self.cuda:
                 self.side.wait_stream(torch.cuda.current_stream())  # x is computed
                 with torch.cuda.stream(self.side):
                     host.copy_(t, non_blocking=True)
-                t.record_stream(self.side)  # x's memory is not reused before the copy has read it
+                    self.items[i]["copied"] = torch.cuda.Event()
+                    self.items[i]["copied"].record()
+                self.items[i]["x"] = t  # kept until the main stream has waited for the copy (_release)
+                self._release(i - 1)
             else:
                 host.copy_(t)
-            self.items[i] = {"host": host, "device": t.device, "gpu": None}
             return i
 
         def unpack(h):

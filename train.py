@@ -78,6 +78,8 @@ class TrainConfig:
     micro_batch_size: int = F_(4, "samples (or packed rows) per forward")
     grad_accum: int = F_(1, "micro-batches per optimizer step")
     max_grad_norm: float = F_(1.0, "gradient clipping (0: off)")
+    cuda_graphs: bool = F_(False, "replay each micro-batch's forward + backward as one CUDA graph (needs packing; "
+                                  "rows are padded to max_len): for small models, whose step waits on the CPU")
     gradient_checkpointing: bool | None = F_(None, "recompute blocks in backward (default: on for GPU)")
     offload_activations: bool | None = F_(None, "with checkpointing: block inputs wait in pinned host memory "
                                                  "(default: on for GPU)")
@@ -243,10 +245,12 @@ def init_lora(model, seed):
             a.copy_(full)
 
 
-def token_loss_sum(model, batch):
-    """Summed next-token cross-entropy over trained tokens: position t predicts labels[t + 1]."""
+def token_loss_sum(model, batch, every_row=False):
+    """Summed next-token cross-entropy over trained tokens: position t predicts labels[t + 1].
+    every_row: untrained rows go through the head too and add zero (a fixed shape: CUDA graphs)."""
     y = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE).reshape(-1)  # [B*T] target of each position
-    rows = kernels.trained_rows(y, IGNORE)  # before the forward: found later, it would stall the GPU queue
+    # found before the forward: found later, it would stall the GPU queue
+    rows = False if every_row else kernels.trained_rows(y, IGNORE)
     h = model.forward(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       position_ids=batch.get("position_ids"))
     h = h.reshape(-1, h.shape[-1])  # [B*T, C]
@@ -254,7 +258,7 @@ def token_loss_sum(model, batch):
     if type(head) is nn.Linear:
         return kernels.linear_cross_entropy(h, head.weight, y, model.config.final_logit_softcapping, IGNORE, rows)
     h, y = kernels.trained_part(h, y, IGNORE, rows)
-    return F.cross_entropy(model.logits(h).float(), y, reduction="sum")
+    return F.cross_entropy(model.logits(h).float(), y, reduction="sum", ignore_index=IGNORE)
 
 
 def n_trained(batch):
@@ -282,11 +286,15 @@ def make_schedule(opt, cfg, total_steps):
 
 class SFT:
     """What SFT plugs into the shared loop (dpo.py plugs in its own): batches, a summed loss with
-    metrics, and the count the step's loss is normalised by (here: trained tokens)."""
+    metrics, and the count the step's loss is normalised by (here: trained tokens). pad_to: rows are
+    padded to this length (one shape for CUDA graphs)."""
     name = "train"
 
+    def __init__(self, pad_to=None):
+        self.pad_to = pad_to
+
     def collate(self, rows, tok):
-        return collate(rows, tok.pad_id)
+        return collate(rows, tok.pad_id, self.pad_to)
 
     def loss(self, model, batch):
         return model.run(token_loss_sum, batch), {}
@@ -298,19 +306,23 @@ class SFT:
         return {"eval_loss": evaluate(model, rows, cfg, tok.pad_id, device)}
 
 
-def accumulate(model, micro_batches, task):
+def accumulate(model, micro_batches, task, graph=None):
     """Backward over micro-batches. Each micro-batch's summed loss is divided by the count of the
     whole step (trained tokens for SFT, pairs for DPO), so any micro-batch x accumulation split gives
     the same loss and gradient. Returns (loss, count, input tokens, metrics averaged the same way), the
-    count and tokens summed over every rank (one collective, before backward needs the global count)."""
+    count and tokens summed over every rank (one collective, before backward needs the global count).
+    graph: a GraphedLoss that runs forward and backward of the SFT loss instead."""
     total, tokens = dist.all_sums([sum(task.count(b) for b in micro_batches),
                                    sum(b["input_ids"].numel() for b in micro_batches)])
     W = dist.world()
     loss, metrics = 0.0, {}
     for b in micro_batches:
-        part, mets = task.loss(model, b)
-        part = part / max(total, 1)
-        (part * W).backward()  # FSDP averages over the W ranks; x W makes it the global sum
+        if graph is not None:
+            part, mets = graph(b, 1 / max(total, 1)) / max(total, 1), {}
+        else:
+            part, mets = task.loss(model, b)
+            part = part / max(total, 1)
+            (part * W).backward()  # FSDP averages over the W ranks; x W makes it the global sum
         loss += part.item()
         for k, v in mets.items():
             metrics[k] = metrics.get(k, 0.0) + float(v) / max(total, 1)
@@ -320,15 +332,79 @@ def accumulate(model, micro_batches, task):
     return loss, total, tokens, metrics
 
 
-def train_step(model, opt, sched, micro_batches, task, max_grad_norm):
+def train_step(model, opt, sched, micro_batches, task, max_grad_norm, graph=None):
     """accumulate -> clip -> AdamW step -> schedule step; returns (loss, grad norm, count, tokens, metrics)."""
-    loss, total, tokens, metrics = accumulate(model, micro_batches, task)
+    loss, total, tokens, metrics = accumulate(model, micro_batches, task, graph)
     params = [p for p in model.parameters() if p.requires_grad]
     norm = dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
     opt.step()
     sched.step()
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=graph is None)  # a CUDA graph adds into the gradients where it found them
     return loss, float(norm), total, tokens, metrics
+
+
+class GraphedLoss:
+    """--cuda_graphs: forward + backward of the SFT loss recorded as a CUDA graph, then replayed.
+    A small model's step is bound by the CPU launching its ~3,000 kernels one by one (Llama-3.2-1B at
+    4 x 2048: the GPU idles ~15% of the step); a replay launches them all at once. A replay reads the batch
+    from fixed tensors and writes the loss and the gradients to the same memory every time, so:
+    - fixed shapes: packed rows padded to max_len. One graph per batch shape (the last batch of an epoch
+      may have fewer rows), at most MAX_GRAPHS, all in one memory pool (they never run at the same time);
+    - the gradients stay allocated and the graph adds into them (zeroed after each step, never set to None);
+    - nothing in it may make the CPU wait for the GPU: the loss keeps every row (token_loss_sum every_row);
+    - no dropout (its RNG state is read on the host), no varlen attention (it reads lengths back), one process.
+    A shape's first batch runs eagerly (Triton compiles, cuBLAS picks its kernels, AdamW makes its state);
+    its second is captured, then every batch of that shape is copied in and replayed."""
+    MAX_GRAPHS = 4
+
+    def __init__(self, model):
+        self.model, self.graphs, self.seen, self.pool = model, {}, set(), None
+        self.calls, self.replays = 0, 0  # micro-batches seen; how many of them a graph ran
+
+    def loss(self, batch, scale):
+        loss = self.model.run(token_loss_sum, batch, True)
+        (loss * scale).backward()
+        return loss.detach()
+
+    def capture(self, batch):
+        """-> (static batch, static scale, static loss, graph), recorded without running anything."""
+        for p in self.model.parameters():  # the graph adds into these: they must exist before it
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        static = {k: v.clone() for k, v in batch.items()}
+        scale = torch.ones((), device=batch["input_ids"].device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            out = self.loss(static, scale)
+        self.pool = g.pool()
+        return static, scale, out, g
+
+    def __call__(self, batch, scale):
+        """Summed loss of `batch`; its gradient times `scale` is added to every .grad."""
+        self.calls += 1
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+        if key not in self.graphs:
+            if key not in self.seen or len(self.graphs) >= self.MAX_GRAPHS or not batch["input_ids"].is_cuda:
+                self.seen.add(key)  # (on CPU every call runs eagerly: the tests)
+                return self.loss(batch, scale)
+            self.graphs[key] = self.capture(batch)
+        static, static_scale, out, g = self.graphs[key]
+        for k, v in batch.items():
+            static[k].copy_(v, non_blocking=True)
+        static_scale.fill_(scale)
+        g.replay()
+        self.replays += 1
+        return out
+
+
+def check_cuda_graphs(cfg, device):
+    """One sentence naming every setting --cuda_graphs cannot run with (see GraphedLoss)."""
+    needs = [(device.type == "cuda", "a CUDA device"), (cfg.packing, "packing true"),
+             (type(cfg) is TrainConfig, "train.py (SFT)"), (not dist.is_dist(), "one process (not torchrun)"),
+             (not cfg.lora_dropout, "lora_dropout 0"), (not cfg.varlen_attention, "varlen_attention false")]
+    missing = [what for ok, what in needs if not ok]
+    if missing:
+        raise NanotuneError(f"cuda_graphs needs {', '.join(missing)}; change that or turn cuda_graphs off.")
 
 
 @torch.no_grad()
@@ -486,7 +562,7 @@ def main(argv=None):
     model, tok, device = setup(cfg)
     rows, eval_s, stats = prepare_data(cfg, tok)
     log(f"data: {json.dumps(stats)}")
-    fit(cfg, model, tok, rows, eval_s, SFT(), device)
+    fit(cfg, model, tok, rows, eval_s, SFT(cfg.max_len if cfg.cuda_graphs else None), device)
 
 
 def setup(cfg):
@@ -496,6 +572,8 @@ def setup(cfg):
     random.seed(cfg.seed)
     device, dtype = pick_device(cfg)
     device = dist.init(cfg.device) or device  # under torchrun: this rank's GPU (or CPU with gloo)
+    if cfg.cuda_graphs:
+        check_cuda_graphs(cfg, device)
     log(f"nanotune {type(cfg).__name__}:\n" + "\n".join(f"  {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
     cfg.model = resolve_model_path(cfg.model)
     tok = load_tokenizer(cfg.model)
@@ -518,6 +596,7 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
     """The loop every trainer shares: sampler, AdamW + schedule, accumulation, eval and samples,
     atomic checkpoints and exact resume, progress bar and metrics.jsonl, then the result."""
     R, W = dist.rank(), dist.world()
+    graph = GraphedLoss(model) if cfg.cuda_graphs else None
     sampler = Sampler(len(rows), cfg.micro_batch_size * W, cfg.seed)  # a global batch; each rank takes a slice
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * sampler.batches_per_epoch() / cfg.grad_accum))
     opt = make_optimizer(model, cfg, device)
@@ -552,7 +631,7 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
     for step in range(start + 1, steps + 1):
         micro = [to_device(task.collate([rows[i] for i in rank_slice(sampler.next(), R, W)], tok), device)
                  for _ in range(cfg.grad_accum)]
-        loss, gnorm, count, tokens, mets = train_step(model, opt, sched, micro, task, cfg.max_grad_norm)
+        loss, gnorm, count, tokens, mets = train_step(model, opt, sched, micro, task, cfg.max_grad_norm, graph)
         tokens_seen += tokens
         tps = tokens_seen / (time.time() - t0)
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
@@ -573,6 +652,9 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
         if cfg.save_steps and step % cfg.save_steps == 0 and step != steps:
             save_checkpoint(cfg.output_dir, step, model, opt, sched, sampler, cfg.save_total_limit)
     bar.close()
+    if graph is not None:
+        log(f"cuda graphs: {graph.replays} of {graph.calls} micro-batches replayed from {len(graph.graphs)} "
+            "graph(s); the rest ran eagerly (each shape's first, or shapes beyond the graphs kept)")
     after = run_eval(model, tok, eval_rows, prompts, cfg, device, steps, metrics, None, task)
     metrics.close()
     finish(model, tok, cfg, prompts, before, after)

@@ -84,6 +84,13 @@ def test_linear_cross_entropy(dtype, cap):
     rows = kernels.trained_rows(y)  # found ahead by the caller: the same loss
     assert len(rows) == N - 9 and torch.equal(kernels.linear_cross_entropy_triton(h, w, y, cap, rows=rows),
                                               kernels.linear_cross_entropy_triton(h, w, y, cap))
+    # rows=False (CUDA graphs): untrained rows go through the kernel and add zero loss and zero gradient
+    check(lambda a, b: kernels.linear_cross_entropy_triton(a, b, y, cap, rows=False)[None],
+          lambda a, b: kernels.linear_cross_entropy_ref(a, b, y, cap)[None], [h, w], dtype)
+    for fn in (kernels.linear_cross_entropy_triton, kernels.linear_cross_entropy_ref):
+        hh = h.to(dtype).requires_grad_()
+        fn(hh, w.to(dtype), y, cap, rows=False).backward()
+        assert hh.grad[::5].abs().max() == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

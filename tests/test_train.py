@@ -65,6 +65,37 @@ def test_packed_step_loss_equals_padded(tmp_path):
     assert packed.item() == pytest.approx(padded.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_steps_follow_eager_steps(tmp_path, dtype):
+    """--cuda_graphs trains as the eager loop does. Its loss keeps every row (untrained ones add zero), its
+    rows are padded to max_len, its gradients are zeroed and never freed. On a GPU its replays are checked
+    too: six steps over two batch shapes (a graph for each, in one memory pool) give the eager losses
+    and adapters (checkpointing and offload on). On CPU both loops run eagerly."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    make_tiny_run_model(tmp_path)
+    rows, _ = data.pack(tiny_samples(8), 24)  # rows 0-5 hold 15-24 tokens
+    # shapes [2, 24], [2, 24], [1, 24], [2, 24], [1, 24], [2, 24]: a shape's first batch runs eagerly,
+    # its second is captured; the graphs share one pool, so each must leave the other's results alone
+    picks = ((0, 2), (2, 2), (4, 1), (4, 2), (1, 1), (0, 2))
+    batches = [data.collate(rows[i : i + n], 0, pad_to=24) for i, n in picks]
+    runs = []
+    for graphed in (False, True):
+        m = lora_model(tmp_path).to(dev, dtype)
+        m.gradient_checkpointing = m.offload_activations = True
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        graph = train.GraphedLoss(m) if graphed else None
+        out = [train.train_step(m, opt, sched, [train.to_device(b, dev)], train.SFT(), 1.0, graph)[:2]
+               for b in batches]
+        runs.append((out, {n: p.detach().float().cpu() for n, p in m.named_parameters() if p.requires_grad}))
+    assert graph.calls == 6 and (graph.replays, len(graph.graphs)) == ((4, 2) if dev == "cuda" else (0, 0))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for (l_e, n_e), (l_g, n_g) in zip(runs[0][0], runs[1][0]):
+        assert l_g == pytest.approx(l_e, rel=tol) and n_g == pytest.approx(n_e, rel=tol * 10)
+    for n, p in runs[0][1].items():
+        assert torch.allclose(runs[1][1][n], p, rtol=tol, atol=tol * p.abs().max().item()), n
+
+
 def write_chat_data(path, n=12):
     with open(path, "w") as f:
         for i in range(n):
@@ -126,6 +157,8 @@ def test_resume_after_sigkill_continues_the_same_losses(tmp_path):
     (["--lr", "fast"], "lr must be float"),
     (["--output_dir", "/no/such/parent/run"], "its parent '/no/such/parent' does not exist"),
     (["--datasets", "missing.jsonl"], "dataset 'missing.jsonl' does not exist"),
+    (["--cuda_graphs", "--lora_dropout", "0.1"], "cuda_graphs needs " + ("" if torch.cuda.is_available() else
+                                                  "a CUDA device, ") + "packing true, lora_dropout 0; change"),
 ])
 def test_bad_cli_input_is_one_line(args, expect, tmp_path):
     r = run_train(args + ["--sample_prompts_file", ""], timeout=120)
