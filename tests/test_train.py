@@ -12,6 +12,7 @@ from conftest import ROOT, make_tiny_run_model
 import data
 import lora
 import model as nt
+import quant
 import train
 
 
@@ -65,8 +66,9 @@ def test_packed_step_loss_equals_padded(tmp_path):
     assert packed.item() == pytest.approx(padded.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_steps_follow_eager_steps(tmp_path, dtype):
+@pytest.mark.parametrize("mode,dtype", [("lora", torch.float32), ("lora", torch.bfloat16), ("qlora", torch.bfloat16),
+                                        ("full", torch.float32)])
+def test_cuda_graph_steps_follow_eager_steps(tmp_path, mode, dtype):
     """--cuda_graphs trains as the eager loop does. Its loss keeps every row (untrained ones add zero), its
     rows are padded to max_len, its gradients are zeroed and never freed. On a GPU its replays are checked
     too: six steps over two batch shapes (a graph for each, in one memory pool) give the eager losses
@@ -80,9 +82,16 @@ def test_cuda_graph_steps_follow_eager_steps(tmp_path, dtype):
     batches = [data.collate(rows[i : i + n], 0, pad_to=24) for i, n in picks]
     runs = []
     for graphed in (False, True):
-        m = lora_model(tmp_path).to(dev, dtype)
+        m = nt.load_model(str(tmp_path), dtype=dtype, device=dev, prepare=quant.prepare_4bit if mode == "qlora" else None)
+        if mode != "full":
+            torch.manual_seed(1)
+            lora.apply_lora(m, r=4, alpha=8)
+            with torch.no_grad():
+                for _, layer in lora.lora_layers(m):
+                    layer.lora_B.weight.normal_(0, 0.05, generator=torch.Generator(dev).manual_seed(2))
+        m.train()
         m.gradient_checkpointing = m.offload_activations = True
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2 if mode != "full" else 1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         graph = train.GraphedLoss(m) if graphed else None
         out = [train.train_step(m, opt, sched, [train.to_device(b, dev)], train.SFT(), 1.0, graph)[:2]
