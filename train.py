@@ -249,7 +249,7 @@ def token_loss_sum(model, batch, every_row=False):
     """Summed next-token cross-entropy over trained tokens: position t predicts labels[t + 1].
     every_row: untrained rows go through the head too and add zero (a fixed shape: CUDA graphs)."""
     y = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE).reshape(-1)  # [B*T] target of each position
-    # found before the forward: found later, it would stall the GPU queue
+    # the trained rows, found before the forward (found later, the CPU would wait on a long GPU queue)
     rows = False if every_row else kernels.trained_rows(y, IGNORE)
     h = model.forward(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       position_ids=batch.get("position_ids"))
