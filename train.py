@@ -399,9 +399,11 @@ class GraphedLoss:
 
 def check_cuda_graphs(cfg, device):
     """One sentence naming every setting --cuda_graphs cannot run with (see GraphedLoss)."""
+    if type(cfg) is not TrainConfig:
+        raise NanotuneError("cuda_graphs is a train.py (SFT) option; preference training runs eagerly, turn it off.")
     needs = [(device.type == "cuda", "a CUDA device"), (cfg.packing, "packing true"),
-             (type(cfg) is TrainConfig, "train.py (SFT)"), (not dist.is_dist(), "one process (not torchrun)"),
-             (not cfg.lora_dropout, "lora_dropout 0"), (not cfg.varlen_attention, "varlen_attention false")]
+             (not dist.is_dist(), "one process (not torchrun)"), (not cfg.lora_dropout, "lora_dropout 0"),
+             (not cfg.varlen_attention, "varlen_attention false")]
     missing = [what for ok, what in needs if not ok]
     if missing:
         raise NanotuneError(f"cuda_graphs needs {', '.join(missing)}; change that or turn cuda_graphs off.")

@@ -221,3 +221,10 @@ def test_every_loss_runs_end_to_end_on_a_tiny_model(kind, extra, tmp_path):
     assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3]
     assert all(math.isfinite(x["loss"]) for x in rows if "loss" in x)
     assert (out / ("model" if "--lora" in extra else "adapter")).is_dir()
+
+
+def test_cuda_graphs_are_refused_for_preference_training():
+    import train
+    cfg = train.parse_config(["--cuda_graphs", "--packing", "true"], dpo.DPOConfig)
+    with pytest.raises(nt.NanotuneError, match=r"cuda_graphs is a train.py \(SFT\) option"):
+        train.check_cuda_graphs(cfg, torch.device("cuda"))
