@@ -140,11 +140,13 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0):
                 b["position_ids"] = (torch.arange(ids.shape[1], device=ids.device) % doc_len).expand_as(ids)
             return b
 
-        def loss(ids):  # mean over the trained tokens (every position but each row's last)
-            return m.run(train.token_loss_sum, batch(ids)) / (ids.numel() - ids.shape[0])
+        def n(ids):  # trained tokens: every position but each row's last
+            return ids.numel() - ids.shape[0]
+
+        def loss(ids):  # mean over the trained tokens
+            return m.run(train.token_loss_sum, batch(ids)) / n(ids)
         if "-graph" in name:  # forward + backward replayed as a CUDA graph (train.py --cuda_graphs)
             graph = train.GraphedLoss(m)
-            n = lambda ids: ids.numel() - ids.shape[0]  # noqa: E731
             loss.fwd_bwd = lambda ids: graph(batch(ids), 1 / n(ids)) / n(ids)
         return m, loss
     import transformers

@@ -332,7 +332,7 @@ def linear_cross_entropy_ref(h, weight, labels, softcap_value=None, ignore_index
 
     def part(hc, yc):
         z = softcap(hc @ weight.t(), softcap_value).float()
-        return F.cross_entropy(z, yc, reduction="sum", ignore_index=ignore_index)
+        return F.cross_entropy(z, yc, ignore_index=ignore_index, reduction="sum")
 
     h, labels = trained_part(h, labels, ignore_index, rows)
     total = h.new_zeros((), dtype=torch.float32)
@@ -351,8 +351,9 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         zp = Z + row * stride
         y = tl.load(Y + row)
-        keep = (y != ignore).to(tl.float32)
-        y = tl.where(y != ignore, y, 0)
+        valid = y != ignore
+        keep = valid.to(tl.float32)
+        y = tl.where(valid, y, 0)  # any in-range column; the row is zeroed by `keep`
         m = -float("inf")
         d = 0.0
         for start in range(0, V, BLOCK):  # pass 1: online max and sum of exp

@@ -258,7 +258,7 @@ def token_loss_sum(model, batch, every_row=False):
     if type(head) is nn.Linear:
         return kernels.linear_cross_entropy(h, head.weight, y, model.config.final_logit_softcapping, IGNORE, rows)
     h, y = kernels.trained_part(h, y, IGNORE, rows)
-    return F.cross_entropy(model.logits(h).float(), y, reduction="sum", ignore_index=IGNORE)
+    return F.cross_entropy(model.logits(h).float(), y, ignore_index=IGNORE, reduction="sum")
 
 
 def n_trained(batch):
@@ -314,18 +314,18 @@ def accumulate(model, micro_batches, task, graph=None):
     graph: a GraphedLoss that runs forward and backward of the SFT loss instead."""
     total, tokens = dist.all_sums([sum(task.count(b) for b in micro_batches),
                                    sum(b["input_ids"].numel() for b in micro_batches)])
-    W = dist.world()
+    W, norm = dist.world(), max(total, 1)
     loss, metrics = 0.0, {}
     for b in micro_batches:
         if graph is not None:
-            part, mets = graph(b, 1 / max(total, 1)) / max(total, 1), {}
+            part, mets = graph(b, 1 / norm) / norm, {}
         else:
             part, mets = task.loss(model, b)
-            part = part / max(total, 1)
+            part = part / norm
             (part * W).backward()  # FSDP averages over the W ranks; x W makes it the global sum
         loss += part.item()
         for k, v in mets.items():
-            metrics[k] = metrics.get(k, 0.0) + float(v) / max(total, 1)
+            metrics[k] = metrics.get(k, 0.0) + float(v) / norm
     if dist.is_dist():  # the loss and every metric in one collective
         loss, *vals = dist.all_sums([loss, *metrics.values()])
         metrics = dict(zip(metrics, vals))

@@ -26,8 +26,8 @@ def tiny_samples(n=4, seed=0):
     return out
 
 
-def lora_model(path):
-    m = nt.load_model(str(path))
+def lora_model(path, **load_kw):
+    m = nt.load_model(str(path), **load_kw)
     torch.manual_seed(1)  # the same A init every time
     lora.apply_lora(m, r=4, alpha=8)
     with torch.no_grad():
@@ -82,14 +82,8 @@ def test_cuda_graph_steps_follow_eager_steps(tmp_path, mode, dtype):
     batches = [data.collate(rows[i : i + n], 0, pad_to=24) for i, n in picks]
     runs = []
     for graphed in (False, True):
-        m = nt.load_model(str(tmp_path), dtype=dtype, device=dev, prepare=quant.prepare_4bit if mode == "qlora" else None)
-        if mode != "full":
-            torch.manual_seed(1)
-            lora.apply_lora(m, r=4, alpha=8)
-            with torch.no_grad():
-                for _, layer in lora.lora_layers(m):
-                    layer.lora_B.weight.normal_(0, 0.05, generator=torch.Generator(dev).manual_seed(2))
-        m.train()
+        kw = dict(dtype=dtype, device=dev, prepare=quant.prepare_4bit if mode == "qlora" else None)
+        m = nt.load_model(str(tmp_path), **kw).train() if mode == "full" else lora_model(tmp_path, **kw)
         m.gradient_checkpointing = m.offload_activations = True
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2 if mode != "full" else 1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
