@@ -20,6 +20,7 @@ import math
 import os
 import random
 import re
+import sys
 
 import torch
 
@@ -38,6 +39,7 @@ BUILTIN_TEMPLATES = {
     "phi3": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
              "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"),
 }
+ROLES = ("system", "user", "assistant", "tool", "developer")  # roles chat templates render
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "model": "assistant", "bot": "assistant"}
 
@@ -77,8 +79,14 @@ def read_records(path: str) -> list:
         except ImportError:
             raise NanotuneError(f"{path}: reading Parquet needs `pip install pyarrow`.")
         return [(f"{path}[{i}]", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise NanotuneError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); "
+                            "save the file as UTF-8.")
     if path.endswith(".json") and text.lstrip()[:1] in ("[", "{"):
         try:
             data = json.loads(text)
@@ -127,13 +135,25 @@ def to_messages(rec, fmt, where) -> list:
             msgs.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
     else:  # alpaca
         _need(rec, ["instruction", "output"], fmt, where)
+        _text(rec, ["instruction", "input", "output", "system"], where)
         user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
         msgs = ([{"role": "system", "content": rec["system"]}] if rec.get("system") else []) + [
             {"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
     if not isinstance(msgs, list) or not msgs or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
         raise NanotuneError(f"{where}: messages must be a non-empty list of {{'role': str, 'content': str}}.")
+    for i, m in enumerate(msgs):
+        if m["role"] not in ROLES:
+            raise NanotuneError(f"{where}: message {i} has role {m['role']!r}; use one of {', '.join(ROLES)} "
+                                "(or map the role in the data).")
     return msgs
+
+
+def _text(rec, keys, where):
+    """Fields that must be strings when present (a number or a list is no text)."""
+    for k in keys:
+        if rec.get(k) is not None and not isinstance(rec[k], str):
+            raise NanotuneError(f"{where}: {k!r} must be a string, got {type(rec[k]).__name__} {rec[k]!r:.40}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,29 +192,38 @@ def tokenize(rec, fmt, tok, template=None, roles=("assistant",), train_on_inputs
         spans, text = trained_spans(msgs, render, set(roles), terminators)
         enc = tok.backend.encode(text, add_special_tokens=False)
         ids = enc.ids
-        keep = [train_on_inputs or any(s <= a < e for s, e in spans) for a, _ in enc.offsets]
+        # a token is trained when it overlaps a trained span: one that joins the header's last character
+        # to the answer's first (BPE merges "\n" + " " of an answer starting with two spaces) is the answer's
+        keep = [train_on_inputs or any((s < b and a < e) if b > a else s <= a < e for s, e in spans)
+                for a, b in enc.offsets]
         return ids, [t if k else IGNORE for t, k in zip(ids, keep)]
     if fmt == "completion":
         _need(rec, ["text"], fmt, where)
+        _text(rec, ["text"], where)
         ids = tok.encode(rec["text"]) + ([tok.eos_id] if tok.eos_id is not None and not tok.add_eos else [])
         return ids, list(ids)
     if fmt == "segments":
         _need(rec, ["segments"], fmt, where)
         ids, labels = ([tok.bos_id], [IGNORE]) if tok.add_bos else ([], [])
         for s in rec["segments"]:
-            if not isinstance(s, dict) or "text" not in s:
-                raise NanotuneError(f"{where}: each segment needs 'text' (and 'label': true/false).")
+            if not isinstance(s, dict) or not isinstance(s.get("text"), str):
+                raise NanotuneError(f"{where}: each segment needs a string 'text' (and 'label': true/false).")
             part = tok.encode(s["text"], add_special_tokens=False)
             ids += part
             labels += part if (s.get("label", True) or train_on_inputs) else [IGNORE] * len(part)
         return ids, labels
     if fmt == "tokenized":
         _need(rec, ["input_ids"], fmt, where)
-        ids = list(rec["input_ids"])
-        labels = list(rec.get("labels") or ids)
+        ids, labels = rec["input_ids"], rec.get("labels") or rec["input_ids"]
+        V = tok.vocab_size
+        if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < V for t in ids):
+            raise NanotuneError(f"{where}: input_ids must be a list of token ids in [0, {V}) (the tokenizer's vocab "
+                                "size); tokenize with this model's tokenizer.")
+        if not isinstance(labels, list) or not all(type(t) is int and (t == IGNORE or 0 <= t < V) for t in labels):
+            raise NanotuneError(f"{where}: labels must be token ids in [0, {V}) or {IGNORE} (no loss).")
         if len(labels) != len(ids):
             raise NanotuneError(f"{where}: input_ids and labels have different lengths ({len(ids)} vs {len(labels)}).")
-        return ids, labels
+        return list(ids), list(labels)
     raise NanotuneError(f"{where}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}.")
 
 
@@ -215,13 +244,14 @@ def tokenize_dataset(spec, tok, template, roles, train_on_inputs, cache_dir=None
     settings = dict(template=template, roles=list(roles), train_on_inputs=train_on_inputs, type=spec.get("type"))
     path = os.path.join(cache_dir, _cache_key(spec, tok, settings) + ".pt") if cache_dir else None
     if path and os.path.isfile(path):
-        return torch.load(path)
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a corrupt or foreign cache file: tokenize again and replace it
+            print(f"warning: the tokenized cache {path} could not be read; rebuilding it.", file=sys.stderr)
     records = read_records(spec["path"])
     if not records:
         raise NanotuneError(f"dataset {spec['path']} has no records; add some or remove it from the config.")
-    fmt = spec.get("type") or detect_format(records[0][1], records[0][0])
-    if fmt not in FORMATS:
-        raise NanotuneError(f"dataset {spec['path']}: type {fmt!r} is not one of {', '.join(FORMATS)}.")
+    fmt = spec.get("type") or detect_format(records[0][1], records[0][0])  # (a given type: dataset_spec checked it)
     out = []
     for where, rec in records:
         ids, labels = tokenize(rec, fmt, tok, template, roles, train_on_inputs, where)
@@ -231,6 +261,27 @@ def tokenize_dataset(spec, tok, template, roles, train_on_inputs, cache_dir=None
         torch.save(out, path + ".tmp")
         os.replace(path + ".tmp", path)
     return out
+
+
+def dataset_spec(spec) -> dict:
+    """"file.jsonl", "file.jsonl:0.5" (a weight) or {"path", "type"?, "weight"?} -> the dict form, checked:
+    the file exists, the type is a format, the weight is a number > 0."""
+    if isinstance(spec, str):
+        path, _, w = spec.rpartition(":")
+        spec = {"path": path, "weight": float(w)} if path and re.fullmatch(r"\d+(\.\d*)?", w) else {"path": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
+        raise NanotuneError(f"dataset entry {spec!r} needs a 'path' (a file, or hf:name); see README 'Data'.")
+    unknown = sorted(set(spec) - {"path", "type", "weight"})
+    if unknown:
+        raise NanotuneError(f"dataset {spec['path']}: unknown key {unknown[0]!r}; an entry has path, type, weight.")
+    if spec.get("type") is not None and spec["type"] not in FORMATS:
+        raise NanotuneError(f"dataset {spec['path']}: type {spec['type']!r} is not one of {', '.join(FORMATS)}.")
+    w = spec.get("weight", 1.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf:
+        raise NanotuneError(f"dataset {spec['path']}: weight {w!r} must be a number > 0.")
+    if not spec["path"].startswith("hf:") and not os.path.isfile(spec["path"]):
+        raise NanotuneError(f"dataset {spec['path']!r} does not exist; pass a .jsonl, .json or .parquet file.")
+    return spec
 
 
 def mix(samples, weight: float, rng: random.Random) -> list:
@@ -249,10 +300,7 @@ def build_dataset(specs, tok, max_len=2048, truncation="truncate", chat_template
     template = resolve_template(chat_template)
     rng = random.Random(seed)
     samples, stats = [], {"records": 0, "truncated": 0, "dropped_too_long": 0, "dropped_untrained": 0}
-    for spec in specs:
-        if isinstance(spec, str):  # "file.jsonl" or "file.jsonl:0.5" (a weight)
-            path, _, w = spec.rpartition(":")
-            spec = {"path": path, "weight": float(w)} if path and re.fullmatch(r"\d+(\.\d*)?", w) else {"path": spec}
+    for spec in map(dataset_spec, specs):
         part = tokenize_dataset(spec, tok, template, roles, train_on_inputs, cache_dir)
         stats["records"] += len(part)
         samples += mix(part, float(spec.get("weight", 1.0)), rng)

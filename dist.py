@@ -13,6 +13,8 @@ lm_head is gathered while the fused loss uses it. Checkpoints are torch.distribu
 """
 import datetime
 import os
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -34,17 +36,36 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init(device_pref: str = "auto"):
+def init(device_pref: str = "auto", timeout_s: float = 600.0):
     """Join torchrun's process group (NCCL on GPUs, gloo on CPU) when launched by torchrun; returns the
-    device this rank computes on."""
+    device this rank computes on. A collective that waits longer than timeout_s for the other ranks fails
+    (one of them hung or died), and the worker ends with its torchrun agent."""
     cuda = torch.cuda.is_available() and device_pref != "cpu"
     if "RANK" not in os.environ or is_dist():
         return None
+    end_with_parent()
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def end_with_parent():
+    """Linux: SIGTERM this process when its parent (the torchrun agent) dies, even by SIGKILL, which gives
+    the agent no chance to stop its workers."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def is_timeout(e: BaseException) -> bool:
+    """A collective gave up waiting for the other ranks (gloo and NCCL word it differently)."""
+    return is_dist() and any(w in str(e).lower() for w in ("timed out", "timeout"))
 
 
 def shutdown():

@@ -22,11 +22,13 @@ Data (JSONL): {"prompt": str, "chosen": str, "rejected": str}, or {"chosen": [me
 """
 import copy
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
+import data
 import dist
 import lora
 import train
@@ -55,6 +57,31 @@ class DPOConfig(TrainConfig):
     micro_batch_size: int = F_(4, "pairs (KTO: examples, at least 2) per forward")
     val_set_size: float = F_(8.0, "held-out pairs for eval rewards/accuracies")
     sample_prompts_file: str | None = F_(None, "file with one held-out prompt per line")
+    cache_dir: str | None = F_(None, "(SFT only: preference data is not cached)")
+    limits = {"beta": (lambda v: 0 < v < math.inf, "a number > 0 (0.1 is usual)"),
+              "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+              "simpo_gamma": (lambda v: v >= 0, "a number >= 0"), "cpo_alpha": (lambda v: v >= 0, "a number >= 0"),
+              "desirable_weight": (lambda v: v > 0, "a number > 0"),
+              "undesirable_weight": (lambda v: v > 0, "a number > 0"),
+              "max_prompt_len": (lambda v: v >= 1, "a whole number >= 1"),
+              "loss": (lambda v: v in LOSSES, " | ".join(LOSSES))}
+
+
+# SFT settings preference training does not use: refused when set, never silently ignored
+SFT_ONLY = ("eval_file", "cache_dir", "packing", "varlen_attention", "train_on_inputs", "roles_to_train")
+
+
+def check_sft_only(cfg):
+    """One sentence naming an SFT setting this run set (preference pairs are neither packed nor masked by role)."""
+    defaults = {f.name: train._default(f) for f in fields(cfg)}
+    for k in SFT_ONLY:
+        if getattr(cfg, k) not in (defaults[k], None, ""):
+            raise NanotuneError(f"{k} is an SFT (train.py) setting that dpo.py does not use; remove it (pairs are "
+                                "masked to the completion, held out with val_set_size, never packed).")
+    for spec in cfg.datasets:
+        if set(data.dataset_spec(spec)) - {"path"}:
+            raise NanotuneError(f"dataset {spec!r}: type and weight are SFT (train.py) dataset keys; dpo.py reads "
+                                "each file's preference format itself and every pair once: give only the path.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +359,10 @@ def prepare(cfg, tok):
         raise NanotuneError("KTO's KL estimate pairs each prompt with another example's completion: use "
                             "micro_batch_size >= 2.")
     n_eval = int(cfg.val_set_size if cfg.val_set_size >= 1 else round(cfg.val_set_size * len(items)))
+    if n_eval >= len(items):  # (the default holds out 8: a small file keeps at least one pair to train on)
+        train.log(f"val_set_size {cfg.val_set_size:g} would hold out all {len(items)} items; holding out "
+                  f"{len(items) - 1} and training on 1.")
+        n_eval = len(items) - 1
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     train_items = [items[i] for i in order[n_eval:]]
     eval_items = [items[i] for i in order[:n_eval]]
@@ -345,6 +376,7 @@ def prepare(cfg, tok):
 
 def main(argv=None):
     cfg = train.parse_config(argv, DPOConfig)
+    check_sft_only(cfg)
     model, tok, device = train.setup(cfg)
     items, eval_items, stats = prepare(cfg, tok)
     train.log(f"data: {json.dumps(stats)}")

@@ -13,6 +13,7 @@ llama-cpp-python's llama_model_quantize when it is installed. Tensors are merged
 written one at a time; every output goes to a temp name first and is renamed when complete.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -21,11 +22,12 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import lora
 import quant
-from model import (NanotuneError, cli, gguf_names, llama_qk_permute, load_model, load_tokenizer, resolve_model_path,
-                   write_safetensors)
+from model import (NanotuneError, Parser, cli, gguf_names, llama_qk_permute, load_model, load_tokenizer,
+                   resolve_model_path, write_safetensors)
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
              "gemma2": "gemma2", "phi3": "phi3"}
@@ -321,11 +323,27 @@ def export_kquant(model, tok, out, qtype, overwrite):
                             f"{', '.join([*FLOAT_TYPES, *BLOCK_TYPES])}.")
     if os.path.exists(out) and not overwrite:
         raise NanotuneError(f"{out} exists; pass --overwrite to replace it.")
+    import gguf
     f16 = out + ".f16.tmp"
     export_gguf(model, tok, f16, "f16", overwrite=True)
+    rows = [int(t.shape[0]) for t in gguf.GGUFReader(f16).tensors if len(t.shape) > 1]  # ne0: the row length
+    odd = sorted({r for r in rows if r % 256})
+    if odd:  # k-quant blocks hold 256 values of a row; llama.cpp gives other rows a larger fallback type
+        print(f"note: {qtype}: {sum(r % 256 != 0 for r in rows)} of {len(rows)} weight matrices have rows of "
+              f"{', '.join(map(str, odd))} values, not a multiple of 256, so llama.cpp stores them in a larger "
+              "fallback type and the file ends bigger than a true k-quant; q4_0, q4_1 or q5_0 suit this model.",
+              file=sys.stderr)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = K_QUANTS[qtype]
-    rc = llama_cpp.llama_model_quantize(f16.encode(), (out + ".tmp").encode(), ctypes.byref(params))
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:  # llama.cpp logs every tensor (hundreds of lines, from C and through Python's stderr): keep it quiet
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            os.dup2(null.fileno(), 2)
+            rc = llama_cpp.llama_model_quantize(f16.encode(), (out + ".tmp").encode(), ctypes.byref(params))
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
     os.remove(f16)
     if rc != 0:
         raise NanotuneError(f"llama.cpp could not quantize to {qtype} (code {rc}).")
@@ -370,7 +388,7 @@ def ollama_modelfile(gguf_path, tok, system=None) -> str:
 # Loading what to export, verifying what was written
 def load_for_export(args):
     """(model, tokenizer, base path, is_lora) from --run OUTPUT_DIR or --model [+ --adapter]."""
-    model_path, adapter, four_bit = args.model, args.adapter, False
+    model_path, adapter, four_bit, dtype = args.model, args.adapter, False, "bfloat16"
     if args.run:
         cfg_path = os.path.join(args.run, "config.yaml")
         if not os.path.isfile(cfg_path):
@@ -379,6 +397,7 @@ def load_for_export(args):
         with open(cfg_path) as f:
             run = yaml.safe_load(f)
         four_bit = run.get("load_in_4bit", False)
+        dtype = run.get("dtype") if run.get("dtype") in ("float32", "bfloat16", "float16") else dtype
         if os.path.isdir(os.path.join(args.run, "adapter")):
             model_path, adapter = model_path or run["model"], os.path.join(args.run, "adapter")
         elif os.path.isdir(os.path.join(args.run, "model")):
@@ -390,10 +409,18 @@ def load_for_export(args):
     tok = load_tokenizer(adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer.json")) else model_path)
     if adapter:
         lora.load_adapter(model, adapter)
-    return model, tok, model_path, bool(adapter)
+    return model, tok, model_path, bool(adapter), dtype
 
 
 VERIFY_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn.", "Who are you?"]
+# --verify's verdict: the next-token distribution of what was written against the fp32 model in memory, as
+# KL(model || export) in nats, at most this much by what was written; and the same next token (lossy 2-6 bit
+# GGUF types may swap near-ties: the export's choice among the model's top 5). Measured on the default job's
+# result (llama.cpp, transformers, peft): f32 / merged fp32 / adapter < 1e-10, f16 2e-5, bf16 1.5e-4,
+# q8_0 8e-3, q4_k_m 0.12, q4_0 0.22, q2_k 0.52.
+VERIFY_KL = {"float32": 1e-5, "f32": 1e-5, "float16": 1e-3, "f16": 1e-3, "bfloat16": 1e-2, "bf16": 1e-2,
+             "q8_0": 5e-2}
+LOSSY_KL = {"q2_k": 1.5, "q3_k_s": 1.0, "q3_k_m": 1.0, "q3_k_l": 1.0}  # others (4-6 bit): 0.5
 
 
 @torch.no_grad()
@@ -401,12 +428,11 @@ def next_token_logits(model, ids):
     return model.logits(model(torch.tensor([ids]))[0, -1]).float()
 
 
-def verify(fmt, out, model, tok, base_path):
-    """Reload what was written and compare next-token logits with the in-memory model."""
-    prompts = [tok.chat([{"role": "user", "content": p}]) for p in VERIFY_PROMPTS]
-    want = [next_token_logits(model, p) for p in prompts]
-    if fmt == "gguf":
-        try:
+def reader_logits(fmt, out, base_path, prompts):
+    """(who read it back, next-token logits per prompt): transformers / peft / llama.cpp when installed,
+    else nanotune's own readers."""
+    try:
+        if fmt == "gguf":
             import llama_cpp
             llm = llama_cpp.Llama(model_path=out, n_ctx=256, logits_all=True, verbose=False,
                                   type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
@@ -415,34 +441,63 @@ def verify(fmt, out, model, tok, base_path):
                 llm.reset()
                 llm.eval(p)
                 got.append(torch.tensor(llm.scores[len(p) - 1]))
-            who = "llama.cpp"
-        except ImportError:
-            re = load_model(out)
-            got, who = [next_token_logits(re, p) for p in prompts], "nanotune's GGUF reader"
-    elif fmt == "merged":
-        re = load_model(out)
-        got, who = [next_token_logits(re, p) for p in prompts], "nanotune"
-    else:
-        re = lora.load_adapter(load_model(base_path), out)
-        got, who = [next_token_logits(re, p) for p in prompts], "nanotune"
+            return "llama.cpp", got
+        import transformers
+        if fmt == "merged":
+            hf, who = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), "transformers"
+        else:
+            import peft
+            d, f = (os.path.dirname(base_path), os.path.basename(base_path)) if base_path.endswith(".gguf") else (
+                base_path, None)
+            base = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+            hf, who = peft.PeftModel.from_pretrained(base, out), "peft"
+        hf.eval()
+        with torch.no_grad():
+            return who, [hf(input_ids=torch.tensor([p])).logits[0, -1].float() for p in prompts]
+    except ImportError:
+        re = load_model(out) if fmt != "adapter" else lora.load_adapter(load_model(base_path), out)
+        return "nanotune", [next_token_logits(re, p) for p in prompts]
+
+
+def verify(fmt, out, model, tok, base_path, written):
+    """Reload what was written and compare next-token distributions with the in-memory model; a verdict
+    against VERIFY_KL (`written`: the dtype or GGUF type), exit 1 when it fails."""
+    prompts = [tok.chat([{"role": "user", "content": p}]) for p in VERIFY_PROMPTS]
+    want = [next_token_logits(model, p) for p in prompts]
+    who, got = reader_logits(fmt, out, base_path, prompts)
+    tol, failed, worst = VERIFY_KL.get(written, LOSSY_KL.get(written, 0.5)), 0, 0.0
     for p, a, b in zip(VERIFY_PROMPTS, want, got):
-        print(f"verify ({who}): max |dlogit| {(a - b).abs().max():.3e}, top-1 {'same' if a.argmax() == b.argmax() else 'DIFFERENT'}  {p!r}")
+        kl = float(F.kl_div(b.double().log_softmax(-1), a.double().log_softmax(-1), log_target=True, reduction="sum"))
+        same = int(a.argmax()) == int(b.argmax())
+        near = same or (written not in VERIFY_KL and int(b.argmax()) in a.topk(5).indices.tolist())
+        print(f"verify ({who}): KL {kl:.2e}, max |dlogit| {float((a - b).abs().max()):.3e}, top-1 "
+              f"{'same' if same else 'DIFFERENT'}  {p!r}")
+        ok = math.isfinite(kl) and kl <= tol and near
+        failed += not ok
+        worst = max(worst, kl) if math.isfinite(kl) else math.inf
+    if failed:
+        raise NanotuneError(f"verify failed: {who}'s reading of {out} differs from the model on {failed} of "
+                            f"{len(prompts)} prompts (KL up to {worst:.2e}, allowed {tol:g} for {written}, or another "
+                            "next token); do not ship it: re-export, or report the model and format.")
+    print(f"verify: passed ({written}: KL <= {worst:.2e}, allowed {tol:g}; the model's next token)")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="a train.py output directory (reads its config.yaml, adapter/ or model/)")
     p.add_argument("--model", help="base model (HF dir, .gguf, hub id) when not using --run")
     p.add_argument("--adapter", help="LoRA adapter directory to fold in")
     p.add_argument("--format", required=True, choices=["merged", "adapter", "gguf"])
     p.add_argument("--out", help="output path (default: <run>/merged, <run>/adapter-export, <run>/model-<quant>.gguf)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="merged: weight dtype (default bfloat16); adapter: cast the adapter (default float32)")
+                   help="merged: weight dtype (default: the run's, else bfloat16); adapter: cast the adapter "
+                        "(default float32)")
     p.add_argument("--quant", default="f16", help="gguf: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or k-quants "
                                                   "(q4_k_m, q5_k_m, q6_k, ...) with llama-cpp-python")
     p.add_argument("--ollama", action="store_true", help="gguf: also write an Ollama Modelfile beside it")
     p.add_argument("--system", default=None, help="--ollama: the Modelfile's system prompt")
-    p.add_argument("--verify", action="store_true", help="reload the export and compare next-token logits")
+    p.add_argument("--verify", action="store_true", help="reload the export (with transformers, peft or llama.cpp "
+                   "when installed) and compare next-token logits; exit 1 past the format's tolerance")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     a = p.parse_args(argv)
     if not (a.run or a.model or a.adapter):
@@ -454,19 +509,25 @@ def main(argv=None):
                                        "gguf": f"model-{a.quant.lower()}.gguf"}[a.format])
     if os.path.exists(out) and not a.overwrite:
         raise NanotuneError(f"{out} exists; pass --overwrite to replace it.")
-    model, tok, base_path, has_lora = load_for_export(a)
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise NanotuneError(f"--out {out}: the directory {parent} does not exist; create it or choose another path.")
+    model, tok, base_path, has_lora, run_dtype = load_for_export(a)
     if a.format == "merged":
-        export_merged(model, tok, out, getattr(torch, a.dtype or "bfloat16"), a.overwrite)
+        written = a.dtype or run_dtype  # the run's precision unless asked otherwise
+        export_merged(model, tok, out, getattr(torch, written), a.overwrite)
     elif a.format == "adapter":
-        export_adapter(model, out, base_path, getattr(torch, a.dtype) if a.dtype else None, a.overwrite)
+        written = a.dtype or "float32"
+        export_adapter(model, out, base_path, getattr(torch, written), a.overwrite)
     else:
+        written = a.quant.lower()
         export_gguf(model, tok, out, a.quant, a.overwrite)
         if a.ollama:
             with open(os.path.join(os.path.dirname(os.path.abspath(out)), "Modelfile"), "w") as f:
                 f.write(ollama_modelfile(out, tok, a.system))
-    print(f"wrote {out}")
+    print(f"wrote {out} ({written})")
     if a.verify:
-        verify(a.format, out, model, tok, base_path)
+        verify(a.format, out, model, tok, base_path, written)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ import argparse
 import torch
 
 from lora import load_adapter
-from model import cli, generate, load
+from model import NanotuneError, Parser, cli, generate, load
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF directory, .gguf file, or hub id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (nanotune or PEFT) to apply")
     p.add_argument("--prompt", default="What is the capital of France?", help="the user message (or raw text with --raw)")
@@ -30,6 +30,12 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on GPU, float32 on CPU")
     a = p.parse_args(argv)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise NanotuneError(f"--device {a.device}: this machine has no CUDA device; use --device cpu.")
+    for flag, ok, legal in (("max_new_tokens", a.max_new_tokens >= 1, ">= 1"), ("top_k", a.top_k >= 0, ">= 0"),
+                            ("temperature", a.temperature >= 0, ">= 0"), ("top_p", 0 < a.top_p <= 1, "in (0, 1]")):
+        if not ok:
+            raise NanotuneError(f"--{flag} {getattr(a, flag)} is out of range; use a value {legal}.")
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     model, tok = load(a.model, dtype=dtype, device=a.device)
     if a.adapter:

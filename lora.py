@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from model import NanotuneError, read_json
+from model import NanotuneError, hub_id, read_json
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -223,12 +223,13 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, dtype=
     c = model.lora_config
     targets = c["target_modules"] if isinstance(c["target_modules"], str) else sorted(set(
         n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)))
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": hub_id(base_model_name),
            "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
            "target_modules": targets, "use_rslora": c["use_rslora"], "use_dora": c["use_dora"], "bias": "none",
            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
     tmp = os.path.join(out_dir, "adapter_model.safetensors.tmp")
-    save_file(sd, tmp, metadata={"format": "pt"})
+    meta = {"format": "pt", **({"nanotune_base_path": base_model_name} if base_model_name else {})}  # the local base
+    save_file(sd, tmp, metadata=meta)
     os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
     with open(os.path.join(out_dir, "adapter_config.json.tmp"), "w") as f:
         json.dump(cfg, f, indent=2)
@@ -248,7 +249,14 @@ def load_adapter(model, adapter_dir: str):
         raise NanotuneError(f"{cfg_path}: rank_pattern, alpha_pattern and modules_to_save are not supported.")
     apply_lora(model, c["r"], c["lora_alpha"], c.get("lora_dropout", 0.0), c["target_modules"],
                c.get("use_rslora", False), c.get("use_dora", False))
-    sd = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        raise NanotuneError(f"{adapter_dir} has no adapter_model.safetensors; the adapter is incomplete.")
+    try:
+        sd = load_file(path)
+    except Exception as e:
+        raise NanotuneError(f"{path} could not be read as safetensors ({str(e).splitlines()[0][:100]}); the file is "
+                            "truncated or corrupt: save the adapter again.")
     params = {f"{PEFT_PREFIX}{n}": p for n, p in model.named_parameters()}
     for k, v in sd.items():
         name = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
@@ -260,6 +268,9 @@ def load_adapter(model, adapter_dir: str):
         if params[name].shape != v.shape:
             raise NanotuneError(f"{adapter_dir}: {k!r} has shape {tuple(v.shape)} but this model needs "
                                 f"{tuple(params[name].shape)}; the adapter belongs to another base model.")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise NanotuneError(f"{path}: tensor {k!r} holds inf/NaN values; the adapter is damaged: train it again "
+                                "or use an earlier checkpoint.")
         with torch.no_grad():
             params[name].copy_(v)
     return model

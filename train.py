@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -32,8 +33,8 @@ import kernels
 import lora
 import quant
 from lora import DEFAULT_TARGETS
-from data import IGNORE, Sampler, build_dataset, collate, pack
-from model import NanotuneError, assign_param, cli, generate, load_model, load_tokenizer, resolve_model_path
+from data import IGNORE, Sampler, build_dataset, collate, dataset_spec, pack, resolve_template
+from model import NanotuneError, Parser, assign_param, cli, generate, load_model, load_tokenizer, resolve_model_path
 
 
 def F_(default, help):  # noqa: N802 - a dataclass field with its --help text
@@ -86,12 +87,15 @@ class TrainConfig:
     dtype: str = F_("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     device: str = F_("auto", "auto | cpu | cuda | cuda:N")
     seed: int = F_(0, "seed for init, data order and dropout")
+    dist_timeout: float = F_(600.0, "torchrun: seconds a rank waits for the others (loading, a step, a save) "
+                                    "before the job stops")
     # logging, eval, checkpoints
     log_steps: int = F_(1, "write a metrics line every N steps")
     eval_steps: int = F_(0, "eval loss (and samples) every N steps (0: only at the end)")
     save_steps: int = F_(0, "checkpoint every N steps (0: never)")
     save_total_limit: int = F_(2, "checkpoints kept")
     resume: str | None = F_(None, "'latest' (or a bare --resume) or a checkpoint path")
+    overwrite: bool = F_(False, "replace the run already in output_dir (without it such a directory is refused)")
     sample_prompts: list = F_([], "prompts answered before and after training")
     sample_prompts_file: str | None = F_("examples/identity_prompts.txt", "file with one held-out prompt per line")
     sample_max_tokens: int = F_(48, "tokens generated per sample prompt")
@@ -99,75 +103,145 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Config: flags and YAML, one source of truth
+# names people type from other tools (transformers' TrainingArguments, Axolotl) -> ours
+ALIASES = {"learning_rate": "lr", "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+           "num_epochs": "epochs", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum",
+           "max_seq_length": "max_len", "sequence_len": "max_len", "warmup": "warmup_steps"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# legal values: field -> (test, the legal range in words). A value outside is refused before anything loads.
+LIMITS = {
+    "max_len": (lambda v: v >= 2, "at least 2 (tokens per sample)"),
+    "truncation": (lambda v: v in ("truncate", "drop"), "truncate or drop"),
+    "val_set_size": (lambda v: 0 <= v and (v < 1 or v.is_integer()), "a fraction in [0, 1) or a whole count >= 1"),
+    "lora_r": (lambda v: v >= 1, "a whole number >= 1"),
+    "lora_alpha": (lambda v: v > 0 and math.isfinite(v), "a number > 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lr": (lambda v: v > 0 and math.isfinite(v), "a number > 0 (1e-4..1e-3 is usual for LoRA)"),
+    "schedule": (lambda v: v in ("cosine", "linear", "constant"), "cosine, linear or constant"),
+    "warmup_steps": (lambda v: v >= 0, "a whole number >= 0"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "a number >= 0"),
+    "epochs": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "max_steps": (lambda v: v >= 0, "a whole number >= 0 (0: from epochs)"),
+    "micro_batch_size": (lambda v: v >= 1, "a whole number >= 1"),
+    "grad_accum": (lambda v: v >= 1, "a whole number >= 1"),
+    "max_grad_norm": (lambda v: 0 <= v < math.inf, "a number >= 0 (0: no clipping)"),
+    "dtype": (lambda v: v in DTYPES, ", ".join(DTYPES)),
+    "device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
+    "log_steps": (lambda v: v >= 1, "a whole number >= 1"),
+    "eval_steps": (lambda v: v >= 0, "a whole number >= 0 (0: only at the end)"),
+    "save_steps": (lambda v: v >= 0, "a whole number >= 0 (0: never)"),
+    "save_total_limit": (lambda v: v >= 1, "a whole number >= 1"),
+    "sample_max_tokens": (lambda v: v >= 1, "a whole number >= 1"),
+    "dist_timeout": (lambda v: 0 < v < math.inf, "a number of seconds > 0"),
+}
+
+
 def _convert(f: dataclasses.Field, value, where):
     """Coerce a CLI string or YAML value to the field's type; a wrong one is a one-line error."""
     t = str(f.type)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in t):
-        return None
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if "None" in t:
+            return None
+        raise NanotuneError(f"{where}{f.name} needs a value ({getattr(f.type, '__name__', t)}); remove the key to "
+                            "keep the default.")
     try:
         if "bool" in t and not isinstance(value, bool):
             if str(value).lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
             return str(value).lower() in ("true", "1", "yes")
         if "list" in t:
+            if isinstance(value, (dict, bool)):
+                raise ValueError
             return value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+        if ("int" in t or "float" in t) and isinstance(value, (bool, list, dict)):
+            raise ValueError  # YAML `true` or [1] is no number
         if "int" in t:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         if "float" in t:
             return float(value)
+        if isinstance(value, (list, dict)):
+            raise ValueError
         return value if isinstance(value, (bool, int, float, str)) else str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise NanotuneError(f"{where}{f.name} must be {getattr(f.type, '__name__', t)}, got {value!r}.")
 
 
+def check_limits(cfg, where):
+    """Refuse a value outside its legal range (LIMITS, and a subclass's own `limits`) in one sentence."""
+    for name, (ok, legal) in {**LIMITS, **getattr(cfg, "limits", {})}.items():
+        v = getattr(cfg, name)
+        if v is not None and not ok(v):
+            raise NanotuneError(f"{where.get(name, '--')}{name} {v!r} is out of range; use {legal}.")
+
+
 def _closest(key, names):
-    m = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    return f" (did you mean {m[0]!r}?)" if m else ""
+    """The nearest valid name, by spelling or by another tool's name for it (ALIASES); "" when none is near."""
+    m = difflib.get_close_matches(key, [*names, *ALIASES], n=1, cutoff=0.5)
+    return ALIASES.get(m[0], m[0]) if m else ""
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(Parser):
     def error(self, message):
         if "unrecognized arguments" in message:
             flag = message.split(":", 1)[1].split()[0]
-            names = ["--" + f.name for f in fields(TrainConfig)] + ["--config"]
-            raise NanotuneError(f"unknown flag {flag}{_closest(flag.split('=')[0], names)}; see --help.")
-        raise NanotuneError(message)
+            near = _closest(flag.split("=")[0].lstrip("-"), self.names)
+            raise NanotuneError(f"unknown flag {flag}{f' (did you mean --{near}?)' if near else ''}; see --help.")
+        super().error(message)
+
+
+def read_yaml(path, names):
+    """{field: value} from a YAML mapping; another tool's key names are accepted (ALIASES)."""
+    import yaml
+    if not os.path.isfile(path):
+        raise NanotuneError(f"config file {path!r} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            y = yaml.safe_load(fh)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise NanotuneError(f"{path}: not valid YAML ({str(e).splitlines()[0]}).")
+    y = {} if y is None else y
+    if not isinstance(y, dict):
+        raise NanotuneError(f"{path}: the top level must be a mapping of keys (lr: 1e-4, ...), got a "
+                            f"{type(y).__name__}.")
+    values = {}
+    for k, v in y.items():
+        name = ALIASES.get(k, k)
+        if name not in names:
+            near = _closest(str(k), names)
+            raise NanotuneError(f"{path}: unknown key {k!r}{f' (did you mean {near!r}?)' if near else ''}.")
+        if name in values:
+            raise NanotuneError(f"{path}: {k!r} and another key both set {name}; keep one.")
+        values[name] = v
+    return values
 
 
 def parse_config(argv=None, cls=TrainConfig):
     names = [f.name for f in fields(cls)]
-    p = _Parser(description=sys.modules[cls.__module__].__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=sys.modules[cls.__module__].__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                allow_abbrev=False)
+    p.names = [*names, "config"]  # for the nearest-name hint
     p.add_argument("--config", help="YAML file with any of the keys below")
+    aka = {n: [a for a, t in ALIASES.items() if t == n] for n in names}
     for f in fields(cls):
-        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()})")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = dict(default=argparse.SUPPRESS, dest=f.name, help=f"{f.metadata.get('help', '')} (default: {default})")
+        flags = [f"--{f.name}", *(f"--{a}" for a in aka[f.name])]
         if "list" in str(f.type):
-            p.add_argument(f"--{f.name}", nargs="*", **kw)
+            p.add_argument(*flags, nargs="*", **kw)
         elif "bool" in str(f.type) or f.name == "resume":
-            p.add_argument(f"--{f.name}", nargs="?", const="latest" if f.name == "resume" else "true", **kw)
+            p.add_argument(*flags, nargs="?", const="latest" if f.name == "resume" else "true", **kw)
         else:
-            p.add_argument(f"--{f.name}", **kw)
+            p.add_argument(*flags, **kw)
     args = vars(p.parse_args(argv))
-    values = {}
-    if args.get("config"):
-        import yaml
-        path = args.pop("config")
-        if not os.path.isfile(path):
-            raise NanotuneError(f"config file {path!r} does not exist.")
-        with open(path) as fh:
-            try:
-                y = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as e:
-                raise NanotuneError(f"{path}: not valid YAML ({str(e).splitlines()[0]}).")
-        for k, v in y.items():
-            if k not in names:
-                raise NanotuneError(f"{path}: unknown key {k!r}{_closest(k, names)}.")
-            values[k] = v
-    args.pop("config", None)
+    path = args.pop("config", None)
+    values = read_yaml(path, names) if path else {}
+    where = {k: f"{path}: " for k in values} | {k: "--" for k in args}
     values.update(args)
     byname = {f.name: f for f in fields(cls)}
-    cfg = cls(**{k: _convert(byname[k], v, "") for k, v in values.items()})
+    cfg = cls(**{k: _convert(byname[k], v, where[k] if where[k] != "--" else "") for k, v in values.items()})
+    check_limits(cfg, where)
     return cfg
 
 
@@ -182,6 +256,9 @@ def save_config(cfg, path):
 # Building blocks (dpo.py reuses these)
 def pick_device(cfg):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda") and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
+        raise NanotuneError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
+                            "--device cpu or auto.")
     if cfg.dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
@@ -441,8 +518,12 @@ def trainable_state(model):
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out_dir, step, model, opt, sched, sampler, keep):
+def save_checkpoint(cfg, step, model, opt, sched, sampler):
+    """checkpoints/step-NNNNNN: trainable weights (or DCP shards), state.pt (tensors and plain values only),
+    the run's config.yaml and meta.json (step, world size); written as .tmp, then renamed."""
     from safetensors.torch import save_file
+    out_dir, keep = cfg.output_dir, cfg.save_total_limit
+    check_weights_finite(model, f"step {step}", "checkpoint")
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step-{step:06d}")
     tmp = final + ".tmp"
@@ -462,6 +543,9 @@ def save_checkpoint(out_dir, step, model, opt, sched, sampler, keep):
     if not dist.is_main():
         return
     torch.save(state, os.path.join(tmp, "state.pt"))
+    save_config(cfg, os.path.join(tmp, "config.yaml"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"step": step, "world": dist.world()}, f)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     done = finished_checkpoints(root)
@@ -496,13 +580,21 @@ def load_checkpoint(path, model, opt, sched, sampler):
     if sharded != dist.is_dist():
         raise NanotuneError(f"{path} was written {'under' if sharded else 'without'} torchrun; resume it the same "
                             "way (under torchrun any number of processes can resume a sharded checkpoint).")
-    s = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    try:  # tensors and plain values only: a checkpoint never runs code
+        s = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    except Exception as e:
+        raise NanotuneError(f"{path}/state.pt could not be loaded as plain training state "
+                            f"({str(e).splitlines()[0][:120]}); it is corrupt or not nanotune's: resume from another "
+                            "checkpoint or start a new run.")
     if sharded:
         dist.load_sharded(os.path.join(path, "dcp"), model, opt)
     else:
         params = dict(model.named_parameters())
         with torch.no_grad():
             for n, t in load_file(os.path.join(path, "trainable.safetensors")).items():
+                if n not in params or params[n].shape != t.shape:
+                    raise NanotuneError(f"{path}: tensor {n!r} does not fit this model; resume with the run's "
+                                        "own settings.")
                 params[n].copy_(t)
         opt.load_state_dict(s["optimizer"])
     sched.load_state_dict(s["scheduler"])
@@ -521,11 +613,113 @@ def rank_slice(idx, r, w):
     return idx[r * n : (r + 1) * n]
 
 
+# what a run writes in output_dir: one of these there means the directory holds a run
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "model", "samples.json", "loss.png", "tb")
+# settings a resume may change: they do not change what is trained (the rest must match the checkpoint)
+RESUMABLE = {"resume", "overwrite", "output_dir", "device", "dist_timeout", "log_steps", "eval_steps", "save_steps",
+             "save_total_limit", "sample_prompts", "sample_prompts_file", "sample_max_tokens", "cache_dir",
+             "gradient_checkpointing", "offload_activations", "cuda_graphs", "varlen_attention"}
+
+
 def check_output_dir(cfg):
-    parent = os.path.dirname(os.path.abspath(cfg.output_dir))
+    """output_dir can take this run: its parent exists, it is no file, and an earlier run in it is only
+    continued (--resume) or replaced (--overwrite), never mixed into."""
+    out = cfg.output_dir
+    parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
-        raise NanotuneError(f"output_dir {cfg.output_dir!r}: its parent {parent!r} does not exist; create it or "
+        raise NanotuneError(f"output_dir {out!r}: its parent {parent!r} does not exist; create it or "
                             "choose another output_dir.")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NanotuneError(f"output_dir {out!r} is a file; choose a directory name.")
+    if cfg.resume and cfg.overwrite:
+        raise NanotuneError("--resume continues the run in output_dir and --overwrite replaces it; pass one of them.")
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if held and not cfg.resume and not cfg.overwrite:
+        raise NanotuneError(f"output_dir {out!r} holds an earlier run ({', '.join(held)}); pass --resume to "
+                            "continue it, --overwrite to replace it, or choose another output_dir.")
+
+
+def check_resume(cfg, ckpt):
+    """The checkpoint's run must be this run: every setting that changes the training is the same (the
+    global batch, micro_batch_size x processes, may be split another way)."""
+    import yaml
+    path = os.path.join(ckpt, "config.yaml")
+    if not os.path.isfile(path):  # a checkpoint from before checkpoints kept their config
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "config.yaml")
+    if not os.path.isfile(path):
+        raise NanotuneError(f"{ckpt} has no config.yaml with it, so nothing shows it belongs to this run; "
+                            "start a new run instead.")
+    with open(path) as f:
+        saved = yaml.safe_load(f) or {}
+    meta_path = os.path.join(ckpt, "meta.json")
+    world = json.load(open(meta_path))["world"] if os.path.isfile(meta_path) else dist.world()
+    defaults = {f.name: _default(f) for f in fields(cfg)}
+    now = dataclasses.asdict(cfg)
+    diff = [k for k, v in now.items() if k not in RESUMABLE and k != "micro_batch_size"
+            and saved.get(k, defaults[k]) != v]
+    if saved.get("micro_batch_size", defaults["micro_batch_size"]) * world != cfg.micro_batch_size * dist.world():
+        diff.append("micro_batch_size")
+    if diff:
+        shown = ", ".join(f"{k} ({saved.get(k, defaults[k])!r} there, {now[k]!r} now)" for k in diff[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise NanotuneError(f"--resume: {ckpt} was trained with other settings: {shown}{more}; resume with the "
+                            "run's own settings (see its config.yaml) or start a new run.")
+
+
+def _default(f):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def clear_run(out):
+    """--overwrite: remove what an earlier run wrote in `out` (nothing else there is touched)."""
+    for f in RUN_FILES:
+        p = os.path.join(out, f)
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
+
+
+def truncate_metrics(path, step):
+    """A resumed run's metrics.jsonl keeps only the rows up to its checkpoint's step (the killed run may
+    have written more)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def check_finite(step, **values):
+    """Stop at the first non-finite loss or gradient norm, before anything is saved from it."""
+    bad = [f"{k.replace('_', ' ')} {v}" for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise NanotuneError(f"step {step}: the {' and the '.join(bad)}; stopped without saving anything from this "
+                            "step (lower lr, set max_grad_norm, or check the data and the base weights).")
+
+
+def check_weights_finite(model, when, what):
+    """Every trainable weight is finite (summed over ranks): a non-finite checkpoint or result is never written."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
+    n = float(torch.stack([(~torch.isfinite(p)).sum() for p in local]).sum()) if local else 0.0
+    bad = int(dist.all_sums([n])[0])
+    if bad:
+        raise NanotuneError(f"{when}: {bad} trained weights are not finite, so the {what} was not written "
+                            "(lower lr, set max_grad_norm, or check the data).")
+
+
+def finite_or_none(metrics):
+    """Metric values for metrics.jsonl: a non-finite one becomes null (JSON has no NaN)."""
+    return {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}
+
+
+def check_inputs(cfg):
+    """Every file the run reads exists and every dataset entry is well formed (before the model loads)."""
+    for spec in [*cfg.datasets, *([cfg.eval_file] if cfg.eval_file else [])]:
+        dataset_spec(spec)
+    if cfg.sample_prompts_file and not os.path.isfile(cfg.sample_prompts_file):
+        raise NanotuneError(f"sample_prompts_file {cfg.sample_prompts_file!r} does not exist; pass a file with one "
+                            "prompt per line, or '' for none.")
+    resolve_template(cfg.chat_template)
 
 
 def split_eval(samples, cfg, tok, build):
@@ -534,9 +728,18 @@ def split_eval(samples, cfg, tok, build):
         return samples, build([cfg.eval_file])[0]
     if not cfg.val_set_size:
         return samples, []
-    n = int(cfg.val_set_size if cfg.val_set_size >= 1 else round(cfg.val_set_size * len(samples)))
+    n = held_out(cfg.val_set_size, len(samples))
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     return [samples[i] for i in order[n:]], [samples[i] for i in order[:n]]
+
+
+def held_out(val_set_size, n):
+    """How many of n samples val_set_size (a fraction < 1 or a count) holds out; at least one must be left."""
+    k = int(val_set_size if val_set_size >= 1 else round(val_set_size * n))
+    if k >= n:
+        raise NanotuneError(f"val_set_size {val_set_size:g} holds out {k} of the {n} samples and leaves none to "
+                            f"train on; use at most {n - 1}, or a fraction below 1.")
+    return k
 
 
 def prepare_data(cfg, tok):
@@ -568,17 +771,26 @@ def main(argv=None):
 
 
 def setup(cfg):
-    """Seed, pick device/dtype, print the config, load tokenizer and model (+ LoRA / 4-bit)."""
+    """Check the run's inputs and output dir, seed, pick device/dtype, print the config, load tokenizer and
+    model (+ LoRA / 4-bit). Everything a user can get wrong is checked before the model loads."""
     check_output_dir(cfg)
+    check_inputs(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device, dtype = pick_device(cfg)
-    device = dist.init(cfg.device) or device  # under torchrun: this rank's GPU (or CPU with gloo)
+    device = dist.init(cfg.device, cfg.dist_timeout) or device  # under torchrun: this rank's GPU (or CPU)
     if cfg.cuda_graphs:
         check_cuda_graphs(cfg, device)
-    log(f"nanotune {type(cfg).__name__}:\n" + "\n".join(f"  {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
     cfg.model = resolve_model_path(cfg.model)
+    cfg.dtype = str(dtype).removeprefix("torch.")  # config.yaml records what ran, not "auto"
+    ckpt = find_checkpoint(cfg)
+    if ckpt:
+        check_resume(cfg, ckpt)
+    log(f"nanotune {type(cfg).__name__}:\n" + "\n".join(f"  {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
+    log(f"loading {cfg.model} ...")
     tok = load_tokenizer(cfg.model)
+    if cfg.chat_template:  # one template for the data, the samples, the saved tokenizer and the exports
+        tok.chat_template = resolve_template(cfg.chat_template)
     model = build_model(cfg, device, dtype)
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -604,13 +816,17 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
     opt = make_optimizer(model, cfg, device)
     sched = make_schedule(opt, cfg, steps)
     if dist.is_main():
+        if cfg.overwrite:
+            clear_run(cfg.output_dir)
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     dist.barrier()
     start = 0
-    ckpt = find_checkpoint(cfg)
+    ckpt = last_ckpt = find_checkpoint(cfg)
     if ckpt:
         start = load_checkpoint(ckpt, model, opt, sched, sampler)
+        if dist.is_main():
+            truncate_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start)
         log(f"resumed from {ckpt} at step {start}")
 
     prompts = list(cfg.sample_prompts)
@@ -619,7 +835,10 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
             prompts += [ln.strip() for ln in f if ln.strip()]
     if dist.is_dist():
         prompts = []  # sample generations are a single-process feature (generate.py on the result)
-    before = answer_prompts(model, tok, prompts, cfg.sample_max_tokens) if prompts and not ckpt else None
+    before = None
+    if prompts and not ckpt:
+        log(f"answering {len(prompts)} sample prompt(s) before training ...")
+        before = answer_prompts(model, tok, prompts, cfg.sample_max_tokens)
 
     from tqdm import tqdm
     metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a" if ckpt else "w") if dist.is_main() \
@@ -629,30 +848,45 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
     bar = tqdm(total=steps, initial=start, desc=task.name, dynamic_ncols=True, file=sys.stderr,
                disable=not dist.is_main())
     tb = tensorboard(cfg.output_dir) if dist.is_main() else None
-    t0, tokens_seen = time.time(), 0
-    for step in range(start + 1, steps + 1):
-        micro = [to_device(task.collate([rows[i] for i in rank_slice(sampler.next(), R, W)], tok), device)
-                 for _ in range(cfg.grad_accum)]
-        loss, gnorm, count, tokens, mets = train_step(model, opt, sched, micro, task, cfg.max_grad_norm, graph)
-        tokens_seen += tokens
-        tps = tokens_seen / (time.time() - t0)
-        mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-        bar.update(1)
-        shown = {k.split("/")[-1][:6]: f"{v:.3f}" for k, v in list(mets.items())[:3]}
-        bar.set_postfix(loss=f"{loss:.4f}", **shown, lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{tps:.0f}",
-                        mem=f"{mem:.1f}G" if mem else "-")
-        if step % cfg.log_steps == 0 or step == steps:
-            metrics.write(json.dumps({"step": step, "loss": loss, **mets, "lr": sched.get_last_lr()[0],
-                                      "grad_norm": gnorm, "count": count, "tokens_per_s": round(tps, 1),
-                                      "epoch": sampler.epoch, "peak_mem_gib": round(mem, 3)}) + "\n")
-            metrics.flush()
-            if tb:
-                for k, v in {"loss": loss, **mets, "lr": sched.get_last_lr()[0], "grad_norm": gnorm}.items():
-                    tb.add_scalar(f"train/{k}", v, step)
-        if cfg.eval_steps and step % cfg.eval_steps == 0 and step != steps:
-            run_eval(model, tok, eval_rows, prompts, cfg, device, step, metrics, bar, task)
-        if cfg.save_steps and step % cfg.save_steps == 0 and step != steps:
-            save_checkpoint(cfg.output_dir, step, model, opt, sched, sampler, cfg.save_total_limit)
+    t0, tokens_seen, step = time.time(), 0, start
+    try:
+        for step in range(start + 1, steps + 1):
+            micro = [to_device(task.collate([rows[i] for i in rank_slice(sampler.next(), R, W)], tok), device)
+                     for _ in range(cfg.grad_accum)]
+            loss, gnorm, count, tokens, mets = train_step(model, opt, sched, micro, task, cfg.max_grad_norm, graph)
+            check_finite(step, loss=loss, gradient_norm=gnorm)
+            tokens_seen += tokens
+            tps = tokens_seen / (time.time() - t0)
+            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+            bar.update(1)
+            shown = {k.split("/")[-1][:12]: f"{v:.3f}" for k, v in list(mets.items())[:3]}
+            bar.set_postfix(loss=f"{loss:.4f}", **shown, lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{tps:.0f}",
+                            mem=f"{mem:.1f}G" if mem else "-")
+            if step % cfg.log_steps == 0 or step == steps:
+                row = {"step": step, "loss": loss, **mets, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+                       "count": count, "tokens_per_s": round(tps, 1), "epoch": sampler.epoch,
+                       "peak_mem_gib": round(mem, 3)}
+                metrics.write(json.dumps(finite_or_none(row)) + "\n")
+                metrics.flush()
+                if tb:
+                    for k, v in {"loss": loss, **mets, "lr": sched.get_last_lr()[0], "grad_norm": gnorm}.items():
+                        tb.add_scalar(f"train/{k}", v, step)
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step != steps:
+                run_eval(model, tok, eval_rows, prompts, cfg, device, step, metrics, bar, task)
+            if cfg.save_steps and step % cfg.save_steps == 0 and step != steps:
+                save_checkpoint(cfg, step, model, opt, sched, sampler)
+                last_ckpt = os.path.join(cfg.output_dir, "checkpoints", f"step-{step:06d}")
+    except RuntimeError as e:
+        if not dist.is_timeout(e):
+            raise
+        raise NanotuneError(f"rank {R} waited {cfg.dist_timeout:g} s for the other ranks at step {step} (one of them "
+                            f"hung or died); the job stops{f', the last checkpoint is {last_ckpt}' if last_ckpt else ''}"
+                            " (--dist_timeout sets the wait).")
+    except KeyboardInterrupt:
+        bar.close()
+        raise NanotuneError(f"interrupted at step {step}; " + (
+            f"the last checkpoint is {last_ckpt}: run the same command with --resume to continue from it."
+            if last_ckpt else "no checkpoint was saved (--save_steps N keeps some), so nothing was kept."))
     bar.close()
     if graph is not None:
         log(f"cuda graphs: {graph.replays} of {graph.calls} micro-batches replayed from {len(graph.graphs)} "
@@ -674,7 +908,7 @@ def tensorboard(out_dir):
 def run_eval(model, tok, eval_rows, prompts, cfg, device, step, metrics, bar, task):
     if eval_rows:
         res = task.evaluate(model, eval_rows, cfg, tok, device)
-        metrics.write(json.dumps({"step": step, **res}) + "\n")
+        metrics.write(json.dumps(finite_or_none({"step": step, **res})) + "\n")
         (bar.write if bar else log)(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
     answers = answer_prompts(model, tok, prompts, cfg.sample_max_tokens) if prompts else []
     for p, a in zip(prompts[:2], answers) if bar else []:
@@ -686,11 +920,17 @@ def finish(model, tok, cfg, prompts, before, after):
     """Write the result (adapter or full model), the samples and a loss plot; print before/after."""
     from model import save_hf
     main_rank = dist.is_main()  # under FSDP every rank gathers, rank 0 writes
+    check_weights_finite(model, "after the last step", "result")
     if cfg.lora:
         result = os.path.join(cfg.output_dir, "adapter")
-        lora.save_adapter(model, result, base_model_name=cfg.model, write=main_rank)
+        tmp = result + ".tmp"  # renamed once complete: a crash never leaves an adapter/ that looks finished
         if main_rank:
-            tok.save(result)
+            shutil.rmtree(tmp, ignore_errors=True)
+        lora.save_adapter(model, tmp, base_model_name=cfg.model, write=main_rank)
+        if main_rank:
+            tok.save(tmp)
+            shutil.rmtree(result, ignore_errors=True)
+            os.replace(tmp, result)
     else:
         result = os.path.join(cfg.output_dir, "model")
         save_hf(model, result, tokenizer=tok, write=main_rank)
@@ -713,10 +953,12 @@ def plot_losses(out_dir):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        log("(loss.png not drawn: matplotlib is not installed; `pip install matplotlib` adds it, metrics.jsonl "
+            "has every step)")
         return
     rows = [json.loads(ln) for ln in open(os.path.join(out_dir, "metrics.jsonl"))]
-    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    tr = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    ev = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     plt.figure(figsize=(6, 3.5))
     plt.plot(*zip(*tr), label="train")
     if ev:

@@ -140,3 +140,68 @@ def test_dpo_two_processes_equal_one(setup_dir, tmp_path, loss):
     two = launch(2, [*args, str(tmp_path / "two"), "--micro_batch_size", "2"], script="dpo.py")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
     assert close(losses(tmp_path / "two"), losses(tmp_path / "one")), (losses(tmp_path / "two"), losses(tmp_path / "one"))
+
+
+HANG = """
+import os, signal, sys
+sys.path.insert(0, ROOT)
+sys.argv = ["train.py"] + sys.argv[1:]
+import train
+orig, calls = train.train_step, [0]
+def step(*a, **k):
+    calls[0] += 1
+    if calls[0] == 2 and os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGSTOP)  # rank 1 hangs
+    return orig(*a, **k)
+train.train_step = step
+train.cli(lambda: train.main(sys.argv[1:]), train.dist.shutdown)  # as `python train.py` runs it
+"""
+
+
+def test_a_hung_rank_ends_the_job_after_dist_timeout_in_one_line(setup_dir, tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(HANG.replace("ROOT", repr(ROOT)))
+    t0 = time.time()
+    r = launch(2, common(setup_dir, tmp_path / "h", "--micro_batch_size", "2", "--max_steps", "50",
+                         "--dist_timeout", "15"), script=str(script), timeout=240)
+    assert r.returncode != 0
+    assert "error: rank 0 waited 15 s for the other ranks at step 2 (one of them hung or died)" in r.stderr, r.stderr[-3000:]
+    assert time.time() - t0 < 200  # not the 10 minutes of the old fixed timeout
+
+
+def test_workers_end_when_the_torchrun_agent_is_killed(setup_dir, tmp_path):
+    out = tmp_path / "k"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *common(setup_dir, out, "--micro_batch_size", "2", "--max_steps", "100000", "--save_steps", "0")]
+    agent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert time.time() < deadline and agent.poll() is None, "training never started"
+            time.sleep(0.5)
+        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == agent.pid]
+        assert len(workers) == 2
+        agent.kill()
+        agent.wait()
+        deadline = time.time() + 30
+        while [w for w in workers if _alive(w)] and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)], "workers kept training after their agent died"
+        assert not (out / "adapter").exists()
+    finally:
+        agent.kill()
+
+
+def _ppid(pid):
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid):
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited (its parent is gone, so no one reaps it at once)

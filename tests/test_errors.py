@@ -1,11 +1,15 @@
-"""Bad model input ends with one clear line on stderr and exit 1, never a traceback."""
+"""Bad input (models, flags, YAML, data, files) ends with one clear sentence naming what, where and how to fix
+it, and exit 1, never a traceback; a legal but pointless value is refused the same way."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 from conftest import ROOT, make_hf_model
+
+import model as nt
 
 
 def run_generate(model_path):
@@ -54,3 +58,207 @@ def test_bad_model_input_is_one_clear_line(case, expect, tmp_path, smollm_gguf):
     assert rc == 1
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("error: ") and expect in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# flags and YAML: a wrong or pointless value is refused in one sentence naming the flag and the legal range
+@pytest.mark.parametrize("args,expect", [
+    (["--lora_r", "0"], "--lora_r 0 is out of range; use a whole number >= 1"),
+    (["--lora_dropout", "2"], "--lora_dropout 2.0 is out of range; use in [0, 1)"),
+    (["--lr", "-1"], "--lr -1.0 is out of range; use a number > 0"),
+    (["--lr", "nan"], "--lr nan is out of range"),
+    (["--dtype", "float33"], "--dtype 'float33' is out of range; use auto, float32, bfloat16, float16"),
+    (["--device", "bogus"], "--device 'bogus' is out of range; use auto, cpu, cuda or cuda:N"),
+    (["--micro_batch_size", "0"], "--micro_batch_size 0 is out of range"),
+    (["--micro_batch_size", "-1"], "--micro_batch_size -1 is out of range"),
+    (["--log_steps", "0"], "--log_steps 0 is out of range"),
+    (["--max_len", "0"], "--max_len 0 is out of range"),
+    (["--max_steps", "-3"], "--max_steps -3 is out of range"),
+    (["--grad_accum", "0"], "--grad_accum 0 is out of range"),
+    (["--save_steps", "-1"], "--save_steps -1 is out of range"),
+    (["--val_set_size", "-0.1"], "--val_set_size -0.1 is out of range"),
+    (["--val_set_size", "1.5"], "--val_set_size 1.5 is out of range; use a fraction in [0, 1) or a whole count"),
+    (["--truncation", "chop"], "--truncation 'chop' is out of range; use truncate or drop"),
+    (["--lerning_rate", "1"], "unknown flag --lerning_rate (did you mean --lr?)"),
+    (["--bacth_size", "1"], "unknown flag --bacth_size (did you mean --micro_batch_size?)"),
+    (["--lr"], "argument --lr/--learning_rate: expected one argument"),
+])
+def test_bad_flags_are_refused_in_one_sentence(args, expect):
+    import train
+    with pytest.raises(nt.NanotuneError) as e:
+        train.parse_config(args)
+    assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("yaml_text,expect", [
+    ("lr: null\n", "lr needs a value (float)"),
+    ("- lr: 1\n", "the top level must be a mapping of keys"),
+    ("micro_batch_size: true\n", "micro_batch_size must be int, got True"),
+    ("lr: [1]\n", "lr must be float, got [1]"),
+    ("lora_r: 0\n", "run.yaml: lora_r 0 is out of range"),
+    ("learning_rate: 1e-4\nlr: 1e-3\n", "'lr' and another key both set lr"),
+])
+def test_bad_yaml_values_are_checked_as_flags_are(yaml_text, expect, tmp_path):
+    import train
+    (tmp_path / "run.yaml").write_text(yaml_text)
+    with pytest.raises(nt.NanotuneError, match=re.escape(expect)):
+        train.parse_config(["--config", str(tmp_path / "run.yaml")])
+
+
+def test_names_from_other_tools_are_aliases(tmp_path):
+    import train
+    (tmp_path / "run.yaml").write_text("num_epochs: 2\ngradient_accumulation_steps: 4\n")
+    cfg = train.parse_config(["--config", str(tmp_path / "run.yaml"), "--learning_rate", "3e-4", "--batch_size", "8"])
+    assert (cfg.lr, cfg.micro_batch_size, cfg.epochs, cfg.grad_accum) == (3e-4, 8, 2.0, 4)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--device", "cuda:7"], "--device cuda:7: this machine has"),
+    (["--sample_prompts_file", "nope.txt"], "sample_prompts_file 'nope.txt' does not exist"),
+    (["--datasets", "x.jsonl:0.5", "nope.jsonl"], "dataset 'x.jsonl' does not exist"),
+    (["--output_dir", "FILE"], "is a file; choose a directory name"),
+])
+def test_run_inputs_are_checked_before_the_model_loads(args, expect, tmp_path, monkeypatch):
+    import train
+    from conftest import make_tiny_run_model
+    make_tiny_run_model(tmp_path / "m")
+    (tmp_path / "FILE").write_text("")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"sample {i}"}) + "\n" for i in range(12)))
+    monkeypatch.chdir(tmp_path)
+    loaded = []
+    monkeypatch.setattr(train, "build_model", lambda *a: loaded.append(1) or pytest.fail("model loaded"))
+    argv = ["--model", "m", "--datasets", "d.jsonl", "--sample_prompts_file", "", "--cache_dir", "", *args]
+    with pytest.raises(nt.NanotuneError, match=re.escape(expect)):
+        train.main(argv)
+
+
+def test_a_hold_out_that_leaves_nothing_to_train_is_refused():
+    import train
+    assert train.held_out(1.0, 12) == 1 and train.held_out(0.25, 12) == 3
+    with pytest.raises(nt.NanotuneError, match=re.escape("val_set_size 12 holds out 12 of the 12 samples and leaves "
+                                                         "none to train on; use at most 11")):
+        train.held_out(12.0, 12)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--eval_file", "x.jsonl"], "eval_file is an SFT (train.py) setting that dpo.py does not use"),
+    (["--packing", "true"], "packing is an SFT (train.py) setting"),
+    (["--varlen_attention", "true"], "varlen_attention is an SFT"),
+    (["--train_on_inputs", "true"], "train_on_inputs is an SFT"),
+    (["--roles_to_train", "user"], "roles_to_train is an SFT"),
+    (["--cache_dir", "/tmp/c"], "cache_dir is an SFT"),
+    (["--datasets", "examples/preferences.jsonl:0.5"], "type and weight are SFT (train.py) dataset keys"),
+    (["--beta", "0"], "--beta 0.0 is out of range; use a number > 0"),
+    (["--beta", "-1"], "--beta -1.0 is out of range"),
+])
+def test_dpo_refuses_sft_settings_and_pointless_values(args, expect, monkeypatch):
+    import dpo
+    import train
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(train, "setup", lambda cfg: pytest.fail("ran"))
+    with pytest.raises(nt.NanotuneError, match=re.escape(expect)):
+        dpo.main(args)
+
+
+def test_dpo_on_a_small_file_keeps_a_pair_to_train_on(tmp_path, capsys):
+    import dpo
+    from conftest import make_tiny_run_model
+    make_tiny_run_model(tmp_path / "m")
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"prompt": f"q{i}", "chosen": "YES", "rejected": "no"}) + "\n")
+    dpo.main(["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "p.jsonl"), "--max_steps", "1",
+              "--output_dir", str(tmp_path / "o")])
+    assert "val_set_size 8 would hold out all 5 items; holding out 4 and training on 1" in capsys.readouterr().err
+    assert (tmp_path / "o" / "adapter").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+@pytest.mark.parametrize("rec,expect", [
+    ({"instruction": 5, "output": "x"}, "'instruction' must be a string, got int 5"),
+    ({"instruction": "i", "output": ["x"]}, "'output' must be a string, got list"),
+    ({"text": 3}, "'text' must be a string, got int 3"),
+    ({"input_ids": ["a", "b"]}, "input_ids must be a list of token ids in [0, "),
+    ({"input_ids": [1, 99999]}, "input_ids must be a list of token ids in [0, "),
+    ({"input_ids": [1, 2], "labels": [1, 99999]}, "labels must be token ids in [0, "),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},
+     "message 1 has role 'robot'; use one of system, user, assistant"),
+])
+def test_bad_records_are_named(rec, expect, tmp_path, smollm_gguf):
+    import data
+    tok = nt.load_tokenizer(smollm_gguf)
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(nt.NanotuneError, match=re.escape(f"d.jsonl:1: {expect}")):
+        data.build_dataset([str(f)], tok)
+
+
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path):
+    import data
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(nt.NanotuneError, match=re.escape("d.jsonl:2: not UTF-8 text (byte 0xe9)")):
+        data.read_records(str(f))
+
+
+def test_a_corrupt_tokenized_cache_is_rebuilt(tmp_path, smollm_gguf, capsys):
+    import data
+    tok = nt.load_tokenizer(smollm_gguf)
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "hello"}) + "\n")
+    first, _ = data.build_dataset([str(f)], tok, cache_dir=str(tmp_path / "c"))
+    for c in os.listdir(tmp_path / "c"):
+        (tmp_path / "c" / c).write_bytes(b"PK\x03\x04 broken")
+    again, _ = data.build_dataset([str(f)], tok, cache_dir=str(tmp_path / "c"))
+    assert again == first and "could not be read; rebuilding it" in capsys.readouterr().err
+
+
+def test_an_answer_starting_with_two_spaces_keeps_both_in_the_trained_span(smollm_gguf):
+    import data
+    tok = nt.load_tokenizer(smollm_gguf)
+    rec = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  Hello there"}]}
+    ids, labels = data.tokenize(rec, "messages", tok)
+    trained = tok.decode([t for t in labels if t != data.IGNORE], skip_special_tokens=False)
+    assert trained.lstrip("\n") == "  Hello there<|im_end|>", repr(trained)
+
+
+# ---------------------------------------------------------------------------------------------
+# files: one line naming the path
+def test_a_truncated_adapter_is_one_line(tmp_path, smollm_gguf):
+    from conftest import make_hf_model, save_tiny_tokenizer
+    import lora
+    make_hf_model("llama", tmp_path / "m")
+    save_tiny_tokenizer(tmp_path / "m")
+    m = nt.load_model(str(tmp_path / "m"))
+    lora.apply_lora(m, r=2, alpha=4)
+    lora.save_adapter(m, str(tmp_path / "a"))
+    f = tmp_path / "a" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    for script in ("generate.py", "export.py"):
+        extra = ["--format", "merged", "--out", str(tmp_path / "x")] if script == "export.py" else []
+        r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--model", str(tmp_path / "m"), "--adapter",
+                            str(tmp_path / "a"), *extra], capture_output=True, text=True, timeout=300)
+        err = r.stderr.strip()
+        assert r.returncode == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert "adapter_model.safetensors could not be read as safetensors" in err and "truncated" in err, err
+
+
+@pytest.mark.parametrize("case", ["no_dir", "read_only"])
+def test_unwritable_outputs_are_one_line(case, tmp_path):
+    from conftest import make_tiny_run_model
+    make_tiny_run_model(tmp_path / "m")
+    if case == "no_dir":
+        out = "/no/such/dir/m.gguf"
+    else:
+        (tmp_path / "ro").mkdir()
+        os.chmod(tmp_path / "ro", 0o500)
+        out = str(tmp_path / "ro" / "m.gguf")
+        if os.access(tmp_path / "ro", os.W_OK):  # root writes anywhere: a path under a file fails for everyone
+            (tmp_path / "f").write_text("")
+            out = str(tmp_path / "f" / "m.gguf")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--model", str(tmp_path / "m"), "--format",
+                        "gguf", "--quant", "f32", "--out", out], capture_output=True, text=True, timeout=300)
+    err = r.stderr.strip()
+    assert r.returncode == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and os.path.dirname(out) in err, err

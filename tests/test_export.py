@@ -97,10 +97,13 @@ def test_gguf_runs_in_llama_cpp_with_nanotunes_logits(arch, tmp_path):
             assert (mine.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95, (arch, q)
 
 
-def test_kquant_and_ollama_modelfile(tmp_path):
+def test_kquant_and_ollama_modelfile(tmp_path, capfd):
     pytest.importorskip("llama_cpp")
     m, tok = tiny_with_lora("llama", tmp_path / "base")
+    capfd.readouterr()
     export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "q4_k_m")
+    err = capfd.readouterr().err.strip().splitlines()  # one line on the fallback, none of llama.cpp's log
+    assert len(err) == 1 and "16 of 16 weight matrices have rows of 64, 112 values, not a multiple of 256" in err[0], err
     assert nt.load_model(str(tmp_path / "m.gguf")).config.num_hidden_layers == 2
     text = export.ollama_modelfile(str(tmp_path / "m.gguf"), tok, system="Be brief.")
     assert text.startswith("FROM ./m.gguf\nTEMPLATE") and 'PARAMETER stop "<|im_end|>"' in text
