@@ -4,6 +4,7 @@ on the same GPU with the same random-init checkpoint, shape and batch.
     python bench.py --shape 8b --mode lora --batch 4 --seq 2048          # all contenders that import
     python bench.py --shape 1b --mode qlora --contenders nanotune,unsloth
     python bench.py --kernels                                          # each kernel vs reference vs compile
+    python bench.py --cpu                        # the default job's step on a CPU: nanotune vs HF + PEFT
     python bench.py --shape 8b --mode full --contenders nanotune --fsdp --nproc 2  # torchrun + FSDP2, per GPU
     python bench.py --shape 70b --mode qlora --contenders nanotune --fsdp --nproc 2 --steps 3 --warmup 1
 
@@ -12,6 +13,8 @@ Contenders: nanotune, hf_peft (transformers + PEFT, SDPA), hf_peft_liger (+ Lige
 (../shared/tools/bench_wheels.sh prepares them for the GPU machine). Median step time after warm-up,
 tokens/s, model-FLOPs utilisation (vs the GPU's dense bf16 peak) and torch.cuda.max_memory_allocated over
 loading + training. Results: a table on stdout and JSON (--json, default results/bench.json).
+--cpu: the default model itself (SmolLM2-135M-Instruct, fp32), LoRA r16 on all seven projections, batch
+4 x 256, AdamW, no checkpointing; contenders alternate for --rounds rounds; peak = the process's max RSS.
 """
 import argparse
 import json
@@ -110,7 +113,7 @@ def model_flops_per_token(cfg, mode, seq):
 
 # ---------------------------------------------------------------------------------------------
 # Workers: one contender, one process
-def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0):
+def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu=False):
     """-> (model, step_fn(ids) -> loss tensor); ckpt None: random init in place (IN_PLACE shapes)"""
     if name.startswith("nanotune"):  # variants: -nooffload (block inputs stay on the GPU), -ref (PyTorch
         import kernels                # references instead of the kernels), -flash (no cuDNN attention),
@@ -120,17 +123,20 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0):
         import train
         from model import load_model
         kernels.use_triton("-ref" not in name)
+        if cpu:
+            train.keep_freed_memory()  # as train.py does on a CPU
         if "-flash" in name:  # SDPA without its cuDNN backend (flash attention instead)
             torch.backends.cuda.enable_cudnn_sdp(False)
         if fsdp:  # as train.py under torchrun: LoRA + sharding on the meta model, each rank loads its shards
             m = nanotune_fsdp(ckpt, mode, shape, offload="-nooffload" not in name)
         else:
             q4 = quant.prepare_4bit if mode == "qlora" else None
-            m = load_model(ckpt, dtype=torch.bfloat16, device="cuda", prepare=q4)
+            m = load_model(ckpt, dtype=torch.float32 if cpu else torch.bfloat16, device="cpu" if cpu else "cuda",
+                           prepare=q4)
             if mode != "full":
                 lora.apply_lora(m, r=16, alpha=16, dropout=0.0)
-        m.gradient_checkpointing = True
-        m.offload_activations = "-nooffload" not in name
+        m.gradient_checkpointing = not cpu
+        m.offload_activations = "-nooffload" not in name and not cpu
         m.varlen = "-varlen" in name
         m.train()
 
@@ -150,7 +156,7 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0):
             loss.fwd_bwd = lambda ids: graph(batch(ids), 1 / n(ids)) / n(ids)
         return m, loss
     import transformers
-    kw = dict(dtype=torch.bfloat16, attn_implementation="sdpa")
+    kw = dict(dtype=torch.float32 if cpu else torch.bfloat16, attn_implementation="sdpa", device_map="cpu" if cpu else "cuda")
     if name == "hf_peft_liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
         apply_liger_kernel_to_llama()
@@ -166,8 +172,9 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0):
             kw["quantization_config"] = transformers.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16)
-        m = transformers.AutoModelForCausalLM.from_pretrained(ckpt, device_map="cuda", **kw)
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m = transformers.AutoModelForCausalLM.from_pretrained(ckpt, **kw)
+        if not cpu:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if mode != "full":
             from peft import LoraConfig, get_peft_model
             if mode == "qlora":
@@ -198,21 +205,24 @@ def nanotune_fsdp(ckpt, mode, shape, offload):
 
 
 def worker(a):
-    torch.cuda.reset_peak_memory_stats()
+    dev = "cpu" if a.cpu else "cuda"
+    sync = torch.cuda.synchronize if not a.cpu else (lambda: None)
+    if not a.cpu:
+        torch.cuda.reset_peak_memory_stats()
     if a.fsdp:
         import dist
         dist.init()
     ckpt = None if a.ckpt == "none" else a.ckpt
-    m, loss_fn = load_contender(a.worker, ckpt, a.mode, a.seq, a.fsdp, a.shape, a.doc_len)
+    m, loss_fn = load_contender(a.worker, ckpt, a.mode, a.seq, a.fsdp, a.shape, a.doc_len, a.cpu)
     params = [p for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=not a.cpu)
     fwd_bwd = getattr(loss_fn, "fwd_bwd", None)  # runs backward itself (-graph)
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=dev).manual_seed(0)
     vocab = SHAPES[a.shape]["vocab_size"]
     times, losses = [], []
     for i in range(a.warmup + a.steps):
-        ids = torch.randint(0, vocab, (a.batch, a.seq), device="cuda", generator=g)
-        torch.cuda.synchronize()
+        ids = torch.randint(0, vocab, (a.batch, a.seq), device=dev, generator=g)
+        sync()
         t0 = time.perf_counter()
         if fwd_bwd:
             loss = fwd_bwd(ids)
@@ -221,7 +231,7 @@ def worker(a):
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=fwd_bwd is None)
-        torch.cuda.synchronize()
+        sync()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
         losses.append(float(loss))
@@ -243,11 +253,19 @@ def worker(a):
             for key in ("self_cuda_time_total", "self_cpu_time_total"):
                 f.write(events.table(sort_by=key, row_limit=30, max_name_column_width=70) + "\n")
     print("RESULT " + json.dumps({"contender": a.worker, "step_s": step, "tokens_per_s": a.batch * a.seq / step,
-                                  "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss_first": losses[0],
+                                  "peak_gib": peak_gib(a.cpu), "loss_first": losses[0],
                                   "loss_last": losses[-1], "trainable": sum(p.numel() for p in params)}), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
+def peak_gib(cpu):
+    """GPU: the allocator's peak; CPU: the process's peak resident memory (ru_maxrss is KiB on Linux)."""
+    if cpu:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
 def versions():
     out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
     from importlib.metadata import PackageNotFoundError, version
@@ -323,7 +341,7 @@ def main():
     p.add_argument("--shape", default="8b", choices=list(SHAPES))
     p.add_argument("--mode", default="lora", choices=["lora", "qlora", "full"])
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--seq", type=int, default=None, help="default 2048 (256 with --cpu)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--contenders", default="nanotune,hf_peft,hf_peft_liger,hf_bnb_qlora,unsloth")
@@ -335,11 +353,16 @@ def main():
     p.add_argument("--kernels", action="store_true")
     p.add_argument("--worker_timeout", type=int, default=400, help="seconds before a contender is skipped")
     p.add_argument("--profile", help="write each contender's per-kernel GPU time table of one step to PROFILE.<name>...txt")
+    p.add_argument("--cpu", action="store_true", help="the default job on this CPU (see above)")
+    p.add_argument("--rounds", type=int, default=2, help="--cpu: contenders alternate this many times")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     a = p.parse_args()
+    a.seq = a.seq or (256 if a.cpu else 2048)
     if a.worker:
         return worker(a)
+    if a.cpu:
+        return bench_cpu(a)
     if not torch.cuda.is_available():
         sys.exit("bench.py measures on a CUDA GPU and none is visible here; run it on a GPU machine "
                  "(the tests in tests/ are the CPU check).")
@@ -392,6 +415,45 @@ def main():
             if peer in base and r["contender"] != peer:
                 r[f"vs_{peer}"] = r["tokens_per_s"] / base[peer]
                 print(f"{r['contender']} / {peer}: {r[f'vs_{peer}']:.2f}x", flush=True)
+
+
+def bench_cpu(a):
+    """The default job's step on this CPU, nanotune vs transformers + PEFT, alternating (see the docstring)."""
+    import platform
+    from model import load_model, save_hf
+    ckpt = os.path.join(a.ckpt_dir, "smollm2-135m-fp32")
+    if not os.path.isfile(os.path.join(ckpt, "config.json")):  # the default model's GGUF, as an HF dir for peers
+        save_hf(load_model(None, dtype=torch.float32), ckpt, dtype=torch.float32)
+    where = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    runs = {}
+    for rnd in range(a.rounds):
+        for c in ("nanotune", "hf_peft"):
+            cmd = [sys.executable, __file__, "--worker", c, "--ckpt", ckpt, "--shape", "135m", "--mode", "lora",
+                   "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--warmup",
+                   str(a.warmup), "--cpu"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{c}: skipped ({(r.stderr.strip().splitlines() or ['no output'])[-1][:300]})", flush=True)
+                continue
+            res = json.loads(line[7:])
+            print(f"round {rnd + 1} {c:9s} {res['step_s']:6.2f} s/step  {res['tokens_per_s']:6.1f} tok/s  "
+                  f"peak RSS {res['peak_gib']:.2f} GiB  loss {res['loss_first']:.4f}->{res['loss_last']:.4f}", flush=True)
+            runs.setdefault(c, []).append(res)
+    rows = []
+    for c, rs in runs.items():
+        row = dict(rs[0], step_s=statistics.median(r["step_s"] for r in rs), rounds=[r["step_s"] for r in rs],
+                   peak_gib=max(r["peak_gib"] for r in rs), shape="135m-default", mode="lora-fp32-cpu",
+                   batch=a.batch, seq=a.seq)
+        row["tokens_per_s"] = a.batch * a.seq / row["step_s"]
+        rows.append(row)
+    if len(runs) == 2:
+        rows[0]["vs_hf_peft"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+        print(f"nanotune / hf_peft: {rows[0]['vs_hf_peft']:.2f}x (median s/step over {a.rounds} rounds)", flush=True)
+    for row in rows:
+        row.update(device=where, date=time.strftime("%Y-%m-%d"), command="python bench.py --cpu")
+    # CPU rows go to their own file: results/bench.json is the GPU's (its "gpu" names the device of every row)
+    save(a.json if a.json != "results/bench.json" else "results/bench_cpu.json", where, rows)
 
 
 def save(path, gpu, rows):

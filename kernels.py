@@ -23,13 +23,18 @@ try:  # Triton runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (the CI 
 except ImportError:
     triton = None
 
-_TRITON = torch.cuda.is_available() and triton is not None
+_KERNELS = True  # on: Triton kernels for CUDA tensors, the fused autograd Functions (plain PyTorch) anywhere
 
 
 def use_triton(on: bool):
-    """Switch between Triton kernels (CUDA only) and the PyTorch references."""
-    global _TRITON
-    _TRITON = bool(on) and torch.cuda.is_available() and triton is not None
+    """Switch between the kernels (Triton on CUDA, fused Functions on any device) and the PyTorch references."""
+    global _KERNELS
+    _KERNELS = bool(on)
+
+
+def _triton(t: torch.Tensor) -> bool:
+    """Whether t goes through a Triton kernel: kernels on, Triton installed, t on CUDA."""
+    return _KERNELS and triton is not None and t.is_cuda
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +127,7 @@ def rms_norm_triton(x, weight, eps: float, offset: float = 0.0):
 
 
 def rms_norm(x, weight, eps: float, offset: float = 0.0):
-    if _TRITON and x.is_cuda:
+    if _triton(x):
         return rms_norm_triton(x, weight, eps, offset)
     return rms_norm_ref(x, weight, eps, offset)
 
@@ -194,7 +199,7 @@ def rope_triton(x, cos, sin):
 
 
 def rope(x, cos, sin):
-    if _TRITON and x.is_cuda and x.stride(-1) == 1:
+    if _triton(x) and x.stride(-1) == 1:
         return rope_triton(x, cos, sin)
     return rope_ref(x, cos, sin)
 
@@ -270,7 +275,7 @@ def gated_act_triton(gate, up, act: str):
 
 
 def gated_act(gate, up, act: str):
-    if _TRITON and gate.is_cuda:
+    if _triton(gate):
         return gated_act_triton(gate, up, act)
     return gated_act_ref(gate, up, act)
 
@@ -401,7 +406,7 @@ class _LinearCE(torch.autograd.Function):
     dh = G W and dW += G^T h (fp32). All gradient work happens in forward; backward scales it."""
 
     @staticmethod
-    def forward(ctx, h, w, labels, cap, ignore_index):
+    def forward(ctx, h, w, labels, cap, ignore_index, triton_rows):
         N, C = h.shape
         V = w.shape[0]
         # chunks of ~1024 rows: [1024, V] logits stay small while the matmuls stay efficient
@@ -412,9 +417,12 @@ class _LinearCE(torch.autograd.Function):
         for i in range(0, N, chunk):
             hc, yc = h[i : i + chunk], labels[i : i + chunk]
             z = hc @ w.t()  # [n, V] in the activation dtype
-            rows = torch.empty(z.shape[0], dtype=torch.float32, device=h.device)
-            _ce_rows[(z.shape[0],)](z, yc, rows, V, z.stride(0), float(cap or 0.0), ignore_index,
-                                    BLOCK=min(4096, triton.next_power_of_2(V)), SOFTCAP=bool(cap), num_warps=8)
+            if triton_rows:
+                rows = torch.empty(z.shape[0], dtype=torch.float32, device=h.device)
+                _ce_rows[(z.shape[0],)](z, yc, rows, V, z.stride(0), float(cap or 0.0), ignore_index,
+                                        BLOCK=min(4096, triton.next_power_of_2(V)), SOFTCAP=bool(cap), num_warps=8)
+            else:
+                rows = ce_rows_torch(z, yc, cap, ignore_index)
             loss += rows.sum()
             torch.mm(z, w, out=dh[i : i + chunk])
             if dw is not None:
@@ -426,18 +434,51 @@ class _LinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         dh, dw = ctx.saved_tensors
-        return dh * g.to(dh.dtype), (dw * g).to(ctx.w_dtype) if ctx.has_dw else None, None, None, None
+        return dh * g.to(dh.dtype), (dw * g).to(ctx.w_dtype) if ctx.has_dw else None, None, None, None, None
+
+
+def ce_rows_torch(z, y, cap, ignore_index):
+    """_ce_rows in PyTorch (for CPU tensors): z [n, V] logits -> per-row loss [n] (fp32), and z overwritten
+    by its own gradient dloss/dz = (softmax(s) - onehot(y)) * ds/dz, s = cap tanh(z / cap) (s = z without a
+    cap, ds/dz = 1 - tanh^2 with one); ignored rows get loss 0 and gradient 0."""
+    zf = z.float()  # z itself when it is fp32: worked on in place (4 passes over [n, V], no temporaries)
+    t = torch.tanh(zf / cap) if cap else None
+    s = t * cap if cap else zf
+    keep = y != ignore_index
+    yk = torch.where(keep, y, 0)
+    target = s.gather(1, yk[:, None])  # [n, 1]
+    m = s.amax(1, keepdim=True)
+    g = s.sub_(m).exp_()  # exp(s - max)
+    total = g.sum(1, keepdim=True)
+    g.div_(total)  # softmax(s)
+    loss = torch.where(keep, (total.log() + m - target).squeeze(1), 0.0)  # logsumexp(s) - s_y
+    g.scatter_add_(1, yk[:, None], -keep[:, None].to(g.dtype))  # - onehot(y) on the kept rows
+    g.mul_(keep[:, None])
+    if cap:
+        g.mul_(t.mul_(t).neg_().add_(1))
+    if g is not z:
+        z.copy_(g)
+    return loss
 
 
 def linear_cross_entropy_triton(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None):
     h, labels = trained_part(h, labels, ignore_index, rows)
-    return _LinearCE.apply(h, weight, labels, softcap_value, ignore_index)
+    return _LinearCE.apply(h, weight, labels, softcap_value, ignore_index, True)
+
+
+def linear_cross_entropy_fused(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None):
+    """The same Function with the rows done by ce_rows_torch: any device. On a CPU it beats the reference
+    (no recompute of the logits, no separate softmax backward)."""
+    h, labels = trained_part(h, labels, ignore_index, rows)
+    return _LinearCE.apply(h, weight, labels, softcap_value, ignore_index, False)
 
 
 def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None):
-    if _TRITON and h.is_cuda:
+    if _triton(h):
         return linear_cross_entropy_triton(h, weight, labels, softcap_value, ignore_index, rows)
-    return linear_cross_entropy_ref(h, weight, labels, softcap_value, ignore_index, rows)
+    if _KERNELS and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return linear_cross_entropy_fused(h, weight, labels, softcap_value, ignore_index, rows)
+    return linear_cross_entropy_ref(h, weight, labels, softcap_value, ignore_index, rows)  # no gradient: no dh
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,7 +600,7 @@ class _Linear(torch.autograd.Function):
 def linear(mod, x):
     """mod(x); a plain nn.Linear goes through _Linear where kernels are on, skipping its GEMM inside
     value_unused() during a recompute. Other module types (LoRA, 4-bit) are called as they are."""
-    if _TRITON and type(mod) is torch.nn.Linear:
+    if _KERNELS and type(mod) is torch.nn.Linear:
         return _Linear.apply(x, mod.weight, mod.bias, not skip_value())
     return mod(x)
 
@@ -567,7 +608,7 @@ def linear(mod, x):
 def lora_linear(x, weight_fns, biases, scalings, As, Bs, value=True):
     """[y_i] for projections sharing x (see above): the fused Function wherever kernels are on (plain
     PyTorch, so CPU tensors work too), else the reference (which ignores `value`)."""
-    if _TRITON:  # no cached casts under FSDP (see _lora_weights) or in a CUDA graph, whose replays must cast
+    if _KERNELS:  # no cached casts under FSDP (see _lora_weights) or in a CUDA graph, whose replays must cast
         cache = not dist.is_dist() and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
         return list(_LoRALinear.apply(x, list(weight_fns), list(biases), list(scalings), value, cache, *As, *Bs))
     return lora_linear_ref(x, weight_fns, biases, scalings, As, Bs)
@@ -795,6 +836,6 @@ def nf4_dequantize_triton(packed, absmax, code, shape, dtype, dyn=None, nested_a
 
 
 def nf4_dequantize(packed, absmax, code, shape, dtype, dyn=None, nested_absmax=None, offset=0.0):
-    if _TRITON and packed.is_cuda:
+    if _triton(packed):
         return nf4_dequantize_triton(packed, absmax, code, shape, dtype, dyn, nested_absmax, offset)
     return nf4_dequantize_ref(packed, nf4_absmax(absmax, dyn, nested_absmax, offset), code, shape, dtype)

@@ -74,20 +74,23 @@ def test_gated_act(dtype, act):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cap", [None, 30.0])
-def test_linear_cross_entropy(dtype, cap):
+@pytest.mark.parametrize("rows_in", ["triton", "torch"])
+def test_linear_cross_entropy(dtype, cap, rows_in):
+    """The fused loss (its rows in Triton or in PyTorch, ce_rows_torch) vs the reference."""
+    fused = kernels.linear_cross_entropy_triton if rows_in == "triton" else kernels.linear_cross_entropy_fused
     N, C, V = 41, 64, 32000 + 7
     h, w = randn(N, C), randn(V, C, seed=1, scale=0.1)
     y = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2)).to(DEV)
     y[::5] = -100  # untrained tokens
-    check(lambda a, b: kernels.linear_cross_entropy_triton(a, b, y, cap)[None],
+    check(lambda a, b: fused(a, b, y, cap)[None],
           lambda a, b: kernels.linear_cross_entropy_ref(a, b, y, cap)[None], [h, w], dtype)
     rows = kernels.trained_rows(y)  # found ahead by the caller: the same loss
-    assert len(rows) == N - 9 and torch.equal(kernels.linear_cross_entropy_triton(h, w, y, cap, rows=rows),
-                                              kernels.linear_cross_entropy_triton(h, w, y, cap))
+    assert len(rows) == N - 9 and torch.equal(fused(h, w, y, cap, rows=rows),
+                                              fused(h, w, y, cap))
     # rows=False (CUDA graphs): untrained rows go through the kernel and add zero loss and zero gradient
-    check(lambda a, b: kernels.linear_cross_entropy_triton(a, b, y, cap, rows=False)[None],
+    check(lambda a, b: fused(a, b, y, cap, rows=False)[None],
           lambda a, b: kernels.linear_cross_entropy_ref(a, b, y, cap)[None], [h, w], dtype)
-    for fn in (kernels.linear_cross_entropy_triton, kernels.linear_cross_entropy_ref):
+    for fn in (fused, kernels.linear_cross_entropy_ref):
         hh = h.to(dtype).requires_grad_()
         fn(hh, w.to(dtype), y, cap, rows=False).backward()
         assert hh.grad[::5].abs().max() == 0
@@ -98,7 +101,7 @@ def test_linear_cross_entropy(dtype, cap):
 def test_lora_linear(dtype, outs, bias, monkeypatch):
     """The fused LoRA projections (one or three sharing x, rank 4 and 5) vs autograd through the plain ops:
     outputs and the gradients of x, every A and every B; the frozen W gets none."""
-    monkeypatch.setattr(kernels, "_TRITON", True)  # the fused Function is plain PyTorch: it runs on CPU too
+    monkeypatch.setattr(kernels, "_KERNELS", True)  # the fused Function is plain PyTorch: it runs on CPU too
     C, rs = 37, [4, 5, 4][: len(outs)]
     Ws = [randn(o, C, seed=10 + i, scale=0.2) for i, o in enumerate(outs)]
     bs = [randn(o, seed=20 + i) if bias else None for i, o in enumerate(outs)]
@@ -117,7 +120,7 @@ def test_lora_linear(dtype, outs, bias, monkeypatch):
 
 def test_lora_linear_skipped_value_keeps_every_gradient(monkeypatch):
     """value=False (a recompute whose output only feeds a residual add) gives the same gradients."""
-    monkeypatch.setattr(kernels, "_TRITON", True)
+    monkeypatch.setattr(kernels, "_KERNELS", True)
     W, x, A, B = randn(16, 12), randn(5, 12, seed=1), randn(4, 12, seed=2), randn(16, 4, seed=3)
     grads = []
     for value in (True, False):
@@ -133,7 +136,7 @@ def test_lora_linear_skipped_value_keeps_every_gradient(monkeypatch):
 def test_linear_with_manual_backward(dtype, monkeypatch):
     """kernels.linear (full fine-tuning's down_proj) against F.linear: output and the x, W, b gradients;
     with the value skipped (a recompute) the gradients are bit-identical."""
-    monkeypatch.setattr(kernels, "_TRITON", True)
+    monkeypatch.setattr(kernels, "_KERNELS", True)
     lin = torch.nn.Linear(123, 45).to(DEV)
     x = randn(3, 7, 123, seed=1)
     check(lambda x, w, b: kernels._Linear.apply(x, w, b, True), torch.nn.functional.linear,
@@ -169,7 +172,7 @@ def test_thirty_steps_with_kernels_on_and_off_follow_one_loss_curve(mode, tmp_pa
     batches = [torch.randint(3, 512, (4, 64), generator=g).to(DEV) for _ in range(6)]
     curves = []
     for on in (False, True):
-        monkeypatch.setattr(kernels, "_TRITON", on)
+        monkeypatch.setattr(kernels, "_KERNELS", on)
         m = nt.load_model(str(tmp_path), dtype=dtype, device=DEV, prepare=quant.prepare_4bit if mode == "qlora" else None)
         if mode != "full":
             torch.manual_seed(0)
@@ -220,7 +223,7 @@ def test_training_step_never_waits_for_the_gpu(tmp_path, monkeypatch):
                 self.seen.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(kernels, "_TRITON", True)
+    monkeypatch.setattr(kernels, "_KERNELS", True)
     make_hf_model("llama", tmp_path, num_hidden_layers=3)
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
     m = nt.load_model(str(tmp_path), dtype=dtype, device=DEV)

@@ -126,7 +126,7 @@ def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp
     ids = torch.randint(3, 128, (2, 12))
     results = []
     for fused in (False, True):
-        monkeypatch.setattr(kernels, "_TRITON", fused)
+        monkeypatch.setattr(kernels, "_KERNELS", fused)
         m = nt.load_model(str(tmp_path), prepare=quant.prepare_4bit if four_bit else None)
         torch.manual_seed(0)  # the same A init both times
         lora.apply_lora(m, r=4, alpha=8)
