@@ -14,6 +14,7 @@ h = (l_c - l_ref_c) - (l_r - l_ref_r), sigma the logistic function.
     kto    1 - sigma(beta (r - KL)) for desirable, 1 - sigma(beta (KL - r)) for undesirable, r = l - l_ref,
            KL from mismatched (prompt, completion) pairs                                  (arXiv:2402.01306)
     simpo  -log sigma(beta (l_c_bar - l_r_bar) - gamma), per-token averages, no reference  (arXiv:2405.14734)
+    rpo_alpha a > 0 (dpo, ipo): + a NLL(chosen answer), per token, as TRL's rpo_alpha      (arXiv:2404.19733)
 The numbers follow TRL's implementations; metrics use TRL's names (rewards/chosen, rewards/margins, ...).
 
 Data (JSONL): {"prompt": str, "chosen": str, "rejected": str}, or {"chosen": [messages], "rejected":
@@ -48,6 +49,7 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = F_(0.0, "DPO: > 0 gives the robust variant; SimPO: epsilon")
     simpo_gamma: float = F_(0.5, "SimPO margin gamma")
     cpo_alpha: float = F_(0.0, "SimPO: weight of an NLL term on the chosen completion (0 = pure SimPO)")
+    rpo_alpha: float = F_(0.0, "DPO/IPO: weight of an NLL term on the chosen completion (RPO, TRL's rpo_alpha; 0 = pure)")
     desirable_weight: float = F_(1.0, "KTO weight of desirable examples")
     undesirable_weight: float = F_(1.0, "KTO weight of undesirable examples")
     precompute_ref: bool = F_(False, "compute reference log-probs once before training and cache them")
@@ -56,11 +58,12 @@ class DPOConfig(TrainConfig):
     epochs: float = F_(2.0, "passes over the data (when max_steps is 0)")
     micro_batch_size: int = F_(4, "pairs (KTO: examples, at least 2) per forward")
     val_set_size: float = F_(8.0, "held-out pairs for eval rewards/accuracies")
-    sample_prompts_file: str | None = F_(None, "file with one held-out prompt per line")
+    sample_prompts_file: str | None = F_("examples/preference_prompts.txt", "file with one held-out prompt per line")
     cache_dir: str | None = F_(None, "(SFT only: preference data is not cached)")
     limits = {"beta": (lambda v: 0 < v < math.inf, "a number > 0 (0.1 is usual)"),
               "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
               "simpo_gamma": (lambda v: v >= 0, "a number >= 0"), "cpo_alpha": (lambda v: v >= 0, "a number >= 0"),
+              "rpo_alpha": (lambda v: 0 <= v < math.inf, "a number >= 0"),
               "desirable_weight": (lambda v: v > 0, "a number > 0"),
               "undesirable_weight": (lambda v: v > 0, "a number > 0"),
               "max_prompt_len": (lambda v: v >= 1, "a whole number >= 1"),
@@ -207,6 +210,9 @@ def pair_loss(kind, cfg, lc, lr, rc, rr, nc, nr, nll_c=None):
             loss = -((1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
         ch, rj = beta * (lc - rc), beta * (lr - rr)
         mets = {}
+        if cfg.rpo_alpha:  # RPO: + alpha * mean token NLL of the chosen answer
+            loss = loss + cfg.rpo_alpha * nll_c
+            mets = {"nll_loss": nll_c}
     elif kind == "orpo":
         ac, ar = lc / nc, lr / nr  # per-token averages
         log_odds = (ac - ar) - (log1mexp(ac) - log1mexp(ar))
@@ -305,7 +311,7 @@ class Preference:
         if self.kind == "orpo":
             nll_c = nll[:P] / n_all[:P]  # mean token NLL over the chosen prompt + answer
         else:
-            nll_c = -logp[:P] / n[:P] if self.kind == "simpo" else None  # chosen answer only
+            nll_c = -logp[:P] / n[:P] if self.kind == "simpo" or self.cfg.rpo_alpha else None  # chosen answer only
         return pair_loss(self.kind, self.cfg, logp[:P], logp[P:], ref[:P], ref[P:], n[:P], n[P:], nll_c)
 
     def loss(self, model, batch):

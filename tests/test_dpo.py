@@ -36,10 +36,10 @@ def reference_pair(kind, c, lc, lr, rc, rr, nc, nr, nll):
     if kind == "dpo":
         h = (lc - rc) - (lr - rr)
         loss = -((1 - e) * ls(b * h) - e * ls(-b * h)) / (1 - 2 * e)
-        return loss, b * (lc - rc), b * (lr - rr), {}
-    if kind == "ipo":
+        return loss + c.rpo_alpha * nll, b * (lc - rc), b * (lr - rr), {"nll_loss": nll} if c.rpo_alpha else {}
+    if kind == "ipo":  # (+ RPO's alpha * NLL of the chosen answer, TRL's rpo_alpha)
         h = (lc - rc) / nc - (lr - rr) / nr
-        return (h - 1 / (2 * b)) ** 2, b * (lc - rc), b * (lr - rr), {}
+        return (h - 1 / (2 * b)) ** 2 + c.rpo_alpha * nll, b * (lc - rc), b * (lr - rr), {}
     if kind == "orpo":
         ac, ar = lc / nc, lr / nr
         lo = (ac - ar) - (math.log(1 - math.exp(ac)) - math.log(1 - math.exp(ar)))
@@ -50,6 +50,7 @@ def reference_pair(kind, c, lc, lr, rc, rr, nc, nr, nll):
 
 
 @pytest.mark.parametrize("kind,kw", [("dpo", {}), ("dpo", {"label_smoothing": 0.2}), ("ipo", {"beta": 0.5}),
+                                     ("dpo", {"rpo_alpha": 1.0}), ("ipo", {"rpo_alpha": 0.5}),
                                      ("orpo", {"beta": 0.25}), ("simpo", {"beta": 2.0, "simpo_gamma": 0.8}),
                                      ("simpo", {"cpo_alpha": 1.0, "label_smoothing": 0.1})])
 def test_pair_losses_and_metrics_equal_the_formulas(kind, kw):
