@@ -227,8 +227,9 @@ def check_exports_of_the_default_job(out, samples):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32).eval()
     tok = nt.load_tokenizer(str(out / "merged"))
     ids = torch.tensor([tok.chat([{"role": "user", "content": samples[0]["prompt"]}])])
-    with torch.no_grad():
-        assert (hf(input_ids=ids).logits - ours.logits(ours(ids))).abs().max() < 1e-4
+    with torch.no_grad():  # W + s B A rounded to fp32 once (merged) vs the two paths: relative to the logits'
+        want = ours.logits(ours(ids))  # size (~25 here; 1.0e-4 absolute was measured in session 8)
+        assert (hf(input_ids=ids).logits - want).abs().max() < 1e-5 * want.abs().max()
     llama_cpp = pytest.importorskip("llama_cpp")
     r = subprocess.run([sys.executable, "export.py", "--run", str(out), "--format", "gguf", "--quant", "q8_0",
                         "--ollama", "--verify"], cwd=ROOT, capture_output=True, text=True, timeout=600)
