@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Hugging Face models of every supported architecture, the default model."""
+import json
 import os
 import sys
 
@@ -78,3 +79,11 @@ def make_tiny_run_model(out_dir, arch="llama", seed=0):
     m = make_hf_model(arch, out_dir, seed)
     save_tiny_tokenizer(out_dir)
     return m
+
+
+def write_sums_chat(path, n):
+    """A chat dataset of n 'What is i plus i?' -> 'It is 2i.' conversations (JSONL)."""
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                             {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n")

@@ -10,17 +10,14 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, make_tiny_run_model
+from conftest import ROOT, make_tiny_run_model, write_sums_chat
 
 
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     make_tiny_run_model(d / "m")
-    with open(d / "d.jsonl", "w") as f:
-        for i in range(16):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                                             {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n")
+    write_sums_chat(d / "d.jsonl", 16)
     return d
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, make_tiny_run_model
+from conftest import ROOT, make_tiny_run_model, write_sums_chat
 
 import data
 import dpo
@@ -20,10 +20,7 @@ import train
 def tiny(tmp_path):
     """A tiny model directory and a chat dataset; run(args) trains in this process."""
     make_tiny_run_model(tmp_path / "m")
-    with open(tmp_path / "d.jsonl", "w") as f:
-        for i in range(12):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                                             {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n")
+    write_sums_chat(tmp_path / "d.jsonl", 12)
     return tmp_path
 
 
