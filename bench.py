@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from cli import publish
+
 SHAPES = {  # Llama-3.1-8B, Llama-3.2-1B and SmolLM2-135M (the default model); tiny for a smoke run
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
@@ -59,7 +61,8 @@ def shape_config(shape):
 def make_checkpoint(shape, path):
     """One random-init checkpoint (HF layout, bf16) that every contender loads: N(0, 0.02) matrices,
     norm weights 1."""
-    from model import Transformer, save_hf
+    from formats import save_hf
+    from model import Transformer
     if os.path.isfile(os.path.join(path, "config.json")):
         return save_bench_tokenizer(path)
     torch.manual_seed(0)
@@ -121,10 +124,10 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
                                       # -graph (forward + backward replayed as one CUDA graph)
         import quant
         import train
-        from model import load_model
-        kernels.use_triton("-ref" not in name)
+        from formats import load_model
+        kernels.set_fused("-ref" not in name)
         if cpu:
-            train.keep_freed_memory()  # as train.py does on a CPU
+            kernels.keep_freed_memory()  # as train.py does on a CPU
         if "-flash" in name:  # SDPA without its cuDNN backend (flash attention instead)
             torch.backends.cuda.enable_cudnn_sdp(False)
         if fsdp:  # as train.py under torchrun: LoRA + sharding on the meta model, each rank loads its shards
@@ -152,11 +155,12 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
         def loss(ids):  # mean over the trained tokens
             return m.run(train.token_loss_sum, batch(ids)) / n(ids)
         if "-graph" in name:  # forward + backward replayed as a CUDA graph (train.py --cuda_graphs)
-            graph = train.GraphedLoss(m)
+            graph = train.graphed_loss(m)
             loss.fwd_bwd = lambda ids: graph(batch(ids), 1 / n(ids)) / n(ids)
         return m, loss
     import transformers
-    kw = dict(dtype=torch.float32 if cpu else torch.bfloat16, attn_implementation="sdpa", device_map="cpu" if cpu else "cuda")
+    kw = dict(dtype=torch.float32 if cpu else torch.bfloat16, attn_implementation="sdpa",
+              device_map="cpu" if cpu else "cuda")
     if name == "hf_peft_liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
         apply_liger_kernel_to_llama()
@@ -189,8 +193,10 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
 
 
 def nanotune_fsdp(ckpt, mode, shape, offload):
+    import lora
     import train
-    from model import Transformer, load_tensors
+    from formats import load_tensors
+    from model import Transformer
     tc = train.TrainConfig(model=ckpt, lora=mode != "full", load_in_4bit=mode == "qlora", lora_alpha=16.0,
                            lora_targets=TARGETS, gradient_checkpointing=True, offload_activations=offload)
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -200,7 +206,7 @@ def nanotune_fsdp(ckpt, mode, shape, offload):
         m = Transformer(shape_config(shape))
     train.shard_on_meta(m, tc, dev, torch.bfloat16)
     load_tensors(m, random_tensors(m.config, dev), torch.bfloat16, dev, f"random {shape}")
-    train.init_lora(m, 0)
+    lora.init_lora(m, 0)
     return m
 
 
@@ -331,7 +337,8 @@ def bench_kernels():
                 r[label] = (float("nan"), float("nan"))
                 r[label + "_error"] = str(e).splitlines()[0][:120]
         rows.append(r)
-        print(f"{name:34s} " + "  ".join(f"{k}: {r[k][0]:7.2f} ms {r[k][1]:8.0f} MiB" for k in ("triton", "reference", "compiled")),
+        cols = "  ".join(f"{k}: {r[k][0]:7.2f} ms {r[k][1]:8.0f} MiB" for k in ("triton", "reference", "compiled"))
+        print(f"{name:34s} " + cols,
               flush=True)
     return rows
 
@@ -347,12 +354,15 @@ def main():
     p.add_argument("--contenders", default="nanotune,hf_peft,hf_peft_liger,hf_bnb_qlora,unsloth")
     p.add_argument("--ckpt_dir", default="/tmp/nanotune-bench")
     p.add_argument("--json", default="results/bench.json", help="append this run's rows to the file")
-    p.add_argument("--doc_len", type=int, default=0, help="nanotune: packed rows of documents this long (0: one per row)")
+    p.add_argument("--device_call", default=None, help="tag every row with the device call that measured it (s9-1)")
+    p.add_argument("--doc_len", type=int, default=0,
+                   help="nanotune: packed rows of documents this long (0: one per row)")
     p.add_argument("--fsdp", action="store_true", help="nanotune under torchrun + FSDP2")
     p.add_argument("--nproc", type=int, default=1, help="--fsdp: GPUs (processes); tokens/s is per GPU")
     p.add_argument("--kernels", action="store_true")
     p.add_argument("--worker_timeout", type=int, default=400, help="seconds before a contender is skipped")
-    p.add_argument("--profile", help="write each contender's per-kernel GPU time table of one step to PROFILE.<name>...txt")
+    p.add_argument("--profile",
+                   help="write each contender's per-kernel GPU time table of one step to PROFILE.<name>...txt")
     p.add_argument("--cpu", action="store_true", help="the default job on this CPU (see above)")
     p.add_argument("--rounds", type=int, default=2, help="--cpu: contenders alternate this many times")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -369,7 +379,7 @@ def main():
     gpu = torch.cuda.get_device_name()
     if a.kernels:
         rows = bench_kernels()
-        return save(a.json, gpu, [{"kernels": rows}])
+        return save(a.json, gpu, [{"kernels": rows}], a.device_call)
     if a.shape in IN_PLACE and (not a.fsdp or a.contenders != "nanotune"):
         p.error(f"--shape {a.shape} runs only as --contenders nanotune --fsdp (it is initialised on the GPUs)")
     ckpt = "none" if a.shape in IN_PLACE else os.path.join(a.ckpt_dir, a.shape)
@@ -397,8 +407,9 @@ def main():
             continue
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
-            err = " | ".join(ln for ln in r.stderr.strip().splitlines() if "Error" in ln or "error" in ln)[-600:] or \
-                (r.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            lines = r.stderr.strip().splitlines()
+            err = (" | ".join(ln for ln in lines if "Error" in ln or "error" in ln)[-600:]
+                   or (lines or ["no output"])[-1][:300])
             print(f"{c}: skipped ({err})", flush=True)
             continue
         res = json.loads(line[7:])
@@ -406,25 +417,25 @@ def main():
                    (f"+docs{a.doc_len}" if a.doc_len and c.startswith("nanotune") else ""), batch=a.batch,
                    seq=a.seq, mfu=res["tokens_per_s"] * fpt / peak if peak else None, wall_s=round(time.time() - t0))
         rows.append(res)
-        save(a.json, gpu, [res])  # row by row: a run cut short keeps what it measured
+        save(a.json, gpu, [res], a.device_call)  # row by row: a run cut short keeps what it measured
         print(f"{c:14s} {res['tokens_per_s']:9,.0f} tok/s  {res['peak_gib']:6.2f} GiB  MFU {res['mfu'] or 0:.1%}  "
               f"loss {res['loss_first']:.3f}->{res['loss_last']:.3f}", flush=True)
     base = {r["contender"]: r["tokens_per_s"] for r in rows}
-    for r in rows:
+    for r in rows:  # printed only: the rows were saved as measured, and each ratio follows from them
         for peer in ("hf_peft", "hf_bnb_qlora", "unsloth"):
             if peer in base and r["contender"] != peer:
-                r[f"vs_{peer}"] = r["tokens_per_s"] / base[peer]
-                print(f"{r['contender']} / {peer}: {r[f'vs_{peer}']:.2f}x", flush=True)
+                print(f"{r['contender']} / {peer}: {r['tokens_per_s'] / base[peer]:.2f}x", flush=True)
 
 
 def bench_cpu(a):
     """The default job's step on this CPU, nanotune vs transformers + PEFT, alternating (see the docstring)."""
     import platform
-    from model import load_model, save_hf
+    from formats import load_model, save_hf
     ckpt = os.path.join(a.ckpt_dir, "smollm2-135m-fp32")
     if not os.path.isfile(os.path.join(ckpt, "config.json")):  # the default model's GGUF, as an HF dir for peers
         save_hf(load_model(None, dtype=torch.float32), ckpt, dtype=torch.float32)
-    where = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    where = (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"torch threads {torch.get_num_threads()}")
     runs = {}
     for rnd in range(a.rounds):
         for c in ("nanotune", "hf_peft"):
@@ -438,7 +449,8 @@ def bench_cpu(a):
                 continue
             res = json.loads(line[7:])
             print(f"round {rnd + 1} {c:9s} {res['step_s']:6.2f} s/step  {res['tokens_per_s']:6.1f} tok/s  "
-                  f"peak RSS {res['peak_gib']:.2f} GiB  loss {res['loss_first']:.4f}->{res['loss_last']:.4f}", flush=True)
+                  f"peak RSS {res['peak_gib']:.2f} GiB  loss {res['loss_first']:.4f}->{res['loss_last']:.4f}",
+                  flush=True)
             runs.setdefault(c, []).append(res)
     rows = []
     for c, rs in runs.items():
@@ -453,19 +465,20 @@ def bench_cpu(a):
     for row in rows:
         row.update(device=where, date=time.strftime("%Y-%m-%d"), command="python bench.py --cpu")
     # CPU rows go to their own file: results/bench.json is the GPU's (its "gpu" names the device of every row)
-    save(a.json if a.json != "results/bench.json" else "results/bench_cpu.json", where, rows)
+    save(a.json if a.json != "results/bench.json" else "results/bench_cpu.json", where, rows, a.device_call)
 
 
-def save(path, gpu, rows):
+def save(path, gpu, rows, device_call=None):
     if not path:
         return
+    rows = [dict(r, device_call=device_call) if device_call else r for r in rows]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     old = json.load(open(path)) if os.path.isfile(path) else {"rows": []}
     old.update(gpu=gpu, versions=versions())
     old["rows"] = old.get("rows", []) + rows
     with open(path + ".tmp", "w") as f:
         json.dump(old, f, indent=2)
-    os.replace(path + ".tmp", path)
+    publish(path + ".tmp", path)
 
 
 if __name__ == "__main__":

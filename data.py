@@ -24,39 +24,14 @@ import sys
 
 import torch
 
-from model import CHATML, END_OF_TURN, NanotuneError
+from cli import NanotuneError, publish
+from tokenizer import END_OF_TURN, resolve_template
 
 IGNORE = -100
 FORMATS = ("messages", "sharegpt", "alpaca", "completion", "segments", "tokenized")
-BUILTIN_TEMPLATES = {
-    "chatml": CHATML,
-    "llama3": ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
-               " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
-               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
-    "gemma": ("{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-              "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-              "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
-    "phi3": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
-             "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"),
-}
 ROLES = ("system", "user", "assistant", "tool", "developer")  # roles chat templates render
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "model": "assistant", "bot": "assistant"}
-
-
-def resolve_template(spec: str | None) -> str | None:
-    """None (the model's own), a built-in name, a path to a Jinja2 file, or an inline template."""
-    if spec is None or spec in ("", "default"):
-        return None
-    if spec in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[spec]
-    if os.path.isfile(spec):
-        with open(spec) as f:
-            return f.read()
-    if "{{" in spec or "{%" in spec:
-        return spec
-    raise NanotuneError(f"chat_template {spec!r} is neither a built-in ({', '.join(BUILTIN_TEMPLATES)}), a file, "
-                        "nor an inline Jinja2 template.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +106,8 @@ def to_messages(rec, fmt, where) -> list:
         msgs = []
         for t in rec["conversations"]:
             if not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES or "value" not in t:
-                raise NanotuneError(f"{where}: each sharegpt turn needs 'from' ({'/'.join(SHAREGPT_ROLES)}) and 'value'.")
+                raise NanotuneError(f"{where}: each sharegpt turn needs 'from' ({'/'.join(SHAREGPT_ROLES)}) and "
+                                    "'value'.")
             msgs.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
     else:  # alpaca
         _need(rec, ["instruction", "output"], fmt, where)
@@ -259,7 +235,7 @@ def tokenize_dataset(spec, tok, template, roles, train_on_inputs, cache_dir=None
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         torch.save(out, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        publish(path + ".tmp", path)
     return out
 
 
@@ -325,6 +301,23 @@ def build_dataset(specs, tok, max_len=2048, truncation="truncate", chat_template
     stats["trained_tokens"] = sum(sum(t != IGNORE for t in s["labels"][1:]) for s in out)
     return out, stats
 
+
+def split_eval(samples, val_set_size, seed):
+    """(train, eval): a seeded hold-out of val_set_size (a fraction < 1 or a count) of the samples."""
+    if not val_set_size:
+        return samples, []
+    n = held_out(val_set_size, len(samples))
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [samples[i] for i in order[n:]], [samples[i] for i in order[:n]]
+
+
+def held_out(val_set_size, n):
+    """How many of n samples val_set_size (a fraction < 1 or a count) holds out; at least one must be left."""
+    k = int(val_set_size if val_set_size >= 1 else round(val_set_size * n))
+    if k >= n:
+        raise NanotuneError(f"val_set_size {val_set_size:g} holds out {k} of the {n} samples and leaves none to "
+                            f"train on; use at most {n - 1}, or a fraction below 1.")
+    return k
 
 # ---------------------------------------------------------------------------------------------
 # Packing, batching, sampling

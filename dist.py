@@ -116,6 +116,24 @@ def full_tensor(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def full_state_dict(model) -> dict:
+    """model.state_dict() with every sharded tensor gathered (a collective under FSDP)."""
+    return {k: full_tensor(v) for k, v in model.state_dict().items()}
+
+
+def assign_param(param: torch.nn.Parameter, full: torch.Tensor) -> torch.nn.Parameter:
+    """Put a whole tensor into a parameter's place: a sharded one (FSDP2 shards dim 0 as torch.chunk does)
+    keeps only this rank's rows in its local storage; otherwise a new Parameter holding `full`, frozen or
+    not as `param` was."""
+    if hasattr(param, "to_local"):
+        local, mesh = param.to_local(), param.device_mesh
+        chunks = full.chunk(mesh.size(), 0)  # fewer chunks than ranks when rows < ranks: the rest hold none
+        with torch.no_grad():
+            local.copy_(chunks[mesh.get_local_rank()] if mesh.get_local_rank() < len(chunks) else full[:0])
+        return param
+    return torch.nn.Parameter(full, requires_grad=param.requires_grad)
+
+
 # ---------------------------------------------------------------------------------------------
 # Distributed checkpoints (torch.distributed.checkpoint): trainable weights + optimizer, by FQN
 def save_sharded(path, model, opt):

@@ -34,8 +34,8 @@ import dist
 import lora
 import train
 from data import IGNORE, collate, read_records
-from model import NanotuneError, cli
-from train import F_, TrainConfig
+from cli import F_, NanotuneError, cli, default_of
+from train import TrainConfig
 
 LOSSES = ("dpo", "ipo", "orpo", "kto", "simpo")
 
@@ -49,7 +49,8 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = F_(0.0, "DPO: > 0 gives the robust variant; SimPO: epsilon")
     simpo_gamma: float = F_(0.5, "SimPO margin gamma")
     cpo_alpha: float = F_(0.0, "SimPO: weight of an NLL term on the chosen completion (0 = pure SimPO)")
-    rpo_alpha: float = F_(0.0, "DPO/IPO: weight of an NLL term on the chosen completion (RPO, TRL's rpo_alpha; 0 = pure)")
+    rpo_alpha: float = F_(0.0, "DPO/IPO: weight of an NLL term on the chosen completion (RPO, TRL's rpo_alpha; "
+                               "0 = pure)")
     desirable_weight: float = F_(1.0, "KTO weight of desirable examples")
     undesirable_weight: float = F_(1.0, "KTO weight of undesirable examples")
     precompute_ref: bool = F_(False, "compute reference log-probs once before training and cache them")
@@ -76,7 +77,7 @@ SFT_ONLY = ("eval_file", "cache_dir", "packing", "varlen_attention", "train_on_i
 
 def check_sft_only(cfg):
     """One sentence naming an SFT setting this run set (preference pairs are neither packed nor masked by role)."""
-    defaults = {f.name: train._default(f) for f in fields(cfg)}
+    defaults = {f.name: default_of(f) for f in fields(cfg)}
     for k in SFT_ONLY:
         if getattr(cfg, k) not in (defaults[k], None, ""):
             raise NanotuneError(f"{k} is an SFT (train.py) setting that dpo.py does not use; remove it (pairs are "
@@ -317,6 +318,9 @@ class Preference:
     def loss(self, model, batch):
         loss, mets = self.per_example(model, batch)
         return loss.sum(), {k: v.detach().float().sum() for k, v in mets.items()}
+
+    def backward(self, model, batch, norm):
+        return train.backward(self, model, batch, norm)
 
     def count(self, batch):
         return int(batch["index"].numel())

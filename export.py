@@ -14,28 +14,23 @@ written one at a time; every output goes to a temp name first and is renamed whe
 """
 import argparse
 import contextlib
-import json
 import math
 import os
-import shutil
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+import formats
 import lora
 import quant
-from model import (NanotuneError, Parser, cli, gguf_names, llama_qk_permute, load_model, load_tokenizer,
-                   resolve_model_path, write_safetensors)
+from cli import NanotuneError, Parser, cli, fresh_tmp, publish
+from formats import BLOCK_TYPES, FLOAT_TYPES, load_model, load_tokenizer, resolve_model_path
+from tokenizer import OLLAMA_TEMPLATES
 
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-             "gemma2": "gemma2", "phi3": "phi3"}
-FLOAT_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
-BLOCK_TYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1"}
 K_QUANTS = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16,
-            "q5_k_m": 17, "q6_k": 18}
-FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
+            "q5_k_m": 17, "q6_k": 18}  # llama.cpp's ftype numbers
+QUANTS = [*FLOAT_TYPES, *BLOCK_TYPES, *K_QUANTS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,22 +54,7 @@ def dense_tensors(model):
         for n, child in mod.named_children():
             yield from walk(f"{prefix}{n}.", child)
 
-    tied = model.config.tie_word_embeddings
-    pending = {}
-    for name, t in walk("", model):
-        if tied and name == "lm_head.weight":
-            continue
-        if model.config.fused_checkpoint and any(k in name for k in ("q_proj.", "k_proj.", "v_proj.", "gate_proj.", "up_proj.")):
-            pending[name] = t  # Phi-3: emit the fused tensor once its parts are all here
-            layer = name.rsplit(".", 3)[0]
-            parts = [f"{layer}.self_attn.{x}_proj.weight" for x in "qkv"]
-            if all(p in pending for p in parts):
-                yield f"{layer}.self_attn.qkv_proj.weight", torch.cat([pending.pop(p) for p in parts])
-            parts = [f"{layer}.mlp.{x}_proj.weight" for x in ("gate", "up")]
-            if all(p in pending for p in parts):
-                yield f"{layer}.mlp.gate_up_proj.weight", torch.cat([pending.pop(p) for p in parts])
-            continue
-        yield name, t
+    return formats.fuse(model.config, walk("", model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,231 +65,55 @@ def atomic_dir(out, overwrite):
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise NanotuneError(f"the parent of {out} ({parent}) does not exist; create it first.")
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
-def finish_dir(tmp, out):
-    if os.path.exists(out):
-        shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
-    os.replace(tmp, out)
+    return fresh_tmp(out)
 
 
 def export_merged(model, tok, out, dtype=torch.bfloat16, overwrite=False, shard_bytes=5 << 30):
     """config.json, model-0000i-of-0000N.safetensors (+ index), tokenizer files, generation_config.json.
     Shards are written as they fill, so only one shard is ever held in memory."""
+    import json
     tmp = atomic_dir(out, overwrite)
-    write_safetensors(tmp, ((name, t.to(dtype)) for name, t in dense_tensors(model)), shard_bytes)
-    cfg = model.config.to_hf()
-    cfg["torch_dtype"] = cfg["dtype"] = str(dtype).removeprefix("torch.")
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    formats.write_safetensors(tmp, ((name, t.to(dtype)) for name, t in dense_tensors(model)), shard_bytes)
+    formats.write_config(tmp, model.config, dtype)
     eos = sorted(tok.stop_ids)
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": tok.bos_id, "eos_token_id": eos if len(eos) > 1 else eos[0],
                    "pad_token_id": tok.pad_id}, f, indent=2)
     tok.save(tmp)
-    finish_dir(tmp, out)
+    publish(tmp, out)
 
 
-def export_adapter(model, out, base_name, dtype=None, overwrite=False):
+def export_adapter(model, out, base_path, dtype=None, overwrite=False):
     if not lora.lora_layers(model):
         raise NanotuneError("this model has no LoRA adapter to export; use --format merged or gguf.")
     tmp = atomic_dir(out, overwrite)
-    lora.save_adapter(model, tmp, base_model_name=base_name, dtype=dtype)
-    finish_dir(tmp, out)
+    lora.save_adapter(model, tmp, base_model_name=formats.hub_id(base_path), base_path=base_path, dtype=dtype)
+    publish(tmp, out)
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF
-def llama3_rope_factors(cfg):
-    """Llama 3.1 rope scaling as llama.cpp wants it: one divisor per frequency (rope_freqs.weight)."""
-    s = cfg.rope_scaling
-    d = cfg.rotary_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    lam = 2 * math.pi / inv
-    old, low, high, factor = (s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"],
-                              s["factor"])
-    sm = (old / lam - low) / (high - low)
-    out = torch.where(lam < old / high, torch.ones_like(lam),
-                      torch.where(lam > old / low, torch.full_like(lam, factor), 1 / ((1 - sm) / factor + sm)))
-    return out.float()
-
-
-def gguf_pre_name(tok):
-    """llama.cpp's pre-tokenizer name for a byte-level BPE vocabulary."""
-    if getattr(tok, "gguf_pre", None):
-        return tok.gguf_pre
-    pre = json.dumps(json.loads(tok.backend.to_str()).get("pre_tokenizer"))
-    if "\\\\p{N}{1,3}" in pre:
-        return "llama-bpe"
-    if "Digits" in pre:
-        return "smollm"
-    if "\\\\p{N}|" in pre or "\\p{N}|" in pre:
-        return "qwen2"
-    return "gpt-2"
-
-
-def write_tokenizer(w, tok, vocab_size):
-    import gguf
-    spec = json.loads(tok.backend.to_str())
-    model = spec["model"]
-    added = {t["id"]: t for t in spec.get("added_tokens", [])}
-    vocab = tok.backend.get_vocab(with_added_tokens=True)
-    by_id = {i: t for t, i in vocab.items()}
-    tokens, types, scores = [], [], []
-    spm = model.get("byte_fallback", False)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    ranks = {}  # SentencePiece scores: a token made by merge r scores -r, so llama.cpp merges in BPE order
-    for r, m in enumerate(merges if spm else []):
-        a, b = m.split(" ", 1)
-        ranks.setdefault(a + b, r)
-    for i in range(vocab_size):
-        t = by_id.get(i)
-        if t is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            scores.append(-10000.0)
-            continue
-        tokens.append(t)
-        if i in added:
-            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
-        elif spm and t.startswith("<0x") and len(t) == 6:
-            types.append(gguf.TokenType.BYTE)
-        elif spm and t == model.get("unk_token"):
-            types.append(gguf.TokenType.UNKNOWN)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-        scores.append(-float(ranks[t]) if t in ranks else (0.0 if not (i in added) else -1000.0))
-    if spm:  # SentencePiece: pieces with scores (merge order as -rank), byte tokens, no merges
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_add_space_prefix(any(n.get("type") == "Prepend" for n in (spec.get("normalizer") or {}).get(
-            "normalizers", [])))
-    else:
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(gguf_pre_name(tok))
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-    for key, tid in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.token_id(tok.pad_token))):
-        if tid is not None:
-            getattr(w, f"add_{key}_token_id")(tid)
-    if model.get("unk_token") in vocab:
-        w.add_unk_token_id(vocab[model["unk_token"]])
-    w.add_add_bos_token(bool(tok.add_bos))
-    w.add_add_eos_token(bool(tok.add_eos))
-    if tok.chat_template:
-        w.add_chat_template(tok.chat_template)
-
-
-def gguf_type_for(name, t, outtype):
-    """llama.cpp's rule: 1-D tensors and norms stay F32; a row that is not a whole number of quant
-    blocks falls back to F16; everything else takes the requested type."""
-    import gguf
-    if t.ndim == 1 or name.endswith("_norm.weight"):
-        return gguf.GGMLQuantizationType.F32
-    qt = getattr(gguf.GGMLQuantizationType, outtype)
-    block = gguf.GGML_QUANT_SIZES[qt][0]
-    return qt if t.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
-
-
-def gguf_tensors(model):
-    """(gguf name, fp32 numpy array) in llama.cpp's conventions, one at a time."""
-    cfg = model.config
-    names = gguf_names(cfg)
-    arch = GGUF_ARCH[cfg.model_type]
-    for name, t in dense_tensors(model):
-        t = t.float().cpu()
-        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-            t = llama_qk_permute(t, cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads)
-        if cfg.norm_offset and name.endswith("norm.weight"):
-            t = t + cfg.norm_offset  # Gemma computes x * (1 + w); llama.cpp multiplies by the stored value
-        yield names[name], t.numpy()
-    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
-        yield "rope_freqs.weight", llama3_rope_factors(cfg).numpy()
-
-
-def write_gguf_metadata(w, model, tok, outtype):
-    import gguf
-    cfg = model.config
-    if cfg.model_type == "gemma2" and cfg.query_pre_attn_scalar != cfg.head_dim:
-        raise NanotuneError("llama.cpp scales Gemma 2 attention by 1/sqrt(head_dim); this model's "
-                            f"query_pre_attn_scalar ({cfg.query_pre_attn_scalar}) differs, so its GGUF would be wrong.")
-    w.add_name("nanotune export")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_rope_dimension_count(cfg.rotary_dim)
-    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
-    if cfg.model_type == "gemma2":
-        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
-        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
-    if cfg.sliding_window and cfg.model_type in ("gemma2", "phi3"):
-        w.add_sliding_window(cfg.sliding_window)
-    if cfg.model_type == "phi3":
-        w.add_rope_scaling_orig_ctx_len(cfg.max_position_embeddings)
-    w.add_file_type(FILE_TYPE.get(outtype, 1))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    write_tokenizer(w, tok, cfg.vocab_size)
-
-
+# GGUF: formats.write_gguf writes float and block types; k-quants go through llama.cpp's quantizer
 def export_gguf(model, tok, out, qtype="f16", overwrite=False):
-    """Two passes over the tensors: shapes and types first (the header), then data, one tensor at a time."""
-    import gguf
     qtype = qtype.lower()
     if qtype in K_QUANTS:
         return export_kquant(model, tok, out, qtype, overwrite)
     if qtype not in FLOAT_TYPES and qtype not in BLOCK_TYPES:
-        raise NanotuneError(f"unknown quant type {qtype!r}; choose from {', '.join([*FLOAT_TYPES, *BLOCK_TYPES, *K_QUANTS])}.")
+        raise NanotuneError(f"unknown quant type {qtype!r}; choose from {', '.join(QUANTS)}.")
     if os.path.exists(out) and not overwrite:
         raise NanotuneError(f"{out} exists; pass --overwrite to replace it.")
-    if model.config.model_type in ("mistral", "qwen2", "qwen3", "phi3") and model.config.sliding_window:
-        print(f"warning: llama.cpp's {GGUF_ARCH[model.config.model_type]} has no sliding window; beyond "
-              f"{model.config.sliding_window} tokens the GGUF attends to more than this model.", file=sys.stderr)
-    outtype = (FLOAT_TYPES | BLOCK_TYPES)[qtype]
+    cfg = model.config
+    arch = formats.FAMILIES[cfg.model_type].gguf_arch
+    if cfg.sliding_window and not formats.FAMILIES[cfg.model_type].gguf_window:
+        print(f"warning: llama.cpp's {arch} has no sliding window; beyond {cfg.sliding_window} tokens the GGUF "
+              "attends to more than this model.", file=sys.stderr)
     tmp = out + ".tmp"
-    w = gguf.GGUFWriter(tmp, GGUF_ARCH[model.config.model_type])
     try:
-        write_gguf_metadata(w, model, tok, qtype)
-        for name, a in gguf_tensors(model):  # pass 1: tensor infos (type decided from the shape)
-            qt = gguf_type_for(name, a, outtype)
-            shape = gguf.quant_shape_to_byte_shape(a.shape, qt) if qt not in (
-                gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else a.shape
-            dt = np.float32 if qt == gguf.GGMLQuantizationType.F32 else np.float16 if \
-                qt == gguf.GGMLQuantizationType.F16 else np.uint8
-            nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
-            w.add_tensor_info(name, shape, np.dtype(dt), nbytes, raw_dtype=qt)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for name, a in gguf_tensors(model):  # pass 2: data
-            qt = gguf_type_for(name, a, outtype)
-            w.write_tensor_data(a.astype(np.float32) if qt == gguf.GGMLQuantizationType.F32 else
-                                a.astype(np.float16) if qt == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(a, qt))
-        w.close()
+        formats.write_gguf(tmp, cfg, tok, lambda: dense_tensors(model), qtype)
     except BaseException:
-        w.close()
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    os.replace(tmp, out)
+    publish(tmp, out)
 
 
 def export_kquant(model, tok, out, qtype, overwrite):
@@ -347,25 +151,11 @@ def export_kquant(model, tok, out, qtype, overwrite):
     os.remove(f16)
     if rc != 0:
         raise NanotuneError(f"llama.cpp could not quantize to {qtype} (code {rc}).")
-    os.replace(out + ".tmp", out)
+    publish(out + ".tmp", out)
 
 
 # ---------------------------------------------------------------------------------------------
 # Ollama
-OLLAMA_TEMPLATES = {
-    "<|im_start|>": ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
-                     '<|im_start|>assistant\n', ["<|im_start|>", "<|im_end|>"]),
-    "<|start_header_id|>": ('{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
-                            '{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n',
-                            ["<|eot_id|>", "<|start_header_id|>"]),
-    "<start_of_turn>": ('{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}'
-                        '{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n',
-                        ["<end_of_turn>", "<start_of_turn>"]),
-    "<|user|>": ('{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n',
-                 ["<|end|>", "<|user|>"]),
-}
-
-
 def ollama_modelfile(gguf_path, tok, system=None) -> str:
     """FROM, TEMPLATE (the chat template's family translated to Go's template language), stops, SYSTEM."""
     tpl = tok.chat_template or ""
@@ -403,7 +193,8 @@ def load_for_export(args):
         elif os.path.isdir(os.path.join(args.run, "model")):
             model_path = os.path.join(args.run, "model")
         else:
-            raise NanotuneError(f"{args.run} has no finished result (adapter/ or model/); let the run finish or resume it.")
+            raise NanotuneError(f"{args.run} has no finished result (adapter/ or model/); let the run finish or "
+                                "resume it.")
     model_path = resolve_model_path(model_path)
     model = load_model(model_path, dtype=torch.float32, prepare=quant.prepare_4bit if four_bit else None)
     tok = load_tokenizer(adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer.json")) else model_path)
@@ -503,7 +294,7 @@ def main(argv=None):
     if not (a.run or a.model or a.adapter):
         a.model = None  # the default model
     if a.format == "gguf" and a.quant.lower() not in {**FLOAT_TYPES, **BLOCK_TYPES, **K_QUANTS}:
-        raise NanotuneError(f"unknown quant type {a.quant!r}; choose from {', '.join([*FLOAT_TYPES, *BLOCK_TYPES, *K_QUANTS])}.")
+        raise NanotuneError(f"unknown quant type {a.quant!r}; choose from {', '.join(QUANTS)}.")
     base = a.run or "."
     out = a.out or os.path.join(base, {"merged": "merged", "adapter": "adapter-export",
                                        "gguf": f"model-{a.quant.lower()}.gguf"}[a.format])

@@ -9,15 +9,18 @@ import argparse
 
 import torch
 
+from cli import NanotuneError, Parser, cli
+from formats import load
 from lora import load_adapter
-from model import NanotuneError, Parser, cli, generate, load
+from model import generate
 
 
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF directory, .gguf file, or hub id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (nanotune or PEFT) to apply")
-    p.add_argument("--prompt", default="What is the capital of France?", help="the user message (or raw text with --raw)")
+    p.add_argument("--prompt", default="What is the capital of France?",
+                   help="the user message (or raw text with --raw)")
     p.add_argument("--system", default=None, help="system message for chat templates")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
     p.add_argument("--raw", action="store_true", help="complete the prompt as plain text, no chat template")

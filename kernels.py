@@ -1,10 +1,13 @@
-"""nanotune kernels: the small fused ops of a decoder, each as a plain-PyTorch reference.
+"""nanotune kernels: the fused ops of a decoder, each beside its plain-PyTorch reference, then the memory
+machinery (LoRA cast cache, per-block checkpointing with recompute hints, activation offload).
 
-The references here are the ground truth the model uses on CPU; Triton versions (autograd
-Functions with a manual backward) join each one, next to it, and `use_triton(...)` picks
-between them. With no CUDA device the references always run.
+Each op has a reference (the ground truth, tested against fp64) and a fused path: a Triton kernel for CUDA
+tensors, and for LoRA, the loss and linear layers, autograd Functions with a manual backward in plain PyTorch
+that run on any device. One switch picks them; it knows nothing of nanotune's other files.
 
-    import kernels; kernels.use_triton(False)   # force the references anywhere
+    with kernels.fused(False):   # the references everywhere (tests, debugging)
+        loss = ...
+    kernels.set_sharded(True)    # parameters are FSDP-sharded (train.py sets it): see checkpoint()
 """
 import contextlib
 import math
@@ -15,26 +18,41 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import dist
-
 try:  # Triton runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (the CI tests)
     import triton
     import triton.language as tl
 except ImportError:
     triton = None
 
-_KERNELS = True  # on: Triton kernels for CUDA tensors, the fused autograd Functions (plain PyTorch) anywhere
+_FUSED = True  # on: Triton kernels for CUDA tensors, the fused autograd Functions (plain PyTorch) anywhere
+_SHARDED = False  # FSDP shards the parameters: no cached LoRA casts, checkpoints through torch.utils.checkpoint
 
 
-def use_triton(on: bool):
-    """Switch between the kernels (Triton on CUDA, fused Functions on any device) and the PyTorch references."""
-    global _KERNELS
-    _KERNELS = bool(on)
+@contextlib.contextmanager
+def fused(on: bool = True):
+    """Within the block, the fused paths (on) or the plain-PyTorch references (off); restored after."""
+    global _FUSED
+    old, _FUSED = _FUSED, bool(on)
+    try:
+        yield
+    finally:
+        _FUSED = old
+
+
+def set_fused(on: bool):
+    """The same switch for the rest of the process (bench.py's `-ref` contenders)."""
+    global _FUSED
+    _FUSED = bool(on)
+
+
+def set_sharded(on: bool):
+    global _SHARDED
+    _SHARDED = bool(on)
 
 
 def _triton(t: torch.Tensor) -> bool:
-    """Whether t goes through a Triton kernel: kernels on, Triton installed, t on CUDA."""
-    return _KERNELS and triton is not None and t.is_cuda
+    """Whether t goes through a Triton kernel: fused paths on, Triton installed, t on CUDA."""
+    return _FUSED and triton is not None and t.is_cuda
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,28 +304,6 @@ def softcap(x, cap):
     return x if not cap else torch.tanh(x / cap) * cap
 
 
-def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/dim), i < dim/2, with Llama 3.1 or linear scaling applied."""
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind == "factors":  # GGUF `rope_freqs`: llama.cpp divides each frequency by its factor
-        return inv / torch.tensor(scaling["factors"], dtype=torch.float32)
-    if kind == "linear":  # positions divided by factor == frequencies divided by factor
-        return inv / scaling["factor"]
-    if kind == "llama3":
-        # wavelengths longer than old_ctx/low are slowed by `factor`, shorter than old_ctx/high kept,
-        # and the band between blends the two linearly in old_ctx/wavelength.
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_ctx = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
-        s = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - s) * scaled / factor + s * scaled
-        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-        return torch.where(medium, smoothed, scaled)
-    return inv
-
-
 # ---------------------------------------------------------------------------------------------
 # lm_head + cross-entropy without the full [tokens x vocab] logits:
 #   loss = sum_t [ logsumexp(z_t) - z_t[y_t] ],  z_t = softcap(W h_t),  over tokens with y_t != ignore
@@ -476,7 +472,7 @@ def linear_cross_entropy_fused(h, weight, labels, softcap_value=None, ignore_ind
 def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None):
     if _triton(h):
         return linear_cross_entropy_triton(h, weight, labels, softcap_value, ignore_index, rows)
-    if _KERNELS and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+    if _FUSED and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return linear_cross_entropy_fused(h, weight, labels, softcap_value, ignore_index, rows)
     return linear_cross_entropy_ref(h, weight, labels, softcap_value, ignore_index, rows)  # no gradient: no dh
 
@@ -497,38 +493,6 @@ def lora_linear_ref(x, weight_fns, biases, scalings, As, Bs):
     return [F.linear(x, f(x.dtype), None if b is None else b.to(x.dtype))
             + F.linear(F.linear(x, a.to(x.dtype)), bb.to(x.dtype)) * s
             for f, b, s, a, bb in zip(weight_fns, biases, scalings, As, Bs)]
-
-
-_CASTS = {}  # id of a group's first A -> (its tensors (weakly), versions, optimizer steps, [A_1; A_2; ..], [s_i B_i])
-_OPT_STEPS = [0]  # optimizer steps taken in this process (any optimizer)
-
-
-def _count_step(*_):
-    _OPT_STEPS[0] += 1
-
-
-# Fused optimizers (AdamW(fused=True)) update parameters without bumping their version counters, so the
-# cached casts are also keyed on a count of optimizer steps, kept by a global optimizer hook.
-register_optimizer_step_post_hook(_count_step)
-
-
-def _lora_weights(As, Bs, scalings, dt, cache=True):
-    """[A_1; A_2; ..] and s_i B_i in the compute dtype, cast once per optimizer step, not once per call.
-    An entry is stale after any optimizer step or any in-place change of its tensors (their versions);
-    not used under FSDP, whose all-gathers rewrite the same tensors (cache=False there)."""
-    ts, key = (*As, *Bs), id(As[0])
-    hit = _CASTS.get(key) if cache else None
-    if hit is None or hit[2] != _OPT_STEPS[0] or any(r() is not t for r, t in zip(hit[0], ts)) or \
-            hit[1] != [t._version for t in ts] or hit[3].dtype != dt:
-        # few kernels: one cat then one cast, no multiply when s = 1; always copies (never the parameter itself)
-        A = torch.cat(As).to(dt) if len(As) > 1 else As[0].to(dt, copy=True)
-        sBs = [b.to(dt, copy=True) if s == 1 else (b * s).to(dt) for b, s in zip(Bs, scalings)]
-        hit = ([weakref.ref(t) for t in ts], [t._version for t in ts], _OPT_STEPS[0], A, sBs)
-        if cache:
-            if key not in _CASTS:
-                weakref.finalize(As[0], _CASTS.pop, key, None)  # the entry goes when the adapter does
-            _CASTS[key] = hit
-    return hit[3], hit[4]
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -600,7 +564,7 @@ class _Linear(torch.autograd.Function):
 def linear(mod, x):
     """mod(x); a plain nn.Linear goes through _Linear where kernels are on, skipping its GEMM inside
     value_unused() during a recompute. Other module types (LoRA, 4-bit) are called as they are."""
-    if _KERNELS and type(mod) is torch.nn.Linear:
+    if _FUSED and type(mod) is torch.nn.Linear:
         return _Linear.apply(x, mod.weight, mod.bias, not skip_value())
     return mod(x)
 
@@ -608,11 +572,103 @@ def linear(mod, x):
 def lora_linear(x, weight_fns, biases, scalings, As, Bs, value=True):
     """[y_i] for projections sharing x (see above): the fused Function wherever kernels are on (plain
     PyTorch, so CPU tensors work too), else the reference (which ignores `value`)."""
-    if _KERNELS:  # no cached casts under FSDP (see _lora_weights) or in a CUDA graph, whose replays must cast
-        cache = not dist.is_dist() and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    if _FUSED:  # no cached casts under FSDP (see _lora_weights) or in a CUDA graph, whose replays must cast
+        cache = not _SHARDED and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
         return list(_LoRALinear.apply(x, list(weight_fns), list(biases), list(scalings), value, cache, *As, *Bs))
     return lora_linear_ref(x, weight_fns, biases, scalings, As, Bs)
 
+
+# ---------------------------------------------------------------------------------------------
+# NF4 dequantize (QLoRA / bitsandbytes layout, see quant.py):
+#   w[i] = code[q_i] * absmax[i // 64],   q_{2k} = byte_k >> 4,  q_{2k+1} = byte_k & 15   (fp32, then cast)
+# A double-quantized absmax is expanded on the way (the reference does it first, in PyTorch):
+#   absmax[b] = dyn[absmax_u8[b]] * nested_absmax[b // 256] + offset
+def nf4_absmax(absmax, dyn=None, nested_absmax=None, offset=0.0):
+    if nested_absmax is None:
+        return absmax
+    return dyn[absmax.long()] * nested_absmax.repeat_interleave(256)[: absmax.numel()] + offset
+
+
+def nf4_dequantize_ref(packed, absmax, code, shape, dtype):
+    n = math.prod(shape)
+    p = packed.reshape(-1)
+    q = torch.stack([p >> 4, p & 0xF], 1).reshape(-1)[:n].long()  # [n] 4-bit codes, high nibble first
+    return (code[q] * absmax.repeat_interleave(64)[:n]).reshape(shape).to(dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, dyn_ptr, nested_ptr, offset, out_ptr, n,
+                               BLOCK: tl.constexpr, NESTED: tl.constexpr, BF16_BITS: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # element indices
+        mask = i < n
+        byte = tl.load(packed_ptr + i // 2, mask=mask, other=0).to(tl.int32)
+        q = tl.where(i % 2 == 0, byte >> 4, byte & 15)
+        a = tl.load(absmax_ptr + i // 64, mask=mask, other=0)
+        if NESTED:  # launched with enable_fp_fusion=False: a multiply then an add, as PyTorch rounds them
+            a = (tl.load(dyn_ptr + a.to(tl.int32), mask=mask, other=0.0)
+                 * tl.load(nested_ptr + i // (64 * 256), mask=mask, other=0.0) + offset)
+        w = tl.load(code_ptr + q, mask=mask, other=0.0) * a
+        if BF16_BITS:  # fp32 -> bf16 round-to-nearest-even on the bits (as torch does, on GPU and interpreter)
+            b = w.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            tl.store(out_ptr + i, b.to(tl.int16), mask=mask)
+        else:
+            tl.store(out_ptr + i, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def nf4_dequantize_triton(packed, absmax, code, shape, dtype, dyn=None, nested_absmax=None, offset=0.0):
+    """One launch per weight, the double-quantized absmax expanded inside."""
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    n, BLOCK = out.numel(), 1024
+    bf16, nested = dtype == torch.bfloat16, nested_absmax is not None
+    _nf4_dequantize_kernel[(triton.cdiv(n, BLOCK),)](
+        packed, absmax, code, dyn if nested else code, nested_absmax if nested else code, float(offset),
+        out.view(torch.int16) if bf16 else out, n, BLOCK=BLOCK, NESTED=nested, BF16_BITS=bf16, enable_fp_fusion=False)
+    return out
+
+
+def nf4_dequantize(packed, absmax, code, shape, dtype, dyn=None, nested_absmax=None, offset=0.0):
+    if _triton(packed):
+        return nf4_dequantize_triton(packed, absmax, code, shape, dtype, dyn, nested_absmax, offset)
+    return nf4_dequantize_ref(packed, nf4_absmax(absmax, dyn, nested_absmax, offset), code, shape, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory machinery (not ops): the cast cache of LoRA weights, per-block checkpointing with recompute
+# hints, and activation offload.
+# ---------------------------------------------------------------------------------------------
+# LoRA weight casts, cached per optimizer step
+_CASTS = {}  # id of a group's first A -> (its tensors (weakly), versions, optimizer steps, [A_1; A_2; ..], [s_i B_i])
+_OPT_STEPS = [0]  # optimizer steps taken in this process (any optimizer)
+
+
+def _count_step(*_):
+    _OPT_STEPS[0] += 1
+
+
+# Fused optimizers (AdamW(fused=True)) update parameters without bumping their version counters, so the
+# cached casts are also keyed on a count of optimizer steps, kept by a global optimizer hook.
+register_optimizer_step_post_hook(_count_step)
+
+
+def _lora_weights(As, Bs, scalings, dt, cache=True):
+    """[A_1; A_2; ..] and s_i B_i in the compute dtype, cast once per optimizer step, not once per call.
+    An entry is stale after any optimizer step or any in-place change of its tensors (their versions);
+    not used under FSDP, whose all-gathers rewrite the same tensors (cache=False there)."""
+    ts, key = (*As, *Bs), id(As[0])
+    hit = _CASTS.get(key) if cache else None
+    if (hit is None or hit[2] != _OPT_STEPS[0] or any(r() is not t for r, t in zip(hit[0], ts))
+            or hit[1] != [t._version for t in ts] or hit[3].dtype != dt):
+        # few kernels: one cat then one cast, no multiply when s = 1; always copies (never the parameter itself)
+        A = torch.cat(As).to(dt) if len(As) > 1 else As[0].to(dt, copy=True)
+        sBs = [b.to(dt, copy=True) if s == 1 else (b * s).to(dt) for b, s in zip(Bs, scalings)]
+        hit = ([weakref.ref(t) for t in ts], [t._version for t in ts], _OPT_STEPS[0], A, sBs)
+        if cache:
+            if key not in _CASTS:
+                weakref.finalize(As[0], _CASTS.pop, key, None)  # the entry goes when the adapter does
+            _CASTS[key] = hit
+    return hit[3], hit[4]
 
 # ---------------------------------------------------------------------------------------------
 # Per-block activation checkpointing, and recompute hints. A checkpointed block runs once without autograd
@@ -685,7 +741,7 @@ class _Recompute(torch.autograd.Function):
 def checkpoint(fn, x, *args, rng=False):
     """fn(x, *args) keeping only x for backward, which runs fn again (see above). rng: fn draws random
     numbers (dropout) that the recompute must repeat."""
-    if dist.is_dist():
+    if _SHARDED:
         return torch.utils.checkpoint.checkpoint(fn, x, *args, use_reentrant=False, context_fn=recompute_context)
     params = [p for p in fn.parameters() if p.requires_grad]
     return _Recompute.apply(fn, (len(args), rng), x, *args, *params)
@@ -786,56 +842,72 @@ class Offload:
 
 
 # ---------------------------------------------------------------------------------------------
-# NF4 dequantize (QLoRA / bitsandbytes layout, see quant.py):
-#   w[i] = code[q_i] * absmax[i // 64],   q_{2k} = byte_k >> 4,  q_{2k+1} = byte_k & 15   (fp32, then cast)
-# A double-quantized absmax is expanded on the way (the reference does it first, in PyTorch):
-#   absmax[b] = dyn[absmax_u8[b]] * nested_absmax[b // 256] + offset
-def nf4_absmax(absmax, dyn=None, nested_absmax=None, offset=0.0):
-    if nested_absmax is None:
-        return absmax
-    return dyn[absmax.long()] * nested_absmax.repeat_interleave(256)[: absmax.numel()] + offset
+# CUDA graphs of a whole forward + backward
+class Graphed:
+    """A loss's forward + backward recorded as a CUDA graph, then replayed (train.py --cuda_graphs).
+    A small model's step is bound by the CPU launching its ~3,000 kernels one by one (Llama-3.2-1B at
+    4 x 2048: the GPU idles ~15% of the step); a replay launches them all at once. A replay reads the batch
+    from fixed tensors and writes the loss and the gradients to the same memory every time, so:
+    - fixed shapes: packed rows padded to max_len. One graph per batch shape (the last batch of an epoch
+      may have fewer rows), at most MAX_GRAPHS, all in one memory pool (they never run at the same time);
+    - the gradients stay allocated and the graph adds into them (zeroed after each step, never set to None);
+    - nothing in it may make the CPU wait for the GPU (the SFT loss keeps every row: a fixed shape);
+    - no dropout (its RNG state is read on the host), no varlen attention (it reads lengths back), one process.
+    A shape's first batch runs eagerly (Triton compiles, cuBLAS picks its kernels, AdamW makes its state);
+    its second is captured, then every batch of that shape is copied in and replayed."""
+    MAX_GRAPHS = 4
+
+    def __init__(self, loss_backward, model):
+        """loss_backward(batch, scale): forward, backward of loss x scale, -> the loss (detached); model: whose
+        trainable parameters' .grad the graph adds into."""
+        self.loss, self.model, self.graphs, self.seen, self.pool = loss_backward, model, {}, set(), None
+        self.calls, self.replays = 0, 0  # micro-batches seen; how many of them a graph ran
+
+    def capture(self, batch):
+        """-> (static batch, static scale, static loss, graph), recorded without running anything."""
+        for p in self.model.parameters():  # the graph adds into these: they must exist before it
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        static = {k: v.clone() for k, v in batch.items()}
+        scale = torch.ones((), device=batch["input_ids"].device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            out = self.loss(static, scale)
+        self.pool = g.pool()
+        return static, scale, out, g
+
+    def __call__(self, batch, scale):
+        """Summed loss of `batch`; its gradient times `scale` is added to every .grad."""
+        self.calls += 1
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+        if key not in self.graphs:
+            if key not in self.seen or len(self.graphs) >= self.MAX_GRAPHS or not batch["input_ids"].is_cuda:
+                self.seen.add(key)  # (on CPU every call runs eagerly: the tests)
+                return self.loss(batch, scale)
+            self.graphs[key] = self.capture(batch)
+        static, static_scale, out, g = self.graphs[key]
+        for k, v in batch.items():
+            static[k].copy_(v, non_blocking=True)
+        static_scale.fill_(scale)
+        g.replay()
+        self.replays += 1
+        return out
 
 
-def nf4_dequantize_ref(packed, absmax, code, shape, dtype):
-    n = math.prod(shape)
-    p = packed.reshape(-1)
-    q = torch.stack([p >> 4, p & 0xF], 1).reshape(-1)[:n].long()  # [n] 4-bit codes, high nibble first
-    return (code[q] * absmax.repeat_interleave(64)[:n]).reshape(shape).to(dtype)
-
-
-if triton is not None:
-    @triton.jit
-    def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, dyn_ptr, nested_ptr, offset, out_ptr, n,
-                               BLOCK: tl.constexpr, NESTED: tl.constexpr, BF16_BITS: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # element indices
-        mask = i < n
-        byte = tl.load(packed_ptr + i // 2, mask=mask, other=0).to(tl.int32)
-        q = tl.where(i % 2 == 0, byte >> 4, byte & 15)
-        a = tl.load(absmax_ptr + i // 64, mask=mask, other=0)
-        if NESTED:  # launched with enable_fp_fusion=False: a multiply then an add, as PyTorch rounds them
-            a = tl.load(dyn_ptr + a.to(tl.int32), mask=mask, other=0.0) * \
-                tl.load(nested_ptr + i // (64 * 256), mask=mask, other=0.0) + offset
-        w = tl.load(code_ptr + q, mask=mask, other=0.0) * a
-        if BF16_BITS:  # fp32 -> bf16 round-to-nearest-even on the bits (as torch does, on GPU and interpreter)
-            b = w.to(tl.uint32, bitcast=True)
-            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-            tl.store(out_ptr + i, b.to(tl.int16), mask=mask)
-        else:
-            tl.store(out_ptr + i, w.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def nf4_dequantize_triton(packed, absmax, code, shape, dtype, dyn=None, nested_absmax=None, offset=0.0):
-    """One launch per weight, the double-quantized absmax expanded inside."""
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
-    n, BLOCK = out.numel(), 1024
-    bf16, nested = dtype == torch.bfloat16, nested_absmax is not None
-    _nf4_dequantize_kernel[(triton.cdiv(n, BLOCK),)](
-        packed, absmax, code, dyn if nested else code, nested_absmax if nested else code, float(offset),
-        out.view(torch.int16) if bf16 else out, n, BLOCK=BLOCK, NESTED=nested, BF16_BITS=bf16, enable_fp_fusion=False)
-    return out
-
-
-def nf4_dequantize(packed, absmax, code, shape, dtype, dyn=None, nested_absmax=None, offset=0.0):
-    if _triton(packed):
-        return nf4_dequantize_triton(packed, absmax, code, shape, dtype, dyn, nested_absmax, offset)
-    return nf4_dequantize_ref(packed, nf4_absmax(absmax, dyn, nested_absmax, offset), code, shape, dtype)
+# ---------------------------------------------------------------------------------------------
+# Host memory on a CPU
+def keep_freed_memory():
+    """CPU training frees and re-allocates the same GBs of activations every step. glibc's malloc hands
+    blocks over ~32 MiB back to the OS at once (mmap/munmap), so each step page-faults them in again
+    (freshly zeroed pages): ~1 s of a 5.9 s default-job step on the 2-core CI machine. Keep them: larger
+    blocks come from the heap (M_MMAP_THRESHOLD), and freed memory is not trimmed (M_TRIM_THRESHOLD,
+    M_TOP_PAD). The process's resident memory then stays at its peak. glibc only; elsewhere a no-op."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+    libc.mallopt(M_TOP_PAD, 1 << 30)

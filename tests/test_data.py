@@ -4,13 +4,15 @@ import json
 import pytest
 
 import data
-import model as nt
+import tokenizer
 from data import IGNORE
+from cli import NanotuneError
 
 
 @pytest.fixture(scope="module")
-def tok(smollm_gguf):
-    return nt.load_tokenizer(smollm_gguf)
+def tok(_smollm_tokenizer):
+    import copy
+    return copy.deepcopy(_smollm_tokenizer)
 
 
 def trained(tok, ids, labels):
@@ -72,7 +74,7 @@ def test_alpaca_with_input_and_system(tok):
 
 def test_end_of_turn_that_is_not_eos_is_trained(tok):
     """Llama-3 style turns end in <|eot_id|>, not the tokenizer's eos; the marker still carries loss."""
-    ids, labels = one(tok, {"messages": CONV[1:3]}, template=data.BUILTIN_TEMPLATES["llama3"])
+    ids, labels = one(tok, {"messages": CONV[1:3]}, template=tokenizer.BUILTIN_TEMPLATES["llama3"])
     assert trained(tok, ids, labels) == ["Paris.<|eot_id|>"]
     assert tok.eos_token != "<|eot_id|>"
 
@@ -136,5 +138,5 @@ def test_sampler_is_deterministic_and_resumable():
 def test_bad_data_is_named(tok, tmp_path, content, expect):
     f = tmp_path / "bad.jsonl"
     f.write_text(content)
-    with pytest.raises(nt.NanotuneError, match=expect.replace("(", r"\(").replace("+", r"\+")):
+    with pytest.raises(NanotuneError, match=expect.replace("(", r"\(").replace("+", r"\+")):
         data.build_dataset([str(f)], tok)

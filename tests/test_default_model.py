@@ -5,7 +5,10 @@ import os
 import pytest
 import torch
 
-import model as nt
+import formats
+import model
+
+pytestmark = pytest.mark.slow  # the 135M model against transformers reading its GGUF (~35 s)
 
 TEXTS = ["Hello world", "  leading   and trailing runs   \n\n\tof whitespace  ", "digits 1234567 and 3.14159, 2026-11-29",
          "accents: café, naïve, Ångström, jalapeño", "CJK: 東京は日本の首都です。你好，世界", "emoji: 🤗🚀 👩‍💻 ✨",
@@ -19,7 +22,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def ours(smollm_gguf):
-    return nt.load(smollm_gguf)
+    return formats.load(smollm_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def test_logits_match_transformers_gguf(smollm_gguf, ours):
 
 def test_greedy_chat_answer_is_coherent(ours):
     m, tok = ours
-    out = nt.generate(m, tok.chat([{"role": "user", "content": "What is the capital of France?"}]),
+    out = model.generate(m, tok.chat([{"role": "user", "content": "What is the capital of France?"}]),
                       max_new_tokens=30, stop_ids=tok.stop_ids)
     text = tok.decode(out)
     assert "Paris" in text, text
@@ -53,7 +56,7 @@ def test_greedy_chat_answer_is_coherent(ours):
 def test_kv_cache_equals_recompute_on_default_model(ours):
     m, tok = ours
     prompt = tok.chat([{"role": "user", "content": "Name three colours."}])
-    assert nt.generate(m, prompt, 16, use_cache=True) == nt.generate(m, prompt, 16, use_cache=False)
+    assert model.generate(m, prompt, 16, use_cache=True) == model.generate(m, prompt, 16, use_cache=False)
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -67,7 +70,7 @@ def test_tokenizer_json_roundtrip_equals_transformers(ours, hf_tok, tmp_path):
     """tokenizer.json + tokenizer_config.json as transformers writes them load into nanotune unchanged."""
     from transformers import AutoTokenizer
     hf_tok.save_pretrained(tmp_path)
-    tok = nt.load_tokenizer(str(tmp_path))
+    tok = formats.load_tokenizer(str(tmp_path))
     ref = AutoTokenizer.from_pretrained(str(tmp_path))
     for text in TEXTS:
         assert tok.encode(text) == ref(text)["input_ids"], text

@@ -1,7 +1,6 @@
 """torchrun + FSDP2 on CPU (gloo): two processes train exactly like one, sharded checkpoints resume at
 another world size, a crash on one rank ends the job. On a machine with two or more GPUs the same tests
 run on the GPUs (NCCL), in fp32; with one GPU they stay on the CPU (two ranks need two GPUs)."""
-import json
 import os
 import re
 import subprocess
@@ -10,7 +9,9 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, make_tiny_run_model, write_sums_chat
+from conftest import ROOT, make_tiny_run_model, read_losses, write_sums_chat
+
+pytestmark = pytest.mark.slow  # every test here launches torchrun
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +38,6 @@ def launch(nproc, args, script="train.py", timeout=300):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def losses(out):
-    by_step = {}
-    for line in open(os.path.join(out, "metrics.jsonl")):
-        r = json.loads(line)
-        if "loss" in r:
-            by_step[r["step"]] = r["loss"]
-    return [by_step[k] for k in sorted(by_step)]
-
-
 # CPU: the same fp32 sums in another order. GPUs: cuBLAS picks other kernels for other batch shapes, and
 # NCCL sums in its own order, so the curves drift further apart (still fp32).
 REL = 1e-3 if GPUS else 1e-5
@@ -61,7 +53,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup_dir, tmp_path,
     two = launch(2, common(setup_dir, tmp_path / "two", "--micro_batch_size", "2", *method))
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert "FSDP2 over 2 ranks" in two.stderr
-    assert close(losses(tmp_path / "two"), losses(tmp_path / "one")), (losses(tmp_path / "two"), losses(tmp_path / "one"))
+    assert close(read_losses(tmp_path / "two"), read_losses(tmp_path / "one")), (read_losses(tmp_path / "two"), read_losses(tmp_path / "one"))
     if "--load_in_4bit" in method:  # the packed 4-bit bytes were sharded like any weight
         held = re.search(r"4-bit weights too: rank 0 holds (\d+)% of their bytes", two.stderr)
         assert held and 45 <= int(held[1]) <= 55, two.stderr[-2000:]
@@ -74,7 +66,7 @@ def test_one_process_under_torchrun_equals_plain(setup_dir, tmp_path):
     one = launch(0, common(setup_dir, tmp_path / "one", "--micro_batch_size", "4"))
     fsdp = launch(1, common(setup_dir, tmp_path / "fsdp", "--micro_batch_size", "4"))
     assert one.returncode == 0 and fsdp.returncode == 0, fsdp.stderr[-3000:]
-    assert close(losses(tmp_path / "fsdp"), losses(tmp_path / "one")), (losses(tmp_path / "fsdp"), losses(tmp_path / "one"))
+    assert close(read_losses(tmp_path / "fsdp"), read_losses(tmp_path / "one")), (read_losses(tmp_path / "fsdp"), read_losses(tmp_path / "one"))
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
@@ -92,7 +84,7 @@ def test_sharded_checkpoint_resumes_at_another_world_size(setup_dir, tmp_path, f
         pass
     r = launch(then, common(setup_dir, out, "--micro_batch_size", str(4 // then), "--resume"))
     assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
-    assert close(losses(out), losses(tmp_path / "ref")[3:])
+    assert close(read_losses(out), read_losses(tmp_path / "ref")[3:])
 
 
 CRASH = """
@@ -136,7 +128,7 @@ def test_dpo_two_processes_equal_one(setup_dir, tmp_path, loss):
     one = launch(0, [*args, str(tmp_path / "one"), "--micro_batch_size", "4"], script="dpo.py")
     two = launch(2, [*args, str(tmp_path / "two"), "--micro_batch_size", "2"], script="dpo.py")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
-    assert close(losses(tmp_path / "two"), losses(tmp_path / "one")), (losses(tmp_path / "two"), losses(tmp_path / "one"))
+    assert close(read_losses(tmp_path / "two"), read_losses(tmp_path / "one")), (read_losses(tmp_path / "two"), read_losses(tmp_path / "one"))
 
 
 HANG = """

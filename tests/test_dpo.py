@@ -11,7 +11,8 @@ from conftest import ROOT, make_tiny_run_model
 
 import dpo
 import lora
-import model as nt
+import formats
+from cli import NanotuneError
 
 ls = lambda x: -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))  # noqa: E731  log sigmoid
 sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
@@ -103,12 +104,12 @@ def pairs_for_tiny(tok):
 @pytest.mark.parametrize("kind", ["dpo", "orpo", "simpo", "ipo"])
 def test_batched_masked_gradients_equal_per_example_autograd(kind, tmp_path):
     make_tiny_run_model(tmp_path)
-    tok = nt.load_tokenizer(str(tmp_path))
+    tok = formats.load_tokenizer(str(tmp_path))
     items = pairs_for_tiny(tok)
     c = cfg(loss=kind, beta=0.5, cpo_alpha=0.5)
 
     def fresh():
-        m = nt.load_model(str(tmp_path))
+        m = formats.load_model(str(tmp_path))
         torch.manual_seed(0)
         lora.apply_lora(m, r=4, alpha=8)
         with torch.no_grad():
@@ -155,9 +156,9 @@ def test_batched_masked_gradients_equal_per_example_autograd(kind, tmp_path):
 
 def test_lora_reference_equals_a_separately_loaded_base(tmp_path):
     make_tiny_run_model(tmp_path)
-    tok = nt.load_tokenizer(str(tmp_path))
+    tok = formats.load_tokenizer(str(tmp_path))
     items = pairs_for_tiny(tok)
-    m = nt.load_model(str(tmp_path))
+    m = formats.load_model(str(tmp_path))
     lora.apply_lora(m, r=4, alpha=8)
     with torch.no_grad():
         for _, layer in lora.lora_layers(m):
@@ -165,12 +166,14 @@ def test_lora_reference_equals_a_separately_loaded_base(tmp_path):
     task = dpo.Preference(cfg(), m)
     b = task.collate(items, tok)
     ref = task.reference(b)
-    base = nt.load_model(str(tmp_path)).eval()
+    base = formats.load_model(str(tmp_path)).eval()
     with torch.no_grad():
         assert torch.allclose(ref, dpo.sequence_logps(base, b)[0], atol=1e-5)
         assert not torch.allclose(ref, dpo.sequence_logps(m, b)[0], atol=1e-3)
 
 
+@pytest.mark.slow
+@pytest.mark.default_model
 @pytest.mark.parametrize("kind,extra", [("dpo", []), ("orpo", ["--epochs", "4", "--lr", "1e-3", "--beta", "0.5"])])
 def test_short_run_on_bundled_set_learns_the_preference(kind, extra, tmp_path):
     """The bundled pairs prefer answers in capitals, which the model does not before training."""
@@ -192,24 +195,25 @@ def test_short_run_on_bundled_set_learns_the_preference(kind, extra, tmp_path):
     ({"chosen": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"}],
       "rejected": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]}, "different prompts"),
 ])
-def test_bad_preference_records_are_named(rec, expect, tmp_path, smollm_gguf):
-    tok = nt.load_tokenizer(smollm_gguf)
+def test_bad_preference_records_are_named(rec, expect, tmp_path, smollm_tok):
+    tok = smollm_tok
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"prompt": "ok", "chosen": "yes", "rejected": "no"}) + "\n" + json.dumps(rec) + "\n")
-    with pytest.raises(nt.NanotuneError, match=f"p.jsonl:2: .*{expect}"):
+    with pytest.raises(NanotuneError, match=f"p.jsonl:2: .*{expect}"):
         dpo.preference_pairs(str(f), tok)
 
 
-def test_kto_label_must_be_boolean(tmp_path, smollm_gguf):
-    tok = nt.load_tokenizer(smollm_gguf)
+def test_kto_label_must_be_boolean(tmp_path, smollm_tok):
+    tok = smollm_tok
     f = tmp_path / "k.jsonl"
     f.write_text(json.dumps({"prompt": "q", "completion": "a", "label": "yes"}) + "\n")
-    with pytest.raises(nt.NanotuneError, match="k.jsonl:1: KTO 'label' must be true or false"):
+    with pytest.raises(NanotuneError, match="k.jsonl:1: KTO 'label' must be true or false"):
         dpo.preference_pairs(str(f), tok, kto=True)
 
 
 @pytest.mark.parametrize("kind,extra", [("kto", []), ("simpo", []), ("ipo", []), ("dpo", ["--load_in_4bit", "true"]),
                                         ("dpo", ["--lora", "false", "--precompute_ref", "true"])])
+@pytest.mark.slow
 def test_every_loss_runs_end_to_end_on_a_tiny_model(kind, extra, tmp_path):
     make_tiny_run_model(tmp_path / "m")
     data = "examples/kto.jsonl" if kind == "kto" else "examples/preferences.jsonl"
@@ -227,5 +231,5 @@ def test_every_loss_runs_end_to_end_on_a_tiny_model(kind, extra, tmp_path):
 def test_cuda_graphs_are_refused_for_preference_training():
     import train
     cfg = train.parse_config(["--cuda_graphs", "--packing", "true"], dpo.DPOConfig)
-    with pytest.raises(nt.NanotuneError, match=r"cuda_graphs is a train.py \(SFT\) option"):
+    with pytest.raises(NanotuneError, match=r"cuda_graphs is a train.py \(SFT\) option"):
         train.check_cuda_graphs(cfg, torch.device("cuda"))

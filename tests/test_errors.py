@@ -9,7 +9,9 @@ import sys
 import pytest
 from conftest import ROOT, make_hf_model
 
-import model as nt
+import data
+import formats
+from cli import NanotuneError
 
 
 def run_generate(model_path):
@@ -48,6 +50,7 @@ def unsupported_type(tmp_path):
     ("truncated_safetensors", "truncated or corrupt"),
     ("truncated_gguf", "truncated or corrupt"),
 ])
+@pytest.mark.slow
 def test_bad_model_input_is_one_clear_line(case, expect, tmp_path, smollm_gguf):
     path = {"missing": lambda: tmp_path / "nope",
             "no_config": lambda: tmp_path,
@@ -85,8 +88,8 @@ def test_bad_model_input_is_one_clear_line(case, expect, tmp_path, smollm_gguf):
 ])
 def test_bad_flags_are_refused_in_one_sentence(args, expect):
     import train
-    with pytest.raises(nt.NanotuneError) as e:
-        train.parse_config(args)
+    with pytest.raises(NanotuneError) as e:
+        train.parse_config(args, train.TrainConfig)
     assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
@@ -101,14 +104,15 @@ def test_bad_flags_are_refused_in_one_sentence(args, expect):
 def test_bad_yaml_values_are_checked_as_flags_are(yaml_text, expect, tmp_path):
     import train
     (tmp_path / "run.yaml").write_text(yaml_text)
-    with pytest.raises(nt.NanotuneError, match=re.escape(expect)):
-        train.parse_config(["--config", str(tmp_path / "run.yaml")])
+    with pytest.raises(NanotuneError, match=re.escape(expect)):
+        train.parse_config(["--config", str(tmp_path / "run.yaml")], train.TrainConfig)
 
 
 def test_names_from_other_tools_are_aliases(tmp_path):
     import train
     (tmp_path / "run.yaml").write_text("num_epochs: 2\ngradient_accumulation_steps: 4\n")
-    cfg = train.parse_config(["--config", str(tmp_path / "run.yaml"), "--learning_rate", "3e-4", "--batch_size", "8"])
+    cfg = train.parse_config(["--config", str(tmp_path / "run.yaml"), "--learning_rate", "3e-4", "--batch_size", "8"],
+                             train.TrainConfig)
     assert (cfg.lr, cfg.micro_batch_size, cfg.epochs, cfg.grad_accum) == (3e-4, 8, 2.0, 4)
 
 
@@ -128,16 +132,15 @@ def test_run_inputs_are_checked_before_the_model_loads(args, expect, tmp_path, m
     loaded = []
     monkeypatch.setattr(train, "build_model", lambda *a: loaded.append(1) or pytest.fail("model loaded"))
     argv = ["--model", "m", "--datasets", "d.jsonl", "--sample_prompts_file", "", "--cache_dir", "", *args]
-    with pytest.raises(nt.NanotuneError, match=re.escape(expect)):
+    with pytest.raises(NanotuneError, match=re.escape(expect)):
         train.main(argv)
 
 
 def test_a_hold_out_that_leaves_nothing_to_train_is_refused():
-    import train
-    assert train.held_out(1.0, 12) == 1 and train.held_out(0.25, 12) == 3
-    with pytest.raises(nt.NanotuneError, match=re.escape("val_set_size 12 holds out 12 of the 12 samples and leaves "
+    assert data.held_out(1.0, 12) == 1 and data.held_out(0.25, 12) == 3
+    with pytest.raises(NanotuneError, match=re.escape("val_set_size 12 holds out 12 of the 12 samples and leaves "
                                                          "none to train on; use at most 11")):
-        train.held_out(12.0, 12)
+        data.held_out(12.0, 12)
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -156,7 +159,7 @@ def test_dpo_refuses_sft_settings_and_pointless_values(args, expect, monkeypatch
     import train
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(train, "setup", lambda cfg: pytest.fail("ran"))
-    with pytest.raises(nt.NanotuneError, match=re.escape(expect)):
+    with pytest.raises(NanotuneError, match=re.escape(expect)):
         dpo.main(args)
 
 
@@ -185,12 +188,12 @@ def test_dpo_on_a_small_file_keeps_a_pair_to_train_on(tmp_path, capsys):
     ({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},
      "message 1 has role 'robot'; use one of system, user, assistant"),
 ])
-def test_bad_records_are_named(rec, expect, tmp_path, smollm_gguf):
+def test_bad_records_are_named(rec, expect, tmp_path, smollm_tok):
     import data
-    tok = nt.load_tokenizer(smollm_gguf)
+    tok = smollm_tok
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps(rec) + "\n")
-    with pytest.raises(nt.NanotuneError, match=re.escape(f"d.jsonl:1: {expect}")):
+    with pytest.raises(NanotuneError, match=re.escape(f"d.jsonl:1: {expect}")):
         data.build_dataset([str(f)], tok)
 
 
@@ -198,13 +201,13 @@ def test_a_file_that_is_not_utf8_names_the_line(tmp_path):
     import data
     f = tmp_path / "d.jsonl"
     f.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
-    with pytest.raises(nt.NanotuneError, match=re.escape("d.jsonl:2: not UTF-8 text (byte 0xe9)")):
+    with pytest.raises(NanotuneError, match=re.escape("d.jsonl:2: not UTF-8 text (byte 0xe9)")):
         data.read_records(str(f))
 
 
-def test_a_corrupt_tokenized_cache_is_rebuilt(tmp_path, smollm_gguf, capsys):
+def test_a_corrupt_tokenized_cache_is_rebuilt(tmp_path, smollm_tok, capsys):
     import data
-    tok = nt.load_tokenizer(smollm_gguf)
+    tok = smollm_tok
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"text": "hello"}) + "\n")
     first, _ = data.build_dataset([str(f)], tok, cache_dir=str(tmp_path / "c"))
@@ -214,9 +217,9 @@ def test_a_corrupt_tokenized_cache_is_rebuilt(tmp_path, smollm_gguf, capsys):
     assert again == first and "could not be read; rebuilding it" in capsys.readouterr().err
 
 
-def test_an_answer_starting_with_two_spaces_keeps_both_in_the_trained_span(smollm_gguf):
+def test_an_answer_starting_with_two_spaces_keeps_both_in_the_trained_span(smollm_tok):
     import data
-    tok = nt.load_tokenizer(smollm_gguf)
+    tok = smollm_tok
     rec = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  Hello there"}]}
     ids, labels = data.tokenize(rec, "messages", tok)
     trained = tok.decode([t for t in labels if t != data.IGNORE], skip_special_tokens=False)
@@ -225,12 +228,13 @@ def test_an_answer_starting_with_two_spaces_keeps_both_in_the_trained_span(smoll
 
 # ---------------------------------------------------------------------------------------------
 # files: one line naming the path
+@pytest.mark.slow
 def test_a_truncated_adapter_is_one_line(tmp_path, smollm_gguf):
     from conftest import make_hf_model, save_tiny_tokenizer
     import lora
     make_hf_model("llama", tmp_path / "m")
     save_tiny_tokenizer(tmp_path / "m")
-    m = nt.load_model(str(tmp_path / "m"))
+    m = formats.load_model(str(tmp_path / "m"))
     lora.apply_lora(m, r=2, alpha=4)
     lora.save_adapter(m, str(tmp_path / "a"))
     f = tmp_path / "a" / "adapter_model.safetensors"
@@ -244,6 +248,7 @@ def test_a_truncated_adapter_is_one_line(tmp_path, smollm_gguf):
         assert "adapter_model.safetensors could not be read as safetensors" in err and "truncated" in err, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["no_dir", "read_only"])
 def test_unwritable_outputs_are_one_line(case, tmp_path):
     from conftest import make_tiny_run_model

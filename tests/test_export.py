@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCH_CONFIGS, ROOT, make_hf_model, save_tiny_tokenizer
+from conftest import ARCH_CONFIGS, ROOT, make_hf_model, save_tiny_tokenizer, tiny_lora_model
 
 import export
 import lora
-import model as nt
+import formats
 
 GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to express the HF variant
     "llama": {}, "llama-tied-linear": {}, "qwen2": {}, "qwen3": {}, "gemma": {},
@@ -23,13 +23,7 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
 def tiny_with_lora(arch, path, **overrides):
     make_hf_model(arch, path, **overrides)
     save_tiny_tokenizer(path)
-    m = nt.load_model(str(path))
-    torch.manual_seed(3)
-    lora.apply_lora(m, r=4, alpha=8, dora=arch == "qwen2")
-    with torch.no_grad():
-        for _, layer in lora.lora_layers(m):
-            layer.lora_B.weight.normal_(0, 0.05)
-    return m.eval(), nt.load_tokenizer(str(path))
+    return tiny_lora_model(path, seed=3, dora=arch == "qwen2").eval(), formats.load_tokenizer(str(path))
 
 
 @pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
@@ -51,13 +45,13 @@ def test_merged_export_shards_and_4bit_base(tmp_path):
     import quant
     make_hf_model("llama", tmp_path / "base")
     save_tiny_tokenizer(tmp_path / "base")
-    m = nt.load_model(str(tmp_path / "base"), prepare=quant.prepare_4bit)
+    m = formats.load_model(str(tmp_path / "base"), prepare=quant.prepare_4bit)
     lora.apply_lora(m, r=2, alpha=4)
-    tok = nt.load_tokenizer(str(tmp_path / "base"))
+    tok = formats.load_tokenizer(str(tmp_path / "base"))
     export.export_merged(m, tok, str(tmp_path / "m"), dtype=torch.float32, shard_bytes=30_000)
     names = os.listdir(tmp_path / "m")
     assert "model.safetensors.index.json" in names and sum("-of-" in n for n in names) > 1
-    again = nt.load_model(str(tmp_path / "m"))
+    again = formats.load_model(str(tmp_path / "m"))
     ids = torch.randint(3, 100, (1, 9))
     with torch.no_grad():  # a 4-bit base is dequantized, then merged
         assert (again.logits(again(ids)) - m.logits(m(ids))).abs().max() < 1e-5
@@ -88,7 +82,7 @@ def test_gguf_runs_in_llama_cpp_with_nanotunes_logits(arch, tmp_path):
             assert (got - want).abs().max() < tol, (arch, q, (got - want).abs().max().item())
         else:
             assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95, (arch, q)
-        back = nt.load_model(str(path))  # nanotune reads every file it writes, to the same precision
+        back = formats.load_model(str(path))  # nanotune reads every file it writes, to the same precision
         with torch.no_grad():
             mine = back.logits(back(torch.tensor([ids])))[0]
         if tol:
@@ -104,7 +98,7 @@ def test_kquant_and_ollama_modelfile(tmp_path, capfd):
     export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "q4_k_m")
     err = capfd.readouterr().err.strip().splitlines()  # one line on the fallback, none of llama.cpp's log
     assert len(err) == 1 and "16 of 16 weight matrices have rows of 64, 112 values, not a multiple of 256" in err[0], err
-    assert nt.load_model(str(tmp_path / "m.gguf")).config.num_hidden_layers == 2
+    assert formats.load_model(str(tmp_path / "m.gguf")).config.num_hidden_layers == 2
     text = export.ollama_modelfile(str(tmp_path / "m.gguf"), tok, system="Be brief.")
     assert text.startswith("FROM ./m.gguf\nTEMPLATE") and 'PARAMETER stop "<|im_end|>"' in text
     assert 'SYSTEM """Be brief."""' in text and "<|im_start|>assistant" in text
@@ -115,6 +109,7 @@ def run_export(args):
                           timeout=300, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_export_errors_are_clear_and_leave_nothing(tmp_path):
     m, tok = tiny_with_lora("llama", tmp_path / "a")
     lora.save_adapter(m, str(tmp_path / "ad"))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import kernels
+import model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
@@ -58,7 +59,7 @@ def test_rope(dtype, rot):
     B, H, T, D = 2, 3, 7, 16
     x = randn(B, T, H, D).transpose(1, 2)  # the model's [B, H, T, D] view of a [B, T, H, D] projection
     pos = torch.arange(T, device=DEV).expand(B, T).float()
-    freqs = pos[..., None] * kernels.rope_inv_freq(rot, 10000.0, None).to(DEV)
+    freqs = pos[..., None] * model.rope_inv_freq(rot, 10000.0, None).to(DEV)
     emb = torch.cat((freqs, freqs), -1)
     cos, sin = emb.cos(), emb.sin()
     check(lambda a: kernels.rope_triton(a, cos, sin), lambda a: kernels.rope_ref(a, cos.to(a.dtype), sin.to(a.dtype)),
@@ -101,59 +102,59 @@ def test_linear_cross_entropy(dtype, cap, rows_in):
 def test_lora_linear(dtype, outs, bias, monkeypatch):
     """The fused LoRA projections (one or three sharing x, rank 4 and 5) vs autograd through the plain ops:
     outputs and the gradients of x, every A and every B; the frozen W gets none."""
-    monkeypatch.setattr(kernels, "_KERNELS", True)  # the fused Function is plain PyTorch: it runs on CPU too
-    C, rs = 37, [4, 5, 4][: len(outs)]
-    Ws = [randn(o, C, seed=10 + i, scale=0.2) for i, o in enumerate(outs)]
-    bs = [randn(o, seed=20 + i) if bias else None for i, o in enumerate(outs)]
-    fns = [lambda dt, w=w: w.to(dt) for w in Ws]
-    scal = [1.0, 0.5, 4.0][: len(outs)]  # s = 1 casts B without a multiply
-    x = randn(3, 41, C, seed=1)
-    As = [randn(r, C, seed=30 + i, scale=0.3) for i, r in enumerate(rs)]
-    Bs = [randn(o, r, seed=40 + i, scale=0.3) for i, (o, r) in enumerate(zip(outs, rs))]
-    n = len(outs)
+    with kernels.fused(True):  # the fused Function is plain PyTorch: it runs on CPU too
+        C, rs = 37, [4, 5, 4][: len(outs)]
+        Ws = [randn(o, C, seed=10 + i, scale=0.2) for i, o in enumerate(outs)]
+        bs = [randn(o, seed=20 + i) if bias else None for i, o in enumerate(outs)]
+        fns = [lambda dt, w=w: w.to(dt) for w in Ws]
+        scal = [1.0, 0.5, 4.0][: len(outs)]  # s = 1 casts B without a multiply
+        x = randn(3, 41, C, seed=1)
+        As = [randn(r, C, seed=30 + i, scale=0.3) for i, r in enumerate(rs)]
+        Bs = [randn(o, r, seed=40 + i, scale=0.3) for i, (o, r) in enumerate(zip(outs, rs))]
+        n = len(outs)
 
-    def flat(ys):
-        return torch.cat([y.reshape(-1) for y in ys])
-    check(lambda x, *ab: flat(kernels.lora_linear(x, fns, bs, scal, ab[:n], ab[n:])),
-          lambda x, *ab: flat(kernels.lora_linear_ref(x, fns, bs, scal, ab[:n], ab[n:])), [x, *As, *Bs], dtype)
+        def flat(ys):
+            return torch.cat([y.reshape(-1) for y in ys])
+        check(lambda x, *ab: flat(kernels.lora_linear(x, fns, bs, scal, ab[:n], ab[n:])),
+              lambda x, *ab: flat(kernels.lora_linear_ref(x, fns, bs, scal, ab[:n], ab[n:])), [x, *As, *Bs], dtype)
 
 
 def test_lora_linear_skipped_value_keeps_every_gradient(monkeypatch):
     """value=False (a recompute whose output only feeds a residual add) gives the same gradients."""
-    monkeypatch.setattr(kernels, "_KERNELS", True)
-    W, x, A, B = randn(16, 12), randn(5, 12, seed=1), randn(4, 12, seed=2), randn(16, 4, seed=3)
-    grads = []
-    for value in (True, False):
-        xs, a, b = (t.clone().requires_grad_() for t in (x, A, B))
-        (y,) = kernels.lora_linear(xs, [lambda dt: W], [None], [2.0], [a], [b], value=value)
-        y.backward(torch.ones_like(y))
-        grads.append([xs.grad, a.grad, b.grad])
-    for g1, g2 in zip(*grads):
-        assert torch.equal(g1, g2)
+    with kernels.fused(True):
+        W, x, A, B = randn(16, 12), randn(5, 12, seed=1), randn(4, 12, seed=2), randn(16, 4, seed=3)
+        grads = []
+        for value in (True, False):
+            xs, a, b = (t.clone().requires_grad_() for t in (x, A, B))
+            (y,) = kernels.lora_linear(xs, [lambda dt: W], [None], [2.0], [a], [b], value=value)
+            y.backward(torch.ones_like(y))
+            grads.append([xs.grad, a.grad, b.grad])
+        for g1, g2 in zip(*grads):
+            assert torch.equal(g1, g2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_with_manual_backward(dtype, monkeypatch):
     """kernels.linear (full fine-tuning's down_proj) against F.linear: output and the x, W, b gradients;
     with the value skipped (a recompute) the gradients are bit-identical."""
-    monkeypatch.setattr(kernels, "_KERNELS", True)
-    lin = torch.nn.Linear(123, 45).to(DEV)
-    x = randn(3, 7, 123, seed=1)
-    check(lambda x, w, b: kernels._Linear.apply(x, w, b, True), torch.nn.functional.linear,
-          [x, lin.weight.detach(), lin.bias.detach()], dtype)
-    grads, gemms, plain = [], [], torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: gemms.append(1) or plain(*a))
-    for value in (True, False):
-        xs = x.to(dtype).requires_grad_()
-        m = torch.nn.Linear(123, 45, device=DEV, dtype=dtype)
-        m.load_state_dict(lin.state_dict())
-        with kernels._hint("recompute"), kernels.value_unused(not value):
-            y = kernels.linear(m, xs)
-        y.backward(randn(3, 7, 45, seed=2).to(dtype))
-        grads.append([xs.grad, m.weight.grad, m.bias.grad])
-    assert len(gemms) == 1  # the recompute skipped the forward GEMM
-    for g1, g2 in zip(*grads):
-        assert torch.equal(g1, g2)
+    with kernels.fused(True):
+        lin = torch.nn.Linear(123, 45).to(DEV)
+        x = randn(3, 7, 123, seed=1)
+        check(lambda x, w, b: kernels._Linear.apply(x, w, b, True), torch.nn.functional.linear,
+              [x, lin.weight.detach(), lin.bias.detach()], dtype)
+        grads, gemms, plain = [], [], torch.nn.functional.linear
+        monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: gemms.append(1) or plain(*a))
+        for value in (True, False):
+            xs = x.to(dtype).requires_grad_()
+            m = torch.nn.Linear(123, 45, device=DEV, dtype=dtype)
+            m.load_state_dict(lin.state_dict())
+            with kernels._hint("recompute"), kernels.value_unused(not value):
+                y = kernels.linear(m, xs)
+            y.backward(randn(3, 7, 45, seed=2).to(dtype))
+            grads.append([xs.grad, m.weight.grad, m.bias.grad])
+        assert len(gemms) == 1  # the recompute skipped the forward GEMM
+        for g1, g2 in zip(*grads):
+            assert torch.equal(g1, g2)
 
 
 @pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
@@ -163,7 +164,7 @@ def test_thirty_steps_with_kernels_on_and_off_follow_one_loss_curve(mode, tmp_pa
     fp32 on CPU (the fused LoRA path and recompute hints; Triton kernels only run on CUDA tensors)."""
     from conftest import make_hf_model
     import lora
-    import model as nt
+    import formats
     import quant
     import train
     make_hf_model("llama", tmp_path, hidden_size=128, intermediate_size=256, num_hidden_layers=3, vocab_size=512)
@@ -172,24 +173,24 @@ def test_thirty_steps_with_kernels_on_and_off_follow_one_loss_curve(mode, tmp_pa
     batches = [torch.randint(3, 512, (4, 64), generator=g).to(DEV) for _ in range(6)]
     curves = []
     for on in (False, True):
-        monkeypatch.setattr(kernels, "_KERNELS", on)
-        m = nt.load_model(str(tmp_path), dtype=dtype, device=DEV, prepare=quant.prepare_4bit if mode == "qlora" else None)
-        if mode != "full":
-            torch.manual_seed(0)
-            lora.apply_lora(m, r=8, alpha=16)
-        m.train()
-        m.gradient_checkpointing = m.offload_activations = True
-        params = [p for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-3 if mode != "full" else 1e-4, fused=True)  # as train.py on GPU
-        losses = []
-        for step in range(30):
-            ids = batches[step % len(batches)]
-            loss = m.run(train.token_loss_sum, {"input_ids": ids, "labels": ids}) / (ids.numel() - ids.shape[0])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        curves.append(torch.tensor(losses))
+        with kernels.fused(on):
+            m = formats.load_model(str(tmp_path), dtype=dtype, device=DEV, prepare=quant.prepare_4bit if mode == "qlora" else None)
+            if mode != "full":
+                torch.manual_seed(0)
+                lora.apply_lora(m, r=8, alpha=16)
+            m.train()
+            m.gradient_checkpointing = m.offload_activations = True
+            params = [p for p in m.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-3 if mode != "full" else 1e-4, fused=True)  # as train.py on GPU
+            losses = []
+            for step in range(30):
+                ids = batches[step % len(batches)]
+                loss = m.run(train.token_loss_sum, {"input_ids": ids, "labels": ids}) / (ids.numel() - ids.shape[0])
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            curves.append(torch.tensor(losses))
     off, on = curves
     assert on[-5:].mean() < off[0] - 0.1  # it trains
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
@@ -205,7 +206,7 @@ def test_training_step_never_waits_for_the_gpu(tmp_path, monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
     from conftest import make_hf_model
     import lora
-    import model as nt
+    import formats
     import train
     aten = torch.ops.aten
     readback = {aten.nonzero.default, aten._local_scalar_dense.default, aten.masked_select.default}
@@ -223,31 +224,31 @@ def test_training_step_never_waits_for_the_gpu(tmp_path, monkeypatch):
                 self.seen.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(kernels, "_KERNELS", True)
-    make_hf_model("llama", tmp_path, num_hidden_layers=3)
-    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
-    m = nt.load_model(str(tmp_path), dtype=dtype, device=DEV)
-    lora.apply_lora(m, r=8)
-    m.train()
-    m.gradient_checkpointing = m.offload_activations = True
-    ids = torch.randint(3, 128, (2, 33), device=DEV)
-    labels = ids.clone()
-    labels[:, :7] = -100  # a prompt that does not train
-    batch = {"input_ids": ids, "labels": labels}
-    m.run(train.token_loss_sum, batch).backward()  # warm-up: compile kernels, pin host buffers
-    y = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
-    rows = kernels.trained_rows(y)
-    monkeypatch.setattr(kernels, "trained_rows", lambda *a: rows)
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-    try:
-        with Readbacks() as mode:
-            m.run(train.token_loss_sum, batch).backward()
-    finally:
+    with kernels.fused(True):
+        make_hf_model("llama", tmp_path, num_hidden_layers=3)
+        dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+        m = formats.load_model(str(tmp_path), dtype=dtype, device=DEV)
+        lora.apply_lora(m, r=8)
+        m.train()
+        m.gradient_checkpointing = m.offload_activations = True
+        ids = torch.randint(3, 128, (2, 33), device=DEV)
+        labels = ids.clone()
+        labels[:, :7] = -100  # a prompt that does not train
+        batch = {"input_ids": ids, "labels": labels}
+        m.run(train.token_loss_sum, batch).backward()  # warm-up: compile kernels, pin host buffers
+        y = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+        rows = kernels.trained_rows(y)
+        monkeypatch.setattr(kernels, "trained_rows", lambda *a: rows)
         if DEV == "cuda":
-            torch.cuda.set_sync_debug_mode("default")
-    assert mode.seen == []
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with Readbacks() as mode:
+                m.run(train.token_loss_sum, batch).backward()
+        finally:
+            if DEV == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        assert mode.seen == []
 
 
 @pytest.mark.parametrize("offload", [False, True])
@@ -257,9 +258,9 @@ def test_offload_releases_block_inputs_until_backward(offload, tmp_path):
     import weakref
     from conftest import make_hf_model
     import lora
-    import model as nt
+    import formats
     make_hf_model("llama", tmp_path, num_hidden_layers=4)
-    m = nt.load_model(str(tmp_path))
+    m = formats.load_model(str(tmp_path))
     torch.manual_seed(0)
     lora.apply_lora(m, r=4)
     m.train()

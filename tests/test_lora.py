@@ -4,7 +4,8 @@ import torch
 from conftest import make_hf_model
 
 import lora
-import model as nt
+import formats
+from cli import NanotuneError
 
 VARIANTS = {"lora": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
 
@@ -23,7 +24,7 @@ def test_adapter_roundtrip_with_peft(variant, tmp_path):
     from peft import PeftModel, get_peft_model, LoraConfig
     hf = make_hf_model("qwen2", tmp_path / "base")
     ids = torch.randint(3, 128, (2, 10))
-    m = nt.load_model(str(tmp_path / "base"))
+    m = formats.load_model(str(tmp_path / "base"))
     lora.apply_lora(m, r=4, alpha=8, **VARIANTS[variant])
     randomise_adapters(m)
     with torch.no_grad():
@@ -44,7 +45,7 @@ def test_adapter_roundtrip_with_peft(variant, tmp_path):
     pm2.save_pretrained(str(tmp_path / "peft"))
     with torch.no_grad():
         ref = pm2(input_ids=ids).logits
-    m2 = lora.load_adapter(nt.load_model(str(tmp_path / "base2")), str(tmp_path / "peft"))
+    m2 = lora.load_adapter(formats.load_model(str(tmp_path / "base2")), str(tmp_path / "peft"))
     with torch.no_grad():
         got = m2.logits(m2(ids))
     assert (ref - got).abs().max() < 1e-5
@@ -54,7 +55,7 @@ def test_adapter_roundtrip_with_peft(variant, tmp_path):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_merge_equals_adapter_and_unmerge_restores(variant, tmp_path):
     make_hf_model("llama", tmp_path)
-    m = nt.load_model(str(tmp_path))
+    m = formats.load_model(str(tmp_path))
     before = {n: p.clone() for n, p in m.named_parameters()}
     lora.apply_lora(m, r=4, alpha=8, **VARIANTS[variant])
     randomise_adapters(m)
@@ -72,24 +73,24 @@ def test_merge_equals_adapter_and_unmerge_restores(variant, tmp_path):
 
 def test_only_adapters_train_and_lm_head_is_opt_in(tmp_path):
     make_hf_model("llama", tmp_path)
-    m = nt.load_model(str(tmp_path))
+    m = formats.load_model(str(tmp_path))
     names = lora.apply_lora(m, r=2, alpha=2)
     assert len(names) == 2 * 7 and not any("lm_head" in n for n in names)
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    m2 = nt.load_model(str(tmp_path))
+    m2 = formats.load_model(str(tmp_path))
     lora.apply_lora(m2, r=2, alpha=2, targets=["q_proj", "lm_head"])
     assert any(n == "lm_head" for n, _ in lora.lora_layers(m2))
 
 
 def test_adapter_for_another_base_fails_clearly(tmp_path):
     make_hf_model("llama", tmp_path / "a")
-    m = nt.load_model(str(tmp_path / "a"))
+    m = formats.load_model(str(tmp_path / "a"))
     lora.apply_lora(m, r=2, alpha=2)
     lora.save_adapter(m, str(tmp_path / "ad"))
     make_hf_model("qwen3", tmp_path / "b")  # head_dim 32: q_proj is 128 wide, not 64
-    with pytest.raises(nt.NanotuneError, match="another base"):
-        lora.load_adapter(nt.load_model(str(tmp_path / "b")), str(tmp_path / "ad"))
+    with pytest.raises(NanotuneError, match="another base"):
+        lora.load_adapter(formats.load_model(str(tmp_path / "b")), str(tmp_path / "ad"))
 
 
 def test_checkpointing_with_dropout_repeats_the_masks(tmp_path):
@@ -99,7 +100,7 @@ def test_checkpointing_with_dropout_repeats_the_masks(tmp_path):
     ids = torch.randint(3, 128, (2, 12))
     results = []
     for ckpt in (False, True):
-        m = nt.load_model(str(tmp_path))
+        m = formats.load_model(str(tmp_path))
         torch.manual_seed(0)
         lora.apply_lora(m, r=4, alpha=8, dropout=0.3)
         randomise_adapters(m)
@@ -126,16 +127,16 @@ def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp
     ids = torch.randint(3, 128, (2, 12))
     results = []
     for fused in (False, True):
-        monkeypatch.setattr(kernels, "_KERNELS", fused)
-        m = nt.load_model(str(tmp_path), prepare=quant.prepare_4bit if four_bit else None)
-        torch.manual_seed(0)  # the same A init both times
-        lora.apply_lora(m, r=4, alpha=8)
-        randomise_adapters(m)
-        m.train()
-        m.gradient_checkpointing = fused
-        loss = m.logits(m(ids)).float().logsumexp(-1).sum()
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+        with kernels.fused(fused):
+            m = formats.load_model(str(tmp_path), prepare=quant.prepare_4bit if four_bit else None)
+            torch.manual_seed(0)  # the same A init both times
+            lora.apply_lora(m, r=4, alpha=8)
+            randomise_adapters(m)
+            m.train()
+            m.gradient_checkpointing = fused
+            loss = m.logits(m(ids)).float().logsumexp(-1).sum()
+            loss.backward()
+            results.append((loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
     (l0, g0), (l1, g1) = results
     assert abs(l0 - l1) <= 1e-5 * abs(l0) and g0.keys() == g1.keys()
     for n in g0:

@@ -3,7 +3,8 @@ import pytest
 import torch
 from conftest import ARCH_CONFIGS, make_hf_model
 
-import model as nt
+import formats
+import model
 
 
 def padded_batch(vocab, lengths=(12, 9, 7), seed=1):
@@ -24,7 +25,7 @@ def padded_batch(vocab, lengths=(12, 9, 7), seed=1):
 def test_logits_match_transformers_both_ways(arch, tmp_path):
     import transformers
     hf = make_hf_model(arch, tmp_path / "hf")
-    m = nt.load_model(str(tmp_path / "hf"))
+    m = formats.load_model(str(tmp_path / "hf"))
     ids, mask = padded_batch(m.config.vocab_size)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).logits
@@ -34,7 +35,7 @@ def test_logits_match_transformers_both_ways(arch, tmp_path):
     assert err < 1e-4, f"{arch}: max |logits - transformers| = {err}"
 
     # nanotune -> disk -> transformers gives the same logits again
-    nt.save_hf(m, str(tmp_path / "ours"))
+    formats.save_hf(m, str(tmp_path / "ours"))
     kwargs = {"attn_implementation": "eager"} if arch == "gemma2" else {}
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"), **kwargs).float().eval()
     with torch.no_grad():
@@ -47,7 +48,7 @@ def test_logits_match_transformers_both_ways(arch, tmp_path):
 def test_packed_rows_equal_separate_sequences(arch, tmp_path):
     """Two documents packed in one row (positions restart at 0) give the logits each has alone."""
     make_hf_model(arch, tmp_path / "hf")
-    m = nt.load_model(str(tmp_path / "hf"))
+    m = formats.load_model(str(tmp_path / "hf"))
     a, b = torch.randint(3, 128, (1, 7)), torch.randint(3, 128, (1, 9))
     pos = torch.cat([torch.arange(7), torch.arange(9)])[None]
     with torch.no_grad():
@@ -64,10 +65,10 @@ def test_packed_rows_train_like_separate_sequences(arch, tmp_path, monkeypatch):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     make_hf_model(arch, tmp_path / "hf")
-    m = nt.load_model(str(tmp_path / "hf"), dtype=dtype, device=dev).train()
+    m = formats.load_model(str(tmp_path / "hf"), dtype=dtype, device=dev).train()
     m.varlen = True
-    calls, varlen = [], nt.varlen_attention
-    monkeypatch.setattr(nt, "varlen_attention", lambda *a: calls.append(1) or varlen(*a))
+    calls, varlen = [], model.varlen_attention
+    monkeypatch.setattr(model, "varlen_attention", lambda *a: calls.append(1) or varlen(*a))
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(3, 128, (1, n), generator=g).to(dev) for n in (5, 11, 16, 9)]
     ids = torch.cat([torch.cat(docs[:2], 1), docs[2], torch.cat([docs[3], docs[3][:, :7]], 1)])  # 3 rows of 16
@@ -87,17 +88,17 @@ def test_packed_rows_train_like_separate_sequences(arch, tmp_path, monkeypatch):
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
     assert (h - alone).float().abs().max() <= tol * alone.float().abs().max()
     assert (packed - separate).abs().max() <= tol * separate.abs().max()
-    if dev == "cuda" and nt.varlen_usable(h, m.config, {None}):
+    if dev == "cuda" and model.varlen_usable(h, m.config, {None}):
         assert calls, "varlen attention was not used for packed rows on the GPU"
 
 
 def test_sharded_checkpoint_loads(tmp_path):
     make_hf_model("qwen2", tmp_path / "hf")
-    m = nt.load_model(str(tmp_path / "hf"))
-    nt.save_hf(m, str(tmp_path / "sharded"), shard_bytes=20_000)
+    m = formats.load_model(str(tmp_path / "hf"))
+    formats.save_hf(m, str(tmp_path / "sharded"), shard_bytes=20_000)
     files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
-    m2 = nt.load_model(str(tmp_path / "sharded"))
+    m2 = formats.load_model(str(tmp_path / "sharded"))
     for (n, p), (_, q) in zip(m.named_parameters(), m2.named_parameters()):
         assert torch.equal(p, q), n
 
@@ -105,8 +106,8 @@ def test_sharded_checkpoint_loads(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
 def test_kv_cache_generation_equals_full_recompute(arch, tmp_path):
     make_hf_model(arch, tmp_path / "hf")
-    m = nt.load_model(str(tmp_path / "hf"))
+    m = formats.load_model(str(tmp_path / "hf"))
     prompt = [5, 17, 33, 9, 41, 7]
-    cached = nt.generate(m, prompt, max_new_tokens=12, use_cache=True)
-    full = nt.generate(m, prompt, max_new_tokens=12, use_cache=False)
+    cached = model.generate(m, prompt, max_new_tokens=12, use_cache=True)
+    full = model.generate(m, prompt, max_new_tokens=12, use_cache=False)
     assert cached == full and len(cached) == 12

@@ -6,7 +6,7 @@ from conftest import make_hf_model
 
 import kernels
 import lora
-import model as nt
+import formats
 import quant
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -115,22 +115,22 @@ def check_against_bnb(ours, hf_q, tmp_path):
 def test_bnb_checkpoint_loads_into_nanotune(tmp_path, double_quant):
     hf_q = bnb_model(tmp_path, double_quant)
     hf_q.save_pretrained(str(tmp_path / "bnb"))
-    check_against_bnb(nt.load_model(str(tmp_path / "bnb")), hf_q, tmp_path)
+    check_against_bnb(formats.load_model(str(tmp_path / "bnb")), hf_q, tmp_path)
 
 
 def test_nanotune_4bit_checkpoint_loads_in_transformers(tmp_path):
     import transformers
     bnb_model(tmp_path)  # writes tmp_path/dense
-    ours = nt.load_model(str(tmp_path / "dense"), prepare=quant.prepare_4bit)  # quantized while loading
-    quant.save_4bit(ours, str(tmp_path / "ours4"))
+    ours = formats.load_model(str(tmp_path / "dense"), prepare=quant.prepare_4bit)  # quantized while loading
+    formats.save_4bit(ours, str(tmp_path / "ours4"))
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours4"), dtype=torch.float32).eval()
     check_against_bnb(ours, back, tmp_path)
 
 
 def test_quantize_while_loading_equals_quantizing_after(tmp_path):
     make_hf_model("qwen2", tmp_path)
-    a = nt.load_model(str(tmp_path), prepare=quant.prepare_4bit)
-    b = quant.quantize_model(nt.load_model(str(tmp_path)))
+    a = formats.load_model(str(tmp_path), prepare=quant.prepare_4bit)
+    b = quant.quantize_model(formats.load_model(str(tmp_path)))
     assert isinstance(a.lm_head, torch.nn.Linear) and isinstance(a.model.embed_tokens, torch.nn.Embedding)
     ids = torch.randint(3, 128, (1, 7))
     with torch.no_grad():
@@ -139,7 +139,7 @@ def test_quantize_while_loading_equals_quantizing_after(tmp_path):
 
 def test_qlora_backward_matches_dense_lora_and_keeps_no_dense_weight(tmp_path):
     make_hf_model("llama", tmp_path)
-    q = nt.load_model(str(tmp_path), prepare=quant.prepare_4bit)
+    q = formats.load_model(str(tmp_path), prepare=quant.prepare_4bit)
     torch.manual_seed(0)
     lora.apply_lora(q, r=4, alpha=8)
     layer = q.model.layers[0].self_attn.q_proj
@@ -155,6 +155,8 @@ def test_qlora_backward_matches_dense_lora_and_keeps_no_dense_weight(tmp_path):
     assert torch.allclose(x.grad, x2.grad, atol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.default_model
 def test_qlora_training_lowers_loss_on_the_default_model(tmp_path):
     import json
     import subprocess

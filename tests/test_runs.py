@@ -3,17 +3,20 @@ no code, an output dir holding a run is only resumed (same settings) or overwrit
 the chat template set for a run reaches everything the run writes."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from conftest import ROOT, make_tiny_run_model, write_sums_chat
 
-import data
 import dpo
 import export
 import lora
-import model as nt
+import formats
+import runs
+import tokenizer
 import train
+from cli import NanotuneError
 
 
 @pytest.fixture
@@ -50,7 +53,7 @@ def metric_rows(path):
 @pytest.mark.parametrize("args", [["--lora", "false", "--lr", "1e30", "--max_grad_norm", "0"],
                                   ["--lr", "1e30", "--max_grad_norm", "0"]])
 def test_a_run_that_diverges_stops_and_writes_no_result(tiny, args):
-    with pytest.raises(nt.NanotuneError, match=r"^(step \d+: the (loss|gradient norm)|after the last step: \d+ "
+    with pytest.raises(NanotuneError, match=r"^(step \d+: the (loss|gradient norm)|after the last step: \d+ "
                                                 r"trained weights are not finite)"):
         run(tiny, "out", *args, "--max_steps", "6")
     assert not (tiny / "out" / "model").exists() and not (tiny / "out" / "adapter").exists()
@@ -65,9 +68,9 @@ def test_a_non_finite_step_keeps_the_last_good_checkpoint(tiny, monkeypatch):
         return (float("nan"), *out[1:]) if a[2].last_epoch == 5 else out  # the 5th step's loss is NaN
 
     monkeypatch.setattr(train, "train_step", step)
-    with pytest.raises(nt.NanotuneError, match="step 5: the loss nan; stopped without saving"):
+    with pytest.raises(NanotuneError, match="step 5: the loss nan; stopped without saving"):
         run(tiny, "out", "--max_steps", "8", "--save_steps", "2")
-    assert train.finished_checkpoints(str(tiny / "out" / "checkpoints")) == ["step-000002", "step-000004"]
+    assert runs.finished_checkpoints(str(tiny / "out" / "checkpoints")) == ["step-000002", "step-000004"]
     assert not (tiny / "out" / "adapter").exists()
     assert [r["step"] for r in metric_rows(tiny / "out" / "metrics.jsonl")] == [1, 2, 3, 4]
 
@@ -78,18 +81,18 @@ def test_a_non_finite_base_weight_is_named_at_load(tiny):
     sd = load_file(f)
     sd["model.layers.1.mlp.up_proj.weight"][3, 5] = float("inf")
     save_file(sd, f, metadata={"format": "pt"})
-    with pytest.raises(nt.NanotuneError, match="tensor 'model.layers.1.mlp.up_proj.weight' holds 1 non-finite"):
-        nt.load_model(str(tiny / "m"))
+    with pytest.raises(NanotuneError, match="tensor 'model.layers.1.mlp.up_proj.weight' holds 1 non-finite"):
+        formats.load_model(str(tiny / "m"))
 
 
 def test_dpo_with_a_huge_beta_stops_at_the_non_finite_loss(tiny):
-    with pytest.raises(nt.NanotuneError, match=r"step \d+: the (loss|gradient norm) (inf|nan)"):
+    with pytest.raises(NanotuneError, match=r"step \d+: the (loss|gradient norm) (inf|nan)"):
         run(tiny, "dpo", "--beta", "1e38", script=dpo)
     assert not (tiny / "dpo" / "adapter").exists()
 
 
 def test_verify_fails_on_non_finite_or_distant_logits(tiny, monkeypatch, capsys):
-    m, tok = nt.load(str(tiny / "m"))
+    m, tok = formats.load(str(tiny / "m"))
     ids = [tok.chat([{"role": "user", "content": p}]) for p in export.VERIFY_PROMPTS]
     exact = [export.next_token_logits(m, p) for p in ids]
     monkeypatch.setattr(export, "reader_logits", lambda *a: ("test", [x.clone() for x in exact]))
@@ -98,7 +101,7 @@ def test_verify_fails_on_non_finite_or_distant_logits(tiny, monkeypatch, capsys)
     g = torch.Generator().manual_seed(0)
     for bad in (lambda x: x * float("nan"), lambda x: x + torch.randn(x.shape, generator=g) * x.abs().max() * 0.3):
         monkeypatch.setattr(export, "reader_logits", lambda *a, bad=bad: ("test", [bad(x) for x in exact]))
-        with pytest.raises(nt.NanotuneError, match="verify failed: test's reading of x differs .* on 3 of 3"):
+        with pytest.raises(NanotuneError, match="verify failed: test's reading of x differs .* on 3 of 3"):
             export.verify("merged", "x", m, tok, None, "float32")
 
 
@@ -116,7 +119,7 @@ def test_resume_never_runs_code_from_a_checkpoint(tiny, monkeypatch):
     s = torch.load(state, weights_only=True)
     s["evil"] = Payload()
     torch.save(s, state)  # unpickled with weights_only=False, this runs `touch PWNED`
-    with pytest.raises(nt.NanotuneError, match="state.pt could not be loaded as plain training state"):
+    with pytest.raises(NanotuneError, match="state.pt could not be loaded as plain training state"):
         run(tiny, "out", "--save_steps", "2", "--max_steps", "4", "--resume")
     assert not (tiny / "PWNED").exists()
 
@@ -134,18 +137,18 @@ def test_no_load_path_unpickles_code():
 # an output dir holding a run
 def test_an_output_dir_holding_a_run_is_refused_then_overwritten(tiny):
     run(tiny, "out")
-    with pytest.raises(nt.NanotuneError, match=r"output_dir '.*out' holds an earlier run \(config.yaml, "
+    with pytest.raises(NanotuneError, match=r"output_dir '.*out' holds an earlier run \(config.yaml, "
                                                 r"metrics.jsonl, adapter[,)].* pass --resume .* --overwrite"):
         run(tiny, "out", "--lr", "1e-2")
     run(tiny, "out", "--lr", "1e-2", "--max_steps", "2", "--overwrite")
     assert [r["step"] for r in metric_rows(tiny / "out" / "metrics.jsonl")] == [1, 2]
-    with pytest.raises(nt.NanotuneError, match="--resume continues the run in output_dir and --overwrite"):
+    with pytest.raises(NanotuneError, match="--resume continues the run in output_dir and --overwrite"):
         run(tiny, "out", "--overwrite", "--resume")
 
 
 def test_resume_refuses_other_training_settings_and_records_what_ran(tiny):
     run(tiny, "out", "--save_steps", "2", "--max_steps", "4")  # a checkpoint at step 2 (the last step saves none)
-    with pytest.raises(nt.NanotuneError, match=r"--resume: .*step-000002 was trained with other settings: "
+    with pytest.raises(NanotuneError, match=r"--resume: .*step-000002 was trained with other settings: "
                                                 r"lr \(0.001 there, 0.1 now\), max_steps \(4 there, 6 now\)"):
         run(tiny, "out", "--save_steps", "2", "--max_steps", "6", "--lr", "1e-1", "--resume")
     run(tiny, "out", "--save_steps", "2", "--max_steps", "4", "--log_steps", "2", "--resume",
@@ -157,7 +160,7 @@ def test_resume_refuses_other_training_settings_and_records_what_ran(tiny):
 
 def test_resume_truncates_the_metrics_to_the_checkpoint(tiny):
     run(tiny, "out", "--save_steps", "2", "--max_steps", "5", "--save_total_limit", "5")
-    train.shutil.rmtree(tiny / "out" / "checkpoints" / "step-000004")  # as if killed after step 5, saved at 2
+    shutil.rmtree(tiny / "out" / "checkpoints" / "step-000004")  # as if killed after step 5, saved at 2
     run(tiny, "out", "--save_steps", "2", "--max_steps", "5", "--save_total_limit", "5", "--resume")
     assert [r["step"] for r in metric_rows(tiny / "out" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
 
@@ -177,7 +180,7 @@ def test_the_result_directory_appears_only_when_complete(tiny, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # the run's chat template reaches everything it writes
 def test_the_chat_template_reaches_samples_saves_dpo_and_the_modelfile(tiny, monkeypatch):
-    llama3 = data.BUILTIN_TEMPLATES["llama3"]
+    llama3 = tokenizer.BUILTIN_TEMPLATES["llama3"]
     seen = []
     orig = train.answer_prompts
     monkeypatch.setattr(train, "answer_prompts", lambda m, tok, *a: seen.append(tok.chat_template) or orig(m, tok, *a))

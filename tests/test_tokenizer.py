@@ -1,7 +1,7 @@
 """tokenizer.model (SentencePiece BPE) rebuilt as a `tokenizers` BPE gives SentencePiece's own ids."""
 import pytest
 
-import model as nt
+import formats
 
 CORPUS = ("The quick brown fox jumps over the lazy dog. " * 3 + "Fine-tuning language models is fun; "
           "tokenizers split text into pieces. Numbers like 12345 and 3.14 appear too.\n") * 40
@@ -23,6 +23,6 @@ def spm_dir(tmp_path_factory):
 def test_sentencepiece_rebuild_matches_sentencepiece(spm_dir, text):
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "tokenizer.model"))
-    tok = nt.load_tokenizer(str(spm_dir))  # a directory with only tokenizer.model: bos added, as Llama 2 does
+    tok = formats.load_tokenizer(str(spm_dir))  # a directory with only tokenizer.model: bos added, as Llama 2 does
     assert tok.encode(text) == [sp.bos_id()] + sp.encode(text)
     assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))

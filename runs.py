@@ -1,0 +1,238 @@
+"""nanotune runs: what a training run keeps in its output_dir, and the rules that keep runs apart. A directory
+that holds a run is only continued (--resume, with the same settings) or replaced (--overwrite), never mixed
+into; checkpoints are written under a temp name and renamed, and resume restores everything a step depends
+on (trainable weights, optimizer, schedule, sampler, RNG), so a resumed run continues the same loss curve.
+
+    out/config.yaml  metrics.jsonl  samples.json  loss.png  adapter/ | model/
+    out/checkpoints/step-000100/  trainable.safetensors (or dcp/ under torchrun)  state.pt  config.yaml  meta.json
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import fields
+
+import torch
+
+import dist
+from cli import NanotuneError, default_of, fresh_tmp, publish, save_config
+
+# ---------------------------------------------------------------------------------------------
+# The output dir: one run each
+
+
+# what a run writes in output_dir: one of these there means the directory holds a run
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "model", "samples.json", "loss.png", "tb")
+
+
+# settings a resume may change: they do not change what is trained (the rest must match the checkpoint)
+RESUMABLE = {"resume", "overwrite", "output_dir", "device", "dist_timeout", "log_steps", "eval_steps", "save_steps",
+             "save_total_limit", "sample_prompts", "sample_prompts_file", "sample_max_tokens", "cache_dir",
+             "gradient_checkpointing", "offload_activations", "cuda_graphs", "varlen_attention"}
+
+
+def check_output_dir(cfg):
+    """output_dir can take this run: its parent exists, it is no file, and an earlier run in it is only
+    continued (--resume) or replaced (--overwrite), never mixed into."""
+    out = cfg.output_dir
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise NanotuneError(f"output_dir {out!r}: its parent {parent!r} does not exist; create it or "
+                            "choose another output_dir.")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NanotuneError(f"output_dir {out!r} is a file; choose a directory name.")
+    if cfg.resume and cfg.overwrite:
+        raise NanotuneError("--resume continues the run in output_dir and --overwrite replaces it; pass one of them.")
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if held and not cfg.resume and not cfg.overwrite:
+        raise NanotuneError(f"output_dir {out!r} holds an earlier run ({', '.join(held)}); pass --resume to "
+                            "continue it, --overwrite to replace it, or choose another output_dir.")
+
+
+def check_resume(cfg, ckpt):
+    """The checkpoint's run must be this run: every setting that changes the training is the same (the
+    global batch, micro_batch_size x processes, may be split another way)."""
+    import yaml
+    path = os.path.join(ckpt, "config.yaml")
+    if not os.path.isfile(path):  # a checkpoint from before checkpoints kept their config
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "config.yaml")
+    if not os.path.isfile(path):
+        raise NanotuneError(f"{ckpt} has no config.yaml with it, so nothing shows it belongs to this run; "
+                            "start a new run instead.")
+    with open(path) as f:
+        saved = yaml.safe_load(f) or {}
+    meta_path = os.path.join(ckpt, "meta.json")
+    world = json.load(open(meta_path))["world"] if os.path.isfile(meta_path) else dist.world()
+    defaults = {f.name: default_of(f) for f in fields(cfg)}
+    now = dataclasses.asdict(cfg)
+    diff = [k for k, v in now.items() if k not in RESUMABLE and k != "micro_batch_size"
+            and saved.get(k, defaults[k]) != v]
+    if saved.get("micro_batch_size", defaults["micro_batch_size"]) * world != cfg.micro_batch_size * dist.world():
+        diff.append("micro_batch_size")
+    if diff:
+        shown = ", ".join(f"{k} ({saved.get(k, defaults[k])!r} there, {now[k]!r} now)" for k in diff[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise NanotuneError(f"--resume: {ckpt} was trained with other settings: {shown}{more}; resume with the "
+                            "run's own settings (see its config.yaml) or start a new run.")
+
+
+def clear_run(out):
+    """--overwrite: remove what an earlier run wrote in `out` (nothing else there is touched)."""
+    for f in RUN_FILES:
+        p = os.path.join(out, f)
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
+
+
+def truncate_metrics(path, step):
+    """A resumed run's metrics.jsonl keeps only the rows up to its checkpoint's step (the killed run may
+    have written more)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    publish(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: trainable weights, optimizer, schedule, sampler, RNG; temp dir + rename
+def check_weights_finite(model, when, what):
+    """Every trainable weight is finite (summed over ranks): a non-finite checkpoint or result is never written."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
+    n = float(torch.stack([(~torch.isfinite(p)).sum() for p in local]).sum()) if local else 0.0
+    bad = int(dist.all_sums([n])[0])
+    if bad:
+        raise NanotuneError(f"{when}: {bad} trained weights are not finite, so the {what} was not written "
+                            "(lower lr, set max_grad_norm, or check the data).")
+
+
+def trainable_state(model):
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(cfg, step, model, opt, sched, sampler):
+    """checkpoints/step-NNNNNN: trainable weights (or DCP shards), state.pt (tensors and plain values only),
+    the run's config.yaml and meta.json (step, world size); written as .tmp, then renamed."""
+    from safetensors.torch import save_file
+    out_dir, keep = cfg.output_dir, cfg.save_total_limit
+    check_weights_finite(model, f"step {step}", "checkpoint")
+    root = os.path.join(out_dir, "checkpoints")
+    final = os.path.join(root, f"step-{step:06d}")
+    tmp = final + ".tmp"
+    if dist.is_main():
+        fresh_tmp(final)
+    dist.barrier()
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    state = {"step": step, "scheduler": sched.state_dict(), "sampler": sampler.state_dict(), "rng": rng}
+    if dist.is_dist():  # sharded weights + optimizer, readable at any world size
+        dist.save_sharded(os.path.join(tmp, "dcp"), model, opt)
+    else:
+        save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
+        state["optimizer"] = opt.state_dict()
+    dist.barrier()
+    if not dist.is_main():
+        return
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    save_config(cfg, os.path.join(tmp, "config.yaml"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"step": step, "world": dist.world()}, f)
+    publish(tmp, final)
+    done = finished_checkpoints(root)
+    for d in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def finished_checkpoints(root):
+    """step-NNNNNN directories in order, without the temp ones a crash may have left."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
+
+
+def find_checkpoint(cfg):
+    if cfg.resume in (None, "", "false"):
+        return None
+    if cfg.resume not in ("latest", "true"):
+        if not os.path.isfile(os.path.join(cfg.resume, "state.pt")):
+            raise NanotuneError(f"--resume {cfg.resume!r} is not a checkpoint directory (no state.pt).")
+        return cfg.resume
+    root = os.path.join(cfg.output_dir, "checkpoints")
+    done = finished_checkpoints(root)
+    if not done:
+        raise NanotuneError(f"--resume: no checkpoint in {root}; train with --save_steps N first.")
+    return os.path.join(root, done[-1])
+
+
+def load_checkpoint(path, model, opt, sched, sampler):
+    from safetensors.torch import load_file
+    sharded = os.path.isdir(os.path.join(path, "dcp"))
+    if sharded != dist.is_dist():
+        raise NanotuneError(f"{path} was written {'under' if sharded else 'without'} torchrun; resume it the same "
+                            "way (under torchrun any number of processes can resume a sharded checkpoint).")
+    try:  # tensors and plain values only: a checkpoint never runs code
+        s = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    except Exception as e:
+        raise NanotuneError(f"{path}/state.pt could not be loaded as plain training state "
+                            f"({str(e).splitlines()[0][:120]}); it is corrupt or not nanotune's: resume from another "
+                            "checkpoint or start a new run.")
+    if sharded:
+        dist.load_sharded(os.path.join(path, "dcp"), model, opt)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in load_file(os.path.join(path, "trainable.safetensors")).items():
+                if n not in params or params[n].shape != t.shape:
+                    raise NanotuneError(f"{path}: tensor {n!r} does not fit this model; resume with the run's "
+                                        "own settings.")
+                params[n].copy_(t)
+        opt.load_state_dict(s["optimizer"])
+    sched.load_state_dict(s["scheduler"])
+    sampler.load_state_dict(s["sampler"])
+    torch.set_rng_state(s["rng"]["torch"])
+    random.setstate(s["rng"]["python"])
+    if s["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["rng"]["cuda"])
+    return s["step"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics beside the run: metrics.jsonl rows, TensorBoard, loss.png
+def finite_or_none(metrics):
+    """Metric values for metrics.jsonl: a non-finite one becomes null (JSON has no NaN)."""
+    return {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}
+
+
+def tensorboard(out_dir):
+    """A TensorBoard writer in <output_dir>/tb when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(out_dir, "tb"))
+
+
+def plot_losses(out_dir, log=print):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("(loss.png not drawn: matplotlib is not installed; `pip install matplotlib` adds it, metrics.jsonl "
+            "has every step)")
+        return
+    rows = [json.loads(ln) for ln in open(os.path.join(out_dir, "metrics.jsonl"))]
+    tr = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    ev = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    plt.figure(figsize=(6, 3.5))
+    plt.plot(*zip(*tr), label="train")
+    if ev:
+        plt.plot(*zip(*ev), "o-", label="eval")
+    plt.xlabel("step")
+    plt.ylabel("loss")
+    plt.legend()
+    plt.tight_layout()
+    plt.savefig(os.path.join(out_dir, "loss.png"), dpi=100)

@@ -1,0 +1,358 @@
+"""nanotune tokenizer: a `tokenizers` backend built from tokenizer.json, tokenizer.model (SentencePiece) or a
+GGUF's embedded vocabulary (and written back into a GGUF), plus what tokenizer_config.json adds (special
+tokens, bos/eos policy) and chat templates: rendering in a sandboxed Jinja2 environment, the built-in
+templates, their Ollama (Go template) translations and the end-of-turn markers generation stops on.
+
+    from formats import load_tokenizer          # finds the files: a model dir, a .gguf, the default model
+    tok = load_tokenizer()
+    ids = tok.chat([{"role": "user", "content": "Hi"}])             # the chat template, then encode
+    tok.chat_template = resolve_template("llama3")                  # a built-in, a file, or inline Jinja2
+"""
+import json
+import os
+
+from cli import NanotuneError, read_json
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def render_chat_template(template: str, messages: list, add_generation_prompt=False, **kwargs) -> str:
+    """Render a Jinja2 chat template in a sandbox, with the globals and filters transformers provides."""
+    from datetime import datetime
+
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise NanotuneError(f"chat template: {msg}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **kwargs)
+    except TemplateError as e:
+        raise NanotuneError(f"chat template failed to render: {e}")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus what tokenizer_config.json adds: special tokens, bos/eos policy
+    and the chat template. Built from tokenizer.json, tokenizer.model or a GGUF vocabulary; gguf_pre: the
+    GGUF's pre-tokenizer name, written back unchanged on export."""
+
+    def __init__(self, backend, bos_token=None, eos_token=None, pad_token=None, chat_template=None,
+                 add_bos=None, add_eos=None, gguf_pre=None):
+        from tokenizers import processors
+        self.backend, self.gguf_pre = backend, gguf_pre
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.chat_template = chat_template
+        if add_bos is not None or add_eos is not None:  # an explicit policy replaces the json's post-processor
+            self.add_bos = bool(add_bos) and bos_token is not None
+            self.add_eos = bool(add_eos) and eos_token is not None
+            single = (["$A"] if not self.add_bos else [bos_token, "$A"]) + ([eos_token] if self.add_eos else [])
+            special = [(t, self.token_id(t)) for t in (bos_token, eos_token) if t is not None and single.count(t)]
+            backend.post_processor = processors.TemplateProcessing(single=" ".join(
+                f"{t}:0" if t != "$A" else t for t in single), special_tokens=special)
+        else:
+            probe = backend.encode("a", add_special_tokens=True).ids
+            self.add_bos = bos_token is not None and probe[:1] == [self.token_id(bos_token)]
+            self.add_eos = eos_token is not None and probe[-1:] == [self.token_id(eos_token)]
+
+    def token_id(self, token):
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self):
+        return self.token_id(self.bos_token)
+
+    @property
+    def eos_id(self):
+        return self.token_id(self.eos_token)
+
+    @property
+    def pad_id(self):
+        pad = self.token_id(self.pad_token)
+        return pad if pad is not None else self.eos_id
+
+    @property
+    def vocab_size(self):
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def stop_ids(self) -> set:
+        """eos and every end-of-turn marker the vocabulary has: generation stops on any of them."""
+        ids = {self.token_id(t) for t in END_OF_TURN} | {self.eos_id}
+        return {i for i in ids if i is not None}
+
+    def encode(self, text: str, add_special_tokens=True) -> list:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render(self, messages, add_generation_prompt=False, template=None, **kwargs) -> str:
+        """The chat template applied to messages, as text (transformers' apply_chat_template(tokenize=False))."""
+        return render_chat_template(template or self.chat_template or CHATML, messages, add_generation_prompt,
+                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+    def chat(self, messages, add_generation_prompt=True, **kwargs) -> list:
+        """Token ids of the rendered conversation; specials come from the template, not from encode()."""
+        return self.encode(self.render(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+
+    def save(self, out_dir):
+        self.backend.save(os.path.join(out_dir, "tokenizer.json"))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+               "eos_token": self.eos_token, "pad_token": self.pad_token, "add_bos_token": self.add_bos,
+               "add_eos_token": self.add_eos, "clean_up_tokenization_spaces": False}
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+            with open(os.path.join(out_dir, "chat_template.jinja"), "w") as f:
+                f.write(self.chat_template)
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f, indent=2, ensure_ascii=False)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in chat templates (train.py --chat_template NAME) and their Ollama translations
+BUILTIN_TEMPLATES = {
+    "chatml": CHATML,
+    "llama3": ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+               " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+    "gemma": ("{{ bos_token }}{% for m in messages %}"
+              "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+              "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
+    "phi3": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"),
+}
+
+
+OLLAMA_TEMPLATES = {
+    "<|im_start|>": ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+                     '<|im_start|>assistant\n', ["<|im_start|>", "<|im_end|>"]),
+    "<|start_header_id|>": ('{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+                            '{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n',
+                            ["<|eot_id|>", "<|start_header_id|>"]),
+    "<start_of_turn>": ('{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}'
+                        '{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n',
+                        ["<end_of_turn>", "<start_of_turn>"]),
+    "<|user|>": ('{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n',
+                 ["<|end|>", "<|user|>"]),
+}
+
+
+def resolve_template(spec: str | None) -> str | None:
+    """None (the model's own), a built-in name, a path to a Jinja2 file, or an inline template."""
+    if spec is None or spec in ("", "default"):
+        return None
+    if spec in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[spec]
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            return f.read()
+    if "{{" in spec or "{%" in spec:
+        return spec
+    raise NanotuneError(f"chat_template {spec!r} is neither a built-in ({', '.join(BUILTIN_TEMPLATES)}), a file, "
+                        "nor an inline Jinja2 template.")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: tokenizer.json / tokenizer.model in a directory, a GGUF vocabulary (read and written)
+
+def _token_str(t):
+    return t.get("content") if isinstance(t, dict) else t
+
+
+def from_dir(path: str) -> Tokenizer:
+    """The tokenizer of a Hugging Face model directory (tokenizer.json or tokenizer.model, + tokenizer_config.json
+    and chat_template.jinja)."""
+    from tokenizers import Tokenizer as Backend
+    tc = read_json(os.path.join(path, "tokenizer_config.json")) if os.path.isfile(
+        os.path.join(path, "tokenizer_config.json")) else {}
+    template = tc.get("chat_template")
+    if os.path.isfile(os.path.join(path, "chat_template.jinja")):
+        with open(os.path.join(path, "chat_template.jinja")) as f:
+            template = f.read()
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        try:
+            backend = Backend.from_file(os.path.join(path, "tokenizer.json"))
+        except Exception as e:
+            raise NanotuneError(f"{path}/tokenizer.json could not be read ({str(e).splitlines()[0]}).")
+    elif os.path.isfile(os.path.join(path, "tokenizer.model")):
+        backend, bos, eos = sentencepiece_backend(os.path.join(path, "tokenizer.model"))
+        tc.setdefault("add_bos_token", True)
+        tc.setdefault("bos_token", bos)
+        tc.setdefault("eos_token", eos)
+    else:
+        raise NanotuneError(f"{path} has no tokenizer.json or tokenizer.model; copy the tokenizer files "
+                            "from the original model.")
+    return Tokenizer(backend, _token_str(tc.get("bos_token")), _token_str(tc.get("eos_token")),
+                     _token_str(tc.get("pad_token")), template, tc.get("add_bos_token"), tc.get("add_eos_token"))
+
+
+def sentencepiece_backend(model_file: str):
+    """tokenizer.model (SentencePiece BPE) -> (an equivalent `tokenizers` BPE with byte fallback, bos, eos)."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    n = sp.get_piece_size()
+    tokens = [sp.id_to_piece(i) for i in range(n)]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else
+             5 if sp.is_unused(i) else 1 for i in range(n)]
+    backend = spm_bpe_backend(tokens, [sp.get_score(i) for i in range(n)], types, add_prefix_space=True)
+    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+    return backend, piece(sp.bos_id()), piece(sp.eos_id())
+
+
+def spm_bpe_backend(tokens, scores, types, add_prefix_space=True):
+    """SentencePiece BPE rebuilt for `tokenizers`: merges recovered from the vocabulary, best score first."""
+    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, normalizers
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for t, s, ty in zip(tokens, scores, types):
+        if ty != 1:
+            continue
+        for i in range(1, len(t)):  # every way to build t from two vocabulary pieces
+            if t[:i] in vocab and t[i:] in vocab:
+                merges.append((-s, vocab[t[:i]], vocab[t[i:]], t[:i], t[i:]))
+    merges = [(a, b) for *_, a, b in sorted(merges)]
+    unk = next((t for t, ty in zip(tokens, types) if ty == 2), None)
+    backend = Backend(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    norm = [normalizers.Replace(" ", "\u2581")]
+    backend.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if add_prefix_space else []) + norm)
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + ([decoders.Strip(" ", 1, 0)] if add_prefix_space else []))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, ty in zip(tokens, types) if ty in (2, 3)])
+    return backend
+
+
+# llama.cpp's pre-tokenizer names -> the split regex its merges were learned with
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_PRE_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+                   "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+
+
+def from_gguf(meta: dict, where: str) -> Tokenizer:
+    """Rebuild the vocabulary a GGUF embeds as a `tokenizers` tokenizer (gpt2 BPE or SentencePiece)."""
+    from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, models, pre_tokenizers
+    kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens or [])
+    if kind == "gpt2":
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        backend = Backend(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=pre in (
+            "llama-bpe", "llama3"), fuse_unk=False))
+        if pre in GGUF_PRE_SPLITS:
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(GGUF_PRE_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        elif pre == "smollm":  # digits split one by one, then GPT-2's regex
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        else:
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t, ty in zip(tokens, types) if ty == 3])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
+    elif kind == "llama":
+        backend = spm_bpe_backend(tokens, meta["tokenizer.ggml.scores"], types,
+                                  meta.get("tokenizer.ggml.add_space_prefix", True))
+    else:
+        raise NanotuneError(f"{where}: GGUF tokenizer type {kind!r} is not supported (gpt2, llama).")
+
+    def tok(key):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None and i < len(tokens) else None
+
+    return Tokenizer(backend, tok("bos"), tok("eos"), tok("padding"), meta.get("tokenizer.chat_template"),
+                     add_bos=meta.get("tokenizer.ggml.add_bos_token", kind == "llama"),
+                     add_eos=meta.get("tokenizer.ggml.add_eos_token", False),
+                     gguf_pre=meta.get("tokenizer.ggml.pre") if kind == "gpt2" else None)
+
+
+
+
+def gguf_pre_name(tok, fallback="gpt-2"):
+    """llama.cpp's pre-tokenizer name for a byte-level BPE vocabulary (`fallback` when its regex is unknown)."""
+    if tok.gguf_pre:
+        return tok.gguf_pre
+    pre = json.dumps(json.loads(tok.backend.to_str()).get("pre_tokenizer"))
+    if "\\\\p{N}{1,3}" in pre:
+        return "llama-bpe"
+    if "Digits" in pre:
+        return "smollm"
+    if "\\\\p{N}|" in pre or "\\p{N}|" in pre:
+        return "qwen2"
+    return fallback
+
+
+def write_gguf_vocab(w, tok, vocab_size, pre_fallback="gpt-2"):
+    """The vocabulary into a GGUFWriter: gpt2 BPE (tokens, types, merges, pre-tokenizer name) or SentencePiece
+    (pieces with scores = -merge rank, byte tokens), special token ids, bos/eos policy, the chat template."""
+    import gguf
+    spec = json.loads(tok.backend.to_str())
+    model = spec["model"]
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
+    by_id = {i: t for t, i in vocab.items()}
+    tokens, types, scores = [], [], []
+    spm = model.get("byte_fallback", False)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    ranks = {}  # SentencePiece scores: a token made by merge r scores -r, so llama.cpp merges in BPE order
+    for r, m in enumerate(merges if spm else []):
+        a, b = m.split(" ", 1)
+        ranks.setdefault(a + b, r)
+    for i in range(vocab_size):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            scores.append(-10000.0)
+            continue
+        tokens.append(t)
+        if i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        elif spm and t.startswith("<0x") and len(t) == 6:
+            types.append(gguf.TokenType.BYTE)
+        elif spm and t == model.get("unk_token"):
+            types.append(gguf.TokenType.UNKNOWN)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        scores.append(-float(ranks[t]) if t in ranks else (0.0 if not (i in added) else -1000.0))
+    if spm:  # SentencePiece: pieces with scores (merge order as -rank), byte tokens, no merges
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(any(n.get("type") == "Prepend" for n in (spec.get("normalizer") or {}).get(
+            "normalizers", [])))
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(gguf_pre_name(tok, pre_fallback))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+    for key, tid in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.token_id(tok.pad_token))):
+        if tid is not None:
+            getattr(w, f"add_{key}_token_id")(tid)
+    if model.get("unk_token") in vocab:
+        w.add_unk_token_id(vocab[model["unk_token"]])
+    w.add_add_bos_token(bool(tok.add_bos))
+    w.add_add_eos_token(bool(tok.add_eos))
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
