@@ -536,8 +536,8 @@ def gguf_out_tensors(cfg: Config, tensors):
 
 def write_gguf_metadata(w, cfg: Config, tok, qtype):
     import gguf
-    if cfg.model_type == "gemma2" and cfg.query_pre_attn_scalar != cfg.head_dim:
-        raise NanotuneError("llama.cpp scales Gemma 2 attention by 1/sqrt(head_dim); this model's "
+    if cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
+        raise NanotuneError("llama.cpp scales attention by 1/sqrt(head_dim); this model's "
                             f"query_pre_attn_scalar ({cfg.query_pre_attn_scalar}) differs, so its GGUF would be wrong.")
     w.add_name("nanotune export")
     w.add_block_count(cfg.num_hidden_layers)

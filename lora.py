@@ -50,6 +50,7 @@ class LoRALinear(nn.Module):
         if dora:  # m = ||W||_row, so the adapter starts as the identity
             self.lora_magnitude_vector = nn.Parameter(dense_weight(base).detach().float().norm(dim=1))
         self.merged, self.disabled = False, False
+        self.merged_norm = None  # DoRA: ||W + s B A||_row when merged, which unmerge divides back out
 
     @property
     def in_features(self):
@@ -126,7 +127,7 @@ class LoRALinear(nn.Module):
                                 "(export.py does this).")
         w = self.base.weight
         if self.lora_magnitude_vector is not None:
-            self._norm = (w.float() + self.delta_weight()).norm(dim=1)
+            self.merged_norm = (w.float() + self.delta_weight()).norm(dim=1)
         w.copy_(self.merged_weight().to(w.dtype))
         self.merged = True
 
@@ -137,7 +138,7 @@ class LoRALinear(nn.Module):
         w = self.base.weight
         delta = self.delta_weight()
         if self.lora_magnitude_vector is not None:
-            w.copy_((w.float() * (self._norm / self.lora_magnitude_vector)[:, None] - delta).to(w.dtype))
+            w.copy_((w.float() * (self.merged_norm / self.lora_magnitude_vector)[:, None] - delta).to(w.dtype))
         else:
             w.sub_(delta.to(w.dtype))
         self.merged = False
@@ -267,8 +268,8 @@ def load_adapter(model, adapter_dir: str):
         raise NanotuneError(f"{cfg_path}: peft_type {c.get('peft_type')!r} is not supported (LORA is).")
     if c.get("rank_pattern") or c.get("alpha_pattern") or c.get("modules_to_save"):
         raise NanotuneError(f"{cfg_path}: rank_pattern, alpha_pattern and modules_to_save are not supported.")
-    apply_lora(model, c["r"], c["lora_alpha"], c.get("lora_dropout", 0.0), c["target_modules"],
-               c.get("use_rslora", False), c.get("use_dora", False))
+    apply_lora(model, r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0), targets=c["target_modules"],
+               rslora=c.get("use_rslora", False), dora=c.get("use_dora", False))
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(path):
         raise NanotuneError(f"{adapter_dir} has no adapter_model.safetensors; the adapter is incomplete.")

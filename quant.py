@@ -143,6 +143,7 @@ class Linear4bit(nn.Module):
         self.weight = nn.Parameter(torch.empty(-(-self.nbytes // storage.itemsize), 1, dtype=storage, device=device),
                                    requires_grad=False)
         self.state = None  # absmax, [nested_absmax, offset], shape, dtype
+        self.parts = {}  # a pre-quantized bitsandbytes weight's tensors, collected while loading
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, double_quant=True):
@@ -214,10 +215,9 @@ class Linear4bit(nn.Module):
             self.compute_dtype = dtype
             self.set_state(quantize_nf4(t.to(device=device, dtype=dtype), self.double_quant))
         else:
-            self._parts = getattr(self, "_parts", {})
-            self._parts[key] = t.to(device)
-            if "weight" in self._parts and "weight.quant_state.bitsandbytes__nf4" in self._parts:
-                self._from_bnb(self._parts, dtype)
+            self.parts[key] = t.to(device)
+            if "weight" in self.parts and "weight.quant_state.bitsandbytes__nf4" in self.parts:
+                self._from_bnb(self.parts, dtype)
 
     def _from_bnb(self, parts, dtype):
         meta = json.loads(bytes(parts["weight.quant_state.bitsandbytes__nf4"].tolist()).decode())
@@ -235,7 +235,7 @@ class Linear4bit(nn.Module):
             state.update(nested_absmax=parts["weight.nested_absmax"].float(), offset=meta["nested_offset"])
         self.set_state(state)
         self.compute_dtype = dtype
-        del self._parts
+        self.parts = {}
 
     @property
     def is_ready(self):

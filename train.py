@@ -363,6 +363,25 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
     finish(model, tok, cfg, prompts, before, after)
 
 
+def make_optimizer(model, cfg, device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+
+
+def make_schedule(opt, cfg, total_steps):
+    def f(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return {"cosine": 0.5 * (1 + math.cos(math.pi * t)), "linear": 1 - t, "constant": 1.0}[cfg.schedule]
+    if cfg.schedule not in ("cosine", "linear", "constant"):
+        raise NanotuneError(f"schedule {cfg.schedule!r} is not one of cosine, linear, constant.")
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
 def rank_slice(idx, r, w):
     """This rank's part of a global micro-batch (contiguous, so the split is the same at any world size)."""
     n = -(-len(idx) // w)
@@ -486,25 +505,6 @@ def check_cuda_graphs(cfg, device):
     missing = [what for ok, what in needs if not ok]
     if missing:
         raise NanotuneError(f"cuda_graphs needs {', '.join(missing)}; change that or turn cuda_graphs off.")
-
-
-def make_optimizer(model, cfg, device):
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
-
-
-def make_schedule(opt, cfg, total_steps):
-    def f(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return {"cosine": 0.5 * (1 + math.cos(math.pi * t)), "linear": 1 - t, "constant": 1.0}[cfg.schedule]
-    if cfg.schedule not in ("cosine", "linear", "constant"):
-        raise NanotuneError(f"schedule {cfg.schedule!r} is not one of cosine, linear, constant.")
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
 # ---------------------------------------------------------------------------------------------

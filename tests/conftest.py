@@ -31,7 +31,8 @@ ARCH_CONFIGS = {
     "llama": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8}, tie_word_embeddings=False)),
-    "llama-tied-linear": ("LlamaConfig", dict(tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama-tied-linear": ("LlamaConfig", dict(tie_word_embeddings=True,
+                                              rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "mistral": ("MistralConfig", dict(sliding_window=5, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False)),

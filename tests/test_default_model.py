@@ -10,8 +10,9 @@ import model
 
 pytestmark = pytest.mark.slow  # the 135M model against transformers reading its GGUF (~35 s)
 
-TEXTS = ["Hello world", "  leading   and trailing runs   \n\n\tof whitespace  ", "digits 1234567 and 3.14159, 2026-11-29",
-         "accents: café, naïve, Ångström, jalapeño", "CJK: 東京は日本の首都です。你好，世界", "emoji: 🤗🚀 👩‍💻 ✨",
+TEXTS = ["Hello world", "  leading   and trailing runs   \n\n\tof whitespace  ",
+         "digits 1234567 and 3.14159, 2026-11-29", "accents: café, naïve, Ångström, jalapeño",
+         "CJK: 東京は日本の首都です。你好，世界", "emoji: 🤗🚀 👩‍💻 ✨",
          "<|im_start|>user\nspecial tokens inline<|im_end|>", "code:\n    def f(x):\n        return x**2  # ok"]
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}],

@@ -53,7 +53,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup_dir, tmp_path,
     two = launch(2, common(setup_dir, tmp_path / "two", "--micro_batch_size", "2", *method))
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert "FSDP2 over 2 ranks" in two.stderr
-    assert close(read_losses(tmp_path / "two"), read_losses(tmp_path / "one")), (read_losses(tmp_path / "two"), read_losses(tmp_path / "one"))
+    got, want = read_losses(tmp_path / "two"), read_losses(tmp_path / "one")
+    assert close(got, want), (got, want)
     if "--load_in_4bit" in method:  # the packed 4-bit bytes were sharded like any weight
         held = re.search(r"4-bit weights too: rank 0 holds (\d+)% of their bytes", two.stderr)
         assert held and 45 <= int(held[1]) <= 55, two.stderr[-2000:]
@@ -66,7 +67,8 @@ def test_one_process_under_torchrun_equals_plain(setup_dir, tmp_path):
     one = launch(0, common(setup_dir, tmp_path / "one", "--micro_batch_size", "4"))
     fsdp = launch(1, common(setup_dir, tmp_path / "fsdp", "--micro_batch_size", "4"))
     assert one.returncode == 0 and fsdp.returncode == 0, fsdp.stderr[-3000:]
-    assert close(read_losses(tmp_path / "fsdp"), read_losses(tmp_path / "one")), (read_losses(tmp_path / "fsdp"), read_losses(tmp_path / "one"))
+    got, want = read_losses(tmp_path / "fsdp"), read_losses(tmp_path / "one")
+    assert close(got, want), (got, want)
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
@@ -123,12 +125,14 @@ def test_dpo_two_processes_equal_one(setup_dir, tmp_path, loss):
     """dpo.py under torchrun: pairs shard like SFT rows; DPO's reference is the model with adapters off.
     (KTO is left out: its KL estimate pairs prompts with completions inside each micro-batch, so the
     estimate itself depends on how the batch is split; its batch mean is taken over ranks, as TRL does.)"""
-    args = ["--model", str(setup_dir / "m"), "--datasets", "examples/preferences.jsonl", "--loss", loss, "--max_steps", "4", "--lr", "1e-2",
+    args = ["--model", str(setup_dir / "m"), "--datasets", "examples/preferences.jsonl", "--loss", loss,
+            "--max_steps", "4", "--lr", "1e-2",
             "--val_set_size", "0", "--cache_dir", "", "--sample_prompts_file", "", *WHERE, "--output_dir"]
     one = launch(0, [*args, str(tmp_path / "one"), "--micro_batch_size", "4"], script="dpo.py")
     two = launch(2, [*args, str(tmp_path / "two"), "--micro_batch_size", "2"], script="dpo.py")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
-    assert close(read_losses(tmp_path / "two"), read_losses(tmp_path / "one")), (read_losses(tmp_path / "two"), read_losses(tmp_path / "one"))
+    got, want = read_losses(tmp_path / "two"), read_losses(tmp_path / "one")
+    assert close(got, want), (got, want)
 
 
 HANG = """
@@ -154,7 +158,8 @@ def test_a_hung_rank_ends_the_job_after_dist_timeout_in_one_line(setup_dir, tmp_
     r = launch(2, common(setup_dir, tmp_path / "h", "--micro_batch_size", "2", "--max_steps", "50",
                          "--dist_timeout", "15"), script=str(script), timeout=240)
     assert r.returncode != 0
-    assert "error: rank 0 waited 15 s for the other ranks at step 2 (one of them hung or died)" in r.stderr, r.stderr[-3000:]
+    want = "error: rank 0 waited 15 s for the other ranks at step 2 (one of them hung or died)"
+    assert want in r.stderr, r.stderr[-3000:]
     assert time.time() - t0 < 200  # not the 10 minutes of the old fixed timeout
 
 

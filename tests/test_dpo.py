@@ -24,8 +24,9 @@ def cfg(**kw):
 
 def rand_logps(P, seed=0):
     g = torch.Generator().manual_seed(seed)
-    lc, lr = -torch.rand(P, generator=g, dtype=torch.float64) * 40 - 1, -torch.rand(P, generator=g, dtype=torch.float64) * 40 - 1
-    rc, rr = lc + torch.randn(P, generator=g, dtype=torch.float64), lr + torch.randn(P, generator=g, dtype=torch.float64)
+    f64 = dict(generator=g, dtype=torch.float64)
+    lc, lr = -torch.rand(P, **f64) * 40 - 1, -torch.rand(P, **f64) * 40 - 1
+    rc, rr = lc + torch.randn(P, **f64), lr + torch.randn(P, **f64)
     nc, nr = torch.randint(1, 30, (P,), generator=g).double(), torch.randint(1, 30, (P,), generator=g).double()
     nll = torch.rand(P, generator=g, dtype=torch.float64) * 3
     return lc, lr, rc, rr, nc, nr, nll
@@ -134,7 +135,8 @@ def test_batched_masked_gradients_equal_per_example_autograd(kind, tmp_path):
         lr, nr, _ = seq(x["prompt"] + x["rejected"], len(x["prompt"]))
         with torch.no_grad():
             lora.set_lora_enabled(m2, False)
-            rc, rr = seq(x["prompt"] + x["chosen"], len(x["prompt"]))[0], seq(x["prompt"] + x["rejected"], len(x["prompt"]))[0]
+            rc = seq(x["prompt"] + x["chosen"], len(x["prompt"]))[0]
+            rr = seq(x["prompt"] + x["rejected"], len(x["prompt"]))[0]
             lora.set_lora_enabled(m2, True)
         b = c.beta
         if kind == "dpo":
@@ -151,7 +153,8 @@ def test_batched_masked_gradients_equal_per_example_autograd(kind, tmp_path):
     total.backward()
     for n, p in m2.named_parameters():
         if p.requires_grad:
-            assert torch.allclose(p.grad, batched[n], rtol=1e-5, atol=1e-5 * p.grad.abs().max().item()), (n, (p.grad - batched[n]).abs().max().item(), p.grad.abs().max().item())
+            assert torch.allclose(p.grad, batched[n], rtol=1e-5, atol=1e-5 * p.grad.abs().max().item()), (
+                n, (p.grad - batched[n]).abs().max().item(), p.grad.abs().max().item())
 
 
 def test_lora_reference_equals_a_separately_loaded_base(tmp_path):

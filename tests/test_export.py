@@ -97,7 +97,8 @@ def test_kquant_and_ollama_modelfile(tmp_path, capfd):
     capfd.readouterr()
     export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "q4_k_m")
     err = capfd.readouterr().err.strip().splitlines()  # one line on the fallback, none of llama.cpp's log
-    assert len(err) == 1 and "16 of 16 weight matrices have rows of 64, 112 values, not a multiple of 256" in err[0], err
+    want = "16 of 16 weight matrices have rows of 64, 112 values, not a multiple of 256"
+    assert len(err) == 1 and want in err[0], err
     assert formats.load_model(str(tmp_path / "m.gguf")).config.num_hidden_layers == 2
     text = export.ollama_modelfile(str(tmp_path / "m.gguf"), tok, system="Be brief.")
     assert text.startswith("FROM ./m.gguf\nTEMPLATE") and 'PARAMETER stop "<|im_end|>"' in text
@@ -118,7 +119,8 @@ def test_export_errors_are_clear_and_leave_nothing(tmp_path):
     r = run_export(["--model", str(tmp_path / "b"), "--adapter", str(tmp_path / "ad"), "--format", "gguf",
                     "--out", str(tmp_path / "x.gguf")])
     assert r.returncode == 1 and "another base" in r.stderr and not os.path.exists(tmp_path / "x.gguf")
-    r = run_export(["--model", str(tmp_path / "a"), "--format", "gguf", "--quant", "q3_x", "--out", str(tmp_path / "y.gguf")])
+    r = run_export(["--model", str(tmp_path / "a"), "--format", "gguf", "--quant", "q3_x",
+                    "--out", str(tmp_path / "y.gguf")])
     assert r.returncode == 1 and "unknown quant type 'q3_x'" in r.stderr and not os.path.exists(tmp_path / "y.gguf")
     (tmp_path / "exists.gguf").write_text("keep me")
     r = run_export(["--model", str(tmp_path / "a"), "--format", "gguf", "--out", str(tmp_path / "exists.gguf")])

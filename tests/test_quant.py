@@ -101,7 +101,8 @@ def check_against_bnb(ours, hf_q, tmp_path):
         if isinstance(mod, bnb.nn.Linear4bit):
             mine = ours.get_submodule(n)
             assert isinstance(mine, quant.Linear4bit), n
-            assert torch.equal(mine.dense_weight(torch.float32), BF.dequantize_4bit(mod.weight.data, mod.weight.quant_state)), n
+            theirs = BF.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+            assert torch.equal(mine.dense_weight(torch.float32), theirs), n
     ids = torch.randint(3, 128, (2, 9))
     with torch.no_grad():
         got = ours.logits(ours(ids))

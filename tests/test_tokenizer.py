@@ -19,7 +19,8 @@ def spm_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("text", ["The lazy fox", "  two  spaces", "unseen: Zürich ✨ 東京", "12345 tokens\nnew line"])
+@pytest.mark.parametrize("text", ["The lazy fox", "  two  spaces", "unseen: Zürich ✨ 東京",
+                                  "12345 tokens\nnew line"])
 def test_sentencepiece_rebuild_matches_sentencepiece(spm_dir, text):
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "tokenizer.model"))

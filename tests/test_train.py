@@ -97,7 +97,8 @@ def write_chat_data(path, n=12):
     with open(path, "w") as f:
         for i in range(n):
             q, a = f"What is {i} plus {i}?", f"It is {2 * i}."
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
 
 
 def run_train(args, driver=None, timeout=600):
