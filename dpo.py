@@ -1,6 +1,7 @@
 """nanotune preference training: DPO, IPO, ORPO, KTO and SimPO on train.py's loop.
 
-    python dpo.py                                     # short DPO demo: default model + bundled preference set
+    python dpo.py                                     # short DPO demo (RPO: + NLL of the chosen answers)
+    python dpo.py --rpo_alpha 0                       # pure DPO, TRL's default
     python dpo.py --loss orpo                         # or ipo | kto | simpo
     python dpo.py --model ./Qwen2.5-0.5B-Instruct --datasets prefs.jsonl --beta 0.1 --lr 5e-6 --lora false
 
@@ -49,8 +50,8 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = F_(0.0, "DPO: > 0 gives the robust variant; SimPO: epsilon")
     simpo_gamma: float = F_(0.5, "SimPO margin gamma")
     cpo_alpha: float = F_(0.0, "SimPO: weight of an NLL term on the chosen completion (0 = pure SimPO)")
-    rpo_alpha: float = F_(0.0, "DPO/IPO: weight of an NLL term on the chosen completion (RPO, TRL's rpo_alpha; "
-                               "0 = pure)")
+    rpo_alpha: float = F_(1.0, "DPO/IPO: weight of an NLL term on the chosen completion (RPO, TRL's rpo_alpha; "
+                               "tuned for the default demo like lr; 0 = pure DPO, TRL's default)")
     desirable_weight: float = F_(1.0, "KTO weight of desirable examples")
     undesirable_weight: float = F_(1.0, "KTO weight of undesirable examples")
     precompute_ref: bool = F_(False, "compute reference log-probs once before training and cache them")

@@ -51,7 +51,8 @@ def reference_pair(kind, c, lc, lr, rc, rr, nc, nr, nll):
     return -(1 - e) * ls(z) - e * ls(-z) + c.cpo_alpha * nll, b * ac, b * ar, {}
 
 
-@pytest.mark.parametrize("kind,kw", [("dpo", {}), ("dpo", {"label_smoothing": 0.2}), ("ipo", {"beta": 0.5}),
+@pytest.mark.parametrize("kind,kw", [("dpo", {"rpo_alpha": 0.0}), ("dpo", {"label_smoothing": 0.2, "rpo_alpha": 0.0}),
+                                     ("ipo", {"beta": 0.5, "rpo_alpha": 0.0}),
                                      ("dpo", {"rpo_alpha": 1.0}), ("ipo", {"rpo_alpha": 0.5}),
                                      ("orpo", {"beta": 0.25}), ("simpo", {"beta": 2.0, "simpo_gamma": 0.8}),
                                      ("simpo", {"cpo_alpha": 1.0, "label_smoothing": 0.1})])
@@ -139,10 +140,10 @@ def test_batched_masked_gradients_equal_per_example_autograd(kind, tmp_path):
             rr = seq(x["prompt"] + x["rejected"], len(x["prompt"]))[0]
             lora.set_lora_enabled(m2, True)
         b = c.beta
-        if kind == "dpo":
-            total = total - torch.nn.functional.logsigmoid(b * ((lc - rc) - (lr - rr)))
+        if kind == "dpo":  # (+ RPO: the chosen answer's per-token NLL, rpo_alpha 1 by default)
+            total = total - torch.nn.functional.logsigmoid(b * ((lc - rc) - (lr - rr))) + c.rpo_alpha * (-lc / nc)
         elif kind == "ipo":
-            total = total + ((lc - rc) / nc - (lr - rr) / nr - 1 / (2 * b)) ** 2
+            total = total + ((lc - rc) / nc - (lr - rr) / nr - 1 / (2 * b)) ** 2 + c.rpo_alpha * (-lc / nc)
         elif kind == "orpo":
             ac, ar = lc / nc, lr / nr
             lo = (ac - ar) - (torch.log(1 - torch.exp(ac)) - torch.log(1 - torch.exp(ar)))
@@ -190,6 +191,12 @@ def test_short_run_on_bundled_set_learns_the_preference(kind, extra, tmp_path):
     assert first["step"] == 0 and ev["eval_rewards/accuracies"] > 0.9, ev
     assert first["eval_rewards/accuracies"] < 0.5 and ev["eval_rewards/margins"] > first["eval_rewards/margins"] + 0.5
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+    if kind == "dpo":  # the bare demo (DPO + RPO): held-out questions answered right, now in capitals
+        s = {x["prompt"]: x for x in json.load(open(out / "samples.json"))}
+        cat, add = s["How many legs does a cat have?"], s["What is 5 plus 6?"]
+        assert "4" in cat["before"] and not cat["before"].isupper(), cat  # right before, in lower case
+        assert "4" in cat["after"] and cat["after"].isupper(), cat  # still right after, in capitals
+        assert "11" in add["after"] and add["after"].isupper(), add
 
 
 @pytest.mark.parametrize("rec,expect", [
