@@ -82,7 +82,7 @@ def bnb_model(tmp_path, double_quant=True):
     cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
     return transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense"), quantization_config=cfg,
-                                                             dtype=torch.float32).eval()
+                                                             dtype=torch.float32, device_map="cpu").eval()
 
 
 def dense_twin(hf_q, tmp_path):
@@ -124,7 +124,8 @@ def test_nanotune_4bit_checkpoint_loads_in_transformers(tmp_path):
     bnb_model(tmp_path)  # writes tmp_path/dense
     ours = formats.load_model(str(tmp_path / "dense"), prepare=quant.prepare_4bit)  # quantized while loading
     formats.save_4bit(ours, str(tmp_path / "ours4"))
-    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours4"), dtype=torch.float32).eval()
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours4"), dtype=torch.float32,
+                                                             device_map="cpu").eval()  # on CPU on a GPU machine too
     check_against_bnb(ours, back, tmp_path)
 
 
