@@ -17,6 +17,7 @@ import shutil
 import sys
 from dataclasses import field, fields
 
+
 class NanotuneError(Exception):
     """A problem the user can fix; scripts print its one sentence and exit 1, no traceback."""
 
@@ -48,7 +49,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise NanotuneError(f"{message}; see --help.")
-
 
 
 def read_json(path):
@@ -208,4 +208,3 @@ def save_config(cfg, path):
     with open(path + ".tmp", "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
     publish(path + ".tmp", path)
-

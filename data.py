@@ -319,6 +319,7 @@ def held_out(val_set_size, n):
                             f"train on; use at most {n - 1}, or a fraction below 1.")
     return k
 
+
 # ---------------------------------------------------------------------------------------------
 # Packing, batching, sampling
 def pack(samples, max_len: int) -> tuple:

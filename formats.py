@@ -37,19 +37,20 @@ class Family:
     gguf_window: bool = False  # llama.cpp applies this arch's sliding window (else the export warns)
     template: str = "chatml"  # tokenizer.BUILTIN_TEMPLATES name, for a checkpoint that has no chat template
     gguf_pre: str = "gpt-2"  # llama.cpp pre-tokenizer of a byte-level BPE vocabulary the export cannot tell
+    tied: bool = False  # tie_word_embeddings when config.json does not say
 
 
-GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)
+GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh")
 FAMILIES = {
     "llama": Family("LlamaForCausalLM", "llama"),
     "mistral": Family("MistralForCausalLM", "llama", sliding="always"),
     "qwen2": Family("Qwen2ForCausalLM", "qwen2", dict(qkv_bias=True, o_bias=False), sliding="flag",
                     layer_types="max_window_layers"),
     "qwen3": Family("Qwen3ForCausalLM", "qwen3", dict(qk_norm=True), sliding="flag", layer_types="max_window_layers"),
-    "gemma": Family("GemmaForCausalLM", "gemma", GEMMA, template="gemma"),
+    "gemma": Family("GemmaForCausalLM", "gemma", GEMMA, template="gemma", tied=True),
     "gemma2": Family("Gemma2ForCausalLM", "gemma2", {**GEMMA, "sandwich_norm": True},
                      ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"), sliding="always",
-                     layer_types="alternate", template="gemma", gguf_window=True,
+                     layer_types="alternate", template="gemma", gguf_window=True, tied=True,
                      gguf_keys={"attn_logit_softcapping": "attn_logit_softcapping",
                                 "final_logit_softcapping": "final_logit_softcapping",
                                 "sliding_window": "attention.sliding_window"}),
@@ -83,14 +84,13 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
                rope_theta=d.get("rope_theta", rp.get("rope_theta", 10000.0)), rope_scaling=scaling,
                partial_rotary_factor=d.get("partial_rotary_factor", rp.get("partial_rotary_factor", 1.0)),
                max_position_embeddings=d.get("max_position_embeddings", 4096),
-               tie_word_embeddings=d.get("tie_word_embeddings", False),
+               tie_word_embeddings=d.get("tie_word_embeddings", fam.tied),
                hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "silu",
                bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
                pad_token_id=d.get("pad_token_id"))
     c.qkv_bias = c.o_bias = bool(d.get("attention_bias", False))
     for k, v in fam.sets.items():
-        if k != "tie_word_embeddings" or "tie_word_embeddings" not in d:  # the family's default for ties
-            setattr(c, k, v)
+        setattr(c, k, v)
     for k in fam.hf_keys:  # (Gemma 2's query_pre_attn_scalar defaults to head_dim)
         setattr(c, k, d.get(k, c.head_dim if k == "query_pre_attn_scalar" else None))
     if fam.sliding == "always" or (fam.sliding == "flag" and d.get("use_sliding_window")):

@@ -670,6 +670,7 @@ def _lora_weights(As, Bs, scalings, dt, cache=True):
             _CASTS[key] = hit
     return hit[3], hit[4]
 
+
 # ---------------------------------------------------------------------------------------------
 # Per-block activation checkpointing, and recompute hints. A checkpointed block runs once without autograd
 # (it builds no graph and saves nothing but its input x), then again in backward, with autograd and inside

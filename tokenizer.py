@@ -116,7 +116,6 @@ class Tokenizer:
             json.dump(cfg, f, indent=2, ensure_ascii=False)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Built-in chat templates (train.py --chat_template NAME) and their Ollama translations
 BUILTIN_TEMPLATES = {
@@ -160,7 +159,6 @@ def resolve_template(spec: str | None) -> str | None:
         return spec
     raise NanotuneError(f"chat_template {spec!r} is neither a built-in ({', '.join(BUILTIN_TEMPLATES)}), a file, "
                         "nor an inline Jinja2 template.")
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +280,6 @@ def from_gguf(meta: dict, where: str) -> Tokenizer:
                      add_bos=meta.get("tokenizer.ggml.add_bos_token", kind == "llama"),
                      add_eos=meta.get("tokenizer.ggml.add_eos_token", False),
                      gguf_pre=meta.get("tokenizer.ggml.pre") if kind == "gpt2" else None)
-
-
 
 
 def gguf_pre_name(tok, fallback="gpt-2"):

@@ -23,6 +23,7 @@ def pytest_collection_modifyitems(items):
         if "smollm_gguf" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.default_model)
 
+
 # Each entry: transformers config class name and the kwargs that make the family's variant visible
 # at 2 layers / hidden 64 (GQA where the family has it, windows shorter than the test sequences).
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,

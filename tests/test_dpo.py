@@ -126,6 +126,7 @@ def test_batched_masked_gradients_equal_per_example_autograd(kind, tmp_path):
     batched = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
 
     m2 = fresh()  # plain: each sequence alone, no padding, full log_softmax, formulas by hand
+
     def seq(ids, start):
         logits = m2.logits(m2(torch.tensor([ids])))[0, :-1].float()
         lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
