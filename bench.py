@@ -39,6 +39,10 @@ SHAPES = {  # Llama-3.1-8B, Llama-3.2-1B and SmolLM2-135M (the default model); t
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),  # Llama-3.1-70B
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),
+    # Gemma-3-4B (text): 5 sliding (1024) : 1 global layers, head_dim 256, 262k vocab; the rest from the family
+    "gemma3-4b": dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=262_208,
+                      sliding_window=1024, rope_scaling={"rope_type": "linear", "factor": 8.0}),
 }
 ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}
@@ -51,11 +55,12 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16 FLOP/
 
 
 def shape_config(shape):
-    from model import Config
+    """A shape as the config.json its checkpoint would carry, read the way every checkpoint is."""
+    from families import config_from_hf
     s = SHAPES[shape]
-    return Config(model_type="llama", head_dim=s["hidden_size"] // s["num_attention_heads"], rms_norm_eps=1e-5,
-                  rope_theta=500000.0, rope_scaling=ROPE, max_position_embeddings=131072, bos_token_id=1,
-                  eos_token_id=2, **s)
+    llama = dict(model_type="llama", rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=ROPE,
+                 max_position_embeddings=131072)
+    return config_from_hf({**(llama if "model_type" not in s else {}), "bos_token_id": 1, "eos_token_id": 2, **s})
 
 
 def make_checkpoint(shape, path):
@@ -108,10 +113,11 @@ def model_flops_per_token(cfg, mode, seq):
     """Matmul FLOPs per trained token: forward 2N, input-gradient 2N, weight-gradient 2N (full only);
     attention 6 L s d (causal, forward + backward). Recomputation is not counted (model FLOPs)."""
     h, L = cfg["hidden_size"], cfg["num_hidden_layers"]
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * cfg["intermediate_size"]
+    d = cfg.get("head_dim", h // cfg["num_attention_heads"])
+    q, kv = d * cfg["num_attention_heads"], d * cfg["num_key_value_heads"]
+    per_layer = h * q * 2 + h * kv * 2 + 3 * h * cfg["intermediate_size"]
     n = L * per_layer + h * cfg["vocab_size"]
-    return (6 if mode == "full" else 4) * n + 6 * L * seq * h
+    return (6 if mode == "full" else 4) * n + 6 * L * seq * q
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +292,7 @@ def versions():
 def bench_kernels():
     """Each Triton kernel vs its PyTorch reference vs torch.compile(reference): fwd+bwd time and memory."""
     import kernels
+    import model
     dev, dt = "cuda", torch.bfloat16
     N, C, I, V = 4 * 2048, 4096, 14336, 128256
 
@@ -307,7 +314,7 @@ def bench_kernels():
     h, W = torch.randn(N, C, device=dev, dtype=dt), torch.randn(V, C, device=dev, dtype=dt) * 0.02
     y = torch.randint(0, V, (N,), device=dev)
     q = torch.randn(4, 2048, 32, 128, device=dev, dtype=dt).transpose(1, 2)
-    fr = torch.arange(2048, device=dev)[None, :, None].float() * kernels.rope_inv_freq(128, 5e5, None).to(dev)
+    fr = torch.arange(2048, device=dev)[None, :, None].float() * model.rope_inv_freq(128, 5e5, None).to(dev)
     cos, sin = torch.cat((fr, fr), -1).cos().expand(4, -1, -1), torch.cat((fr, fr), -1).sin().expand(4, -1, -1)
     Ws = [torch.randn(o, C, device=dev, dtype=dt) * 0.02 for o in (4096, 1024, 1024)]  # q, k, v
     wfs, ab = [lambda d, w=w: w for w in Ws], [torch.randn(16, C, device=dev) * 0.01 for _ in Ws] + [

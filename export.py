@@ -14,6 +14,7 @@ written one at a time; every output goes to a temp name first and is renamed whe
 """
 import argparse
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 import formats
 import lora
+from families import checkpoint_name, nanotune_name
 import quant
 from cli import NanotuneError, Parser, cli, fresh_tmp, publish
 from formats import BLOCK_TYPES, FLOAT_TYPES, load_model, load_tokenizer, resolve_model_path
@@ -87,7 +89,8 @@ def export_adapter(model, out, base_path, dtype=None, overwrite=False):
     if not lora.lora_layers(model):
         raise NanotuneError("this model has no LoRA adapter to export; use --format merged or gguf.")
     tmp = atomic_dir(out, overwrite)
-    lora.save_adapter(model, tmp, base_model_name=formats.hub_id(base_path), base_path=base_path, dtype=dtype)
+    lora.save_adapter(model, tmp, base_model_name=formats.hub_id(base_path), base_path=base_path, dtype=dtype,
+                      rename=functools.partial(checkpoint_name, model.config))
     publish(tmp, out)
 
 
@@ -199,7 +202,7 @@ def load_for_export(args):
     model = load_model(model_path, dtype=torch.float32, prepare=quant.prepare_4bit if four_bit else None)
     tok = load_tokenizer(adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer.json")) else model_path)
     if adapter:
-        lora.load_adapter(model, adapter)
+        lora.load_adapter(model, adapter, functools.partial(nanotune_name, model.config))
     return model, tok, model_path, bool(adapter), dtype
 
 
@@ -246,7 +249,10 @@ def reader_logits(fmt, out, base_path, prompts):
         with torch.no_grad():
             return who, [hf(input_ids=torch.tensor([p])).logits[0, -1].float() for p in prompts]
     except ImportError:
-        re = load_model(out) if fmt != "adapter" else lora.load_adapter(load_model(base_path), out)
+        if fmt != "adapter":
+            return "nanotune", [next_token_logits(load_model(out), p) for p in prompts]
+        base = load_model(base_path)
+        re = lora.load_adapter(base, out, functools.partial(nanotune_name, base.config))
         return "nanotune", [next_token_logits(re, p) for p in prompts]
 
 

@@ -1,6 +1,7 @@
 """nanotune formats: weights on disk <-> a built model, both directions side by side: the family table, Hugging
 Face directories (config.json + sharded safetensors, streamed), GGUF (github.com/ggml-org/ggml/blob/master/docs/
-gguf.md), bitsandbytes 4-bit checkpoints (layout: quant.py), path resolution and the default model.
+gguf.md), bitsandbytes 4-bit checkpoints (layout: quant.py), path resolution and the default model. The family
+table and config.json <-> Config live in families.py.
 
     model, tok = load()                            # the default model (SmolLM2-135M-Instruct, its GGUF)
     model = load_model("./Qwen2.5-0.5B", dtype=torch.bfloat16, device="cuda")
@@ -10,7 +11,6 @@ import importlib.util
 import json
 import os
 import re
-from dataclasses import dataclass, field
 
 import torch
 
@@ -18,118 +18,8 @@ import dist
 import quant
 import tokenizer
 from cli import NanotuneError, fresh_tmp, publish, read_json
-from model import Config, Transformer, rope_inv_freq
-
-
-# ---------------------------------------------------------------------------------------------
-# The family table: one row per Hugging Face model_type. A row names the class transformers builds and the
-# llama.cpp architecture, and sets the Config fields that make the family what it is; everything else
-# (sizes, rope, kv heads, biases, windows) is read from config.json the same way for every family.
-@dataclass(frozen=True)
-class Family:
-    hf_class: str  # transformers' class, written into config.json "architectures"
-    gguf_arch: str  # llama.cpp's architecture name ("llama" rotates adjacent pairs: Q/K rows permuted)
-    sets: dict = field(default_factory=dict)  # Config fields fixed by the family
-    hf_keys: tuple = ()  # config.json keys read into the Config field of the same name and written back
-    sliding: str = ""  # "always": sliding_window applies when set; "flag": only with use_sliding_window
-    layer_types: str = ""  # default layer_types: "alternate" (even layers slide) | "max_window_layers"
-    gguf_keys: dict = field(default_factory=dict)  # Config field -> GGUF key under the arch, both directions
-    gguf_window: bool = False  # llama.cpp applies this arch's sliding window (else the export warns)
-    template: str = "chatml"  # tokenizer.BUILTIN_TEMPLATES name, for a checkpoint that has no chat template
-    gguf_pre: str = "gpt-2"  # llama.cpp pre-tokenizer of a byte-level BPE vocabulary the export cannot tell
-    tied: bool = False  # tie_word_embeddings when config.json does not say
-
-
-GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh")
-FAMILIES = {
-    "llama": Family("LlamaForCausalLM", "llama"),
-    "mistral": Family("MistralForCausalLM", "llama", sliding="always"),
-    "qwen2": Family("Qwen2ForCausalLM", "qwen2", dict(qkv_bias=True, o_bias=False), sliding="flag",
-                    layer_types="max_window_layers"),
-    "qwen3": Family("Qwen3ForCausalLM", "qwen3", dict(qk_norm=True), sliding="flag", layer_types="max_window_layers"),
-    "gemma": Family("GemmaForCausalLM", "gemma", GEMMA, template="gemma", tied=True),
-    "gemma2": Family("Gemma2ForCausalLM", "gemma2", {**GEMMA, "sandwich_norm": True},
-                     ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"), sliding="always",
-                     layer_types="alternate", template="gemma", gguf_window=True, tied=True,
-                     gguf_keys={"attn_logit_softcapping": "attn_logit_softcapping",
-                                "final_logit_softcapping": "final_logit_softcapping",
-                                "sliding_window": "attention.sliding_window"}),
-    "phi3": Family("Phi3ForCausalLM", "phi3", dict(fused_checkpoint=True), sliding="always", template="phi3",
-                   gguf_keys={"sliding_window": "attention.sliding_window",
-                              "max_position_embeddings": "rope.scaling.original_context_length"}),
-}
-GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
-
-
-def config_from_hf(d: dict, where: str = "config.json") -> Config:
-    """config.json (transformers 4.4x or 5.x) -> Config."""
-    mt = d.get("model_type")
-    if mt not in FAMILIES:
-        raise NanotuneError(f"{where}: model_type {mt!r} is not supported; nanotune runs {', '.join(FAMILIES)}.")
-    fam = FAMILIES[mt]
-    if d.get("mlp_bias"):
-        raise NanotuneError(f"{where}: mlp_bias=true is not supported.")
-    rp = d.get("rope_parameters") or {}  # transformers 5 keeps theta and scaling here
-    scaling = d.get("rope_scaling") or rp
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        scaling = None
-    elif kind not in ("linear", "llama3"):
-        raise NanotuneError(f"{where}: rope scaling {kind!r} is not supported (default, linear and llama3 are).")
-    heads, hidden = d["num_attention_heads"], d["hidden_size"]
-    c = Config(model_type=mt, vocab_size=d["vocab_size"], hidden_size=hidden,
-               intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-               num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
-               head_dim=d.get("head_dim") or hidden // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-               rope_theta=d.get("rope_theta", rp.get("rope_theta", 10000.0)), rope_scaling=scaling,
-               partial_rotary_factor=d.get("partial_rotary_factor", rp.get("partial_rotary_factor", 1.0)),
-               max_position_embeddings=d.get("max_position_embeddings", 4096),
-               tie_word_embeddings=d.get("tie_word_embeddings", fam.tied),
-               hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "silu",
-               bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
-               pad_token_id=d.get("pad_token_id"))
-    c.qkv_bias = c.o_bias = bool(d.get("attention_bias", False))
-    for k, v in fam.sets.items():
-        setattr(c, k, v)
-    for k in fam.hf_keys:  # (Gemma 2's query_pre_attn_scalar defaults to head_dim)
-        setattr(c, k, d.get(k, c.head_dim if k == "query_pre_attn_scalar" else None))
-    if fam.sliding == "always" or (fam.sliding == "flag" and d.get("use_sliding_window")):
-        c.sliding_window = d.get("sliding_window")
-    if c.sliding_window:
-        c.layer_types = d.get("layer_types")
-        L = c.num_hidden_layers
-        if c.layer_types is None and fam.layer_types == "alternate":  # even layers slide, odd see everything
-            c.layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)]
-        if c.layer_types is None and fam.layer_types == "max_window_layers":
-            first = d.get("max_window_layers", 0)
-            c.layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(L)]
-    if c.hidden_act not in ("silu", "gelu_pytorch_tanh"):
-        raise NanotuneError(f"{where}: activation {c.hidden_act!r} is not supported (silu, gelu_pytorch_tanh).")
-    return c
-
-
-def config_to_hf(c: Config) -> dict:
-    """Config -> config.json that transformers (4.4x and 5.x) reads back as the same model."""
-    fam = FAMILIES[c.model_type]
-    d = {"architectures": [fam.hf_class], "model_type": c.model_type}
-    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
-              "tie_word_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id", *fam.hf_keys):
-        d[k] = getattr(c, k)
-    d["rope_scaling"] = c.rope_scaling
-    d["rope_parameters"] = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})}
-    if c.partial_rotary_factor != 1.0:
-        d["partial_rotary_factor"] = d["rope_parameters"]["partial_rotary_factor"] = c.partial_rotary_factor
-    if "qkv_bias" not in fam.sets:
-        d["attention_bias"] = c.qkv_bias
-    if "hidden_act" in fam.sets:
-        d["hidden_activation"] = c.hidden_act
-    if fam.sliding:
-        d["sliding_window"] = c.sliding_window
-        d["use_sliding_window"] = bool(c.sliding_window)
-    if c.layer_types:
-        d["layer_types"] = c.layer_types
-    return d
+from families import FAMILIES, GGUF_FAMILY, checkpoint_name, config_from_hf, config_to_hf, nanotune_name
+from model import Config, Transformer, rope_attention_factor, rope_inv_freq
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +81,11 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 
 
 def split_fused(cfg: Config, name: str, t: torch.Tensor):
-    """Phi-3 checkpoints fuse q/k/v and gate/up; nanotune keeps them separate (LoRA targets stay uniform)."""
+    """A checkpoint tensor -> nanotune's (name, tensor) pairs: the family's names mapped (families.nanotune_name;
+    a vision tower dropped) and Phi-3's fused q/k/v and gate/up split (LoRA targets stay uniform)."""
+    name = nanotune_name(cfg, name)
+    if name is None:
+        return
     fused = next((f for f in FUSED if name.endswith(f"{f}.weight")), None)
     if fused is None:
         yield name, t
@@ -204,7 +98,8 @@ def split_fused(cfg: Config, name: str, t: torch.Tensor):
 
 def fuse(cfg: Config, tensors):
     """The inverse of split_fused over a stream of (name, tensor): Phi-3's fused tensor is emitted once all
-    of its parts have passed; everything else passes through (a tied lm_head is dropped)."""
+    of its parts have passed; everything else passes through under the checkpoint's name (a tied lm_head is
+    dropped)."""
     pending = {}
     for name, t in tensors:
         if cfg.tie_word_embeddings and name == "lm_head.weight":
@@ -213,7 +108,7 @@ def fuse(cfg: Config, tensors):
         parent, _, proj = mod.rpartition(".")
         fused = next((f for f, parts in FUSED.items() if proj in parts), None) if cfg.fused_checkpoint else None
         if fused is None or leaf != "weight":
-            yield name, t
+            yield checkpoint_name(cfg, name), t
             continue
         pending[name] = t
         parts = [f"{parent}.{x}.weight" for x in FUSED[fused]]
@@ -272,8 +167,7 @@ def load_tensors(model: Transformer, tensors, dtype, device, source: str):
     if missing:
         raise NanotuneError(f"{source}: the checkpoint lacks {len(missing)} tensors (first: {missing[0]!r}); "
                             "it is incomplete or not a model of this architecture.")
-    model.inv_freq = torch.empty(model.config.rotary_dim // 2, device=device)
-    model.reset_rope()
+    model.reset_rope(device)
     return model
 
 
@@ -406,13 +300,14 @@ def read_gguf(path: str):
 
 
 def gguf_names(cfg: Config) -> dict:
-    """Hugging Face name -> GGUF name for every tensor of `cfg`'s checkpoint (fused names for Phi-3)."""
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    """Checkpoint name -> GGUF name for every tensor of `cfg`'s checkpoint (fused names for Phi-3, the
+    family's own names for Phi-2)."""
+    top = {"model.embed_tokens": "token_embd", "model.norm": "output_norm"}
     if not cfg.tie_word_embeddings:
-        names["lm_head.weight"] = "output.weight"
+        top["lm_head"] = "output"
     layer = {"input_layernorm": "attn_norm", "self_attn.o_proj": "attn_output", "mlp.down_proj": "ffn_down",
-             "post_attention_layernorm": "post_attention_norm" if cfg.sandwich_norm else "ffn_norm"}
-    if cfg.sandwich_norm:
+             "post_attention_layernorm": "post_attention_norm" if cfg.post_norm else "ffn_norm"}
+    if cfg.post_norm:
         layer.update({"pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"})
     if cfg.qk_norm:
         layer.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
@@ -421,11 +316,9 @@ def gguf_names(cfg: Config) -> dict:
     else:
         layer.update({"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                       "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"})
-    for i in range(cfg.num_hidden_layers):
-        for hf, gg in layer.items():
-            for suffix in ("weight", "bias"):
-                names[f"model.layers.{i}.{hf}.{suffix}"] = f"blk.{i}.{gg}.{suffix}"
-    return names
+    pairs = list(top.items()) + [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}")
+                                 for i in range(cfg.num_hidden_layers) for hf, gg in layer.items()]
+    return {checkpoint_name(cfg, f"{hf}.{end}"): f"{gg}.{end}" for hf, gg in pairs for end in ("weight", "bias")}
 
 
 def llama_qk_permute(w: torch.Tensor, heads: int, inverse=False) -> torch.Tensor:
@@ -440,7 +333,7 @@ def llama_qk_permute(w: torch.Tensor, heads: int, inverse=False) -> torch.Tensor
 
 def _permuted_heads(cfg: Config, name: str):
     """How many heads a Q/K tensor has when llama.cpp's `llama` arch wants its rows permuted, else None."""
-    if FAMILIES[cfg.model_type].gguf_arch != "llama":
+    if FAMILIES[cfg.model_type].gguf_arch not in ("llama", "granite"):  # llama.cpp's "norm" rope type
         return None
     return cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads if ".k_proj." in name else None
 
@@ -475,16 +368,24 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
          "hidden_size": hidden, "intermediate_size": g("feed_forward_length"),
          "num_hidden_layers": g("block_count"), "num_attention_heads": heads,
          "num_key_value_heads": g("attention.head_count_kv", heads), "head_dim": head_dim,
-         "rms_norm_eps": g("attention.layer_norm_rms_epsilon", 1e-6), "rope_theta": g("rope.freq_base", 10000.0),
+         FAMILIES[mt].keys.get("rms_norm_eps", "rms_norm_eps"): g("attention.layer_norm_rms_epsilon") or g(
+             "attention.layer_norm_epsilon", 1e-6), "rope_theta": g("rope.freq_base", 10000.0),
          "partial_rotary_factor": g("rope.dimension_count", head_dim) / head_dim,
          "max_position_embeddings": g("context_length", 4096),
-         "tie_word_embeddings": "output.weight" not in names, "attention_bias": False,
+         "tie_word_embeddings": "output.weight" not in names, "attention_bias": "blk.0.attn_q.bias" in names,
+         "mlp_bias": "blk.0.ffn_down.bias" in names,
+         "query_pre_attn_scalar": head_dim,  # llama.cpp scales attention by 1/sqrt(head_dim)
          "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
          "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
          "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
-    if g("rope.scaling.type") == "linear":
-        d["rope_scaling"] = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
+    d["rope_scaling"] = gguf_rope_scaling(g, {t.name: t for t in reader.tensors})
+    if g("rope.scaling.original_context_length"):  # (a top-level value wins in config_from_hf, as in transformers)
+        d["original_max_position_embeddings"] = g("rope.scaling.original_context_length")
     d.update({k: g(gk) for k, gk in FAMILIES[mt].gguf_keys.items() if g(gk) is not None})
+    if isinstance(pattern := g("attention.sliding_window_pattern"), list):  # one flag per layer
+        d["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
+    if g("rope.freq_base_swa") and d.get("sliding_window"):
+        d["rope_local_base_freq"] = g("rope.freq_base_swa")
     cfg = config_from_hf(d, where)
     if "rope_freqs.weight" in names:  # Llama 3.1: per-frequency divisors instead of scaling keys
         t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
@@ -497,7 +398,7 @@ def gguf_tensors(reader, cfg: Config, where: str):
     from gguf import quants
     to_hf = {gg: hf for hf, gg in gguf_names(cfg).items()}
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
+        if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
             continue
         if t.name not in to_hf:
             raise NanotuneError(f"{where}: tensor {t.name!r} does not belong to a {cfg.model_type} model.")
@@ -529,9 +430,54 @@ def gguf_out_tensors(cfg: Config, tensors):
     names = gguf_names(cfg)
     for name, t in tensors:
         yield names[name], to_gguf(cfg, name, t.float().cpu()).numpy()
-    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":  # llama.cpp: a divisor per frequency
+    s = cfg.rope_scaling or {}
+    if s.get("rope_type") == "llama3":  # llama.cpp: a divisor per frequency
         plain = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
-        yield "rope_freqs.weight", (plain / rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)).numpy()
+        yield "rope_freqs.weight", (plain / rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, s)).numpy()
+    if s.get("rope_type") == "longrope":  # both divisor sets; llama.cpp picks by its context size
+        import numpy as np
+        yield "rope_factors_long.weight", np.array(s["long_factor"], dtype=np.float32)
+        yield "rope_factors_short.weight", np.array(s["short_factor"], dtype=np.float32)
+
+
+def write_gguf_rope(w, cfg: Config):
+    """Rope scaling as llama.cpp reads it: linear and YaRN as keys; Llama 3.1 and LongRoPE as divisor tensors
+    (gguf_out_tensors), LongRoPE's attention factor and original context as keys."""
+    import gguf
+    s = cfg.rope_scaling or {}
+    kind, arch = s.get("rope_type"), FAMILIES[cfg.model_type].gguf_arch
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(s["factor"])
+    if kind == "yarn":  # llama.cpp computes YaRN's 0.1 ln(factor) + 1 itself; an explicit factor it cannot take
+        if s.get("truncate") is False or any(s.get(k) is not None for k in ("attention_factor", "mscale",
+                                                                              "mscale_all_dim")):
+            raise NanotuneError("this YaRN config sets attention_factor / mscale / truncate, which llama.cpp's GGUF "
+                                "keys cannot express; export --format merged instead.")
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(s["factor"])
+        w.add_float32(f"{arch}.rope.scaling.yarn_beta_fast", float(s.get("beta_fast") or 32))
+        w.add_float32(f"{arch}.rope.scaling.yarn_beta_slow", float(s.get("beta_slow") or 1))
+    if kind == "longrope":
+        w.add_rope_scaling_attn_factors(rope_attention_factor(s))
+    if kind in ("yarn", "longrope"):
+        w.add_rope_scaling_orig_ctx_len(s["original_max_position_embeddings"])
+
+
+def gguf_rope_scaling(g, tensors) -> dict | None:
+    """The inverse of write_gguf_rope (g: a key under the arch -> value; tensors: name -> GGUF tensor)."""
+    kind, orig = g("rope.scaling.type"), g("rope.scaling.original_context_length")
+    if kind == "linear" and g("rope.scaling.factor"):
+        return {"rope_type": "linear", "factor": g("rope.scaling.factor")}
+    if kind == "yarn":
+        return {"rope_type": "yarn", "factor": g("rope.scaling.factor"), "original_max_position_embeddings": orig,
+                "beta_fast": g("rope.scaling.yarn_beta_fast", 32.0), "beta_slow": g("rope.scaling.yarn_beta_slow", 1.0)}
+    if "rope_factors_long.weight" in tensors:
+        return {"rope_type": "longrope", "original_max_position_embeddings": orig,
+                "attention_factor": g("rope.scaling.attn_factor"),
+                "long_factor": [float(x) for x in tensors["rope_factors_long.weight"].data],
+                "short_factor": [float(x) for x in tensors["rope_factors_short.weight"].data]}
+    return None
 
 
 def write_gguf_metadata(w, cfg: Config, tok, qtype):
@@ -547,20 +493,23 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    (w.add_layer_norm_eps if cfg.norm_type == "layer" else w.add_layer_norm_rms_eps)(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(cfg.rotary_dim)
     if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
-    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
+    write_gguf_rope(w, cfg)
     arch = FAMILIES[cfg.model_type].gguf_arch
     for k, gk in FAMILIES[cfg.model_type].gguf_keys.items():
         v = getattr(cfg, k)
         if v is not None:
             (w.add_float32 if isinstance(v, float) else w.add_uint32)(f"{arch}.{gk}", v)
+    if cfg.layer_types and FAMILIES[cfg.model_type].gguf_window:  # which layers slide, one flag each
+        slides = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
+        w.add_array(f"{arch}.attention.sliding_window_pattern", slides)
+    if cfg.local_rope_theta:  # Gemma 3: the sliding layers' own base (unscaled)
+        w.add_float32(f"{arch}.rope.freq_base_swa", cfg.local_rope_theta)
     w.add_file_type(FILE_TYPE.get(qtype, 1))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokenizer.write_gguf_vocab(w, tok, cfg.vocab_size, FAMILIES[cfg.model_type].gguf_pre)

@@ -6,10 +6,12 @@
     python generate.py --model model.gguf --raw --prompt "Once upon a time"   # plain completion, no template
 """
 import argparse
+import functools
 
 import torch
 
 from cli import NanotuneError, Parser, cli
+from families import nanotune_name
 from formats import load
 from lora import load_adapter
 from model import generate
@@ -42,7 +44,7 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     model, tok = load(a.model, dtype=dtype, device=a.device)
     if a.adapter:
-        load_adapter(model, a.adapter)
+        load_adapter(model, a.adapter, functools.partial(nanotune_name, model.config))
     sample = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   seed=a.seed, stop_ids=tok.stop_ids)
 

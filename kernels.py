@@ -112,8 +112,7 @@ if triton is not None:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, eps, offset):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
+        shape, x2 = x.shape, x.reshape(-1, x.shape[-1]).contiguous()
         N, C = x2.shape
         y = torch.empty_like(x2)
         rstd = torch.empty(N, dtype=torch.float32, device=x.device)
@@ -131,13 +130,18 @@ class _RMSNorm(torch.autograd.Function):
         dy = dy.reshape(N, C).contiguous()
         dx = torch.empty_like(x2)
         need_dw = ctx.needs_input_grad[1]  # frozen norm weights (LoRA): no weight-gradient work at all
-        progs = min(N, 4 * (torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 2))
-        rows_per = triton.cdiv(N, progs)
+        progs, rows_per = _norm_programs(N, x2.device)
         dw = torch.empty((progs, C), dtype=torch.float32, device=x2.device) if need_dw else rstd
         BLOCK = triton.next_power_of_2(C)
         _rms_bwd[(progs,)](dy, x2, w, rstd, dx, dw, C, ctx.offset, rows_per, N, BLOCK=BLOCK, NEED_DW=need_dw,
                            num_warps=min(16, max(1, BLOCK // 256)))
         return dx.view(ctx.shape), (dw.sum(0).to(w.dtype) if need_dw else None), None, None
+
+
+def _norm_programs(N, device):
+    """(programs, rows per program) for a norm backward that sums weight gradients per program."""
+    progs = min(N, 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2))
+    return progs, triton.cdiv(N, progs)
 
 
 def rms_norm_triton(x, weight, eps: float, offset: float = 0.0):
@@ -148,6 +152,99 @@ def rms_norm(x, weight, eps: float, offset: float = 0.0):
     if _triton(x):
         return rms_norm_triton(x, weight, eps, offset)
     return rms_norm_ref(x, weight, eps, offset)
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm (Phi-2): y = (x - mean(x)) / sqrt(var(x) + eps) * w + b, statistics in fp32
+def layer_norm_ref(x, weight, bias, eps: float):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+if triton is not None:
+    @triton.jit
+    def _ln_fwd(X, W, B, Y, MEAN, RSTD, C, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = cols < C
+        x = tl.load(X + row * C + cols, mask=m, other=0.0).to(tl.float32)
+        mean = tl.sum(x, 0) / C
+        xc = tl.where(m, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / C + eps)
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(Y + row * C + cols, (xc * rstd * w + b).to(Y.dtype.element_ty), mask=m)
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _ln_bwd(DY, X, W, MEAN, RSTD, DX, DW, DB, C, rows_per_prog, n_rows, BLOCK: tl.constexpr,
+                NEED_DW: tl.constexpr):
+        # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * w,  xhat = (x - mean) * rstd
+        # dw = sum_rows dy * xhat, db = sum_rows dy   (per-program partial sums, added up in PyTorch)
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < C
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK,), dtype=tl.float32)
+        db = tl.zeros((BLOCK,), dtype=tl.float32)
+        row0 = pid.to(tl.int64) * rows_per_prog
+        for k in range(0, rows_per_prog):
+            r = row0 + k
+            rm = m & ((r + cols * 0) < n_rows)
+            x = tl.load(X + r * C + cols, mask=rm, other=0.0).to(tl.float32)
+            dy = tl.load(DY + r * C + cols, mask=rm, other=0.0).to(tl.float32)
+            rr = tl.minimum(r, n_rows - 1)
+            xhat = tl.where(rm, (x - tl.load(MEAN + rr)) * tl.load(RSTD + rr), 0.0)
+            g = dy * w
+            dx = tl.load(RSTD + rr) * (g - tl.sum(g, 0) / C - xhat * tl.sum(g * xhat, 0) / C)
+            tl.store(DX + r * C + cols, dx.to(DX.dtype.element_ty), mask=rm)
+            if NEED_DW:
+                dw += dy * xhat
+                db += dy
+        if NEED_DW:
+            tl.store(DW + pid * C + cols, dw, mask=m)
+            tl.store(DB + pid * C + cols, db, mask=m)
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, eps):
+        shape, x2 = x.shape, x.reshape(-1, x.shape[-1]).contiguous()
+        N, C = x2.shape
+        y = torch.empty_like(x2)
+        mean, rstd = (torch.empty(N, dtype=torch.float32, device=x.device) for _ in range(2))
+        BLOCK = triton.next_power_of_2(C)
+        _ln_fwd[(N,)](x2, w, b, y, mean, rstd, C, eps, BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 256)))
+        ctx.save_for_backward(x2, w, mean, rstd)
+        ctx.shape, ctx.b_dtype = shape, b.dtype
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w, mean, rstd = ctx.saved_tensors
+        N, C = x2.shape
+        dy = dy.reshape(N, C).contiguous()
+        dx = torch.empty_like(x2)
+        need_dw = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        progs, rows_per = _norm_programs(N, x2.device)
+        dw, db = ((torch.empty((progs, C), dtype=torch.float32, device=x2.device) if need_dw else rstd)
+                  for _ in range(2))
+        BLOCK = triton.next_power_of_2(C)
+        _ln_bwd[(progs,)](dy, x2, w, mean, rstd, dx, dw, db, C, rows_per, N, BLOCK=BLOCK, NEED_DW=need_dw,
+                          num_warps=min(16, max(1, BLOCK // 256)))
+        if not need_dw:
+            return dx.view(ctx.shape), None, None, None
+        return dx.view(ctx.shape), dw.sum(0).to(w.dtype), db.sum(0).to(ctx.b_dtype), None
+
+
+def layer_norm_triton(x, weight, bias, eps: float):
+    return _LayerNorm.apply(x, weight, bias, eps)
+
+
+def layer_norm(x, weight, bias, eps: float):
+    if _triton(x):
+        return layer_norm_triton(x, weight, bias, eps)
+    return layer_norm_ref(x, weight, bias, eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,25 +264,28 @@ def rope_ref(x, cos, sin):
 
 if triton is not None:
     @triton.jit
-    def _rope_kernel(X, COS, SIN, Y, H, T, D, sxb, sxh, sxt, syb, syh, syt, HALF: tl.constexpr,
-                     BLOCK_H: tl.constexpr, SIGN: tl.constexpr):
-        # one program per (b, t): every head's first 2*HALF dims rotated, the rest copied
+    def _rope_kernel(X, COS, SIN, Y, H, T, D, sxb, sxh, sxt, syb, syh, syt, HALF, BLOCK_H: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, SIGN: tl.constexpr):
+        # one program per (b, t): every head's first 2*HALF dims rotated, the other D - 2*HALF copied
+        # (BLOCK_R >= HALF and BLOCK_P >= D - 2*HALF are powers of two; BLOCK_P = 0: full rotary)
         bt = tl.program_id(0).to(tl.int64)
         b, t = bt // T, bt % T
         h = tl.arange(0, BLOCK_H)[:, None]
-        i = tl.arange(0, HALF)[None, :]
-        mh = h < H
-        cos = tl.load(COS + bt * 2 * HALF + i).to(tl.float32)
-        sin = tl.load(SIN + bt * 2 * HALF + i).to(tl.float32) * SIGN  # SIGN = -1: the inverse rotation
+        i = tl.arange(0, BLOCK_R)[None, :]
+        mh, mi = h < H, i < HALF
+        m = mh & mi
+        cos = tl.load(COS + bt * 2 * HALF + i, mask=mi, other=0.0).to(tl.float32)
+        sin = tl.load(SIN + bt * 2 * HALF + i, mask=mi, other=0.0).to(tl.float32) * SIGN  # -1: inverse rotation
         xp = X + b * sxb + t * sxt + h * sxh
         yp = Y + b * syb + t * syt + h * syh
-        x1 = tl.load(xp + i, mask=mh, other=0.0).to(tl.float32)
-        x2 = tl.load(xp + HALF + i, mask=mh, other=0.0).to(tl.float32)
-        tl.store(yp + i, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mh)
-        tl.store(yp + HALF + i, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=mh)
-        for j in range(2 * HALF, D):  # partial rotary: pass the rest through
-            v = tl.load(xp + j, mask=mh, other=0.0)
-            tl.store(yp + j, v, mask=mh)
+        x1 = tl.load(xp + i, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + HALF + i, mask=m, other=0.0).to(tl.float32)
+        tl.store(yp + i, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=m)
+        tl.store(yp + HALF + i, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=m)
+        if BLOCK_P > 0:  # partial rotary (Phi-2, Phi-4): the rest of each head passes through
+            j = 2 * HALF + tl.arange(0, BLOCK_P)[None, :]
+            mj = mh & (j < D)
+            tl.store(yp + j, tl.load(xp + j, mask=mj, other=0.0), mask=mj)
 
 
 def _rope_launch(x, cos, sin, sign):
@@ -193,8 +293,10 @@ def _rope_launch(x, cos, sin, sign):
     rot = cos.shape[-1]
     cos, sin = cos.contiguous(), sin.contiguous()
     y = torch.empty((B, T, H, D), dtype=x.dtype, device=x.device).transpose(1, 2)  # [B, H, T, D] view
+    rest = triton.next_power_of_2(D - rot) if D > rot else 0
     _rope_kernel[(B * T,)](x, cos, sin, y, H, T, D, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
-                           y.stride(1), y.stride(2), HALF=rot // 2, BLOCK_H=triton.next_power_of_2(H), SIGN=sign)
+                           y.stride(1), y.stride(2), rot // 2, BLOCK_H=triton.next_power_of_2(H),
+                           BLOCK_R=triton.next_power_of_2(rot // 2), BLOCK_P=rest, SIGN=sign)
     return y
 
 
@@ -326,13 +428,14 @@ def trained_part(h, labels, ignore_index=-100, rows=None):
     return h.index_select(0, rows), labels.index_select(0, rows)
 
 
-def linear_cross_entropy_ref(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None, chunk=4096):
-    """h [N, C], weight [V, C], labels [N] -> summed loss (fp32 scalar). rows: trained_rows(labels), if known
-    (False: keep every row, see trained_part)."""
+def linear_cross_entropy_ref(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None, chunk=4096,
+                             bias=None):
+    """h [N, C], weight [V, C], labels [N] (bias [V]: Phi-2's head) -> summed loss (fp32 scalar).
+    rows: trained_rows(labels), if known (False: keep every row, see trained_part)."""
     from torch.utils.checkpoint import checkpoint
 
     def part(hc, yc):
-        z = softcap(hc @ weight.t(), softcap_value).float()
+        z = softcap(F.linear(hc, weight, bias), softcap_value).float()
         return F.cross_entropy(z, yc, ignore_index=ignore_index, reduction="sum")
 
     h, labels = trained_part(h, labels, ignore_index, rows)
@@ -402,7 +505,7 @@ class _LinearCE(torch.autograd.Function):
     dh = G W and dW += G^T h (fp32). All gradient work happens in forward; backward scales it."""
 
     @staticmethod
-    def forward(ctx, h, w, labels, cap, ignore_index, triton_rows):
+    def forward(ctx, h, w, b, labels, cap, ignore_index, triton_rows):
         N, C = h.shape
         V = w.shape[0]
         # chunks of ~1024 rows: [1024, V] logits stay small while the matmuls stay efficient
@@ -410,9 +513,10 @@ class _LinearCE(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h)
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+        db = torch.zeros(V, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[2] else None
         for i in range(0, N, chunk):
             hc, yc = h[i : i + chunk], labels[i : i + chunk]
-            z = hc @ w.t()  # [n, V] in the activation dtype
+            z = hc @ w.t() if b is None else torch.addmm(b, hc, w.t())  # [n, V] in the activation dtype
             if triton_rows:
                 rows = torch.empty(z.shape[0], dtype=torch.float32, device=h.device)
                 _ce_rows[(z.shape[0],)](z, yc, rows, V, z.stride(0), float(cap or 0.0), ignore_index,
@@ -423,14 +527,17 @@ class _LinearCE(torch.autograd.Function):
             torch.mm(z, w, out=dh[i : i + chunk])
             if dw is not None:
                 _addmm_fp32(dw, z.t(), hc)  # summed over chunks in fp32
-        ctx.save_for_backward(dh, dw if dw is not None else loss)
-        ctx.has_dw, ctx.w_dtype = dw is not None, w.dtype
+            if db is not None:
+                db += z.sum(0, dtype=torch.float32)
+        ctx.save_for_backward(dh, dw if dw is not None else loss, db if db is not None else loss)
+        ctx.has_dw, ctx.has_db, ctx.w_dtype = dw is not None, db is not None, w.dtype
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        dh, dw = ctx.saved_tensors
-        return dh * g.to(dh.dtype), (dw * g).to(ctx.w_dtype) if ctx.has_dw else None, None, None, None, None
+        dh, dw, db = ctx.saved_tensors
+        return (dh * g.to(dh.dtype), (dw * g).to(ctx.w_dtype) if ctx.has_dw else None,
+                (db * g).to(ctx.w_dtype) if ctx.has_db else None, None, None, None, None)
 
 
 def ce_rows_torch(z, y, cap, ignore_index):
@@ -457,24 +564,24 @@ def ce_rows_torch(z, y, cap, ignore_index):
     return loss
 
 
-def linear_cross_entropy_triton(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None):
+def linear_cross_entropy_triton(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None, bias=None):
     h, labels = trained_part(h, labels, ignore_index, rows)
-    return _LinearCE.apply(h, weight, labels, softcap_value, ignore_index, True)
+    return _LinearCE.apply(h, weight, bias, labels, softcap_value, ignore_index, True)
 
 
-def linear_cross_entropy_fused(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None):
+def linear_cross_entropy_fused(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None, bias=None):
     """The same Function with the rows done by ce_rows_torch: any device. On a CPU it beats the reference
     (no recompute of the logits, no separate softmax backward)."""
     h, labels = trained_part(h, labels, ignore_index, rows)
-    return _LinearCE.apply(h, weight, labels, softcap_value, ignore_index, False)
+    return _LinearCE.apply(h, weight, bias, labels, softcap_value, ignore_index, False)
 
 
-def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None):
+def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-100, rows=None, bias=None):
     if _triton(h):
-        return linear_cross_entropy_triton(h, weight, labels, softcap_value, ignore_index, rows)
+        return linear_cross_entropy_triton(h, weight, labels, softcap_value, ignore_index, rows, bias)
     if _FUSED and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return linear_cross_entropy_fused(h, weight, labels, softcap_value, ignore_index, rows)
-    return linear_cross_entropy_ref(h, weight, labels, softcap_value, ignore_index, rows)  # no gradient: no dh
+        return linear_cross_entropy_fused(h, weight, labels, softcap_value, ignore_index, rows, bias)
+    return linear_cross_entropy_ref(h, weight, labels, softcap_value, ignore_index, rows, bias=bias)  # no dh
 
 
 # ---------------------------------------------------------------------------------------------

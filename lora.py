@@ -220,9 +220,11 @@ def unmerge_lora(model):
 PEFT_PREFIX = "base_model.model."
 
 
-def adapter_state_dict(model, dtype=None) -> dict:
+def adapter_state_dict(model, dtype=None, rename=None) -> dict:
+    """PEFT keys; rename: nanotune's module name -> the checkpoint's (families.checkpoint_name, Phi-2)."""
     sd = {}
     for n, m in lora_layers(model):
+        n = rename(n) if rename else n
         sd[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.lora_A.weight
         sd[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.weight
         if m.lora_magnitude_vector is not None:
@@ -232,19 +234,19 @@ def adapter_state_dict(model, dtype=None) -> dict:
 
 
 def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_path: str | None = None, dtype=None,
-                 write=True):
+                 write=True, rename=None):
     """adapter_model.safetensors + adapter_config.json, each written to a temp name then renamed.
     base_model_name: what peft loads the base by (a hub id or a path); base_path: the local base nanotune
     loaded, kept in the safetensors metadata. Under FSDP every rank calls it (gathering is collective) and
-    only the one with `write` writes."""
+    only the one with `write` writes. rename: as in adapter_state_dict."""
     from safetensors.torch import save_file
-    sd = adapter_state_dict(model, dtype)
+    sd = adapter_state_dict(model, dtype, rename)
     if not write:
         return
     os.makedirs(out_dir, exist_ok=True)
     c = model.lora_config
     targets = c["target_modules"] if isinstance(c["target_modules"], str) else sorted(set(
-        n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)))
+        (rename(n) if rename else n).rsplit(".", 1)[-1] for n, _ in lora_layers(model)))
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
            "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
            "target_modules": targets, "use_rslora": c["use_rslora"], "use_dora": c["use_dora"], "bias": "none",
@@ -257,8 +259,9 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_p
     publish(os.path.join(out_dir, "adapter_config.json.tmp"), os.path.join(out_dir, "adapter_config.json"))
 
 
-def load_adapter(model, adapter_dir: str):
-    """Apply the adapter in `adapter_dir` (saved by nanotune or by `peft`) to a plain model."""
+def load_adapter(model, adapter_dir: str, rename=None):
+    """Apply the adapter in `adapter_dir` (saved by nanotune or by `peft`) to a plain model. rename: the
+    checkpoint's module names -> nanotune's (families.nanotune_name; Phi-2 calls o_proj `dense`)."""
     from safetensors.torch import load_file
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(cfg_path):
@@ -268,7 +271,10 @@ def load_adapter(model, adapter_dir: str):
         raise NanotuneError(f"{cfg_path}: peft_type {c.get('peft_type')!r} is not supported (LORA is).")
     if c.get("rank_pattern") or c.get("alpha_pattern") or c.get("modules_to_save"):
         raise NanotuneError(f"{cfg_path}: rank_pattern, alpha_pattern and modules_to_save are not supported.")
-    apply_lora(model, r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0), targets=c["target_modules"],
+    targets = c["target_modules"]
+    if rename and not isinstance(targets, str):
+        targets = [rename(t) for t in targets]
+    apply_lora(model, r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0), targets=targets,
                rslora=c.get("use_rslora", False), dora=c.get("use_dora", False))
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(path):
@@ -281,6 +287,7 @@ def load_adapter(model, adapter_dir: str):
     params = {f"{PEFT_PREFIX}{n}": p for n, p in model.named_parameters()}
     for k, v in sd.items():
         name = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        name = rename(name) if rename else name
         if name.endswith(".lora_magnitude_vector.weight"):
             name = name[: -len(".weight")]
         if name not in params:

@@ -41,20 +41,31 @@ class Config:
     num_attention_heads: int = 32
     num_key_value_heads: int = 32
     head_dim: int = 128
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # the epsilon of every norm (LayerNorm's too)
+    norm_type: str = "rms"  # "rms" | "layer" (LayerNorm with bias: Phi-2)
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3" | "factors", ...}
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3" | "yarn" | "longrope" | "factors", ...}
+    local_rope_theta: float | None = None  # Gemma 3: sliding layers rotate with this base, unscaled
     partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
     o_bias: bool = False  # Llama `attention_bias` puts a bias on o_proj too
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+    mlp_bias: bool = False  # Phi-2: biases on the MLP projections
+    lm_head_bias: bool = False  # Phi-2
+    qk_norm: str | None = None  # RMSNorm on q and k before RoPE: "head" (Qwen3, Gemma 3) | "proj" (Olmo 2, all heads)
     norm_offset: float = 0.0  # Gemma: x_norm * (1 + w)
     embed_scale: bool = False  # Gemma: embeddings * sqrt(hidden_size)
-    hidden_act: str = "silu"  # "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU)
-    sandwich_norm: bool = False  # Gemma 2: extra norms after attention and MLP
-    query_pre_attn_scalar: float | None = None  # Gemma 2: attention scale = this^-0.5
+    hidden_act: str = "silu"  # "silu" (SwiGLU) or tanh-GELU ("gelu_pytorch_tanh" / "gelu_new", GeGLU)
+    gated_mlp: bool = True  # False: down(act(up(x))) (Phi-2's fc1 / fc2)
+    pre_norm: bool = True  # norm the input of attention and of the MLP (every family but Olmo 2)
+    post_norm: bool = False  # norm the output of attention and of the MLP (Gemma 2/3 with pre_norm, Olmo 2)
+    parallel_block: bool = False  # Phi-2: x + attn(norm(x)) + mlp(norm(x)), one norm
+    query_pre_attn_scalar: float | None = None  # Gemma 2/3: attention scale = this^-0.5
+    attention_multiplier: float | None = None  # Granite: the attention scale itself
+    embedding_multiplier: float = 1.0  # Granite: embeddings * this
+    residual_multiplier: float = 1.0  # Granite: x + branch * this
+    logits_scaling: float = 1.0  # Granite: logits / this
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
@@ -74,26 +85,62 @@ class Config:
         return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
 
-def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/dim), i < dim/2, with Llama 3.1 or linear scaling applied."""
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/dim), i < dim/2, with the checkpoint's scaling applied. `long`: LongRoPE's
+    long factors (for sequences past the original context) instead of its short ones."""
     inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    s = scaling or {}
+    kind = s.get("rope_type", s.get("type", "default"))
     if kind == "factors":  # GGUF `rope_freqs`: llama.cpp divides each frequency by its factor
-        return inv / torch.tensor(scaling["factors"], dtype=torch.float32)
+        return inv / torch.tensor(s["factors"], dtype=torch.float32)
+    if kind == "longrope":  # Phi-3.5 / Phi-4: a searched divisor per frequency (arXiv:2402.13753)
+        return inv / torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32)
     if kind == "linear":  # positions divided by factor == frequencies divided by factor
-        return inv / scaling["factor"]
+        return inv / s["factor"]
+    factor, old_ctx = s.get("factor"), s.get("original_max_position_embeddings")
+    if kind == "yarn":  # arXiv:2309.00071: frequencies that turn more than beta_fast times over the old context
+        # are kept, fewer than beta_slow times divided by `factor`, a linear ramp over the dims in between
+        def dim_turning(n):  # the (fractional) dim index whose frequency turns n times over old_ctx
+            return dim * math.log(old_ctx / (n * 2 * math.pi)) / (2 * math.log(theta))
+        lo, hi = dim_turning(s.get("beta_fast") or 32), dim_turning(s.get("beta_slow") or 1)
+        if s.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo if hi > lo else 0.001)).clamp(0, 1)
+        return inv / factor * ramp + inv * (1 - ramp)
     if kind == "llama3":
         # wavelengths longer than old_ctx/low are slowed by `factor`, shorter than old_ctx/high kept,
         # and the band between blends the two linearly in old_ctx/wavelength.
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_ctx = scaling["original_max_position_embeddings"]
+        low, high = s["low_freq_factor"], s["high_freq_factor"]
         wavelen = 2 * math.pi / inv
         scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
-        s = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - s) * scaled / factor + s * scaled
+        t = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - t) * scaled / factor + t * scaled
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         return torch.where(medium, smoothed, scaled)
     return inv
+
+
+def rope_attention_factor(scaling: dict | None) -> float:
+    """YaRN and LongRoPE multiply cos and sin by this (a temperature on the attention logits)."""
+    s = scaling or {}
+    kind, f = s.get("rope_type", s.get("type")), s.get("factor") or 1.0
+    if s.get("attention_factor") is not None or kind not in ("yarn", "longrope"):
+        return s.get("attention_factor") or 1.0
+    if f <= 1:
+        return 1.0
+    if kind == "longrope":
+        return math.sqrt(1 + math.log(f) / math.log(s["original_max_position_embeddings"]))
+    if s.get("mscale") and s.get("mscale_all_dim"):  # DeepSeek-style: a ratio of two of YaRN's 0.1 m ln(f) + 1
+        return (0.1 * s["mscale"] * math.log(f) + 1) / (0.1 * s["mscale_all_dim"] * math.log(f) + 1)
+    return 0.1 * math.log(f) + 1.0
+
+
+def rotary(position_ids, inv_freq, factor=1.0):
+    """positions [B, T] -> cos, sin [B, T, rot] (halves repeated, as rotate-half wants), times `factor`."""
+    freqs = position_ids[..., None].float() * inv_freq.float()  # [B, T, rot/2]
+    emb = torch.cat((freqs, freqs), -1)
+    return emb.cos() * factor, emb.sin() * factor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +153,25 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return kernels.rms_norm(x, self.weight, self.eps, self.offset)
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / sqrt(var + eps) * w + b over the last dim (Phi-2)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def make_norm(cfg: Config, dim=None):
+    dim = dim or cfg.hidden_size
+    if cfg.norm_type == "layer":
+        return LayerNorm(dim, cfg.rms_norm_eps)
+    return RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_offset)
 
 
 def shared_input(x, *mods):
@@ -124,10 +190,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
-        self.scale = (cfg.query_pre_attn_scalar or self.hd) ** -0.5
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # "head": one norm over each head's D dims; "proj": over all H*D of the projection
+            per = 1 if cfg.qk_norm == "head" else None
+            self.q_norm = RMSNorm(self.hd * (per or self.nh), cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(self.hd * (per or self.nkv), cfg.rms_norm_eps, cfg.norm_offset)
+        self.scale = cfg.attention_multiplier or (cfg.query_pre_attn_scalar or self.hd) ** -0.5
         self.softcap = cfg.attn_logit_softcapping
         self.sliding = cfg.is_sliding(layer)
         self.layer = layer
@@ -135,9 +203,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+        if self.qk_norm == "proj":  # Olmo 2
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.view(B, T, self.nh, self.hd), k.view(B, T, self.nkv, self.hd)
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, KV, T, D]
-        if hasattr(self, "q_norm"):
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q = kernels.rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
         k = kernels.rope(k.transpose(1, 2), cos, sin)  # [B, KV, T, D]
@@ -160,38 +230,63 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Gated: down(act(gate(x)) * up(x)) (SwiGLU / GeGLU). Plain (Phi-2): down(act(up(x)))."""
+
     def __init__(self, cfg: Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act = cfg.hidden_act
+        if cfg.gated_mlp:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act, self.gated = cfg.hidden_act, cfg.gated_mlp
 
     def forward(self, x, residual=False):
         """residual: the caller only adds the output to the residual stream, so a recompute for backward
         may skip computing it (kernels.value_unused)."""
-        h = kernels.gated_act(*shared_input(x, self.gate_proj, self.up_proj), self.act)
+        if self.gated:
+            h = kernels.gated_act(*shared_input(x, self.gate_proj, self.up_proj), self.act)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh") if self.act != "silu" else F.silu(self.up_proj(x))
         with kernels.value_unused(residual):
             return kernels.linear(self.down_proj, h)
 
 
 class Block(nn.Module):
+    """Pre-norm (Llama):  x += attn(n1(x));          x += mlp(n2(x))
+    Sandwich (Gemma 2/3): x += n2(attn(n1(x)));      x += n4(mlp(n3(x)))
+    Post-norm (Olmo 2):   x += n2(attn(x));          x += n4(mlp(x))
+    Parallel (Phi-2):     x += attn(n1(x)) + mlp(n1(x))
+    with Hugging Face's names n1 input_layernorm, n2 post_attention_layernorm, n3 pre_feedforward_layernorm,
+    n4 post_feedforward_layernorm (Llama's pre-MLP norm is also called post_attention_layernorm), and every
+    branch times residual_multiplier (Granite)."""
+
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
-        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)  # noqa: E731
         self.self_attn, self.mlp = Attention(cfg, layer), MLP(cfg)
-        self.input_layernorm, self.post_attention_layernorm = norm(), norm()
-        if cfg.sandwich_norm:  # Gemma 2 names: post_attention_layernorm normalises the attention *output*
-            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
-        self.sandwich = cfg.sandwich_norm
+        self.pre, self.post, self.parallel = cfg.pre_norm, cfg.post_norm, cfg.parallel_block
+        if self.pre or self.parallel:
+            self.input_layernorm = make_norm(cfg)
+        if self.post:
+            self.post_attention_layernorm, self.post_feedforward_layernorm = make_norm(cfg), make_norm(cfg)
+        if self.pre and not self.parallel:
+            setattr(self, "pre_feedforward_layernorm" if self.post else "post_attention_layernorm", make_norm(cfg))
+        self.mult = cfg.residual_multiplier
+
+    def mlp_norm(self, x):
+        return (self.pre_feedforward_layernorm if self.post else self.post_attention_layernorm)(x)
 
     def forward(self, x, cos, sin, mask, cache=None):
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        if self.sandwich:
-            x = x + self.post_attention_layernorm(a)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x), residual=True)
+        if self.parallel:
+            h = self.input_layernorm(x)
+            return x + self.self_attn(h, cos, sin, mask, cache) + self.mlp(h, residual=True)
+        a = self.self_attn(self.input_layernorm(x) if self.pre else x, cos, sin, mask, cache)
+        if self.post:
+            a = self.post_attention_layernorm(a)
+        x = x + (a * self.mult if self.mult != 1 else a)
+        y = self.mlp(self.mlp_norm(x) if self.pre else x, residual=not self.post and self.mult == 1)
+        if self.post:
+            y = self.post_feedforward_layernorm(y)
+        return x + (y * self.mult if self.mult != 1 else y)
 
 
 class Decoder(nn.Module):
@@ -201,7 +296,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.norm = make_norm(cfg)
 
 
 class Transformer(nn.Module):
@@ -209,9 +304,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.tie_weights()
-        self.register_buffer("inv_freq", torch.empty(cfg.rotary_dim // 2), persistent=False)
+        for name in self.rope_buffers():  # inverse frequencies, filled by reset_rope (not in checkpoints)
+            self.register_buffer(name, torch.empty(cfg.rotary_dim // 2), persistent=False)
         self.reset_rope()
         self.gradient_checkpointing = False
         self.offload_activations = False  # with checkpointing: block inputs wait in host memory (kernels.Offload)
@@ -221,12 +317,37 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def reset_rope(self):
+    def rope_buffers(self) -> dict:
+        """buffer name -> (theta, scaling, long): the global rotation; LongRoPE's long one; Gemma 3's local one."""
         c = self.config
-        if self.inv_freq.is_meta:
-            self.inv_freq = torch.empty(c.rotary_dim // 2)
-        with torch.no_grad():
-            self.inv_freq.copy_(rope_inv_freq(c.rotary_dim, c.rope_theta, c.rope_scaling))
+        out = {"inv_freq": (c.rope_theta, c.rope_scaling, False)}
+        if (c.rope_scaling or {}).get("rope_type") == "longrope":
+            out["inv_freq_long"] = (c.rope_theta, c.rope_scaling, True)
+        if c.local_rope_theta:
+            out["inv_freq_local"] = (c.local_rope_theta, None, False)
+        return out
+
+    def reset_rope(self, device=None):
+        c = self.config
+        for name, (theta, scaling, long) in self.rope_buffers().items():
+            buf = getattr(self, name)
+            if buf.is_meta or device is not None:
+                setattr(self, name, buf := torch.empty(c.rotary_dim // 2, device=device))
+            with torch.no_grad():
+                buf.copy_(rope_inv_freq(c.rotary_dim, theta, scaling, long))
+        self.rope_factor = rope_attention_factor(c.rope_scaling)
+
+    def rope_tables(self, position_ids, S=None):
+        """{sliding?: (cos, sin)}: one table for every layer, or Gemma 3's global and local ones. S: the
+        sequence length when known on the host (packed rows: the longest document, found on the device)."""
+        c = self.config
+        inv = self.inv_freq
+        if hasattr(self, "inv_freq_long"):  # LongRoPE: long factors once the sequence passes the old context
+            n = S or int(position_ids.max()) + 1
+            inv = self.inv_freq_long if n > c.rope_scaling["original_max_position_embeddings"] else inv
+        tables = {False: rotary(position_ids, inv, self.rope_factor)}
+        tables[True] = rotary(position_ids, self.inv_freq_local) if c.local_rope_theta else tables[False]
+        return tables
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """input_ids [B, T] -> final hidden states [B, T, C].
@@ -244,13 +365,17 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if c.embed_scale:  # Gemma: sqrt(hidden) rounded to the activation dtype, as the reference does
             x = x * torch.tensor(c.hidden_size**0.5, dtype=x.dtype)
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, rot/2]
-        cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()  # [B, T, rot]
+        if c.embedding_multiplier != 1:  # Granite
+            x = x * c.embedding_multiplier
+        rope = self.rope_tables(position_ids, None if packed else offset + T)
         S = offset + T
         need = attention_mask is not None or packed or (offset > 0 and T > 1)
         masks, windows = {}, {c.sliding_window if layer.self_attn.sliding else None for layer in self.model.layers}
-        if self.varlen and packed and attention_mask is None and cache is None and varlen_usable(x, c, windows):
+        plain = attention_mask is None and cache is None  # no padding, no cache: rows are whole documents
+        if self.varlen and packed and plain and varlen_usable(x, c, windows):
             masks = packed_rows(position_ids, windows)  # no [B, 1, T, T] mask: varlen flash attention
+        elif not packed and plain and any(w and S > w for w in windows) and varlen_usable(x, c, windows):
+            masks = whole_rows(B, T, windows, x.device)  # sliding windows through flash varlen, no [T, S] mask
         docs = position_ids.eq(0).cumsum(1) if packed and not masks else None  # [B, T] document index per token
         for w in windows - set(masks):
             if need or (w and S > w):
@@ -261,6 +386,7 @@ class Transformer(nn.Module):
         last = self.model.layers[-1]
         for layer in self.model.layers:
             mask = masks.get(c.sliding_window if layer.self_attn.sliding else None)
+            cos, sin = rope[layer.self_attn.sliding]
             if ckpt:  # keep only the block input (on the host with offload); recompute the rest in backward
                 with offload.saving(x) if offload and layer is not last else contextlib.nullcontext():
                     x = kernels.checkpoint(layer, x, cos, sin, mask, rng=dropout)
@@ -270,7 +396,8 @@ class Transformer(nn.Module):
             cache.pos += T
         if offload:
             offload.prefetch_last()  # backward starts with the last block, which was not offloaded
-        return self.model.norm(x)
+        h = self.model.norm(x)
+        return h / c.logits_scaling if c.logits_scaling != 1 else h  # Granite: logits / s (the head has no bias)
 
     def run(self, fn, *args, **kwargs):
         """fn(self, *args) as part of this module's forward: dist.py registers `run` as an FSDP forward
@@ -279,7 +406,8 @@ class Transformer(nn.Module):
         return fn(self, *args, **kwargs)
 
     def logits(self, h):
-        """[..., C] hidden states -> [..., V] logits (with Gemma 2's final softcap)."""
+        """[..., C] hidden states -> [..., V] logits (with Gemma 2's final softcap). Granite's logits_scaling
+        is already in h (forward divides the hidden states), so a fused loss over lm_head sees it too."""
         return kernels.softcap(self.lm_head(h), self.config.final_logit_softcapping)
 
 
@@ -316,6 +444,12 @@ def packed_rows(position_ids, windows) -> dict:
     return {w: PackedRows(cu, max_len, w) for w in windows}
 
 
+def whole_rows(B, T, windows, device) -> dict:
+    """B rows of T tokens, each one document, as PackedRows (no host sync: every boundary is known)."""
+    cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+    return {w: PackedRows(cu, T, w) for w in windows}
+
+
 @functools.cache
 def _varlen():
     """(torch's varlen_attn, its argument names), or (None, set()) before torch 2.10. Imported on first
@@ -337,7 +471,7 @@ def varlen_usable(x, cfg, windows) -> bool:
     fn, args = _varlen()
     if fn is None or (windows != {None} and "window_size" not in args):
         return False
-    return "scale" in args or not cfg.query_pre_attn_scalar
+    return "scale" in args or not (cfg.query_pre_attn_scalar or cfg.attention_multiplier)
 
 
 def varlen_attention(q, k, v, rows: PackedRows, scale):

@@ -127,6 +127,18 @@ BUILTIN_TEMPLATES = {
               "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
               "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
               "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
+    # Gemma 3 (as its checkpoints ship it, text parts only): the system turn is folded into the first user turn
+    "gemma3": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+               "{% set prefix = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+               "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+               "{% for m in turns %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+               "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+               "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') }}"
+               "{% if m['content'] is string %}{{ m['content'] | trim }}{% else %}"
+               "{% for part in m['content'] %}{% if part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}"
+               "{% endfor %}{% endif %}{{ '<end_of_turn>\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
     "phi3": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
              "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"),
 }

@@ -13,6 +13,7 @@ printed and saved as <output_dir>/config.yaml. At the end <output_dir>/adapter (
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import runs
 from cli import F_, NanotuneError, cli, fresh_tmp, parse_config, publish, save_config
 import data
 from data import IGNORE, Sampler, build_dataset, collate, dataset_spec, pack
+from families import checkpoint_name, nanotune_name
 from formats import hub_id, load_model, load_tokenizer, resolve_model_path, save_hf
 from lora import DEFAULT_TARGETS
 from model import generate
@@ -237,8 +239,10 @@ def shard_on_meta(model, cfg, device, dtype):
 
 
 def add_lora(model, cfg):
-    if cfg.lora:
-        lora.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
+    if cfg.lora:  # targets may use the checkpoint's names (Phi-2's dense, fc1, fc2)
+        targets = cfg.lora_targets if isinstance(cfg.lora_targets, str) else [
+            nanotune_name(model.config, t) for t in cfg.lora_targets]
+        lora.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
                         rslora=cfg.use_rslora, dora=cfg.use_dora, train_modules=cfg.train_modules)
 
 
@@ -477,7 +481,8 @@ def token_loss_sum(model, batch, every_row=False):
     h = h.reshape(-1, h.shape[-1])  # [B*T, C]
     head = model.lm_head
     if type(head) is nn.Linear:
-        return kernels.linear_cross_entropy(h, head.weight, y, model.config.final_logit_softcapping, IGNORE, rows)
+        return kernels.linear_cross_entropy(h, head.weight, y, model.config.final_logit_softcapping, IGNORE, rows,
+                                            head.bias)
     h, y = kernels.trained_part(h, y, IGNORE, rows)
     return F.cross_entropy(model.logits(h).float(), y, ignore_index=IGNORE, reduction="sum")
 
@@ -553,7 +558,8 @@ def finish(model, tok, cfg, prompts, before, after):
     if cfg.lora:
         result = os.path.join(cfg.output_dir, "adapter")  # published once complete, never half-written
         tmp = fresh_tmp(result) if main_rank else None
-        lora.save_adapter(model, tmp, base_model_name=hub_id(cfg.model), base_path=cfg.model, write=main_rank)
+        lora.save_adapter(model, tmp, base_model_name=hub_id(cfg.model), base_path=cfg.model, write=main_rank,
+                          rename=functools.partial(checkpoint_name, model.config))
         if main_rank:
             tok.save(tmp)
             publish(tmp, result)

@@ -41,6 +41,23 @@ ARCH_CONFIGS = {
     "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
     "phi3": ("Phi3Config", dict(sliding_window=6, tie_word_embeddings=False, num_key_value_heads=2)),
+    # Gemma 3: 2 sliding : 1 full layer, a local rope base beside the global one (linear x8), QK norms (+1)
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, num_hidden_layers=3, sliding_window=5, query_pre_attn_scalar=24,
+                                        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                        attention_bias=True, rope_parameters={
+                                            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    # Phi-2: parallel block from one LayerNorm, partial rotary (12 of 16 dims), biases everywhere, head bias
+    "phi": ("PhiConfig", dict(partial_rotary_factor=0.75, tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0)),
+    "phi3-longrope": ("Phi3Config", dict(tie_word_embeddings=False, original_max_position_embeddings=8, rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+        "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]})),
+    "qwen2-yarn": ("Qwen2Config", dict(tie_word_embeddings=False, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
+    "olmo2": ("Olmo2Config", dict(attention_bias=True, tie_word_embeddings=False)),
+    "granite": ("GraniteConfig", dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.2,
+                                      logits_scaling=4.0, attention_bias=True, mlp_bias=True,
+                                      tie_word_embeddings=False)),
 }
 
 
@@ -79,12 +96,13 @@ def smollm_tok(_smollm_tokenizer):
     return copy.deepcopy(_smollm_tokenizer)
 
 
-def save_tiny_tokenizer(out_dir, template=None):
+def save_tiny_tokenizer(out_dir, template=None, extra_specials=()):
     """A byte-level BPE tokenizer over printable ASCII + newline + chat specials (< 128 ids, 3 merges),
-    with a ChatML template: tiny random models then run the real data, export and llama.cpp paths."""
+    with a ChatML template (template="": none): tiny random models then run the real data, export and
+    llama.cpp paths."""
     import json
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", *extra_specials]
     chars = ["\u0120" if c == 32 else chr(c) for c in range(32, 127)] + ["\u010a"]  # byte-level spellings
     merges = [("\u0120", "t"), ("h", "e"), ("i", "n")]  # a few, so llama.cpp sees a real BPE vocabulary
     vocab = {t: i for i, t in enumerate(specials + chars + [a + b for a, b in merges])}
@@ -95,9 +113,11 @@ def save_tiny_tokenizer(out_dir, template=None):
     os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     from tokenizer import CHATML
+    cfg = {"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "</s>", "add_bos_token": False}
+    if template != "":
+        cfg["chat_template"] = template or CHATML
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "</s>", "add_bos_token": False,
-                   "chat_template": template or CHATML}, f)
+        json.dump(cfg, f)
 
 
 def make_tiny_run_model(out_dir, arch="llama", seed=0):

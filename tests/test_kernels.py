@@ -54,9 +54,16 @@ def test_rms_norm_frozen_weight_gets_no_gradient():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rot", [16, 8])  # full and partial rotary
-def test_rope(dtype, rot):
-    B, H, T, D = 2, 3, 7, 16
+def test_layer_norm(dtype):
+    x, w, b = randn(3, 41, 77, scale=2.0) + 0.5, randn(77, seed=1, scale=0.2) + 1.0, randn(77, seed=2, scale=0.1)
+    check(lambda a, c, d: kernels.layer_norm_triton(a, c, d, 1e-5),
+          lambda a, c, d: kernels.layer_norm_ref(a, c, d, 1e-5), [x, w, b], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rot,D", [(16, 16), (8, 16), (12, 20)])  # full, partial, a non-power-of-two rotation
+def test_rope(dtype, rot, D):
+    B, H, T = 2, 3, 7
     x = randn(B, T, H, D).transpose(1, 2)  # the model's [B, H, T, D] view of a [B, T, H, D] projection
     pos = torch.arange(T, device=DEV).expand(B, T).float()
     freqs = pos[..., None] * model.rope_inv_freq(rot, 10000.0, None).to(DEV)
@@ -97,6 +104,9 @@ def test_linear_cross_entropy(dtype, cap, rows_in):
         hh = h.to(dtype).requires_grad_()
         fn(hh, w.to(dtype), y, cap, rows=False).backward()
         assert hh.grad[::5].abs().max() == 0
+    b = randn(V, seed=3, scale=0.5)  # a head with a bias (Phi-2): its gradient too
+    check(lambda a, c, d: fused(a, c, y, cap, bias=d)[None],
+          lambda a, c, d: kernels.linear_cross_entropy_ref(a, c, y, cap, bias=d)[None], [h, w, b], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -52,6 +52,41 @@ def test_adapter_roundtrip_with_peft(variant, tmp_path):
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == {"q_proj", "v_proj", "down_proj"}
 
 
+# every family whose checkpoint keeps q/k/v and gate/up separate (Phi-3 fuses them: PEFT adapts qkv_proj there)
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn"])
+def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
+    """nanotune's adapter on every projection gives peft's logits; a peft-made adapter (the checkpoint's own module
+    names: Phi-2's dense / fc1 / fc2) loads into nanotune with peft's logits."""
+    import functools
+    from families import checkpoint_name, nanotune_name
+    from peft import LoraConfig, PeftModel, get_peft_model
+    hf = make_hf_model(arch, tmp_path / "base")
+    ids = torch.randint(3, 128, (2, 10))
+    m = formats.load_model(str(tmp_path / "base"))
+    lora.apply_lora(m, r=4, alpha=8)
+    randomise_adapters(m)
+    with torch.no_grad():
+        ours = m.logits(m(ids))
+    lora.save_adapter(m, str(tmp_path / "ours"), rename=functools.partial(checkpoint_name, m.config))
+    pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-5
+    n_peft = sum(1 for n, _ in pm.named_modules() if n.endswith(".lora_A.default"))
+    assert n_peft == len(lora.lora_layers(m)) == 7 * m.config.num_hidden_layers - (m.config.num_hidden_layers
+                                                                                 if arch == "phi" else 0)
+    hf2 = make_hf_model(arch, tmp_path / "base2")
+    targets = ["dense", "fc2"] if arch == "phi" else ["o_proj", "down_proj"]
+    pm2 = get_peft_model(hf2, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)).eval()
+    pm2.save_pretrained(str(tmp_path / "peft"))
+    with torch.no_grad():
+        ref = pm2(input_ids=ids).logits
+    m2 = formats.load_model(str(tmp_path / "base2"))
+    lora.load_adapter(m2, str(tmp_path / "peft"), functools.partial(nanotune_name, m2.config))
+    with torch.no_grad():
+        assert (ref - m2.logits(m2(ids))).abs().max() < 1e-5
+    assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == {"o_proj", "down_proj"}
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_merge_equals_adapter_and_unmerge_restores(variant, tmp_path):
     make_hf_model("llama", tmp_path)
@@ -116,11 +151,13 @@ def test_checkpointing_with_dropout_repeats_the_masks(tmp_path):
         assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n
 
 
-@pytest.mark.parametrize("arch,four_bit", [("qwen2", False), ("llama", True), ("gemma2", False)])
+@pytest.mark.parametrize("arch,four_bit", [("qwen2", False), ("llama", True), ("gemma2", False), ("phi", False),
+                                           ("gemma3", True), ("olmo2", False), ("granite", False)])
 def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp_path, monkeypatch):
     """The training path (fused q/k/v and gate/up projections, block checkpointing whose recompute skips
     the down_proj GEMM) gives the plain path's loss and adapter gradients. Qwen2 has q/k/v biases,
-    Gemma 2 sandwich norms (no skipping there), Llama a 4-bit base."""
+    Gemma 2 sandwich norms (no skipping there), Llama a 4-bit base, Phi-2 the parallel block, Gemma 3 local and
+    global rotations over a 4-bit base, Olmo 2 post-norms, Granite residual multipliers."""
     import kernels
     import quant
     make_hf_model(arch, tmp_path)

@@ -44,7 +44,9 @@ def test_logits_match_transformers_both_ways(arch, tmp_path):
     assert err < 1e-4, f"{arch}: transformers reading nanotune's save differs by {err}"
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+# (LongRoPE is left out: its short/long choice is made per forward from the longest position, in transformers too,
+# so a packed row that passes original_max_position_embeddings rotates its short documents differently)
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn"])
 def test_packed_rows_equal_separate_sequences(arch, tmp_path):
     """Two documents packed in one row (positions restart at 0) give the logits each has alone."""
     make_hf_model(arch, tmp_path / "hf")
@@ -57,7 +59,7 @@ def test_packed_rows_equal_separate_sequences(arch, tmp_path):
     assert (packed - alone).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3", "phi"])
 def test_packed_rows_train_like_separate_sequences(arch, tmp_path, monkeypatch):
     """Packed rows give each document's hidden states and the same gradients as the documents one by
     one: on a GPU through varlen flash attention (bf16; the test counts its calls), on CPU through
@@ -103,7 +105,7 @@ def test_sharded_checkpoint_loads(tmp_path):
         assert torch.equal(p, q), n
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn"])
 def test_kv_cache_generation_equals_full_recompute(arch, tmp_path):
     make_hf_model(arch, tmp_path / "hf")
     m = formats.load_model(str(tmp_path / "hf"))
@@ -111,3 +113,53 @@ def test_kv_cache_generation_equals_full_recompute(arch, tmp_path):
     cached = model.generate(m, prompt, max_new_tokens=12, use_cache=True)
     full = model.generate(m, prompt, max_new_tokens=12, use_cache=False)
     assert cached == full and len(cached) == 12
+
+
+def test_gemma3_vision_language_checkpoint_loads_its_text_tower(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint (text under language_model., a vision tower beside it) loads
+    as the text model: logits equal transformers' on text input; the vision tensors are left out."""
+    import transformers
+    from conftest import TINY
+    text = transformers.Gemma3TextConfig(**{**TINY, **ARCH_CONFIGS["gemma3"][1]})
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                                    image_token_index=127, boi_token_index=125, eoi_token_index=126)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).float().eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(str(tmp_path))
+    m = formats.load_model(str(tmp_path))
+    assert m.config.model_type == "gemma3_text" and m.config.layer_types == text.layer_types
+    ids, mask = padded_batch(120)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        ours = m.logits(m(ids, attention_mask=mask))
+    assert (ref - ours)[mask.bool()].abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen attention runs on CUDA only")
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+def test_sliding_window_rows_through_varlen_equal_the_mask(arch, tmp_path, monkeypatch):
+    """Whole rows longer than the window go through flash varlen attention with a window (no [B, 1, T, S] mask);
+    the hidden states and gradients equal the masked SDPA path's."""
+    make_hf_model(arch, tmp_path / "hf")
+    m = formats.load_model(str(tmp_path / "hf"), dtype=torch.bfloat16, device="cuda").train()
+    ids = torch.randint(3, 128, (3, 16), device="cuda")
+    calls, varlen = [], model.varlen_attention
+    monkeypatch.setattr(model, "varlen_attention", lambda *a: calls.append(1) or varlen(*a))
+    out = []
+    for usable in (True, False):
+        if not usable:
+            monkeypatch.setattr(model, "varlen_usable", lambda *a: False)
+        m.zero_grad()
+        h = m(ids)
+        h.float().square().sum().backward()
+        out.append((h.float(), torch.cat([p.grad.float().flatten() for p in m.parameters() if p.grad is not None])))
+    if "window_size" in model._varlen()[1]:  # torch's varlen_attn takes a window from 2.10 on
+        assert calls, "the sliding window did not go through varlen attention"
+    (h1, g1), (h2, g2) = out
+    assert (h1 - h2).abs().max() <= 3e-2 * h2.abs().max() and (g1 - g2).abs().max() <= 3e-2 * g2.abs().max()

@@ -27,3 +27,39 @@ def test_sentencepiece_rebuild_matches_sentencepiece(spm_dir, text):
     tok = formats.load_tokenizer(str(spm_dir))  # a directory with only tokenizer.model: bos added, as Llama 2 does
     assert tok.encode(text) == [sp.bos_id()] + sp.encode(text)
     assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
+
+
+def test_gemma3_template_renders_like_transformers_and_trains_each_turns_end(tmp_path):
+    """A Gemma 3 checkpoint without a chat template gets the family's: Gemma's turns, the system prompt folded into
+    the first user turn, exactly as transformers renders it; each model turn trains through its <end_of_turn>,
+    and the Ollama Modelfile stops there."""
+    from conftest import make_hf_model, save_tiny_tokenizer
+    from transformers import AutoTokenizer
+    import data
+    import export
+    from data import IGNORE
+    make_hf_model("gemma3", tmp_path)
+    save_tiny_tokenizer(tmp_path, template="", extra_specials=["<start_of_turn>", "<end_of_turn>"])
+    tok = formats.load_tokenizer(str(tmp_path))
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France? "},
+            {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Spain?"},
+            {"role": "assistant", "content": "Madrid."}]
+    want = ("<s><start_of_turn>user\nBe brief.\n\nCapital of France?<end_of_turn>\n<start_of_turn>model\nParis."
+            "<end_of_turn>\n<start_of_turn>user\nAnd Spain?<end_of_turn>\n<start_of_turn>model\nMadrid.<end_of_turn>\n")
+    assert tok.render(conv) == want
+    ref = AutoTokenizer.from_pretrained(str(tmp_path))
+    for msgs, gen in ((conv, False), (conv[:2], True), (conv[1:4], True)):
+        assert tok.render(msgs, add_generation_prompt=gen) == ref.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=gen, chat_template=tok.chat_template)
+    ids, labels = data.tokenize({"messages": conv}, "messages", tok, where="test")
+    runs, cur = [], []
+    for t, y in zip(ids, labels):
+        if y != IGNORE:
+            cur.append(t)
+        elif cur:
+            runs, cur = runs + [cur], []
+    assert [tok.decode(r, skip_special_tokens=False) for r in runs + ([cur] if cur else [])] == [
+        "Paris.<end_of_turn>", "Madrid.<end_of_turn>"]
+    text = export.ollama_modelfile(str(tmp_path / "m.gguf"), tok)
+    assert 'PARAMETER stop "<end_of_turn>"' in text and "<start_of_turn>model" in text
+    assert tok.token_id("<end_of_turn>") in tok.stop_ids

@@ -1,0 +1,217 @@
+"""nanotune families: the table of supported architectures and config.json <-> Config, both directions.
+
+A family is one row: the class transformers builds, the llama.cpp architecture, the Config fields that make the
+family what it is, and how its checkpoint names differ from nanotune's (Llama's) names. Everything else (sizes,
+rope, kv heads, biases, windows) is read from config.json the same way for every family. The reference for
+each row is transformers' `models/<name>/configuration_*.py` and `modeling_*.py`.
+
+    cfg = config_from_hf(json.load(open("gemma-3-1b/config.json")))
+    json.dump(config_to_hf(cfg), open("out/config.json", "w"))   # transformers reads it back as the same model
+"""
+from dataclasses import dataclass, field
+
+from cli import NanotuneError
+from model import Config
+
+
+@dataclass(frozen=True)
+class Family:
+    hf_class: str  # transformers' class, written into config.json "architectures"
+    gguf_arch: str  # llama.cpp's architecture name ("llama" rotates adjacent pairs: Q/K rows permuted)
+    sets: dict = field(default_factory=dict)  # Config fields fixed by the family
+    hf_keys: tuple = ()  # config.json keys read into the Config field of the same name and written back
+    keys: dict = field(default_factory=dict)  # Config field -> the family's own config.json key for it
+    defaults: dict = field(default_factory=dict)  # config.json values the family's config class assumes
+    sliding: str = ""  # "always": sliding_window applies when set; "flag": only with use_sliding_window
+    layer_types: str = ""  # default layer_types: "pattern" (sliding_window_pattern) | "max_window_layers"
+    renames: dict = field(default_factory=dict)  # checkpoint name component -> nanotune's (Phi-2's dense -> o_proj)
+    gguf_keys: dict = field(default_factory=dict)  # Config field -> GGUF key under the arch, both directions
+    gguf_window: bool = False  # llama.cpp applies this arch's sliding window (else the export warns)
+    template: str = "chatml"  # tokenizer.BUILTIN_TEMPLATES name, for a checkpoint that has no chat template
+    gguf_pre: str = "gpt-2"  # llama.cpp pre-tokenizer of a byte-level BPE vocabulary the export cannot tell
+    tied: bool = False  # tie_word_embeddings when config.json does not say
+
+
+GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh")
+SOFTCAPS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+WINDOW = {"sliding_window": "attention.sliding_window"}
+GEMMA3_DEFAULTS = dict(  # Gemma3TextConfig's defaults: multimodal checkpoints spell out only what differs
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=131_072,
+    rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, sliding_window=4096, sliding_window_pattern=6,
+    hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1, pad_token_id=0)
+FAMILIES = {
+    "llama": Family("LlamaForCausalLM", "llama"),
+    "mistral": Family("MistralForCausalLM", "llama", sliding="always"),
+    "qwen2": Family("Qwen2ForCausalLM", "qwen2", dict(qkv_bias=True, o_bias=False), sliding="flag",
+                    layer_types="max_window_layers"),
+    "qwen3": Family("Qwen3ForCausalLM", "qwen3", dict(qk_norm="head"), sliding="flag",
+                    layer_types="max_window_layers"),
+    "gemma": Family("GemmaForCausalLM", "gemma", GEMMA, template="gemma", tied=True),
+    "gemma2": Family("Gemma2ForCausalLM", "gemma2", {**GEMMA, "post_norm": True}, SOFTCAPS, sliding="always",
+                     defaults=dict(sliding_window_pattern=2), layer_types="pattern", template="gemma",
+                     gguf_window=True, tied=True, gguf_keys={"attn_logit_softcapping": "attn_logit_softcapping",
+                                                             "final_logit_softcapping": "final_logit_softcapping",
+                                                             **WINDOW}),
+    "gemma3_text": Family("Gemma3ForCausalLM", "gemma3", {**GEMMA, "post_norm": True, "qk_norm": "head"}, SOFTCAPS,
+                          defaults=GEMMA3_DEFAULTS, sliding="always", layer_types="pattern", template="gemma3",
+                          gguf_window=True, tied=True, gguf_keys=WINDOW),
+    "phi": Family("PhiForCausalLM", "phi2", dict(norm_type="layer", parallel_block=True, gated_mlp=False,
+                                                  mlp_bias=True, lm_head_bias=True, qkv_bias=True, o_bias=True),
+                  keys={"rms_norm_eps": "layer_norm_eps"},
+                  defaults=dict(rope_parameters={"partial_rotary_factor": 0.5}, hidden_act="gelu_new",
+                                layer_norm_eps=1e-5),
+                  renames=dict(dense="o_proj", fc1="up_proj", fc2="down_proj", final_layernorm="norm")),
+    "phi3": Family("Phi3ForCausalLM", "phi3", dict(fused_checkpoint=True), sliding="always", template="phi3",
+                   defaults=dict(original_max_position_embeddings=4096), gguf_keys=WINDOW),
+    "olmo2": Family("Olmo2ForCausalLM", "olmo2", dict(pre_norm=False, post_norm=True, qk_norm="proj")),
+    "granite": Family("GraniteForCausalLM", "granite", {}, ("embedding_multiplier", "residual_multiplier",
+                                                             "attention_multiplier", "logits_scaling"),
+                      gguf_keys={"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
+                                 "attention_multiplier": "attention.scale", "logits_scaling": "logit_scale"}),
+}
+GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
+MULTIMODAL = {"gemma3": "gemma3_text"}  # a vision-language config whose text tower nanotune trains
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new")  # gelu_new is tanh-GELU too
+ROPE_TYPES = ("linear", "llama3", "yarn", "longrope")
+
+
+def text_config(d: dict) -> dict:
+    """A Gemma 3 vision-language config.json -> its text tower's config (the rest of the file is the vision side)."""
+    if d.get("model_type") in MULTIMODAL:
+        text = d.get("text_config") or {}
+        return {"tie_word_embeddings": d.get("tie_word_embeddings", True), **text,
+                "model_type": MULTIMODAL[d["model_type"]]}
+    return d
+
+
+def rope_from_hf(d: dict, where: str):
+    """(theta, scaling or None, local theta or None) from rope_parameters (transformers 5, nested per layer type
+    for Gemma 3) or rope_theta / rope_scaling / rope_local_base_freq (transformers 4)."""
+    rp = d.get("rope_parameters") or {}
+    local = None
+    if isinstance(rp.get("full_attention"), dict):  # {"full_attention": {...}, "sliding_attention": {...}}
+        local, rp = (rp.get("sliding_attention") or {}).get("rope_theta"), rp["full_attention"]
+    local = local or d.get("rope_local_base_freq")
+    scaling = dict(d.get("rope_scaling") or rp)
+    theta = d.get("rope_theta", rp.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None, local
+    if kind not in ROPE_TYPES:
+        raise NanotuneError(f"{where}: rope scaling {kind!r} is not supported ({', '.join(ROPE_TYPES)} are).")
+    for k in ("rope_theta", "partial_rotary_factor", "type"):
+        scaling.pop(k, None)
+    scaling["rope_type"] = kind
+    if kind in ("llama3", "yarn", "longrope"):  # transformers: a top-level value wins (Phi-3 keeps it there)
+        scaling["original_max_position_embeddings"] = d.get("original_max_position_embeddings") or scaling.get(
+            "original_max_position_embeddings") or d.get("max_position_embeddings")
+    if kind in ("yarn", "longrope") and not scaling.get("factor"):
+        scaling["factor"] = d.get("max_position_embeddings") / scaling["original_max_position_embeddings"]
+    return theta, scaling, local
+
+
+def config_from_hf(d: dict, where: str = "config.json") -> Config:
+    """config.json (transformers 4.4x or 5.x) -> Config."""
+    d = text_config(d)
+    mt = d.get("model_type")
+    if mt not in FAMILIES:
+        raise NanotuneError(f"{where}: model_type {mt!r} is not supported; nanotune runs {', '.join(FAMILIES)}.")
+    fam = FAMILIES[mt]
+    d = {**fam.defaults, **{k: v for k, v in d.items() if v is not None}}
+    if d.get("qk_layernorm"):
+        raise NanotuneError(f"{where}: qk_layernorm=true (a Phi variant) is not supported.")
+    theta, scaling, local = rope_from_hf(d, where)
+    heads, hidden = d["num_attention_heads"], d["hidden_size"]
+    rp = d.get("rope_parameters") or {}
+    c = Config(model_type=mt, vocab_size=d["vocab_size"], hidden_size=hidden,
+               intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+               num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
+               head_dim=d.get("head_dim") or hidden // heads,
+               rms_norm_eps=d.get(fam.keys.get("rms_norm_eps", "rms_norm_eps"), 1e-6),
+               rope_theta=theta, rope_scaling=scaling, local_rope_theta=local,
+               partial_rotary_factor=d.get("partial_rotary_factor", rp.get("partial_rotary_factor", 1.0)),
+               max_position_embeddings=d.get("max_position_embeddings", 4096),
+               tie_word_embeddings=d.get("tie_word_embeddings", fam.tied),
+               hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "silu",
+               mlp_bias=bool(d.get("mlp_bias", False)), bos_token_id=d.get("bos_token_id"),
+               eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"))
+    c.qkv_bias = c.o_bias = bool(d.get("attention_bias", False))
+    for k, v in fam.sets.items():
+        setattr(c, k, v)
+    for k in fam.hf_keys:  # (query_pre_attn_scalar defaults to head_dim, Granite's multipliers to 1)
+        default = c.head_dim if k == "query_pre_attn_scalar" else getattr(c, k)
+        setattr(c, k, d.get(k, default))
+    if fam.sliding == "always" or (fam.sliding == "flag" and d.get("use_sliding_window")):
+        c.sliding_window = d.get("sliding_window")
+    if c.sliding_window:
+        c.layer_types = d.get("layer_types")
+        L = c.num_hidden_layers
+        if c.layer_types is None and fam.layer_types == "pattern":  # N-1 sliding layers, then a full one
+            n = d["sliding_window_pattern"]
+            c.layer_types = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(L)]
+        if c.layer_types is None and fam.layer_types == "max_window_layers":
+            first = d.get("max_window_layers", 0)
+            c.layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(L)]
+    if c.hidden_act not in ACTIVATIONS:
+        raise NanotuneError(f"{where}: activation {c.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)}).")
+    return c
+
+
+def config_to_hf(c: Config) -> dict:
+    """Config -> config.json that transformers (4.4x and 5.x) reads back as the same model."""
+    fam = FAMILIES[c.model_type]
+    d = {"architectures": [fam.hf_class], "model_type": c.model_type}
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+              "tie_word_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id", *fam.hf_keys):
+        d[fam.keys.get(k, k)] = getattr(c, k)
+    scaling = c.rope_scaling or {}
+    d["rope_scaling"] = c.rope_scaling
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": c.rope_theta, **scaling}
+    if "original_max_position_embeddings" in scaling:  # Phi-3 reads it from the top level only
+        d["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
+    if c.local_rope_theta:  # Gemma 3: a rotation per layer type
+        d["rope_local_base_freq"] = c.local_rope_theta
+        d["rope_parameters"] = {"full_attention": d["rope_parameters"],
+                                "sliding_attention": {"rope_type": "default", "rope_theta": c.local_rope_theta}}
+    if c.partial_rotary_factor != 1.0:
+        d["partial_rotary_factor"] = c.partial_rotary_factor
+        if not c.local_rope_theta:
+            d["rope_parameters"]["partial_rotary_factor"] = c.partial_rotary_factor
+    if "qkv_bias" not in fam.sets:
+        d["attention_bias"] = c.qkv_bias
+    if "mlp_bias" not in fam.sets:
+        d["mlp_bias"] = c.mlp_bias
+    if "hidden_act" in fam.sets:
+        d["hidden_activation"] = c.hidden_act
+    if fam.sliding:
+        d["sliding_window"] = c.sliding_window
+        d["use_sliding_window"] = bool(c.sliding_window)
+    if c.layer_types:
+        d["layer_types"] = c.layer_types
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor names: nanotune keeps Llama's names for every family; a checkpoint may use its own
+VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                 ("language_model.lm_head.", "lm_head."))  # Gemma 3 vision-language: the text tower's names
+
+
+def nanotune_name(cfg: Config, name: str) -> str | None:
+    """A checkpoint tensor name, module name or bare LoRA target -> nanotune's (None: a vision-tower tensor)."""
+    if name.startswith(VISION):
+        return None
+    for old, new in TEXT_PREFIXES:
+        if name.startswith(old):
+            name = new + name[len(old):]
+    renames = FAMILIES[cfg.model_type].renames
+    return ".".join(renames.get(part, part) for part in name.split("."))
+
+
+def checkpoint_name(cfg: Config, name: str) -> str:
+    """nanotune's tensor name, module name or LoRA target -> the family checkpoint's (Phi-2: o_proj -> dense)."""
+    back = {v: k for k, v in FAMILIES[cfg.model_type].renames.items()}
+    return ".".join(back.get(part, part) for part in name.split("."))
