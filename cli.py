@@ -59,6 +59,14 @@ def read_json(path):
         raise NanotuneError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix or replace the file.")
 
 
+def bundled(name: str) -> str:
+    """A file of nanotune's examples/ folder: `examples/NAME` when run from the nanotune folder (as the README
+    does), else its absolute path, so the default job works from any directory."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.join("examples", name) if os.path.abspath(os.getcwd()) == here else os.path.join(
+        here, "examples", name)
+
+
 def fresh_tmp(final: str) -> str:
     """An empty temp directory beside `final` (final + ".tmp"), to be published once complete."""
     tmp = final.rstrip("/") + ".tmp"
@@ -106,7 +114,8 @@ def _convert(f: dataclasses.Field, value, where):
         if "list" in t:
             if isinstance(value, (dict, bool)):
                 raise ValueError
-            return value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+            items = value if isinstance(value, list) else [value]  # "a,b" and "a b" both give [a, b]
+            return [p for v in items for p in (str(v).split(",") if isinstance(v, str) else [v]) if p != ""]
         if ("int" in t or "float" in t) and isinstance(value, (bool, list, dict)):
             raise ValueError  # YAML `true` or [1] is no number
         if "int" in t:

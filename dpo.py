@@ -35,7 +35,7 @@ import dist
 import lora
 import train
 from data import IGNORE, collate, read_records
-from cli import F_, NanotuneError, cli, default_of
+from cli import F_, NanotuneError, bundled, cli, default_of
 from train import TrainConfig
 
 LOSSES = ("dpo", "ipo", "orpo", "kto", "simpo")
@@ -44,7 +44,7 @@ LOSSES = ("dpo", "ipo", "orpo", "kto", "simpo")
 @dataclass
 class DPOConfig(TrainConfig):
     output_dir: str = F_("out-dpo", "where checkpoints, metrics and the result go (its parent must exist)")
-    datasets: list = F_(["examples/preferences.jsonl"], "preference files (see the docstring for the formats)")
+    datasets: list = F_([bundled("preferences.jsonl")], "preference files (see the docstring for the formats)")
     loss: str = F_("dpo", "dpo | ipo | orpo | kto | simpo")
     beta: float = F_(0.1, "beta (ORPO: lambda, IPO: tau)")
     label_smoothing: float = F_(0.0, "DPO: > 0 gives the robust variant; SimPO: epsilon")
@@ -60,7 +60,7 @@ class DPOConfig(TrainConfig):
     epochs: float = F_(2.0, "passes over the data (when max_steps is 0)")
     micro_batch_size: int = F_(4, "pairs (KTO: examples, at least 2) per forward")
     val_set_size: float = F_(8.0, "held-out pairs for eval rewards/accuracies")
-    sample_prompts_file: str | None = F_("examples/preference_prompts.txt", "file with one held-out prompt per line")
+    sample_prompts_file: str | None = F_(bundled("preference_prompts.txt"), "file with one held-out prompt per line")
     cache_dir: str | None = F_(None, "(SFT only: preference data is not cached)")
     limits = {"beta": (lambda v: 0 < v < math.inf, "a number > 0 (0.1 is usual)"),
               "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),

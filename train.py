@@ -32,7 +32,7 @@ import kernels
 import lora
 import quant
 import runs
-from cli import F_, NanotuneError, cli, fresh_tmp, parse_config, publish, save_config
+from cli import F_, NanotuneError, bundled, cli, fresh_tmp, parse_config, publish, save_config
 import data
 from data import IGNORE, Sampler, build_dataset, collate, dataset_spec, pack
 from families import checkpoint_name, nanotune_name
@@ -87,7 +87,7 @@ class TrainConfig:
     # what to train
     model: str | None = F_(None, "HF directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
     output_dir: str = F_("out", "where checkpoints, metrics and the result go (its parent must exist)")
-    datasets: list = F_(["examples/identity.jsonl"], "dataset files; in YAML also {path, type, weight} entries")
+    datasets: list = F_([bundled("identity.jsonl")], "dataset files; in YAML also {path, type, weight} entries")
     chat_template: str | None = F_(None, "the model's own (default), a built-in (chatml, llama3, gemma, phi3), "
                                          "a file or inline Jinja2")
     train_on_inputs: bool = F_(False, "take loss on every token, not only on roles_to_train")
@@ -138,7 +138,7 @@ class TrainConfig:
     resume: str | None = F_(None, "'latest' (or a bare --resume) or a checkpoint path", const="latest")
     overwrite: bool = F_(False, "replace the run already in output_dir (without it such a directory is refused)")
     sample_prompts: list = F_([], "prompts answered before and after training")
-    sample_prompts_file: str | None = F_("examples/identity_prompts.txt", "file with one held-out prompt per line")
+    sample_prompts_file: str | None = F_(bundled("identity_prompts.txt"), "file with one held-out prompt per line")
     sample_max_tokens: int = F_(48, "tokens generated per sample prompt")
     limits, aliases = LIMITS, ALIASES  # class attributes, not fields (cli.parse_config reads them)
 

@@ -116,6 +116,20 @@ def test_names_from_other_tools_are_aliases(tmp_path):
     assert (cfg.lr, cfg.micro_batch_size, cfg.epochs, cfg.grad_accum) == (3e-4, 8, 2.0, 4)
 
 
+def test_list_flags_take_commas_or_spaces(tmp_path, monkeypatch):
+    """`--lora_targets q_proj,v_proj` and `--lora_targets q_proj v_proj` mean the same; the bundled defaults
+    resolve from any working directory."""
+    import train
+    a = train.parse_config(["--lora_targets", "q_proj,v_proj"], train.TrainConfig)
+    b = train.parse_config(["--lora_targets", "q_proj", "v_proj"], train.TrainConfig)
+    assert a.lora_targets == b.lora_targets == ["q_proj", "v_proj"]
+    import cli
+    monkeypatch.chdir(tmp_path)  # (train.py's defaults are made this way when it is imported)
+    assert os.path.isabs(cli.bundled("identity.jsonl")) and os.path.isfile(cli.bundled("identity.jsonl"))
+    monkeypatch.chdir(ROOT)
+    assert cli.bundled("identity.jsonl") == "examples/identity.jsonl"
+
+
 @pytest.mark.parametrize("args,expect", [
     (["--device", "cuda:7"], "--device cuda:7: this machine has"),
     (["--sample_prompts_file", "nope.txt"], "sample_prompts_file 'nope.txt' does not exist"),
