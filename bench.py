@@ -39,6 +39,11 @@ SHAPES = {  # Llama-3.1-8B, Llama-3.2-1B and SmolLM2-135M (the default model); t
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),  # Llama-3.1-70B
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),
+    # Qwen3-30B-A3B with 8 of its 48 layers (the same for every contender: the full bf16 checkpoint outgrows the disk)
+    "qwen3moe": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_hidden_layers=8,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151_936,
+                     num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                     rope_theta=1e6, rms_norm_eps=1e-6),
     # Gemma-3-4B (text): 5 sliding (1024) : 1 global layers, head_dim 256, 262k vocab; the rest from the family
     "gemma3-4b": dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=262_208,
@@ -75,7 +80,7 @@ def make_checkpoint(shape, path):
         m = Transformer(shape_config(shape)).to(torch.bfloat16)
     with torch.no_grad():
         for p in m.parameters():
-            if p.ndim == 2:
+            if p.ndim >= 2:  # (stacked experts are 3-D)
                 p.normal_(0, 0.02)
     save_hf(m, path)
     save_bench_tokenizer(path)
@@ -115,7 +120,9 @@ def model_flops_per_token(cfg, mode, seq):
     h, L = cfg["hidden_size"], cfg["num_hidden_layers"]
     d = cfg.get("head_dim", h // cfg["num_attention_heads"])
     q, kv = d * cfg["num_attention_heads"], d * cfg["num_key_value_heads"]
-    per_layer = h * q * 2 + h * kv * 2 + 3 * h * cfg["intermediate_size"]
+    inter = cfg["num_experts_per_tok"] * cfg["moe_intermediate_size"] if cfg.get("num_experts") else cfg[
+        "intermediate_size"]  # (MoE: the k experts a token takes)
+    per_layer = h * q * 2 + h * kv * 2 + 3 * h * inter
     n = L * per_layer + h * cfg["vocab_size"]
     return (6 if mode == "full" else 4) * n + 6 * L * seq * q
 

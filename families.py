@@ -35,6 +35,9 @@ class Family:
 GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh")
 SOFTCAPS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 WINDOW = {"sliding_window": "attention.sliding_window"}
+EXPERTS_KEY = {"num_experts": "num_local_experts"}  # (config.json may say either; transformers reads both)
+MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+            "mlp_only_layers")
 GEMMA3_DEFAULTS = dict(  # Gemma3TextConfig's defaults: multimodal checkpoints spell out only what differs
     vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
     num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=131_072,
@@ -65,6 +68,14 @@ FAMILIES = {
     "phi3": Family("Phi3ForCausalLM", "phi3", dict(fused_checkpoint=True), sliding="always", template="phi3",
                    defaults=dict(original_max_position_embeddings=4096), gguf_keys=WINDOW),
     "olmo2": Family("Olmo2ForCausalLM", "olmo2", dict(pre_norm=False, post_norm=True, qk_norm="proj")),
+    "mixtral": Family("MixtralForCausalLM", "llama", dict(norm_topk_prob=True), ("num_experts", "num_experts_per_tok"),
+                      EXPERTS_KEY, sliding="always",
+                      renames=dict(block_sparse_moe="mlp", w1="gate_proj", w3="up_proj", w2="down_proj")),
+    "qwen2_moe": Family("Qwen2MoeForCausalLM", "qwen2moe", dict(qkv_bias=True, o_bias=False), MOE_KEYS + (
+        "shared_expert_intermediate_size",), defaults=dict(norm_topk_prob=False), sliding="flag",
+                        layer_types="max_window_layers"),
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", "qwen3moe", dict(qk_norm="head"), MOE_KEYS, EXPERTS_KEY,
+                        defaults=dict(norm_topk_prob=False), sliding="flag", layer_types="max_window_layers"),
     "granite": Family("GraniteForCausalLM", "granite", {}, ("embedding_multiplier", "residual_multiplier",
                                                              "attention_multiplier", "logits_scaling"),
                       gguf_keys={"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
@@ -119,6 +130,7 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         raise NanotuneError(f"{where}: model_type {mt!r} is not supported; nanotune runs {', '.join(FAMILIES)}.")
     fam = FAMILIES[mt]
     d = {**fam.defaults, **{k: v for k, v in d.items() if v is not None}}
+    d.setdefault("num_local_experts", d.get("num_experts"))
     if d.get("qk_layernorm"):
         raise NanotuneError(f"{where}: qk_layernorm=true (a Phi variant) is not supported.")
     theta, scaling, local = rope_from_hf(d, where)
@@ -141,7 +153,10 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         setattr(c, k, v)
     for k in fam.hf_keys:  # (query_pre_attn_scalar defaults to head_dim, Granite's multipliers to 1)
         default = c.head_dim if k == "query_pre_attn_scalar" else getattr(c, k)
-        setattr(c, k, d.get(k, default))
+        setattr(c, k, d.get(fam.keys.get(k, k), default))
+    if c.num_experts:  # Mixtral's experts are intermediate_size wide; the load-balancing loss trains only when
+        c.moe_intermediate_size = c.moe_intermediate_size or c.intermediate_size  # the config asks for router
+        c.router_aux_loss_coef = d.get("router_aux_loss_coef", 0.0) if d.get("output_router_logits") else 0.0
     if fam.sliding == "always" or (fam.sliding == "flag" and d.get("use_sliding_window")):
         c.sliding_window = d.get("sliding_window")
     if c.sliding_window:
@@ -179,6 +194,8 @@ def config_to_hf(c: Config) -> dict:
         d["partial_rotary_factor"] = c.partial_rotary_factor
         if not c.local_rope_theta:
             d["rope_parameters"]["partial_rotary_factor"] = c.partial_rotary_factor
+    if c.num_experts:  # (logits, as transformers trains with it only then)
+        d["router_aux_loss_coef"], d["output_router_logits"] = c.router_aux_loss_coef, c.router_aux_loss_coef > 0
     if "qkv_bias" not in fam.sets:
         d["attention_bias"] = c.qkv_bias
     if "mlp_bias" not in fam.sets:

@@ -96,6 +96,39 @@ def split_fused(cfg: Config, name: str, t: torch.Tensor):
         yield name.replace(fused, part), w
 
 
+EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+STACKED = (".experts.gate_up_proj", ".experts.down_proj")
+
+
+def stack_experts(cfg: Config, tensors):
+    """Per-expert checkpoint tensors (Mixtral's w1/w3/w2, Qwen's gate/up/down_proj: nanotune names by now) ->
+    the stacked gate_up_proj [E, 2I, C] and down_proj [E, C, I], each layer's emitted once all its E experts have
+    passed (one layer's experts are the most ever held)."""
+    pending = {}
+    for name, t in tensors:
+        m = EXPERT.fullmatch(name)
+        if m is None:
+            yield name, t
+            continue
+        base, e, proj = m.groups()
+        parts = pending.setdefault(base, {})
+        parts[proj, int(e)] = t
+        if len(parts) == 3 * cfg.num_experts:
+            stack = lambda p: torch.stack([parts[p, i] for i in range(cfg.num_experts)])  # noqa: E731
+            yield f"{base}.gate_up_proj", torch.cat([stack("gate_proj"), stack("up_proj")], dim=1)
+            yield f"{base}.down_proj", stack("down_proj")
+            del pending[base]
+
+
+def unstack_experts(cfg: Config, name: str, t: torch.Tensor):
+    """The inverse of stack_experts for one stacked tensor, under the checkpoint's names."""
+    base = name.rsplit(".", 1)[0]
+    halves = (("gate_proj", "up_proj"), t.chunk(2, dim=1)) if name.endswith("gate_up_proj") else (("down_proj",), (t,))
+    for proj, part in zip(*halves):
+        for e in range(t.shape[0]):
+            yield checkpoint_name(cfg, f"{base}.{e}.{proj}.weight"), part[e]
+
+
 def fuse(cfg: Config, tensors):
     """The inverse of split_fused over a stream of (name, tensor): Phi-3's fused tensor is emitted once all
     of its parts have passed; everything else passes through under the checkpoint's name (a tied lm_head is
@@ -103,6 +136,9 @@ def fuse(cfg: Config, tensors):
     pending = {}
     for name, t in tensors:
         if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if name.endswith(STACKED):
+            yield from unstack_experts(cfg, name, t)
             continue
         mod, _, leaf = name.rpartition(".")
         parent, _, proj = mod.rpartition(".")
@@ -194,7 +230,8 @@ def load_model(path: str | None = None, dtype=torch.float32, device="cpu", prepa
         if qc and not quantized:
             raise NanotuneError(f"{path}: quantization {qc.get('quant_method')!r} is not supported; nanotune reads "
                                 "bitsandbytes 4-bit (nf4) and 16/32-bit checkpoints.")
-        tensors = (p for n, t in iter_safetensors(safetensors_files(path)) for p in split_fused(cfg, n, t))
+        tensors = stack_experts(cfg, (p for n, t in iter_safetensors(safetensors_files(path))
+                                      for p in split_fused(cfg, n, t)))
     with torch.device("meta"):
         model = Transformer(cfg)
     if quantized and prepare is None:
@@ -485,6 +522,9 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
     if cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
         raise NanotuneError("llama.cpp scales attention by 1/sqrt(head_dim); this model's "
                             f"query_pre_attn_scalar ({cfg.query_pre_attn_scalar}) differs, so its GGUF would be wrong.")
+    if cfg.num_experts:
+        raise NanotuneError(f"GGUF export of mixture-of-experts models ({cfg.model_type}) is not written yet; export "
+                            "--format merged and convert it with llama.cpp's convert_hf_to_gguf.py.")
     w.add_name("nanotune export")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)

@@ -585,6 +585,80 @@ def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-10
 
 
 # ---------------------------------------------------------------------------------------------
+# Mixture-of-experts MLP: token n goes to experts idx[n, :k] with weights w[n, :k]
+#   y_n = sum_j w_nj * down_e (act(gate_e x_n) * up_e x_n),   e = idx[n, j]
+# gate_up [E, 2I, C] (gate rows first), down [E, C, I]. The reference loops over the experts that were hit
+# (as transformers' eager path does); the grouped path sorts the N*k (token, expert) pairs by expert and runs
+# one grouped GEMM per projection over the sorted rows (no host sync, no per-expert launches).
+def moe_experts_ref(x, idx, w, gate_up, down, act: str):
+    out = torch.zeros_like(x)
+    for e in idx.unique().tolist():
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        g, u = F.linear(x[tok], gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(gated_act_ref(g, u, act), down[e]) * w[tok, slot, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    return out
+
+
+def _grouped_mm_fn():
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def expert_counts(idx, E):
+    """How many of the N*k choices picked each expert, [E] fp32 (histc: no host sync, unlike bincount)."""
+    flat = idx.flatten()
+    return torch.histc(flat.float() if flat.device.type == "cpu" else flat.int(), bins=E, min=0, max=E - 1).float()
+
+
+def moe_experts_grouped(x, idx, w, gate_up, down, act: str):
+    N, k = idx.shape
+    order = idx.flatten().argsort(stable=True)  # the N*k pairs, grouped by expert
+    tok = order // k
+    offs = expert_counts(idx, gate_up.shape[0]).cumsum(0).to(torch.int32)  # where each expert's rows end
+    mm = _grouped_mm_fn()
+    h = mm(x.index_select(0, tok), gate_up.transpose(1, 2), offs=offs)  # [N*k, 2I]
+    g, u = h.chunk(2, dim=-1)
+    y = mm(gated_act(g, u, act), down.transpose(1, 2), offs=offs)  # [N*k, C]
+    y = y * w.flatten().index_select(0, order)[:, None].to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+def moe_experts(x, idx, w, gate_up, down, act: str):
+    """Grouped GEMMs on CUDA in bf16 (torch's grouped_mm), the reference loop elsewhere."""
+    if _FUSED and x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm_fn() is not None:
+        return moe_experts_grouped(x, idx, w, gate_up, down, act)
+    return moe_experts_ref(x, idx, w, gate_up, down, act)
+
+
+class _ExtraGrad(torch.autograd.Function):
+    """Identity; backward adds holder["grad"] (broadcast over rows, when set) to the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x, holder):
+        ctx.holder = holder
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        extra = ctx.holder.get("grad")
+        return (g if extra is None else g + extra.to(g.dtype)), None
+
+
+def extra_grad(x, holder):
+    return _ExtraGrad.apply(x, holder) if torch.is_grad_enabled() and x.requires_grad else x
+
+
+def moe_aux_loss(stats, E):
+    """transformers' load-balancing loss over all sparse layers (Switch Transformer, arXiv:2101.03961, eq. 4-6):
+    E * sum_e f_e P_e, f_e = the share of top-k choices that picked e, P_e = e's mean router probability, each
+    summed over the layers first. stats: per layer (counts [E], summed probabilities [E], rows)."""
+    rows = sum(r for _, _, r in stats)
+    f = sum(c for c, _, _ in stats) / rows
+    p = sum(q for _, q, _ in stats) / rows
+    return E * (f * p).sum()
+
+
+# ---------------------------------------------------------------------------------------------
 # LoRA over frozen projections that read the same input (q/k/v, gate/up, or one alone):
 #   y_i = x W_i^T (+ b_i) + s_i (x A_i^T) B_i^T        x [N, C], W_i [O_i, C], A_i [r, C], B_i [O_i, r]
 # Forward: one skinny GEMM for all the A's (xa = x [A_1; A_2; ..]^T, [N, R]); the LoRA term lands in the

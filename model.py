@@ -71,6 +71,15 @@ class Config:
     sliding_window: int | None = None
     layer_types: list | None = None  # per layer "sliding_attention" | "full_attention"
     fused_checkpoint: bool = False  # Phi-3 stores qkv_proj and gate_up_proj fused
+    # mixture of experts (0 experts: every MLP dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 2  # top-k
+    moe_intermediate_size: int = 0  # each expert's width
+    norm_topk_prob: bool = True  # renormalise the k routing weights to sum to 1 (Mixtral, Qwen3-MoE)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert every token takes, sigmoid-gated
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 and i not in mlp_only_layers
+    mlp_only_layers: list | None = None
+    router_aux_loss_coef: float = 0.0  # load-balancing loss weight (0: not computed, as transformers' default)
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -78,6 +87,10 @@ class Config:
     @property
     def rotary_dim(self):
         return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_sparse(self, layer: int) -> bool:
+        return self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0 and layer not in (
+            self.mlp_only_layers or ())
 
     def is_sliding(self, layer: int) -> bool:
         if not self.sliding_window:
@@ -232,12 +245,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """Gated: down(act(gate(x)) * up(x)) (SwiGLU / GeGLU). Plain (Phi-2): down(act(up(x)))."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, width=None):
         super().__init__()
+        width = width or cfg.intermediate_size
         if cfg.gated_mlp:
-            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+            self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act, self.gated = cfg.hidden_act, cfg.gated_mlp
 
     def forward(self, x, residual=False):
@@ -251,6 +265,55 @@ class MLP(nn.Module):
             return kernels.linear(self.down_proj, h)
 
 
+class Experts(nn.Module):
+    """E SwiGLU experts as stacked weights (transformers 5's layout): gate_up_proj [E, 2I, C] (gate rows first),
+    down_proj [E, C, I]."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        E, I, C = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, C))
+        self.down_proj = nn.Parameter(torch.empty(E, C, I))
+        self.act = cfg.hidden_act
+
+    def forward(self, x, idx, w):
+        """x [N, C], idx [N, k] chosen experts, w [N, k] their weights -> sum_j w_j expert_idx_j(x)  [N, C]"""
+        return kernels.moe_experts(x, idx, w, self.gate_up_proj, self.down_proj, self.act)
+
+
+class MoE(nn.Module):
+    """Sparse MLP: router logits -> softmax -> top-k (renormalised or not) -> the chosen experts' weighted sum,
+    plus Qwen2-MoE's shared expert scaled by sigmoid(shared_expert_gate(x)). The router's load statistics of the
+    last forward are kept for the load-balancing loss (`router_stats`)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = Experts(cfg)
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(cfg, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.k, self.norm_topk, self.cfg = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg  # (cfg: the model's own)
+        self.router_stats, self.aux_grad = None, {}  # aux_grad["grad"]: set by Transformer.router_aux's scale()
+
+    def forward(self, x, residual=False):
+        B, T, C = x.shape
+        h = x.reshape(B * T, C)
+        probs = F.softmax(self.gate(h).float(), dim=-1)  # [N, E] in fp32
+        aux = self.cfg.router_aux_loss_coef
+        if aux:  # backward adds the load-balancing loss's gradient here (Transformer.router_aux)
+            probs = kernels.extra_grad(probs, self.aux_grad)
+        w, idx = torch.topk(probs, self.k, dim=-1)  # [N, k]
+        if self.norm_topk:
+            w = w / w.sum(-1, keepdim=True)
+        if aux:  # per expert: how many choices picked it, its summed probability, the rows (kernels.moe_aux_loss)
+            self.router_stats = (kernels.expert_counts(idx, probs.shape[1]), probs.sum(0).detach(), h.shape[0])
+        y = self.experts(h, idx, w.to(h.dtype))
+        if hasattr(self, "shared_expert"):
+            y = y + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
+        return y.view(B, T, C)
+
+
 class Block(nn.Module):
     """Pre-norm (Llama):  x += attn(n1(x));          x += mlp(n2(x))
     Sandwich (Gemma 2/3): x += n2(attn(n1(x)));      x += n4(mlp(n3(x)))
@@ -262,7 +325,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
-        self.self_attn, self.mlp = Attention(cfg, layer), MLP(cfg)
+        self.self_attn, self.mlp = Attention(cfg, layer), (MoE(cfg) if cfg.is_sparse(layer) else MLP(cfg))
         self.pre, self.post, self.parallel = cfg.pre_norm, cfg.post_norm, cfg.parallel_block
         if self.pre or self.parallel:
             self.input_layernorm = make_norm(cfg)
@@ -398,6 +461,23 @@ class Transformer(nn.Module):
             offload.prefetch_last()  # backward starts with the last block, which was not offloaded
         h = self.model.norm(x)
         return h / c.logits_scaling if c.logits_scaling != 1 else h  # Granite: logits / s (the head has no bias)
+
+    def router_aux(self):
+        """(the load-balancing loss of the last forward, scale) or None. Its value is a constant; scale(s) makes the
+        coming backward add s * its gradient to every router's probabilities, so the gradient is exact under block
+        checkpointing too (the recompute in backward reads it). d aux / d p[n, e] = E f_e / R, R = rows x layers."""
+        moes = [m for m in self.modules() if isinstance(m, MoE) and m.router_stats is not None]
+        if not moes:
+            return None
+        stats, E = [m.router_stats for m in moes], self.config.num_experts
+        value = kernels.moe_aux_loss(stats, E)
+        rows = sum(r for _, _, r in stats)
+        f = sum(c for c, _, _ in stats) / rows
+
+        def scale(s):  # (None: add nothing)
+            for m in moes:
+                m.aux_grad["grad"] = None if s is None else (s * E / rows) * f
+        return value, scale
 
     def run(self, fn, *args, **kwargs):
         """fn(self, *args) as part of this module's forward: dist.py registers `run` as an FSDP forward

@@ -62,6 +62,7 @@ LIMITS = {
     "lora_r": (lambda v: v >= 1, "a whole number >= 1"),
     "lora_alpha": (lambda v: v > 0 and math.isfinite(v), "a number > 0"),
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "router_aux_loss_coef": (lambda v: 0 <= v < math.inf, "a number >= 0 (0.001-0.02 is usual)"),
     "lr": (lambda v: v > 0 and math.isfinite(v), "a number > 0 (1e-4..1e-3 is usual for LoRA)"),
     "schedule": (lambda v: v in ("cosine", "linear", "constant"), "cosine, linear or constant"),
     "warmup_steps": (lambda v: v >= 0, "a whole number >= 0"),
@@ -106,6 +107,8 @@ class TrainConfig:
     lora_r: int = F_(16, "LoRA rank")
     lora_alpha: float = F_(32.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora)")
     lora_dropout: float = F_(0.0, "dropout on the LoRA input")
+    router_aux_loss_coef: float | None = F_(None, "MoE load-balancing loss weight (default: the checkpoint's, which "
+                                                  "is 0 unless its config sets output_router_logits)")
     lora_targets: list = F_(list(DEFAULT_TARGETS), "module names that get adapters")
     use_rslora: bool = F_(False, "rank-stabilised scaling alpha / sqrt(r)")
     use_dora: bool = F_(False, "weight-decomposed LoRA (DoRA)")
@@ -217,6 +220,11 @@ def build_model(cfg, device, dtype):
         model = load_model(cfg.model, dtype=dtype, device=device,
                            prepare=quant.prepare_4bit if cfg.load_in_4bit else None)
         add_lora(model, cfg)
+    if cfg.router_aux_loss_coef is not None:
+        if cfg.router_aux_loss_coef and not model.config.num_experts:
+            raise NanotuneError(f"router_aux_loss_coef {cfg.router_aux_loss_coef} needs a mixture-of-experts model; "
+                                f"{cfg.model} ({model.config.model_type}) has no experts: leave it unset.")
+        model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
     lora.init_lora(model, cfg.seed)
     gpu = device.type == "cuda"
     model.gradient_checkpointing = gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
@@ -465,8 +473,16 @@ def backward(task, model, batch, norm):
     """Backward of task.loss / norm -> (that loss, detached, and the task's metrics). FSDP averages the
     gradients over the W ranks; x W makes them the gradient of the global sum."""
     loss, mets = task.loss(model, batch)
+    coef = model.config.router_aux_loss_coef
+    aux = model.router_aux() if coef else None
+    if aux is not None:  # MoE load balancing, weighted like the loss: coef * aux per counted token
+        n = task.count(batch)
+        loss, mets = loss + coef * n * aux[0], {**mets, "aux_loss": aux[0].detach() * n}
+        aux[1](coef * n * dist.world() / norm)  # its gradient, added in backward (see Transformer.router_aux)
     part = loss / norm
     (part * dist.world()).backward()
+    if aux is not None:
+        aux[1](None)  # no later backward adds it again
     return part.detach(), mets
 
 
@@ -493,6 +509,9 @@ def n_trained(batch):
 
 def graphed_loss(model):
     """--cuda_graphs: the SFT loss's forward + backward recorded once per batch shape and replayed."""
+    if model.config.router_aux_loss_coef:
+        raise NanotuneError("cuda_graphs does not run the MoE load-balancing loss; set router_aux_loss_coef 0 or "
+                            "turn cuda_graphs off.")
     def loss_backward(batch, scale):
         loss = model.run(token_loss_sum, batch, True)  # every row: one shape, nothing read back on the host
         (loss * scale).backward()

@@ -55,6 +55,14 @@ ARCH_CONFIGS = {
     "qwen2-yarn": ("Qwen2Config", dict(tie_word_embeddings=False, rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
     "olmo2": ("Olmo2Config", dict(attention_bias=True, tie_word_embeddings=False)),
+    # mixtures of experts, top-2: Mixtral (8 experts, renormalised), Qwen2-MoE (a dense first layer, a shared expert
+    # with its sigmoid gate, weights not renormalised), Qwen3-MoE (6 experts, q/k norm, renormalised)
+    "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48, mlp_only_layers=[0],
+                                         tie_word_embeddings=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         norm_topk_prob=True, head_dim=32, tie_word_embeddings=False)),
     "granite": ("GraniteConfig", dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.2,
                                       logits_scaling=4.0, attention_bias=True, mlp_bias=True,
                                       tie_word_embeddings=False)),

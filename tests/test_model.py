@@ -1,6 +1,7 @@
 """Tier 1: nanotune's decoder equals transformers' on tiny random models of every supported family."""
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ARCH_CONFIGS, make_hf_model
 
 import formats
@@ -163,3 +164,52 @@ def test_sliding_window_rows_through_varlen_equal_the_mask(arch, tmp_path, monke
         assert calls, "the sliding window did not go through varlen attention"
     (h1, g1), (h2, g2) = out
     assert (h1 - h2).abs().max() <= 3e-2 * h2.abs().max() and (g1 - g2).abs().max() <= 3e-2 * g2.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_aux_loss_equals_transformers_and_its_gradient_is_exact(arch, tmp_path):
+    """The load-balancing loss equals transformers' aux_loss (output_router_logits); the gradient a training step
+    takes from loss + coef * n * aux equals autograd of that sum written out from the router logits, with block
+    checkpointing (whose recompute adds the aux gradient in backward) and without."""
+    import train
+    from data import IGNORE
+    hf = make_hf_model(arch, tmp_path / "hf")
+    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, output_router_logits=True).aux_loss
+    m = formats.load_model(str(tmp_path / "hf"))
+    m.config.router_aux_loss_coef = coef = 0.3
+    with torch.no_grad():
+        m(ids)
+    assert abs(m.router_aux()[0] - ref) < 1e-6
+    import lora
+    lora.apply_lora(m, r=4, alpha=8)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(m):
+            layer.lora_B.weight.normal_(0, 0.05)
+    m.train()
+    batch = {"input_ids": ids, "labels": ids.masked_fill(ids < 10, IGNORE)}
+    n, norm = train.n_trained(batch), 7.0
+
+    def grads():
+        return torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad])
+    logits = []  # the reference: every router's logits kept with their graph, the loss written out
+    hooks = [mod.gate.register_forward_hook(lambda _, __, out: logits.append(out)) for mod in m.modules()
+             if isinstance(mod, model.MoE)]
+    m.zero_grad()
+    ce = train.token_loss_sum(m, batch)
+    for h in hooks:
+        h.remove()
+    E, k = m.config.num_experts, m.config.num_experts_per_tok
+    probs = [F.softmax(z.float(), -1) for z in logits]
+    counts = sum(torch.zeros(E).scatter_add_(0, p.topk(k, -1).indices.flatten(), torch.ones(p.shape[0] * k))
+                 for p in probs)
+    rows = sum(p.shape[0] for p in probs)
+    aux = E * ((counts / rows) * (sum(p.sum(0) for p in probs) / rows)).sum()
+    ((ce + coef * n * aux) / norm).backward()
+    want = grads()
+    for ckpt in (False, True):
+        m.gradient_checkpointing = ckpt
+        m.zero_grad()
+        train.backward(train.SFT(), m, batch, norm)
+        assert (grads() - want).abs().max() <= 1e-5 * want.abs().max(), ckpt
