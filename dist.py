@@ -153,3 +153,9 @@ def load_sharded(path, model, opt):
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))
+
+
+def rank_slice(idx, r, w):
+    """This rank's part of a global micro-batch (contiguous, so the split is the same at any world size)."""
+    n = -(-len(idx) // w)
+    return idx[r * n : (r + 1) * n]

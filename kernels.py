@@ -10,8 +10,10 @@ that run on any device. One switch picks them; it knows nothing of nanotune's ot
     kernels.set_sharded(True)    # parameters are FSDP-sharded (train.py sets it): see checkpoint()
 """
 import contextlib
+import functools
 import math
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -582,6 +584,79 @@ def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-10
     if _FUSED and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return linear_cross_entropy_fused(h, weight, labels, softcap_value, ignore_index, rows, bias)
     return linear_cross_entropy_ref(h, weight, labels, softcap_value, ignore_index, rows, bias=bias)  # no dh
+
+
+# ---------------------------------------------------------------------------------------------
+# Varlen attention: packed rows (or whole rows with a sliding window) through PyTorch's flash varlen kernel,
+# each document attending only to itself; the reference is SDPA with model.attention_mask_for's mask.
+class PackedRows(NamedTuple):
+    """Packed rows for varlen attention. The B rows are flattened to B*T tokens; cu [docs + 1] (int32)
+    holds where each document starts (a row start or a position 0), then B*T; max_len is the longest
+    document; window the sliding window (None: plain causal)."""
+    cu: torch.Tensor
+    max_len: int
+    window: int | None
+
+
+def packed_rows(position_ids, windows) -> dict:
+    B, T = position_ids.shape
+    starts = position_ids.eq(0)
+    starts[:, 0] = True
+    idx = starts.flatten().nonzero().flatten()
+    cu = torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())  # one host sync per forward, not per layer
+    return {w: PackedRows(cu, max_len, w) for w in windows}
+
+
+def whole_rows(B, T, windows, device) -> dict:
+    """B rows of T tokens, each one document, as PackedRows (no host sync: every boundary is known)."""
+    cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+    return {w: PackedRows(cu, T, w) for w in windows}
+
+
+@functools.cache
+def _varlen():
+    """(torch's varlen_attn, its argument names), or (None, set()) before torch 2.10. Imported on first
+    use, not with this module: it pulls in torch._dynamo (a second of start-up, and threads that made
+    torchrun workers abort at exit now and then)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, set()
+    import inspect
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)  # the arguments grew over releases
+
+
+def varlen_usable(x, cfg, windows) -> bool:
+    """Flash varlen runs on CUDA in 16-bit, without Gemma 2's score softcap; a sliding window and a
+    non-default scale need a torch whose varlen_attn takes them."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or cfg.attn_logit_softcapping:
+        return False
+    fn, args = _varlen()
+    if fn is None or (windows != {None} and "window_size" not in args):
+        return False
+    return "scale" in args or not (cfg.query_pre_attn_scalar or cfg.attention_multiplier)
+
+
+def varlen_attention(q, k, v, rows: PackedRows, scale):
+    """q [B, H, T, D], k/v [B, KV, T, D] -> [B, H, T, D]: causal (windowed) attention inside each document
+    of the flattened rows; the reference is SDPA with attention_mask_for's block-diagonal mask."""
+    B, H, T, D = q.shape
+    varlen_attn, args = _varlen()
+    if k.shape[1] != H and "enable_gqa" not in args:  # older torch: one K/V head per query head
+        k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
+    q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v))  # [B*T, heads, D]
+    kw = {}
+    if "window_size" in args:  # flash keeps keys j with i - left <= j <= i + right
+        kw["window_size"] = (-1 if rows.window is None else rows.window - 1, 0)
+    else:
+        kw["is_causal"] = True
+    if "scale" in args:
+        kw["scale"] = scale
+    if "enable_gqa" in args:
+        kw["enable_gqa"] = k.shape[1] != H
+    y = varlen_attn(q, k, v, rows.cu, rows.cu, rows.max_len, rows.max_len, **kw)
+    return y.view(B, T, H, D).transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,10 +17,8 @@ Gemma 2 (arXiv:2408.00118), Llama 3.1 rope scaling (arXiv:2407.21783).
     print(tok.decode(ids))
 """
 import contextlib
-import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -226,8 +224,8 @@ class Attention(nn.Module):
         k = kernels.rope(k.transpose(1, 2), cos, sin)  # [B, KV, T, D]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, KV, S, D], S = cached + T
-        if isinstance(mask, PackedRows):  # packed rows on a GPU: flash attention over each document alone
-            y = varlen_attention(q, k, v, mask, self.scale)
+        if isinstance(mask, kernels.PackedRows):  # packed rows on a GPU: flash attention over each document alone
+            y = kernels.varlen_attention(q, k, v, mask, self.scale)
         elif self.softcap:  # Gemma 2: cap * tanh(scores / cap) before the mask; SDPA cannot do this
             k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))
             s = kernels.softcap((q @ k.transpose(-1, -2)) * self.scale, self.softcap)  # [B, H, T, S]
@@ -435,10 +433,10 @@ class Transformer(nn.Module):
         need = attention_mask is not None or packed or (offset > 0 and T > 1)
         masks, windows = {}, {c.sliding_window if layer.self_attn.sliding else None for layer in self.model.layers}
         plain = attention_mask is None and cache is None  # no padding, no cache: rows are whole documents
-        if self.varlen and packed and plain and varlen_usable(x, c, windows):
-            masks = packed_rows(position_ids, windows)  # no [B, 1, T, T] mask: varlen flash attention
-        elif not packed and plain and any(w and S > w for w in windows) and varlen_usable(x, c, windows):
-            masks = whole_rows(B, T, windows, x.device)  # sliding windows through flash varlen, no [T, S] mask
+        if self.varlen and packed and plain and kernels.varlen_usable(x, c, windows):
+            masks = kernels.packed_rows(position_ids, windows)  # no [B, 1, T, T] mask: varlen flash attention
+        elif not packed and plain and any(w and S > w for w in windows) and kernels.varlen_usable(x, c, windows):
+            masks = kernels.whole_rows(B, T, windows, x.device)  # a sliding window through flash varlen, no mask
         docs = position_ids.eq(0).cumsum(1) if packed and not masks else None  # [B, T] document index per token
         for w in windows - set(masks):
             if need or (w and S > w):
@@ -503,76 +501,6 @@ def attention_mask_for(B, T, offset, attention_mask, docs, window, device):
     if docs is not None:
         m = m & (docs[:, None, :, None] == docs[:, None, None, :])
     return (m | (k == q)).expand(B, 1, T, offset + T)  # a padded row still sees itself: no NaN rows
-
-
-class PackedRows(NamedTuple):
-    """Packed rows for varlen attention. The B rows are flattened to B*T tokens; cu [docs + 1] (int32)
-    holds where each document starts (a row start or a position 0), then B*T; max_len is the longest
-    document; window the sliding window (None: plain causal)."""
-    cu: torch.Tensor
-    max_len: int
-    window: int | None
-
-
-def packed_rows(position_ids, windows) -> dict:
-    B, T = position_ids.shape
-    starts = position_ids.eq(0)
-    starts[:, 0] = True
-    idx = starts.flatten().nonzero().flatten()
-    cu = torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())  # one host sync per forward, not per layer
-    return {w: PackedRows(cu, max_len, w) for w in windows}
-
-
-def whole_rows(B, T, windows, device) -> dict:
-    """B rows of T tokens, each one document, as PackedRows (no host sync: every boundary is known)."""
-    cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
-    return {w: PackedRows(cu, T, w) for w in windows}
-
-
-@functools.cache
-def _varlen():
-    """(torch's varlen_attn, its argument names), or (None, set()) before torch 2.10. Imported on first
-    use, not with this module: it pulls in torch._dynamo (a second of start-up, and threads that made
-    torchrun workers abort at exit now and then)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None, set()
-    import inspect
-    return varlen_attn, set(inspect.signature(varlen_attn).parameters)  # the arguments grew over releases
-
-
-def varlen_usable(x, cfg, windows) -> bool:
-    """Flash varlen runs on CUDA in 16-bit, without Gemma 2's score softcap; a sliding window and a
-    non-default scale need a torch whose varlen_attn takes them."""
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or cfg.attn_logit_softcapping:
-        return False
-    fn, args = _varlen()
-    if fn is None or (windows != {None} and "window_size" not in args):
-        return False
-    return "scale" in args or not (cfg.query_pre_attn_scalar or cfg.attention_multiplier)
-
-
-def varlen_attention(q, k, v, rows: PackedRows, scale):
-    """q [B, H, T, D], k/v [B, KV, T, D] -> [B, H, T, D]: causal (windowed) attention inside each document
-    of the flattened rows; the reference is SDPA with attention_mask_for's block-diagonal mask."""
-    B, H, T, D = q.shape
-    varlen_attn, args = _varlen()
-    if k.shape[1] != H and "enable_gqa" not in args:  # older torch: one K/V head per query head
-        k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
-    q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v))  # [B*T, heads, D]
-    kw = {}
-    if "window_size" in args:  # flash keeps keys j with i - left <= j <= i + right
-        kw["window_size"] = (-1 if rows.window is None else rows.window - 1, 0)
-    else:
-        kw["is_causal"] = True
-    if "scale" in args:
-        kw["scale"] = scale
-    if "enable_gqa" in args:
-        kw["enable_gqa"] = k.shape[1] != H
-    y = varlen_attn(q, k, v, rows.cu, rows.cu, rows.max_len, rows.max_len, **kw)
-    return y.view(B, T, H, D).transpose(1, 2)
 
 
 class KVCache:

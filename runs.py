@@ -236,3 +236,11 @@ def plot_losses(out_dir, log=print):
     plt.legend()
     plt.tight_layout()
     plt.savefig(os.path.join(out_dir, "loss.png"), dpi=100)
+
+
+def check_finite(step, **values):
+    """Stop at the first non-finite loss or gradient norm, before anything is saved from it."""
+    bad = [f"{k.replace('_', ' ')} {v}" for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise NanotuneError(f"step {step}: the {' and the '.join(bad)}; stopped without saving anything from this "
+                            "step (lower lr, set max_grad_norm, or check the data and the base weights).")

@@ -189,6 +189,10 @@ def setup(cfg):
             + (f" (4-bit weights too: rank 0 holds {100 * held:.0f}% of their bytes)" if q4 else ""))
     log(f"model: {model.config.model_type}, {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
         f"({100 * n_train / n_all:.2f}%), {dtype}, {device}")
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and not p.requires_grad)
+    if cfg.lora and experts:
+        log(f"warning: the routed experts ({100 * experts / n_all:.0f}% of the parameters) are frozen: LoRA adapts "
+            "attention, dense MLPs and shared experts; LoRA on the experts themselves is not supported yet.")
     return model, tok, device
 
 
@@ -328,10 +332,10 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
     t0, tokens_seen, step = time.time(), 0, start
     try:
         for step in range(start + 1, steps + 1):
-            micro = [to_device(task.collate([rows[i] for i in rank_slice(sampler.next(), R, W)], tok), device)
+            micro = [to_device(task.collate([rows[i] for i in dist.rank_slice(sampler.next(), R, W)], tok), device)
                      for _ in range(cfg.grad_accum)]
             loss, gnorm, count, tokens, mets = train_step(model, opt, sched, micro, task, cfg.max_grad_norm)
-            check_finite(step, loss=loss, gradient_norm=gnorm)
+            runs.check_finite(step, loss=loss, gradient_norm=gnorm)
             tokens_seen += tokens
             tps = tokens_seen / (time.time() - t0)
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
@@ -394,12 +398,6 @@ def make_schedule(opt, cfg, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
-def rank_slice(idx, r, w):
-    """This rank's part of a global micro-batch (contiguous, so the split is the same at any world size)."""
-    n = -(-len(idx) // w)
-    return idx[r * n : (r + 1) * n]
-
-
 def train_step(model, opt, sched, micro_batches, task, max_grad_norm):
     """accumulate -> clip -> AdamW step -> schedule step; returns (loss, grad norm, count, tokens, metrics)."""
     loss, total, tokens, metrics = accumulate(model, micro_batches, task)
@@ -430,14 +428,6 @@ def accumulate(model, micro_batches, task):
         loss, *vals = dist.all_sums([loss, *metrics.values()])
         metrics = dict(zip(metrics, vals))
     return loss, total, tokens, metrics
-
-
-def check_finite(step, **values):
-    """Stop at the first non-finite loss or gradient norm, before anything is saved from it."""
-    bad = [f"{k.replace('_', ' ')} {v}" for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        raise NanotuneError(f"step {step}: the {' and the '.join(bad)}; stopped without saving anything from this "
-                            "step (lower lr, set max_grad_norm, or check the data and the base weights).")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from conftest import ARCH_CONFIGS, make_hf_model
 
 import formats
+import kernels
 import model
 
 
@@ -70,8 +71,8 @@ def test_packed_rows_train_like_separate_sequences(arch, tmp_path, monkeypatch):
     make_hf_model(arch, tmp_path / "hf")
     m = formats.load_model(str(tmp_path / "hf"), dtype=dtype, device=dev).train()
     m.varlen = True
-    calls, varlen = [], model.varlen_attention
-    monkeypatch.setattr(model, "varlen_attention", lambda *a: calls.append(1) or varlen(*a))
+    calls, varlen = [], kernels.varlen_attention
+    monkeypatch.setattr(kernels, "varlen_attention", lambda *a: calls.append(1) or varlen(*a))
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(3, 128, (1, n), generator=g).to(dev) for n in (5, 11, 16, 9)]
     ids = torch.cat([torch.cat(docs[:2], 1), docs[2], torch.cat([docs[3], docs[3][:, :7]], 1)])  # 3 rows of 16
@@ -91,7 +92,7 @@ def test_packed_rows_train_like_separate_sequences(arch, tmp_path, monkeypatch):
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
     assert (h - alone).float().abs().max() <= tol * alone.float().abs().max()
     assert (packed - separate).abs().max() <= tol * separate.abs().max()
-    if dev == "cuda" and model.varlen_usable(h, m.config, {None}):
+    if dev == "cuda" and kernels.varlen_usable(h, m.config, {None}):
         assert calls, "varlen attention was not used for packed rows on the GPU"
 
 
@@ -150,17 +151,17 @@ def test_sliding_window_rows_through_varlen_equal_the_mask(arch, tmp_path, monke
     make_hf_model(arch, tmp_path / "hf")
     m = formats.load_model(str(tmp_path / "hf"), dtype=torch.bfloat16, device="cuda").train()
     ids = torch.randint(3, 128, (3, 16), device="cuda")
-    calls, varlen = [], model.varlen_attention
-    monkeypatch.setattr(model, "varlen_attention", lambda *a: calls.append(1) or varlen(*a))
+    calls, varlen = [], kernels.varlen_attention
+    monkeypatch.setattr(kernels, "varlen_attention", lambda *a: calls.append(1) or varlen(*a))
     out = []
     for usable in (True, False):
         if not usable:
-            monkeypatch.setattr(model, "varlen_usable", lambda *a: False)
+            monkeypatch.setattr(kernels, "varlen_usable", lambda *a: False)
         m.zero_grad()
         h = m(ids)
         h.float().square().sum().backward()
         out.append((h.float(), torch.cat([p.grad.float().flatten() for p in m.parameters() if p.grad is not None])))
-    if "window_size" in model._varlen()[1]:  # torch's varlen_attn takes a window from 2.10 on
+    if "window_size" in kernels._varlen()[1]:  # torch's varlen_attn takes a window from 2.10 on
         assert calls, "the sliding window did not go through varlen attention"
     (h1, g1), (h2, g2) = out
     assert (h1 - h2).abs().max() <= 3e-2 * h2.abs().max() and (g1 - g2).abs().max() <= 3e-2 * g2.abs().max()
