@@ -321,8 +321,7 @@ def bench_kernels():
     h, W = torch.randn(N, C, device=dev, dtype=dt), torch.randn(V, C, device=dev, dtype=dt) * 0.02
     y = torch.randint(0, V, (N,), device=dev)
     q = torch.randn(4, 2048, 32, 128, device=dev, dtype=dt).transpose(1, 2)
-    fr = torch.arange(2048, device=dev)[None, :, None].float() * model.rope_inv_freq(128, 5e5, None).to(dev)
-    cos, sin = torch.cat((fr, fr), -1).cos().expand(4, -1, -1), torch.cat((fr, fr), -1).sin().expand(4, -1, -1)
+    cos, sin = model.rotary(torch.arange(2048, device=dev).expand(4, -1), model.rope_inv_freq(128, 5e5, None).to(dev))
     Ws = [torch.randn(o, C, device=dev, dtype=dt) * 0.02 for o in (4096, 1024, 1024)]  # q, k, v
     wfs, ab = [lambda d, w=w: w for w in Ws], [torch.randn(16, C, device=dev) * 0.01 for _ in Ws] + [
         torch.randn(w.shape[0], 16, device=dev) * 0.01 for w in Ws]

@@ -130,7 +130,8 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         raise NanotuneError(f"{where}: model_type {mt!r} is not supported; nanotune runs {', '.join(FAMILIES)}.")
     fam = FAMILIES[mt]
     d = {**fam.defaults, **{k: v for k, v in d.items() if v is not None}}
-    d.setdefault("num_local_experts", d.get("num_experts"))
+    if "num_experts" in d:  # (Qwen3-MoE configs say either)
+        d.setdefault("num_local_experts", d["num_experts"])
     if d.get("qk_layernorm"):
         raise NanotuneError(f"{where}: qk_layernorm=true (a Phi variant) is not supported.")
     theta, scaling, local = rope_from_hf(d, where)

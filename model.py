@@ -203,9 +203,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:  # "head": one norm over each head's D dims; "proj": over all H*D of the projection
-            per = 1 if cfg.qk_norm == "head" else None
-            self.q_norm = RMSNorm(self.hd * (per or self.nh), cfg.rms_norm_eps, cfg.norm_offset)
-            self.k_norm = RMSNorm(self.hd * (per or self.nkv), cfg.rms_norm_eps, cfg.norm_offset)
+            qd, kd = (self.hd, self.hd) if cfg.qk_norm == "head" else (self.nh * self.hd, self.nkv * self.hd)
+            self.q_norm = RMSNorm(qd, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(kd, cfg.rms_norm_eps, cfg.norm_offset)
         self.scale = cfg.attention_multiplier or (cfg.query_pre_attn_scalar or self.hd) ** -0.5
         self.softcap = cfg.attn_logit_softcapping
         self.sliding = cfg.is_sliding(layer)

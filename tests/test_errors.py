@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, make_hf_model
+import torch
+from conftest import ROOT, make_hf_model, save_tiny_tokenizer
 
 import data
 import formats
@@ -281,3 +282,20 @@ def test_unwritable_outputs_are_one_line(case, tmp_path):
     err = r.stderr.strip()
     assert r.returncode == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("error: ") and os.path.dirname(out) in err, err
+
+
+def test_moe_only_settings_are_refused_in_one_sentence(tmp_path):
+    """--router_aux_loss_coef on a dense model is pointless, and a MoE GGUF is not written yet: each is refused."""
+    import export
+    import formats
+    import train
+    make_hf_model("llama", tmp_path / "dense")
+    cfg = train.TrainConfig(model=str(tmp_path / "dense"), router_aux_loss_coef=0.01)
+    with pytest.raises(NanotuneError, match="needs a mixture-of-experts model"):
+        train.build_model(cfg, torch.device("cpu"), torch.float32)
+    make_hf_model("mixtral", tmp_path / "moe")
+    save_tiny_tokenizer(tmp_path / "moe")
+    m, tok = formats.load_model(str(tmp_path / "moe")), formats.load_tokenizer(str(tmp_path / "moe"))
+    with pytest.raises(NanotuneError, match="GGUF export of mixture-of-experts"):
+        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
+    assert not os.path.exists(tmp_path / "m.gguf")
