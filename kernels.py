@@ -662,16 +662,26 @@ def varlen_attention(q, k, v, rows: PackedRows, scale):
 # ---------------------------------------------------------------------------------------------
 # Mixture-of-experts MLP: token n goes to experts idx[n, :k] with weights w[n, :k]
 #   y_n = sum_j w_nj * down_e (act(gate_e x_n) * up_e x_n),   e = idx[n, j]
-# gate_up [E, 2I, C] (gate rows first), down [E, C, I]. The reference loops over the experts that were hit
-# (as transformers' eager path does); the grouped path sorts the N*k (token, expert) pairs by expert and runs
-# one grouped GEMM per projection over the sorted rows (no host sync, no per-expert launches).
-def moe_experts_ref(x, idx, w, gate_up, down, act: str):
+# gate_up [E, 2I, C] (gate rows first), down [E, C, I]. LoRA per expert (optional, per projection), as
+# `lora` = (A1, B1, s1, A2, B2, s2): gate_up_e += s1 B1_e A1_e, down_e += s2 B2_e A2_e with A [E, r, in],
+# B [E, out, r] (None: that projection has no adapter), never built as a [E, out, in] delta.
+# The reference loops over the experts that were hit (as transformers' eager path does). The grouped path
+# sorts the M = N*k (token, expert) pairs by expert and runs one grouped GEMM per product over the sorted
+# rows (no host sync, no per-expert launches); its backward is written out (_MoEExperts).
+def moe_experts_ref(x, idx, w, gate_up, down, act: str, lora=None):
+    A1, B1, s1, A2, B2, s2 = lora or (None,) * 6
     out = torch.zeros_like(x)
     for e in idx.unique().tolist():
         tok, slot = (idx == e).nonzero(as_tuple=True)
-        g, u = F.linear(x[tok], gate_up[e]).chunk(2, dim=-1)
-        y = F.linear(gated_act_ref(g, u, act), down[e]) * w[tok, slot, None]
-        out.index_add_(0, tok, y.to(out.dtype))
+        xe = x[tok]
+        h = F.linear(xe, gate_up[e])
+        if A1 is not None:
+            h = h + F.linear(F.linear(xe, A1[e]), B1[e]) * s1
+        a = gated_act_ref(*h.chunk(2, dim=-1), act)
+        y = F.linear(a, down[e])
+        if A2 is not None:
+            y = y + F.linear(F.linear(a, A2[e]), B2[e]) * s2
+        out.index_add_(0, tok, (y * w[tok, slot, None]).to(out.dtype))
     return out
 
 
@@ -685,24 +695,82 @@ def expert_counts(idx, E):
     return torch.histc(flat.float() if flat.device.type == "cpu" else flat.int(), bins=E, min=0, max=E - 1).float()
 
 
-def moe_experts_grouped(x, idx, w, gate_up, down, act: str):
-    N, k = idx.shape
-    order = idx.flatten().argsort(stable=True)  # the N*k pairs, grouped by expert
-    tok = order // k
-    offs = expert_counts(idx, gate_up.shape[0]).cumsum(0).to(torch.int32)  # where each expert's rows end
+# One expert projection over the sorted rows, x [M, in] -> y = x W_e^T + s (x A_e^T) B_e^T  [M, out]
+# (row block e of x against expert e; offs[e] = where expert e's rows end). Its backward, with xa = x A^T:
+#   g = s dy B [M, r]    dx = dy W + g A    dA_e = g_e^T x_e [r, in]    dB_e = s dy_e^T xa_e [out, r]
+# (the last two are grouped over M, the reduction dimension: one [E, ., .] result per expert).
+def _expert_proj(x, W, A, B, s, offs):
     mm = _grouped_mm_fn()
-    h = mm(x.index_select(0, tok), gate_up.transpose(1, 2), offs=offs)  # [N*k, 2I]
-    g, u = h.chunk(2, dim=-1)
-    y = mm(gated_act(g, u, act), down.transpose(1, 2), offs=offs)  # [N*k, C]
-    y = y * w.flatten().index_select(0, order)[:, None].to(y.dtype)
-    return torch.zeros_like(x).index_add_(0, tok, y)
+    y = mm(x, W.transpose(1, 2), offs=offs)
+    if A is None:
+        return y, None
+    xa = mm(x, A.transpose(1, 2), offs=offs)
+    return y.add_(mm(xa, (B * s).transpose(1, 2), offs=offs)), xa
 
 
-def moe_experts(x, idx, w, gate_up, down, act: str):
+def _expert_proj_backward(dy, x, W, A, B, s, xa, offs, empty, need_dW):
+    mm = _grouped_mm_fn()
+    dx = mm(dy, W, offs=offs)
+    dW = mm(dy.t(), x, offs=offs).masked_fill_(empty[:, None, None], 0) if need_dW else None
+    if A is None:
+        return dx, dW, None, None
+    g = mm(dy, B * s, offs=offs)
+    dx.add_(mm(g, A, offs=offs))
+    dA = mm(g.t(), x, offs=offs).masked_fill_(empty[:, None, None], 0)  # an expert with no rows: zero
+    dB = mm(dy.t(), xa, offs=offs).mul_(s).masked_fill_(empty[:, None, None], 0)
+    return dx, dW, dA, dB
+
+
+class _MoEExperts(torch.autograd.Function):
+    """Grouped forward; the combine is a gather by the inverse permutation and a k-term weighted sum (no
+    atomics), and so is every backward scatter. Saved: the input, the routing, h = gate_up(x) [M, 2I], the
+    experts' outputs y [M, C] (for the routing weights' gradient) and the LoRA's x A^T; act(h) is recomputed."""
+
+    @staticmethod
+    def forward(ctx, x, idx, w, gate_up, down, act, s1, s2, A1, B1, A2, B2):
+        (N, k), M, E = idx.shape, idx.numel(), gate_up.shape[0]
+        order = idx.flatten().argsort(stable=True)  # sorted row p holds pair order[p] = n*k + j
+        tok = order // k
+        inv = torch.empty_like(order).index_put_((order,), torch.arange(M, device=x.device))  # pair -> its row
+        counts = expert_counts(idx, E)
+        offs = counts.cumsum(0).to(torch.int32)
+        xs = x.index_select(0, tok)  # [M, C]
+        h, xa1 = _expert_proj(xs, gate_up, A1, B1, s1, offs)  # [M, 2I]
+        y, xa2 = _expert_proj(gated_act(*h.chunk(2, dim=-1), act), down, A2, B2, s2, offs)  # [M, C]
+        out = torch.bmm(w.view(N, 1, k), y.index_select(0, inv).view(N, k, -1)).view(N, -1)
+        ctx.save_for_backward(x, w, gate_up, down, A1, B1, A2, B2, h, y, xa1, xa2, order, inv, offs, counts == 0)
+        ctx.act, ctx.s1, ctx.s2, ctx.k = act, s1, s2, k
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w, gate_up, down, A1, B1, A2, B2, h, y, xa1, xa2, order, inv, offs, empty = ctx.saved_tensors
+        (N, C), k, need = x.shape, ctx.k, ctx.needs_input_grad
+        tok = order // k
+        d = dout.index_select(0, tok)  # [M, C]: each sorted row's output gradient
+        dw = torch.bmm(d.unsqueeze(1), y.unsqueeze(2)).view(-1).index_select(0, inv).view(N, k)  # <dout_n, y_nj>
+        dy = d.mul_(w.view(-1).index_select(0, order)[:, None])  # w of each sorted row
+        with torch.enable_grad():  # act(h) again, for its input gradient and the down projection's dW / dA
+            hh = h.detach().requires_grad_()
+            a = gated_act(*hh.chunk(2, dim=-1), ctx.act)
+        da, d_down, dA2, dB2 = _expert_proj_backward(dy, a.detach(), down, A2, B2, ctx.s2, xa2, offs, empty, need[4])
+        dh, = torch.autograd.grad(a, hh, da)
+        dxs, d_gate_up, dA1, dB1 = _expert_proj_backward(dh, x.index_select(0, tok), gate_up, A1, B1, ctx.s1, xa1,
+                                                         offs, empty, need[3])
+        dx = dxs.index_select(0, inv).view(N, k, C).sum(1)
+        return dx, None, dw, d_gate_up, d_down, None, None, None, dA1, dB1, dA2, dB2
+
+
+def moe_experts_grouped(x, idx, w, gate_up, down, act: str, lora=None):
+    A1, B1, s1, A2, B2, s2 = lora or (None, None, 0.0, None, None, 0.0)
+    return _MoEExperts.apply(x, idx, w, gate_up, down, act, s1, s2, A1, B1, A2, B2)
+
+
+def moe_experts(x, idx, w, gate_up, down, act: str, lora=None):
     """Grouped GEMMs on CUDA in bf16 (torch's grouped_mm), the reference loop elsewhere."""
     if _FUSED and x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm_fn() is not None:
-        return moe_experts_grouped(x, idx, w, gate_up, down, act)
-    return moe_experts_ref(x, idx, w, gate_up, down, act)
+        return moe_experts_grouped(x, idx, w, gate_up, down, act, lora)
+    return moe_experts_ref(x, idx, w, gate_up, down, act, lora)
 
 
 class _ExtraGrad(torch.autograd.Function):

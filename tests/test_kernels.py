@@ -291,14 +291,29 @@ def test_offload_releases_block_inputs_until_backward(offload, tmp_path):
 
 
 @pytest.mark.skipif(kernels._grouped_mm_fn() is None, reason="torch's grouped_mm arrived in torch 2.9")
-def test_moe_grouped_experts():
-    """The grouped-GEMM expert path (tokens sorted by expert) vs the per-expert loop in bf16 (grouped_mm's dtype),
-    against the fp64 loop: outputs and the gradients of x, the routing weights and both expert weights."""
-    dtype = torch.bfloat16
-    N, C, I, E, k = 37, 48, 40, 5, 2
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adapted", ["", "gate_up", "down", "gate_up,down"])
+def test_moe_grouped_experts(dtype, adapted):
+    """The grouped-GEMM expert path (tokens sorted by expert) vs the per-expert loop, against the fp64 loop:
+    outputs and the gradients of x, the routing weights, both expert weights and every per-expert LoRA A / B
+    (LoRA on neither, one or both projections). One expert is picked by a single token, one by none."""
+    N, C, I, E, k, r = 37, 48, 40, 6, 2, 8
     x, gu, dn = randn(N, C), randn(E, 2 * I, C, seed=1, scale=0.2), randn(E, C, I, seed=2, scale=0.2)
     logits = randn(N, E, seed=3)
+    logits[:, 1] = -1e4  # expert 1: no token
     w, idx = torch.topk(logits.softmax(-1), k, dim=-1)
-    idx[0] = torch.tensor([E - 1, 0])  # an expert that only one token picks, and experts picked by none below
-    check(lambda a, b, c, d: kernels.moe_experts_grouped(a, idx, b, c, d, "silu"),
-          lambda a, b, c, d: kernels.moe_experts_ref(a, idx, b, c, d, "silu"), [x, w, gu, dn], dtype)
+    idx[0] = torch.tensor([E - 1, 0])
+    idx[1:, 0][idx[1:, 0] == E - 1] = 2  # expert E-1: only token 0
+    idx[1:, 1][idx[1:, 1] == E - 1] = 3
+    lora = [randn(E, r, C, seed=4, scale=0.2), randn(E, 2 * I, r, seed=5, scale=0.2),
+            randn(E, r, I, seed=6, scale=0.2), randn(E, C, r, seed=7, scale=0.2)]
+    on = [p in adapted.split(",") for p in ("gate_up", "gate_up", "down", "down")]
+    ab = [t for t, o in zip(lora, on) if o]
+
+    def call(fn):
+        def f(a, b, c, d, *rest):
+            it = iter(rest)
+            A1, B1, A2, B2 = (next(it) if o else None for o in on)
+            return fn(a, idx, b, c, d, "silu", (A1, B1, 0.5, A2, B2, 2.0) if rest else None)
+        return f
+    check(call(kernels.moe_experts_grouped), call(kernels.moe_experts_ref), [x, w, gu, dn] + ab, dtype)
