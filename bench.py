@@ -197,7 +197,10 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
             if mode == "qlora":
                 from peft import prepare_model_for_kbit_training
                 m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True)
-            m = get_peft_model(m, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+            moe = SHAPES[shape].get("num_experts")  # the experts' stacked weights too, as Unsloth and nanotune do
+            m = get_peft_model(m, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+                                             if moe else None))
     m.train()
 
     def loss(ids):

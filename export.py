@@ -46,6 +46,10 @@ def dense_tensors(model):
             if mod.base.bias is not None:
                 yield prefix + "bias", mod.base.bias.detach()
             return
+        if isinstance(mod, lora.LoRAExperts):  # stacked [E, ...] weights (formats.fuse unstacks them)
+            for n, _ in mod.base.named_parameters(recurse=False):
+                yield prefix + n, mod.merged_weight(n)
+            return
         if isinstance(mod, quant.Linear4bit):
             yield prefix + "weight", mod.dense_weight(torch.float32)
             if mod.bias is not None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import dist
 import kernels
 from cli import NanotuneError, publish, read_json
+from model import Experts
 from quant import replace_module
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -59,6 +60,10 @@ class LoRALinear(nn.Module):
     @property
     def out_features(self):
         return self.base.out_features
+
+    def pairs(self):
+        """[(A, B)]: the adapter's matrices (LoRAExperts has one pair per adapted projection)."""
+        return [(self.lora_A.weight, self.lora_B.weight)]
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A, the [out, in] update LoRA adds to W."""
@@ -144,6 +149,70 @@ class LoRALinear(nn.Module):
         self.merged = False
 
 
+class LoRAExperts(nn.Module):
+    """Per-expert LoRA on model.Experts' stacked weights: W_e += s B_e A_e for each of the E experts, A [E, r, in]
+    and B [E, out, r] per adapted projection (gate_up_proj [E, 2I, C], down_proj [E, C, I]). The kernel adds the
+    low-rank term per expert's rows and never forms the [E, out, in] delta (kernels.moe_experts)."""
+    PROJ = ("gate_up_proj", "down_proj")
+
+    def __init__(self, base: Experts, projs, r: int, alpha: float, rslora=False):
+        super().__init__()
+        self.base, self.r, self.alpha = base, r, alpha
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        for p in projs:
+            W = getattr(base, p)
+            E, out, inp = W.shape
+            a = torch.empty(E, r, inp, device=W.device, dtype=torch.float32)
+            if a.device.type != "meta":  # PEFT's Kaiming-uniform bound for each expert's A [r, in]
+                nn.init.uniform_(a, -1 / math.sqrt(inp), 1 / math.sqrt(inp))
+            self.lora_A[p] = nn.Parameter(a)
+            self.lora_B[p] = nn.Parameter(torch.zeros(E, out, r, device=W.device, dtype=torch.float32))
+        self.lora_magnitude_vector = None  # (no DoRA on experts)
+        self.merged, self.disabled = False, False
+
+    def forward(self, x, idx, w):
+        b = self.base
+        if self.disabled or self.merged:
+            return b(x, idx, w)
+        lora = []  # (A1, B1, s1, A2, B2, s2), fp32 masters cast to the activations' dtype
+        for p in self.PROJ:
+            lora += [self.lora_A[p].to(x.dtype), self.lora_B[p].to(x.dtype), self.scaling] if p in self.lora_A else [
+                None, None, 0.0]
+        return kernels.moe_experts(x, idx, w, b.gate_up_proj, b.down_proj, b.act, tuple(lora))
+
+    def pairs(self):
+        return [(self.lora_A[p], self.lora_B[p]) for p in self.lora_A]
+
+    def delta_weight(self, p) -> torch.Tensor:
+        """s B_e A_e for every expert, [E, out, in] fp32 (merging and export only)."""
+        return torch.bmm(self.lora_B[p], self.lora_A[p]) * self.scaling
+
+    @torch.no_grad()
+    def merged_weight(self, p) -> torch.Tensor:
+        w = getattr(self.base, p).float()
+        return w + self.delta_weight(p) if p in self.lora_A else w
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            for p in self.lora_A:
+                getattr(self.base, p).copy_(self.merged_weight(p))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            for p in self.lora_A:
+                w = getattr(self.base, p)
+                w.sub_(self.delta_weight(p).to(w.dtype))
+            self.merged = False
+
+
+# names a target list may use for the stacked expert weights (the hub's per-expert names, or the fused one)
+EXPERT_ALIASES = {"gate_up_proj": ("gate_up_proj", "gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
 def _matches(name: str, targets) -> bool:
     """PEFT's rule: a list matches the last name component(s); a single string is a full-name regex."""
     if isinstance(targets, str):
@@ -152,24 +221,37 @@ def _matches(name: str, targets) -> bool:
 
 
 def apply_lora(model: nn.Module, r=16, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS, rslora=False, dora=False,
-               train_modules=()) -> list:
-    """Freeze the model, wrap every matching linear in a LoRALinear; `train_modules` (e.g. "lm_head",
-    "embed_tokens") stay fully trainable. Returns the wrapped module names."""
+               train_modules=(), expert_targets=None) -> list:
+    """Freeze the model, wrap every matching linear in a LoRALinear and every mixture-of-experts block whose
+    projections match in a LoRAExperts: by the names in EXPERT_ALIASES in `targets` (as Unsloth: gate_proj
+    reaches the experts), or when `expert_targets` is given, only by it (PEFT's `target_parameters`, e.g.
+    "mlp.experts.gate_up_proj"). `train_modules` (e.g. "lm_head") stay fully trainable. Returns the wrapped names."""
     for p in model.parameters():
         p.requires_grad_(False)
     names = [n for n, m in model.named_modules() if _matches(n, targets) and hasattr(m, "in_features")
              and not isinstance(m, LoRALinear)]
-    if not names:
+    wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRAExperts)}
+    experts = {n: [p for p, aliases in EXPERT_ALIASES.items() if (_matches(f"{n}.{p}", list(expert_targets))
+                   if expert_targets is not None else any(_matches(f"{n}.{a}", targets) for a in aliases))]
+               for n, m in model.named_modules() if isinstance(m, Experts) and id(m) not in wrapped}
+    experts = {n: p for n, p in experts.items() if p}
+    if not names and not experts:
         raise NanotuneError(f"no module matches lora targets {targets!r}; valid names include "
                             f"{', '.join(DEFAULT_TARGETS)}, lm_head.")
+    if experts and (dropout or dora):
+        raise NanotuneError(f"lora_dropout and DoRA are not supported on the routed experts ({next(iter(experts))} "
+                            "is targeted); set lora_dropout 0 and use_dora false, or leave gate_proj/up_proj/down_proj "
+                            "out of lora_targets.")
     for n in names:
         replace_module(model, n, LoRALinear(model.get_submodule(n), r, alpha, dropout, rslora, dora))
+    for n, projs in experts.items():
+        replace_module(model, n, LoRAExperts(model.get_submodule(n), projs, r, alpha, rslora))
     for n, p in model.named_parameters():
         if any(f".{t}." in f".{n}" for t in train_modules):
             p.requires_grad_(True)
     model.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              use_rslora=rslora, use_dora=dora)
-    return names
+    return names + list(experts)
 
 
 @torch.no_grad()
@@ -179,20 +261,39 @@ def init_lora(model, seed):
     the (local) rows of W."""
     g = torch.Generator().manual_seed(seed)
     for _, m in lora_layers(model):
-        a = m.lora_A.weight
-        bound = 1 / math.sqrt(m.in_features)
-        full = torch.empty(a.shape).uniform_(-bound, bound, generator=g)
-        if hasattr(a, "to_local"):
-            dist.assign_param(a, full)  # this rank's rows
-            m.lora_B.weight.to_local().zero_()
-            if m.lora_magnitude_vector is not None:
-                m.lora_magnitude_vector.to_local().copy_(m.base.weight.to_local().float().norm(dim=1))
-        else:
-            a.copy_(full)
+        for a, b in m.pairs():  # (A [.., r, in]: the bound is 1/sqrt(in))
+            full = torch.empty(a.shape).uniform_(-a.shape[-1] ** -0.5, a.shape[-1] ** -0.5, generator=g)
+            if hasattr(a, "to_local"):
+                dist.assign_param(a, full)  # this rank's rows
+                b.to_local().zero_()
+            else:
+                a.copy_(full)
+        if m.lora_magnitude_vector is not None and hasattr(m.lora_magnitude_vector, "to_local"):
+            m.lora_magnitude_vector.to_local().copy_(m.base.weight.to_local().float().norm(dim=1))
 
 
 def lora_layers(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    """(name, LoRALinear or LoRAExperts) for every adapted module."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))]
+
+
+def coverage(model, n_all: int) -> list:
+    """Log lines for the start of a run: which weights carry an adapter and what share of the model's n_all
+    parameters they hold, plus a warning when routed experts exist that no adapter reaches."""
+    layers = lora_layers(model)
+    names = sorted(set(n.rsplit(".", 1)[-1] if isinstance(m, LoRALinear) else f"experts.{p}"
+                       for n, m in layers for p in (m.lora_A if isinstance(m, LoRAExperts) else [None])))
+    held = sum(m.in_features * m.out_features if isinstance(m, LoRALinear) else
+               sum(getattr(m.base, p).numel() for p in m.lora_A) for _, m in layers)
+    lines = [f"lora: {len(layers)} modules ({', '.join(names)}); their weights hold {100 * held / n_all:.1f}% of "
+             "the parameters"]
+    wrapped = {id(m.base) for _, m in layers if isinstance(m, LoRAExperts)}
+    bare = sum(p.numel() for m in model.modules() if isinstance(m, Experts) and id(m) not in wrapped
+               for p in m.parameters())
+    if bare:
+        lines.append(f"warning: no adapter reaches the routed experts ({100 * bare / n_all:.0f}% of the parameters), "
+                     "so they are not trained; add gate_proj, up_proj and down_proj (or gate_up_proj) to lora_targets.")
+    return lines
 
 
 def set_lora_enabled(model, on: bool):
@@ -216,14 +317,33 @@ def unmerge_lora(model):
 
 # ---------------------------------------------------------------------------------------------
 # PEFT format: keys "base_model.model.<module>.lora_A.weight", "...lora_B.weight", DoRA's
-# "...lora_magnitude_vector"; adapter_config.json with peft_type LORA.
+# "...lora_magnitude_vector"; adapter_config.json with peft_type LORA. Experts are PEFT's `target_parameters`:
+# one LoRA per stacked weight, A [E*r, in] (expert-major rows) and B [out, r*E] (rank-major columns), and with
+# both projections adapted PEFT nests its wrappers, so gate_up_proj's keys sit under "<experts>.base_layer.".
 PEFT_PREFIX = "base_model.model."
 
 
+def expert_keys(n, m: LoRAExperts):
+    """(PEFT key stem, projection) for each adapted projection of the experts module `n`."""
+    inner = ".base_layer" if len(m.lora_A) == 2 else ""
+    return [(f"{PEFT_PREFIX}{n}{inner if p == 'gate_up_proj' else ''}", p) for p in m.lora_A]
+
+
+def to_peft_experts(A, B):
+    """A [E, r, in], B [E, out, r] -> PEFT's lora_A [E*r, in], lora_B [out, r*E]."""
+    return A.reshape(-1, A.shape[-1]), B.permute(1, 2, 0).reshape(B.shape[1], -1)
+
+
 def adapter_state_dict(model, dtype=None, rename=None) -> dict:
-    """PEFT keys; rename: nanotune's module name -> the checkpoint's (families.checkpoint_name, Phi-2)."""
+    """PEFT keys; rename: nanotune's module name -> the checkpoint's (families.checkpoint_name, Phi-2). Expert
+    names are not renamed: PEFT sees transformers 5's in-memory modules (mlp.experts), not the hub's names."""
     sd = {}
     for n, m in lora_layers(model):
+        if isinstance(m, LoRAExperts):
+            for stem, p in expert_keys(n, m):
+                a, b = to_peft_experts(dist.full_tensor(m.lora_A[p]), dist.full_tensor(m.lora_B[p]))
+                sd[f"{stem}.lora_A.weight"], sd[f"{stem}.lora_B.weight"] = a, b
+            continue
         n = rename(n) if rename else n
         sd[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.lora_A.weight
         sd[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.weight
@@ -244,13 +364,16 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_p
     if not write:
         return
     os.makedirs(out_dir, exist_ok=True)
-    c = model.lora_config
+    c, layers = model.lora_config, lora_layers(model)
     targets = c["target_modules"] if isinstance(c["target_modules"], str) else sorted(set(
-        (rename(n) if rename else n).rsplit(".", 1)[-1] for n, _ in lora_layers(model)))
+        (rename(n) if rename else n).rsplit(".", 1)[-1] for n, m in layers if isinstance(m, LoRALinear)))
+    params = sorted(set(".".join(n.split(".")[-2:] + [p]) for n, m in layers if isinstance(m, LoRAExperts)
+                        for p in m.lora_A))  # e.g. mlp.experts.gate_up_proj
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
            "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
            "target_modules": targets, "use_rslora": c["use_rslora"], "use_dora": c["use_dora"], "bias": "none",
-           "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
+           "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+           **({"target_parameters": params} if params else {})}
     tmp = os.path.join(out_dir, "adapter_model.safetensors.tmp")
     save_file(sd, tmp, metadata={"format": "pt", **({"nanotune_base_path": base_path} if base_path else {})})
     publish(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
@@ -274,8 +397,9 @@ def load_adapter(model, adapter_dir: str, rename=None):
     targets = c["target_modules"]
     if rename and not isinstance(targets, str):
         targets = [rename(t) for t in targets]
-    apply_lora(model, r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0), targets=targets,
-               rslora=c.get("use_rslora", False), dora=c.get("use_dora", False))
+    apply_lora(model, r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0), targets=targets or [],
+               rslora=c.get("use_rslora", False), dora=c.get("use_dora", False),
+               expert_targets=c.get("target_parameters") or [])
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(path):
         raise NanotuneError(f"{adapter_dir} has no adapter_model.safetensors; the adapter is incomplete.")
@@ -284,21 +408,37 @@ def load_adapter(model, adapter_dir: str, rename=None):
     except Exception as e:
         raise NanotuneError(f"{path} could not be read as safetensors ({str(e).splitlines()[0][:100]}); the file is "
                             "truncated or corrupt: save the adapter again.")
-    params = {f"{PEFT_PREFIX}{n}": p for n, p in model.named_parameters()}
+    params = {f"{PEFT_PREFIX}{n}": (p, None) for n, p in model.named_parameters() if p.requires_grad}
+    for n, m in lora_layers(model):  # experts: PEFT's key -> (the parameter, its PEFT shape)
+        if isinstance(m, LoRAExperts):
+            for stem, p in expert_keys(n, m):
+                params.pop(f"{PEFT_PREFIX}{n}.lora_A.{p}"), params.pop(f"{PEFT_PREFIX}{n}.lora_B.{p}")
+                A, B = m.lora_A[p], m.lora_B[p]
+                params[f"{stem}.lora_A.weight"] = (A, (A.shape[0] * A.shape[1], A.shape[2]))
+                params[f"{stem}.lora_B.weight"] = (B, (B.shape[1], B.shape[2] * B.shape[0]))
+    missing = set(params)
     for k, v in sd.items():
         name = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        name = rename(name) if rename else name
+        name = rename(name) if rename and ".experts." not in name else name
         if name.endswith(".lora_magnitude_vector.weight"):
             name = name[: -len(".weight")]
         if name not in params:
             raise NanotuneError(f"{adapter_dir}: adapter tensor {k!r} has no place in this model; was it trained "
                                 "on another base?")
-        if params[name].shape != v.shape:
+        p, peft_shape = params[name]
+        if tuple(peft_shape or p.shape) != tuple(v.shape):
             raise NanotuneError(f"{adapter_dir}: {k!r} has shape {tuple(v.shape)} but this model needs "
-                                f"{tuple(params[name].shape)}; the adapter belongs to another base model.")
+                                f"{tuple(peft_shape or p.shape)}; the adapter belongs to another base model.")
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise NanotuneError(f"{path}: tensor {k!r} holds inf/NaN values; the adapter is damaged: train it again "
                                 "or use an earlier checkpoint.")
+        if peft_shape:  # stacked experts: back to [E, r, in] / [E, out, r] (the inverse of to_peft_experts)
+            E = p.shape[0]
+            v = v.view(E, -1, v.shape[1]) if ".lora_A." in name else v.view(v.shape[0], -1, E).permute(2, 0, 1)
         with torch.no_grad():
-            params[name].copy_(v)
+            p.copy_(v)
+        missing.discard(name)
+    if missing:
+        raise NanotuneError(f"{path} has no tensor {min(missing)!r}, which its adapter_config.json targets; the "
+                            "adapter is incomplete: save it again.")
     return model

@@ -189,10 +189,8 @@ def setup(cfg):
             + (f" (4-bit weights too: rank 0 holds {100 * held:.0f}% of their bytes)" if q4 else ""))
     log(f"model: {model.config.model_type}, {n_all / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable "
         f"({100 * n_train / n_all:.2f}%), {dtype}, {device}")
-    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and not p.requires_grad)
-    if cfg.lora and experts:
-        log(f"warning: the routed experts ({100 * experts / n_all:.0f}% of the parameters) are frozen: LoRA adapts "
-            "attention, dense MLPs and shared experts; LoRA on the experts themselves is not supported yet.")
+    for line in lora.coverage(model, n_all) if cfg.lora else []:
+        log(line)
     return model, tok, device
 
 

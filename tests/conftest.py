@@ -153,7 +153,8 @@ def tiny_lora_model(path, seed=1, dora=False, **load_kw):
     lora.apply_lora(m, r=4, alpha=8, dora=dora)
     with torch.no_grad():
         for _, layer in lora.lora_layers(m):
-            layer.lora_B.weight.normal_(0, 0.05)
+            for _, b in layer.pairs():
+                b.normal_(0, 0.05)
     return m
 
 

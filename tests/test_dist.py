@@ -62,6 +62,20 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup_dir, tmp_path,
     assert (tmp_path / "two" / result).exists()
 
 
+@pytest.mark.parametrize("method", [[], ["--lora", "false"]], ids=["lora", "full"])
+def test_moe_two_processes_equal_one(tmp_path, method):
+    """Qwen3-MoE: the stacked experts (and their per-expert LoRA) shard over the experts dimension like any
+    weight; two ranks follow one rank's losses."""
+    make_tiny_run_model(tmp_path / "m", "qwen3_moe")
+    write_sums_chat(tmp_path / "d.jsonl", 16)
+    one = launch(0, common(tmp_path, tmp_path / "one", "--micro_batch_size", "4", *method))
+    two = launch(2, common(tmp_path, tmp_path / "two", "--micro_batch_size", "2", *method))
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-3000:])
+    assert "experts.gate_up_proj" in two.stderr or "--lora" in method
+    got, want = read_losses(tmp_path / "two"), read_losses(tmp_path / "one")
+    assert close(got, want), (got, want)
+
+
 def test_one_process_under_torchrun_equals_plain(setup_dir, tmp_path):
     """FSDP with one rank computes in the dtype asked for (fp32 here; on a GPU it once gathered in bf16)."""
     one = launch(0, common(setup_dir, tmp_path / "one", "--micro_batch_size", "4"))

@@ -116,7 +116,8 @@ def test_batched_masked_gradients_equal_per_example_autograd(kind, tmp_path):
         lora.apply_lora(m, r=4, alpha=8)
         with torch.no_grad():
             for _, layer in lora.lora_layers(m):
-                layer.lora_B.weight.normal_(0, 0.05)
+                for _, b in layer.pairs():
+                    b.normal_(0, 0.05)
         return m.train()
 
     m = fresh()
@@ -167,7 +168,8 @@ def test_lora_reference_equals_a_separately_loaded_base(tmp_path):
     lora.apply_lora(m, r=4, alpha=8)
     with torch.no_grad():
         for _, layer in lora.lora_layers(m):
-            layer.lora_B.weight.normal_(0, 0.1)  # the policy now differs from the base
+            for _, b in layer.pairs():
+                b.normal_(0, 0.1)  # the policy now differs from the base
     task = dpo.Preference(cfg(), m)
     b = task.collate(items, tok)
     ref = task.reference(b)

@@ -14,7 +14,8 @@ def randomise_adapters(m, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora.lora_layers(m):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+            for _, b in layer.pairs():
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
             if layer.lora_magnitude_vector is not None:
                 layer.lora_magnitude_vector.mul_(1 + 0.1 * torch.rand(layer.lora_magnitude_vector.shape, generator=g))
 
@@ -87,9 +88,9 @@ def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == {"o_proj", "down_proj"}
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_merge_equals_adapter_and_unmerge_restores(variant, tmp_path):
-    make_hf_model("llama", tmp_path)
+@pytest.mark.parametrize("arch,variant", [("llama", v) for v in VARIANTS] + [("qwen2_moe", "lora")])
+def test_merge_equals_adapter_and_unmerge_restores(arch, variant, tmp_path):
+    make_hf_model(arch, tmp_path)
     m = formats.load_model(str(tmp_path))
     before = {n: p.clone() for n, p in m.named_parameters()}
     lora.apply_lora(m, r=4, alpha=8, **VARIANTS[variant])
@@ -178,3 +179,58 @@ def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp
     assert abs(l0 - l1) <= 1e-5 * abs(l0) and g0.keys() == g1.keys()
     for n in g0:
         assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("both", [True, False])
+def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
+    """LoRA on the routed experts (per-expert A/B on the stacked weights, PEFT's `target_parameters`): nanotune's
+    adapter gives peft's logits, and a peft-made one nanotune's; one projection adapted, or both (PEFT nests
+    its wrappers then, and the keys differ)."""
+    import functools
+    import json
+    from families import checkpoint_name, nanotune_name
+    from model import MoE
+    from peft import LoraConfig, PeftModel, get_peft_model
+    hf = make_hf_model(arch, tmp_path / "base")
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    m = formats.load_model(str(tmp_path / "base"))
+    lora.apply_lora(m, r=4, alpha=8, targets=lora.DEFAULT_TARGETS if both else ["q_proj", "down_proj"])
+    experts = [e for _, e in lora.lora_layers(m) if isinstance(e, lora.LoRAExperts)]
+    assert len(experts) == sum(isinstance(b.mlp, MoE) for b in m.model.layers) > 0
+    assert all(sorted(e.lora_A) == (["down_proj", "gate_up_proj"] if both else ["down_proj"]) for e in experts)
+    randomise_adapters(m)
+    with torch.no_grad():
+        ours = m.logits(m(ids))
+        assert (ours - hf(input_ids=ids).logits).abs().max() > 1e-3  # the adapter changes the logits
+    lora.save_adapter(m, str(tmp_path / "ours"), rename=functools.partial(checkpoint_name, m.config))
+    cfg = json.load(open(tmp_path / "ours" / "adapter_config.json"))
+    assert cfg["target_parameters"] == (["mlp.experts.down_proj", "mlp.experts.gate_up_proj"] if both
+                                        else ["mlp.experts.down_proj"])
+    pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-4
+
+    hf2 = make_hf_model(arch, tmp_path / "base2")
+    params = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if both else ["mlp.experts.gate_up_proj"]
+    pm2 = get_peft_model(hf2, LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=params,
+                                         init_lora_weights=False)).eval()
+    pm2.save_pretrained(str(tmp_path / "peft"))
+    with torch.no_grad():
+        ref = pm2(input_ids=ids).logits
+    m2 = formats.load_model(str(tmp_path / "base2"))
+    lora.load_adapter(m2, str(tmp_path / "peft"), functools.partial(nanotune_name, m2.config))
+    with torch.no_grad():
+        assert (ref - m2.logits(m2(ids))).abs().max() < 1e-4
+    assert all(sorted(e.lora_A) == sorted(p.rsplit(".", 1)[1] for p in params)
+               for _, e in lora.lora_layers(m2) if isinstance(e, lora.LoRAExperts))
+
+
+def test_dropout_and_dora_on_the_experts_are_refused(tmp_path):
+    """PEFT's expert LoRA has neither; nanotune says so in one sentence rather than adapting the experts without."""
+    make_hf_model("qwen3_moe", tmp_path)
+    for kw in ({"dropout": 0.1}, {"dora": True}):
+        with pytest.raises(NanotuneError, match="not supported on the routed experts.*leave gate_proj"):
+            lora.apply_lora(formats.load_model(str(tmp_path)), r=2, alpha=2, **kw)
+        names = lora.apply_lora(formats.load_model(str(tmp_path)), r=2, alpha=2, targets=["q_proj", "v_proj"], **kw)
+        assert names and not any("experts" in n for n in names)

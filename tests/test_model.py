@@ -187,7 +187,8 @@ def test_moe_aux_loss_equals_transformers_and_its_gradient_is_exact(arch, tmp_pa
     lora.apply_lora(m, r=4, alpha=8)
     with torch.no_grad():
         for _, layer in lora.lora_layers(m):
-            layer.lora_B.weight.normal_(0, 0.05)
+            for _, b in layer.pairs():
+                b.normal_(0, 0.05)
     m.train()
     batch = {"input_ids": ids, "labels": ids.masked_fill(ids < 10, IGNORE)}
     n, norm = train.n_trained(batch), 7.0
