@@ -197,10 +197,13 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
             if mode == "qlora":
                 from peft import prepare_model_for_kbit_training
                 m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True)
-            moe = SHAPES[shape].get("num_experts")  # the experts' stacked weights too, as Unsloth and nanotune do
-            m = get_peft_model(m, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-                                             if moe else None))
+            # MoE: the experts' stacked weights as target_parameters, rank r as Unsloth and nanotune adapt them
+            # (given gate/up/down_proj as target_modules, peft 0.21 adapts them itself but gate_up_proj at rank 2r)
+            moe = SHAPES[shape].get("num_experts")
+            experts = dict(target_modules=TARGETS[:4], target_parameters=["mlp.experts.gate_up_proj",
+                                                                          "mlp.experts.down_proj"])
+            m = get_peft_model(m, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
+                                             **(experts if moe else dict(target_modules=TARGETS))))
     m.train()
 
     def loss(ids):

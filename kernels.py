@@ -721,49 +721,170 @@ def _expert_proj_backward(dy, x, W, A, B, s, xa, offs, empty, need_dW):
     return dx, dW, dA, dB
 
 
+# Row-wise pieces of the expert path, each a Triton kernel with its PyTorch reference:
+#   moe_glu:      h [M, 2I] = [g | u] -> a = act(g) * u  [M, I]            (no copies of the two halves)
+#   moe_glu_back: da_u [M, I] (the down projection's input gradient for unweighted rows), h, the rows' routing
+#                 weights wr [M] -> dh [M, 2I] for da = wr * da_u, and dw [M] = <da_u, a> (the routing weights'
+#                 gradient: <dout, y> = <dout W_down + s (dout B) A, a> for y = down(a) with its LoRA)
+#   moe_combine:  out_n = sum_j w_nj y[inv[n k + j]]   (y [M, C] sorted by expert; w None: a plain sum)
+def moe_glu_ref(h, act):
+    return gated_act_ref(*h.chunk(2, dim=-1), act)
+
+
+def moe_glu_back_ref(da_u, h, wr, act):
+    f = torch.promote_types(h.dtype, torch.float32)
+    hh = h.detach().to(f).requires_grad_()
+    with torch.enable_grad():
+        a = moe_glu_ref(hh, act)
+    dh, = torch.autograd.grad(a, hh, da_u.to(f) * wr.to(f)[:, None])
+    return dh.to(h.dtype), (da_u.to(f) * a.detach()).sum(-1)
+
+
+def moe_combine_ref(y, inv, w, k):
+    g = y.index_select(0, inv).view(-1, k, y.shape[1])  # [N, k, C]
+    return g.sum(1) if w is None else torch.bmm(w.view(-1, 1, k).to(y.dtype), g).squeeze(1)
+
+
+if triton is not None:
+    @triton.jit
+    def _act_parts(g, GELU: tl.constexpr):  # (act(g), act'(g)) in fp32
+        if GELU:
+            return _gelu_tanh_parts(g)
+        s = tl.sigmoid(g)
+        return g * s, s * (1.0 + g * (1.0 - s))
+
+    @triton.jit
+    def _moe_glu_fwd(H, A, I, BLOCK: tl.constexpr, GELU: tl.constexpr):  # one row per program
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, BLOCK)
+        m = c < I
+        g = tl.load(H + row * 2 * I + c, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(H + row * 2 * I + I + c, mask=m, other=0.0).to(tl.float32)
+        act, _ = _act_parts(g, GELU)
+        tl.store(A + row * I + c, (act * u).to(A.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _moe_glu_bwd(DA, H, WR, DH, DW, I, BLOCK: tl.constexpr, GELU: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, BLOCK)
+        m = c < I
+        g = tl.load(H + row * 2 * I + c, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(H + row * 2 * I + I + c, mask=m, other=0.0).to(tl.float32)
+        da = tl.load(DA + row * I + c, mask=m, other=0.0).to(tl.float32)
+        act, dact = _act_parts(g, GELU)
+        tl.store(DW + row, tl.sum(da * act * u, axis=0))
+        da = da * tl.load(WR + row).to(tl.float32)
+        tl.store(DH + row * 2 * I + c, (da * u * dact).to(DH.dtype.element_ty), mask=m)
+        tl.store(DH + row * 2 * I + I + c, (da * act).to(DH.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _moe_combine(Y, INV, W, OUT, C, K: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = c < C
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(K):
+            r = tl.load(INV + n * K + j)
+            y = tl.load(Y + r * C + c, mask=m, other=0.0).to(tl.float32)
+            if HAS_W:
+                y = y * tl.load(W + n * K + j).to(tl.float32)
+            acc += y
+        tl.store(OUT + n * C + c, acc.to(OUT.dtype.element_ty), mask=m)
+
+
+def moe_glu_triton(h, act):
+    M, I = h.shape[0], h.shape[1] // 2
+    a = h.new_empty(M, I)
+    _moe_glu_fwd[(M,)](h.contiguous(), a, I, BLOCK=triton.next_power_of_2(I), GELU=act != "silu")
+    return a
+
+
+def moe_glu_back_triton(da_u, h, wr, act):
+    M, I = da_u.shape
+    dh, dw = torch.empty_like(h), da_u.new_empty(M, dtype=torch.float32)
+    _moe_glu_bwd[(M,)](da_u.contiguous(), h.contiguous(), wr.contiguous(), dh, dw, I,
+                       BLOCK=triton.next_power_of_2(I), GELU=act != "silu")
+    return dh, dw
+
+
+def moe_combine_triton(y, inv, w, k):
+    M, C = y.shape
+    out = y.new_empty(M // k, C)
+    _moe_combine[(M // k, triton.cdiv(C, 1024))](y.contiguous(), inv, y if w is None else w.contiguous(), out, C,
+                                                 K=k, HAS_W=w is not None, BLOCK=1024)
+    return out
+
+
+def moe_glu(h, act):
+    return (moe_glu_triton if _triton(h) else moe_glu_ref)(h, act)
+
+
+def moe_glu_back(da_u, h, wr, act):
+    return (moe_glu_back_triton if _triton(h) else moe_glu_back_ref)(da_u, h, wr, act)
+
+
+def moe_combine(y, inv, w, k):
+    return (moe_combine_triton if _triton(y) else moe_combine_ref)(y, inv, w, k)
+
+
 class _MoEExperts(torch.autograd.Function):
     """Grouped forward; the combine is a gather by the inverse permutation and a k-term weighted sum (no
-    atomics), and so is every backward scatter. Saved: the input, the routing, h = gate_up(x) [M, 2I], the
-    experts' outputs y [M, C] (for the routing weights' gradient) and the LoRA's x A^T; act(h) is recomputed."""
+    atomics), and so is every backward scatter. Saved: the input, the routing, h = gate_up(x) [M, 2I] and the
+    LoRA's x A^T; act(h) is recomputed, the experts' outputs are never kept (the routing weights' gradient comes
+    from the down projection's input gradient, moe_glu_back). value False (a recompute whose output is unused):
+    the down projection and the combine are skipped and the output is left uninitialised."""
 
     @staticmethod
-    def forward(ctx, x, idx, w, gate_up, down, act, s1, s2, A1, B1, A2, B2):
+    def forward(ctx, x, idx, w, gate_up, down, act, s1, s2, value, A1, B1, A2, B2):
         (N, k), M, E = idx.shape, idx.numel(), gate_up.shape[0]
         order = idx.flatten().argsort(stable=True)  # sorted row p holds pair order[p] = n*k + j
-        tok = order // k
         inv = torch.empty_like(order).index_put_((order,), torch.arange(M, device=x.device))  # pair -> its row
         counts = expert_counts(idx, E)
         offs = counts.cumsum(0).to(torch.int32)
-        xs = x.index_select(0, tok)  # [M, C]
-        h, xa1 = _expert_proj(xs, gate_up, A1, B1, s1, offs)  # [M, 2I]
-        y, xa2 = _expert_proj(gated_act(*h.chunk(2, dim=-1), act), down, A2, B2, s2, offs)  # [M, C]
-        out = torch.bmm(w.view(N, 1, k), y.index_select(0, inv).view(N, k, -1)).view(N, -1)
-        ctx.save_for_backward(x, w, gate_up, down, A1, B1, A2, B2, h, y, xa1, xa2, order, inv, offs, counts == 0)
+        h, xa1 = _expert_proj(x.index_select(0, order // k), gate_up, A1, B1, s1, offs)  # [M, 2I]
+        a = moe_glu(h, act)  # [M, I]
+        if value:
+            y, xa2 = _expert_proj(a, down, A2, B2, s2, offs)  # [M, C]
+            out = moe_combine(y, inv, w, k)
+        else:
+            xa2 = None if A2 is None else _grouped_mm_fn()(a, A2.transpose(1, 2), offs=offs)
+            out = x.new_empty(N, x.shape[1])
+        ctx.save_for_backward(x, w, gate_up, down, A1, B1, A2, B2, h, xa1, xa2, order, inv, offs, counts == 0)
         ctx.act, ctx.s1, ctx.s2, ctx.k = act, s1, s2, k
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, w, gate_up, down, A1, B1, A2, B2, h, y, xa1, xa2, order, inv, offs, empty = ctx.saved_tensors
-        (N, C), k, need = x.shape, ctx.k, ctx.needs_input_grad
+        x, w, gate_up, down, A1, B1, A2, B2, h, xa1, xa2, order, inv, offs, empty = ctx.saved_tensors
+        N, k, need, mm = x.shape[0], ctx.k, ctx.needs_input_grad, _grouped_mm_fn()
         tok = order // k
-        d = dout.index_select(0, tok)  # [M, C]: each sorted row's output gradient
-        dw = torch.bmm(d.unsqueeze(1), y.unsqueeze(2)).view(-1).index_select(0, inv).view(N, k)  # <dout_n, y_nj>
-        dy = d.mul_(w.view(-1).index_select(0, order)[:, None])  # w of each sorted row
-        with torch.enable_grad():  # act(h) again, for its input gradient and the down projection's dW / dA
-            hh = h.detach().requires_grad_()
-            a = gated_act(*hh.chunk(2, dim=-1), ctx.act)
-        da, d_down, dA2, dB2 = _expert_proj_backward(dy, a.detach(), down, A2, B2, ctx.s2, xa2, offs, empty, need[4])
-        dh, = torch.autograd.grad(a, hh, da)
+        d = dout.index_select(0, tok)  # [M, C]: each sorted row's output gradient, before its routing weight
+        wr = w.reshape(-1).index_select(0, order)  # [M]: each sorted row's routing weight
+        a = moe_glu(h, ctx.act) if A2 is not None or need[4] else None
+        da_u = mm(d, down, offs=offs)  # [M, I]
+        dA2 = dB2 = d_down = None
+        if A2 is not None:  # the down LoRA; its weight gradients take the routing weight on the small [M, r] side
+            g = mm(d, B2 * ctx.s2, offs=offs)  # [M, r]
+            da_u.add_(mm(g, A2, offs=offs))
+            dA2 = mm((g * wr[:, None].to(g.dtype)).t(), a, offs=offs).masked_fill_(empty[:, None, None], 0)
+            dB2 = mm(d.t(), xa2 * wr[:, None].to(xa2.dtype), offs=offs).mul_(ctx.s2).masked_fill_(
+                empty[:, None, None], 0)
+        if need[4]:
+            d_down = mm((d * wr[:, None].to(d.dtype)).t(), a, offs=offs).masked_fill_(empty[:, None, None], 0)
+        del d, a  # (each [M, .] buffer is dropped once used: a lower peak)
+        dh, dw_rows = moe_glu_back(da_u, h, wr, ctx.act)
+        del da_u
+        dw = dw_rows.index_select(0, inv).view(N, k).to(w.dtype)
         dxs, d_gate_up, dA1, dB1 = _expert_proj_backward(dh, x.index_select(0, tok), gate_up, A1, B1, ctx.s1, xa1,
                                                          offs, empty, need[3])
-        dx = dxs.index_select(0, inv).view(N, k, C).sum(1)
-        return dx, None, dw, d_gate_up, d_down, None, None, None, dA1, dB1, dA2, dB2
+        del dh
+        dx = moe_combine(dxs, inv, None, k)
+        return dx, None, dw, d_gate_up, d_down, None, None, None, None, dA1, dB1, dA2, dB2
 
 
 def moe_experts_grouped(x, idx, w, gate_up, down, act: str, lora=None):
     A1, B1, s1, A2, B2, s2 = lora or (None, None, 0.0, None, None, 0.0)
-    return _MoEExperts.apply(x, idx, w, gate_up, down, act, s1, s2, A1, B1, A2, B2)
+    return _MoEExperts.apply(x, idx, w, gate_up, down, act, s1, s2, not skip_value(), A1, B1, A2, B2)
 
 
 def moe_experts(x, idx, w, gate_up, down, act: str, lora=None):

@@ -306,7 +306,8 @@ class MoE(nn.Module):
             w = w / w.sum(-1, keepdim=True)
         if aux:  # per expert: how many choices picked it, its summed probability, the rows (kernels.moe_aux_loss)
             self.router_stats = (kernels.expert_counts(idx, probs.shape[1]), probs.sum(0).detach(), h.shape[0])
-        y = self.experts(h, idx, w.to(h.dtype))
+        with kernels.value_unused(residual):  # a recompute may skip the experts' output (kernels.skip_value)
+            y = self.experts(h, idx, w.to(h.dtype))
         if hasattr(self, "shared_expert"):
             y = y + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
         return y.view(B, T, C)

@@ -26,10 +26,15 @@ def check(kernel, ref, inputs, dtype):
     truth = run(ref, [t.double() if t.is_floating_point() else t for t in inputs])
     got_ref = run(ref, [t.to(dtype) if t.is_floating_point() else t for t in inputs])
     got = run(kernel, [t.to(dtype) if t.is_floating_point() else t for t in inputs])
+    within(truth, got_ref, got, dtype)
+
+
+def within(truth, got_ref, got, dtype):
     for i, (t, r, k) in enumerate(zip(truth, got_ref, got)):
         if t is None:
             continue
         assert k is not None, f"tensor {i}: no gradient from the kernel"
+        t, r, k = t.double(), r.double(), k.double()
         bound = (r - t).abs() + TOL[dtype] * t.abs().max().clamp(min=1e-6)
         excess = ((k - t).abs() - bound).max().item()
         assert excess <= 0, f"tensor {i}: kernel error exceeds reference error by {excess:.3e}"
@@ -317,3 +322,45 @@ def test_moe_grouped_experts(dtype, adapted):
             return fn(a, idx, b, c, d, "silu", (A1, B1, 0.5, A2, B2, 2.0) if rest else None)
         return f
     check(call(kernels.moe_experts_grouped), call(kernels.moe_experts_ref), [x, w, gu, dn] + ab, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+def test_moe_row_kernels(dtype, act):
+    """The expert path's row kernels (Triton) against their references and fp64: the gated activation of
+    [g | u] rows, its backward with the routing weights' gradient, and the k-way weighted and plain combine."""
+    import kernels as K
+    M, I, C, k = 24, 40, 1100, 3  # C > 1024: the combine's second column block
+    h, da, wr = randn(M, 2 * I, scale=2.0), randn(M, I, seed=1), randn(M, seed=2).abs()
+    y, w = randn(M, C, seed=3), randn(M // k, k, seed=4)
+    inv = torch.randperm(M, generator=torch.Generator().manual_seed(5)).to(DEV)
+    cases = [(K.moe_glu_triton, K.moe_glu_ref, lambda t: (t[0], act)),
+             (K.moe_glu_back_triton, K.moe_glu_back_ref, lambda t: (t[1], t[0], t[2], act)),
+             (K.moe_combine_triton, K.moe_combine_ref, lambda t: (t[3], inv, t[4], k)),
+             (K.moe_combine_triton, K.moe_combine_ref, lambda t: (t[3], inv, None, k))]
+    inputs = [h, da, wr, y, w]
+    for kernel, ref, args in cases:
+        out = [kernel(*args([x.to(dtype) for x in inputs])), ref(*args([x.to(dtype) for x in inputs])),
+               ref(*args([x.double() for x in inputs]))]
+        flat = [list(o) if isinstance(o, tuple) else [o] for o in out]
+        within(flat[2], flat[1], flat[0], dtype)
+
+
+def test_moe_recompute_skips_the_output_and_keeps_every_gradient():
+    """Inside a recompute whose output is unused (kernels.skip_value), the expert path skips the down
+    projection and the combine; the gradients equal the full forward's."""
+    N, C, I, E, k, r = 29, 32, 24, 5, 2, 4
+    x, gu, dn = randn(N, C), randn(E, 2 * I, C, seed=1, scale=0.2), randn(E, C, I, seed=2, scale=0.2)
+    w, idx = torch.topk(randn(N, E, seed=3).softmax(-1), k, dim=-1)
+    lora = [randn(E, r, C, seed=4, scale=0.2), randn(E, 2 * I, r, seed=5, scale=0.2),
+            randn(E, r, I, seed=6, scale=0.2), randn(E, C, r, seed=7, scale=0.2)]
+    dout = randn(N, C, seed=8)
+    grads = []
+    for skip in (False, True):
+        ts = [t.detach().clone().requires_grad_() for t in [x, w] + lora]
+        with kernels._hint("recompute", skip), kernels.value_unused(skip):
+            out = kernels.moe_experts_grouped(ts[0], idx, ts[1], gu, dn, "silu", (ts[2], ts[3], 0.5, ts[4], ts[5], 2.0))
+        out.backward(dout)
+        grads.append([t.grad for t in ts])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
