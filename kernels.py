@@ -700,48 +700,56 @@ def expert_counts(idx, E):
 #   g = s dy B [M, r]    dx = dy W + g A    dA_e = g_e^T x_e [r, in]    dB_e = s dy_e^T xa_e [out, r]
 # (the last two are grouped over M, the reduction dimension: one [E, ., .] result per expert).
 def _expert_proj(x, W, A, B, s, offs):
+    """-> (x W^T, its LoRA term s (x A^T) B^T or None, x A^T or None); the consumer adds the two (a row kernel
+    reading both, rather than a pass of its own over [M, out])."""
     mm = _grouped_mm_fn()
     y = mm(x, W.transpose(1, 2), offs=offs)
     if A is None:
-        return y, None
+        return y, None, None
     xa = mm(x, A.transpose(1, 2), offs=offs)
-    return y.add_(mm(xa, (B * s).transpose(1, 2), offs=offs)), xa
+    return y, mm(xa, (B * s).transpose(1, 2), offs=offs), xa
 
 
 def _expert_proj_backward(dy, x, W, A, B, s, xa, offs, empty, need_dW):
+    """-> (dy W, its LoRA term g A or None, dW, dA, dB), as _expert_proj: the consumer adds the two."""
     mm = _grouped_mm_fn()
     dx = mm(dy, W, offs=offs)
     dW = mm(dy.t(), x, offs=offs).masked_fill_(empty[:, None, None], 0) if need_dW else None
     if A is None:
-        return dx, dW, None, None
+        return dx, None, dW, None, None
     g = mm(dy, B * s, offs=offs)
-    dx.add_(mm(g, A, offs=offs))
     dA = mm(g.t(), x, offs=offs).masked_fill_(empty[:, None, None], 0)  # an expert with no rows: zero
     dB = mm(dy.t(), xa, offs=offs).mul_(s).masked_fill_(empty[:, None, None], 0)
-    return dx, dW, dA, dB
+    return dx, mm(g, A, offs=offs), dW, dA, dB
 
 
-# Row-wise pieces of the expert path, each a Triton kernel with its PyTorch reference:
-#   moe_glu:      h [M, 2I] = [g | u] -> a = act(g) * u  [M, I]            (no copies of the two halves)
+# Row-wise pieces of the expert path, each a Triton kernel with its PyTorch reference; each takes an optional
+# second input added to the first (a projection's LoRA term), so no pass of its own adds it:
+#   moe_glu:      h [M, 2I] = [g | u] -> a = act(g) * u  [M, I]   (no copies of the two halves; keep_h: h += h2
+#                 in place, for the backward)
 #   moe_glu_back: da_u [M, I] (the down projection's input gradient for unweighted rows), h, the rows' routing
 #                 weights wr [M] -> dh [M, 2I] for da = wr * da_u, and dw [M] = <da_u, a> (the routing weights'
 #                 gradient: <dout, y> = <dout W_down + s (dout B) A, a> for y = down(a) with its LoRA)
 #   moe_combine:  out_n = sum_j w_nj y[inv[n k + j]]   (y [M, C] sorted by expert; w None: a plain sum)
-def moe_glu_ref(h, act):
-    return gated_act_ref(*h.chunk(2, dim=-1), act)
+def _plus(t, t2, inplace=False):
+    return t if t2 is None else (t.add_(t2) if inplace else t + t2)
 
 
-def moe_glu_back_ref(da_u, h, wr, act):
+def moe_glu_ref(h, act, h2=None, keep_h=False):
+    return gated_act_ref(*_plus(h, h2, keep_h).chunk(2, dim=-1), act)
+
+
+def moe_glu_back_ref(da_u, h, wr, act, da2=None):
     f = torch.promote_types(h.dtype, torch.float32)
-    hh = h.detach().to(f).requires_grad_()
+    hh, da_u = h.detach().to(f).requires_grad_(), _plus(da_u.to(f), da2)
     with torch.enable_grad():
         a = moe_glu_ref(hh, act)
-    dh, = torch.autograd.grad(a, hh, da_u.to(f) * wr.to(f)[:, None])
-    return dh.to(h.dtype), (da_u.to(f) * a.detach()).sum(-1)
+    dh, = torch.autograd.grad(a, hh, da_u * wr.to(f)[:, None])
+    return dh.to(h.dtype), (da_u * a.detach()).sum(-1)
 
 
-def moe_combine_ref(y, inv, w, k):
-    g = y.index_select(0, inv).view(-1, k, y.shape[1])  # [N, k, C]
+def moe_combine_ref(y, inv, w, k, y2=None):
+    g = _plus(y, y2).index_select(0, inv).view(-1, k, y.shape[1])  # [N, k, C]
     return g.sum(1) if w is None else torch.bmm(w.view(-1, 1, k).to(y.dtype), g).squeeze(1)
 
 
@@ -754,23 +762,34 @@ if triton is not None:
         return g * s, s * (1.0 + g * (1.0 - s))
 
     @triton.jit
-    def _moe_glu_fwd(H, A, I, BLOCK: tl.constexpr, GELU: tl.constexpr):  # one row per program
+    def _load2(P, P2, off, m, HAS_2: tl.constexpr):  # P[off] (+ P2[off]) in fp32
+        v = tl.load(P + off, mask=m, other=0.0).to(tl.float32)
+        if HAS_2:
+            v += tl.load(P2 + off, mask=m, other=0.0).to(tl.float32)
+        return v
+
+    @triton.jit
+    def _moe_glu_fwd(H, H2, A, I, BLOCK: tl.constexpr, GELU: tl.constexpr, HAS_2: tl.constexpr,
+                     KEEP_H: tl.constexpr):  # one row per program
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         m = c < I
-        g = tl.load(H + row * 2 * I + c, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(H + row * 2 * I + I + c, mask=m, other=0.0).to(tl.float32)
+        g = _load2(H, H2, row * 2 * I + c, m, HAS_2)
+        u = _load2(H, H2, row * 2 * I + I + c, m, HAS_2)
+        if KEEP_H:
+            tl.store(H + row * 2 * I + c, g.to(H.dtype.element_ty), mask=m)
+            tl.store(H + row * 2 * I + I + c, u.to(H.dtype.element_ty), mask=m)
         act, _ = _act_parts(g, GELU)
         tl.store(A + row * I + c, (act * u).to(A.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _moe_glu_bwd(DA, H, WR, DH, DW, I, BLOCK: tl.constexpr, GELU: tl.constexpr):
+    def _moe_glu_bwd(DA, DA2, H, WR, DH, DW, I, BLOCK: tl.constexpr, GELU: tl.constexpr, HAS_2: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         m = c < I
         g = tl.load(H + row * 2 * I + c, mask=m, other=0.0).to(tl.float32)
         u = tl.load(H + row * 2 * I + I + c, mask=m, other=0.0).to(tl.float32)
-        da = tl.load(DA + row * I + c, mask=m, other=0.0).to(tl.float32)
+        da = _load2(DA, DA2, row * I + c, m, HAS_2)
         act, dact = _act_parts(g, GELU)
         tl.store(DW + row, tl.sum(da * act * u, axis=0))
         da = da * tl.load(WR + row).to(tl.float32)
@@ -778,53 +797,54 @@ if triton is not None:
         tl.store(DH + row * 2 * I + I + c, (da * act).to(DH.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _moe_combine(Y, INV, W, OUT, C, K: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    def _moe_combine(Y, Y2, INV, W, OUT, C, K: tl.constexpr, HAS_W: tl.constexpr, HAS_2: tl.constexpr,
+                     BLOCK: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = c < C
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in tl.static_range(K):
-            r = tl.load(INV + n * K + j)
-            y = tl.load(Y + r * C + c, mask=m, other=0.0).to(tl.float32)
+            y = _load2(Y, Y2, tl.load(INV + n * K + j) * C + c, m, HAS_2)
             if HAS_W:
                 y = y * tl.load(W + n * K + j).to(tl.float32)
             acc += y
         tl.store(OUT + n * C + c, acc.to(OUT.dtype.element_ty), mask=m)
 
 
-def moe_glu_triton(h, act):
+def moe_glu_triton(h, act, h2=None, keep_h=False):
     M, I = h.shape[0], h.shape[1] // 2
     a = h.new_empty(M, I)
-    _moe_glu_fwd[(M,)](h.contiguous(), a, I, BLOCK=triton.next_power_of_2(I), GELU=act != "silu")
+    _moe_glu_fwd[(M,)](h, h if h2 is None else h2, a, I, BLOCK=triton.next_power_of_2(I), GELU=act != "silu",
+                       HAS_2=h2 is not None, KEEP_H=keep_h and h2 is not None)
     return a
 
 
-def moe_glu_back_triton(da_u, h, wr, act):
+def moe_glu_back_triton(da_u, h, wr, act, da2=None):
     M, I = da_u.shape
     dh, dw = torch.empty_like(h), da_u.new_empty(M, dtype=torch.float32)
-    _moe_glu_bwd[(M,)](da_u.contiguous(), h.contiguous(), wr.contiguous(), dh, dw, I,
-                       BLOCK=triton.next_power_of_2(I), GELU=act != "silu")
+    _moe_glu_bwd[(M,)](da_u, da_u if da2 is None else da2, h, wr.contiguous(), dh, dw, I,
+                       BLOCK=triton.next_power_of_2(I), GELU=act != "silu", HAS_2=da2 is not None)
     return dh, dw
 
 
-def moe_combine_triton(y, inv, w, k):
+def moe_combine_triton(y, inv, w, k, y2=None):
     M, C = y.shape
     out = y.new_empty(M // k, C)
-    _moe_combine[(M // k, triton.cdiv(C, 1024))](y.contiguous(), inv, y if w is None else w.contiguous(), out, C,
-                                                 K=k, HAS_W=w is not None, BLOCK=1024)
+    _moe_combine[(M // k, triton.cdiv(C, 1024))](y, y if y2 is None else y2, inv, y if w is None else w.contiguous(),
+                                                 out, C, K=k, HAS_W=w is not None, HAS_2=y2 is not None, BLOCK=1024)
     return out
 
 
-def moe_glu(h, act):
-    return (moe_glu_triton if _triton(h) else moe_glu_ref)(h, act)
+def moe_glu(h, act, h2=None, keep_h=False):
+    return (moe_glu_triton if _triton(h) else moe_glu_ref)(h, act, h2, keep_h)
 
 
-def moe_glu_back(da_u, h, wr, act):
-    return (moe_glu_back_triton if _triton(h) else moe_glu_back_ref)(da_u, h, wr, act)
+def moe_glu_back(da_u, h, wr, act, da2=None):
+    return (moe_glu_back_triton if _triton(h) else moe_glu_back_ref)(da_u, h, wr, act, da2)
 
 
-def moe_combine(y, inv, w, k):
-    return (moe_combine_triton if _triton(y) else moe_combine_ref)(y, inv, w, k)
+def moe_combine(y, inv, w, k, y2=None):
+    return (moe_combine_triton if _triton(y) else moe_combine_ref)(y, inv, w, k, y2)
 
 
 class _MoEExperts(torch.autograd.Function):
@@ -835,17 +855,18 @@ class _MoEExperts(torch.autograd.Function):
     the down projection and the combine are skipped and the output is left uninitialised."""
 
     @staticmethod
-    def forward(ctx, x, idx, w, gate_up, down, act, s1, s2, value, A1, B1, A2, B2):
+    def forward(ctx, x, idx, w, gate_up, down, act, s1, s2, value, keep_h, A1, B1, A2, B2):
         (N, k), M, E = idx.shape, idx.numel(), gate_up.shape[0]
         order = idx.flatten().argsort(stable=True)  # sorted row p holds pair order[p] = n*k + j
         inv = torch.empty_like(order).index_put_((order,), torch.arange(M, device=x.device))  # pair -> its row
         counts = expert_counts(idx, E)
         offs = counts.cumsum(0).to(torch.int32)
-        h, xa1 = _expert_proj(x.index_select(0, order // k), gate_up, A1, B1, s1, offs)  # [M, 2I]
-        a = moe_glu(h, act)  # [M, I]
+        h, h2, xa1 = _expert_proj(x.index_select(0, order // k), gate_up, A1, B1, s1, offs)  # [M, 2I] (+ LoRA)
+        a = moe_glu(h, act, h2, keep_h)  # [M, I]; h now includes the LoRA term (when it is kept for backward)
+        del h2
         if value:
-            y, xa2 = _expert_proj(a, down, A2, B2, s2, offs)  # [M, C]
-            out = moe_combine(y, inv, w, k)
+            y, y2, xa2 = _expert_proj(a, down, A2, B2, s2, offs)  # [M, C] (+ LoRA)
+            out = moe_combine(y, inv, w, k, y2)
         else:
             xa2 = None if A2 is None else _grouped_mm_fn()(a, A2.transpose(1, 2), offs=offs)
             out = x.new_empty(N, x.shape[1])
@@ -861,30 +882,31 @@ class _MoEExperts(torch.autograd.Function):
         d = dout.index_select(0, tok)  # [M, C]: each sorted row's output gradient, before its routing weight
         wr = w.reshape(-1).index_select(0, order)  # [M]: each sorted row's routing weight
         a = moe_glu(h, ctx.act) if A2 is not None or need[4] else None
-        da_u = mm(d, down, offs=offs)  # [M, I]
+        da_u, da2 = mm(d, down, offs=offs), None  # [M, I] (+ the LoRA term)
         dA2 = dB2 = d_down = None
         if A2 is not None:  # the down LoRA; its weight gradients take the routing weight on the small [M, r] side
             g = mm(d, B2 * ctx.s2, offs=offs)  # [M, r]
-            da_u.add_(mm(g, A2, offs=offs))
+            da2 = mm(g, A2, offs=offs)
             dA2 = mm((g * wr[:, None].to(g.dtype)).t(), a, offs=offs).masked_fill_(empty[:, None, None], 0)
             dB2 = mm(d.t(), xa2 * wr[:, None].to(xa2.dtype), offs=offs).mul_(ctx.s2).masked_fill_(
                 empty[:, None, None], 0)
         if need[4]:
             d_down = mm((d * wr[:, None].to(d.dtype)).t(), a, offs=offs).masked_fill_(empty[:, None, None], 0)
         del d, a  # (each [M, .] buffer is dropped once used: a lower peak)
-        dh, dw_rows = moe_glu_back(da_u, h, wr, ctx.act)
-        del da_u
+        dh, dw_rows = moe_glu_back(da_u, h, wr, ctx.act, da2)
+        del da_u, da2
         dw = dw_rows.index_select(0, inv).view(N, k).to(w.dtype)
-        dxs, d_gate_up, dA1, dB1 = _expert_proj_backward(dh, x.index_select(0, tok), gate_up, A1, B1, ctx.s1, xa1,
-                                                         offs, empty, need[3])
+        dxs, dxs2, d_gate_up, dA1, dB1 = _expert_proj_backward(dh, x.index_select(0, tok), gate_up, A1, B1, ctx.s1,
+                                                               xa1, offs, empty, need[3])
         del dh
-        dx = moe_combine(dxs, inv, None, k)
-        return dx, None, dw, d_gate_up, d_down, None, None, None, None, dA1, dB1, dA2, dB2
+        dx = moe_combine(dxs, inv, None, k, dxs2)
+        return dx, None, dw, d_gate_up, d_down, None, None, None, None, None, dA1, dB1, dA2, dB2
 
 
 def moe_experts_grouped(x, idx, w, gate_up, down, act: str, lora=None):
     A1, B1, s1, A2, B2, s2 = lora or (None, None, 0.0, None, None, 0.0)
-    return _MoEExperts.apply(x, idx, w, gate_up, down, act, s1, s2, not skip_value(), A1, B1, A2, B2)
+    return _MoEExperts.apply(x, idx, w, gate_up, down, act, s1, s2, not skip_value(), torch.is_grad_enabled(),
+                             A1, B1, A2, B2)
 
 
 def moe_experts(x, idx, w, gate_up, down, act: str, lora=None):

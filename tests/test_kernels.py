@@ -333,17 +333,25 @@ def test_moe_row_kernels(dtype, act):
     M, I, C, k = 24, 40, 1100, 3  # C > 1024: the combine's second column block
     h, da, wr = randn(M, 2 * I, scale=2.0), randn(M, I, seed=1), randn(M, seed=2).abs()
     y, w = randn(M, C, seed=3), randn(M // k, k, seed=4)
+    h2, da2, y2 = randn(M, 2 * I, seed=6), randn(M, I, seed=7), randn(M, C, seed=8)  # (a LoRA term to add)
     inv = torch.randperm(M, generator=torch.Generator().manual_seed(5)).to(DEV)
     cases = [(K.moe_glu_triton, K.moe_glu_ref, lambda t: (t[0], act)),
+             (K.moe_glu_triton, K.moe_glu_ref, lambda t: (t[0], act, t[5])),
              (K.moe_glu_back_triton, K.moe_glu_back_ref, lambda t: (t[1], t[0], t[2], act)),
+             (K.moe_glu_back_triton, K.moe_glu_back_ref, lambda t: (t[1], t[0], t[2], act, t[6])),
              (K.moe_combine_triton, K.moe_combine_ref, lambda t: (t[3], inv, t[4], k)),
+             (K.moe_combine_triton, K.moe_combine_ref, lambda t: (t[3], inv, t[4], k, t[7])),
              (K.moe_combine_triton, K.moe_combine_ref, lambda t: (t[3], inv, None, k))]
-    inputs = [h, da, wr, y, w]
+    inputs = [h, da, wr, y, w, h2, da2, y2]
     for kernel, ref, args in cases:
         out = [kernel(*args([x.to(dtype) for x in inputs])), ref(*args([x.to(dtype) for x in inputs])),
                ref(*args([x.double() for x in inputs]))]
         flat = [list(o) if isinstance(o, tuple) else [o] for o in out]
         within(flat[2], flat[1], flat[0], dtype)
+    kept = [h.to(dtype), h.to(dtype), h.double()]  # keep_h: h += h2 in place, as the backward will read it
+    for fn, t in zip([K.moe_glu_triton, K.moe_glu_ref, K.moe_glu_ref], kept):
+        fn(t, act, h2.to(t.dtype), keep_h=True)
+    within([kept[2]], [kept[1]], [kept[0]], dtype)
 
 
 def test_moe_recompute_skips_the_output_and_keeps_every_gradient():
