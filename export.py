@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import formats
 import lora
-from families import checkpoint_name, nanotune_name
+from families import GGUF_NORM_TOPK, checkpoint_name, nanotune_name
 import quant
 from cli import NanotuneError, Parser, cli, fresh_tmp, publish
 from formats import BLOCK_TYPES, FLOAT_TYPES, load_model, load_tokenizer, resolve_model_path
@@ -37,9 +37,10 @@ QUANTS = [*FLOAT_TYPES, *BLOCK_TYPES, *K_QUANTS]
 
 # ---------------------------------------------------------------------------------------------
 # Dense tensors, one at a time
-def dense_tensors(model):
+def dense_tensors(model, unstack=True):
     """(HF name, tensor) for every weight with LoRA folded in and 4-bit bases dequantized, in the
-    checkpoint's own layout (Phi-3 fused). Only one merged tensor exists at a time."""
+    checkpoint's own layout (Phi-3 fused; experts per expert, or stacked per projection for GGUF when
+    `unstack` is False). Only one merged tensor exists at a time."""
     def walk(prefix, mod):
         if isinstance(mod, lora.LoRALinear):
             yield prefix + "weight", mod.merged_weight()
@@ -60,7 +61,7 @@ def dense_tensors(model):
         for n, child in mod.named_children():
             yield from walk(f"{prefix}{n}.", child)
 
-    return formats.fuse(model.config, walk("", model))
+    return formats.fuse(model.config, walk("", model), unstack)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,12 +111,21 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         raise NanotuneError(f"{out} exists; pass --overwrite to replace it.")
     cfg = model.config
     arch = formats.FAMILIES[cfg.model_type].gguf_arch
+    dense = [i for i in range(cfg.num_hidden_layers) if cfg.num_experts and not cfg.is_sparse(i)]
+    if cfg.num_experts and bool(cfg.norm_topk_prob) != GGUF_NORM_TOPK[arch]:
+        raise NanotuneError(f"llama.cpp's {arch} {'always' if GGUF_NORM_TOPK[arch] else 'never'} renormalises the "
+                            f"top-k routing weights, but this model has norm_topk_prob {cfg.norm_topk_prob}, so its "
+                            "GGUF would be wrong; export --format merged instead.")
+    if dense:
+        raise NanotuneError(f"llama.cpp's {arch} makes every layer sparse, but layers {dense} of this model are "
+                            "dense (mlp_only_layers / decoder_sparse_step), so its GGUF would be wrong; export "
+                            "--format merged instead.")
     if cfg.sliding_window and not formats.FAMILIES[cfg.model_type].gguf_window:
         print(f"warning: llama.cpp's {arch} has no sliding window; beyond {cfg.sliding_window} tokens the GGUF "
               "attends to more than this model.", file=sys.stderr)
     tmp = out + ".tmp"
     try:
-        formats.write_gguf(tmp, cfg, tok, lambda: dense_tensors(model), qtype)
+        formats.write_gguf(tmp, cfg, tok, lambda: dense_tensors(model, unstack=False), qtype)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -36,6 +36,11 @@ GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh")
 SOFTCAPS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 WINDOW = {"sliding_window": "attention.sliding_window"}
 EXPERTS_KEY = {"num_experts": "num_local_experts"}  # (config.json may say either; transformers reads both)
+# what llama.cpp's MoE archs do with the top-k routing weights, whatever the file says (measured: they ignore
+# {arch}.expert_weights_norm)
+GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}
+GGUF_MOE = {"num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
+            "moe_intermediate_size": "expert_feed_forward_length"}
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
             "mlp_only_layers")
 GEMMA3_DEFAULTS = dict(  # Gemma3TextConfig's defaults: multimodal checkpoints spell out only what differs
@@ -69,13 +74,16 @@ FAMILIES = {
                    defaults=dict(original_max_position_embeddings=4096), gguf_keys=WINDOW),
     "olmo2": Family("Olmo2ForCausalLM", "olmo2", dict(pre_norm=False, post_norm=True, qk_norm="proj")),
     "mixtral": Family("MixtralForCausalLM", "llama", dict(norm_topk_prob=True), ("num_experts", "num_experts_per_tok"),
-                      EXPERTS_KEY, sliding="always",
+                      EXPERTS_KEY, sliding="always", gguf_keys={k: GGUF_MOE[k] for k in ("num_experts",
+                                                                                          "num_experts_per_tok")},
                       renames=dict(block_sparse_moe="mlp", w1="gate_proj", w3="up_proj", w2="down_proj")),
     "qwen2_moe": Family("Qwen2MoeForCausalLM", "qwen2moe", dict(qkv_bias=True, o_bias=False), MOE_KEYS + (
         "shared_expert_intermediate_size",), defaults=dict(norm_topk_prob=False), sliding="flag",
-                        layer_types="max_window_layers"),
+                        layer_types="max_window_layers", gguf_keys={
+                            **GGUF_MOE, "shared_expert_intermediate_size": "expert_shared_feed_forward_length"}),
     "qwen3_moe": Family("Qwen3MoeForCausalLM", "qwen3moe", dict(qk_norm="head"), MOE_KEYS, EXPERTS_KEY,
-                        defaults=dict(norm_topk_prob=False), sliding="flag", layer_types="max_window_layers"),
+                        defaults=dict(norm_topk_prob=False), sliding="flag", layer_types="max_window_layers",
+                        gguf_keys=GGUF_MOE),
     "granite": Family("GraniteForCausalLM", "granite", {}, ("embedding_multiplier", "residual_multiplier",
                                                              "attention_multiplier", "logits_scaling"),
                       gguf_keys={"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",

@@ -18,7 +18,7 @@ import dist
 import quant
 import tokenizer
 from cli import NanotuneError, fresh_tmp, publish, read_json
-from families import FAMILIES, GGUF_FAMILY, checkpoint_name, config_from_hf, config_to_hf, nanotune_name
+from families import FAMILIES, GGUF_FAMILY, GGUF_NORM_TOPK, checkpoint_name, config_from_hf, config_to_hf, nanotune_name
 from model import Config, Transformer, rope_attention_factor, rope_inv_freq
 
 
@@ -97,13 +97,13 @@ def split_fused(cfg: Config, name: str, t: torch.Tensor):
 
 
 EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+GGUF_EXPERTS = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.weight")  # stacked per projection
 STACKED = (".experts.gate_up_proj", ".experts.down_proj")
 
 
 def stack_experts(cfg: Config, tensors):
-    """Per-expert checkpoint tensors (Mixtral's w1/w3/w2, Qwen's gate/up/down_proj: nanotune names by now) ->
-    the stacked gate_up_proj [E, 2I, C] and down_proj [E, C, I], each layer's emitted once all its E experts have
-    passed (one layer's experts are the most ever held)."""
+    """Per-expert tensors (nanotune names by now) -> the stacked gate_up_proj [E, 2I, C] and down_proj [E, C, I],
+    each layer's emitted once all its E experts have passed (one layer's experts are the most ever held)."""
     pending = {}
     for name, t in tensors:
         m = EXPERT.fullmatch(name)
@@ -120,25 +120,26 @@ def stack_experts(cfg: Config, tensors):
             del pending[base]
 
 
-def unstack_experts(cfg: Config, name: str, t: torch.Tensor):
-    """The inverse of stack_experts for one stacked tensor, under the checkpoint's names."""
+def unstack_experts(cfg: Config, name: str, t: torch.Tensor, per_expert=True):
+    """The inverse of stack_experts for one stacked tensor, under the checkpoint's names: per expert (the hub's
+    layout), or one [E, out, in] stack per projection (GGUF's), gate_up split in two either way."""
     base = name.rsplit(".", 1)[0]
-    halves = (("gate_proj", "up_proj"), t.chunk(2, dim=1)) if name.endswith("gate_up_proj") else (("down_proj",), (t,))
-    for proj, part in zip(*halves):
-        for e in range(t.shape[0]):
-            yield checkpoint_name(cfg, f"{base}.{e}.{proj}.weight"), part[e]
+    parts = zip(("gate_proj", "up_proj"), t.chunk(2, dim=1)) if name.endswith("gate_up_proj") else [("down_proj", t)]
+    for proj, part in parts:
+        names = [f"{base}.{e}.{proj}.weight" for e in range(len(part))] if per_expert else [f"{base}.{proj}.weight"]
+        yield from zip((checkpoint_name(cfg, n) for n in names), part if per_expert else [part])
 
 
-def fuse(cfg: Config, tensors):
-    """The inverse of split_fused over a stream of (name, tensor): Phi-3's fused tensor is emitted once all
-    of its parts have passed; everything else passes through under the checkpoint's name (a tied lm_head is
-    dropped)."""
+def fuse(cfg: Config, tensors, unstack=True):
+    """The inverse of split_fused over a stream of (name, tensor): Phi-3's fused tensor once all its parts have
+    passed, stacked experts per expert (`unstack` False: per projection, GGUF's layout), everything else under
+    the checkpoint's name (a tied lm_head is dropped)."""
     pending = {}
     for name, t in tensors:
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         if name.endswith(STACKED):
-            yield from unstack_experts(cfg, name, t)
+            yield from unstack_experts(cfg, name, t, unstack)
             continue
         mod, _, leaf = name.rpartition(".")
         parent, _, proj = mod.rpartition(".")
@@ -216,7 +217,7 @@ def load_model(path: str | None = None, dtype=torch.float32, device="cpu", prepa
     if is_gguf(path):
         reader, meta = read_gguf(path)
         cfg = gguf_config(meta, reader, path)
-        tensors = gguf_tensors(reader, cfg, path)
+        tensors = stack_experts(cfg, gguf_tensors(reader, cfg, path))
     else:
         if not os.path.isdir(path):
             raise NanotuneError(f"{path} is neither a model directory nor a .gguf file.")
@@ -348,6 +349,10 @@ def gguf_names(cfg: Config) -> dict:
         layer.update({"pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"})
     if cfg.qk_norm:
         layer.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
+    if cfg.num_experts:  # the router, the experts stacked per projection, Qwen2-MoE's shared expert and its gate
+        layer.update({"mlp.gate": "ffn_gate_inp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+                      **{f"mlp.experts.{p}_proj": f"ffn_{p}_exps" for p in ("gate", "up", "down")},
+                      **{f"mlp.shared_expert.{p}_proj": f"ffn_{p}_shexp" for p in ("gate", "up", "down")}})
     if cfg.fused_checkpoint:
         layer.update({"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"})
     else:
@@ -376,9 +381,11 @@ def _permuted_heads(cfg: Config, name: str):
 
 
 def to_gguf(cfg: Config, name: str, t: torch.Tensor) -> torch.Tensor:
-    """A tensor in HF layout -> llama.cpp's: Q/K rows permuted for `llama`, Gemma norms stored as 1 + w."""
+    """A tensor in HF layout -> llama.cpp's: Q/K rows permuted for `llama`, Gemma norms stored as 1 + w,
+    Qwen2-MoE's shared-expert gate [1, C] as a vector."""
     heads = _permuted_heads(cfg, name)
     t = llama_qk_permute(t, heads) if heads else t
+    t = t.reshape(-1) if name.endswith("shared_expert_gate.weight") else t
     return t + cfg.norm_offset if cfg.norm_offset and name.endswith("norm.weight") else t
 
 
@@ -386,6 +393,7 @@ def from_gguf(cfg: Config, name: str, t: torch.Tensor) -> torch.Tensor:
     """The inverse of to_gguf."""
     heads = _permuted_heads(cfg, name)
     t = llama_qk_permute(t, heads, inverse=True) if heads else t
+    t = t.reshape(1, -1) if name.endswith("shared_expert_gate.weight") else t
     return t - cfg.norm_offset if cfg.norm_offset and name.endswith("norm.weight") else t
 
 
@@ -394,6 +402,8 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
     if arch not in GGUF_FAMILY:
         raise NanotuneError(f"{where}: GGUF architecture {arch!r} is not supported ({', '.join(GGUF_FAMILY)}).")
     mt = GGUF_FAMILY[arch]
+    if mt == "llama" and meta.get("llama.expert_count"):  # Mixtral is llama.cpp's llama with experts
+        mt = "mixtral"
 
     def g(key, default=None):
         return meta.get(f"{arch}.{key}", default)
@@ -419,6 +429,8 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
     if g("rope.scaling.original_context_length"):  # (a top-level value wins in config_from_hf, as in transformers)
         d["original_max_position_embeddings"] = g("rope.scaling.original_context_length")
     d.update({k: g(gk) for k, gk in FAMILIES[mt].gguf_keys.items() if g(gk) is not None})
+    if g("expert_count"):
+        d["norm_topk_prob"] = GGUF_NORM_TOPK[arch]
     if isinstance(pattern := g("attention.sliding_window_pattern"), list):  # one flag per layer
         d["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
     if g("rope.freq_base_swa") and d.get("sliding_window"):
@@ -442,7 +454,9 @@ def gguf_tensors(reader, cfg: Config, where: str):
         name = to_hf[t.name]
         shape = [int(x) for x in reversed(t.shape)]  # GGUF lists dims fastest-first
         w = torch.from_numpy(quants.dequantize(t.data, t.tensor_type).astype("float32").reshape(shape))
-        yield from split_fused(cfg, name, from_gguf(cfg, name, w))
+        for n, x in split_fused(cfg, name, from_gguf(cfg, name, w)):
+            m = GGUF_EXPERTS.fullmatch(n)  # a stack of one projection -> per expert, for stack_experts
+            yield from ((f"{m[1]}.{e}.{m[2]}.weight", x[e]) for e in range(len(x))) if m else [(n, x)]
 
 
 # GGUF writing (export.py --format gguf) ----------------------------------------------------------
@@ -522,9 +536,7 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
     if cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
         raise NanotuneError("llama.cpp scales attention by 1/sqrt(head_dim); this model's "
                             f"query_pre_attn_scalar ({cfg.query_pre_attn_scalar}) differs, so its GGUF would be wrong.")
-    if cfg.num_experts:
-        raise NanotuneError(f"GGUF export of mixture-of-experts models ({cfg.model_type}) is not written yet; export "
-                            "--format merged and convert it with llama.cpp's convert_hf_to_gguf.py.")
+    arch = FAMILIES[cfg.model_type].gguf_arch
     w.add_name("nanotune export")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -540,7 +552,6 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     write_gguf_rope(w, cfg)
-    arch = FAMILIES[cfg.model_type].gguf_arch
     for k, gk in FAMILIES[cfg.model_type].gguf_keys.items():
         v = getattr(cfg, k)
         if v is not None:

@@ -285,7 +285,9 @@ def test_unwritable_outputs_are_one_line(case, tmp_path):
 
 
 def test_moe_only_settings_are_refused_in_one_sentence(tmp_path):
-    """--router_aux_loss_coef on a dense model is pointless, and a MoE GGUF is not written yet: each is refused."""
+    """--router_aux_loss_coef on a dense model is pointless, and a MoE GGUF that llama.cpp would run differently
+    (dense layers in qwen2moe, routing weights renormalised where its arch does not) is refused: each in one
+    sentence, no file left."""
     import export
     import formats
     import train
@@ -293,9 +295,11 @@ def test_moe_only_settings_are_refused_in_one_sentence(tmp_path):
     cfg = train.TrainConfig(model=str(tmp_path / "dense"), router_aux_loss_coef=0.01)
     with pytest.raises(NanotuneError, match="needs a mixture-of-experts model"):
         train.build_model(cfg, torch.device("cpu"), torch.float32)
-    make_hf_model("mixtral", tmp_path / "moe")
-    save_tiny_tokenizer(tmp_path / "moe")
-    m, tok = formats.load_model(str(tmp_path / "moe")), formats.load_tokenizer(str(tmp_path / "moe"))
-    with pytest.raises(NanotuneError, match="GGUF export of mixture-of-experts"):
-        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
+    for arch, kw, why in [("qwen2_moe", {}, r"layers \[0\] of this model are dense"),
+                          ("qwen3_moe", {"norm_topk_prob": False}, "always renormalises")]:
+        make_hf_model(arch, tmp_path / arch, **kw)
+        save_tiny_tokenizer(tmp_path / arch)
+        m, tok = formats.load_model(str(tmp_path / arch)), formats.load_tokenizer(str(tmp_path / arch))
+        with pytest.raises(NanotuneError, match=why):
+            export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     assert not os.path.exists(tmp_path / "m.gguf")
