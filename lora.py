@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import dist
 import kernels
 from cli import NanotuneError, publish, read_json
-from model import Experts
+from model import Experts, MoE
 from quant import replace_module
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -334,17 +334,22 @@ def to_peft_experts(A, B):
     return A.reshape(-1, A.shape[-1]), B.permute(1, 2, 0).reshape(B.shape[1], -1)
 
 
+def routers(model) -> set:
+    """The MoE routers' module names (PEFT adapts them as `target_parameters` "<...>.gate.weight")."""
+    return {f"{n}.gate" for n, m in model.named_modules() if isinstance(m, MoE)}
+
+
 def adapter_state_dict(model, dtype=None, rename=None) -> dict:
     """PEFT keys; rename: nanotune's module name -> the checkpoint's (families.checkpoint_name, Phi-2). Expert
-    names are not renamed: PEFT sees transformers 5's in-memory modules (mlp.experts), not the hub's names."""
-    sd = {}
+    and router names are not renamed: PEFT sees transformers 5's in-memory modules (mlp.experts, mlp.gate)."""
+    sd, moe = {}, routers(model)
     for n, m in lora_layers(model):
         if isinstance(m, LoRAExperts):
             for stem, p in expert_keys(n, m):
                 a, b = to_peft_experts(dist.full_tensor(m.lora_A[p]), dist.full_tensor(m.lora_B[p]))
                 sd[f"{stem}.lora_A.weight"], sd[f"{stem}.lora_B.weight"] = a, b
             continue
-        n = rename(n) if rename else n
+        n = rename(n) if rename and n not in moe else n
         sd[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.lora_A.weight
         sd[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.weight
         if m.lora_magnitude_vector is not None:
@@ -364,11 +369,12 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_p
     if not write:
         return
     os.makedirs(out_dir, exist_ok=True)
-    c, layers = model.lora_config, lora_layers(model)
+    c, layers, moe = model.lora_config, lora_layers(model), routers(model)
     targets = c["target_modules"] if isinstance(c["target_modules"], str) else sorted(set(
-        (rename(n) if rename else n).rsplit(".", 1)[-1] for n, m in layers if isinstance(m, LoRALinear)))
-    params = sorted(set(".".join(n.split(".")[-2:] + [p]) for n, m in layers if isinstance(m, LoRAExperts)
-                        for p in m.lora_A))  # e.g. mlp.experts.gate_up_proj
+        (rename(n) if rename else n).rsplit(".", 1)[-1] for n, m in layers if isinstance(m, LoRALinear)
+        and n not in moe))
+    params = sorted(set(".".join(n.split(".")[-2:] + [p]) for n, m in layers for p in (  # mlp.experts.down_proj,
+        m.lora_A if isinstance(m, LoRAExperts) else ["weight"] if n in moe else [])))   # mlp.gate.weight
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
            "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
            "target_modules": targets, "use_rslora": c["use_rslora"], "use_dora": c["use_dora"], "bias": "none",
@@ -394,12 +400,15 @@ def load_adapter(model, adapter_dir: str, rename=None):
         raise NanotuneError(f"{cfg_path}: peft_type {c.get('peft_type')!r} is not supported (LORA is).")
     if c.get("rank_pattern") or c.get("alpha_pattern") or c.get("modules_to_save"):
         raise NanotuneError(f"{cfg_path}: rank_pattern, alpha_pattern and modules_to_save are not supported.")
-    targets = c["target_modules"]
-    if rename and not isinstance(targets, str):
-        targets = [rename(t) for t in targets]
-    apply_lora(model, r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0), targets=targets or [],
+    targets, params = c["target_modules"] or [], c.get("target_parameters") or []
+    routers = [p[: -len(".weight")] for p in params if p.endswith(".weight")]  # peft's name for a router: gate.weight
+    if isinstance(targets, str):
+        targets = "|".join([f"(?:{targets})", *(rf".*\.{re.escape(r)}" for r in routers)])
+    else:
+        targets = [rename(t) if rename else t for t in [*targets, *routers]]
+    apply_lora(model, r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0), targets=targets,
                rslora=c.get("use_rslora", False), dora=c.get("use_dora", False),
-               expert_targets=c.get("target_parameters") or [])
+               expert_targets=[p for p in params if not p.endswith(".weight")])
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(path):
         raise NanotuneError(f"{adapter_dir} has no adapter_model.safetensors; the adapter is incomplete.")

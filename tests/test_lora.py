@@ -186,7 +186,7 @@ def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp
 def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     """LoRA on the routed experts (per-expert A/B on the stacked weights, PEFT's `target_parameters`): nanotune's
     adapter gives peft's logits, and a peft-made one nanotune's; one projection adapted, or both (PEFT nests
-    its wrappers then, and the keys differ)."""
+    its wrappers then, and the keys differ) with the router too."""
     import functools
     import json
     from families import checkpoint_name, nanotune_name
@@ -195,7 +195,7 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     hf = make_hf_model(arch, tmp_path / "base")
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     m = formats.load_model(str(tmp_path / "base"))
-    lora.apply_lora(m, r=4, alpha=8, targets=lora.DEFAULT_TARGETS if both else ["q_proj", "down_proj"])
+    lora.apply_lora(m, r=4, alpha=8, targets=[*lora.DEFAULT_TARGETS, "gate"] if both else ["q_proj", "down_proj"])
     experts = [e for _, e in lora.lora_layers(m) if isinstance(e, lora.LoRAExperts)]
     assert len(experts) == sum(isinstance(b.mlp, MoE) for b in m.model.layers) > 0
     assert all(sorted(e.lora_A) == (["down_proj", "gate_up_proj"] if both else ["down_proj"]) for e in experts)
@@ -205,14 +205,15 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
         assert (ours - hf(input_ids=ids).logits).abs().max() > 1e-3  # the adapter changes the logits
     lora.save_adapter(m, str(tmp_path / "ours"), rename=functools.partial(checkpoint_name, m.config))
     cfg = json.load(open(tmp_path / "ours" / "adapter_config.json"))
-    assert cfg["target_parameters"] == (["mlp.experts.down_proj", "mlp.experts.gate_up_proj"] if both
-                                        else ["mlp.experts.down_proj"])
+    assert cfg["target_parameters"] == (["mlp.experts.down_proj", "mlp.experts.gate_up_proj", "mlp.gate.weight"]
+                                        if both else ["mlp.experts.down_proj"])  # (peft's name for a router)
     pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
     with torch.no_grad():
         assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-4
 
     hf2 = make_hf_model(arch, tmp_path / "base2")
-    params = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if both else ["mlp.experts.gate_up_proj"]
+    params = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"] if both else [
+        "mlp.experts.gate_up_proj"]
     pm2 = get_peft_model(hf2, LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=params,
                                          init_lora_weights=False)).eval()
     pm2.save_pretrained(str(tmp_path / "peft"))
@@ -222,8 +223,9 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     lora.load_adapter(m2, str(tmp_path / "peft"), functools.partial(nanotune_name, m2.config))
     with torch.no_grad():
         assert (ref - m2.logits(m2(ids))).abs().max() < 1e-4
-    assert all(sorted(e.lora_A) == sorted(p.rsplit(".", 1)[1] for p in params)
+    assert all(sorted(e.lora_A) == sorted(p.rsplit(".", 1)[1] for p in params if ".experts." in p)
                for _, e in lora.lora_layers(m2) if isinstance(e, lora.LoRAExperts))
+    assert any(n.endswith("mlp.gate") for n, _ in lora.lora_layers(m2)) == both
 
 
 def test_dropout_and_dora_on_the_experts_are_refused(tmp_path):

@@ -167,6 +167,30 @@ def test_sliding_window_rows_through_varlen_equal_the_mask(arch, tmp_path, monke
     assert (h1 - h2).abs().max() <= 3e-2 * h2.abs().max() and (g1 - g2).abs().max() <= 3e-2 * g2.abs().max()
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_routing_ties_are_broken_as_transformers_breaks_them(arch, tmp_path):
+    """Router rows made equal in pairs (so every token's probabilities tie exactly): nanotune picks the experts
+    transformers picks (logits within 1e-4, fp32), the same on every run; with every expert tied, the grouped
+    path (tokens sorted by expert, stably) agrees with the per-expert loop."""
+    hf = make_hf_model(arch, tmp_path / "hf")
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            w = layer.mlp.gate.weight
+            w[1::2] = w[0::2]  # experts 2i and 2i+1 always tie
+        hf.save_pretrained(tmp_path / "tied")
+    m = formats.load_model(str(tmp_path / "tied"))
+    ids = torch.randint(3, 128, (3, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        ours = [m.logits(m(ids)) for _ in range(2)]
+    assert (ours[0] - ref).abs().max() < 1e-4 and torch.equal(ours[0], ours[1])
+    x, E = torch.randn(40, m.config.hidden_size), m.config.num_experts
+    idx = torch.topk(torch.ones(40, E), 2, dim=-1).indices  # every expert tied: the same pick for every row
+    w, mlp = torch.full((40, 2), 0.5), m.model.layers[0].mlp.experts
+    got = kernels.moe_experts_grouped(x, idx, w, mlp.gate_up_proj, mlp.down_proj, "silu")
+    assert (got - kernels.moe_experts_ref(x, idx, w, mlp.gate_up_proj, mlp.down_proj, "silu")).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_moe_aux_loss_equals_transformers_and_its_gradient_is_exact(arch, tmp_path):
     """The load-balancing loss equals transformers' aux_loss (output_router_logits); the gradient a training step
