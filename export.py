@@ -47,9 +47,10 @@ def dense_tensors(model, unstack=True):
             if mod.base.bias is not None:
                 yield prefix + "bias", mod.base.bias.detach()
             return
-        if isinstance(mod, lora.LoRAExperts):  # stacked [E, ...] weights (formats.fuse unstacks them)
-            for n, _ in mod.base.named_parameters(recurse=False):
-                yield prefix + n, mod.merged_weight(n)
+        if isinstance(mod, (lora.LoRAExperts, quant.Experts4bit)):  # stacked [E, ...] (formats.fuse unstacks)
+            for p in (mod.base if isinstance(mod, lora.LoRAExperts) else mod).shapes:
+                yield prefix + p, (mod.merged_weight(p) if isinstance(mod, lora.LoRAExperts) else
+                                   mod.dense(p, torch.float32))
             return
         if isinstance(mod, quant.Linear4bit):
             yield prefix + "weight", mod.dense_weight(torch.float32)

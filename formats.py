@@ -595,6 +595,6 @@ def write_gguf(path, cfg: Config, tok, tensors, qtype="f16"):
 # bitsandbytes 4-bit out (in: load_model routes such a checkpoint through quant.prepare_4bit) ------------
 def save_4bit(model, out_dir, tok=None):
     """A pre-quantized checkpoint in bitsandbytes' layout (+ quantization_config) that transformers loads."""
-    if model.config.fused_checkpoint:
-        raise NanotuneError("saving 4-bit Phi-3 checkpoints (fused qkv/gate_up) is not supported; export 16-bit.")
+    if model.config.fused_checkpoint or model.config.num_experts:  # (bitsandbytes' layout has 4-bit linears only)
+        raise NanotuneError("4-bit Phi-3 (fused qkv/gate_up) or MoE checkpoints cannot be saved; save 16-bit instead.")
     save_hf(model, out_dir, tok, extra_config={"quantization_config": quant.bnb_quantization_config(model)})

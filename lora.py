@@ -25,7 +25,7 @@ import dist
 import kernels
 from cli import NanotuneError, publish, read_json
 from model import Experts, MoE
-from quant import replace_module
+from quant import Experts4bit, replace_module
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -160,26 +160,25 @@ class LoRAExperts(nn.Module):
         self.base, self.r, self.alpha = base, r, alpha
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        dev = next(base.parameters()).device
         for p in projs:
-            W = getattr(base, p)
-            E, out, inp = W.shape
-            a = torch.empty(E, r, inp, device=W.device, dtype=torch.float32)
+            E, out, inp = base.shapes[p]
+            a = torch.empty(E, r, inp, device=dev, dtype=torch.float32)
             if a.device.type != "meta":  # PEFT's Kaiming-uniform bound for each expert's A [r, in]
                 nn.init.uniform_(a, -1 / math.sqrt(inp), 1 / math.sqrt(inp))
             self.lora_A[p] = nn.Parameter(a)
-            self.lora_B[p] = nn.Parameter(torch.zeros(E, out, r, device=W.device, dtype=torch.float32))
+            self.lora_B[p] = nn.Parameter(torch.zeros(E, out, r, device=dev, dtype=torch.float32))
         self.lora_magnitude_vector = None  # (no DoRA on experts)
         self.merged, self.disabled = False, False
 
     def forward(self, x, idx, w):
-        b = self.base
         if self.disabled or self.merged:
-            return b(x, idx, w)
+            return self.base(x, idx, w)
         lora = []  # (A1, B1, s1, A2, B2, s2), fp32 masters cast to the activations' dtype
         for p in self.PROJ:
             lora += [self.lora_A[p].to(x.dtype), self.lora_B[p].to(x.dtype), self.scaling] if p in self.lora_A else [
                 None, None, 0.0]
-        return kernels.moe_experts(x, idx, w, b.gate_up_proj, b.down_proj, b.act, tuple(lora))
+        return self.base(x, idx, w, tuple(lora))
 
     def pairs(self):
         return [(self.lora_A[p], self.lora_B[p]) for p in self.lora_A]
@@ -190,11 +189,15 @@ class LoRAExperts(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self, p) -> torch.Tensor:
-        w = getattr(self.base, p).float()
+        """The fp32 [E, out, in] weight with the adapter folded in (a 4-bit base dequantized)."""
+        w = self.base.dense(p, torch.float32).float()
         return w + self.delta_weight(p) if p in self.lora_A else w
 
     @torch.no_grad()
     def merge(self):
+        if isinstance(self.base, Experts4bit):
+            raise NanotuneError("cannot merge into 4-bit experts in place; dequantize the model first (export.py "
+                                "does this).")
         if not self.merged:
             for p in self.lora_A:
                 getattr(self.base, p).copy_(self.merged_weight(p))
@@ -228,8 +231,9 @@ def apply_lora(model: nn.Module, r=16, alpha=16, dropout=0.0, targets=DEFAULT_TA
     "mlp.experts.gate_up_proj"). `train_modules` (e.g. "lm_head") stay fully trainable. Returns the wrapped names."""
     for p in model.parameters():
         p.requires_grad_(False)
+    stacks = {n for n, m in model.named_modules() if isinstance(m, Experts)}  # (4-bit experts hold Linear4bits)
     names = [n for n, m in model.named_modules() if _matches(n, targets) and hasattr(m, "in_features")
-             and not isinstance(m, LoRALinear)]
+             and not isinstance(m, LoRALinear) and n.rpartition(".")[0] not in stacks]
     wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRAExperts)}
     experts = {n: [p for p, aliases in EXPERT_ALIASES.items() if (_matches(f"{n}.{p}", list(expert_targets))
                    if expert_targets is not None else any(_matches(f"{n}.{a}", targets) for a in aliases))]
@@ -284,12 +288,12 @@ def coverage(model, n_all: int) -> list:
     names = sorted(set(n.rsplit(".", 1)[-1] if isinstance(m, LoRALinear) else f"experts.{p}"
                        for n, m in layers for p in (m.lora_A if isinstance(m, LoRAExperts) else [None])))
     held = sum(m.in_features * m.out_features if isinstance(m, LoRALinear) else
-               sum(getattr(m.base, p).numel() for p in m.lora_A) for _, m in layers)
+               sum(math.prod(m.base.shapes[p]) for p in m.lora_A) for _, m in layers)
     lines = [f"lora: {len(layers)} modules ({', '.join(names)}); their weights hold {100 * held / n_all:.1f}% of "
              "the parameters"]
     wrapped = {id(m.base) for _, m in layers if isinstance(m, LoRAExperts)}
-    bare = sum(p.numel() for m in model.modules() if isinstance(m, Experts) and id(m) not in wrapped
-               for p in m.parameters())
+    bare = sum(math.prod(s) for m in model.modules() if isinstance(m, Experts) and id(m) not in wrapped
+               for s in m.shapes.values())
     if bare:
         lines.append(f"warning: no adapter reaches the routed experts ({100 * bare / n_all:.0f}% of the parameters), "
                      "so they are not trained; add gate_proj, up_proj and down_proj (or gate_up_proj) to lora_targets.")

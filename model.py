@@ -265,18 +265,25 @@ class MLP(nn.Module):
 
 class Experts(nn.Module):
     """E SwiGLU experts as stacked weights (transformers 5's layout): gate_up_proj [E, 2I, C] (gate rows first),
-    down_proj [E, C, I]."""
+    down_proj [E, C, I]. (quant.Experts4bit holds the same in NF4, with the same `shapes` and `dense`.)"""
 
     def __init__(self, cfg: Config):
         super().__init__()
         E, I, C = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.shapes = {"gate_up_proj": (E, 2 * I, C), "down_proj": (E, C, I)}
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, C))
         self.down_proj = nn.Parameter(torch.empty(E, C, I))
         self.act = cfg.hidden_act
 
-    def forward(self, x, idx, w):
-        """x [N, C], idx [N, k] chosen experts, w [N, k] their weights -> sum_j w_j expert_idx_j(x)  [N, C]"""
-        return kernels.moe_experts(x, idx, w, self.gate_up_proj, self.down_proj, self.act)
+    def dense(self, p, dtype=None):
+        """The stacked weight `p` ("gate_up_proj" or "down_proj") as a tensor (a 4-bit one dequantizes)."""
+        return getattr(self, p)
+
+    def forward(self, x, idx, w, lora=None):
+        """x [N, C], idx [N, k] chosen experts, w [N, k] their weights -> sum_j w_j expert_idx_j(x)  [N, C]
+        (lora: kernels.moe_experts' per-expert adapters, from lora.LoRAExperts)"""
+        return kernels.moe_experts(x, idx, w, self.dense("gate_up_proj", x.dtype), self.dense("down_proj", x.dtype),
+                                   self.act, lora)
 
 
 class MoE(nn.Module):

@@ -21,6 +21,7 @@ import torch.nn as nn
 import dist
 import kernels
 from cli import NanotuneError
+from model import Experts
 
 # The 16 NF4 values (bitsandbytes' table, index = 4-bit code)
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -242,6 +243,37 @@ class Linear4bit(nn.Module):
         return self.state is not None
 
 
+class Experts4bit(Experts):
+    """A MoE block's experts in NF4 (the bulk of a MoE's bytes): each stacked weight [E, out, in] is held as a
+    Linear4bit over its [E * out, in] rows (NF4 flattens row-major, so the bytes are those of the stacked
+    tensor, and sharding, loading and moving work as for any 4-bit linear). Each call dequantizes the whole
+    stack into the compute dtype (transient: one layer's experts), then runs the same grouped path."""
+
+    def __init__(self, shapes: dict, act: str, double_quant=True, storage=torch.uint8, device="meta"):
+        nn.Module.__init__(self)
+        self.shapes, self.act = shapes, act
+        for p, (E, out, inp) in shapes.items():
+            setattr(self, p, Linear4bit(inp, E * out, double_quant=double_quant, storage=storage, device=device))
+
+    @classmethod
+    def from_experts(cls, e: Experts, double_quant=True):
+        q = cls(e.shapes, e.act, double_quant, device=e.gate_up_proj.device)
+        for p, shape in e.shapes.items():
+            getattr(q, p).set_dense(getattr(e, p).reshape(-1, shape[2]))
+        return q
+
+    def dense(self, p, dtype=None):
+        return getattr(self, p).dense_weight(dtype).view(self.shapes[p])
+
+    def assign_tensor(self, key: str, t: torch.Tensor, device, dtype):
+        """Loading hook: a stacked `gate_up_proj` / `down_proj` is quantized as it arrives."""
+        getattr(self, key).assign_tensor("weight", t.reshape(-1, t.shape[-1]), device, dtype)
+
+    @property
+    def is_ready(self):
+        return all(getattr(self, p).is_ready for p in self.shapes)
+
+
 DEFAULT_SKIP = ("lm_head", "embed_tokens")
 
 
@@ -256,10 +288,17 @@ def replace_module(root: nn.Module, name: str, new: nn.Module):
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
+def _experts(model):
+    return [(n, m) for n, m in model.named_modules() if type(m) is Experts]
+
+
 def quantize_model(model, skip=DEFAULT_SKIP, double_quant=True):
-    """Replace every nn.Linear (but `skip`) by a Linear4bit; lm_head and embeddings stay 16-bit."""
+    """Replace every nn.Linear (but `skip`) by a Linear4bit and every MoE block's experts by Experts4bit;
+    lm_head and embeddings stay 16-bit."""
     for n, lin in _targets(model, skip):
         replace_module(model, n, Linear4bit.from_linear(lin, double_quant))
+    for n, e in _experts(model):
+        replace_module(model, n, Experts4bit.from_experts(e, double_quant))
     return model
 
 
@@ -270,6 +309,8 @@ def prepare_4bit(model, skip=DEFAULT_SKIP, double_quant=True, storage=torch.uint
     for n, lin in _targets(model, skip):
         replace_module(model, n, Linear4bit(lin.in_features, lin.out_features, lin.bias, double_quant=double_quant,
                                             storage=storage, device=lin.weight.device))
+    for n, e in _experts(model):
+        replace_module(model, n, Experts4bit(e.shapes, e.act, double_quant, storage, e.gate_up_proj.device))
     return model
 
 

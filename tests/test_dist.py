@@ -62,7 +62,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup_dir, tmp_path,
     assert (tmp_path / "two" / result).exists()
 
 
-@pytest.mark.parametrize("method", [[], ["--lora", "false"]], ids=["lora", "full"])
+@pytest.mark.parametrize("method", [[], ["--lora", "false"], ["--load_in_4bit", "true"]], ids=["lora", "full", "qlora"])
 def test_moe_two_processes_equal_one(tmp_path, method):
     """Qwen3-MoE: the stacked experts (and their per-expert LoRA) shard over the experts dimension like any
     weight; two ranks follow one rank's losses."""

@@ -157,6 +157,57 @@ def test_qlora_backward_matches_dense_lora_and_keeps_no_dense_weight(tmp_path):
     assert torch.allclose(x.grad, x2.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_4bit_experts_hold_nf4_of_the_stacked_weights_and_compute_with_them(arch, tmp_path):
+    """QLoRA on a MoE: the experts (the bulk of its bytes) load as NF4, byte for byte quantize_nf4 of each stacked
+    [E, out, in] weight (bitsandbytes' bytes, tested above); quantizing while loading equals quantizing after;
+    the 4-bit model's logits equal a dense model holding the dequantized weights; LoRA on the 4-bit experts
+    trains (gradients equal the dense twin's) and its merged export loads in transformers with its logits."""
+    import transformers
+    from conftest import save_tiny_tokenizer
+    import export
+    from model import Experts
+    make_hf_model(arch, tmp_path / "hf")
+    save_tiny_tokenizer(tmp_path / "hf")
+    q = formats.load_model(str(tmp_path / "hf"), prepare=quant.prepare_4bit)
+    dense = formats.load_model(str(tmp_path / "hf"))
+    experts = [(n, m) for n, m in q.named_modules() if isinstance(m, quant.Experts4bit)]
+    assert experts and not any(type(m) is Experts for m in q.modules())
+    for n, m in experts:
+        for p in m.shapes:
+            w = getattr(dense.get_submodule(n), p)
+            assert torch.equal(getattr(m, p).packed(), quant.quantize_nf4(w)["weight"])
+    assert torch.equal(*(x.logits(x(torch.arange(3, 12)[None])) for x in (q, quant.quantize_model(
+        formats.load_model(str(tmp_path / "hf"))))))
+    with torch.no_grad():  # the dense twin: every 4-bit weight replaced by its dequantized values
+        for n, m in q.named_modules():
+            if isinstance(m, quant.Experts4bit):
+                for p in m.shapes:
+                    getattr(dense.get_submodule(n), p).copy_(m.dense(p, torch.float32))
+            elif isinstance(m, quant.Linear4bit) and not n.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                dense.get_submodule(n).weight.copy_(m.dense_weight(torch.float32))
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    for m in (q, dense):
+        torch.manual_seed(0)
+        lora.apply_lora(m, r=4, alpha=8)
+        for _, layer in lora.lora_layers(m):
+            for _, b in layer.pairs():
+                b.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(b.numel()))
+    grads = []
+    for m in (q, dense):
+        out = m.logits(m(ids))
+        out.float().logsumexp(-1).sum().backward()
+        grads.append((out.detach(), [p.grad for _, layer in lora.lora_layers(m) for pair in layer.pairs()
+                                     for p in pair]))
+    (lq, gq), (ld, gd) = grads
+    assert (lq - ld).abs().max() < 1e-5 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(gq, gd))
+    export.export_merged(q.eval(), formats.load_tokenizer(str(tmp_path / "hf")), str(tmp_path / "merged"),
+                         dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).float().eval()
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - lq).abs().max() < 1e-4
+
+
 @pytest.mark.slow
 @pytest.mark.default_model
 def test_qlora_training_lowers_loss_on_the_default_model(tmp_path):

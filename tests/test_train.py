@@ -245,7 +245,8 @@ def _greedy(llm, prompt, stops, n):
 
 def test_moe_trains_lora_on_the_experts(tmp_path):
     """A tiny Qwen3-MoE run with the default targets adapts the routed experts (the startup line says so), the
-    loss falls and the experts' B moved off zero; leaving the experts out gets the warning."""
+    loss falls and the experts' B moved off zero, with the experts in 16 bits and in NF4 (QLoRA); leaving the
+    experts out gets the warning."""
     from safetensors.torch import load_file
     make_tiny_run_model(tmp_path / "m", "qwen3_moe")
     write_chat_data(tmp_path / "d.jsonl", 16)
@@ -259,6 +260,10 @@ def test_moe_trains_lora_on_the_experts(tmp_path):
     sd = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
     expert_b = [v for k, v in sd.items() if ".experts." in k and "lora_B" in k]
     assert len(expert_b) == 2 * 2 and all(v.abs().max() > 0 for v in expert_b)  # 2 layers x gate_up, down
+    r = run_train(common + ["--max_steps", "12", "--load_in_4bit", "true", "--output_dir", str(tmp_path / "q")])
+    assert r.returncode == 0, r.stderr[-2000:]  # QLoRA: the experts in NF4, their adapters trained
+    losses = [x["loss"] for x in map(json.loads, open(tmp_path / "q" / "metrics.jsonl")) if "loss" in x]
+    assert losses[-1] < 0.9 * losses[0] and "experts.gate_up_proj" in r.stderr
     r = run_train(common + ["--max_steps", "1", "--lora_targets", "q_proj,v_proj", "--output_dir", str(tmp_path / "b")])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "warning: no adapter reaches the routed experts" in r.stderr
