@@ -53,14 +53,31 @@ def test_adapter_roundtrip_with_peft(variant, tmp_path):
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == {"q_proj", "v_proj", "down_proj"}
 
 
+def peft_made_adapter_loads(arch, path, ids, config, tol=1e-4):
+    """An adapter peft made (its own init and save) on a fresh tiny `arch` loads into nanotune with peft's
+    logits; returns the nanotune model holding it."""
+    import functools
+    from families import nanotune_name
+    from peft import get_peft_model
+    pm = get_peft_model(make_hf_model(arch, path / "base2"), config).eval()
+    pm.save_pretrained(str(path / "peft"))
+    with torch.no_grad():
+        ref = pm(input_ids=ids).logits
+    m = formats.load_model(str(path / "base2"))
+    lora.load_adapter(m, str(path / "peft"), functools.partial(nanotune_name, m.config))
+    with torch.no_grad():
+        assert (ref - m.logits(m(ids))).abs().max() < tol
+    return m
+
+
 # every family whose checkpoint keeps q/k/v and gate/up separate (Phi-3 fuses them: PEFT adapts qkv_proj there)
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn"])
 def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     """nanotune's adapter on every projection gives peft's logits; a peft-made adapter (the checkpoint's own module
     names: Phi-2's dense / fc1 / fc2) loads into nanotune with peft's logits."""
     import functools
-    from families import checkpoint_name, nanotune_name
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from families import checkpoint_name
+    from peft import LoraConfig, PeftModel
     hf = make_hf_model(arch, tmp_path / "base")
     ids = torch.randint(3, 128, (2, 10))
     m = formats.load_model(str(tmp_path / "base"))
@@ -75,16 +92,9 @@ def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     n_peft = sum(1 for n, _ in pm.named_modules() if n.endswith(".lora_A.default"))
     assert n_peft == len(lora.lora_layers(m)) == 7 * m.config.num_hidden_layers - (m.config.num_hidden_layers
                                                                                  if arch == "phi" else 0)
-    hf2 = make_hf_model(arch, tmp_path / "base2")
     targets = ["dense", "fc2"] if arch == "phi" else ["o_proj", "down_proj"]
-    pm2 = get_peft_model(hf2, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)).eval()
-    pm2.save_pretrained(str(tmp_path / "peft"))
-    with torch.no_grad():
-        ref = pm2(input_ids=ids).logits
-    m2 = formats.load_model(str(tmp_path / "base2"))
-    lora.load_adapter(m2, str(tmp_path / "peft"), functools.partial(nanotune_name, m2.config))
-    with torch.no_grad():
-        assert (ref - m2.logits(m2(ids))).abs().max() < 1e-5
+    m2 = peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                  init_lora_weights=False), 1e-5)
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == {"o_proj", "down_proj"}
 
 
@@ -189,9 +199,9 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     its wrappers then, and the keys differ) with the router too."""
     import functools
     import json
-    from families import checkpoint_name, nanotune_name
+    from families import checkpoint_name
     from model import MoE
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, PeftModel
     hf = make_hf_model(arch, tmp_path / "base")
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     m = formats.load_model(str(tmp_path / "base"))
@@ -211,18 +221,10 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     with torch.no_grad():
         assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-4
 
-    hf2 = make_hf_model(arch, tmp_path / "base2")
     params = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"] if both else [
         "mlp.experts.gate_up_proj"]
-    pm2 = get_peft_model(hf2, LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=params,
-                                         init_lora_weights=False)).eval()
-    pm2.save_pretrained(str(tmp_path / "peft"))
-    with torch.no_grad():
-        ref = pm2(input_ids=ids).logits
-    m2 = formats.load_model(str(tmp_path / "base2"))
-    lora.load_adapter(m2, str(tmp_path / "peft"), functools.partial(nanotune_name, m2.config))
-    with torch.no_grad():
-        assert (ref - m2.logits(m2(ids))).abs().max() < 1e-4
+    m2 = peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"],
+                                                                  target_parameters=params, init_lora_weights=False))
     assert all(sorted(e.lora_A) == sorted(p.rsplit(".", 1)[1] for p in params if ".experts." in p)
                for _, e in lora.lora_layers(m2) if isinstance(e, lora.LoRAExperts))
     assert any(n.endswith("mlp.gate") for n, _ in lora.lora_layers(m2)) == both
