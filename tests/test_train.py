@@ -243,6 +243,7 @@ def _greedy(llm, prompt, stops, n):
     return out
 
 
+@pytest.mark.slow
 def test_moe_trains_lora_on_the_experts(tmp_path):
     """A tiny Qwen3-MoE run with the default targets adapts the routed experts (the startup line says so), the
     loss falls and the experts' B moved off zero, with the experts in 16 bits and in NF4 (QLoRA); leaving the
