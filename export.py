@@ -47,10 +47,11 @@ def dense_tensors(model, unstack=True):
             if mod.base.bias is not None:
                 yield prefix + "bias", mod.base.bias.detach()
             return
-        if isinstance(mod, (lora.LoRAExperts, quant.Experts4bit)):  # stacked [E, ...] (formats.fuse unstacks)
-            for p in (mod.base if isinstance(mod, lora.LoRAExperts) else mod).shapes:
-                yield prefix + p, (mod.merged_weight(p) if isinstance(mod, lora.LoRAExperts) else
-                                   mod.dense(p, torch.float32))
+        if isinstance(mod, lora.LoRAExperts):  # stacked [E, ...] weights (formats.fuse unstacks them)
+            yield from ((prefix + p, mod.merged_weight(p)) for p in mod.base.shapes)
+            return
+        if isinstance(mod, quant.Experts4bit):
+            yield from ((prefix + p, mod.dense(p, torch.float32)) for p in mod.shapes)
             return
         if isinstance(mod, quant.Linear4bit):
             yield prefix + "weight", mod.dense_weight(torch.float32)

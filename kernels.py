@@ -344,15 +344,19 @@ if triton is not None:
         return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * g * g)
 
     @triton.jit
+    def _act_parts(g, GELU: tl.constexpr):  # (act(g), act'(g)) in fp32: tanh-GELU or SiLU
+        if GELU:
+            return _gelu_tanh_parts(g)
+        s = tl.sigmoid(g)
+        return g * s, s * (1.0 + g * (1.0 - s))
+
+    @triton.jit
     def _glu_fwd(G, U, Y, n, BLOCK: tl.constexpr, GELU: tl.constexpr):
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = i < n
         g = tl.load(G + i, mask=m, other=0.0).to(tl.float32)
         u = tl.load(U + i, mask=m, other=0.0).to(tl.float32)
-        if GELU:
-            a, _ = _gelu_tanh_parts(g)
-        else:
-            a = g * tl.sigmoid(g)
+        a, _ = _act_parts(g, GELU)
         tl.store(Y + i, (a * u).to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
@@ -363,11 +367,7 @@ if triton is not None:
         dy = tl.load(DY + i, mask=m, other=0.0).to(tl.float32)
         g = tl.load(G + i, mask=m, other=0.0).to(tl.float32)
         u = tl.load(U + i, mask=m, other=0.0).to(tl.float32)
-        if GELU:
-            a, da = _gelu_tanh_parts(g)
-        else:
-            s = tl.sigmoid(g)
-            a, da = g * s, s * (1.0 + g * (1.0 - s))
+        a, da = _act_parts(g, GELU)
         tl.store(DU + i, (dy * a).to(DU.dtype.element_ty), mask=m)
         tl.store(DG + i, (dy * u * da).to(DG.dtype.element_ty), mask=m)
 
@@ -754,13 +754,6 @@ def moe_combine_ref(y, inv, w, k, y2=None):
 
 
 if triton is not None:
-    @triton.jit
-    def _act_parts(g, GELU: tl.constexpr):  # (act(g), act'(g)) in fp32
-        if GELU:
-            return _gelu_tanh_parts(g)
-        s = tl.sigmoid(g)
-        return g * s, s * (1.0 + g * (1.0 - s))
-
     @triton.jit
     def _load2(P, P2, off, m, HAS_2: tl.constexpr):  # P[off] (+ P2[off]) in fp32
         v = tl.load(P + off, mask=m, other=0.0).to(tl.float32)

@@ -405,11 +405,11 @@ def load_adapter(model, adapter_dir: str, rename=None):
     if c.get("rank_pattern") or c.get("alpha_pattern") or c.get("modules_to_save"):
         raise NanotuneError(f"{cfg_path}: rank_pattern, alpha_pattern and modules_to_save are not supported.")
     targets, params = c["target_modules"] or [], c.get("target_parameters") or []
-    routers = [p[: -len(".weight")] for p in params if p.endswith(".weight")]  # peft's name for a router: gate.weight
+    gates = [p[: -len(".weight")] for p in params if p.endswith(".weight")]  # peft's name for a router: gate.weight
     if isinstance(targets, str):
-        targets = "|".join([f"(?:{targets})", *(rf".*\.{re.escape(r)}" for r in routers)])
+        targets = "|".join([f"(?:{targets})", *(rf".*\.{re.escape(g)}" for g in gates)])
     else:
-        targets = [rename(t) if rename else t for t in [*targets, *routers]]
+        targets = [rename(t) if rename else t for t in [*targets, *gates]]
     apply_lora(model, r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0), targets=targets,
                rslora=c.get("use_rslora", False), dora=c.get("use_dora", False),
                expert_targets=[p for p in params if not p.endswith(".weight")])
