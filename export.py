@@ -37,6 +37,11 @@ QUANTS = [*FLOAT_TYPES, *BLOCK_TYPES, *K_QUANTS]
 
 # ---------------------------------------------------------------------------------------------
 # Dense tensors, one at a time
+def expert_biases(prefix, experts):
+    """gpt-oss: the experts' biases, beside their stacked weights."""
+    return ((prefix + n, p.detach()) for n, p in experts.named_parameters(recurse=False) if n.endswith("_bias"))
+
+
 def dense_tensors(model, unstack=True):
     """(HF name, tensor) for every weight with LoRA folded in and 4-bit bases dequantized, in the
     checkpoint's own layout (Phi-3 fused; experts per expert, or stacked per projection for GGUF when
@@ -49,9 +54,11 @@ def dense_tensors(model, unstack=True):
             return
         if isinstance(mod, lora.LoRAExperts):  # stacked [E, ...] weights (formats.fuse unstacks them)
             yield from ((prefix + p, mod.merged_weight(p)) for p in mod.base.shapes)
+            yield from expert_biases(prefix, mod.base)
             return
         if isinstance(mod, quant.Experts4bit):
             yield from ((prefix + p, mod.dense(p, torch.float32)) for p in mod.shapes)
+            yield from expert_biases(prefix, mod)
             return
         if isinstance(mod, quant.Linear4bit):
             yield prefix + "weight", mod.dense_weight(torch.float32)

@@ -10,6 +10,8 @@ each row is transformers' `models/<name>/configuration_*.py` and `modeling_*.py`
 """
 from dataclasses import dataclass, field
 
+import torch
+
 from cli import NanotuneError
 from model import Config
 
@@ -30,6 +32,7 @@ class Family:
     template: str = "chatml"  # tokenizer.BUILTIN_TEMPLATES name, for a checkpoint that has no chat template
     gguf_pre: str = "gpt-2"  # llama.cpp pre-tokenizer of a byte-level BPE vocabulary the export cannot tell
     tied: bool = False  # tie_word_embeddings when config.json does not say
+    experts: str = ""  # "input_major": stacked experts stored [E, in, out], gate/up columns interleaved (gpt-oss)
 
 
 GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh")
@@ -88,6 +91,16 @@ FAMILIES = {
                                                              "attention_multiplier", "logits_scaling"),
                       gguf_keys={"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
                                  "attention_multiplier": "attention.scale", "logits_scaling": "logit_scale"}),
+    # gpt-oss: sinks, biased router and experts, clamped SwiGLU, alternating sliding (128) / full layers, YaRN
+    "gpt_oss": Family("GptOssForCausalLM", "gpt-oss", dict(norm_topk_prob=True, attention_sinks=True, router_bias=True,
+                                                        expert_bias=True),
+                      ("num_experts", "num_experts_per_tok", "swiglu_limit", "swiglu_alpha"), EXPERTS_KEY,
+                      defaults=dict(num_local_experts=128, num_experts_per_tok=4, head_dim=64, rms_norm_eps=1e-5,
+                                    sliding_window=128, sliding_window_pattern=2, attention_bias=True,
+                                    swiglu_limit=7.0, swiglu_alpha=1.702, rope_parameters=dict(
+                                        rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
+                                        beta_slow=1.0, truncate=False, original_max_position_embeddings=4096)),
+                      sliding="always", layer_types="pattern", renames=dict(router="gate"), experts="input_major"),
 }
 GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
 MULTIMODAL = {"gemma3": "gemma3_text"}  # a vision-language config whose text tower nanotune trains
@@ -140,6 +153,9 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
     d = {**fam.defaults, **{k: v for k, v in d.items() if v is not None}}
     if "num_experts" in d:  # (Qwen3-MoE configs say either)
         d.setdefault("num_local_experts", d["num_experts"])
+    if mt == "gpt_oss" and d.get("output_router_logits"):  # (its load-balancing loss reads the top-k scores)
+        raise NanotuneError(f"{where}: output_router_logits=true (gpt-oss's load-balancing loss) is not supported; "
+                            "set it to false to train without the auxiliary loss.")
     if d.get("qk_layernorm"):
         raise NanotuneError(f"{where}: qk_layernorm=true (a Phi variant) is not supported.")
     theta, scaling, local = rope_from_hf(d, where)
@@ -241,3 +257,30 @@ def checkpoint_name(cfg: Config, name: str) -> str:
     """nanotune's tensor name, module name or LoRA target -> the family checkpoint's (Phi-2: o_proj -> dense)."""
     back = {v: k for k, v in FAMILIES[cfg.model_type].renames.items()}
     return ".".join(back.get(part, part) for part in name.split("."))
+
+
+# gpt-oss stores its stacked experts input-major, gate and up columns interleaved: gate_up_proj [E, C, 2I] with
+# gate = [..., 0::2], up = [..., 1::2], down_proj [E, I, C] (used as x @ W + b). nanotune keeps every family's
+# experts as transformers' Mixtral: gate_up_proj [E, 2I, C] gate rows first, down_proj [E, C, I].
+def experts_from_checkpoint(cfg: Config, name: str, t):
+    """A checkpoint's stacked expert tensor (nanotune's name by now) -> nanotune's layout."""
+    if FAMILIES[cfg.model_type].experts != "input_major" or ".experts." not in name:
+        return t
+    if name.endswith("gate_up_proj_bias"):  # [E, 2I] interleaved -> gate half, up half
+        return torch.cat([t[:, 0::2], t[:, 1::2]], 1)
+    if name.endswith("gate_up_proj"):
+        t = t.transpose(1, 2)  # [E, 2I, C], rows interleaved
+        return torch.cat([t[:, 0::2], t[:, 1::2]], 1).contiguous()
+    return t.transpose(1, 2).contiguous() if name.endswith("down_proj") else t
+
+
+def experts_to_checkpoint(cfg: Config, name: str, t):
+    """The inverse of experts_from_checkpoint."""
+    if FAMILIES[cfg.model_type].experts != "input_major" or ".experts." not in name:
+        return t
+    if name.endswith("gate_up_proj_bias"):
+        return torch.stack(t.chunk(2, 1), -1).flatten(1)
+    if name.endswith("gate_up_proj"):  # [E, 2I, C] -> rows interleaved -> [E, C, 2I]
+        g, u = t.chunk(2, 1)
+        return torch.stack([g, u], 2).flatten(1, 2).transpose(1, 2).contiguous()
+    return t.transpose(1, 2).contiguous() if name.endswith("down_proj") else t

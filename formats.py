@@ -18,7 +18,8 @@ import dist
 import quant
 import tokenizer
 from cli import NanotuneError, fresh_tmp, publish, read_json
-from families import FAMILIES, GGUF_FAMILY, GGUF_NORM_TOPK, checkpoint_name, config_from_hf, config_to_hf, nanotune_name
+from families import (FAMILIES, GGUF_FAMILY, GGUF_NORM_TOPK, checkpoint_name, config_from_hf, config_to_hf,
+                      experts_from_checkpoint, experts_to_checkpoint, nanotune_name)
 from model import Config, Transformer, rope_attention_factor, rope_inv_freq
 
 
@@ -88,7 +89,7 @@ def split_fused(cfg: Config, name: str, t: torch.Tensor):
         return
     fused = next((f for f in FUSED if name.endswith(f"{f}.weight")), None)
     if fused is None:
-        yield name, t
+        yield name, experts_from_checkpoint(cfg, name, t)
         return
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     sizes = [q, kv, kv] if fused == "qkv_proj" else [t.shape[0] // 2] * 2
@@ -99,6 +100,21 @@ def split_fused(cfg: Config, name: str, t: torch.Tensor):
 EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 GGUF_EXPERTS = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.weight")  # stacked per projection
 STACKED = (".experts.gate_up_proj", ".experts.down_proj")
+
+
+def mxfp4_experts(tensors):
+    """gpt-oss's MXFP4 experts: each `<w>_blocks` / `<w>_scales` pair -> `<w>` dequantized, in the checkpoint's
+    16-bit layout ([E, in, out]; the pair holds [E, out, in])."""
+    pending = {}
+    for name, t in tensors:
+        base, _, part = name.rpartition("_")
+        if part not in ("blocks", "scales") or not base.endswith(STACKED):
+            yield name, t
+            continue
+        pending.setdefault(base, {})[part] = t
+        if len(pending[base]) == 2:
+            p = pending.pop(base)
+            yield base, quant.dequantize_mxfp4(p["blocks"], p["scales"]).transpose(1, 2)
 
 
 def stack_experts(cfg: Config, tensors):
@@ -137,6 +153,9 @@ def fuse(cfg: Config, tensors, unstack=True):
     pending = {}
     for name, t in tensors:
         if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if FAMILIES[cfg.model_type].experts and ".experts." in name:  # gpt-oss: stacked on disk too
+            yield checkpoint_name(cfg, name), experts_to_checkpoint(cfg, name, t)
             continue
         if name.endswith(STACKED):
             yield from unstack_experts(cfg, name, t, unstack)
@@ -228,10 +247,11 @@ def load_model(path: str | None = None, dtype=torch.float32, device="cpu", prepa
         d = read_json(where)
         cfg, qc = config_from_hf(d, where), d.get("quantization_config") or {}
         quantized = qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit")
-        if qc and not quantized:
+        mxfp4 = qc.get("quant_method") == "mxfp4" and cfg.model_type == "gpt_oss"  # (its experts only: dequantized)
+        if qc and not quantized and not mxfp4:
             raise NanotuneError(f"{path}: quantization {qc.get('quant_method')!r} is not supported; nanotune reads "
                                 "bitsandbytes 4-bit (nf4) and 16/32-bit checkpoints.")
-        tensors = stack_experts(cfg, (p for n, t in iter_safetensors(safetensors_files(path))
+        tensors = stack_experts(cfg, (p for n, t in mxfp4_experts(iter_safetensors(safetensors_files(path)))
                                       for p in split_fused(cfg, n, t)))
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -327,8 +327,13 @@ def rope(x, cos, sin):
 
 
 # ---------------------------------------------------------------------------------------------
-# Gated MLP activation: act(gate) * up, with act = silu (SwiGLU) or tanh-approximate GELU (GeGLU)
-def gated_act_ref(gate, up, act: str):
+# Gated MLP activation: act(gate) * up, with act = silu (SwiGLU) or tanh-approximate GELU (GeGLU); gpt-oss's
+# experts: act = ("clamped", alpha, limit), g' = min(g, limit), (clamp(up, -limit, limit) + 1) * g' sigmoid(alpha g')
+def gated_act_ref(gate, up, act):
+    if isinstance(act, tuple):
+        _, alpha, limit = act
+        g = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * g * torch.sigmoid(alpha * g)
     if act == "silu":
         return F.silu(gate) * up
     return F.gelu(gate, approximate="tanh") * up
@@ -668,17 +673,18 @@ def varlen_attention(q, k, v, rows: PackedRows, scale):
 # The reference loops over the experts that were hit (as transformers' eager path does). The grouped path
 # sorts the M = N*k (token, expert) pairs by expert and runs one grouped GEMM per product over the sorted
 # rows (no host sync, no per-expert launches); its backward is written out (_MoEExperts).
-def moe_experts_ref(x, idx, w, gate_up, down, act: str, lora=None):
+def moe_experts_ref(x, idx, w, gate_up, down, act, lora=None, biases=None):
     A1, B1, s1, A2, B2, s2 = lora or (None,) * 6
+    b1, b2 = biases or (None, None)
     out = torch.zeros_like(x)
     for e in idx.unique().tolist():
         tok, slot = (idx == e).nonzero(as_tuple=True)
         xe = x[tok]
-        h = F.linear(xe, gate_up[e])
+        h = F.linear(xe, gate_up[e], None if b1 is None else b1[e])
         if A1 is not None:
             h = h + F.linear(F.linear(xe, A1[e]), B1[e]) * s1
         a = gated_act_ref(*h.chunk(2, dim=-1), act)
-        y = F.linear(a, down[e])
+        y = F.linear(a, down[e], None if b2 is None else b2[e])
         if A2 is not None:
             y = y + F.linear(F.linear(a, A2[e]), B2[e]) * s2
         out.index_add_(0, tok, (y * w[tok, slot, None]).to(out.dtype))
@@ -828,12 +834,12 @@ def moe_combine_triton(y, inv, w, k, y2=None):
     return out
 
 
-def moe_glu(h, act, h2=None, keep_h=False):
-    return (moe_glu_triton if _triton(h) else moe_glu_ref)(h, act, h2, keep_h)
+def moe_glu(h, act, h2=None, keep_h=False):  # (gpt-oss's clamped SwiGLU: the reference)
+    return (moe_glu_triton if _triton(h) and isinstance(act, str) else moe_glu_ref)(h, act, h2, keep_h)
 
 
 def moe_glu_back(da_u, h, wr, act, da2=None):
-    return (moe_glu_back_triton if _triton(h) else moe_glu_back_ref)(da_u, h, wr, act, da2)
+    return (moe_glu_back_triton if _triton(h) and isinstance(act, str) else moe_glu_back_ref)(da_u, h, wr, act, da2)
 
 
 def moe_combine(y, inv, w, k, y2=None):
@@ -845,31 +851,37 @@ class _MoEExperts(torch.autograd.Function):
     atomics), and so is every backward scatter. Saved: the input, the routing, h = gate_up(x) [M, 2I] and the
     LoRA's x A^T; act(h) is recomputed, the experts' outputs are never kept (the routing weights' gradient comes
     from the down projection's input gradient, moe_glu_back). value False (a recompute whose output is unused):
-    the down projection and the combine are skipped and the output is left uninitialised."""
+    the down projection and the combine are skipped and the output is left uninitialised. gpt-oss's expert
+    biases b1 [E, 2I], b2 [E, C] join the LoRA terms (each sorted row takes its expert's)."""
 
     @staticmethod
-    def forward(ctx, x, idx, w, gate_up, down, act, s1, s2, value, keep_h, A1, B1, A2, B2):
+    def forward(ctx, x, idx, w, gate_up, down, act, s1, s2, value, keep_h, A1, B1, A2, B2, b1, b2):
         (N, k), M, E = idx.shape, idx.numel(), gate_up.shape[0]
         order = idx.flatten().argsort(stable=True)  # sorted row p holds pair order[p] = n*k + j
         inv = torch.empty_like(order).index_put_((order,), torch.arange(M, device=x.device))  # pair -> its row
         counts = expert_counts(idx, E)
         offs = counts.cumsum(0).to(torch.int32)
+        ex = idx.flatten().index_select(0, order) if b1 is not None else None  # [M]: each sorted row's expert
         h, h2, xa1 = _expert_proj(x.index_select(0, order // k), gate_up, A1, B1, s1, offs)  # [M, 2I] (+ LoRA)
+        if b1 is not None:
+            h2 = _plus(b1.index_select(0, ex), h2)
         a = moe_glu(h, act, h2, keep_h)  # [M, I]; h now includes the LoRA term (when it is kept for backward)
         del h2
         if value:
             y, y2, xa2 = _expert_proj(a, down, A2, B2, s2, offs)  # [M, C] (+ LoRA)
+            if b2 is not None:
+                y2 = _plus(b2.index_select(0, ex), y2)
             out = moe_combine(y, inv, w, k, y2)
         else:
             xa2 = None if A2 is None else _grouped_mm_fn()(a, A2.transpose(1, 2), offs=offs)
             out = x.new_empty(N, x.shape[1])
-        ctx.save_for_backward(x, w, gate_up, down, A1, B1, A2, B2, h, xa1, xa2, order, inv, offs, counts == 0)
+        ctx.save_for_backward(x, w, gate_up, down, A1, B1, A2, B2, h, xa1, xa2, order, inv, offs, counts == 0, ex, b2)
         ctx.act, ctx.s1, ctx.s2, ctx.k = act, s1, s2, k
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, w, gate_up, down, A1, B1, A2, B2, h, xa1, xa2, order, inv, offs, empty = ctx.saved_tensors
+        x, w, gate_up, down, A1, B1, A2, B2, h, xa1, xa2, order, inv, offs, empty, ex, b2 = ctx.saved_tensors
         N, k, need, mm = x.shape[0], ctx.k, ctx.needs_input_grad, _grouped_mm_fn()
         tok = order // k
         d = dout.index_select(0, tok)  # [M, C]: each sorted row's output gradient, before its routing weight
@@ -885,28 +897,38 @@ class _MoEExperts(torch.autograd.Function):
                 empty[:, None, None], 0)
         if need[4]:
             d_down = mm((d * wr[:, None].to(d.dtype)).t(), a, offs=offs).masked_fill_(empty[:, None, None], 0)
+        db1 = db2 = dw_b = None
+        if b2 is not None:  # d b2_e = sum of expert e's rows of wr * d; the routing weights see <d, b2_e> too
+            db2 = torch.zeros_like(b2, dtype=torch.float32).index_add_(0, ex, (d * wr[:, None].to(d.dtype)).float())
+            dw_b = (d.float() * b2.index_select(0, ex).float()).sum(-1)
         del d, a  # (each [M, .] buffer is dropped once used: a lower peak)
         dh, dw_rows = moe_glu_back(da_u, h, wr, ctx.act, da2)
         del da_u, da2
+        if dw_b is not None:
+            dw_rows = dw_rows + dw_b
+            db1 = torch.zeros(b2.shape[0], dh.shape[1], device=dh.device).index_add_(0, ex, dh.float())
         dw = dw_rows.index_select(0, inv).view(N, k).to(w.dtype)
         dxs, dxs2, d_gate_up, dA1, dB1 = _expert_proj_backward(dh, x.index_select(0, tok), gate_up, A1, B1, ctx.s1,
                                                                xa1, offs, empty, need[3])
         del dh
         dx = moe_combine(dxs, inv, None, k, dxs2)
-        return dx, None, dw, d_gate_up, d_down, None, None, None, None, None, dA1, dB1, dA2, dB2
+        db1, db2 = (None, None) if b2 is None else (db1.to(b2.dtype), db2.to(b2.dtype))
+        return dx, None, dw, d_gate_up, d_down, None, None, None, None, None, dA1, dB1, dA2, dB2, db1, db2
 
 
-def moe_experts_grouped(x, idx, w, gate_up, down, act: str, lora=None):
+def moe_experts_grouped(x, idx, w, gate_up, down, act, lora=None, biases=None):
     A1, B1, s1, A2, B2, s2 = lora or (None, None, 0.0, None, None, 0.0)
+    b1, b2 = biases or (None, None)
     return _MoEExperts.apply(x, idx, w, gate_up, down, act, s1, s2, not skip_value(), torch.is_grad_enabled(),
-                             A1, B1, A2, B2)
+                             A1, B1, A2, B2, b1, b2)
 
 
-def moe_experts(x, idx, w, gate_up, down, act: str, lora=None):
-    """Grouped GEMMs on CUDA in bf16 (torch's grouped_mm), the reference loop elsewhere."""
+def moe_experts(x, idx, w, gate_up, down, act, lora=None, biases=None):
+    """Grouped GEMMs on CUDA in bf16 (torch's grouped_mm), the reference loop elsewhere. biases: gpt-oss's
+    (gate_up [E, 2I], down [E, C]) or None."""
     if _FUSED and x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm_fn() is not None:
-        return moe_experts_grouped(x, idx, w, gate_up, down, act, lora)
-    return moe_experts_ref(x, idx, w, gate_up, down, act, lora)
+        return moe_experts_grouped(x, idx, w, gate_up, down, act, lora, biases)
+    return moe_experts_ref(x, idx, w, gate_up, down, act, lora, biases)
 
 
 class _ExtraGrad(torch.autograd.Function):

@@ -78,6 +78,11 @@ class Config:
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 and i not in mlp_only_layers
     mlp_only_layers: list | None = None
     router_aux_loss_coef: float = 0.0  # load-balancing loss weight (0: not computed, as transformers' default)
+    router_bias: bool = False  # gpt-oss: the router has a bias
+    expert_bias: bool = False  # gpt-oss: each expert's gate_up and down projections have biases
+    swiglu_limit: float | None = None  # gpt-oss: experts' SwiGLU clamped, (clamp(u, -l, l) + 1) g' sigmoid(alpha g'),
+    swiglu_alpha: float = 1.702  # g' = min(g, l)
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head in every softmax's denominator
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -210,6 +215,8 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_logit_softcapping
         self.sliding = cfg.is_sliding(layer)
         self.layer = layer
+        if cfg.attention_sinks:  # gpt-oss: softmax over [scores, sink_h], the sink's share dropped
+            self.sinks = nn.Parameter(torch.zeros(self.nh))
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
@@ -226,14 +233,17 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # [B, KV, S, D], S = cached + T
         if isinstance(mask, kernels.PackedRows):  # packed rows on a GPU: flash attention over each document alone
             y = kernels.varlen_attention(q, k, v, mask, self.scale)
-        elif self.softcap:  # Gemma 2: cap * tanh(scores / cap) before the mask; SDPA cannot do this
+        elif self.softcap or hasattr(self, "sinks"):  # scores SDPA cannot make: written out, [B, H, T, S]
             k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))
-            s = kernels.softcap((q @ k.transpose(-1, -2)) * self.scale, self.softcap)  # [B, H, T, S]
+            s = kernels.softcap((q @ k.transpose(-1, -2)) * self.scale, self.softcap)  # Gemma 2: cap tanh(s / cap)
             if mask is not None:
                 s = s.masked_fill(~mask, float("-inf"))
             elif T > 1:
                 s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
-            y = F.softmax(s.float(), dim=-1).to(q.dtype) @ v
+            if hasattr(self, "sinks"):  # gpt-oss: p = softmax([s, sink_h])[:-1], i.e. exp(sink_h) joins the sum
+                s = torch.cat([s, self.sinks.view(1, -1, 1, 1).expand(B, -1, T, 1).to(s.dtype)], dim=-1)
+            p = F.softmax(s.float(), dim=-1).to(q.dtype)
+            y = (p[..., :-1] if hasattr(self, "sinks") else p) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                scale=self.scale, enable_gqa=self.nh != self.nkv)
@@ -263,9 +273,17 @@ class MLP(nn.Module):
             return kernels.linear(self.down_proj, h)
 
 
+def expert_act(cfg: Config):
+    """The experts' gated activation as kernels.moe_experts takes it: "silu" / tanh-GELU, or gpt-oss's clamped
+    SwiGLU as ("clamped", alpha, limit)."""
+    return ("clamped", cfg.swiglu_alpha, cfg.swiglu_limit) if cfg.swiglu_limit else cfg.hidden_act
+
+
 class Experts(nn.Module):
     """E SwiGLU experts as stacked weights (transformers 5's layout): gate_up_proj [E, 2I, C] (gate rows first),
-    down_proj [E, C, I]. (quant.Experts4bit holds the same in NF4, with the same `shapes` and `dense`.)"""
+    down_proj [E, C, I], with gpt-oss's biases gate_up_proj_bias [E, 2I] and down_proj_bias [E, C] (families.py
+    turns gpt-oss's input-major, interleaved checkpoint tensors into this layout). (quant.Experts4bit holds the
+    weights in NF4, with the same `shapes` and `dense`.)"""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -273,7 +291,16 @@ class Experts(nn.Module):
         self.shapes = {"gate_up_proj": (E, 2 * I, C), "down_proj": (E, C, I)}
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, C))
         self.down_proj = nn.Parameter(torch.empty(E, C, I))
-        self.act = cfg.hidden_act
+        if cfg.expert_bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
+            self.down_proj_bias = nn.Parameter(torch.zeros(E, C))
+        self.act = expert_act(cfg)
+
+    def biases(self, dtype):
+        """(gate_up bias, down bias) in `dtype`, or None."""
+        if not hasattr(self, "gate_up_proj_bias"):
+            return None
+        return self.gate_up_proj_bias.to(dtype), self.down_proj_bias.to(dtype)
 
     def dense(self, p, dtype=None):
         """The stacked weight `p` ("gate_up_proj" or "down_proj") as a tensor (a 4-bit one dequantizes)."""
@@ -283,7 +310,7 @@ class Experts(nn.Module):
         """x [N, C], idx [N, k] chosen experts, w [N, k] their weights -> sum_j w_j expert_idx_j(x)  [N, C]
         (lora: kernels.moe_experts' per-expert adapters, from lora.LoRAExperts)"""
         return kernels.moe_experts(x, idx, w, self.dense("gate_up_proj", x.dtype), self.dense("down_proj", x.dtype),
-                                   self.act, lora)
+                                   self.act, lora, self.biases(x.dtype))
 
 
 class MoE(nn.Module):
@@ -293,7 +320,7 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
         self.experts = Experts(cfg)
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(cfg, cfg.shared_expert_intermediate_size)

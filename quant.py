@@ -102,6 +102,23 @@ def dequantize_nf4(state: dict, dtype=None) -> torch.Tensor:
                                   state.get("nested_absmax"), state.get("offset", 0.0))
 
 
+# MXFP4 (OCP microscaling; gpt-oss ships its experts so): blocks of 32 FP4 (e2m1) values sharing one power-of-two
+# scale. On disk: `<w>_blocks` uint8 [..., G, 16] (two values a byte, the low nibble first) and `<w>_scales` uint8
+# [..., G] (the exponent + 127); value = E2M1[nibble] * 2^(scale - 127); the result is [..., G * 32].
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """[..., G, 16] uint8 blocks + [..., G] uint8 exponents -> [..., G * 32] (exact in fp32 and bf16)."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not pair")
+    lut = E2M1.to(blocks.device)
+    b = blocks.long()
+    v = torch.stack([lut[b & 0xF], lut[b >> 4]], -1).flatten(-2)  # [..., G, 32], low nibble first
+    v = torch.ldexp(v, (scales.long() - 127)[..., None].float())
+    return v.flatten(-2).to(dtype)
+
+
 _TABLES = {}
 
 
@@ -249,29 +266,39 @@ class Experts4bit(Experts):
     tensor, and sharding, loading and moving work as for any 4-bit linear). Each call dequantizes the whole
     stack into the compute dtype (transient: one layer's experts), then runs the same grouped path."""
 
-    def __init__(self, shapes: dict, act: str, double_quant=True, storage=torch.uint8, device="meta"):
+    def __init__(self, shapes: dict, act, double_quant=True, storage=torch.uint8, device="meta", biases=False):
         nn.Module.__init__(self)
         self.shapes, self.act = shapes, act
         for p, (E, out, inp) in shapes.items():
             setattr(self, p, Linear4bit(inp, E * out, double_quant=double_quant, storage=storage, device=device))
+            if biases:  # gpt-oss: the biases stay in the compute dtype
+                setattr(self, f"{p}_bias", nn.Parameter(torch.zeros(E, out, device=device)))
 
     @classmethod
     def from_experts(cls, e: Experts, double_quant=True):
-        q = cls(e.shapes, e.act, double_quant, device=e.gate_up_proj.device)
+        q = cls(e.shapes, e.act, double_quant, device=e.gate_up_proj.device, biases=hasattr(e, "gate_up_proj_bias"))
         for p, shape in e.shapes.items():
             getattr(q, p).set_dense(getattr(e, p).reshape(-1, shape[2]))
+            if hasattr(e, f"{p}_bias"):
+                setattr(q, f"{p}_bias", getattr(e, f"{p}_bias"))
         return q
 
     def dense(self, p, dtype=None):
         return getattr(self, p).dense_weight(dtype).view(self.shapes[p])
 
     def assign_tensor(self, key: str, t: torch.Tensor, device, dtype):
-        """Loading hook: a stacked `gate_up_proj` / `down_proj` is quantized as it arrives."""
+        """Loading hook: a stacked `gate_up_proj` / `down_proj` is quantized as it arrives (a bias is kept)."""
+        if key.endswith("_bias"):
+            p = getattr(self, key)
+            self._parameters[key] = dist.assign_param(p, t.to(dtype=dtype) if hasattr(p, "to_local")
+                                                      else t.to(device=device, dtype=dtype))
+            return
         getattr(self, key).assign_tensor("weight", t.reshape(-1, t.shape[-1]), device, dtype)
 
     @property
     def is_ready(self):
-        return all(getattr(self, p).is_ready for p in self.shapes)
+        return all(getattr(self, p).is_ready and not getattr(getattr(self, f"{p}_bias", None), "is_meta", False)
+                   for p in self.shapes)
 
 
 DEFAULT_SKIP = ("lm_head", "embed_tokens")
@@ -310,7 +337,8 @@ def prepare_4bit(model, skip=DEFAULT_SKIP, double_quant=True, storage=torch.uint
         replace_module(model, n, Linear4bit(lin.in_features, lin.out_features, lin.bias, double_quant=double_quant,
                                             storage=storage, device=lin.weight.device))
     for n, e in _experts(model):
-        replace_module(model, n, Experts4bit(e.shapes, e.act, double_quant, storage, e.gate_up_proj.device))
+        replace_module(model, n, Experts4bit(e.shapes, e.act, double_quant, storage, e.gate_up_proj.device,
+                                             biases=hasattr(e, "gate_up_proj_bias")))
     return model
 
 

@@ -63,10 +63,19 @@ ARCH_CONFIGS = {
                                          tie_word_embeddings=False)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
                                          norm_topk_prob=True, head_dim=32, tie_word_embeddings=False)),
+    # gpt-oss: 4 experts top-2 with biases, router bias, clamped SwiGLU (limit low enough to clamp often), sinks,
+    # sliding (5) / full layers, YaRN without truncation
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
+                                     sliding_window=5, swiglu_limit=0.2, tie_word_embeddings=False, rope_parameters={
+                                         "rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})),
     "granite": ("GraniteConfig", dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.2,
                                       logits_scaling=4.0, attention_bias=True, mlp_bias=True,
                                       tie_word_embeddings=False)),
 }
+
+
+EAGER = ("gemma2", "gpt_oss")  # transformers' own eager attention (softcaps, sinks)
 
 
 def make_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides):
@@ -75,12 +84,14 @@ def make_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides):
     cls_name, extra = ARCH_CONFIGS[arch]
     cfg = getattr(transformers, cls_name)(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
-    kwargs = {"attn_implementation": "eager"} if arch == "gemma2" else {}
+    kwargs = {"attn_implementation": "eager"} if arch in EAGER else {}
     m = transformers.AutoModelForCausalLM.from_config(cfg, **kwargs).float().eval()
     with torch.no_grad():  # norms start at 1 (or 0 for Gemma); randomise so a wrong norm shows
         for n, p in m.named_parameters():
             if "norm" in n or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+            if n.endswith("sinks"):  # gpt-oss: a sink logit per head, as large as the scores
+                p.copy_(torch.randn_like(p))
     m.save_pretrained(out_dir, safe_serialization=True)
     return m
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCH_CONFIGS, ROOT, make_hf_model, save_tiny_tokenizer, tiny_lora_model
+from conftest import ARCH_CONFIGS, EAGER, ROOT, make_hf_model, save_tiny_tokenizer, tiny_lora_model
 
 import export
 import lora
@@ -40,7 +40,7 @@ def test_merged_directory_loads_in_transformers(arch, tmp_path):
     files = set(os.listdir(tmp_path / "merged"))
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json", "chat_template.jinja"} <= files
-    kw = {"attn_implementation": "eager"} if arch == "gemma2" else {}
+    kw = {"attn_implementation": "eager"} if arch in EAGER else {}
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), **kw).float().eval()
     ids = torch.randint(3, 100, (2, 11))
     with torch.no_grad():

@@ -298,10 +298,14 @@ def test_offload_releases_block_inputs_until_backward(offload, tmp_path):
 @pytest.mark.skipif(kernels._grouped_mm_fn() is None, reason="torch's grouped_mm arrived in torch 2.9")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adapted", ["", "gate_up", "down", "gate_up,down"])
-def test_moe_grouped_experts(dtype, adapted):
+@pytest.mark.parametrize("oss", [False, True])
+def test_moe_grouped_experts(dtype, adapted, oss):
     """The grouped-GEMM expert path (tokens sorted by expert) vs the per-expert loop, against the fp64 loop:
     outputs and the gradients of x, the routing weights, both expert weights and every per-expert LoRA A / B
-    (LoRA on neither, one or both projections). One expert is picked by a single token, one by none."""
+    (LoRA on neither, one or both projections). One expert is picked by a single token, one by none. oss:
+    gpt-oss's experts (biases on both projections, their gradients too; the clamped SwiGLU, its limit low enough
+    that a share of the gates and ups is clamped; in bf16 the limit is out of reach: where a pre-activation lies
+    within bf16's rounding of the limit the derivative jumps (to 0) on either path, so no bound holds there)."""
     N, C, I, E, k, r = 37, 48, 40, 6, 2, 8
     x, gu, dn = randn(N, C), randn(E, 2 * I, C, seed=1, scale=0.2), randn(E, C, I, seed=2, scale=0.2)
     logits = randn(N, E, seed=3)
@@ -314,14 +318,20 @@ def test_moe_grouped_experts(dtype, adapted):
             randn(E, r, I, seed=6, scale=0.2), randn(E, C, r, seed=7, scale=0.2)]
     on = [p in adapted.split(",") for p in ("gate_up", "gate_up", "down", "down")]
     ab = [t for t, o in zip(lora, on) if o]
+    limit = 0.25 if dtype == torch.float32 else 100.0
+    act, biases = ("clamped", 1.702, limit) if oss else "silu", [randn(E, 2 * I, seed=8, scale=0.1),
+                                                                 randn(E, C, seed=9, scale=0.1)]
+    if oss and dtype == torch.float32:  # (the pre-activations spread over about +-1: the clamp is hit often)
+        assert ((x @ gu[0].t()).abs() > limit).float().mean() > 0.2
 
     def call(fn):
         def f(a, b, c, d, *rest):
+            rest, bs = (rest[:-2], rest[-2:]) if oss else (rest, None)
             it = iter(rest)
             A1, B1, A2, B2 = (next(it) if o else None for o in on)
-            return fn(a, idx, b, c, d, "silu", (A1, B1, 0.5, A2, B2, 2.0) if rest else None)
+            return fn(a, idx, b, c, d, act, (A1, B1, 0.5, A2, B2, 2.0) if rest else None, bs)
         return f
-    check(call(kernels.moe_experts_grouped), call(kernels.moe_experts_ref), [x, w, gu, dn] + ab, dtype)
+    check(call(kernels.moe_experts_grouped), call(kernels.moe_experts_ref), [x, w, gu, dn] + ab + biases * oss, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCH_CONFIGS, make_hf_model
+from conftest import ARCH_CONFIGS, EAGER, make_hf_model
 
 import formats
 import kernels
@@ -38,7 +38,7 @@ def test_logits_match_transformers_both_ways(arch, tmp_path):
 
     # nanotune -> disk -> transformers gives the same logits again
     formats.save_hf(m, str(tmp_path / "ours"))
-    kwargs = {"attn_implementation": "eager"} if arch == "gemma2" else {}
+    kwargs = {"attn_implementation": "eager"} if arch in EAGER else {}
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"), **kwargs).float().eval()
     with torch.no_grad():
         again = back(input_ids=ids, attention_mask=mask).logits
@@ -49,7 +49,7 @@ def test_logits_match_transformers_both_ways(arch, tmp_path):
 # (LongRoPE is left out: its short/long choice is made per forward from the longest position, in transformers too,
 # so a packed row that passes original_max_position_embeddings rotates its short documents differently)
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn",
-                                  "mixtral", "qwen2_moe", "qwen3_moe"])
+                                  "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
 def test_packed_rows_equal_separate_sequences(arch, tmp_path):
     """Two documents packed in one row (positions restart at 0) give the logits each has alone."""
     make_hf_model(arch, tmp_path / "hf")
@@ -109,7 +109,7 @@ def test_sharded_checkpoint_loads(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn",
-                                  "mixtral", "qwen2_moe", "qwen3_moe"])
+                                  "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
 def test_kv_cache_generation_equals_full_recompute(arch, tmp_path):
     make_hf_model(arch, tmp_path / "hf")
     m = formats.load_model(str(tmp_path / "hf"))
