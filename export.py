@@ -14,7 +14,6 @@ written one at a time; every output goes to a temp name first and is renamed whe
 """
 import argparse
 import contextlib
-import functools
 import math
 import os
 import sys
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 import formats
 import lora
-from families import GGUF_NORM_TOPK, checkpoint_name, nanotune_name
+from families import GGUF_NORM_TOPK, adapter_names
 import quant
 from cli import NanotuneError, Parser, cli, fresh_tmp, publish
 from formats import BLOCK_TYPES, FLOAT_TYPES, load_model, load_tokenizer, resolve_model_path
@@ -104,7 +103,7 @@ def export_adapter(model, out, base_path, dtype=None, overwrite=False):
         raise NanotuneError("this model has no LoRA adapter to export; use --format merged or gguf.")
     tmp = atomic_dir(out, overwrite)
     lora.save_adapter(model, tmp, base_model_name=formats.hub_id(base_path), base_path=base_path, dtype=dtype,
-                      rename=functools.partial(checkpoint_name, model.config))
+                      **adapter_names(model.config, saving=True))
     publish(tmp, out)
 
 
@@ -225,7 +224,7 @@ def load_for_export(args):
     model = load_model(model_path, dtype=torch.float32, prepare=quant.prepare_4bit if four_bit else None)
     tok = load_tokenizer(adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer.json")) else model_path)
     if adapter:
-        lora.load_adapter(model, adapter, functools.partial(nanotune_name, model.config))
+        lora.load_adapter(model, adapter, **adapter_names(model.config, saving=False))
     return model, tok, model_path, bool(adapter), dtype
 
 
@@ -275,7 +274,7 @@ def reader_logits(fmt, out, base_path, prompts):
         if fmt != "adapter":
             return "nanotune", [next_token_logits(load_model(out), p) for p in prompts]
         base = load_model(base_path)
-        re = lora.load_adapter(base, out, functools.partial(nanotune_name, base.config))
+        re = lora.load_adapter(base, out, **adapter_names(base.config, saving=False))
         return "nanotune", [next_token_logits(re, p) for p in prompts]
 
 

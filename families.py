@@ -9,6 +9,7 @@ each row is transformers' `models/<name>/configuration_*.py` and `modeling_*.py`
     json.dump(config_to_hf(cfg), open("out/config.json", "w"))   # transformers reads it back as the same model
 """
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -272,6 +273,23 @@ def experts_from_checkpoint(cfg: Config, name: str, t):
         t = t.transpose(1, 2)  # [E, 2I, C], rows interleaved
         return torch.cat([t[:, 0::2], t[:, 1::2]], 1).contiguous()
     return t.transpose(1, 2).contiguous() if name.endswith("down_proj") else t
+
+
+def gate_up_rows(cfg: Config, B, inverse=False):
+    """gate_up's per-expert LoRA B [E, 2I, r] (nanotune's rows: gate, then up) in the checkpoint's row order
+    (gpt-oss: interleaved, as PEFT adapts its input-major gate_up_proj); inverse: back."""
+    if FAMILIES[cfg.model_type].experts != "input_major":
+        return B
+    if inverse:
+        return torch.cat([B[:, 0::2], B[:, 1::2]], 1)
+    return torch.stack(B.chunk(2, 1), 2).flatten(1, 2)
+
+
+def adapter_names(cfg: Config, saving: bool) -> dict:
+    """lora.save_adapter's / load_adapter's rename and gate_up_rows for this family's checkpoint names."""
+    if saving:
+        return dict(rename=partial(checkpoint_name, cfg), gate_up_rows=partial(gate_up_rows, cfg))
+    return dict(rename=partial(nanotune_name, cfg), gate_up_rows=partial(gate_up_rows, cfg, inverse=True))
 
 
 def experts_to_checkpoint(cfg: Config, name: str, t):

@@ -6,12 +6,11 @@
     python generate.py --model model.gguf --raw --prompt "Once upon a time"   # plain completion, no template
 """
 import argparse
-import functools
 
 import torch
 
 from cli import NanotuneError, Parser, cli
-from families import nanotune_name
+from families import adapter_names
 from formats import load
 from lora import load_adapter
 from model import generate
@@ -44,7 +43,7 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     model, tok = load(a.model, dtype=dtype, device=a.device)
     if a.adapter:
-        load_adapter(model, a.adapter, functools.partial(nanotune_name, model.config))
+        load_adapter(model, a.adapter, **adapter_names(model.config, saving=False))
     sample = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   seed=a.seed, stop_ids=tok.stop_ids)
 

@@ -633,9 +633,10 @@ def _varlen():
 
 
 def varlen_usable(x, cfg, windows) -> bool:
-    """Flash varlen runs on CUDA in 16-bit, without Gemma 2's score softcap; a sliding window and a
-    non-default scale need a torch whose varlen_attn takes them."""
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or cfg.attn_logit_softcapping:
+    """Flash varlen runs on CUDA in 16-bit, without Gemma 2's score softcap or gpt-oss's sinks; a sliding window
+    and a non-default scale need a torch whose varlen_attn takes them."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or cfg.attn_logit_softcapping or \
+            cfg.attention_sinks:
         return False
     fn, args = _varlen()
     if fn is None or (windows != {None} and "window_size" not in args):

@@ -338,22 +338,32 @@ def to_peft_experts(A, B):
     return A.reshape(-1, A.shape[-1]), B.permute(1, 2, 0).reshape(B.shape[1], -1)
 
 
+def router_name(n, rename=None):
+    """A router's module name as PEFT sees it: transformers 5's in-memory name, i.e. the checkpoint's last component
+    (gpt-oss: mlp.router) under nanotune's parents (Mixtral's block_sparse_moe is mlp in memory)."""
+    parent, _, leaf = n.rpartition(".")
+    return f"{parent}.{rename(leaf) if rename else leaf}"
+
+
 def routers(model) -> set:
     """The MoE routers' module names (PEFT adapts them as `target_parameters` "<...>.gate.weight")."""
     return {f"{n}.gate" for n, m in model.named_modules() if isinstance(m, MoE)}
 
 
-def adapter_state_dict(model, dtype=None, rename=None) -> dict:
+def adapter_state_dict(model, dtype=None, rename=None, gate_up_rows=None) -> dict:
     """PEFT keys; rename: nanotune's module name -> the checkpoint's (families.checkpoint_name, Phi-2). Expert
-    and router names are not renamed: PEFT sees transformers 5's in-memory modules (mlp.experts, mlp.gate)."""
+    and router names are as PEFT sees transformers 5's in-memory modules (mlp.experts; mlp.gate, gpt-oss's
+    mlp.router). gate_up_rows(B): gate_up's LoRA B [E, 2I, r] in the checkpoint's row order (gpt-oss interleaves)."""
     sd, moe = {}, routers(model)
     for n, m in lora_layers(model):
         if isinstance(m, LoRAExperts):
             for stem, p in expert_keys(n, m):
-                a, b = to_peft_experts(dist.full_tensor(m.lora_A[p]), dist.full_tensor(m.lora_B[p]))
+                B = dist.full_tensor(m.lora_B[p])
+                B = gate_up_rows(B) if gate_up_rows and p == "gate_up_proj" else B
+                a, b = to_peft_experts(dist.full_tensor(m.lora_A[p]), B)
                 sd[f"{stem}.lora_A.weight"], sd[f"{stem}.lora_B.weight"] = a, b
             continue
-        n = rename(n) if rename and n not in moe else n
+        n = router_name(n, rename) if n in moe else rename(n) if rename else n
         sd[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.lora_A.weight
         sd[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.weight
         if m.lora_magnitude_vector is not None:
@@ -363,13 +373,13 @@ def adapter_state_dict(model, dtype=None, rename=None) -> dict:
 
 
 def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_path: str | None = None, dtype=None,
-                 write=True, rename=None):
+                 write=True, rename=None, gate_up_rows=None):
     """adapter_model.safetensors + adapter_config.json, each written to a temp name then renamed.
     base_model_name: what peft loads the base by (a hub id or a path); base_path: the local base nanotune
     loaded, kept in the safetensors metadata. Under FSDP every rank calls it (gathering is collective) and
-    only the one with `write` writes. rename: as in adapter_state_dict."""
+    only the one with `write` writes. rename, gate_up_rows: as in adapter_state_dict."""
     from safetensors.torch import save_file
-    sd = adapter_state_dict(model, dtype, rename)
+    sd = adapter_state_dict(model, dtype, rename, gate_up_rows)
     if not write:
         return
     os.makedirs(out_dir, exist_ok=True)
@@ -377,8 +387,9 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_p
     targets = c["target_modules"] if isinstance(c["target_modules"], str) else sorted(set(
         (rename(n) if rename else n).rsplit(".", 1)[-1] for n, m in layers if isinstance(m, LoRALinear)
         and n not in moe))
-    params = sorted(set(".".join(n.split(".")[-2:] + [p]) for n, m in layers for p in (  # mlp.experts.down_proj,
-        m.lora_A if isinstance(m, LoRAExperts) else ["weight"] if n in moe else [])))   # mlp.gate.weight
+    params = sorted(set(".".join((router_name(n, rename) if n in moe else n).split(".")[-2:] + [p])  # mlp.gate.weight,
+                        for n, m in layers for p in (m.lora_A if isinstance(m, LoRAExperts) else  # mlp.experts.down_proj
+                                                     ["weight"] if n in moe else [])))
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
            "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
            "target_modules": targets, "use_rslora": c["use_rslora"], "use_dora": c["use_dora"], "bias": "none",
@@ -392,9 +403,10 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_p
     publish(os.path.join(out_dir, "adapter_config.json.tmp"), os.path.join(out_dir, "adapter_config.json"))
 
 
-def load_adapter(model, adapter_dir: str, rename=None):
+def load_adapter(model, adapter_dir: str, rename=None, gate_up_rows=None):
     """Apply the adapter in `adapter_dir` (saved by nanotune or by `peft`) to a plain model. rename: the
-    checkpoint's module names -> nanotune's (families.nanotune_name; Phi-2 calls o_proj `dense`)."""
+    checkpoint's module names -> nanotune's (families.nanotune_name; Phi-2 calls o_proj `dense`); gate_up_rows(B):
+    gate_up's LoRA B [E, 2I, r] from the checkpoint's row order to nanotune's (gpt-oss's are interleaved)."""
     from safetensors.torch import load_file
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(cfg_path):
@@ -422,6 +434,7 @@ def load_adapter(model, adapter_dir: str, rename=None):
         raise NanotuneError(f"{path} could not be read as safetensors ({str(e).splitlines()[0][:100]}); the file is "
                             "truncated or corrupt: save the adapter again.")
     params = {f"{PEFT_PREFIX}{n}": (p, None) for n, p in model.named_parameters() if p.requires_grad}
+    gate_up_Bs = set()
     for n, m in lora_layers(model):  # experts: PEFT's key -> (the parameter, its PEFT shape)
         if isinstance(m, LoRAExperts):
             for stem, p in expert_keys(n, m):
@@ -429,6 +442,8 @@ def load_adapter(model, adapter_dir: str, rename=None):
                 A, B = m.lora_A[p], m.lora_B[p]
                 params[f"{stem}.lora_A.weight"] = (A, (A.shape[0] * A.shape[1], A.shape[2]))
                 params[f"{stem}.lora_B.weight"] = (B, (B.shape[1], B.shape[2] * B.shape[0]))
+                if p == "gate_up_proj":
+                    gate_up_Bs.add(f"{stem}.lora_B.weight")
     missing = set(params)
     for k, v in sd.items():
         name = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
@@ -448,6 +463,8 @@ def load_adapter(model, adapter_dir: str, rename=None):
         if peft_shape:  # stacked experts: back to [E, r, in] / [E, out, r] (the inverse of to_peft_experts)
             E = p.shape[0]
             v = v.view(E, -1, v.shape[1]) if ".lora_A." in name else v.view(v.shape[0], -1, E).permute(2, 0, 1)
+            if gate_up_rows and name in gate_up_Bs:
+                v = gate_up_rows(v)
         with torch.no_grad():
             p.copy_(v)
         missing.discard(name)

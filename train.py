@@ -13,7 +13,6 @@ printed and saved as <output_dir>/config.yaml. At the end <output_dir>/adapter (
 """
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -35,7 +34,7 @@ import runs
 from cli import F_, NanotuneError, bundled, cli, fresh_tmp, parse_config, publish, save_config
 import data
 from data import IGNORE, Sampler, build_dataset, collate, dataset_spec, pack
-from families import checkpoint_name, nanotune_name
+from families import adapter_names, nanotune_name
 from formats import hub_id, load_model, load_tokenizer, resolve_model_path, save_hf
 from lora import DEFAULT_TARGETS
 from model import generate
@@ -566,7 +565,7 @@ def finish(model, tok, cfg, prompts, before, after):
         result = os.path.join(cfg.output_dir, "adapter")  # published once complete, never half-written
         tmp = fresh_tmp(result) if main_rank else None
         lora.save_adapter(model, tmp, base_model_name=hub_id(cfg.model), base_path=cfg.model, write=main_rank,
-                          rename=functools.partial(checkpoint_name, model.config))
+                          **adapter_names(model.config, saving=True))
         if main_rank:
             tok.save(tmp)
             publish(tmp, result)

@@ -56,15 +56,14 @@ def test_adapter_roundtrip_with_peft(variant, tmp_path):
 def peft_made_adapter_loads(arch, path, ids, config, tol=1e-4):
     """An adapter peft made (its own init and save) on a fresh tiny `arch` loads into nanotune with peft's
     logits; returns the nanotune model holding it."""
-    import functools
-    from families import nanotune_name
+    from families import adapter_names
     from peft import get_peft_model
     pm = get_peft_model(make_hf_model(arch, path / "base2"), config).eval()
     pm.save_pretrained(str(path / "peft"))
     with torch.no_grad():
         ref = pm(input_ids=ids).logits
     m = formats.load_model(str(path / "base2"))
-    lora.load_adapter(m, str(path / "peft"), functools.partial(nanotune_name, m.config))
+    lora.load_adapter(m, str(path / "peft"), **adapter_names(m.config, saving=False))
     with torch.no_grad():
         assert (ref - m.logits(m(ids))).abs().max() < tol
     return m
@@ -75,8 +74,7 @@ def peft_made_adapter_loads(arch, path, ids, config, tol=1e-4):
 def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     """nanotune's adapter on every projection gives peft's logits; a peft-made adapter (the checkpoint's own module
     names: Phi-2's dense / fc1 / fc2) loads into nanotune with peft's logits."""
-    import functools
-    from families import checkpoint_name
+    from families import adapter_names
     from peft import LoraConfig, PeftModel
     hf = make_hf_model(arch, tmp_path / "base")
     ids = torch.randint(3, 128, (2, 10))
@@ -85,7 +83,7 @@ def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     randomise_adapters(m)
     with torch.no_grad():
         ours = m.logits(m(ids))
-    lora.save_adapter(m, str(tmp_path / "ours"), rename=functools.partial(checkpoint_name, m.config))
+    lora.save_adapter(m, str(tmp_path / "ours"), **adapter_names(m.config, saving=True))
     pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
     with torch.no_grad():
         assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-5
@@ -163,12 +161,13 @@ def test_checkpointing_with_dropout_repeats_the_masks(tmp_path):
 
 
 @pytest.mark.parametrize("arch,four_bit", [("qwen2", False), ("llama", True), ("gemma2", False), ("phi", False),
-                                           ("gemma3", True), ("olmo2", False), ("granite", False)])
+                                           ("gemma3", True), ("olmo2", False), ("granite", False), ("gpt_oss", True)])
 def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp_path, monkeypatch):
     """The training path (fused q/k/v and gate/up projections, block checkpointing whose recompute skips
     the down_proj GEMM) gives the plain path's loss and adapter gradients. Qwen2 has q/k/v biases,
     Gemma 2 sandwich norms (no skipping there), Llama a 4-bit base, Phi-2 the parallel block, Gemma 3 local and
-    global rotations over a 4-bit base, Olmo 2 post-norms, Granite residual multipliers."""
+    global rotations over a 4-bit base, Olmo 2 post-norms, Granite residual multipliers, gpt-oss sinks and 4-bit
+    biased experts."""
     import kernels
     import quant
     make_hf_model(arch, tmp_path)
@@ -191,15 +190,14 @@ def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp
         assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
 @pytest.mark.parametrize("both", [True, False])
 def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     """LoRA on the routed experts (per-expert A/B on the stacked weights, PEFT's `target_parameters`): nanotune's
     adapter gives peft's logits, and a peft-made one nanotune's; one projection adapted, or both (PEFT nests
     its wrappers then, and the keys differ) with the router too."""
-    import functools
     import json
-    from families import checkpoint_name
+    from families import adapter_names
     from model import MoE
     from peft import LoraConfig, PeftModel
     hf = make_hf_model(arch, tmp_path / "base")
@@ -213,16 +211,16 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     with torch.no_grad():
         ours = m.logits(m(ids))
         assert (ours - hf(input_ids=ids).logits).abs().max() > 1e-3  # the adapter changes the logits
-    lora.save_adapter(m, str(tmp_path / "ours"), rename=functools.partial(checkpoint_name, m.config))
+    lora.save_adapter(m, str(tmp_path / "ours"), **adapter_names(m.config, saving=True))
     cfg = json.load(open(tmp_path / "ours" / "adapter_config.json"))
-    assert cfg["target_parameters"] == (["mlp.experts.down_proj", "mlp.experts.gate_up_proj", "mlp.gate.weight"]
-                                        if both else ["mlp.experts.down_proj"])  # (peft's name for a router)
+    router = "mlp.router.weight" if arch == "gpt_oss" else "mlp.gate.weight"  # (peft's name for a router)
+    assert cfg["target_parameters"] == (["mlp.experts.down_proj", "mlp.experts.gate_up_proj", router]
+                                        if both else ["mlp.experts.down_proj"])
     pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
     with torch.no_grad():
         assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-4
 
-    params = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"] if both else [
-        "mlp.experts.gate_up_proj"]
+    params = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", router] if both else ["mlp.experts.gate_up_proj"]
     m2 = peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"],
                                                                   target_parameters=params, init_lora_weights=False))
     assert all(sorted(e.lora_A) == sorted(p.rsplit(".", 1)[1] for p in params if ".experts." in p)

@@ -1,5 +1,7 @@
 """NF4 against bitsandbytes (its CPU backend): bytes, absmax, double quantization, dequantized values,
 checkpoints both ways; the Triton dequantize against the reference; QLoRA training."""
+import os
+
 import pytest
 import torch
 from conftest import make_hf_model
@@ -157,7 +159,7 @@ def test_qlora_backward_matches_dense_lora_and_keeps_no_dense_weight(tmp_path):
     assert torch.allclose(x.grad, x2.grad, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "gpt_oss"])
 def test_4bit_experts_hold_nf4_of_the_stacked_weights_and_compute_with_them(arch, tmp_path):
     """QLoRA on a MoE: the experts (the bulk of its bytes) load as NF4, byte for byte quantize_nf4 of each stacked
     [E, out, in] weight (bitsandbytes' bytes, tested above); quantizing while loading equals quantizing after;
@@ -223,3 +225,40 @@ def test_qlora_training_lowers_loss_on_the_default_model(tmp_path):
     losses = [json.loads(x)["loss"] for x in open(out / "metrics.jsonl")]
     assert sum(losses[-3:]) / 3 < sum(losses[:2]) / 2 / 2, losses
     assert "trainable" in r.stderr and (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path):
+    """gpt-oss ships its experts in MXFP4 (`*_blocks` / `*_scales`, quant_method mxfp4): nanotune reads them into
+    16/32-bit weights equal to transformers' own dequantization (convert_moe_packed_tensors), so the logits equal
+    transformers' model holding those weights."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    hf = make_hf_model("gpt_oss", tmp_path / "hf")
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    c = hf.config
+    shapes = {"gate_up_proj": (2 * c.intermediate_size, c.hidden_size), "down_proj": (c.hidden_size, c.intermediate_size)}
+    for i, layer in enumerate(hf.model.layers):
+        for p, (out, inp) in shapes.items():
+            blocks = torch.randint(0, 256, (c.num_local_experts, out, inp // 32, 16), dtype=torch.uint8, generator=g)
+            scales = torch.randint(118, 125, (c.num_local_experts, out, inp // 32), dtype=torch.uint8, generator=g)
+            with torch.no_grad():
+                getattr(layer.mlp.experts, p).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+            name = f"model.layers.{i}.mlp.experts.{p}"
+            del sd[name]
+            sd[f"{name}_blocks"], sd[f"{name}_scales"] = blocks, scales
+    os.makedirs(tmp_path / "mx")
+    save_file(sd, str(tmp_path / "mx" / "model.safetensors"))
+    cfg = json.load(open(tmp_path / "hf" / "config.json"))
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                                       "model.layers.*.mlp.router",
+                                                                                       "model.embed_tokens", "lm_head"]}
+    json.dump(cfg, open(tmp_path / "mx" / "config.json", "w"))
+    m = formats.load_model(str(tmp_path / "mx"))
+    ids = torch.randint(3, 128, (2, 9), generator=g)
+    with torch.no_grad():
+        ref, ours = hf(input_ids=ids).logits, m.logits(m(ids))
+    assert (ref - ours).abs().max() < 1e-4 and ref.std() > 0.1  # (the MXFP4 experts move the logits visibly)
+    shutil.rmtree(tmp_path / "hf")
