@@ -128,6 +128,14 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         raise NanotuneError(f"llama.cpp's {arch} makes every layer sparse, but layers {dense} of this model are "
                             "dense (mlp_only_layers / decoder_sparse_step), so its GGUF would be wrong; export "
                             "--format merged instead.")
+    if cfg.swiglu_limit and (cfg.swiglu_alpha, cfg.swiglu_limit) != (1.702, 7.0):
+        raise NanotuneError(f"llama.cpp's {arch} clamps the experts' SwiGLU with alpha 1.702 and limit 7.0, but this "
+                            f"model has {cfg.swiglu_alpha} and {cfg.swiglu_limit}, so its GGUF would be wrong; export "
+                            "--format merged instead.")
+    if (cfg.rope_scaling or {}).get("truncate") is False:  # gpt-oss (other archs are refused in formats.py)
+        print(f"warning: llama.cpp rounds YaRN's correction range to whole dims (this model's truncate=false does "
+              f"not), as in every {arch} GGUF: a few rotary frequencies differ slightly from transformers'.",
+              file=sys.stderr)
     if cfg.sliding_window and not formats.FAMILIES[cfg.model_type].gguf_window:
         print(f"warning: llama.cpp's {arch} has no sliding window; beyond {cfg.sliding_window} tokens the GGUF "
               "attends to more than this model.", file=sys.stderr)

@@ -42,7 +42,7 @@ WINDOW = {"sliding_window": "attention.sliding_window"}
 EXPERTS_KEY = {"num_experts": "num_local_experts"}  # (config.json may say either; transformers reads both)
 # what llama.cpp's MoE archs do with the top-k routing weights, whatever the file says (measured: they ignore
 # {arch}.expert_weights_norm)
-GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}
+GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "gpt-oss": True}
 GGUF_MOE = {"num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
             "moe_intermediate_size": "expert_feed_forward_length"}
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
@@ -96,12 +96,13 @@ FAMILIES = {
     "gpt_oss": Family("GptOssForCausalLM", "gpt-oss", dict(norm_topk_prob=True, attention_sinks=True, router_bias=True,
                                                         expert_bias=True),
                       ("num_experts", "num_experts_per_tok", "swiglu_limit", "swiglu_alpha"), EXPERTS_KEY,
-                      defaults=dict(num_local_experts=128, num_experts_per_tok=4, head_dim=64, rms_norm_eps=1e-5,
-                                    sliding_window=128, sliding_window_pattern=2, attention_bias=True,
+                      defaults=dict(head_dim=64, rms_norm_eps=1e-5, sliding_window=128, sliding_window_pattern=2,
+                                    attention_bias=True,
                                     swiglu_limit=7.0, swiglu_alpha=1.702, rope_parameters=dict(
                                         rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
                                         beta_slow=1.0, truncate=False, original_max_position_embeddings=4096)),
-                      sliding="always", layer_types="pattern", renames=dict(router="gate"), experts="input_major"),
+                      sliding="always", layer_types="pattern", renames=dict(router="gate"), experts="input_major",
+                      gguf_window=True, gguf_keys={**GGUF_MOE, **WINDOW}),
 }
 GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
 MULTIMODAL = {"gemma3": "gemma3_text"}  # a vision-language config whose text tower nanotune trains

@@ -99,6 +99,7 @@ def split_fused(cfg: Config, name: str, t: torch.Tensor):
 
 EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 GGUF_EXPERTS = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.weight")  # stacked per projection
+GGUF_EXPERT_BIAS = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.bias")
 STACKED = (".experts.gate_up_proj", ".experts.down_proj")
 
 
@@ -137,12 +138,13 @@ def stack_experts(cfg: Config, tensors):
 
 
 def unstack_experts(cfg: Config, name: str, t: torch.Tensor, per_expert=True):
-    """The inverse of stack_experts for one stacked tensor, under the checkpoint's names: per expert (the hub's
-    layout), or one [E, out, in] stack per projection (GGUF's), gate_up split in two either way."""
-    base = name.rsplit(".", 1)[0]
-    parts = zip(("gate_proj", "up_proj"), t.chunk(2, dim=1)) if name.endswith("gate_up_proj") else [("down_proj", t)]
+    """The inverse of stack_experts for one stacked tensor (or gpt-oss's stacked bias), under the checkpoint's names:
+    per expert (the hub's layout), or one [E, out, (in)] stack per projection (GGUF's), gate_up split in two."""
+    base, leaf = name.rsplit(".", 1)
+    end = "bias" if leaf.endswith("_bias") else "weight"
+    parts = zip(("gate_proj", "up_proj"), t.chunk(2, dim=1)) if leaf.startswith("gate_up") else [("down_proj", t)]
     for proj, part in parts:
-        names = [f"{base}.{e}.{proj}.weight" for e in range(len(part))] if per_expert else [f"{base}.{proj}.weight"]
+        names = [f"{base}.{e}.{proj}.{end}" for e in range(len(part))] if per_expert else [f"{base}.{proj}.{end}"]
         yield from zip((checkpoint_name(cfg, n) for n in names), part if per_expert else [part])
 
 
@@ -154,10 +156,10 @@ def fuse(cfg: Config, tensors, unstack=True):
     for name, t in tensors:
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
-        if FAMILIES[cfg.model_type].experts and ".experts." in name:  # gpt-oss: stacked on disk too
+        if FAMILIES[cfg.model_type].experts and ".experts." in name and unstack:  # gpt-oss: stacked on disk too
             yield checkpoint_name(cfg, name), experts_to_checkpoint(cfg, name, t)
             continue
-        if name.endswith(STACKED):
+        if name.endswith(STACKED) or name.endswith(tuple(s + "_bias" for s in STACKED)):
             yield from unstack_experts(cfg, name, t, unstack)
             continue
         mod, _, leaf = name.rpartition(".")
@@ -378,9 +380,15 @@ def gguf_names(cfg: Config) -> dict:
     else:
         layer.update({"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                       "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"})
+    if FAMILIES[cfg.model_type].gguf_arch == "gpt-oss":  # (its pre-MLP norm is named as Gemma's post-attention one)
+        layer["post_attention_layernorm"] = "post_attention_norm"
     pairs = list(top.items()) + [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}")
                                  for i in range(cfg.num_hidden_layers) for hf, gg in layer.items()]
-    return {checkpoint_name(cfg, f"{hf}.{end}"): f"{gg}.{end}" for hf, gg in pairs for end in ("weight", "bias")}
+    names = {checkpoint_name(cfg, f"{hf}.{end}"): f"{gg}.{end}" for hf, gg in pairs for end in ("weight", "bias")}
+    if cfg.attention_sinks:  # a parameter without ".weight" in the checkpoint
+        names.update({f"model.layers.{i}.self_attn.sinks": f"blk.{i}.attn_sinks.weight"
+                      for i in range(cfg.num_hidden_layers)})
+    return names
 
 
 def llama_qk_permute(w: torch.Tensor, heads: int, inverse=False) -> torch.Tensor:
@@ -446,6 +454,7 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
          "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
          "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
     d["rope_scaling"] = gguf_rope_scaling(g, {t.name: t for t in reader.tensors})
+    d["rope_parameters"] = d["rope_scaling"] or {"rope_type": "default"}  # (not the family's default scaling)
     if g("rope.scaling.original_context_length"):  # (a top-level value wins in config_from_hf, as in transformers)
         d["original_max_position_embeddings"] = g("rope.scaling.original_context_length")
     d.update({k: g(gk) for k, gk in FAMILIES[mt].gguf_keys.items() if g(gk) is not None})
@@ -462,10 +471,22 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
     return cfg
 
 
+def pair_expert_biases(pending: dict, base: str, proj: str, x: torch.Tensor):
+    """gpt-oss: GGUF's per-projection expert biases [E, out] -> down_proj_bias, and gate_up_proj_bias (gate half
+    first, nanotune's layout) once both halves have passed."""
+    if proj == "down_proj":
+        yield f"{base}.down_proj_bias", x
+        return
+    pending[base, proj] = x
+    if (base, "gate_proj") in pending and (base, "up_proj") in pending:
+        yield f"{base}.gate_up_proj_bias", torch.cat([pending.pop((base, "gate_proj")), pending.pop((base, "up_proj"))], 1)
+
+
 def gguf_tensors(reader, cfg: Config, where: str):
     """Dequantized tensors under HF names, in HF layout (from_gguf), Phi-3 split."""
     from gguf import quants
     to_hf = {gg: hf for hf, gg in gguf_names(cfg).items()}
+    biases = {}
     for t in reader.tensors:
         if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
             continue
@@ -476,6 +497,10 @@ def gguf_tensors(reader, cfg: Config, where: str):
         w = torch.from_numpy(quants.dequantize(t.data, t.tensor_type).astype("float32").reshape(shape))
         for n, x in split_fused(cfg, name, from_gguf(cfg, name, w)):
             m = GGUF_EXPERTS.fullmatch(n)  # a stack of one projection -> per expert, for stack_experts
+            b = GGUF_EXPERT_BIAS.fullmatch(n)
+            if b:
+                yield from pair_expert_biases(biases, b[1], b[2], x)
+                continue
             yield from ((f"{m[1]}.{e}.{m[2]}.weight", x[e]) for e in range(len(x))) if m else [(n, x)]
 
 
@@ -486,10 +511,11 @@ FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5
 
 
 def gguf_type_for(name, t, outtype):
-    """llama.cpp's rule: 1-D tensors and norms stay F32; a row that is not a whole number of quant
-    blocks falls back to F16; everything else takes the requested type."""
+    """llama.cpp's rule (its convert_hf_to_gguf): 1-D tensors, norms, biases (gpt-oss's expert biases are
+    [E, out]) and MoE routers stay F32; a row that is not a whole number of quant blocks falls back to F16;
+    everything else takes the requested type."""
     import gguf
-    if t.ndim == 1 or name.endswith("_norm.weight"):
+    if t.ndim == 1 or name.endswith(("_norm.weight", ".bias")) or ".ffn_gate_inp" in name:
         return gguf.GGMLQuantizationType.F32
     qt = getattr(gguf.GGMLQuantizationType, outtype)
     block = gguf.GGML_QUANT_SIZES[qt][0]
@@ -521,7 +547,7 @@ def write_gguf_rope(w, cfg: Config):
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(s["factor"])
     if kind == "yarn":  # llama.cpp computes YaRN's 0.1 ln(factor) + 1 itself; an explicit factor it cannot take
-        if s.get("truncate") is False or any(s.get(k) is not None for k in ("attention_factor", "mscale",
+        if (s.get("truncate") is False and arch != "gpt-oss") or any(s.get(k) is not None for k in ("attention_factor", "mscale",
                                                                               "mscale_all_dim")):
             raise NanotuneError("this YaRN config sets attention_factor / mscale / truncate, which llama.cpp's GGUF "
                                 "keys cannot express; export --format merged instead.")

@@ -23,6 +23,9 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     # llama.cpp's MoE archs: Mixtral as `llama` with experts, qwen3moe (always renormalised), qwen2moe (never,
     # and every layer sparse: the tiny config's dense first layer goes)
     "mixtral": {}, "qwen3_moe": {}, "qwen2_moe": {"mlp_only_layers": []},
+    # llama.cpp's gpt-oss fixes the SwiGLU limit at 7 and rounds YaRN's correction range (truncate=false is not
+    # expressible; export warns): the tiny config without YaRN, at gpt-oss's own limit
+    "gpt_oss": {"swiglu_limit": 7.0, "rope_parameters": {"rope_type": "default", "rope_theta": 150000.0}},
 }
 
 
@@ -132,3 +135,20 @@ def test_export_errors_are_clear_and_leave_nothing(tmp_path):
     r = run_export(["--model", str(tmp_path / "a"), "--format", "gguf", "--out", str(tmp_path / "exists.gguf")])
     assert r.returncode == 1 and "--overwrite" in r.stderr and (tmp_path / "exists.gguf").read_text() == "keep me"
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_gpt_oss_gguf_with_untruncated_yarn_warns_and_reads_back_as_llama_cpp_runs_it(tmp_path, capfd):
+    """gpt-oss's YaRN leaves its correction range unrounded (truncate=false); llama.cpp always rounds it, as in every
+    gpt-oss GGUF. The export says so, and nanotune reads the file back as llama.cpp runs it (rounded), to f32 noise."""
+    m, tok = tiny_with_lora("gpt_oss", tmp_path / "base", swiglu_limit=7.0)
+    assert m.config.rope_scaling["truncate"] is False
+    export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f32")
+    assert "llama.cpp rounds YaRN's correction range" in capfd.readouterr().err
+    ids = torch.randint(5, 100, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    back = formats.load_model(str(tmp_path / "m.gguf"))
+    assert back.config.rope_scaling.get("truncate", True)
+    with torch.no_grad():
+        mine, want = (x.logits(x(torch.tensor([ids])))[0] for x in (back, m))
+    got = llama_cpp_logits(tmp_path / "m.gguf", ids)
+    assert (got - mine).abs().max() < 1e-3
+    print(f"gpt-oss tiny: llama.cpp vs transformers' untruncated YaRN {(got - want).abs().max():.2e}")
