@@ -44,6 +44,11 @@ SHAPES = {  # Llama-3.1-8B, Llama-3.2-1B and SmolLM2-135M (the default model); t
                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151_936,
                      num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
                      rope_theta=1e6, rms_norm_eps=1e-6),
+    # gpt-oss-20b with 12 of its 24 layers (its bf16 checkpoint, 42 GB, would crowd the GPU machine's disk): 32
+    # experts top-4 with biases, sinks, 128-token sliding / full layers, YaRN x32; the rest from the family
+    "gptoss": dict(model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, moe_intermediate_size=2880,
+                   num_hidden_layers=12, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                   vocab_size=201_088, num_local_experts=32, num_experts=32, num_experts_per_tok=4),
     # Gemma-3-4B (text): 5 sliding (1024) : 1 global layers, head_dim 256, 262k vocab; the rest from the family
     "gemma3-4b": dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=262_208,

@@ -155,9 +155,6 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
     d = {**fam.defaults, **{k: v for k, v in d.items() if v is not None}}
     if "num_experts" in d:  # (Qwen3-MoE configs say either)
         d.setdefault("num_local_experts", d["num_experts"])
-    if mt == "gpt_oss" and d.get("output_router_logits"):  # (its load-balancing loss reads the top-k scores)
-        raise NanotuneError(f"{where}: output_router_logits=true (gpt-oss's load-balancing loss) is not supported; "
-                            "set it to false to train without the auxiliary loss.")
     if d.get("qk_layernorm"):
         raise NanotuneError(f"{where}: qk_layernorm=true (a Phi variant) is not supported.")
     theta, scaling, local = rope_from_hf(d, where)

@@ -169,7 +169,7 @@ def test_sliding_window_rows_through_varlen_equal_the_mask(arch, tmp_path, monke
     assert (h1 - h2).abs().max() <= 3e-2 * h2.abs().max() and (g1 - g2).abs().max() <= 3e-2 * g2.abs().max()
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_moe_routing_ties_are_broken_as_transformers_breaks_them(arch, tmp_path):
     """Router rows made equal in pairs (so every token's probabilities tie exactly): nanotune picks the experts
     transformers picks (logits within 1e-4, fp32), the same on every run; with every expert tied, the grouped
@@ -177,8 +177,9 @@ def test_moe_routing_ties_are_broken_as_transformers_breaks_them(arch, tmp_path)
     hf = make_hf_model(arch, tmp_path / "hf")
     with torch.no_grad():
         for layer in hf.model.layers:
-            w = layer.mlp.gate.weight
-            w[1::2] = w[0::2]  # experts 2i and 2i+1 always tie
+            router = getattr(layer.mlp, "router", None) or layer.mlp.gate  # (gpt-oss: a router with a bias)
+            for w in [router.weight] + ([router.bias] if hasattr(router, "bias") else []):
+                w[1::2] = w[0::2]  # experts 2i and 2i+1 always tie
         hf.save_pretrained(tmp_path / "tied")
     m = formats.load_model(str(tmp_path / "tied"))
     ids = torch.randint(3, 128, (3, 13), generator=torch.Generator().manual_seed(2))
@@ -193,7 +194,7 @@ def test_moe_routing_ties_are_broken_as_transformers_breaks_them(arch, tmp_path)
     assert (got - kernels.moe_experts_ref(x, idx, w, mlp.gate_up_proj, mlp.down_proj, "silu")).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
 def test_moe_aux_loss_equals_transformers_and_its_gradient_is_exact(arch, tmp_path):
     """The load-balancing loss equals transformers' aux_loss (output_router_logits); the gradient a training step
     takes from loss + coef * n * aux equals autograd of that sum written out from the router logits, with block
