@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 
 import torch
@@ -74,9 +75,37 @@ def dense_tensors(model, unstack=True):
 
 # ---------------------------------------------------------------------------------------------
 # Merged HF directory and PEFT adapter
-def atomic_dir(out, overwrite):
+# What each format writes: --overwrite replaces only an earlier nanotune result, never a directory or file of the
+# user's that happens to be at --out (it would be deleted).
+OURS = {"merged": ("config.json", re.compile(r"(generation_)?config\.json|tokenizer(_config)?\.json|chat_template\.jinja"
+                                            r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")),
+        "adapter": ("adapter_config.json", re.compile(r"adapter_(config\.json|model\.safetensors)|tokenizer(_config)?"
+                                                      r"\.json|chat_template\.jinja"))}
+
+
+def check_replaceable(out, fmt):
+    """Refuse, in one sentence, to replace `out` unless it is a previous nanotune export of format `fmt`."""
+    if fmt == "gguf":
+        with open(out, "rb") if os.path.isfile(out) and not os.path.islink(out) else contextlib.nullcontext() as f:
+            if f is not None and f.read(4) == b"GGUF":
+                return
+        raise NanotuneError(f"--overwrite {out}: it is not a GGUF file, so nanotune will not replace it; choose "
+                            "another --out or remove it yourself.")
+    marker, names = OURS[fmt]
+    found = os.listdir(out) if os.path.isdir(out) and not os.path.islink(out) else None
+    foreign = None if found is None else [n for n in sorted(found) if not names.fullmatch(n)
+                                          or not os.path.isfile(os.path.join(out, n))]
+    if found is None or foreign or marker not in found:
+        held = "is not a directory" if found is None else f"holds {foreign[0]!r}" if foreign else f"has no {marker}"
+        raise NanotuneError(f"--overwrite {out}: it {held}, so it is not a nanotune {fmt} export and nanotune will "
+                            "not replace it; choose another --out or remove it yourself.")
+
+
+def atomic_dir(out, overwrite, fmt):
     if os.path.exists(out) and not overwrite:
         raise NanotuneError(f"{out} exists; pass --overwrite to replace it.")
+    if os.path.lexists(out):
+        check_replaceable(out, fmt)
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise NanotuneError(f"the parent of {out} ({parent}) does not exist; create it first.")
@@ -87,7 +116,7 @@ def export_merged(model, tok, out, dtype=torch.bfloat16, overwrite=False, shard_
     """config.json, model-0000i-of-0000N.safetensors (+ index), tokenizer files, generation_config.json.
     Shards are written as they fill, so only one shard is ever held in memory."""
     import json
-    tmp = atomic_dir(out, overwrite)
+    tmp = atomic_dir(out, overwrite, "merged")
     formats.write_safetensors(tmp, ((name, t.to(dtype)) for name, t in dense_tensors(model)), shard_bytes)
     formats.write_config(tmp, model.config, dtype)
     eos = sorted(tok.stop_ids)
@@ -101,7 +130,7 @@ def export_merged(model, tok, out, dtype=torch.bfloat16, overwrite=False, shard_
 def export_adapter(model, out, base_path, dtype=None, overwrite=False):
     if not lora.lora_layers(model):
         raise NanotuneError("this model has no LoRA adapter to export; use --format merged or gguf.")
-    tmp = atomic_dir(out, overwrite)
+    tmp = atomic_dir(out, overwrite, "adapter")
     lora.save_adapter(model, tmp, base_model_name=formats.hub_id(base_path), base_path=base_path, dtype=dtype,
                       **adapter_names(model.config, saving=True))
     publish(tmp, out)
@@ -117,6 +146,8 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         raise NanotuneError(f"unknown quant type {qtype!r}; choose from {', '.join(QUANTS)}.")
     if os.path.exists(out) and not overwrite:
         raise NanotuneError(f"{out} exists; pass --overwrite to replace it.")
+    if os.path.lexists(out):
+        check_replaceable(out, "gguf")
     cfg = model.config
     arch = formats.FAMILIES[cfg.model_type].gguf_arch
     dense = [i for i in range(cfg.num_hidden_layers) if cfg.num_experts and not cfg.is_sparse(i)]
@@ -160,9 +191,13 @@ def export_kquant(model, tok, out, qtype, overwrite):
                             f"{', '.join([*FLOAT_TYPES, *BLOCK_TYPES])}.")
     if os.path.exists(out) and not overwrite:
         raise NanotuneError(f"{out} exists; pass --overwrite to replace it.")
+    if os.path.lexists(out):
+        check_replaceable(out, "gguf")
     import gguf
     f16 = out + ".f16.tmp"
-    export_gguf(model, tok, f16, "f16", overwrite=True)
+    if os.path.isfile(f16):  # (an interrupted export's own temp file)
+        os.remove(f16)
+    export_gguf(model, tok, f16, "f16")
     rows = [int(t.shape[0]) for t in gguf.GGUFReader(f16).tensors if len(t.shape) > 1]  # ne0: the row length
     odd = sorted({r for r in rows if r % 256})
     if odd:  # k-quant blocks hold 256 values of a row; llama.cpp gives other rows a larger fallback type
@@ -189,6 +224,9 @@ def export_kquant(model, tok, out, qtype, overwrite):
 
 # ---------------------------------------------------------------------------------------------
 # Ollama
+# Ollama's Modelfile has no escapes: a value is a bare word, "..." or """...""" (newlines allowed), and it ends at
+# the first space or newline after its closing quotes. So text that holds three double quotes cannot be written
+# into a value at all (it would close it, and what follows would be read as directives); nanotune refuses it.
 def ollama_modelfile(gguf_path, tok, system=None) -> str:
     """FROM, TEMPLATE (the chat template's family translated to Go's template language), stops, SYSTEM."""
     tpl = tok.chat_template or ""
@@ -197,14 +235,33 @@ def ollama_modelfile(gguf_path, tok, system=None) -> str:
         raise NanotuneError("the chat template is not one nanotune can translate for Ollama (chatml, llama3, "
                             "gemma, phi3); drop --ollama or set a built-in chat_template.")
     template, stops = OLLAMA_TEMPLATES[family]
-    lines = [f"FROM ./{os.path.basename(gguf_path)}", f'TEMPLATE """{template}"""']
+    name = os.path.basename(gguf_path)
+    if not re.fullmatch(r"[\w.+-]+", name):
+        raise NanotuneError(f"the GGUF's file name {name!r} has characters a Modelfile's FROM cannot hold (spaces, "
+                            "quotes, newlines); export to a name of letters, digits, '.', '_', '-' and '+'.")
+    lines = [f"FROM ./{name}", f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]
+    if system is not None and '"""' in system:
+        raise NanotuneError('--system holds """, which an Ollama Modelfile cannot quote; remove it from the prompt.')
     if system is None and "You are" in tpl:  # a default system prompt the template injects
         start = tpl.index("You are")
         system = tpl[start: tpl.index("<", start)] if "<" in tpl[start:] else None
+        if system and '"""' in system:
+            print('warning: the chat template\'s default system prompt holds """, which an Ollama Modelfile cannot '
+                  "quote; the Modelfile has no SYSTEM (pass --system to give one).", file=sys.stderr)
+            system = None
     if system:
         lines.append(f'SYSTEM """{system}"""')
     return "\n".join(lines) + "\n"
+
+
+def is_our_modelfile(path) -> bool:
+    """A Modelfile nanotune wrote: a regular file that starts with FROM ./<the GGUF beside it>."""
+    if not os.path.isfile(path) or os.path.islink(path):
+        return False
+    with open(path, "rb") as f:
+        first = f.read(256).split(b"\n", 1)[0]
+    return re.fullmatch(rb"FROM \./[\w.+-]+", first) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,9 +393,17 @@ def main(argv=None):
                                        "gguf": f"model-{a.quant.lower()}.gguf"}[a.format])
     if os.path.exists(out) and not a.overwrite:
         raise NanotuneError(f"{out} exists; pass --overwrite to replace it.")
+    if os.path.lexists(out):  # (before the model is loaded: a refusal costs nothing)
+        check_replaceable(out, a.format)
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise NanotuneError(f"--out {out}: the directory {parent} does not exist; create it or choose another path.")
+    modelfile = os.path.join(parent, "Modelfile")
+    if a.ollama and os.path.lexists(modelfile) and not a.overwrite:
+        raise NanotuneError(f"{modelfile} exists; pass --overwrite to replace it.")
+    if a.ollama and os.path.lexists(modelfile) and not is_our_modelfile(modelfile):
+        raise NanotuneError(f"--overwrite {modelfile}: it is not a Modelfile nanotune wrote, so nanotune will not "
+                            "replace it; move it or export to another directory.")
     model, tok, base_path, has_lora, run_dtype = load_for_export(a)
     if a.format == "merged":
         written = a.dtype or run_dtype  # the run's precision unless asked otherwise
@@ -349,9 +414,10 @@ def main(argv=None):
     else:
         written = a.quant.lower()
         export_gguf(model, tok, out, a.quant, a.overwrite)
-        if a.ollama:
-            with open(os.path.join(os.path.dirname(os.path.abspath(out)), "Modelfile"), "w") as f:
+        if a.ollama:  # (checked before the export: see above)
+            with open(modelfile + ".tmp", "w") as f:
                 f.write(ollama_modelfile(out, tok, a.system))
+            publish(modelfile + ".tmp", modelfile)
     print(f"wrote {out} ({written})")
     if a.verify:
         verify(a.format, out, model, tok, base_path, written)

@@ -11,6 +11,7 @@ from conftest import ARCH_CONFIGS, EAGER, ROOT, make_hf_model, save_tiny_tokeniz
 import export
 import lora
 import formats
+from cli import NanotuneError
 
 GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to express the HF variant
     "llama": {}, "llama-tied-linear": {}, "qwen2": {}, "qwen3": {}, "gemma": {},
@@ -152,3 +153,114 @@ def test_gpt_oss_gguf_with_untruncated_yarn_warns_and_reads_back_as_llama_cpp_ru
     got = llama_cpp_logits(tmp_path / "m.gguf", ids)
     assert (got - mine).abs().max() < 1e-3
     print(f"gpt-oss tiny: llama.cpp vs transformers' untruncated YaRN {(got - want).abs().max():.2e}")
+
+
+def parse_ollama_modelfile(text):
+    """Ollama's own Modelfile parser (parser/parser.go, ParseFile), ported line for line: -> [(command, value)]."""
+    commands, state, buf, name, role = [], "nil", "", None, ""
+
+    def step(r, cs):  # parseRuneForState: (next state, the rune to keep or None)
+        space, newline = r in " \t", r in "\r\n"
+        if cs == "nil":
+            return ("comment", None) if r == "#" else ("nil", None) if space or newline else ("name", r)
+        if cs == "name":
+            if r.isascii() and r.isalpha():
+                return "name", r
+            assert space, "invalid command"
+            return "value", None
+        if cs == "value":
+            return ("nil", r) if space or newline else ("value", r)
+        if cs in ("parameter", "message"):
+            if r.isascii() and (r.isalnum() or r == "_") if cs == "parameter" else r.isascii() and r.isalpha():
+                return cs, r
+            assert space, "unexpected end"
+            return "value", None
+        return ("nil", None) if newline else ("comment", None)
+
+    def unquote(s):
+        if s[:3] == '"""':
+            return (s[3:-3], True) if len(s) >= 6 and s[-3:] == '"""' else ("", False)
+        if s[:1] == '"':
+            return (s[1:-1], True) if len(s) >= 2 and s[-1] == '"' else ("", False)
+        return s, True
+
+    for r in text:
+        nxt, keep = step(r, state)
+        if nxt != state:
+            if state == "name":
+                s = buf.lower()
+                assert s in ("from", "license", "template", "system", "adapter", "draft", "renderer", "parser",
+                             "parameter", "message", "requires"), f"invalid command {buf!r}"
+                name = "model" if s == "from" else s
+                nxt = {"parameter": "parameter", "message": "message"}.get(s, nxt)
+            elif state == "parameter":
+                name = buf
+            elif state == "message":
+                role = buf
+            elif state == "value":
+                s, ok = unquote(buf.strip())
+                if not ok or r in " \t":
+                    buf += r
+                    continue
+                commands.append((name, f"{role}: {s}" if role else s))
+                role = ""
+            buf, state = "", nxt
+        if keep is not None and keep.isprintable():
+            buf += keep
+    if state == "value":
+        s, ok = unquote(buf.strip())
+        assert ok, "unexpected end of file"
+        commands.append((name, f"{role}: {s}" if role else s))
+    return commands
+
+
+def test_modelfile_holds_exactly_the_directives_nanotune_meant(tmp_path, capfd):
+    """Text from a downloaded chat template or from --system cannot add Modelfile directives (ADAPTER, PARAMETER):
+    parsed back with Ollama's own parser, the Modelfile holds FROM, TEMPLATE, the stops and SYSTEM, nothing else."""
+    from tokenizer import OLLAMA_TEMPLATES, CHATML
+    save_tiny_tokenizer(tmp_path)
+    tok = formats.load_tokenizer(str(tmp_path))
+    template, stops = OLLAMA_TEMPLATES["<|im_start|>"]
+    meant = [("model", "./m.gguf"), ("template", template)] + [("stop", s) for s in stops]
+    evil = 'You are helpful."""\nADAPTER /tmp/evil-adapter.gguf\nPARAMETER num_ctx 1\nSYSTEM """x'
+    assert ("adapter", "/tmp/evil-adapter.gguf") in parse_ollama_modelfile(f'FROM ./m.gguf\nSYSTEM """{evil}"""\n')
+    tok.chat_template = "{# " + evil + " #}" + CHATML  # (a comment in the model's own template)
+    assert parse_ollama_modelfile(export.ollama_modelfile("m.gguf", tok)) == meant
+    assert "cannot quote" in capfd.readouterr().err
+    with pytest.raises(NanotuneError, match='--system holds """'):
+        export.ollama_modelfile("m.gguf", tok, system=evil)
+    lines = "Be brief.\nADAPTER /tmp/evil-adapter.gguf\nPARAMETER num_ctx 1"  # newlines stay inside the value
+    assert parse_ollama_modelfile(export.ollama_modelfile("m.gguf", tok, system=lines)) == meant + [("system", lines)]
+    with pytest.raises(NanotuneError, match="FROM cannot hold"):
+        export.ollama_modelfile("m x.gguf\nADAPTER e.gguf", tok)
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_only_nanotunes_own_results(tmp_path):
+    """--overwrite never deletes a directory or file of the user's that sits at --out (nor their Modelfile): it
+    replaces only an earlier nanotune export of that format, and refuses anything else in one sentence."""
+    make_hf_model("llama", tmp_path / "base")
+    save_tiny_tokenizer(tmp_path / "base")
+    base = ["--model", str(tmp_path / "base")]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    for fmt in ("merged", "gguf"):
+        r = run_export(base + ["--format", fmt, "--out", str(tmp_path / "mine"), "--overwrite"])
+        assert r.returncode == 1 and "nanotune will not replace it" in r.stderr, r.stderr[-500:]
+        assert len(r.stderr.strip().splitlines()) == 1 and (tmp_path / "mine" / "thesis.tex").exists()
+    (tmp_path / "notes.gguf").write_text("not a model")
+    r = run_export(base + ["--format", "gguf", "--out", str(tmp_path / "notes.gguf"), "--overwrite"])
+    assert r.returncode == 1 and "not a GGUF file" in r.stderr and (tmp_path / "notes.gguf").read_text() == "not a model"
+    for _ in range(2):  # an earlier nanotune export is replaced
+        r = run_export(base + ["--format", "merged", "--out", str(tmp_path / "merged"), "--overwrite"])
+        assert r.returncode == 0, r.stderr[-500:]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "Modelfile").write_text("FROM llama3\nSYSTEM my own\n")
+    gguf_out = ["--format", "gguf", "--out", str(tmp_path / "out" / "m.gguf"), "--ollama", "--overwrite"]
+    r = run_export(base + gguf_out)
+    assert r.returncode == 1 and "not a Modelfile nanotune wrote" in r.stderr
+    assert (tmp_path / "out" / "Modelfile").read_text() == "FROM llama3\nSYSTEM my own\n"
+    (tmp_path / "out" / "Modelfile").unlink()
+    for _ in range(2):  # its own Modelfile and GGUF are replaced
+        r = run_export(base + gguf_out)
+        assert r.returncode == 0 and (tmp_path / "out" / "Modelfile").read_text().startswith("FROM ./m.gguf\n")

@@ -230,7 +230,7 @@ def test_qlora_training_lowers_loss_on_the_default_model(tmp_path):
 def test_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path):
     """gpt-oss ships its experts in MXFP4 (`*_blocks` / `*_scales`, quant_method mxfp4): nanotune reads them into
     16/32-bit weights equal to transformers' own dequantization (convert_moe_packed_tensors), so the logits equal
-    transformers' model holding those weights."""
+    transformers' model holding those weights; for QLoRA they go on to NF4 as they load (= quantizing after)."""
     import json
     import shutil
     from safetensors.torch import load_file, save_file
@@ -262,3 +262,7 @@ def test_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path):
         ref, ours = hf(input_ids=ids).logits, m.logits(m(ids))
     assert (ref - ours).abs().max() < 1e-4 and ref.std() > 0.1  # (the MXFP4 experts move the logits visibly)
     shutil.rmtree(tmp_path / "hf")
+    q = formats.load_model(str(tmp_path / "mx"), prepare=quant.prepare_4bit)  # QLoRA: MXFP4 -> NF4 while loading
+    assert any(isinstance(x, quant.Experts4bit) for x in q.modules())
+    with torch.no_grad():
+        assert torch.equal(q.logits(q(ids)), quant.quantize_model(m).logits(m(ids)))
