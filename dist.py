@@ -12,6 +12,7 @@ lm_head is gathered while the fused loss uses it. Checkpoints are torch.distribu
 `shard` there, and each rank then loads only its rows of every tensor. Without torchrun every helper is a no-op.
 """
 import datetime
+import pickle
 import os
 import signal
 import sys
@@ -144,8 +145,32 @@ def save_sharded(path, model, opt):
     dcp.save({"model": {k: v for k, v in msd.items() if k in trainable}, "optim": osd}, checkpoint_id=path)
 
 
+# DCP reads `.metadata` with pickle.load, so a crafted file would run code at --resume. Before DCP opens it, it is
+# unpickled here with only the classes DCP's own metadata is made of (torch 2.6-2.13); anything else is refused.
+DCP_GLOBALS = {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("torch", "Size"), ("collections", "OrderedDict"),
+               ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if not (module == "torch.distributed.checkpoint.metadata" or (module, name) in DCP_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which DCP's metadata never holds")
+        return super().find_class(module, name)
+
+
+def check_sharded(path):
+    """Raise ValueError (why, in a few words) unless path/.metadata holds only DCP metadata."""
+    try:
+        with open(os.path.join(path, ".metadata"), "rb") as f:
+            _MetadataUnpickler(f).load()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(str(e).splitlines()[0][:120] if str(e) else type(e).__name__) from None
+
+
 def load_sharded(path, model, opt):
     import torch.distributed.checkpoint as dcp
+    check_sharded(path)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     msd, osd = get_state_dict(model, opt)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

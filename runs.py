@@ -180,6 +180,11 @@ def load_checkpoint(path, model, opt, sched, sampler):
                             f"({str(e).splitlines()[0][:120]}); it is corrupt or not nanotune's: resume from another "
                             "checkpoint or start a new run.")
     if sharded:
+        try:
+            dist.check_sharded(os.path.join(path, "dcp"))
+        except ValueError as e:
+            raise NanotuneError(f"{path}/dcp/.metadata is not checkpoint metadata that torch wrote ({e}); nanotune "
+                                "will not read it, as reading it could run code: resume from another checkpoint.")
         dist.load_sharded(os.path.join(path, "dcp"), model, opt)
     else:
         params = dict(model.named_parameters())

@@ -105,6 +105,29 @@ def test_sharded_checkpoint_resumes_at_another_world_size(setup_dir, tmp_path, f
     assert close(read_losses(out), read_losses(tmp_path / "ref")[3:])
 
 
+EVIL = """
+import os, pickle
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+pickle.dump(Evil(), open({path!r}, "wb"))
+"""
+
+
+def test_resume_refuses_crafted_sharded_metadata_without_running_it(setup_dir, tmp_path):
+    """torch.distributed.checkpoint unpickles `.metadata`: a crafted one would run code at --resume. nanotune reads
+    it with DCP's own classes only, so the payload never runs and the run stops in one sentence."""
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    r = launch(2, common(setup_dir, out, "--micro_batch_size", "2"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = out / "checkpoints" / "step-000003" / "dcp" / ".metadata"
+    subprocess.run([sys.executable, "-c", EVIL.format(marker=marker, path=str(meta))], check=True)
+    subprocess.run(["rm", "-rf", str(out / "adapter")])
+    r = launch(2, common(setup_dir, out, "--micro_batch_size", "2", "--resume"))
+    assert r.returncode == 1 and "will not read it, as reading it could run code" in r.stderr, r.stderr[-2000:]
+    assert not marker.exists()
+
+
 CRASH = """
 import os, sys
 sys.argv = ["train.py"] + sys.argv[1:]
