@@ -10,6 +10,7 @@ templates, their Ollama (Go template) translations and the end-of-turn markers g
 """
 import json
 import os
+import sys
 
 from cli import NanotuneError, read_json
 
@@ -18,25 +19,86 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
+# A chat template comes with a downloaded model, so it is untrusted code: it renders in Jinja's sandbox, and within
+# bounds (a template that loops or grows without end would otherwise hang training): the lines it executes (a
+# trace hook on the template's own compiled code, which sees every loop step), the size of what it writes or
+# builds with `*`, and time, all per render.
+RENDER_LIMITS = dict(steps=1_000_000, chars=64_000_000, seconds=20.0)
+
+
+class _RenderBound(Exception):
+    pass
+
+
 def render_chat_template(template: str, messages: list, add_generation_prompt=False, **kwargs) -> str:
     """Render a Jinja2 chat template in a sandbox, with the globals and filters transformers provides."""
+    import time
     from datetime import datetime
 
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    lim, t0, steps = RENDER_LIMITS, time.monotonic(), [0]
+
+    def check(n_steps=0, chars=0):
+        steps[0] += n_steps
+        if steps[0] > lim["steps"]:
+            raise _RenderBound(f"{lim['steps']:,} steps")
+        if chars > lim["chars"]:
+            raise _RenderBound(f"{lim['chars']:,} characters")
+        if time.monotonic() - t0 > lim["seconds"]:
+            raise _RenderBound(f"{lim['seconds']:g} s")
+
+    class Env(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*" and isinstance(left, (str, list, tuple)) or isinstance(right, (str, list, tuple)):
+                n, seq = (right, left) if isinstance(left, (str, list, tuple)) else (left, right)
+                check(chars=len(seq) * n if isinstance(n, int) else 0)
+            return super().call_binop(context, operator, left, right)
+
+    def trace(frame, event, arg):  # (only the template's frames are traced line by line)
+        return step if frame.f_code.co_filename == "<template>" else None
+
+    def step(frame, event, arg):
+        if event == "line":
+            check(1)
+        return step
+
     def raise_exception(msg):
         raise NanotuneError(f"chat template: {msg}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = Env(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    where = f"the chat template starting {template[:40]!r}"
+    traced = sys.gettrace() is None  # (a debugger's or coverage's hook is left alone)
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **kwargs)
+        compiled, out, n = env.from_string(template), [], 0
+        if traced:
+            sys.settrace(trace)
+        for chunk in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs):
+            n += len(chunk)
+            check(chars=n)
+            out.append(chunk)
+        return "".join(out)
+    except _RenderBound as e:
+        raise NanotuneError(f"{where} was stopped at {e} (the limit of one render): it loops or grows without end; "
+                            "fix it or pass --chat_template with a built-in template.")
+    except TypeError as e:
+        if "no loader" in str(e):  # {% include %} / {% import %} / {% extends %}: nothing to read them from
+            raise NanotuneError(f"{where} uses include, import or extends, which a chat template cannot (it may "
+                                "read no files); inline what it needs or pass --chat_template.")
+        raise NanotuneError(f"{where} failed to render: {e}")
+    except RecursionError:
+        raise NanotuneError(f"{where} recurses without end (a macro calling itself); fix it or pass --chat_template.")
     except TemplateError as e:
         raise NanotuneError(f"chat template failed to render: {e}")
+    finally:
+        if traced:
+            sys.settrace(None)
 
 
 class Tokenizer:

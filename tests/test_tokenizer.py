@@ -63,3 +63,29 @@ def test_gemma3_template_renders_like_transformers_and_trains_each_turns_end(tmp
     text = export.ollama_modelfile(str(tmp_path / "m.gguf"), tok)
     assert 'PARAMETER stop "<end_of_turn>"' in text and "<start_of_turn>model" in text
     assert tok.token_id("<end_of_turn>") in tok.stop_ids
+
+
+HOSTILE_TEMPLATES = {  # what a downloaded chat template could do to hang or exhaust a run -> the sentence
+    "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}": "stopped at 1,000,000 steps",
+    "{% set s = 'ab' * 100000 %}{% for c in s %}{% for d in s %}{% endfor %}{% endfor %}": "stopped at 1,000,000 steps",
+    "{{ 'x' * 10**10 }}": "stopped at 64,000,000 characters",
+    "{% for a in range(99999) %}{{ 'y' * 99999 }}{% endfor %}": "stopped at 64,000,000 characters",
+    "{% include 'secrets.txt' %}": "uses include, import or extends",
+    "{% import 'macros.j2' as m %}": "uses include, import or extends",
+    "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}": "recurses without end",
+}
+
+
+@pytest.mark.parametrize("template", list(HOSTILE_TEMPLATES))
+def test_a_hostile_chat_template_stops_in_one_sentence(template):
+    """Rendering is bounded (steps, characters, time per render): a template that would hang or fill memory ends
+    in one sentence naming it, as does one that asks for files; real templates render as before."""
+    import time
+    from cli import NanotuneError
+    from tokenizer import CHATML, render_chat_template
+    t0 = time.monotonic()
+    with pytest.raises(NanotuneError, match=HOSTILE_TEMPLATES[template]) as e:
+        render_chat_template(template, [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t0 < 10 and "the chat template starting" in str(e.value)
+    assert render_chat_template(CHATML, [{"role": "user", "content": "hi"}], True) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")

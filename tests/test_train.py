@@ -297,3 +297,18 @@ def test_gpt_oss_trains_lora_on_the_experts_and_peft_reads_the_adapter(tmp_path)
         assert (base - ours).abs().max() > 1e-2  # (the adapter moved the logits)
         pm = PeftModel.from_pretrained(hf, str(tmp_path / "a" / "adapter")).eval()
         assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_a_chat_template_that_never_ends_stops_the_run_in_one_sentence(tmp_path):
+    """A model whose own chat template loops without end (it came with the download): train.py stops in one
+    sentence, exit 1, in seconds (it hung before), and writes no result."""
+    from conftest import save_tiny_tokenizer
+    make_tiny_run_model(tmp_path / "m")
+    save_tiny_tokenizer(tmp_path / "m", template="{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}"
+                                                 "{% endfor %}")
+    write_chat_data(tmp_path / "d.jsonl", 4)
+    r = run_train(["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--max_steps", "1",
+                   "--sample_prompts_file", "", "--cache_dir", "", "--output_dir", str(tmp_path / "o")], timeout=120)
+    assert r.returncode == 1 and "stopped at 1,000,000 steps" in r.stderr, r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "o" / "adapter")
