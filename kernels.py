@@ -408,6 +408,75 @@ def gated_act(gate, up, act: str):
 
 
 # ---------------------------------------------------------------------------------------------
+# Attention with sinks (gpt-oss): a learned logit s_h per head joins every row's softmax and takes its share,
+#   y = softmax([q k^T * scale, s_h])[:-1] v = O * sigmoid(L - s_h)
+# with O the plain attention output and L its log-sum-exp over the keys. So the fused path runs the plain
+# attention kernel (PyTorch's memory-efficient one on CUDA, its flash one on CPU), which returns L, and scales O.
+# Backward, g = sigmoid(L - s): dO = g dy, dL = (1 - g) <dy, y>, ds_h = -sum dL; and dL's share of the scores'
+# gradient, dL P, is what the kernel's backward adds when it is handed y = g O as "the output" (it forms
+# D = <dO, out> per row, and D(y) = D(O) - dL). q [B, H, T, D], k/v [B, KV, S, D], mask [B, 1, T, S] bool or None
+# (causal).
+def sink_attention_ref(q, k, v, sinks, mask, scale):
+    B, H, T, _ = q.shape
+    k, v = (t.repeat_interleave(H // k.shape[1], dim=1) for t in (k, v))
+    s = (q @ k.transpose(-1, -2)) * scale  # [B, H, T, S]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    elif T > 1:
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    s = torch.cat([s, sinks.view(1, -1, 1, 1).expand(B, -1, T, 1).to(s.dtype)], dim=-1)
+    return F.softmax(s.float(), dim=-1).to(q.dtype)[..., :-1] @ v
+
+
+def _attention_bias(mask, H, dtype):
+    """bool [B, 1, T, S] -> an additive float bias [B, H, T, S] (0 or -inf) whose rows are 16-aligned in memory,
+    as the memory-efficient kernel wants (a padded buffer, sliced)."""
+    B, _, T, S = mask.shape
+    bias = torch.zeros(B, 1, T, -(-S // 16) * 16, dtype=dtype, device=mask.device)[..., :S]
+    return bias.masked_fill_(~mask, float("-inf")).expand(B, H, T, S)
+
+
+class _SinkAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, mask, scale):
+        (B, H, T, _), rep = q.shape, q.shape[1] // k.shape[1]
+        k, v = (t.repeat_interleave(rep, dim=1) for t in (k, v))  # (the kernels take no GQA)
+        causal, bias = mask is None and T > 1, None if mask is None else _attention_bias(mask, H, q.dtype)
+        if q.is_cuda:
+            o, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, bias, True, 0.0, causal, scale=scale)
+        else:
+            (o, lse), seed, offset = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, causal, attn_mask=bias, scale=scale), None, None
+        g = torch.sigmoid(lse[..., :T].float() - sinks.float().view(1, -1, 1))  # [B, H, T]
+        y = (o.float() * g[..., None]).to(q.dtype)
+        ctx.save_for_backward(q, k, v, sinks, bias, y, lse, g, seed, offset)
+        ctx.scale, ctx.causal, ctx.rep = scale, causal, rep
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, sinks, bias, y, lse, g, seed, offset = ctx.saved_tensors
+        do = (dy.float() * g[..., None]).to(q.dtype)
+        if q.is_cuda:
+            dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+                do, q, k, v, bias, y, lse, seed, offset, 0.0, [True, True, True, False], ctx.causal, scale=ctx.scale)
+        else:
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                do, q, k, v, y, lse, 0.0, ctx.causal, attn_mask=bias, scale=ctx.scale)
+        B, H, S, D = dk.shape
+        dk, dv = (t.view(B, H // ctx.rep, ctx.rep, S, D).sum(2) for t in (dk, dv))
+        dl = (1 - g) * (dy.float() * y.float()).sum(-1)  # [B, H, T]
+        return dq, dk, dv, (-dl.sum((0, 2))).to(sinks.dtype), None, None
+
+
+def sink_attention(q, k, v, sinks, mask, scale):
+    if _FUSED:
+        return _SinkAttention.apply(q, k, v, sinks, mask, scale)
+    return sink_attention_ref(q, k, v, sinks, mask, scale)
+
+
+# ---------------------------------------------------------------------------------------------
 # Logit softcapping (Gemma 2): cap * tanh(x / cap)
 def softcap(x, cap):
     return x if not cap else torch.tanh(x / cap) * cap

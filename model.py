@@ -233,17 +233,16 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # [B, KV, S, D], S = cached + T
         if isinstance(mask, kernels.PackedRows):  # packed rows on a GPU: flash attention over each document alone
             y = kernels.varlen_attention(q, k, v, mask, self.scale)
-        elif self.softcap or hasattr(self, "sinks"):  # scores SDPA cannot make: written out, [B, H, T, S]
+        elif hasattr(self, "sinks"):  # gpt-oss: softmax([scores, sink_h]) without the sink's column
+            y = kernels.sink_attention(q, k, v, self.sinks, mask, self.scale)
+        elif self.softcap:  # Gemma 2: cap * tanh(scores / cap) before the mask; SDPA cannot do this
             k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))
-            s = kernels.softcap((q @ k.transpose(-1, -2)) * self.scale, self.softcap)  # Gemma 2: cap tanh(s / cap)
+            s = kernels.softcap((q @ k.transpose(-1, -2)) * self.scale, self.softcap)  # [B, H, T, S]
             if mask is not None:
                 s = s.masked_fill(~mask, float("-inf"))
             elif T > 1:
                 s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
-            if hasattr(self, "sinks"):  # gpt-oss: p = softmax([s, sink_h])[:-1], i.e. exp(sink_h) joins the sum
-                s = torch.cat([s, self.sinks.view(1, -1, 1, 1).expand(B, -1, T, 1).to(s.dtype)], dim=-1)
-            p = F.softmax(s.float(), dim=-1).to(q.dtype)
-            y = (p[..., :-1] if hasattr(self, "sinks") else p) @ v
+            y = F.softmax(s.float(), dim=-1).to(q.dtype) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                scale=self.scale, enable_gqa=self.nh != self.nkv)

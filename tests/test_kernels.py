@@ -382,3 +382,24 @@ def test_moe_recompute_skips_the_output_and_keeps_every_gradient():
         grads.append([t.grad for t in ts])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_sink_attention(dtype, masked):
+    """gpt-oss's attention with sinks through the plain attention kernel and its log-sum-exp (O sigmoid(L - s)),
+    against the written-out softmax over [scores, sink] and fp64: the output and the gradients of q, k, v (GQA: 6
+    heads over 2) and the sinks; causal (no mask), or a sliding window of 5 with a left-padded row."""
+    B, H, KV, T, D = 2, 6, 2, 13, 24
+    q, k, v = randn(B, H, T, D, seed=1), randn(B, KV, T, D, seed=2), randn(B, KV, T, D, seed=3)
+    sinks = randn(H, seed=4)
+    mask = None
+    if masked:
+        i = torch.arange(T, device=DEV)
+        mask = ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 5))[None, None].repeat(B, 1, 1, 1)
+        mask[1, :, :, :3] = False  # row 1: three padded keys
+        mask |= torch.eye(T, dtype=torch.bool, device=DEV)  # (every query sees itself, as model.py's masks)
+
+    def call(fn):
+        return lambda q, k, v, s: fn(q, k, v, s, mask, D ** -0.5)
+    check(call(kernels.sink_attention), call(kernels.sink_attention_ref), [q, k, v, sinks], dtype)
