@@ -177,7 +177,8 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
             loss.fwd_bwd = lambda ids: graph(batch(ids), 1 / n(ids)) / n(ids)
         return m, loss
     import transformers
-    kw = dict(dtype=torch.float32 if cpu else torch.bfloat16, attn_implementation="sdpa",
+    kw = dict(dtype=torch.float32 if cpu else torch.bfloat16,  # (gpt-oss's sinks: transformers' eager attention)
+              attn_implementation="eager" if SHAPES[shape].get("model_type") == "gpt_oss" else "sdpa",
               device_map="cpu" if cpu else "cuda")
     if name == "hf_peft_liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
