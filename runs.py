@@ -12,6 +12,7 @@ import math
 import os
 import random
 import shutil
+import sys
 from dataclasses import fields
 
 import torch
@@ -125,11 +126,11 @@ def save_checkpoint(cfg, step, model, opt, sched, sampler):
     if dist.is_main():
         fresh_tmp(final)
     dist.barrier()
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    rng = rng_state()
     state = {"step": step, "scheduler": sched.state_dict(), "sampler": sampler.state_dict(), "rng": rng}
-    if dist.is_dist():  # sharded weights + optimizer, readable at any world size
+    if dist.is_dist():  # sharded weights + optimizer, readable at any world size; each rank's own RNG (dropout)
         dist.save_sharded(os.path.join(tmp, "dcp"), model, opt)
+        torch.save(rng, os.path.join(tmp, f"rng-rank{dist.rank()}.pt"))
     else:
         save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
         state["optimizer"] = opt.state_dict()
@@ -197,11 +198,32 @@ def load_checkpoint(path, model, opt, sched, sampler):
         opt.load_state_dict(s["optimizer"])
     sched.load_state_dict(s["scheduler"])
     sampler.load_state_dict(s["sampler"])
-    torch.set_rng_state(s["rng"]["torch"])
-    random.setstate(s["rng"]["python"])
-    if s["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["rng"]["cuda"])
+    rng, own = s["rng"], os.path.join(path, f"rng-rank{dist.rank()}.pt")
+    if sharded and os.path.isfile(own) and read_meta(path).get("world") == dist.world():
+        rng = torch.load(own, weights_only=True)  # this rank's dropout stream, where it left off
+    elif sharded and dist.is_main():
+        print(f"note: {path} was saved by {read_meta(path).get('world')} processes, this run has {dist.world()}: "
+              "every rank resumes rank 0's random state, so dropout masks differ from an uninterrupted run.",
+              file=sys.stderr)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return s["step"]
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def read_meta(path) -> dict:
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        return meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 # ---------------------------------------------------------------------------------------------
