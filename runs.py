@@ -212,6 +212,26 @@ def load_checkpoint(path, model, opt, sched, sampler):
     return s["step"]
 
 
+class StopSignal:
+    """SIGTERM (what schedulers send before they kill a job) becomes a request the training loop reads between
+    steps: the step in flight finishes, a checkpoint is written, the run ends. Under torchrun every rank stops at
+    the same step (requested() is one collective: any rank's request counts)."""
+
+    def __init__(self):
+        import signal
+        self.flag, self.signal = False, signal
+        self.old = signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        self.flag = True
+
+    def requested(self) -> bool:
+        return dist.all_sums([float(self.flag)])[0] > 0 if dist.is_dist() else self.flag
+
+    def restore(self):
+        self.signal.signal(self.signal.SIGTERM, self.old)
+
+
 def rng_state():
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}

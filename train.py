@@ -327,6 +327,7 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
                disable=not dist.is_main())
     tb = runs.tensorboard(cfg.output_dir) if dist.is_main() else None
     t0, tokens_seen, step = time.time(), 0, start
+    stop = runs.StopSignal()
     try:
         for step in range(start + 1, steps + 1):
             micro = [to_device(task.collate([rows[i] for i in dist.rank_slice(sampler.next(), R, W)], tok), device)
@@ -354,6 +355,13 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
             if cfg.save_steps and step % cfg.save_steps == 0 and step != steps:
                 runs.save_checkpoint(cfg, step, model, opt, sched, sampler)
                 last_ckpt = os.path.join(cfg.output_dir, "checkpoints", f"step-{step:06d}")
+            if stop.requested():  # SIGTERM: this step is done; keep it and end
+                here = os.path.join(cfg.output_dir, "checkpoints", f"step-{step:06d}")
+                if last_ckpt != here:
+                    runs.save_checkpoint(cfg, step, model, opt, sched, sampler)
+                bar.close()
+                raise NanotuneError(f"stopped by SIGTERM after step {step}; the checkpoint {here} holds it: run the "
+                                    "same command with --resume to continue from it.")
     except RuntimeError as e:
         if not dist.is_timeout(e):
             raise
@@ -366,6 +374,8 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
         raise NanotuneError(f"interrupted at step {step}; " + (
             f"the last checkpoint is {last_ckpt}: run the same command with --resume to continue from it."
             if last_ckpt else "no checkpoint was saved (--save_steps N keeps some), so nothing was kept."))
+    finally:
+        stop.restore()
     bar.close()
     graph = getattr(task, "graph", None)
     if graph is not None:

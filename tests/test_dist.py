@@ -128,6 +128,37 @@ def test_resume_refuses_crafted_sharded_metadata_without_running_it(setup_dir, t
     assert not marker.exists()
 
 
+TERM = """
+import os, signal, sys
+sys.argv = ["train.py"] + sys.argv[1:]
+import train
+orig, calls = train.train_step, [0]
+def step(*a, **k):  # rank 1 alone gets SIGTERM in its 4th step
+    calls[0] += 1
+    if calls[0] == 4 and os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return orig(*a, **k)
+train.train_step = step
+train.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(setup_dir, tmp_path):
+    """SIGTERM reaching one rank: every rank finishes that step, the checkpoint of it is written, the job ends in
+    one sentence, and --resume gives the uninterrupted run's losses."""
+    script = tmp_path / "term.py"
+    script.write_text(TERM.replace("import train", f"sys.path.insert(0, {ROOT!r})\nimport train"))
+    ref = launch(2, common(setup_dir, tmp_path / "ref", "--micro_batch_size", "2"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "run"
+    r = launch(2, common(setup_dir, out, "--micro_batch_size", "2"), script=str(script))
+    assert r.returncode != 0 and "stopped by SIGTERM after step 4" in r.stderr, r.stderr[-3000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-000003", "step-000004"]
+    r = launch(2, common(setup_dir, out, "--micro_batch_size", "2", "--resume"))
+    assert r.returncode == 0 and "step-000004" in r.stderr, r.stderr[-2000:]
+    assert close(read_losses(out), read_losses(tmp_path / "ref"), 0)
+
+
 CRASH = """
 import os, sys
 sys.argv = ["train.py"] + sys.argv[1:]

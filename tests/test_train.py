@@ -142,6 +142,30 @@ def test_resume_after_sigkill_continues_the_same_losses(tmp_path):
     assert len(read_losses(tmp_path / "ref")) == 9
 
 
+TERM_DRIVER = KILL_DRIVER.replace("signal.SIGKILL", "signal.SIGTERM").replace("calls[0] == 6", "calls[0] == 5")
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_path):
+    """SIGTERM (what a scheduler sends before it kills a job) mid-step: the step finishes, a checkpoint of it is
+    written, one sentence says how to resume, exit 1; --resume then gives the uninterrupted run's losses."""
+    make_tiny_run_model(tmp_path / "m")
+    write_chat_data(tmp_path / "d.jsonl")
+    common = ["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--max_steps", "9",
+              "--micro_batch_size", "2", "--save_steps", "4", "--lora_dropout", "0.1", "--lr", "1e-2",
+              "--sample_prompts_file", "", "--cache_dir", ""]
+    ref = run_train(common + ["--output_dir", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    termed = run_train(common + ["--output_dir", str(tmp_path / "run")], driver=TERM_DRIVER)
+    assert termed.returncode == 1, termed.stderr[-2000:]
+    assert "stopped by SIGTERM after step 5" in termed.stderr and "--resume" in termed.stderr
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step-000004", "step-000005"]
+    assert not os.path.exists(tmp_path / "run" / "adapter")
+    resumed = run_train(common + ["--output_dir", str(tmp_path / "run"), "--resume"])
+    assert resumed.returncode == 0 and "step-000005" in resumed.stderr, resumed.stderr[-2000:]
+    assert read_losses(tmp_path / "run") == read_losses(tmp_path / "ref")
+
+
 @pytest.mark.parametrize("args,expect", [
     (["--lerning_rate", "1"], "unknown flag --lerning_rate"),
     (["--lr", "fast"], "lr must be float"),
