@@ -62,10 +62,14 @@ def check_resume(cfg, ckpt):
     if not os.path.isfile(path):
         raise NanotuneError(f"{ckpt} has no config.yaml with it, so nothing shows it belongs to this run; "
                             "start a new run instead.")
-    with open(path) as f:
-        saved = yaml.safe_load(f) or {}
-    meta_path = os.path.join(ckpt, "meta.json")
-    world = json.load(open(meta_path))["world"] if os.path.isfile(meta_path) else dist.world()
+    try:
+        with open(path) as f:
+            saved = yaml.safe_load(f) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise NanotuneError(f"{path} could not be read ({str(e).splitlines()[0][:80]}); start a new run instead.")
+    if not isinstance(saved, dict):
+        raise NanotuneError(f"{path} is not a run config (not a mapping); start a new run instead.")
+    world = read_meta(ckpt).get("world", dist.world())
     defaults = {f.name: default_of(f) for f in fields(cfg)}
     now = dataclasses.asdict(cfg)
     diff = [k for k, v in now.items() if k not in RESUMABLE and k != "micro_batch_size"
@@ -91,8 +95,15 @@ def truncate_metrics(path, step):
     have written more)."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    def row(ln):  # (a line cut short by a full disk or a kill is dropped)
+        try:
+            r = json.loads(ln)
+        except ValueError:
+            return None
+        return r if isinstance(r, dict) else None
+    with open(path, errors="replace") as f:
+        keep = [ln if ln.endswith("\n") else ln + "\n" for ln in f if (r := row(ln)) is not None and
+                r.get("step", 0) <= step]
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     publish(path + ".tmp", path)
@@ -154,18 +165,56 @@ def finished_checkpoints(root):
     return sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
 
 
+def checkpoint_problem(path) -> str | None:
+    """What is wrong with a checkpoint directory, in a few words, or None. Cheap checks only (headers, not data):
+    config.yaml and meta.json parse, state.pt is a whole zip, the weights' header fits the file."""
+    import yaml
+    try:  # (a checkpoint from before checkpoints kept their config has none: check_resume reads the run's)
+        if os.path.exists(os.path.join(path, "config.yaml")):
+            with open(os.path.join(path, "config.yaml")) as f:
+                if not isinstance(yaml.safe_load(f), dict):
+                    return "its config.yaml is not a mapping"
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return "its config.yaml is unreadable"
+    if not isinstance(read_meta(path).get("step"), int):
+        return "its meta.json is missing or damaged"
+    import zipfile
+    if not zipfile.is_zipfile(os.path.join(path, "state.pt")):
+        return "its state.pt is missing or cut short"
+    if os.path.isdir(os.path.join(path, "dcp")):
+        return None
+    try:
+        from safetensors import safe_open
+        with safe_open(os.path.join(path, "trainable.safetensors"), framework="pt") as f:
+            f.keys()
+    except Exception:  # safetensors raises several types for a truncated file
+        return "its trainable.safetensors is missing or cut short"
+    return None
+
+
 def find_checkpoint(cfg):
+    """The checkpoint to resume: --resume PATH, or the latest finished one in output_dir that is intact (a damaged
+    latest one, e.g. from a full disk, is named and the one before it taken)."""
     if cfg.resume in (None, "", "false"):
         return None
     if cfg.resume not in ("latest", "true"):
         if not os.path.isfile(os.path.join(cfg.resume, "state.pt")):
             raise NanotuneError(f"--resume {cfg.resume!r} is not a checkpoint directory (no state.pt).")
+        if why := checkpoint_problem(cfg.resume):
+            raise NanotuneError(f"--resume {cfg.resume}: {why}; resume from another checkpoint.")
         return cfg.resume
     root = os.path.join(cfg.output_dir, "checkpoints")
     done = finished_checkpoints(root)
     if not done:
         raise NanotuneError(f"--resume: no checkpoint in {root}; train with --save_steps N first.")
-    return os.path.join(root, done[-1])
+    for name in reversed(done):
+        why = checkpoint_problem(os.path.join(root, name))
+        if why is None:
+            return os.path.join(root, name)
+        if dist.is_main():
+            print(f"warning: --resume: {os.path.join(root, name)} is damaged ({why}); trying the one before it.",
+                  file=sys.stderr)
+    raise NanotuneError(f"--resume: every checkpoint in {root} is damaged; start a new run (--overwrite).")
 
 
 def load_checkpoint(path, model, opt, sched, sampler):
@@ -189,8 +238,13 @@ def load_checkpoint(path, model, opt, sched, sampler):
         dist.load_sharded(os.path.join(path, "dcp"), model, opt)
     else:
         params = dict(model.named_parameters())
+        try:
+            saved = load_file(os.path.join(path, "trainable.safetensors"))
+        except Exception as e:  # (checked before, so only a file damaged since)
+            raise NanotuneError(f"{path}/trainable.safetensors could not be read ({str(e).splitlines()[0][:100]}); "
+                                "resume from another checkpoint.")
         with torch.no_grad():
-            for n, t in load_file(os.path.join(path, "trainable.safetensors")).items():
+            for n, t in saved.items():
                 if n not in params or params[n].shape != t.shape:
                     raise NanotuneError(f"{path}: tensor {n!r} does not fit this model; resume with the run's "
                                         "own settings.")

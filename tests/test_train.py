@@ -166,6 +166,42 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_p
     assert read_losses(tmp_path / "run") == read_losses(tmp_path / "ref")
 
 
+@pytest.mark.slow
+def test_resume_passes_over_damaged_files(tmp_path):
+    """What a full disk or a kill leaves: a half-written metrics line is dropped; a latest checkpoint whose weights
+    are cut short (or whose meta.json / config.yaml is garbage) is named and the one before it resumed, to the
+    uninterrupted run's losses; with every checkpoint damaged the run stops in one sentence."""
+    make_tiny_run_model(tmp_path / "m")
+    write_chat_data(tmp_path / "d.jsonl")
+    common = ["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--max_steps", "8",
+              "--micro_batch_size", "2", "--save_steps", "3", "--lr", "1e-2", "--sample_prompts_file", "",
+              "--cache_dir", "", "--output_dir", str(tmp_path / "run")]
+    r = run_train(common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want, ck = read_losses(tmp_path / "run"), tmp_path / "run" / "checkpoints"
+    for damage in ("weights", "meta", "config"):
+        subprocess.run(["rm", "-rf", str(tmp_path / "run" / "adapter")])
+        with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+            f.write('{"step": 7, "lo')  # a line cut short
+        latest = ck / "step-000006"
+        if damage == "weights":
+            data = (latest / "trainable.safetensors").read_bytes()
+            (latest / "trainable.safetensors").write_bytes(data[: len(data) // 2])
+        else:
+            (latest / ("meta.json" if damage == "meta" else "config.yaml")).write_text("{not: [valid")
+        r = run_train(common + ["--resume"])
+        assert r.returncode == 0, (damage, r.stderr[-2000:])
+        assert f"{latest} is damaged" in r.stderr and "resumed from" in r.stderr and "step-000003" in r.stderr
+        assert read_losses(tmp_path / "run") == want, damage
+        subprocess.run(["rm", "-rf", str(latest)])
+        subprocess.run(["cp", "-r", str(ck / "step-000003"), str(latest)])  # (step 6 again, for the next case:
+        (latest / "meta.json").write_text('{"step": 3, "world": 1}')       # a copy of step 3)
+    for d in ck.iterdir():
+        (d / "state.pt").write_bytes(b"PK")
+    r = run_train(common + ["--resume"])
+    assert r.returncode == 1 and "every checkpoint in" in r.stderr and "is damaged" in r.stderr
+
+
 @pytest.mark.parametrize("args,expect", [
     (["--lerning_rate", "1"], "unknown flag --lerning_rate"),
     (["--lr", "fast"], "lr must be float"),
