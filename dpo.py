@@ -270,6 +270,7 @@ class Preference:
 
     def __init__(self, cfg, model, ref_model=None):
         self.cfg, self.model, self.ref_model, self.cache = cfg, model, ref_model, None
+        self.split = "train"  # which precomputed reference values (cache[split]) the items' indices point into
         self.kind = cfg.loss
         self.needs_ref = self.kind in ("dpo", "ipo", "kto")
         self.name = self.kind
@@ -291,7 +292,7 @@ class Preference:
     def reference(self, batch):
         """Reference log-probs [2P]: precomputed, a frozen copy, or this model with adapters off."""
         if self.cache is not None:  # [2, N] -> [chosen of the batch; rejected of the batch]
-            return self.cache[:, batch["index"].cpu()].reshape(-1).to(batch["input_ids"].device)
+            return self.cache[self.split][:, batch["index"].cpu()].reshape(-1).to(batch["input_ids"].device)
         if self.ref_model is not None:
             return self.ref_model.run(sequence_logps, batch)[0]
         was = self.model.training
@@ -330,14 +331,17 @@ class Preference:
     def evaluate(self, model, items, cfg, tok, device):
         was = model.training
         model.eval()
-        sums, n = {}, 0
-        for i in range(0, len(items), cfg.micro_batch_size):
-            b = train.to_device(self.collate(items[i : i + cfg.micro_batch_size], tok), device)
-            loss, mets = self.per_example(model, b)
-            for k, v in {"loss": loss, **mets}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.float().sum())
-            n += self.count(b)
-        model.train(was)
+        sums, n, self.split = {}, 0, "eval"  # (the eval pairs are indexed from 0 too: their own cache)
+        try:
+            for i in range(0, len(items), cfg.micro_batch_size):
+                b = train.to_device(self.collate(items[i : i + cfg.micro_batch_size], tok), device)
+                loss, mets = self.per_example(model, b)
+                for k, v in {"loss": loss, **mets}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.float().sum())
+                n += self.count(b)
+        finally:
+            model.train(was)
+            self.split = "train"
         return {f"eval_{k}": v / max(n, 1) for k, v in sums.items()}
 
     @torch.no_grad()
@@ -398,8 +402,9 @@ def main(argv=None):
     if cfg.precompute_ref and task.needs_ref:
         if cfg.loss == "kto":
             raise NanotuneError("precompute_ref does not apply to KTO (its KL pairs change with every batch).")
-        ref_c, ref_r = task.precompute(items, tok, device)
-        task.cache, task.ref_model = torch.stack([ref_c, ref_r]), None  # the frozen copy is no longer needed
+        task.cache = {split: torch.stack(task.precompute(x, tok, device)) for split, x in (("train", items),
+                                                                                         ("eval", eval_items or []))}
+        task.ref_model = None  # the frozen copy is no longer needed
     train.fit(cfg, model, tok, items, eval_items, task, device)
 
 

@@ -220,6 +220,16 @@ OLLAMA_TEMPLATES = {
 }
 
 
+def check_turn_markers(tok, template: str, name: str):
+    """Refuse a chat template whose end-of-turn marker is no single token of `tok`: it would be trained as plain
+    text, and the model would never learn to stop (llama3's <|eot_id|> on a ChatML model, say)."""
+    missing = [m for m in END_OF_TURN if m in template and tok.token_id(m) is None]
+    if missing:
+        raise NanotuneError(f"chat template {name!r} ends turns with {missing[0]}, which is not a token of this model's "
+                            "tokenizer, so the model would never learn to stop; use the model's own template or a "
+                            "built-in whose markers it has (chatml, llama3, gemma, phi3).")
+
+
 def resolve_template(spec: str | None) -> str | None:
     """None (the model's own), a built-in name, a path to a Jinja2 file, or an inline template."""
     if spec is None or spec in ("", "default"):

@@ -38,7 +38,7 @@ from families import adapter_names, nanotune_name
 from formats import hub_id, load_model, load_tokenizer, resolve_model_path, save_hf
 from lora import DEFAULT_TARGETS
 from model import generate
-from tokenizer import resolve_template
+from tokenizer import check_turn_markers, resolve_template
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +176,7 @@ def setup(cfg):
     tok = load_tokenizer(cfg.model)
     if cfg.chat_template:  # one template for the data, the samples, the saved tokenizer and the exports
         tok.chat_template = resolve_template(cfg.chat_template)
+        check_turn_markers(tok, tok.chat_template, cfg.chat_template)
     model = build_model(cfg, device, dtype)
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

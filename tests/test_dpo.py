@@ -246,3 +246,20 @@ def test_cuda_graphs_are_refused_for_preference_training():
     cfg = train.parse_config(["--cuda_graphs", "--packing", "true"], dpo.DPOConfig)
     with pytest.raises(NanotuneError, match=r"cuda_graphs is a train.py \(SFT\) option"):
         train.check_cuda_graphs(cfg, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("extra", [[], ["--precompute_ref", "true"], ["--lora", "false", "--precompute_ref", "true"]],
+                         ids=["lora", "lora-precomputed", "full-precomputed"])
+@pytest.mark.slow
+def test_step_0_eval_metrics_are_zero(extra, tmp_path):
+    """Before training the policy is the reference: every held-out margin and reward is 0, with the reference
+    computed live or precomputed (the eval pairs once read the training pairs' cached values: accuracy 0.625)."""
+    make_tiny_run_model(tmp_path / "m")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "dpo.py", "--model", str(tmp_path / "m"), "--datasets",
+                        "examples/preferences.jsonl", "--max_steps", "1", "--output_dir", str(out), "--cache_dir", "",
+                        *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = next(json.loads(x) for x in open(out / "metrics.jsonl") if "eval_rewards/margins" in x)
+    assert first["step"] == 0 and first["eval_rewards/margins"] == 0 and first["eval_rewards/accuracies"] == 0, first
+    assert first["eval_rewards/chosen"] == 0 and first["eval_rewards/rejected"] == 0

@@ -101,9 +101,13 @@ def write_chat_data(path, n=12):
             f.write(json.dumps({"messages": msgs}) + "\n")
 
 
-def run_train(args, driver=None, timeout=600):
+def run_train(args, driver=None, timeout=600, cwd=None):
+    """train.py (or a driver script around it) in a subprocess, from `cwd` (default: a fresh directory, so no test
+    reads or writes the repository's own out/, where the README's default job writes)."""
+    import tempfile
     cmd = [sys.executable, "-c", driver, *args] if driver else [sys.executable, os.path.join(ROOT, "train.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or tempfile.mkdtemp(), env=env)
 
 
 KILL_DRIVER = """
@@ -212,7 +216,12 @@ def test_resume_passes_over_damaged_files(tmp_path):
 ])
 @pytest.mark.slow
 def test_bad_cli_input_is_one_line(args, expect, tmp_path):
-    r = run_train(args + ["--sample_prompts_file", ""], timeout=120)
+    """Each bad flag gets its own sentence, also run from a directory whose out/ holds an earlier run (as the
+    repository's does after the README's default job)."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    out = [] if "--output_dir" in args else ["--output_dir", str(tmp_path / "new")]
+    r = run_train(args + out + ["--sample_prompts_file", ""], timeout=120, cwd=tmp_path)
     assert r.returncode == 1, r.stderr
     err = r.stderr.strip().splitlines()
     assert err[-1].startswith("error: ") and expect in err[-1] and "Traceback" not in r.stderr, r.stderr
@@ -372,3 +381,13 @@ def test_a_chat_template_that_never_ends_stops_the_run_in_one_sentence(tmp_path)
                    "--sample_prompts_file", "", "--cache_dir", "", "--output_dir", str(tmp_path / "o")], timeout=120)
     assert r.returncode == 1 and "stopped at 1,000,000 steps" in r.stderr, r.stderr[-2000:]
     assert not os.path.exists(tmp_path / "o" / "adapter")
+
+
+@pytest.mark.slow
+@pytest.mark.default_model
+def test_a_template_whose_turn_end_the_tokenizer_lacks_is_refused(tmp_path, smollm_gguf):
+    """--chat_template llama3 on SmolLM2 (no <|eot_id|> token) trained a model that never stops; now one sentence."""
+    r = run_train(["--chat_template", "llama3", "--max_steps", "1", "--output_dir", str(tmp_path / "o"),
+                   "--sample_prompts_file", ""], timeout=300)
+    assert r.returncode == 1 and "ends turns with <|eot_id|>, which is not a token" in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
