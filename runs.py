@@ -29,7 +29,7 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "model", 
 
 
 # settings a resume may change: they do not change what is trained (the rest must match the checkpoint)
-RESUMABLE = {"resume", "overwrite", "output_dir", "device", "dist_timeout", "log_steps", "eval_steps", "save_steps",
+RESUMABLE = {"resume", "resume_other_data", "overwrite", "output_dir", "device", "dist_timeout", "log_steps", "eval_steps", "save_steps",
              "save_total_limit", "sample_prompts", "sample_prompts_file", "sample_max_tokens", "cache_dir",
              "gradient_checkpointing", "offload_activations", "cuda_graphs", "varlen_attention"}
 
@@ -46,10 +46,62 @@ def check_output_dir(cfg):
         raise NanotuneError(f"output_dir {out!r} is a file; choose a directory name.")
     if cfg.resume and cfg.overwrite:
         raise NanotuneError("--resume continues the run in output_dir and --overwrite replaces it; pass one of them.")
+    if dist.is_main():
+        lock_output_dir(out)
     held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if held and not cfg.resume and not cfg.overwrite:
         raise NanotuneError(f"output_dir {out!r} holds an earlier run ({', '.join(held)}); pass --resume to "
                             "continue it, --overwrite to replace it, or choose another output_dir.")
+
+
+_LOCKS = {}  # output dir -> its open lock file, held until the process ends (a run in the same process may reuse it)
+
+
+def lock_output_dir(out):
+    """One run at a time in an output dir: an exclusive lock on out/.lock (released when the process ends, even
+    by SIGKILL); a second run into it stops in one sentence instead of interleaving its files with the first."""
+    try:
+        import fcntl
+    except ImportError:  # (not on Windows)
+        return
+    os.makedirs(out, exist_ok=True)
+    path = os.path.realpath(os.path.join(out, ".lock"))
+    if path in _LOCKS:
+        return
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise NanotuneError(f"output_dir {out!r} is in use by another run (pid {pid}); wait for it to end or choose "
+                            "another output_dir.")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    _LOCKS[path] = f
+
+
+def data_digest(rows) -> str:
+    """A fingerprint of the rows a run trains on (token ids and labels, in order): what --resume compares."""
+    import hashlib
+    from array import array
+    h = hashlib.sha256()
+    for r in rows:  # (where a record came from, file:line, is left out: a moved file is the same data)
+        for k in sorted(k for k in r if k != "where"):
+            v = r[k]
+            ints = isinstance(v, list) and all(isinstance(x, int) for x in v)
+            h.update(k.encode() + (array("q", v).tobytes() if ints else json.dumps(v, default=str).encode()))
+    return h.hexdigest()[:32]
+
+
+def check_resume_data(cfg, ckpt, digest):
+    saved = read_meta(ckpt).get("data")
+    if saved and saved != digest and not cfg.resume_other_data:
+        raise NanotuneError(f"--resume: the training data differs from the data {ckpt} was trained on (a dataset "
+                            "file, its records or how they tokenize changed); restore it, start a new run, or pass "
+                            "--resume_other_data true to continue on the new data knowingly.")
 
 
 def check_resume(cfg, ckpt):
@@ -125,7 +177,7 @@ def trainable_state(model):
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(cfg, step, model, opt, sched, sampler):
+def save_checkpoint(cfg, step, model, opt, sched, sampler, data=None):
     """checkpoints/step-NNNNNN: trainable weights (or DCP shards), state.pt (tensors and plain values only),
     the run's config.yaml and meta.json (step, world size); written as .tmp, then renamed."""
     from safetensors.torch import save_file
@@ -151,7 +203,7 @@ def save_checkpoint(cfg, step, model, opt, sched, sampler):
     torch.save(state, os.path.join(tmp, "state.pt"))
     save_config(cfg, os.path.join(tmp, "config.yaml"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"step": step, "world": dist.world()}, f)
+        json.dump({"step": step, "world": dist.world(), "data": data}, f)
     publish(tmp, final)
     done = finished_checkpoints(root)
     for d in done[:-keep] if keep > 0 else []:

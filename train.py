@@ -139,6 +139,7 @@ class TrainConfig:
     save_total_limit: int = F_(2, "checkpoints kept")
     resume: str | None = F_(None, "'latest' (or a bare --resume) or a checkpoint path", const="latest")
     overwrite: bool = F_(False, "replace the run already in output_dir (without it such a directory is refused)")
+    resume_other_data: bool = F_(False, "--resume even though the training data differs from the checkpoint's")
     sample_prompts: list = F_([], "prompts answered before and after training")
     sample_prompts_file: str | None = F_(bundled("identity_prompts.txt"), "file with one held-out prompt per line")
     sample_max_tokens: int = F_(48, "tokens generated per sample prompt")
@@ -302,7 +303,9 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
     dist.barrier()
     start = 0
     ckpt = last_ckpt = runs.find_checkpoint(cfg)
+    digest = runs.data_digest(rows)
     if ckpt:
+        runs.check_resume_data(cfg, ckpt, digest)
         start = runs.load_checkpoint(ckpt, model, opt, sched, sampler)
         if dist.is_main():
             runs.truncate_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start)
@@ -354,12 +357,12 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != steps:
                 run_eval(model, tok, eval_rows, prompts, cfg, device, step, metrics, bar, task)
             if cfg.save_steps and step % cfg.save_steps == 0 and step != steps:
-                runs.save_checkpoint(cfg, step, model, opt, sched, sampler)
+                runs.save_checkpoint(cfg, step, model, opt, sched, sampler, digest)
                 last_ckpt = os.path.join(cfg.output_dir, "checkpoints", f"step-{step:06d}")
             if stop.requested():  # SIGTERM: this step is done; keep it and end
                 here = os.path.join(cfg.output_dir, "checkpoints", f"step-{step:06d}")
                 if last_ckpt != here:
-                    runs.save_checkpoint(cfg, step, model, opt, sched, sampler)
+                    runs.save_checkpoint(cfg, step, model, opt, sched, sampler, digest)
                 bar.close()
                 raise NanotuneError(f"stopped by SIGTERM after step {step}; the checkpoint {here} holds it: run the "
                                     "same command with --resume to continue from it.")

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -391,3 +392,45 @@ def test_a_template_whose_turn_end_the_tokenizer_lacks_is_refused(tmp_path, smol
                    "--sample_prompts_file", ""], timeout=300)
     assert r.returncode == 1 and "ends turns with <|eot_id|>, which is not a token" in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+SLOW_DRIVER = """
+import sys, time
+sys.argv = ["train.py"] + sys.argv[1:]
+import train
+orig = train.train_step
+train.train_step = lambda *a, **k: (time.sleep(0.5), orig(*a, **k))[1]
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_data_and_two_runs_never_share_a_directory(tmp_path):
+    """The dataset file edited in place (same path, same number of records) between a run and its --resume: one
+    sentence, unless --resume_other_data says so knowingly. A second run started into a directory a running run
+    holds stops in one sentence instead of interleaving its metrics with the first's."""
+    make_tiny_run_model(tmp_path / "m")
+    write_chat_data(tmp_path / "d.jsonl")
+    common = ["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--max_steps", "6",
+              "--micro_batch_size", "2", "--save_steps", "3", "--sample_prompts_file", "", "--cache_dir", "",
+              "--output_dir", str(tmp_path / "run")]
+    assert run_train(common).returncode == 0
+    subprocess.run(["rm", "-rf", str(tmp_path / "run" / "adapter")])
+    text = (tmp_path / "d.jsonl").read_text()
+    (tmp_path / "d.jsonl").write_text(text.replace("It is", "That is"))
+    r = run_train(common + ["--resume"])
+    assert r.returncode == 1 and "the training data differs from the data" in r.stderr, r.stderr[-2000:]
+    r = run_train(common + ["--resume", "--resume_other_data", "true"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = subprocess.Popen([sys.executable, "-c", SLOW_DRIVER, *common[:-1], str(tmp_path / "busy")], cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": ROOT}, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # until the first run holds the directory
+            if os.path.exists(tmp_path / "busy" / "metrics.jsonl"):
+                break
+            time.sleep(0.1)
+        r = run_train(common[:-1] + [str(tmp_path / "busy"), "--overwrite"])
+        assert r.returncode == 1 and "is in use by another run" in r.stderr, r.stderr[-2000:]
+    finally:
+        first.kill()
+        first.wait()
