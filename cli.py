@@ -51,12 +51,20 @@ class Parser(argparse.ArgumentParser):
         raise NanotuneError(f"{message}; see --help.")
 
 
-def read_json(path):
+def read_json(path, kind=dict):
+    """A JSON file that must hold a `kind` (an object by default); anything else is one sentence."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
     except json.JSONDecodeError as e:
         raise NanotuneError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix or replace the file.")
+    except UnicodeDecodeError:
+        raise NanotuneError(f"{path} is not UTF-8 text; fix or replace the file.")
+    except RecursionError:
+        raise NanotuneError(f"{path} is nested too deeply to read; fix or replace the file.")
+    if kind is not None and not isinstance(value, kind):
+        raise NanotuneError(f"{path} holds a JSON {type(value).__name__}, not an object; fix or replace the file.")
+    return value
 
 
 def bundled(name: str) -> str:

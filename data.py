@@ -47,7 +47,8 @@ def read_records(path: str) -> list:
         ds = datasets.load_dataset(name, split=split or "train")
         return [(f"{path}[{i}]", dict(r)) for i, r in enumerate(ds)]
     if not os.path.isfile(path):
-        raise NanotuneError(f"dataset {path!r} does not exist; pass a .jsonl, .json or .parquet file.")
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise NanotuneError(f"dataset {path!r} {what}; pass a .jsonl, .json or .parquet file.")
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -67,6 +68,8 @@ def read_records(path: str) -> list:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise NanotuneError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file.")
+        except RecursionError:
+            raise NanotuneError(f"{path}: nested too deeply to be a dataset; fix the file.")
         data = data.get("data", data) if isinstance(data, dict) else data
         return [(f"{path}[{i}]", r) for i, r in enumerate(data)]
     out = []
@@ -77,6 +80,8 @@ def read_records(path: str) -> list:
             out.append((f"{path}:{n}", json.loads(line)))
         except json.JSONDecodeError as e:
             raise NanotuneError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove that line.")
+        except RecursionError:
+            raise NanotuneError(f"{path}:{n}: nested too deeply to be a record; fix or remove that line.")
     return out
 
 
@@ -256,7 +261,8 @@ def dataset_spec(spec) -> dict:
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf:
         raise NanotuneError(f"dataset {spec['path']}: weight {w!r} must be a number > 0.")
     if not spec["path"].startswith("hf:") and not os.path.isfile(spec["path"]):
-        raise NanotuneError(f"dataset {spec['path']!r} does not exist; pass a .jsonl, .json or .parquet file.")
+        what = "is a directory" if os.path.isdir(spec["path"]) else "does not exist"
+        raise NanotuneError(f"dataset {spec['path']!r} {what}; pass a .jsonl, .json or .parquet file.")
     return spec
 
 

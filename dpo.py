@@ -370,6 +370,9 @@ def prepare(cfg, tok):
                 continue
             x = dict(x, prompt=fitted[0][0], **{k: f[1] for k, f in zip(keys, fitted)})
             items.append(x)
+    if not items:
+        raise NanotuneError(f"every one of the {dropped} pairs is longer than max_len {cfg.max_len} and was dropped "
+                            "(truncation drop); raise max_len or set truncation truncate.")
     if cfg.loss == "kto" and cfg.micro_batch_size < 2:
         raise NanotuneError("KTO's KL estimate pairs each prompt with another example's completion: use "
                             "micro_batch_size >= 2.")

@@ -77,8 +77,9 @@ def dense_tensors(model, unstack=True):
 # Merged HF directory and PEFT adapter
 # What each format writes: --overwrite replaces only an earlier nanotune result, never a directory or file of the
 # user's that happens to be at --out (it would be deleted).
-OURS = {"merged": ("config.json", re.compile(r"(generation_)?config\.json|tokenizer(_config)?\.json|chat_template\.jinja"
-                                            r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")),
+OURS = {"merged": ("config.json", re.compile(r"(generation_)?config\.json|tokenizer(_config)?\.json"
+                                            r"|chat_template\.jinja|model(-\d{5}-of-\d{5})?\.safetensors"
+                                            r"|model\.safetensors\.index\.json")),
         "adapter": ("adapter_config.json", re.compile(r"adapter_(config\.json|model\.safetensors)|tokenizer(_config)?"
                                                       r"\.json|chat_template\.jinja"))}
 
@@ -274,8 +275,15 @@ def load_for_export(args):
         if not os.path.isfile(cfg_path):
             raise NanotuneError(f"{args.run} has no config.yaml; pass a train.py output directory.")
         import yaml
-        with open(cfg_path) as f:
-            run = yaml.safe_load(f)
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                run = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise NanotuneError(f"{cfg_path} is not valid YAML ({str(e).splitlines()[0][:80]}); it is not a train.py "
+                                "run's config: pass the run's own output directory.")
+        if not isinstance(run, dict) or not isinstance(run.get("model"), (str, type(None))):
+            raise NanotuneError(f"{cfg_path} is not a train.py run config (not a mapping of settings); pass the "
+                                "run's own output directory.")
         four_bit = run.get("load_in_4bit", False)
         dtype = run.get("dtype") if run.get("dtype") in ("float32", "bfloat16", "float16") else dtype
         if os.path.isdir(os.path.join(args.run, "adapter")):

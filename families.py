@@ -157,6 +157,13 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         d.setdefault("num_local_experts", d["num_experts"])
     if d.get("qk_layernorm"):
         raise NanotuneError(f"{where}: qk_layernorm=true (a Phi variant) is not supported.")
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim"):  # (the last two may be absent: derived below)
+        v = d.get(k)
+        if (v is not None or k not in ("num_key_value_heads", "head_dim")) and (
+                not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise NanotuneError(f"{where}: {k} is {'missing' if v is None else repr(v)}, but a {mt} model needs it "
+                                "as a whole number > 0; the file is incomplete or not this model's config.")
     theta, scaling, local = rope_from_hf(d, where)
     heads, hidden = d["num_attention_heads"], d["hidden_size"]
     rp = d.get("rope_parameters") or {}

@@ -479,7 +479,8 @@ def pair_expert_biases(pending: dict, base: str, proj: str, x: torch.Tensor):
         return
     pending[base, proj] = x
     if (base, "gate_proj") in pending and (base, "up_proj") in pending:
-        yield f"{base}.gate_up_proj_bias", torch.cat([pending.pop((base, "gate_proj")), pending.pop((base, "up_proj"))], 1)
+        gate, up = pending.pop((base, "gate_proj")), pending.pop((base, "up_proj"))
+        yield f"{base}.gate_up_proj_bias", torch.cat([gate, up], 1)
 
 
 def gguf_tensors(reader, cfg: Config, where: str):
@@ -547,8 +548,8 @@ def write_gguf_rope(w, cfg: Config):
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(s["factor"])
     if kind == "yarn":  # llama.cpp computes YaRN's 0.1 ln(factor) + 1 itself; an explicit factor it cannot take
-        if (s.get("truncate") is False and arch != "gpt-oss") or any(s.get(k) is not None for k in ("attention_factor", "mscale",
-                                                                              "mscale_all_dim")):
+        untruncated = s.get("truncate") is False and arch != "gpt-oss"  # (gpt-oss: export.py warns)
+        if untruncated or any(s.get(k) is not None for k in ("attention_factor", "mscale", "mscale_all_dim")):
             raise NanotuneError("this YaRN config sets attention_factor / mscale / truncate, which llama.cpp's GGUF "
                                 "keys cannot express; export --format merged instead.")
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)

@@ -6,6 +6,8 @@
     python generate.py --model model.gguf --raw --prompt "Once upon a time"   # plain completion, no template
 """
 import argparse
+import math
+import re
 
 import torch
 
@@ -34,16 +36,25 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on GPU, float32 on CPU")
     a = p.parse_args(argv)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", a.device):
+        raise NanotuneError(f"--device {a.device!r} is not one nanotune runs on; use cpu, cuda or cuda:N.")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise NanotuneError(f"--device {a.device}: this machine has no CUDA device; use --device cpu.")
-    for flag, ok, legal in (("max_new_tokens", a.max_new_tokens >= 1, ">= 1"), ("top_k", a.top_k >= 0, ">= 0"),
-                            ("temperature", a.temperature >= 0, ">= 0"), ("top_p", 0 < a.top_p <= 1, "in (0, 1]")):
+    for flag, ok, legal in (("max_new_tokens", 1 <= a.max_new_tokens <= 1 << 20, "in [1, 1048576]"),
+                            ("top_k", a.top_k >= 0, ">= 0"), ("temperature", 0 <= a.temperature < math.inf, ">= 0"),
+                            ("top_p", 0 < a.top_p <= 1, "in (0, 1]")):
         if not ok:
             raise NanotuneError(f"--{flag} {getattr(a, flag)} is out of range; use a value {legal}.")
+    if a.raw and not a.prompt:
+        raise NanotuneError("--raw needs a --prompt to continue; it is empty.")
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     model, tok = load(a.model, dtype=dtype, device=a.device)
     if a.adapter:
         load_adapter(model, a.adapter, **adapter_names(model.config, saving=False))
+    context = model.config.max_position_embeddings
+    if a.max_new_tokens > context:  # (the KV cache holds prompt + answer: 1e9 tokens would be gigabytes)
+        raise NanotuneError(f"--max_new_tokens {a.max_new_tokens} is more than this model's context ({context} "
+                            "tokens); ask for fewer.")
     sample = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   seed=a.seed, stop_ids=tok.stop_ids)
 

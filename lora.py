@@ -239,9 +239,16 @@ def apply_lora(model: nn.Module, r=16, alpha=16, dropout=0.0, targets=DEFAULT_TA
                    if expert_targets is not None else any(_matches(f"{n}.{a}", targets) for a in aliases))]
                for n, m in model.named_modules() if isinstance(m, Experts) and id(m) not in wrapped}
     experts = {n: p for n, p in experts.items() if p}
+    if not targets and expert_targets is None:
+        raise NanotuneError(f"lora_targets is empty; name the modules to adapt, e.g. {','.join(DEFAULT_TARGETS)}.")
     if not names and not experts:
         raise NanotuneError(f"no module matches lora targets {targets!r}; valid names include "
                             f"{', '.join(DEFAULT_TARGETS)}, lm_head.")
+    params = [n for n, _ in model.named_parameters()]
+    for t in train_modules:
+        if not any(f".{t}." in f".{n}" for n in params):
+            raise NanotuneError(f"train_modules {t!r} names no module of this model; use a module name such as "
+                                "embed_tokens or lm_head.")
     if experts and (dropout or dora):
         raise NanotuneError(f"lora_dropout and DoRA are not supported on the routed experts ({next(iter(experts))} "
                             "is targeted); set lora_dropout 0 and use_dora false, or leave gate_proj/up_proj/down_proj "
@@ -387,9 +394,9 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_p
     targets = c["target_modules"] if isinstance(c["target_modules"], str) else sorted(set(
         (rename(n) if rename else n).rsplit(".", 1)[-1] for n, m in layers if isinstance(m, LoRALinear)
         and n not in moe))
-    params = sorted(set(".".join((router_name(n, rename) if n in moe else n).split(".")[-2:] + [p])  # mlp.gate.weight,
-                        for n, m in layers for p in (m.lora_A if isinstance(m, LoRAExperts) else  # mlp.experts.down_proj
-                                                     ["weight"] if n in moe else [])))
+    params = sorted(set(  # mlp.experts.down_proj, mlp.gate.weight (gpt-oss: mlp.router.weight)
+        ".".join((router_name(n, rename) if n in moe else n).split(".")[-2:] + [p])
+        for n, m in layers for p in (m.lora_A if isinstance(m, LoRAExperts) else ["weight"] if n in moe else [])))
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
            "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
            "target_modules": targets, "use_rslora": c["use_rslora"], "use_dora": c["use_dora"], "bias": "none",

@@ -29,9 +29,10 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "model", 
 
 
 # settings a resume may change: they do not change what is trained (the rest must match the checkpoint)
-RESUMABLE = {"resume", "resume_other_data", "overwrite", "output_dir", "device", "dist_timeout", "log_steps", "eval_steps", "save_steps",
-             "save_total_limit", "sample_prompts", "sample_prompts_file", "sample_max_tokens", "cache_dir",
-             "gradient_checkpointing", "offload_activations", "cuda_graphs", "varlen_attention"}
+RESUMABLE = {"resume", "resume_other_data", "overwrite", "output_dir", "device", "dist_timeout", "log_steps",
+             "eval_steps", "save_steps", "save_total_limit", "sample_prompts", "sample_prompts_file",
+             "sample_max_tokens", "cache_dir", "gradient_checkpointing", "offload_activations", "cuda_graphs",
+             "varlen_attention"}
 
 
 def check_output_dir(cfg):
@@ -46,7 +47,7 @@ def check_output_dir(cfg):
         raise NanotuneError(f"output_dir {out!r} is a file; choose a directory name.")
     if cfg.resume and cfg.overwrite:
         raise NanotuneError("--resume continues the run in output_dir and --overwrite replaces it; pass one of them.")
-    if dist.is_main():
+    if os.environ.get("RANK", "0") == "0":  # (before the process group exists: torchrun's global rank 0 locks)
         lock_output_dir(out)
     held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if held and not cfg.resume and not cfg.overwrite:

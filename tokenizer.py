@@ -225,9 +225,9 @@ def check_turn_markers(tok, template: str, name: str):
     text, and the model would never learn to stop (llama3's <|eot_id|> on a ChatML model, say)."""
     missing = [m for m in END_OF_TURN if m in template and tok.token_id(m) is None]
     if missing:
-        raise NanotuneError(f"chat template {name!r} ends turns with {missing[0]}, which is not a token of this model's "
-                            "tokenizer, so the model would never learn to stop; use the model's own template or a "
-                            "built-in whose markers it has (chatml, llama3, gemma, phi3).")
+        raise NanotuneError(f"chat template {name!r} ends turns with {missing[0]}, which is not a token of this "
+                            "model's tokenizer, so the model would never learn to stop; use the model's own template "
+                            "or a built-in whose markers it has (chatml, llama3, gemma, phi3).")
 
 
 def resolve_template(spec: str | None) -> str | None:

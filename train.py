@@ -79,6 +79,7 @@ LIMITS = {
     "save_total_limit": (lambda v: v >= 1, "a whole number >= 1"),
     "sample_max_tokens": (lambda v: v >= 1, "a whole number >= 1"),
     "dist_timeout": (lambda v: 0 < v < math.inf, "a number of seconds > 0"),
+    "seed": (lambda v: 0 <= v < 2**63, "a whole number in [0, 2**63)"),
 }
 
 
@@ -262,8 +263,16 @@ def check_inputs(cfg):
     for spec in [*cfg.datasets, *([cfg.eval_file] if cfg.eval_file else [])]:
         dataset_spec(spec)
     if cfg.sample_prompts_file and not os.path.isfile(cfg.sample_prompts_file):
-        raise NanotuneError(f"sample_prompts_file {cfg.sample_prompts_file!r} does not exist; pass a file with one "
+        what = "is a directory" if os.path.isdir(cfg.sample_prompts_file) else "does not exist"
+        raise NanotuneError(f"sample_prompts_file {cfg.sample_prompts_file!r} {what}; pass a file with one "
                             "prompt per line, or '' for none.")
+    if cfg.sample_prompts_file:
+        try:
+            with open(cfg.sample_prompts_file, encoding="utf-8") as f:
+                f.read()
+        except UnicodeDecodeError:
+            raise NanotuneError(f"sample_prompts_file {cfg.sample_prompts_file!r} is not UTF-8 text; save it as "
+                                "UTF-8.")
     resolve_template(cfg.chat_template)
 
 
@@ -313,7 +322,7 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
 
     prompts = list(cfg.sample_prompts)
     if cfg.sample_prompts_file and os.path.isfile(cfg.sample_prompts_file):
-        with open(cfg.sample_prompts_file) as f:
+        with open(cfg.sample_prompts_file, encoding="utf-8", errors="strict") as f:
             prompts += [ln.strip() for ln in f if ln.strip()]
     if dist.is_dist():
         prompts = []  # sample generations are a single-process feature (generate.py on the result)

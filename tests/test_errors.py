@@ -136,6 +136,10 @@ def test_list_flags_take_commas_or_spaces(tmp_path, monkeypatch):
     (["--sample_prompts_file", "nope.txt"], "sample_prompts_file 'nope.txt' does not exist"),
     (["--datasets", "x.jsonl:0.5", "nope.jsonl"], "dataset 'x.jsonl' does not exist"),
     (["--output_dir", "FILE"], "is a file; choose a directory name"),
+    (["--sample_prompts_file", "latin1.txt"], "sample_prompts_file 'latin1.txt' is not UTF-8 text"),
+    (["--sample_prompts_file", "m"], "sample_prompts_file 'm' is a directory"),
+    (["--datasets", "m"], "dataset 'm' is a directory"),
+    (["--seed", str(2**80)], "--seed 1208925819614629174706176 is out of range"),
 ])
 def test_run_inputs_are_checked_before_the_model_loads(args, expect, tmp_path, monkeypatch):
     import train
@@ -143,6 +147,7 @@ def test_run_inputs_are_checked_before_the_model_loads(args, expect, tmp_path, m
     make_tiny_run_model(tmp_path / "m")
     (tmp_path / "FILE").write_text("")
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"sample {i}"}) + "\n" for i in range(12)))
+    (tmp_path / "latin1.txt").write_bytes("Grüße\n".encode("latin-1"))
     monkeypatch.chdir(tmp_path)
     loaded = []
     monkeypatch.setattr(train, "build_model", lambda *a: loaded.append(1) or pytest.fail("model loaded"))
@@ -303,3 +308,65 @@ def test_moe_only_settings_are_refused_in_one_sentence(tmp_path):
         with pytest.raises(NanotuneError, match=why):
             export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     assert not os.path.exists(tmp_path / "m.gguf")
+
+
+def bad_config(tmp_path, how):
+    """A model directory whose config.json is damaged in one way."""
+    from conftest import make_hf_model
+    make_hf_model("llama", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    if how == "list":
+        (tmp_path / "config.json").write_text("[1, 2]")
+    elif how == "latin1":
+        text = json.dumps({**cfg, "name": "Grüße"}, ensure_ascii=False)
+        (tmp_path / "config.json").write_bytes(text.encode("latin-1"))
+    elif how == "no_hidden":
+        del cfg["hidden_size"]
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    else:
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": how}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("how,expect", [
+    ("list", "holds a JSON list, not an object"), ("latin1", "is not UTF-8 text"),
+    ("no_hidden", "hidden_size is missing, but a llama model needs it as a whole number > 0"),
+    ("2", "num_hidden_layers is '2', but a llama model needs it"), (-2, "num_hidden_layers is -2, but"),
+])
+def test_a_damaged_config_json_is_one_sentence(how, expect, tmp_path):
+    import formats
+    with pytest.raises(NanotuneError, match=re.escape(expect)):
+        formats.load_model(str(bad_config(tmp_path, how)))
+
+
+def test_bad_generate_and_export_inputs_are_one_sentence(tmp_path):
+    import export
+    import generate
+    for argv, expect in ((["--device", "tpu"], "--device 'tpu' is not one nanotune runs on"),
+                         (["--max_new_tokens", "1000000000"], "--max_new_tokens 1000000000 is out of range"),
+                         (["--temperature", "inf"], "--temperature inf is out of range"),
+                         (["--raw", "--prompt", ""], "--raw needs a --prompt")):
+        with pytest.raises(NanotuneError, match=re.escape(expect)):
+            generate.main(argv)
+    for text, expect in (("- a\n- b\n", "is not a train.py run config"), ("model: [x\n", "is not valid YAML")):
+        (tmp_path / "run").mkdir(exist_ok=True)
+        (tmp_path / "run" / "config.yaml").write_text(text)
+        with pytest.raises(NanotuneError, match=re.escape(expect)):
+            export.main(["--run", str(tmp_path / "run"), "--format", "merged"])
+
+
+def test_lora_targets_and_train_modules_that_name_nothing_are_refused(tmp_path):
+    import lora
+    from conftest import make_hf_model
+    import formats
+    make_hf_model("llama", tmp_path)
+    with pytest.raises(NanotuneError, match="lora_targets is empty"):
+        lora.apply_lora(formats.load_model(str(tmp_path)), r=2, alpha=2, targets=[])
+    with pytest.raises(NanotuneError, match="train_modules 'nosuch' names no module"):
+        lora.apply_lora(formats.load_model(str(tmp_path)), r=2, alpha=2, train_modules=["nosuch"])
+
+
+def test_a_record_nested_too_deeply_is_one_sentence(tmp_path):
+    (tmp_path / "deep.jsonl").write_text("[" * 200_000 + "]" * 200_000 + "\n")
+    with pytest.raises(NanotuneError, match=re.escape("deep.jsonl:1: nested too deeply to be a record")):
+        data.read_records(str(tmp_path / "deep.jsonl"))

@@ -250,7 +250,8 @@ def test_overwrite_replaces_only_nanotunes_own_results(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and (tmp_path / "mine" / "thesis.tex").exists()
     (tmp_path / "notes.gguf").write_text("not a model")
     r = run_export(base + ["--format", "gguf", "--out", str(tmp_path / "notes.gguf"), "--overwrite"])
-    assert r.returncode == 1 and "not a GGUF file" in r.stderr and (tmp_path / "notes.gguf").read_text() == "not a model"
+    assert r.returncode == 1 and "not a GGUF file" in r.stderr
+    assert (tmp_path / "notes.gguf").read_text() == "not a model"
     for _ in range(2):  # an earlier nanotune export is replaced
         r = run_export(base + ["--format", "merged", "--out", str(tmp_path / "merged"), "--overwrite"])
         assert r.returncode == 0, r.stderr[-500:]

@@ -239,7 +239,8 @@ def test_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path):
     sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
     g = torch.Generator().manual_seed(0)
     c = hf.config
-    shapes = {"gate_up_proj": (2 * c.intermediate_size, c.hidden_size), "down_proj": (c.hidden_size, c.intermediate_size)}
+    shapes = {"gate_up_proj": (2 * c.intermediate_size, c.hidden_size),
+              "down_proj": (c.hidden_size, c.intermediate_size)}
     for i, layer in enumerate(hf.model.layers):
         for p, (out, inp) in shapes.items():
             blocks = torch.randint(0, 256, (c.num_local_experts, out, inp // 32, 16), dtype=torch.uint8, generator=g)
