@@ -189,6 +189,8 @@ def tokenize(rec, fmt, tok, template=None, roles=("assistant",), train_on_inputs
         for s in rec["segments"]:
             if not isinstance(s, dict) or not isinstance(s.get("text"), str):
                 raise NanotuneError(f"{where}: each segment needs a string 'text' (and 'label': true/false).")
+            if not isinstance(s.get("label", True), bool):  # ("no" would count as true)
+                raise NanotuneError(f"{where}: a segment's 'label' must be true or false, got {s['label']!r}.")
             part = tok.encode(s["text"], add_special_tokens=False)
             ids += part
             labels += part if (s.get("label", True) or train_on_inputs) else [IGNORE] * len(part)

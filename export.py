@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import re
+import shutil
 import sys
 
 import torch
@@ -37,6 +38,14 @@ QUANTS = [*FLOAT_TYPES, *BLOCK_TYPES, *K_QUANTS]
 
 # ---------------------------------------------------------------------------------------------
 # Dense tensors, one at a time
+def finite(name, t, dtype):
+    """(name, tensor) about to be written, refused when casting made it inf / NaN (past float16's 65504)."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise NanotuneError(f"{name} holds values that {str(dtype).removeprefix('torch.')} cannot represent (they "
+                            "became inf); export with --dtype bfloat16 or float32 instead.")
+    return name, t
+
+
 def expert_biases(prefix, experts):
     """gpt-oss: the experts' biases, beside their stacked weights."""
     return ((prefix + n, p.detach()) for n, p in experts.named_parameters(recurse=False) if n.endswith("_bias"))
@@ -118,7 +127,12 @@ def export_merged(model, tok, out, dtype=torch.bfloat16, overwrite=False, shard_
     Shards are written as they fill, so only one shard is ever held in memory."""
     import json
     tmp = atomic_dir(out, overwrite, "merged")
-    formats.write_safetensors(tmp, ((name, t.to(dtype)) for name, t in dense_tensors(model)), shard_bytes)
+    try:
+        formats.write_safetensors(tmp, (finite(name, t.to(dtype), dtype) for name, t in dense_tensors(model)),
+                                  shard_bytes)
+    except NanotuneError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     formats.write_config(tmp, model.config, dtype)
     eos = sorted(tok.stop_ids)
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
@@ -428,7 +442,14 @@ def main(argv=None):
             publish(modelfile + ".tmp", modelfile)
     print(f"wrote {out} ({written})")
     if a.verify:
-        verify(a.format, out, model, tok, base_path, written)
+        try:
+            verify(a.format, out, model, tok, base_path, written)
+        except NanotuneError as e:  # what failed is not left under the name a finished export has
+            aside = out + ".unverified"
+            if os.path.lexists(aside):
+                shutil.rmtree(aside) if os.path.isdir(aside) else os.remove(aside)
+            os.replace(out, aside)
+            raise NanotuneError(f"{e} (the export was moved to {aside})")
 
 
 if __name__ == "__main__":

@@ -340,13 +340,18 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
                disable=not dist.is_main())
     tb = runs.tensorboard(cfg.output_dir) if dist.is_main() else None
     t0, tokens_seen, step = time.time(), 0, start
-    stop = runs.StopSignal()
+    stop, frozen = runs.StopSignal(), 0
     try:
         for step in range(start + 1, steps + 1):
             micro = [to_device(task.collate([rows[i] for i in dist.rank_slice(sampler.next(), R, W)], tok), device)
                      for _ in range(cfg.grad_accum)]
             loss, gnorm, count, tokens, mets = train_step(model, opt, sched, micro, task, cfg.max_grad_norm)
             runs.check_finite(step, loss=loss, gradient_norm=gnorm)
+            frozen = frozen + 1 if gnorm == 0 else 0
+            if frozen == FROZEN_STEPS and dist.is_main():  # (bar.write: its own line, not glued to the bar)
+                bar.write(f"warning: the gradient has been exactly 0 for {FROZEN_STEPS} steps (to step {step}): the "
+                          "model has stopped learning (an lr far too high saturates it); the result will not have "
+                          "trained further.", file=sys.stderr)
             tokens_seen += tokens
             tps = tokens_seen / (time.time() - t0)
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
@@ -397,6 +402,9 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
     after = run_eval(model, tok, eval_rows, prompts, cfg, device, steps, metrics, None, task)
     metrics.close()
     finish(model, tok, cfg, prompts, before, after)
+
+
+FROZEN_STEPS = 10  # steps in a row with a gradient of exactly 0 before the run warns that it stopped learning
 
 
 def make_optimizer(model, cfg, device):

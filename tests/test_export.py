@@ -265,3 +265,25 @@ def test_overwrite_replaces_only_nanotunes_own_results(tmp_path):
     for _ in range(2):  # its own Modelfile and GGUF are replaced
         r = run_export(base + gguf_out)
         assert r.returncode == 0 and (tmp_path / "out" / "Modelfile").read_text().startswith("FROM ./m.gguf\n")
+
+
+def test_no_inf_is_written_and_a_failed_verify_is_moved_aside(tmp_path, monkeypatch):
+    """--dtype float16 on weights past float16's range is refused (it wrote inf, only --verify noticed), leaving no
+    directory; an export that fails --verify is moved to <out>.unverified, not left under its finished name."""
+    make_hf_model("llama", tmp_path / "base")
+    save_tiny_tokenizer(tmp_path / "base")
+    m = formats.load_model(str(tmp_path / "base"))
+    with torch.no_grad():
+        m.model.layers[0].mlp.up_proj.weight[0, 0] = 1e5
+    formats.save_hf(m, str(tmp_path / "big"), formats.load_tokenizer(str(tmp_path / "base")))
+    with pytest.raises(NanotuneError, match="up_proj.weight holds values that float16 cannot represent"):
+        export.main(["--model", str(tmp_path / "big"), "--format", "merged", "--dtype", "float16",
+                     "--out", str(tmp_path / "m16")])
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("m16")]
+    real = export.reader_logits
+    monkeypatch.setattr(export, "reader_logits", lambda *a: (lambda who, got: (who, [g + torch.randn_like(g) * 5
+                                                                                     for g in got]))(*real(*a)))
+    with pytest.raises(NanotuneError, match=r"verify failed.*moved to .*m32\.unverified"):
+        export.main(["--model", str(tmp_path / "base"), "--format", "merged", "--dtype", "float32",
+                     "--out", str(tmp_path / "m32"), "--verify"])
+    assert not os.path.exists(tmp_path / "m32") and os.path.isfile(tmp_path / "m32.unverified" / "config.json")

@@ -434,3 +434,17 @@ def test_resume_refuses_changed_data_and_two_runs_never_share_a_directory(tmp_pa
     finally:
         first.kill()
         first.wait()
+
+
+@pytest.mark.slow
+def test_a_run_whose_gradient_dies_says_so(tmp_path):
+    """Full fine-tuning at lr 1e3 saturates the tiny model after one step and the gradient is 0 from then on: the
+    run says so on a line of its own instead of finishing as if it trained."""
+    make_tiny_run_model(tmp_path / "m")
+    write_chat_data(tmp_path / "d.jsonl")
+    r = run_train(["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--lora", "false",
+                   "--lr", "1e3", "--max_steps", "16", "--sample_prompts_file", "", "--cache_dir", "",
+                   "--output_dir", str(tmp_path / "o")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert any(line.startswith("warning: the gradient has been exactly 0 for 10 steps")
+               for line in r.stderr.replace("\r", "\n").splitlines()), r.stderr[-2000:]
