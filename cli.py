@@ -9,6 +9,7 @@ Also the one way a finished file or directory appears under its final name (`pub
 temp name, then renamed), so a crash never leaves something that looks finished.
 """
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -81,6 +82,41 @@ def fresh_tmp(final: str) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     return tmp
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether an error is the disk running out of space (safetensors and torch.save word it their own way)."""
+    import errno
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "no space left" in str(e).lower() or (
+                "unexpected pos" in str(e)):  # (torch.save's zip writer on a full disk)
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def writing(path: str, tmp: str | None = None, need: int = 0):
+    """Around a write of `path` (through `tmp`, removed on failure): a full disk becomes one sentence naming the
+    path, what is free and about what the write needs."""
+    try:
+        yield
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        if tmp and os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp and os.path.exists(tmp):
+            os.remove(tmp)
+        where = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(where).free if os.path.isdir(where) else 0
+        needs = f", about {size(need)} needed" if need else ""
+        raise NanotuneError(f"the disk holding {path} is full ({size(free)} free{needs}); nothing was written under "
+                            "that name: free space or choose another path.") from None
+
+
+def size(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
 
 
 def publish(tmp: str, final: str):

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from cli import NanotuneError, publish
+from cli import NanotuneError, publish, writing
 from tokenizer import END_OF_TURN, resolve_template
 
 IGNORE = -100
@@ -239,10 +239,14 @@ def tokenize_dataset(spec, tok, template, roles, train_on_inputs, cache_dir=None
     for where, rec in records:
         ids, labels = tokenize(rec, fmt, tok, template, roles, train_on_inputs, where)
         out.append({"input_ids": ids, "labels": labels, "where": where})
-    if path:
+    if path:  # (a cache: a disk too full to hold it costs only the next run's tokenizing)
         os.makedirs(cache_dir, exist_ok=True)
-        torch.save(out, path + ".tmp")
-        publish(path + ".tmp", path)
+        try:
+            with writing(path, path + ".tmp"):
+                torch.save(out, path + ".tmp")
+            publish(path + ".tmp", path)
+        except NanotuneError as e:
+            print(f"warning: {e} The run goes on without caching the tokenized data.", file=sys.stderr)
     return out
 
 

@@ -27,7 +27,7 @@ import formats
 import lora
 from families import GGUF_NORM_TOPK, adapter_names
 import quant
-from cli import NanotuneError, Parser, cli, fresh_tmp, publish
+from cli import NanotuneError, Parser, cli, fresh_tmp, publish, writing
 from formats import BLOCK_TYPES, FLOAT_TYPES, load_model, load_tokenizer, resolve_model_path
 from tokenizer import OLLAMA_TEMPLATES
 
@@ -128,8 +128,9 @@ def export_merged(model, tok, out, dtype=torch.bfloat16, overwrite=False, shard_
     import json
     tmp = atomic_dir(out, overwrite, "merged")
     try:
-        formats.write_safetensors(tmp, (finite(name, t.to(dtype), dtype) for name, t in dense_tensors(model)),
-                                  shard_bytes)
+        with writing(out, tmp, sum(p.numel() for p in model.parameters()) * dtype.itemsize):
+            formats.write_safetensors(tmp, (finite(name, t.to(dtype), dtype) for name, t in dense_tensors(model)),
+                                      shard_bytes)
     except NanotuneError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,7 +18,7 @@ from dataclasses import fields
 import torch
 
 import dist
-from cli import NanotuneError, default_of, fresh_tmp, publish, save_config
+from cli import NanotuneError, default_of, fresh_tmp, publish, save_config, writing
 
 # ---------------------------------------------------------------------------------------------
 # The output dir: one run each
@@ -192,19 +192,21 @@ def save_checkpoint(cfg, step, model, opt, sched, sampler, data=None):
     dist.barrier()
     rng = rng_state()
     state = {"step": step, "scheduler": sched.state_dict(), "sampler": sampler.state_dict(), "rng": rng}
-    if dist.is_dist():  # sharded weights + optimizer, readable at any world size; each rank's own RNG (dropout)
-        dist.save_sharded(os.path.join(tmp, "dcp"), model, opt)
-        torch.save(rng, os.path.join(tmp, f"rng-rank{dist.rank()}.pt"))
-    else:
-        save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
-        state["optimizer"] = opt.state_dict()
-    dist.barrier()
-    if not dist.is_main():
-        return
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    save_config(cfg, os.path.join(tmp, "config.yaml"))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"step": step, "world": dist.world(), "data": data}, f)
+    need = 3 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)  # fp32 weights + Adam's two
+    with writing(final, tmp, need):
+        if dist.is_dist():  # sharded weights + optimizer, readable at any world size; each rank's own RNG (dropout)
+            dist.save_sharded(os.path.join(tmp, "dcp"), model, opt)
+            torch.save(rng, os.path.join(tmp, f"rng-rank{dist.rank()}.pt"))
+        else:
+            save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
+            state["optimizer"] = opt.state_dict()
+        dist.barrier()
+        if not dist.is_main():
+            return
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        save_config(cfg, os.path.join(tmp, "config.yaml"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"step": step, "world": dist.world(), "data": data}, f)
     publish(tmp, final)
     done = finished_checkpoints(root)
     for d in done[:-keep] if keep > 0 else []:

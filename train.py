@@ -31,7 +31,7 @@ import kernels
 import lora
 import quant
 import runs
-from cli import F_, NanotuneError, bundled, cli, fresh_tmp, parse_config, publish, save_config
+from cli import F_, NanotuneError, bundled, cli, fresh_tmp, parse_config, publish, save_config, writing
 import data
 from data import IGNORE, Sampler, build_dataset, collate, dataset_spec, pack
 from families import adapter_names, nanotune_name
@@ -394,7 +394,7 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
             if last_ckpt else "no checkpoint was saved (--save_steps N keeps some), so nothing was kept."))
     finally:
         stop.restore()
-    bar.close()
+        bar.close()  # (before any error line, which would otherwise be glued to the bar)
     graph = getattr(task, "graph", None)
     if graph is not None:
         log(f"cuda graphs: {graph.replays} of {graph.calls} micro-batches replayed from {len(graph.graphs)} "
@@ -595,14 +595,17 @@ def finish(model, tok, cfg, prompts, before, after):
     if cfg.lora:
         result = os.path.join(cfg.output_dir, "adapter")  # published once complete, never half-written
         tmp = fresh_tmp(result) if main_rank else None
-        lora.save_adapter(model, tmp, base_model_name=hub_id(cfg.model), base_path=cfg.model, write=main_rank,
-                          **adapter_names(model.config, saving=True))
+        with writing(result, tmp, sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)):
+            lora.save_adapter(model, tmp, base_model_name=hub_id(cfg.model), base_path=cfg.model, write=main_rank,
+                              **adapter_names(model.config, saving=True))
+            if main_rank:
+                tok.save(tmp)
         if main_rank:
-            tok.save(tmp)
             publish(tmp, result)
     else:
         result = os.path.join(cfg.output_dir, "model")
-        save_hf(model, result, tok, write=main_rank)
+        with writing(result, result + ".tmp", sum(p.numel() * p.element_size() for p in model.parameters())):
+            save_hf(model, result, tok, write=main_rank)
     dist.barrier()
     if not main_rank:
         return

@@ -448,3 +448,38 @@ def test_a_run_whose_gradient_dies_says_so(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert any(line.startswith("warning: the gradient has been exactly 0 for 10 steps")
                for line in r.stderr.replace("\r", "\n").splitlines()), r.stderr[-2000:]
+
+
+@pytest.fixture
+def nearly_full_disk(tmp_path):
+    """A 2 MiB filesystem with about 150 KiB left (a tmpfs; the test is skipped where mounting is not allowed)."""
+    d = tmp_path / "small"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("needs a small filesystem (mount -t tmpfs, as root)")
+    try:
+        import shutil
+        (d / "filler").write_bytes(b"\0" * (shutil.disk_usage(d).free - 150 * 1024))
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)])
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_sentence_and_leaves_nothing_half_written(tmp_path, nearly_full_disk):
+    """The disk fills while a checkpoint or a merged export is written: one sentence naming the path and the
+    space, exit 1, and no temp directory left taking the space (before: SafetensorError / RuntimeError tracebacks)."""
+    make_tiny_run_model(tmp_path / "m")
+    write_chat_data(tmp_path / "d.jsonl")
+    r = run_train(["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--lora", "false",
+                   "--max_steps", "4", "--save_steps", "2", "--sample_prompts_file", "", "--cache_dir", "",
+                   "--output_dir", str(nearly_full_disk / "run")])
+    assert r.returncode == 1, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the disk holding") and "step-000002 is full" in last and "KiB free" in last, last
+    assert "Traceback" not in r.stderr and not os.listdir(nearly_full_disk / "run" / "checkpoints")
+    e = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--model", str(tmp_path / "m"),
+                        "--format", "merged", "--dtype", "float32", "--out", str(nearly_full_disk / "merged")],
+                       capture_output=True, text=True, timeout=300)
+    assert e.returncode == 1 and "merged is full" in e.stderr and "Traceback" not in e.stderr, e.stderr[-2000:]
+    assert sorted(os.listdir(nearly_full_disk)) == ["filler", "run"]
