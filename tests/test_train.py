@@ -127,8 +127,9 @@ train.main(sys.argv[1:])
 """
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill_continues_the_same_losses(tmp_path):
+def interrupted_run_setup(tmp_path):
+    """A tiny model, data, the flags of a 9-step LoRA run with dropout and a checkpoint at step 4, and the
+    uninterrupted run of them in tmp_path/ref."""
     make_tiny_run_model(tmp_path / "m")
     write_chat_data(tmp_path / "d.jsonl")
     common = ["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--max_steps", "9",
@@ -136,6 +137,12 @@ def test_resume_after_sigkill_continues_the_same_losses(tmp_path):
               "--sample_prompts_file", "", "--cache_dir", ""]
     ref = run_train(common + ["--output_dir", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr[-2000:]
+    return common
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_the_same_losses(tmp_path):
+    common = interrupted_run_setup(tmp_path)
     killed = run_train(common + ["--output_dir", str(tmp_path / "run")], driver=KILL_DRIVER)
     assert killed.returncode == -9
     assert not os.path.exists(tmp_path / "run" / "adapter")  # nothing that looks finished
@@ -154,13 +161,7 @@ TERM_DRIVER = KILL_DRIVER.replace("signal.SIGKILL", "signal.SIGTERM").replace("c
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_path):
     """SIGTERM (what a scheduler sends before it kills a job) mid-step: the step finishes, a checkpoint of it is
     written, one sentence says how to resume, exit 1; --resume then gives the uninterrupted run's losses."""
-    make_tiny_run_model(tmp_path / "m")
-    write_chat_data(tmp_path / "d.jsonl")
-    common = ["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--max_steps", "9",
-              "--micro_batch_size", "2", "--save_steps", "4", "--lora_dropout", "0.1", "--lr", "1e-2",
-              "--sample_prompts_file", "", "--cache_dir", ""]
-    ref = run_train(common + ["--output_dir", str(tmp_path / "ref")])
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    common = interrupted_run_setup(tmp_path)
     termed = run_train(common + ["--output_dir", str(tmp_path / "run")], driver=TERM_DRIVER)
     assert termed.returncode == 1, termed.stderr[-2000:]
     assert "stopped by SIGTERM after step 5" in termed.stderr and "--resume" in termed.stderr
