@@ -145,6 +145,39 @@ def rope_from_hf(d: dict, where: str):
     return theta, scaling, local
 
 
+# config.json keys that change the math when set, each with the value (or values) at which it changes nothing.
+# A family that does not read such a key refuses a config that sets it otherwise, rather than building another
+# model than the checkpoint's (an Olmo 3 config relabelled olmo2 would lose its sliding window).
+MATH_KEYS = {"sliding_window": (None,), "attn_logit_softcapping": (None,), "final_logit_softcapping": (None,),
+             "query_pre_attn_scalar": (None,), "logits_scaling": (None, 1, 1.0), "embedding_multiplier": (None, 1, 1.0),
+             "residual_multiplier": (None, 1, 1.0), "attention_multiplier": (None,), "swiglu_limit": (None,),
+             "use_qk_norm": (None, False), "attention_chunk_size": (None,), "no_rope_layers": (None, []),
+             "rope_local_base_freq": (None,)}
+
+
+def reads(fam: Family) -> set:
+    """The MATH_KEYS a family implements."""
+    keys = set(fam.hf_keys) | {fam.keys.get(k, k) for k in fam.hf_keys}
+    if fam.sliding:
+        keys.add("sliding_window")
+    if fam.layer_types == "pattern":  # (Gemma 3's local rope base comes with its sliding layers)
+        keys.add("rope_local_base_freq")
+    return keys
+
+
+def check_unread_keys(d: dict, fam: Family, mt: str, where: str):
+    head_dim = d.get("head_dim") or d.get("hidden_size", 0) // max(d.get("num_attention_heads") or 1, 1)
+    for k, neutral in MATH_KEYS.items():
+        neutral = (*neutral, head_dim) if k == "query_pre_attn_scalar" else neutral  # (1/sqrt(head_dim) as usual)
+        if k in d and d[k] not in neutral and k not in reads(fam):
+            raise NanotuneError(f"{where}: {k}={d[k]!r} would change the model, and nanotune's {mt} does not implement "
+                                "it; this checkpoint is probably another family relabelled: use its own model_type.")
+    types = set(d.get("layer_types") or ())
+    if types - {"full_attention", "sliding_attention"} or ("sliding_attention" in types and not fam.sliding):
+        raise NanotuneError(f"{where}: layer_types holds {sorted(types)}; nanotune's {mt} runs "
+                            f"{'full and sliding' if fam.sliding else 'only full'} attention layers.")
+
+
 def config_from_hf(d: dict, where: str = "config.json") -> Config:
     """config.json (transformers 4.4x or 5.x) -> Config."""
     d = text_config(d)
@@ -153,6 +186,7 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         raise NanotuneError(f"{where}: model_type {mt!r} is not supported; nanotune runs {', '.join(FAMILIES)}.")
     fam = FAMILIES[mt]
     d = {**fam.defaults, **{k: v for k, v in d.items() if v is not None}}
+    check_unread_keys(d, fam, mt, where)
     if "num_experts" in d:  # (Qwen3-MoE configs say either)
         d.setdefault("num_local_experts", d["num_experts"])
     if d.get("qk_layernorm"):

@@ -371,3 +371,24 @@ def test_a_record_nested_too_deeply_is_one_sentence(tmp_path):
     (tmp_path / "deep.jsonl").write_text("[" * 200_000 + "]" * 200_000 + "\n")
     with pytest.raises(NanotuneError, match=re.escape("deep.jsonl:1: nested too deeply to be a record")):
         data.read_records(str(tmp_path / "deep.jsonl"))
+
+
+@pytest.mark.parametrize("arch,key,value", [
+    ("olmo2", "sliding_window", 4),  # an Olmo 3 config relabelled olmo2: its window would be dropped
+    ("llama", "attn_logit_softcapping", 30.0), ("qwen3", "swiglu_limit", 7.0), ("llama", "embedding_multiplier", 6.0),
+    ("llama", "layer_types", ["sliding_attention", "full_attention"]),
+    ("mistral", "layer_types", ["chunked_attention", "full_attention"]),
+])
+def test_a_config_key_that_would_change_the_math_is_refused(arch, key, value, tmp_path):
+    """A key nanotune's row for that model_type does not implement is refused in one sentence naming it, not
+    silently dropped (the model would differ from the checkpoint's); the same key at its no-op value loads."""
+    import formats
+    from conftest import make_hf_model
+    make_hf_model(arch, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(NanotuneError, match=re.escape(key)):
+        formats.load_model(str(tmp_path))
+    if key != "layer_types":
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, key: None}))
+        formats.load_model(str(tmp_path))
