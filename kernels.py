@@ -838,7 +838,21 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _moe_glu_fwd(H, H2, A, I, BLOCK: tl.constexpr, GELU: tl.constexpr, HAS_2: tl.constexpr,
+    def _glu_parts(g, u, ACT: tl.constexpr, alpha, limit):
+        """(a, da/dg, da/du) in fp32 for ACT 0 SwiGLU, 1 GeGLU, 2 gpt-oss's clamped SwiGLU:
+        a = (clamp(u, -l, l) + 1) g' sigmoid(alpha g'), g' = min(g, l) (no gradient where a clamp holds)."""
+        if ACT == 2:
+            gc = tl.minimum(g, limit)
+            s = tl.sigmoid(alpha * gc)
+            uc = tl.minimum(tl.maximum(u, -limit), limit) + 1.0
+            dg = tl.where(g <= limit, (s + alpha * gc * s * (1.0 - s)) * uc, 0.0)
+            du = tl.where((u >= -limit) & (u <= limit), gc * s, 0.0)
+            return gc * s * uc, dg, du
+        act, dact = _act_parts(g, ACT == 1)
+        return act * u, dact * u, act
+
+    @triton.jit
+    def _moe_glu_fwd(H, H2, A, I, alpha, limit, BLOCK: tl.constexpr, ACT: tl.constexpr, HAS_2: tl.constexpr,
                      KEEP_H: tl.constexpr):  # one row per program
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
@@ -848,22 +862,23 @@ if triton is not None:
         if KEEP_H:
             tl.store(H + row * 2 * I + c, g.to(H.dtype.element_ty), mask=m)
             tl.store(H + row * 2 * I + I + c, u.to(H.dtype.element_ty), mask=m)
-        act, _ = _act_parts(g, GELU)
-        tl.store(A + row * I + c, (act * u).to(A.dtype.element_ty), mask=m)
+        a, _, _ = _glu_parts(g, u, ACT, alpha, limit)
+        tl.store(A + row * I + c, a.to(A.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _moe_glu_bwd(DA, DA2, H, WR, DH, DW, I, BLOCK: tl.constexpr, GELU: tl.constexpr, HAS_2: tl.constexpr):
+    def _moe_glu_bwd(DA, DA2, H, WR, DH, DW, I, alpha, limit, BLOCK: tl.constexpr, ACT: tl.constexpr,
+                     HAS_2: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         m = c < I
         g = tl.load(H + row * 2 * I + c, mask=m, other=0.0).to(tl.float32)
         u = tl.load(H + row * 2 * I + I + c, mask=m, other=0.0).to(tl.float32)
         da = _load2(DA, DA2, row * I + c, m, HAS_2)
-        act, dact = _act_parts(g, GELU)
-        tl.store(DW + row, tl.sum(da * act * u, axis=0))
+        a, dg, du = _glu_parts(g, u, ACT, alpha, limit)
+        tl.store(DW + row, tl.sum(da * a, axis=0))
         da = da * tl.load(WR + row).to(tl.float32)
-        tl.store(DH + row * 2 * I + c, (da * u * dact).to(DH.dtype.element_ty), mask=m)
-        tl.store(DH + row * 2 * I + I + c, (da * act).to(DH.dtype.element_ty), mask=m)
+        tl.store(DH + row * 2 * I + c, (da * dg).to(DH.dtype.element_ty), mask=m)
+        tl.store(DH + row * 2 * I + I + c, (da * du).to(DH.dtype.element_ty), mask=m)
 
     @triton.jit
     def _moe_combine(Y, Y2, INV, W, OUT, C, K: tl.constexpr, HAS_W: tl.constexpr, HAS_2: tl.constexpr,
@@ -880,10 +895,18 @@ if triton is not None:
         tl.store(OUT + n * C + c, acc.to(OUT.dtype.element_ty), mask=m)
 
 
+def _act_code(act):
+    """-> (ACT, alpha, limit) for the row kernels: 0 SwiGLU, 1 GeGLU, 2 gpt-oss's clamped SwiGLU."""
+    if isinstance(act, tuple):
+        return 2, float(act[1]), float(act[2])
+    return int(act != "silu"), 0.0, 0.0
+
+
 def moe_glu_triton(h, act, h2=None, keep_h=False):
     M, I = h.shape[0], h.shape[1] // 2
     a = h.new_empty(M, I)
-    _moe_glu_fwd[(M,)](h, h if h2 is None else h2, a, I, BLOCK=triton.next_power_of_2(I), GELU=act != "silu",
+    code, alpha, limit = _act_code(act)
+    _moe_glu_fwd[(M,)](h, h if h2 is None else h2, a, I, alpha, limit, BLOCK=triton.next_power_of_2(I), ACT=code,
                        HAS_2=h2 is not None, KEEP_H=keep_h and h2 is not None)
     return a
 
@@ -891,8 +914,9 @@ def moe_glu_triton(h, act, h2=None, keep_h=False):
 def moe_glu_back_triton(da_u, h, wr, act, da2=None):
     M, I = da_u.shape
     dh, dw = torch.empty_like(h), da_u.new_empty(M, dtype=torch.float32)
-    _moe_glu_bwd[(M,)](da_u, da_u if da2 is None else da2, h, wr.contiguous(), dh, dw, I,
-                       BLOCK=triton.next_power_of_2(I), GELU=act != "silu", HAS_2=da2 is not None)
+    code, alpha, limit = _act_code(act)
+    _moe_glu_bwd[(M,)](da_u, da_u if da2 is None else da2, h, wr.contiguous(), dh, dw, I, alpha, limit,
+                       BLOCK=triton.next_power_of_2(I), ACT=code, HAS_2=da2 is not None)
     return dh, dw
 
 
@@ -904,12 +928,12 @@ def moe_combine_triton(y, inv, w, k, y2=None):
     return out
 
 
-def moe_glu(h, act, h2=None, keep_h=False):  # (gpt-oss's clamped SwiGLU: the reference)
-    return (moe_glu_triton if _triton(h) and isinstance(act, str) else moe_glu_ref)(h, act, h2, keep_h)
+def moe_glu(h, act, h2=None, keep_h=False):
+    return (moe_glu_triton if _triton(h) else moe_glu_ref)(h, act, h2, keep_h)
 
 
 def moe_glu_back(da_u, h, wr, act, da2=None):
-    return (moe_glu_back_triton if _triton(h) and isinstance(act, str) else moe_glu_back_ref)(da_u, h, wr, act, da2)
+    return (moe_glu_back_triton if _triton(h) else moe_glu_back_ref)(da_u, h, wr, act, da2)
 
 
 def moe_combine(y, inv, w, k, y2=None):

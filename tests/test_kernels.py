@@ -335,10 +335,11 @@ def test_moe_grouped_experts(dtype, adapted, oss):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh", ("clamped", 1.702, 1.5)], ids=["silu", "gelu", "oss"])
 def test_moe_row_kernels(dtype, act):
     """The expert path's row kernels (Triton) against their references and fp64: the gated activation of
-    [g | u] rows, its backward with the routing weights' gradient, and the k-way weighted and plain combine."""
+    [g | u] rows, its backward with the routing weights' gradient, and the k-way weighted and plain combine.
+    oss: gpt-oss's clamped SwiGLU, its limit (1.5) inside the rows' spread (about +-4), so both clamps hold often."""
     import kernels as K
     M, I, C, k = 12, 40, 1100, 3  # C > 1024: the combine's second column block
     h, da, wr = randn(M, 2 * I, scale=2.0), randn(M, I, seed=1), randn(M, seed=2).abs()
