@@ -55,6 +55,7 @@ GEMMA3_DEFAULTS = dict(  # Gemma3TextConfig's defaults: multimodal checkpoints s
 FAMILIES = {
     "llama": Family("LlamaForCausalLM", "llama"),
     "mistral": Family("MistralForCausalLM", "llama", sliding="always"),
+    "ministral": Family("MinistralForCausalLM", "llama", sliding="always"),  # Ministral-8B: sliding / full layers
     "qwen2": Family("Qwen2ForCausalLM", "qwen2", dict(qkv_bias=True, o_bias=False), sliding="flag",
                     layer_types="max_window_layers"),
     "qwen3": Family("Qwen3ForCausalLM", "qwen3", dict(qk_norm="head"), sliding="flag",

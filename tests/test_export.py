@@ -17,6 +17,7 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     "llama": {}, "llama-tied-linear": {}, "qwen2": {}, "qwen3": {}, "gemma": {},
     "gemma2": {"query_pre_attn_scalar": 16},  # llama.cpp scales by 1/sqrt(head_dim)
     "mistral": {"sliding_window": 4096},  # llama.cpp's llama arch has no sliding window
+    "ministral": {"sliding_window": 4096},
     "phi3": {"sliding_window": 4096},  # llama.cpp's phi3 ignores the window (measured: logits split at position 6)
     # llama.cpp's gemma3 scales by 1/sqrt(head_dim) and loads no o_proj bias; its olmo2 loads no biases at all
     "gemma3": {"query_pre_attn_scalar": 16, "attention_bias": False}, "olmo2": {"attention_bias": False},
