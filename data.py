@@ -250,6 +250,30 @@ def tokenize_dataset(spec, tok, template, roles, train_on_inputs, cache_dir=None
     return out
 
 
+def read_prompts(path) -> list:
+    """The held-out prompts in `path`, one per line ('' or None: none); a file that is missing, a directory or
+    not UTF-8 is one sentence."""
+    if not path:
+        return []
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise NanotuneError(f"sample_prompts_file {path!r} {what}; pass a file with one prompt per line, or '' for "
+                            "none.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [ln.strip() for ln in f if ln.strip()]
+    except UnicodeDecodeError:
+        raise NanotuneError(f"sample_prompts_file {path!r} is not UTF-8 text; save it as UTF-8.")
+
+
+def check_inputs(cfg):
+    """Every file a run reads exists and every dataset entry is well formed (before the model loads)."""
+    for spec in [*cfg.datasets, *([cfg.eval_file] if cfg.eval_file else [])]:
+        dataset_spec(spec)
+    read_prompts(cfg.sample_prompts_file)
+    resolve_template(cfg.chat_template)
+
+
 def dataset_spec(spec) -> dict:
     """"file.jsonl", "file.jsonl:0.5" (a weight) or {"path", "type"?, "weight"?} -> the dict form, checked:
     the file exists, the type is a format, the weight is a number > 0."""

@@ -8,6 +8,7 @@ each row is transformers' `models/<name>/configuration_*.py` and `modeling_*.py`
     cfg = config_from_hf(json.load(open("gemma-3-1b/config.json")))
     json.dump(config_to_hf(cfg), open("out/config.json", "w"))   # transformers reads it back as the same model
 """
+import re
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -342,3 +343,52 @@ def experts_to_checkpoint(cfg: Config, name: str, t):
         g, u = t.chunk(2, 1)
         return torch.stack([g, u], 2).flatten(1, 2).transpose(1, 2).contiguous()
     return t.transpose(1, 2).contiguous() if name.endswith("down_proj") else t
+
+
+# Stacked experts: a checkpoint stores them per expert (the hub), per projection (GGUF) or stacked (gpt-oss)
+EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+GGUF_EXPERTS = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.weight")  # stacked per projection
+GGUF_EXPERT_BIAS = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.bias")
+STACKED = (".experts.gate_up_proj", ".experts.down_proj")
+
+
+def stack_experts(cfg: Config, tensors):
+    """Per-expert tensors (nanotune names by now) -> the stacked gate_up_proj [E, 2I, C] and down_proj [E, C, I],
+    each layer's emitted once all its E experts have passed (one layer's experts are the most ever held)."""
+    pending = {}
+    for name, t in tensors:
+        m = EXPERT.fullmatch(name)
+        if m is None:
+            yield name, t
+            continue
+        base, e, proj = m.groups()
+        parts = pending.setdefault(base, {})
+        parts[proj, int(e)] = t
+        if len(parts) == 3 * cfg.num_experts:
+            stack = lambda p: torch.stack([parts[p, i] for i in range(cfg.num_experts)])  # noqa: E731
+            yield f"{base}.gate_up_proj", torch.cat([stack("gate_proj"), stack("up_proj")], dim=1)
+            yield f"{base}.down_proj", stack("down_proj")
+            del pending[base]
+
+
+def unstack_experts(cfg: Config, name: str, t: torch.Tensor, per_expert=True):
+    """The inverse of stack_experts for one stacked tensor (or gpt-oss's stacked bias), under the checkpoint's names:
+    per expert (the hub's layout), or one [E, out, (in)] stack per projection (GGUF's), gate_up split in two."""
+    base, leaf = name.rsplit(".", 1)
+    end = "bias" if leaf.endswith("_bias") else "weight"
+    parts = zip(("gate_proj", "up_proj"), t.chunk(2, dim=1)) if leaf.startswith("gate_up") else [("down_proj", t)]
+    for proj, part in parts:
+        names = [f"{base}.{e}.{proj}.{end}" for e in range(len(part))] if per_expert else [f"{base}.{proj}.{end}"]
+        yield from zip((checkpoint_name(cfg, n) for n in names), part if per_expert else [part])
+
+
+def pair_expert_biases(pending: dict, base: str, proj: str, x: torch.Tensor):
+    """gpt-oss: GGUF's per-projection expert biases [E, out] -> down_proj_bias, and gate_up_proj_bias (gate half
+    first, nanotune's layout) once both halves have passed."""
+    if proj == "down_proj":
+        yield f"{base}.down_proj_bias", x
+        return
+    pending[base, proj] = x
+    if (base, "gate_proj") in pending and (base, "up_proj") in pending:
+        gate, up = pending.pop((base, "gate_proj")), pending.pop((base, "up_proj"))
+        yield f"{base}.gate_up_proj_bias", torch.cat([gate, up], 1)

@@ -18,8 +18,9 @@ import dist
 import quant
 import tokenizer
 from cli import NanotuneError, fresh_tmp, publish, read_json
-from families import (FAMILIES, GGUF_FAMILY, GGUF_NORM_TOPK, checkpoint_name, config_from_hf, config_to_hf,
-                      experts_from_checkpoint, experts_to_checkpoint, nanotune_name)
+from families import (FAMILIES, GGUF_EXPERT_BIAS, GGUF_EXPERTS, GGUF_FAMILY, GGUF_NORM_TOPK, STACKED, checkpoint_name,
+                      config_from_hf, config_to_hf, experts_from_checkpoint, experts_to_checkpoint, nanotune_name,
+                      pair_expert_biases, stack_experts, unstack_experts)
 from model import Config, Transformer, rope_attention_factor, rope_inv_freq
 
 
@@ -97,57 +98,6 @@ def split_fused(cfg: Config, name: str, t: torch.Tensor):
         yield name.replace(fused, part), w
 
 
-EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
-GGUF_EXPERTS = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.weight")  # stacked per projection
-GGUF_EXPERT_BIAS = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.bias")
-STACKED = (".experts.gate_up_proj", ".experts.down_proj")
-
-
-def mxfp4_experts(tensors):
-    """gpt-oss's MXFP4 experts: each `<w>_blocks` / `<w>_scales` pair -> `<w>` dequantized, in the checkpoint's
-    16-bit layout ([E, in, out]; the pair holds [E, out, in])."""
-    pending = {}
-    for name, t in tensors:
-        base, _, part = name.rpartition("_")
-        if part not in ("blocks", "scales") or not base.endswith(STACKED):
-            yield name, t
-            continue
-        pending.setdefault(base, {})[part] = t
-        if len(pending[base]) == 2:
-            p = pending.pop(base)
-            yield base, quant.dequantize_mxfp4(p["blocks"], p["scales"]).transpose(1, 2)
-
-
-def stack_experts(cfg: Config, tensors):
-    """Per-expert tensors (nanotune names by now) -> the stacked gate_up_proj [E, 2I, C] and down_proj [E, C, I],
-    each layer's emitted once all its E experts have passed (one layer's experts are the most ever held)."""
-    pending = {}
-    for name, t in tensors:
-        m = EXPERT.fullmatch(name)
-        if m is None:
-            yield name, t
-            continue
-        base, e, proj = m.groups()
-        parts = pending.setdefault(base, {})
-        parts[proj, int(e)] = t
-        if len(parts) == 3 * cfg.num_experts:
-            stack = lambda p: torch.stack([parts[p, i] for i in range(cfg.num_experts)])  # noqa: E731
-            yield f"{base}.gate_up_proj", torch.cat([stack("gate_proj"), stack("up_proj")], dim=1)
-            yield f"{base}.down_proj", stack("down_proj")
-            del pending[base]
-
-
-def unstack_experts(cfg: Config, name: str, t: torch.Tensor, per_expert=True):
-    """The inverse of stack_experts for one stacked tensor (or gpt-oss's stacked bias), under the checkpoint's names:
-    per expert (the hub's layout), or one [E, out, (in)] stack per projection (GGUF's), gate_up split in two."""
-    base, leaf = name.rsplit(".", 1)
-    end = "bias" if leaf.endswith("_bias") else "weight"
-    parts = zip(("gate_proj", "up_proj"), t.chunk(2, dim=1)) if leaf.startswith("gate_up") else [("down_proj", t)]
-    for proj, part in parts:
-        names = [f"{base}.{e}.{proj}.{end}" for e in range(len(part))] if per_expert else [f"{base}.{proj}.{end}"]
-        yield from zip((checkpoint_name(cfg, n) for n in names), part if per_expert else [part])
-
-
 def fuse(cfg: Config, tensors, unstack=True):
     """The inverse of split_fused over a stream of (name, tensor): Phi-3's fused tensor once all its parts have
     passed, stacked experts per expert (`unstack` False: per projection, GGUF's layout), everything else under
@@ -159,7 +109,7 @@ def fuse(cfg: Config, tensors, unstack=True):
         if FAMILIES[cfg.model_type].experts and ".experts." in name and unstack:  # gpt-oss: stacked on disk too
             yield checkpoint_name(cfg, name), experts_to_checkpoint(cfg, name, t)
             continue
-        if name.endswith(STACKED) or name.endswith(tuple(s + "_bias" for s in STACKED)):
+        if name.endswith(STACKED) or name.endswith(tuple(s + "_bias" for s in STACKED)):  # (gpt-oss's biases too)
             yield from unstack_experts(cfg, name, t, unstack)
             continue
         mod, _, leaf = name.rpartition(".")
@@ -253,8 +203,8 @@ def load_model(path: str | None = None, dtype=torch.float32, device="cpu", prepa
         if qc and not quantized and not mxfp4:
             raise NanotuneError(f"{path}: quantization {qc.get('quant_method')!r} is not supported; nanotune reads "
                                 "bitsandbytes 4-bit (nf4) and 16/32-bit checkpoints.")
-        tensors = stack_experts(cfg, (p for n, t in mxfp4_experts(iter_safetensors(safetensors_files(path)))
-                                      for p in split_fused(cfg, n, t)))
+        raw = quant.dequantize_mxfp4_pairs(iter_safetensors(safetensors_files(path)))  # (gpt-oss's MXFP4 experts)
+        tensors = stack_experts(cfg, (p for n, t in raw for p in split_fused(cfg, n, t)))
     with torch.device("meta"):
         model = Transformer(cfg)
     if quantized and prepare is None:
@@ -469,18 +419,6 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
         t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
         cfg.rope_scaling = {"rope_type": "factors", "factors": [float(x) for x in t.data]}
     return cfg
-
-
-def pair_expert_biases(pending: dict, base: str, proj: str, x: torch.Tensor):
-    """gpt-oss: GGUF's per-projection expert biases [E, out] -> down_proj_bias, and gate_up_proj_bias (gate half
-    first, nanotune's layout) once both halves have passed."""
-    if proj == "down_proj":
-        yield f"{base}.down_proj_bias", x
-        return
-    pending[base, proj] = x
-    if (base, "gate_proj") in pending and (base, "up_proj") in pending:
-        gate, up = pending.pop((base, "gate_proj")), pending.pop((base, "up_proj"))
-        yield f"{base}.gate_up_proj_bias", torch.cat([gate, up], 1)
 
 
 def gguf_tensors(reader, cfg: Config, where: str):

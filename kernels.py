@@ -439,7 +439,7 @@ def _attention_bias(mask, H, dtype):
 class _SinkAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, mask, scale):
-        (B, H, T, _), rep = q.shape, q.shape[1] // k.shape[1]
+        (_, H, T, _), rep = q.shape, q.shape[1] // k.shape[1]
         k, v = (t.repeat_interleave(rep, dim=1) for t in (k, v))  # (the kernels take no GQA)
         causal, bias = mask is None and T > 1, None if mask is None else _attention_bias(mask, H, q.dtype)
         if q.is_cuda:

@@ -119,6 +119,21 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.flo
     return v.flatten(-2).to(dtype)
 
 
+def dequantize_mxfp4_pairs(tensors):
+    """gpt-oss's MXFP4 experts: each `<w>_blocks` / `<w>_scales` pair -> `<w>` dequantized, in the checkpoint's
+    16-bit layout ([E, in, out]; the pair holds [E, out, in])."""
+    pending = {}
+    for name, t in tensors:
+        base, _, part = name.rpartition("_")
+        if part not in ("blocks", "scales") or not base.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            yield name, t
+            continue
+        pending.setdefault(base, {})[part] = t
+        if len(pending[base]) == 2:
+            p = pending.pop(base)
+            yield base, dequantize_mxfp4(p["blocks"], p["scales"]).transpose(1, 2)
+
+
 _TABLES = {}
 
 

@@ -341,6 +341,22 @@ class StopSignal:
         self.signal.signal(self.signal.SIGTERM, self.old)
 
 
+class Stall:
+    """Counts the steps in a row whose gradient is exactly 0 and warns once at STEPS of them: the model has stopped
+    learning (an lr far too high saturates it) and would otherwise finish as if it trained."""
+    STEPS = 10
+
+    def __init__(self, write):
+        self.n, self.write = 0, write
+
+    def update(self, gnorm, step):
+        self.n = self.n + 1 if gnorm == 0 else 0
+        if self.n == self.STEPS:
+            self.write(f"warning: the gradient has been exactly 0 for {self.STEPS} steps (to step {step}): the model "
+                       "has stopped learning (an lr far too high saturates it); the result will not have trained "
+                       "further.")
+
+
 def rng_state():
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}

@@ -33,7 +33,7 @@ import quant
 import runs
 from cli import F_, NanotuneError, bundled, cli, fresh_tmp, parse_config, publish, save_config, writing
 import data
-from data import IGNORE, Sampler, build_dataset, collate, dataset_spec, pack
+from data import IGNORE, Sampler, build_dataset, collate, pack
 from families import adapter_names, nanotune_name
 from formats import hub_id, load_model, load_tokenizer, resolve_model_path, save_hf
 from lora import DEFAULT_TARGETS
@@ -161,7 +161,7 @@ def setup(cfg):
     """Check the run's inputs and output dir, seed, pick device/dtype, print the config, load tokenizer and
     model (+ LoRA / 4-bit). Everything a user can get wrong is checked before the model loads."""
     runs.check_output_dir(cfg)
-    check_inputs(cfg)
+    data.check_inputs(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device, dtype = pick_device(cfg)
@@ -258,24 +258,6 @@ def add_lora(model, cfg):
                         rslora=cfg.use_rslora, dora=cfg.use_dora, train_modules=cfg.train_modules)
 
 
-def check_inputs(cfg):
-    """Every file the run reads exists and every dataset entry is well formed (before the model loads)."""
-    for spec in [*cfg.datasets, *([cfg.eval_file] if cfg.eval_file else [])]:
-        dataset_spec(spec)
-    if cfg.sample_prompts_file and not os.path.isfile(cfg.sample_prompts_file):
-        what = "is a directory" if os.path.isdir(cfg.sample_prompts_file) else "does not exist"
-        raise NanotuneError(f"sample_prompts_file {cfg.sample_prompts_file!r} {what}; pass a file with one "
-                            "prompt per line, or '' for none.")
-    if cfg.sample_prompts_file:
-        try:
-            with open(cfg.sample_prompts_file, encoding="utf-8") as f:
-                f.read()
-        except UnicodeDecodeError:
-            raise NanotuneError(f"sample_prompts_file {cfg.sample_prompts_file!r} is not UTF-8 text; save it as "
-                                "UTF-8.")
-    resolve_template(cfg.chat_template)
-
-
 def prepare_data(cfg, tok):
     cache = os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else None
     build = lambda specs: build_dataset(specs, tok, cfg.max_len, cfg.truncation, cfg.chat_template,  # noqa: E731
@@ -320,10 +302,7 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
             runs.truncate_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start)
         log(f"resumed from {ckpt} at step {start}")
 
-    prompts = list(cfg.sample_prompts)
-    if cfg.sample_prompts_file and os.path.isfile(cfg.sample_prompts_file):
-        with open(cfg.sample_prompts_file, encoding="utf-8", errors="strict") as f:
-            prompts += [ln.strip() for ln in f if ln.strip()]
+    prompts = list(cfg.sample_prompts) + data.read_prompts(cfg.sample_prompts_file)
     if dist.is_dist():
         prompts = []  # sample generations are a single-process feature (generate.py on the result)
     before = None
@@ -340,18 +319,15 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
                disable=not dist.is_main())
     tb = runs.tensorboard(cfg.output_dir) if dist.is_main() else None
     t0, tokens_seen, step = time.time(), 0, start
-    stop, frozen = runs.StopSignal(), 0
+    stop = runs.StopSignal()  # (bar.write below: a line of its own, not glued to the bar)
+    stall = runs.Stall(lambda msg: bar.write(msg, file=sys.stderr) if dist.is_main() else None)
     try:
         for step in range(start + 1, steps + 1):
             micro = [to_device(task.collate([rows[i] for i in dist.rank_slice(sampler.next(), R, W)], tok), device)
                      for _ in range(cfg.grad_accum)]
             loss, gnorm, count, tokens, mets = train_step(model, opt, sched, micro, task, cfg.max_grad_norm)
             runs.check_finite(step, loss=loss, gradient_norm=gnorm)
-            frozen = frozen + 1 if gnorm == 0 else 0
-            if frozen == FROZEN_STEPS and dist.is_main():  # (bar.write: its own line, not glued to the bar)
-                bar.write(f"warning: the gradient has been exactly 0 for {FROZEN_STEPS} steps (to step {step}): the "
-                          "model has stopped learning (an lr far too high saturates it); the result will not have "
-                          "trained further.", file=sys.stderr)
+            stall.update(gnorm, step)
             tokens_seen += tokens
             tps = tokens_seen / (time.time() - t0)
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
@@ -377,7 +353,6 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
                 here = os.path.join(cfg.output_dir, "checkpoints", f"step-{step:06d}")
                 if last_ckpt != here:
                     runs.save_checkpoint(cfg, step, model, opt, sched, sampler, digest)
-                bar.close()
                 raise NanotuneError(f"stopped by SIGTERM after step {step}; the checkpoint {here} holds it: run the "
                                     "same command with --resume to continue from it.")
     except RuntimeError as e:
@@ -388,7 +363,6 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
                             f"{f', the last checkpoint is {last_ckpt}' if last_ckpt else ''}"
                             " (--dist_timeout sets the wait).")
     except KeyboardInterrupt:
-        bar.close()
         raise NanotuneError(f"interrupted at step {step}; " + (
             f"the last checkpoint is {last_ckpt}: run the same command with --resume to continue from it."
             if last_ckpt else "no checkpoint was saved (--save_steps N keeps some), so nothing was kept."))
@@ -402,9 +376,6 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
     after = run_eval(model, tok, eval_rows, prompts, cfg, device, steps, metrics, None, task)
     metrics.close()
     finish(model, tok, cfg, prompts, before, after)
-
-
-FROZEN_STEPS = 10  # steps in a row with a gradient of exactly 0 before the run warns that it stopped learning
 
 
 def make_optimizer(model, cfg, device):

@@ -207,7 +207,8 @@ def test_dpo_on_a_small_file_keeps_a_pair_to_train_on(tmp_path, capsys):
     ({"input_ids": [1, 2], "labels": [1, 99999]}, "labels must be token ids in [0, "),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},
      "message 1 has role 'robot'; use one of system, user, assistant"),
-    ({"segments": [{"text": "q", "label": "no"}, {"text": "a"}]}, "a segment's 'label' must be true or false, got 'no'"),
+    ({"segments": [{"text": "q", "label": "no"}, {"text": "a"}]},
+     "a segment's 'label' must be true or false, got 'no'"),
 ])
 def test_bad_records_are_named(rec, expect, tmp_path, smollm_tok):
     import data

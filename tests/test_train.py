@@ -437,15 +437,19 @@ def test_resume_refuses_changed_data_and_two_runs_never_share_a_directory(tmp_pa
         first.wait()
 
 
+def tiny_full_run(tmp_path, out, *flags):
+    """train.py fully fine-tuning a tiny model on tmp_path's chat data into `out`."""
+    make_tiny_run_model(tmp_path / "m")
+    write_chat_data(tmp_path / "d.jsonl")
+    return run_train(["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--lora", "false",
+                      "--sample_prompts_file", "", "--cache_dir", "", "--output_dir", str(out), *flags])
+
+
 @pytest.mark.slow
 def test_a_run_whose_gradient_dies_says_so(tmp_path):
     """Full fine-tuning at lr 1e3 saturates the tiny model after one step and the gradient is 0 from then on: the
     run says so on a line of its own instead of finishing as if it trained."""
-    make_tiny_run_model(tmp_path / "m")
-    write_chat_data(tmp_path / "d.jsonl")
-    r = run_train(["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--lora", "false",
-                   "--lr", "1e3", "--max_steps", "16", "--sample_prompts_file", "", "--cache_dir", "",
-                   "--output_dir", str(tmp_path / "o")])
+    r = tiny_full_run(tmp_path, tmp_path / "o", "--lr", "1e3", "--max_steps", "16")
     assert r.returncode == 0, r.stderr[-2000:]
     assert any(line.startswith("warning: the gradient has been exactly 0 for 10 steps")
                for line in r.stderr.replace("\r", "\n").splitlines()), r.stderr[-2000:]
@@ -470,11 +474,7 @@ def nearly_full_disk(tmp_path):
 def test_a_full_disk_is_one_sentence_and_leaves_nothing_half_written(tmp_path, nearly_full_disk):
     """The disk fills while a checkpoint or a merged export is written: one sentence naming the path and the
     space, exit 1, and no temp directory left taking the space (before: SafetensorError / RuntimeError tracebacks)."""
-    make_tiny_run_model(tmp_path / "m")
-    write_chat_data(tmp_path / "d.jsonl")
-    r = run_train(["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--lora", "false",
-                   "--max_steps", "4", "--save_steps", "2", "--sample_prompts_file", "", "--cache_dir", "",
-                   "--output_dir", str(nearly_full_disk / "run")])
+    r = tiny_full_run(tmp_path, nearly_full_disk / "run", "--max_steps", "4", "--save_steps", "2")
     assert r.returncode == 1, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the disk holding") and "step-000002 is full" in last and "KiB free" in last, last
