@@ -89,6 +89,8 @@ def make_checkpoint(shape, path):
                 p.normal_(0, 0.02)
     save_hf(m, path)
     save_bench_tokenizer(path)
+    del m
+    torch.cuda.empty_cache()  # (this process stays alive while the contenders run: its cached blocks would crowd them)
 
 
 def random_tensors(cfg, device):
@@ -240,6 +242,8 @@ def worker(a):
     sync = torch.cuda.synchronize if not a.cpu else (lambda: None)
     if not a.cpu:
         torch.cuda.reset_peak_memory_stats()
+    if a.memory:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     if a.fsdp:
         import dist
         dist.init()
@@ -283,6 +287,9 @@ def worker(a):
                     f"(median step without the profiler, optimizer included: {step * 1e3:.1f} ms)\n")
             for key in ("self_cuda_time_total", "self_cpu_time_total"):
                 f.write(events.table(sort_by=key, row_limit=30, max_name_column_width=70) + "\n")
+    if a.memory:
+        with open(a.memory, "w") as f:
+            f.write(memory_at_peak(torch.cuda.memory._snapshot()))
     print("RESULT " + json.dumps({"contender": a.worker, "step_s": step, "tokens_per_s": a.batch * a.seq / step,
                                   "peak_gib": peak_gib(a.cpu), "loss_first": losses[0],
                                   "loss_last": losses[-1], "trainable": sum(p.numel() for p in params)}), flush=True)
@@ -295,6 +302,39 @@ def peak_gib(cpu):
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return torch.cuda.max_memory_allocated() / 2**30
+
+
+def memory_at_peak(snap, top=40):
+    """Replays the allocator's history to the moment the most was allocated and sums what was alive then by the
+    innermost line of this repository's code (or of any code, outside it) that allocated it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    events = [e for e in snap["device_traces"][torch.cuda.current_device()]
+              if e["action"] in ("alloc", "free_requested")]
+    cur = peak = at = 0
+    for i, e in enumerate(events):
+        cur += e["size"] if e["action"] == "alloc" else -e["size"]
+        if cur > peak:
+            peak, at = cur, i
+    live = {}
+    for e in events[:at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        else:
+            live.pop(e["addr"], None)
+
+    def where(e):
+        frames = e.get("frames") or []
+        ours = [f for f in frames if f["filename"].startswith(here)] or frames[:1]
+        return ", ".join(f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in ours[:3]) or "?"
+    by = {}
+    for e in live.values():
+        n, b = by.get(where(e), (0, 0))
+        by[where(e)] = (n + 1, b + e["size"])
+    lines = [f"peak {peak / 2**30:.2f} GiB allocated (history event {at} of {len(events)}; "
+             f"events before the history's start are not counted), {len(live)} blocks alive:"]
+    for k, (n, b) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{b / 2**30:8.3f} GiB {n:6d} blocks  {k}")
+    return "\n".join(lines) + "\n"
 
 
 def versions():
@@ -388,6 +428,9 @@ def main():
     p.add_argument("--worker_timeout", type=int, default=400, help="seconds before a contender is skipped")
     p.add_argument("--profile",
                    help="write each contender's per-kernel GPU time table of one step to PROFILE.<name>...txt")
+    p.add_argument("--memory",
+                   help="write what is allocated at each contender's peak, by the line of code that allocated it, "
+                        "to MEMORY.<name>...txt (the allocator's history: slower steps)")
     p.add_argument("--cpu", action="store_true", help="the default job on this CPU (see above)")
     p.add_argument("--rounds", type=int, default=2, help="--cpu: contenders alternate this many times")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -421,6 +464,8 @@ def main():
                "--doc_len", str(a.doc_len)]
         if a.profile:
             cmd += ["--profile", f"{a.profile}.{c}.{a.shape}.{a.mode}.txt"]
+        if a.memory:
+            cmd += ["--memory", f"{a.memory}.{c}.{a.shape}.{a.mode}.txt"]
         if a.fsdp and c.startswith("nanotune"):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
                    *cmd[1:], "--fsdp"]
@@ -489,14 +534,14 @@ def bench_cpu(a):
         print(f"nanotune / hf_peft: {rows[0]['vs_hf_peft']:.2f}x (median s/step over {a.rounds} rounds)", flush=True)
     for row in rows:
         row.update(device=where, date=time.strftime("%Y-%m-%d"), command="python bench.py --cpu")
-    # CPU rows go to their own file: results/bench.json is the GPU's (its "gpu" names the device of every row)
+    # CPU rows go to their own file: results/bench.json is the GPU's (each row's "gpu" names its device)
     save(a.json if a.json != "results/bench.json" else "results/bench_cpu.json", where, rows, a.device_call)
 
 
 def save(path, gpu, rows, device_call=None):
     if not path:
         return
-    rows = [dict(r, device_call=device_call) if device_call else r for r in rows]
+    rows = [dict(r, gpu=gpu, **({"device_call": device_call} if device_call else {})) for r in rows]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     old = json.load(open(path)) if os.path.isfile(path) else {"rows": []}
     old.update(gpu=gpu, versions=versions())

@@ -439,6 +439,8 @@ def _attention_bias(mask, H, dtype):
 class _SinkAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, mask, scale):
+        if isinstance(mask, PackedRows):
+            return _SinkVarlen.forward(ctx, q, k, v, sinks, mask, scale)
         (_, H, T, _), rep = q.shape, q.shape[1] // k.shape[1]
         k, v = (t.repeat_interleave(rep, dim=1) for t in (k, v))  # (the kernels take no GQA)
         causal, bias = mask is None and T > 1, None if mask is None else _attention_bias(mask, H, q.dtype)
@@ -456,6 +458,8 @@ class _SinkAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if hasattr(ctx, "rows"):
+            return _SinkVarlen.backward(ctx, dy)
         q, k, v, sinks, bias, y, lse, g, seed, offset = ctx.saved_tensors
         do = (dy.float() * g[..., None]).to(q.dtype)
         if q.is_cuda:
@@ -470,7 +474,54 @@ class _SinkAttention(torch.autograd.Function):
         return dq, dk, dv, (-dl.sum((0, 2))).to(sinks.dtype), None, None
 
 
+class _SinkVarlen:
+    """The same on CUDA for whole or packed rows (PackedRows): flash attention over the flattened documents,
+    which returns L too and skips the key blocks a sliding window leaves out (no mask, no [T, T] work outside the
+    window); K/V heads stay grouped (flash takes GQA). Tokens flattened: [B*T, heads, D], L [H, B*T]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, rows, scale):
+        B, H, T, D = q.shape
+        q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v))
+        left = -1 if rows.window is None else rows.window - 1  # flash keeps keys j with i - left <= j <= i
+        o, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, rows.cu, rows.cu, rows.max_len, rows.max_len, 0.0, left < 0, False, scale=scale,
+            window_size_left=left, window_size_right=0)
+        g = torch.sigmoid(lse.t().float() - sinks.float())  # [B*T, H]
+        y = (o.float() * g[..., None]).to(q.dtype)
+        ctx.save_for_backward(q, k, v, sinks, y, lse, g, seed, offset)
+        ctx.rows, ctx.scale, ctx.left, ctx.shape = rows, scale, left, (B, H, T, D)
+        return y.view(B, T, H, D).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, sinks, y, lse, g, seed, offset = ctx.saved_tensors
+        (B, H, T, D), rows = ctx.shape, ctx.rows
+        dy = dy.transpose(1, 2).reshape(B * T, H, D).float()
+        do = (dy * g[..., None]).to(q.dtype)
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            do, q, k, v, y, lse, rows.cu, rows.cu, rows.max_len, rows.max_len, 0.0, ctx.left < 0, seed, offset,
+            scale=ctx.scale, window_size_left=ctx.left, window_size_right=0)
+        dl = (1 - g) * (dy * y.float()).sum(-1)  # [B*T, H]
+        dq, dk, dv = (t.view(B, T, t.shape[1], D).transpose(1, 2) for t in (dq, dk, dv))
+        return dq, dk, dv, (-dl.sum(0)).to(sinks.dtype), None, None
+
+
+def rows_mask(rows, B, T):
+    """PackedRows of B rows of T tokens -> the bool [B, 1, T, T] mask they stand for (causal, same document,
+    within the window): the reference for the varlen paths."""
+    doc = torch.searchsorted(rows.cu[1:].long(), torch.arange(B * T, device=rows.cu.device), right=True).view(B, T)
+    i = torch.arange(T, device=rows.cu.device)
+    m = (doc[:, :, None] == doc[:, None, :]) & (i[:, None] >= i[None, :])
+    if rows.window is not None:
+        m &= i[:, None] - i[None, :] < rows.window
+    return m[:, None]
+
+
 def sink_attention(q, k, v, sinks, mask, scale):
+    """mask: bool [B, 1, T, S], None (causal) or PackedRows (flash, CUDA)."""
+    if isinstance(mask, PackedRows) and not (_FUSED and q.is_cuda):
+        mask = rows_mask(mask, q.shape[0], q.shape[2])
     if _FUSED:
         return _SinkAttention.apply(q, k, v, sinks, mask, scale)
     return sink_attention_ref(q, k, v, sinks, mask, scale)
@@ -702,10 +753,9 @@ def _varlen():
 
 
 def varlen_usable(x, cfg, windows) -> bool:
-    """Flash varlen runs on CUDA in 16-bit, without Gemma 2's score softcap or gpt-oss's sinks; a sliding window
-    and a non-default scale need a torch whose varlen_attn takes them."""
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or cfg.attn_logit_softcapping or \
-            cfg.attention_sinks:
+    """Flash varlen runs on CUDA in 16-bit, without Gemma 2's score softcap (gpt-oss's sinks: _SinkVarlen); a
+    sliding window and a non-default scale need a torch whose varlen_attn takes them."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or cfg.attn_logit_softcapping:
         return False
     fn, args = _varlen()
     if fn is None or (windows != {None} and "window_size" not in args):
@@ -829,6 +879,18 @@ def moe_combine_ref(y, inv, w, k, y2=None):
     return g.sum(1) if w is None else torch.bmm(w.view(-1, 1, k).to(y.dtype), g).squeeze(1)
 
 
+# The expert biases' gradients (gpt-oss), over rows sorted by expert (ex [M] each row's expert, offs as above):
+#   expert_sums: out [E, N] fp32, out_e = sum over expert e's rows p of wr_p x_p   (d b_e; wr None: 1)
+#   row_dot:     out [M] fp32, out_p = <d_p, b_ex[p]>   (the routing weights' share through the bias)
+def expert_sums_ref(x, offs, ex, wr=None):
+    x = x.float() if wr is None else x.float() * wr.float()[:, None]
+    return torch.zeros(offs.shape[0], x.shape[1], device=x.device).index_add_(0, ex, x)
+
+
+def row_dot_ref(d, b, ex):
+    return (d.float() * b.index_select(0, ex).float()).sum(-1)
+
+
 if triton is not None:
     @triton.jit
     def _load2(P, P2, off, m, HAS_2: tl.constexpr):  # P[off] (+ P2[off]) in fp32
@@ -894,6 +956,33 @@ if triton is not None:
             acc += y
         tl.store(OUT + n * C + c, acc.to(OUT.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _expert_sums(X, WR, OFFS, OUT, N, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        e = tl.program_id(0)  # one expert's contiguous rows [start, end), one block of columns
+        c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        start = tl.load(OFFS + e - 1, mask=e > 0, other=0)
+        end = tl.load(OFFS + e)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(start, end, BLOCK_M):
+            r = r0 + tl.arange(0, BLOCK_M)
+            m = r < end
+            x = tl.load(X + r[:, None].to(tl.int64) * N + c[None, :], mask=m[:, None] & (c[None, :] < N),
+                        other=0.0).to(tl.float32)
+            if HAS_W:
+                x = x * tl.load(WR + r, mask=m, other=0.0).to(tl.float32)[:, None]
+            acc += x
+        tl.store(OUT + e * N + c, tl.sum(acc, axis=0), mask=c < N)
+
+    @triton.jit
+    def _row_dot(D, B, EX, OUT, C, BLOCK: tl.constexpr):
+        p = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, BLOCK)
+        m = c < C
+        e = tl.load(EX + p).to(tl.int64)
+        d = tl.load(D + p * C + c, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(B + e * C + c, mask=m, other=0.0).to(tl.float32)
+        tl.store(OUT + p, tl.sum(d * b, axis=0))
+
 
 def _act_code(act):
     """-> (ACT, alpha, limit) for the row kernels: 0 SwiGLU, 1 GeGLU, 2 gpt-oss's clamped SwiGLU."""
@@ -926,6 +1015,29 @@ def moe_combine_triton(y, inv, w, k, y2=None):
     _moe_combine[(M // k, triton.cdiv(C, 1024))](y, y if y2 is None else y2, inv, y if w is None else w.contiguous(),
                                                  out, C, K=k, HAS_W=w is not None, HAS_2=y2 is not None, BLOCK=1024)
     return out
+
+
+def expert_sums_triton(x, offs, ex, wr=None):
+    N, E = x.shape[1], offs.shape[0]
+    out = torch.empty(E, N, device=x.device, dtype=torch.float32)
+    _expert_sums[(E, triton.cdiv(N, 128))](x, x if wr is None else wr.contiguous(), offs, out, N, HAS_W=wr is not None,
+                                           BLOCK_M=32, BLOCK_N=128)
+    return out
+
+
+def row_dot_triton(d, b, ex):
+    M, C = d.shape
+    out = torch.empty(M, device=d.device, dtype=torch.float32)
+    _row_dot[(M,)](d, b.contiguous(), ex, out, C, BLOCK=triton.next_power_of_2(C))
+    return out
+
+
+def expert_sums(x, offs, ex, wr=None):
+    return (expert_sums_triton if _triton(x) else expert_sums_ref)(x, offs, ex, wr)
+
+
+def row_dot(d, b, ex):
+    return (row_dot_triton if _triton(d) else row_dot_ref)(d, b, ex)
 
 
 def moe_glu(h, act, h2=None, keep_h=False):
@@ -993,14 +1105,13 @@ class _MoEExperts(torch.autograd.Function):
             d_down = mm((d * wr[:, None].to(d.dtype)).t(), a, offs=offs).masked_fill_(empty[:, None, None], 0)
         db1 = db2 = dw_b = None
         if b2 is not None:  # d b2_e = sum of expert e's rows of wr * d; the routing weights see <d, b2_e> too
-            db2 = torch.zeros_like(b2, dtype=torch.float32).index_add_(0, ex, (d * wr[:, None].to(d.dtype)).float())
-            dw_b = (d.float() * b2.index_select(0, ex).float()).sum(-1)
+            db2, dw_b = expert_sums(d, offs, ex, wr), row_dot(d, b2, ex)
         del d, a  # (each [M, .] buffer is dropped once used: a lower peak)
         dh, dw_rows = moe_glu_back(da_u, h, wr, ctx.act, da2)
         del da_u, da2
         if dw_b is not None:
             dw_rows = dw_rows + dw_b
-            db1 = torch.zeros(b2.shape[0], dh.shape[1], device=dh.device).index_add_(0, ex, dh.float())
+            db1 = expert_sums(dh, offs, ex)
         dw = dw_rows.index_select(0, inv).view(N, k).to(w.dtype)
         dxs, dxs2, d_gate_up, dA1, dB1 = _expert_proj_backward(dh, x.index_select(0, tok), gate_up, A1, B1, ctx.s1,
                                                                xa1, offs, empty, need[3])

@@ -231,10 +231,10 @@ class Attention(nn.Module):
         k = kernels.rope(k.transpose(1, 2), cos, sin)  # [B, KV, T, D]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, KV, S, D], S = cached + T
-        if isinstance(mask, kernels.PackedRows):  # packed rows on a GPU: flash attention over each document alone
-            y = kernels.varlen_attention(q, k, v, mask, self.scale)
-        elif hasattr(self, "sinks"):  # gpt-oss: softmax([scores, sink_h]) without the sink's column
+        if hasattr(self, "sinks"):  # gpt-oss: softmax([scores, sink_h]) without the sink's column
             y = kernels.sink_attention(q, k, v, self.sinks, mask, self.scale)
+        elif isinstance(mask, kernels.PackedRows):  # packed rows on a GPU: flash attention over each document alone
+            y = kernels.varlen_attention(q, k, v, mask, self.scale)
         elif self.softcap:  # Gemma 2: cap * tanh(scores / cap) before the mask; SDPA cannot do this
             k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))
             s = kernels.softcap((q @ k.transpose(-1, -2)) * self.scale, self.softcap)  # [B, H, T, S]

@@ -29,6 +29,8 @@ NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488
                     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
                     0.7229568362236023, 1.0], dtype=torch.float32)
 BLOCK, NESTED_BLOCK = 64, 256
+CHUNK = BLOCK * 2**18  # quantize_nf4 works through 16M elements at a time (its fp32 and int64 temporaries: of a
+#                        slice, not of a whole stack of experts, which peaked at 6 GB over a 1 GB gpt-oss stack)
 
 
 def dynamic_map() -> torch.Tensor:
@@ -81,8 +83,9 @@ def blockwise_absmax_codes(x: torch.Tensor, code: torch.Tensor, block: int, lut=
 
 def quantize_nf4(w: torch.Tensor, double_quant=True) -> dict:
     """Any-shape float tensor -> the quant state (bitsandbytes' field names)."""
-    x = w.detach().reshape(-1).float()
-    codes, absmax = blockwise_absmax_codes(x, NF4, BLOCK)
+    x = w.detach().reshape(-1)
+    parts = [blockwise_absmax_codes(x[i:i + CHUNK].float(), NF4, BLOCK) for i in range(0, max(x.numel(), 1), CHUNK)]
+    codes, absmax = (torch.cat(t) if len(t) > 1 else t[0] for t in zip(*parts))
     if codes.numel() % 2:  # an odd count is padded with the code of 0.0 (index 7), as bitsandbytes does
         codes = torch.cat([codes, codes.new_full((1,), 7)])
     state = {"weight": ((codes[0::2] << 4) | codes[1::2])[:, None], "absmax": absmax, "shape": list(w.shape),

@@ -365,6 +365,26 @@ def test_moe_row_kernels(dtype, act):
     within([kept[2]], [kept[1]], [kept[0]], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_bias_sums(dtype):
+    """The expert biases' gradients over rows sorted by expert (Triton vs index_add and fp64): per-expert sums,
+    weighted and plain, with an expert that got no rows and one with more rows than a block; and each row's dot
+    with its expert's bias."""
+    import kernels as K
+    counts = torch.tensor([3, 0, 40, 1, 7])
+    ex, offs = torch.repeat_interleave(torch.arange(5), counts).to(DEV), counts.cumsum(0).to(torch.int32).to(DEV)
+    M, N = int(counts.sum()), 150  # N > 128: a second column block
+    x, wr, b = randn(M, N, seed=1), randn(M, seed=2).abs(), randn(5, N, seed=3)
+    for kernel, ref, args in [(K.expert_sums_triton, K.expert_sums_ref, lambda t: (t[0], offs, ex, t[1])),
+                              (K.expert_sums_triton, K.expert_sums_ref, lambda t: (t[0], offs, ex)),
+                              (K.row_dot_triton, K.row_dot_ref, lambda t: (t[0], t[2], ex))]:
+        out = [fn(*args(ts)) for fn, ts in [(kernel, [t.to(dtype) for t in (x, wr, b)]),
+                                              (ref, [t.to(dtype) for t in (x, wr, b)]),
+                                              (ref, [t.double() for t in (x, wr, b)])]]
+        within([out[2]], [out[1]], [out[0]], torch.float32)  # both accumulate in fp32
+    assert K.expert_sums_triton(x, offs, ex)[1].abs().max() == 0
+
+
 def test_moe_recompute_skips_the_output_and_keeps_every_gradient():
     """Inside a recompute whose output is unused (kernels.skip_value), the expert path skips the down
     projection and the combine; the gradients equal the full forward's."""
@@ -386,15 +406,27 @@ def test_moe_recompute_skips_the_output_and_keeps_every_gradient():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked", [False, True, "packed"])
 def test_sink_attention(dtype, masked):
     """gpt-oss's attention with sinks through the plain attention kernel and its log-sum-exp (O sigmoid(L - s)),
     against the written-out softmax over [scores, sink] and fp64: the output and the gradients of q, k, v (GQA: 6
-    heads over 2) and the sinks; causal (no mask), or a sliding window of 5 with a left-padded row."""
+    heads over 2) and the sinks; causal (no mask), or a sliding window of 5 with a left-padded row. packed:
+    rows of documents (PackedRows) within a window of 5: flash attention over the flattened tokens on a GPU (16-bit;
+    fp32 and CPU: the bool mask they stand for), against the reference given that mask."""
     B, H, KV, T, D = 2, 6, 2, 13, 24
     q, k, v = randn(B, H, T, D, seed=1), randn(B, KV, T, D, seed=2), randn(B, KV, T, D, seed=3)
     sinks = randn(H, seed=4)
     mask = None
+    if masked == "packed":
+        rows = kernels.PackedRows(torch.tensor([0, 5, 13, 20, 26], dtype=torch.int32, device=DEV), 8, 5)
+        dense = kernels.rows_mask(rows, B, T)
+        assert dense[0, 0, 6].tolist() == [False] * 5 + [True, True] + [False] * 6  # doc 2 from token 5
+        assert dense[1, 0, 12].tolist() == [False] * 8 + [True] * 5  # doc 4 from token 7, window 5
+
+        given = rows if dtype == torch.bfloat16 else dense
+        check(lambda *t: kernels.sink_attention(*t, given, D ** -0.5),
+              lambda *t: kernels.sink_attention_ref(*t, dense, D ** -0.5), [q, k, v, sinks], dtype)
+        return
     if masked:
         i = torch.arange(T, device=DEV)
         mask = ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 5))[None, None].repeat(B, 1, 1, 1)

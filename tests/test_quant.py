@@ -35,9 +35,12 @@ def test_nf4_bytes_absmax_and_values_equal_bitsandbytes(dtype, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(300, 257), (1024, 1024 + 7), (7, 45)])
-def test_double_quant_equals_bitsandbytes(dtype, shape):
+@pytest.mark.parametrize("chunk", [None, 64 * 5])
+def test_double_quant_equals_bitsandbytes(dtype, shape, chunk, monkeypatch):
     """Packed bytes, offset, nested absmax and the 8-bit absmax codes equal bitsandbytes'; so do the
     dequantized weights."""
+    if chunk:  # quantized a few blocks at a time (as a large stack of experts is): the same bytes
+        monkeypatch.setattr(quant, "CHUNK", chunk)
     torch.manual_seed(1)
     w = torch.randn(*shape, dtype=dtype)
     packed, st = BF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
