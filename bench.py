@@ -178,7 +178,9 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
             graph = train.graphed_loss(m)
             loss.fwd_bwd = lambda ids: graph(batch(ids), 1 / n(ids)) / n(ids)
         return m, loss
-    import transformers
+    here = os.path.dirname(os.path.abspath(__file__))  # a peer's process imports nothing of nanotune: off the path,
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]  # so transformers >= 5.25 finds the
+    import transformers                                                          # Hugging Face `kernels` package
     kw = dict(dtype=torch.float32 if cpu else torch.bfloat16,  # (gpt-oss's sinks: transformers' eager attention)
               attn_implementation="eager" if SHAPES[shape].get("model_type") == "gpt_oss" else "sdpa",
               device_map="cpu" if cpu else "cuda")
