@@ -16,7 +16,6 @@ Gemma 2 (arXiv:2408.00118), Llama 3.1 rope scaling (arXiv:2407.21783).
     ids = generate(model, tok.chat([{"role": "user", "content": "Hi"}]), max_new_tokens=32, stop_ids=tok.stop_ids)
     print(tok.decode(ids))
 """
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -404,8 +403,7 @@ class Transformer(nn.Module):
         for name in self.rope_buffers():  # inverse frequencies, filled by reset_rope (not in checkpoints)
             self.register_buffer(name, torch.empty(cfg.rotary_dim // 2), persistent=False)
         self.reset_rope()
-        self.gradient_checkpointing = False
-        self.offload_activations = False  # with checkpointing: block inputs wait in host memory (kernels.Offload)
+        self.block_memory = None  # set by memory.checkpoint_blocks: in training, blocks recomputed in backward
         self.varlen = False  # packed rows on a GPU: flash varlen attention instead of a block-diagonal mask
 
     def tie_weights(self):
@@ -475,22 +473,22 @@ class Transformer(nn.Module):
         for w in windows - set(masks):
             if need or (w and S > w):
                 masks[w] = attention_mask_for(B, T, offset, attention_mask, docs, w, x.device)
-        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        offload = kernels.Offload(x.device) if ckpt and self.offload_activations else None
-        dropout = ckpt and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.model.layers.modules())
+        ckpt = None
+        if self.block_memory is not None and self.training and torch.is_grad_enabled():
+            dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.model.layers.modules())
+            ckpt = self.block_memory.begin(x.device, rng=dropout)  # one forward pass of checkpointed blocks
         last = self.model.layers[-1]
         for layer in self.model.layers:
             mask = masks.get(c.sliding_window if layer.self_attn.sliding else None)
             cos, sin = rope[layer.self_attn.sliding]
             if ckpt:  # keep only the block input (on the host with offload); recompute the rest in backward
-                with offload.saving(x) if offload and layer is not last else contextlib.nullcontext():
-                    x = kernels.checkpoint(layer, x, cos, sin, mask, rng=dropout)
+                x = ckpt.block(layer, x, cos, sin, mask, last=layer is last)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
-        if offload:
-            offload.prefetch_last()  # backward starts with the last block, which was not offloaded
+        if ckpt:
+            ckpt.end()
         h = self.model.norm(x)
         return h / c.logits_scaling if c.logits_scaling != 1 else h  # Granite: logits / s (the head has no bias)
 

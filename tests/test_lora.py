@@ -5,6 +5,7 @@ from conftest import make_hf_model
 
 import lora
 import formats
+import memory
 from cli import NanotuneError
 
 VARIANTS = {"lora": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
@@ -149,7 +150,7 @@ def test_checkpointing_with_dropout_repeats_the_masks(tmp_path):
         lora.apply_lora(m, r=4, alpha=8, dropout=0.3)
         randomise_adapters(m)
         m.train()
-        m.gradient_checkpointing = ckpt
+        memory.checkpoint_blocks(m, ckpt)
         torch.manual_seed(1)
         loss = m.logits(m(ids)).float().logsumexp(-1).sum()
         loss.backward()
@@ -180,7 +181,7 @@ def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp
             lora.apply_lora(m, r=4, alpha=8)
             randomise_adapters(m)
             m.train()
-            m.gradient_checkpointing = fused
+            memory.checkpoint_blocks(m, fused)
             loss = m.logits(m(ids)).float().logsumexp(-1).sum()
             loss.backward()
             results.append((loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))

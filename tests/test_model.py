@@ -6,6 +6,7 @@ from conftest import ARCH_CONFIGS, EAGER, make_hf_model
 
 import formats
 import kernels
+import memory
 import model
 
 
@@ -238,7 +239,7 @@ def test_moe_aux_loss_equals_transformers_and_its_gradient_is_exact(arch, tmp_pa
     ((ce + coef * n * aux) / norm).backward()
     want = grads()
     for ckpt in (False, True):
-        m.gradient_checkpointing = ckpt
+        memory.checkpoint_blocks(m, ckpt)
         m.zero_grad()
         train.backward(train.SFT(), m, batch, norm)
         assert (grads() - want).abs().max() <= 1e-5 * want.abs().max(), ckpt
