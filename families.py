@@ -94,6 +94,7 @@ FAMILIES = {
                                                              "attention_multiplier", "logits_scaling"),
                       gguf_keys={"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
                                  "attention_multiplier": "attention.scale", "logits_scaling": "logit_scale"}),
+    "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # gpt-oss: sinks, biased router and experts, clamped SwiGLU, alternating sliding (128) / full layers, YaRN
     "gpt_oss": Family("GptOssForCausalLM", "gpt-oss", dict(norm_topk_prob=True, attention_sinks=True, router_bias=True,
                                                         expert_bias=True),
@@ -108,7 +109,7 @@ FAMILIES = {
 }
 GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
 MULTIMODAL = {"gemma3": "gemma3_text"}  # a vision-language config whose text tower nanotune trains
-ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new")  # gelu_new is tanh-GELU too
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "relu2")  # gelu_new is tanh-GELU too; relu2: plain MLPs
 ROPE_TYPES = ("linear", "llama3", "yarn", "longrope")
 
 
@@ -235,8 +236,9 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         if c.layer_types is None and fam.layer_types == "max_window_layers":
             first = d.get("max_window_layers", 0)
             c.layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(L)]
-    if c.hidden_act not in ACTIVATIONS:
-        raise NanotuneError(f"{where}: activation {c.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)}).")
+    if c.hidden_act not in ACTIVATIONS or (c.gated_mlp and c.hidden_act == "relu2"):
+        raise NanotuneError(f"{where}: activation {c.hidden_act!r} is not supported in a {mt} model "
+                            f"({', '.join(ACTIVATIONS[:3])}; relu2 in a plain MLP).")
     return c
 
 

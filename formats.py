@@ -353,7 +353,7 @@ def llama_qk_permute(w: torch.Tensor, heads: int, inverse=False) -> torch.Tensor
 
 def _permuted_heads(cfg: Config, name: str):
     """How many heads a Q/K tensor has when llama.cpp's `llama` arch wants its rows permuted, else None."""
-    if FAMILIES[cfg.model_type].gguf_arch not in ("llama", "granite"):  # llama.cpp's "norm" rope type
+    if FAMILIES[cfg.model_type].gguf_arch not in ("llama", "granite", "arcee"):  # llama.cpp's "norm" rope type
         return None
     return cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads if ".k_proj." in name else None
 

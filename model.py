@@ -18,6 +18,7 @@ Gemma 2 (arXiv:2408.00118), Llama 3.1 rope scaling (arXiv:2407.21783).
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -53,7 +54,8 @@ class Config:
     qk_norm: str | None = None  # RMSNorm on q and k before RoPE: "head" (Qwen3, Gemma 3) | "proj" (Olmo 2, all heads)
     norm_offset: float = 0.0  # Gemma: x_norm * (1 + w)
     embed_scale: bool = False  # Gemma: embeddings * sqrt(hidden_size)
-    hidden_act: str = "silu"  # "silu" (SwiGLU) or tanh-GELU ("gelu_pytorch_tanh" / "gelu_new", GeGLU)
+    hidden_act: str = "silu"  # "silu" (SwiGLU) or tanh-GELU ("gelu_pytorch_tanh" / "gelu_new", GeGLU); "relu2"
+    #                           (relu(x)^2, Arcee) in a plain MLP only
     gated_mlp: bool = True  # False: down(act(up(x))) (Phi-2's fc1 / fc2)
     pre_norm: bool = True  # norm the input of attention and of the MLP (every family but Olmo 2)
     post_norm: bool = False  # norm the output of attention and of the MLP (Gemma 2/3 with pre_norm, Olmo 2)
@@ -266,9 +268,13 @@ class MLP(nn.Module):
         if self.gated:
             h = kernels.gated_act(*shared_input(x, self.gate_proj, self.up_proj), self.act)
         else:
-            h = F.gelu(self.up_proj(x), approximate="tanh") if self.act != "silu" else F.silu(self.up_proj(x))
+            h = PLAIN_ACTS[self.act](self.up_proj(x))
         with kernels.value_unused(residual):
             return kernels.linear(self.down_proj, h)
+
+
+PLAIN_ACTS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+              "gelu_new": partial(F.gelu, approximate="tanh"), "relu2": lambda u: F.relu(u).square()}
 
 
 def expert_act(cfg: Config):

@@ -71,7 +71,8 @@ def peft_made_adapter_loads(arch, path, ids, config, tol=1e-4):
 
 
 # every family whose checkpoint keeps q/k/v and gate/up separate (Phi-3 fuses them: PEFT adapts qkv_proj there)
-@pytest.mark.parametrize("arch", ["llama", "ministral", "gemma2", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn"])
+@pytest.mark.parametrize("arch", ["llama", "ministral", "gemma2", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn",
+                                  "arcee"])
 def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     """nanotune's adapter on every projection gives peft's logits; a peft-made adapter (the checkpoint's own module
     names: Phi-2's dense / fc1 / fc2) loads into nanotune with peft's logits."""
@@ -89,8 +90,8 @@ def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     with torch.no_grad():
         assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-5
     n_peft = sum(1 for n, _ in pm.named_modules() if n.endswith(".lora_A.default"))
-    assert n_peft == len(lora.lora_layers(m)) == 7 * m.config.num_hidden_layers - (m.config.num_hidden_layers
-                                                                                 if arch == "phi" else 0)
+    per_layer = 7 if m.config.gated_mlp else 6  # (a plain MLP, Phi-2's and Arcee's, has no gate_proj)
+    assert n_peft == len(lora.lora_layers(m)) == per_layer * m.config.num_hidden_layers
     targets = ["dense", "fc2"] if arch == "phi" else ["o_proj", "down_proj"]
     m2 = peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                                   init_lora_weights=False), 1e-5)
