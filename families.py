@@ -35,11 +35,13 @@ class Family:
     gguf_pre: str = "gpt-2"  # llama.cpp pre-tokenizer of a byte-level BPE vocabulary the export cannot tell
     tied: bool = False  # tie_word_embeddings when config.json does not say
     experts: str = ""  # "input_major": stacked experts stored [E, in, out], gate/up columns interleaved (gpt-oss)
+    aliases: dict = field(default_factory=dict)  # the family's config.json key -> the common keys it stands for
 
 
 GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh")
 SOFTCAPS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 WINDOW = {"sliding_window": "attention.sliding_window"}
+DROPOUTS = ("residual_dropout", "embedding_dropout")  # (attention_dropout: every family, the same key)
 EXPERTS_KEY = {"num_experts": "num_local_experts"}  # (config.json may say either; transformers reads both)
 # what llama.cpp's MoE archs do with the top-k routing weights, whatever the file says (measured: they ignore
 # {arch}.expert_weights_norm)
@@ -72,7 +74,8 @@ FAMILIES = {
                           gguf_window=True, tied=True, gguf_keys=WINDOW),
     "phi": Family("PhiForCausalLM", "phi2", dict(norm_type="layer", parallel_block=True, gated_mlp=False,
                                                   mlp_bias=True, lm_head_bias=True, qkv_bias=True, o_bias=True),
-                  keys={"rms_norm_eps": "layer_norm_eps"},
+                  DROPOUTS, keys={"rms_norm_eps": "layer_norm_eps", "residual_dropout": "resid_pdrop",
+                                  "embedding_dropout": "embd_pdrop"},
                   defaults=dict(rope_parameters={"partial_rotary_factor": 0.5}, hidden_act="gelu_new",
                                 layer_norm_eps=1e-5),
                   renames=dict(dense="o_proj", fc1="up_proj", fc2="down_proj", final_layernorm="norm")),
@@ -94,6 +97,10 @@ FAMILIES = {
                                                              "attention_multiplier", "logits_scaling"),
                       gguf_keys={"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
                                  "attention_multiplier": "attention.scale", "logits_scaling": "logit_scale"}),
+    "starcoder2": Family("Starcoder2ForCausalLM", "starcoder2", dict(norm_type="layer", gated_mlp=False), DROPOUTS,
+                         keys={"rms_norm_eps": "norm_epsilon"}, aliases={"use_bias": ("attention_bias", "mlp_bias")},
+                         defaults=dict(hidden_act="gelu_pytorch_tanh", norm_epsilon=1e-5, use_bias=True),
+                         sliding="always", renames=dict(c_fc="up_proj", c_proj="down_proj"), tied=True),
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # gpt-oss: sinks, biased router and experts, clamped SwiGLU, alternating sliding (128) / full layers, YaRN
     "gpt_oss": Family("GptOssForCausalLM", "gpt-oss", dict(norm_topk_prob=True, attention_sinks=True, router_bias=True,
@@ -189,6 +196,8 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         raise NanotuneError(f"{where}: model_type {mt!r} is not supported; nanotune runs {', '.join(FAMILIES)}.")
     fam = FAMILIES[mt]
     d = {**fam.defaults, **{k: v for k, v in d.items() if v is not None}}
+    for k, common in fam.aliases.items():  # (StarCoder2's use_bias: attention_bias and mlp_bias)
+        d.update({c: d[k] for c in common if k in d})
     check_unread_keys(d, fam, mt, where)
     if "num_experts" in d:  # (Qwen3-MoE configs say either)
         d.setdefault("num_local_experts", d["num_experts"])
@@ -217,6 +226,7 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
                mlp_bias=bool(d.get("mlp_bias", False)), bos_token_id=d.get("bos_token_id"),
                eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"))
     c.qkv_bias = c.o_bias = bool(d.get("attention_bias", False))
+    c.attention_dropout = float(d.get("attention_dropout") or 0.0)
     for k, v in fam.sets.items():
         setattr(c, k, v)
     for k in fam.hf_keys:  # (query_pre_attn_scalar defaults to head_dim, Granite's multipliers to 1)
@@ -236,6 +246,13 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         if c.layer_types is None and fam.layer_types == "max_window_layers":
             first = d.get("max_window_layers", 0)
             c.layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(L)]
+    if c.attention_dropout and c.attention_sinks:
+        raise NanotuneError(f"{where}: attention_dropout={c.attention_dropout} with attention sinks is not supported; "
+                            "set it to 0.")
+    for k in ("attention_dropout", *DROPOUTS):
+        if not 0 <= getattr(c, k) < 1:
+            raise NanotuneError(f"{where}: {fam.keys.get(k, k)}={getattr(c, k)!r} is not a dropout probability; "
+                                "it must be in [0, 1).")
     if c.hidden_act not in ACTIVATIONS or (c.gated_mlp and c.hidden_act == "relu2"):
         raise NanotuneError(f"{where}: activation {c.hidden_act!r} is not supported in a {mt} model "
                             f"({', '.join(ACTIVATIONS[:3])}; relu2 in a plain MLP).")
@@ -248,7 +265,8 @@ def config_to_hf(c: Config) -> dict:
     d = {"architectures": [fam.hf_class], "model_type": c.model_type}
     for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
-              "tie_word_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id", *fam.hf_keys):
+              "tie_word_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
+              *fam.hf_keys):
         d[fam.keys.get(k, k)] = getattr(c, k)
     scaling = c.rope_scaling or {}
     d["rope_scaling"] = c.rope_scaling
@@ -271,6 +289,8 @@ def config_to_hf(c: Config) -> dict:
         d["mlp_bias"] = c.mlp_bias
     if "hidden_act" in fam.sets:
         d["hidden_activation"] = c.hidden_act
+    for k, common in fam.aliases.items():
+        d[k] = d[common[0]]
     if fam.sliding:
         d["sliding_window"] = c.sliding_window
         d["use_sliding_window"] = bool(c.sliding_window)

@@ -755,7 +755,8 @@ def _varlen():
 def varlen_usable(x, cfg, windows) -> bool:
     """Flash varlen runs on CUDA in 16-bit, without Gemma 2's score softcap (gpt-oss's sinks: _SinkVarlen); a
     sliding window and a non-default scale need a torch whose varlen_attn takes them."""
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or cfg.attn_logit_softcapping:
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or cfg.attn_logit_softcapping or \
+            cfg.attention_dropout:  # (varlen_attn has no dropout: such rows take the mask path)
         return False
     fn, args = _varlen()
     if fn is None or (windows != {None} and "window_size" not in args):

@@ -84,6 +84,11 @@ class Config:
     swiglu_limit: float | None = None  # gpt-oss: experts' SwiGLU clamped, (clamp(u, -l, l) + 1) g' sigmoid(alpha g'),
     swiglu_alpha: float = 1.702  # g' = min(g, l)
     attention_sinks: bool = False  # gpt-oss: a learned logit per head in every softmax's denominator
+    # dropout in training (the checkpoint's own; off in eval): on the attention probabilities, on each branch's
+    # output before its residual add (StarCoder2, Phi-2's resid_pdrop), on the embeddings
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    embedding_dropout: float = 0.0
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -218,6 +223,8 @@ class Attention(nn.Module):
         self.layer = layer
         if cfg.attention_sinks:  # gpt-oss: softmax over [scores, sink_h], the sink's share dropped
             self.sinks = nn.Parameter(torch.zeros(self.nh))
+        if cfg.attention_dropout:  # (a module, so that checkpointing knows the recompute must repeat its masks)
+            self.attn_drop = nn.Dropout(cfg.attention_dropout)
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
@@ -243,10 +250,12 @@ class Attention(nn.Module):
                 s = s.masked_fill(~mask, float("-inf"))
             elif T > 1:
                 s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
-            y = F.softmax(s.float(), dim=-1).to(q.dtype) @ v
+            p = F.softmax(s.float(), dim=-1).to(q.dtype)
+            y = (self.attn_drop(p) if hasattr(self, "attn_drop") else p) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               scale=self.scale, enable_gqa=self.nh != self.nkv)
+            drop = self.attn_drop.p if hasattr(self, "attn_drop") and self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=self.scale,
+                                               is_causal=mask is None and T > 1, enable_gqa=self.nh != self.nkv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -371,6 +380,7 @@ class Block(nn.Module):
         if self.pre and not self.parallel:
             setattr(self, "pre_feedforward_layernorm" if self.post else "post_attention_layernorm", make_norm(cfg))
         self.mult = cfg.residual_multiplier
+        self.drop = nn.Dropout(cfg.residual_dropout) if cfg.residual_dropout else nn.Identity()
 
     def mlp_norm(self, x):
         return (self.pre_feedforward_layernorm if self.post else self.post_attention_layernorm)(x)
@@ -378,14 +388,16 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None):
         if self.parallel:
             h = self.input_layernorm(x)
-            return x + self.self_attn(h, cos, sin, mask, cache) + self.mlp(h, residual=True)
+            return x + self.drop(self.self_attn(h, cos, sin, mask, cache)) + self.drop(self.mlp(h, residual=True))
         a = self.self_attn(self.input_layernorm(x) if self.pre else x, cos, sin, mask, cache)
         if self.post:
             a = self.post_attention_layernorm(a)
+        a = self.drop(a)
         x = x + (a * self.mult if self.mult != 1 else a)
         y = self.mlp(self.mlp_norm(x) if self.pre else x, residual=not self.post and self.mult == 1)
         if self.post:
             y = self.post_feedforward_layernorm(y)
+        y = self.drop(y)
         return x + (y * self.mult if self.mult != 1 else y)
 
 
@@ -466,6 +478,8 @@ class Transformer(nn.Module):
             x = x * torch.tensor(c.hidden_size**0.5, dtype=x.dtype)
         if c.embedding_multiplier != 1:  # Granite
             x = x * c.embedding_multiplier
+        if c.embedding_dropout and self.training:
+            x = F.dropout(x, c.embedding_dropout)
         rope = self.rope_tables(position_ids, None if packed else offset + T)
         S = offset + T
         need = attention_mask is not None or packed or (offset > 0 and T > 1)

@@ -499,9 +499,10 @@ def n_trained(batch):
 
 def graphed_loss(model):
     """--cuda_graphs: the SFT loss's forward + backward recorded once per batch shape and replayed."""
-    if model.config.router_aux_loss_coef:
-        raise NanotuneError("cuda_graphs does not run the MoE load-balancing loss; set router_aux_loss_coef 0 or "
-                            "turn cuda_graphs off.")
+    c = model.config
+    if c.router_aux_loss_coef or c.attention_dropout or c.residual_dropout or c.embedding_dropout:
+        raise NanotuneError("cuda_graphs runs neither the MoE load-balancing loss nor the checkpoint's own dropout; "
+                            "set router_aux_loss_coef 0 for the first, or turn cuda_graphs off.")
     def loss_backward(batch, scale):
         loss = model.run(token_loss_sum, batch, True)  # every row: one shape, nothing read back on the host
         (loss * scale).backward()

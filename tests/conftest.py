@@ -72,6 +72,9 @@ ARCH_CONFIGS = {
                                      sliding_window=5, swiglu_limit=0.2, tie_word_embeddings=False, rope_parameters={
                                          "rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
                                          "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})),
+    # StarCoder2: LayerNorm with bias, a plain tanh-GELU MLP (c_fc / c_proj), biases everywhere (use_bias), a
+    # sliding window on every layer, tied embeddings
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=5)),
     # Arcee (AFM): a plain MLP with relu^2, biases on attention and the MLP
     "arcee": ("ArceeConfig", dict(attention_bias=True, mlp_bias=True, head_dim=32, tie_word_embeddings=False)),
     "granite": ("GraniteConfig", dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.2,

@@ -23,6 +23,7 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     "gemma3": {"query_pre_attn_scalar": 16, "attention_bias": False}, "olmo2": {"attention_bias": False},
     "phi": {}, "granite": {}, "qwen2-yarn": {}, "phi3-longrope": {"sliding_window": 4096},
     "arcee": {"attention_bias": False, "mlp_bias": False},  # llama.cpp's arcee loads no biases
+    "starcoder2": {"sliding_window": 4096},  # llama.cpp's starcoder2 has no sliding window
     # llama.cpp's MoE archs: Mixtral as `llama` with experts, qwen3moe (always renormalised), qwen2moe (never,
     # and every layer sparse: the tiny config's dense first layer goes)
     "mixtral": {}, "qwen3_moe": {}, "qwen2_moe": {"mlp_only_layers": []},

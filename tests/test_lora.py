@@ -72,11 +72,11 @@ def peft_made_adapter_loads(arch, path, ids, config, tol=1e-4):
 
 # every family whose checkpoint keeps q/k/v and gate/up separate (Phi-3 fuses them: PEFT adapts qkv_proj there)
 @pytest.mark.parametrize("arch", ["llama", "ministral", "gemma2", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn",
-                                  "arcee"])
+                                  "arcee", "starcoder2"])
 def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     """nanotune's adapter on every projection gives peft's logits; a peft-made adapter (the checkpoint's own module
-    names: Phi-2's dense / fc1 / fc2) loads into nanotune with peft's logits."""
-    from families import adapter_names
+    names: Phi-2's dense / fc2, StarCoder2's c_proj) loads into nanotune with peft's logits."""
+    from families import adapter_names, checkpoint_name
     from peft import LoraConfig, PeftModel
     hf = make_hf_model(arch, tmp_path / "base")
     ids = torch.randint(3, 128, (2, 10))
@@ -92,7 +92,7 @@ def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     n_peft = sum(1 for n, _ in pm.named_modules() if n.endswith(".lora_A.default"))
     per_layer = 7 if m.config.gated_mlp else 6  # (a plain MLP, Phi-2's and Arcee's, has no gate_proj)
     assert n_peft == len(lora.lora_layers(m)) == per_layer * m.config.num_hidden_layers
-    targets = ["dense", "fc2"] if arch == "phi" else ["o_proj", "down_proj"]
+    targets = [checkpoint_name(m.config, t) for t in ("o_proj", "down_proj")]  # (Phi-2: dense, fc2; StarCoder2: c_proj)
     m2 = peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                                   init_lora_weights=False), 1e-5)
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == {"o_proj", "down_proj"}

@@ -50,7 +50,8 @@ def test_logits_match_transformers_both_ways(arch, tmp_path):
 # (LongRoPE is left out: its short/long choice is made per forward from the longest position, in transformers too,
 # so a packed row that passes original_max_position_embeddings rotates its short documents differently)
 @pytest.mark.parametrize("arch", ["llama", "ministral", "gemma2", "phi3", "gemma3", "phi", "olmo2", "granite",
-                                  "qwen2-yarn", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "arcee"])
+                                  "qwen2-yarn", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "arcee",
+                                  "starcoder2"])
 def test_packed_rows_equal_separate_sequences(arch, tmp_path):
     """Two documents packed in one row (positions restart at 0) give the logits each has alone."""
     make_hf_model(arch, tmp_path / "hf")
@@ -110,7 +111,8 @@ def test_sharded_checkpoint_loads(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "ministral", "gemma2", "gemma3", "phi", "olmo2", "granite",
-                                  "qwen2-yarn", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "arcee"])
+                                  "qwen2-yarn", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "arcee",
+                                  "starcoder2"])
 def test_kv_cache_generation_equals_full_recompute(arch, tmp_path):
     make_hf_model(arch, tmp_path / "hf")
     m = formats.load_model(str(tmp_path / "hf"))
@@ -260,3 +262,35 @@ def test_gpt_oss_gradients_equal_transformers(tmp_path):
         ref = experts_from_checkpoint(m.config, name, p.grad)
         assert (ref - ours[name].grad).abs().max() <= 1e-4 * ref.abs().max(), n
     assert ours["model.layers.0.self_attn.sinks"].grad.abs().min() > 0
+
+
+def test_the_checkpoints_dropouts_train_and_recompute_exactly(tmp_path):
+    """A checkpoint's own dropouts (StarCoder2's attention, residual and embedding dropout; Phi-2's resid_pdrop /
+    embd_pdrop) are read and written back; in eval they are off (logits = transformers'), in training on; a
+    checkpointed block's recompute draws the masks the forward drew (its gradients equal the plain run's)."""
+    from families import config_from_hf, config_to_hf
+    hf = make_hf_model("starcoder2", tmp_path / "hf", attention_dropout=0.2, residual_dropout=0.3,
+                       embedding_dropout=0.1)
+    m = formats.load_model(str(tmp_path / "hf"))
+    c = m.config
+    assert (c.attention_dropout, c.residual_dropout, c.embedding_dropout) == (0.2, 0.3, 0.1)
+    assert config_from_hf(config_to_hf(c)) == c
+    phi = config_from_hf({**config_to_hf(c), "model_type": "phi", "sliding_window": None, "resid_pdrop": 0.1,
+                          "embd_pdrop": 0.05})
+    assert (phi.residual_dropout, phi.embedding_dropout) == (0.1, 0.05)
+    ids = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        assert (m.eval().logits(m(ids)) - hf(ids).logits).abs().max() < 1e-4
+        m.train()
+        torch.manual_seed(1)
+        a = m.logits(m(ids))
+        torch.manual_seed(2)
+        assert (m.logits(m(ids)) - a).abs().max() > 1e-2  # masks drawn in training
+    grads = []
+    for ckpt in (False, True):
+        memory.checkpoint_blocks(m, ckpt)
+        m.zero_grad()
+        torch.manual_seed(3)
+        m.logits(m(ids)).float().logsumexp(-1).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[0].abs().max()
