@@ -27,7 +27,8 @@ class Family:
     keys: dict = field(default_factory=dict)  # Config field -> the family's own config.json key for it
     defaults: dict = field(default_factory=dict)  # config.json values the family's config class assumes
     sliding: str = ""  # "always": sliding_window applies when set; "flag": only with use_sliding_window
-    layer_types: str = ""  # default layer_types: "pattern" (sliding_window_pattern) | "max_window_layers"
+    layer_types: str = ""  # default layer_types: "pattern" (sliding_window_pattern) | "max_window_layers" | "nope"
+    #                        (SmolLM3: the NoPE layers slide)
     renames: dict = field(default_factory=dict)  # checkpoint name component -> nanotune's (Phi-2's dense -> o_proj)
     gguf_keys: dict = field(default_factory=dict)  # Config field -> GGUF key under the arch, both directions
     gguf_window: bool = False  # llama.cpp applies this arch's sliding window (else the export warns)
@@ -101,6 +102,8 @@ FAMILIES = {
                          keys={"rms_norm_eps": "norm_epsilon"}, aliases={"use_bias": ("attention_bias", "mlp_bias")},
                          defaults=dict(hidden_act="gelu_pytorch_tanh", norm_epsilon=1e-5, use_bias=True),
                          sliding="always", renames=dict(c_fc="up_proj", c_proj="down_proj"), tied=True),
+    "smollm3": Family("SmolLM3ForCausalLM", "smollm3", {}, ("no_rope_layers",), sliding="flag", layer_types="nope",
+                      tied=True),
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # gpt-oss: sinks, biased router and experts, clamped SwiGLU, alternating sliding (128) / full layers, YaRN
     "gpt_oss": Family("GptOssForCausalLM", "gpt-oss", dict(norm_topk_prob=True, attention_sinks=True, router_bias=True,
@@ -196,6 +199,9 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         raise NanotuneError(f"{where}: model_type {mt!r} is not supported; nanotune runs {', '.join(FAMILIES)}.")
     fam = FAMILIES[mt]
     d = {**fam.defaults, **{k: v for k, v in d.items() if v is not None}}
+    if "no_rope_layers" in fam.hf_keys and "no_rope_layers" not in d:  # SmolLM3: NoPE on every n-th layer
+        n = d.get("no_rope_layer_interval", 4)
+        d["no_rope_layers"] = [int((i + 1) % n != 0) for i in range(d.get("num_hidden_layers") or 0)]
     for k, common in fam.aliases.items():  # (StarCoder2's use_bias: attention_bias and mlp_bias)
         d.update({c: d[k] for c in common if k in d})
     check_unread_keys(d, fam, mt, where)
@@ -243,6 +249,8 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         if c.layer_types is None and fam.layer_types == "pattern":  # N-1 sliding layers, then a full one
             n = d["sliding_window_pattern"]
             c.layer_types = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(L)]
+        if c.layer_types is None and fam.layer_types == "nope":
+            c.layer_types = ["full_attention" if c.has_rope(i) else "sliding_attention" for i in range(L)]
         if c.layer_types is None and fam.layer_types == "max_window_layers":
             first = d.get("max_window_layers", 0)
             c.layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(L)]

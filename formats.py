@@ -353,7 +353,7 @@ def llama_qk_permute(w: torch.Tensor, heads: int, inverse=False) -> torch.Tensor
 
 def _permuted_heads(cfg: Config, name: str):
     """How many heads a Q/K tensor has when llama.cpp's `llama` arch wants its rows permuted, else None."""
-    if FAMILIES[cfg.model_type].gguf_arch not in ("llama", "granite", "arcee"):  # llama.cpp's "norm" rope type
+    if FAMILIES[cfg.model_type].gguf_arch not in ("llama", "granite", "arcee", "smollm3"):  # llama.cpp's "norm" rope
         return None
     return cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads if ".k_proj." in name else None
 
@@ -522,6 +522,10 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
         raise NanotuneError("llama.cpp scales attention by 1/sqrt(head_dim); this model's "
                             f"query_pre_attn_scalar ({cfg.query_pre_attn_scalar}) differs, so its GGUF would be wrong.")
     arch = FAMILIES[cfg.model_type].gguf_arch
+    if cfg.no_rope_layers is not None and cfg.no_rope_layers != [int((i + 1) % 4 != 0) for i in range(
+            cfg.num_hidden_layers)]:
+        raise NanotuneError("llama.cpp's smollm3 skips RoPE on every 4th layer and on no other; this model's "
+                            f"no_rope_layers {cfg.no_rope_layers} differ, so its GGUF would be wrong.")
     w.add_name("nanotune export")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)

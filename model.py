@@ -69,6 +69,7 @@ class Config:
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
     layer_types: list | None = None  # per layer "sliding_attention" | "full_attention"
+    no_rope_layers: list | None = None  # per layer 1 = RoPE, 0 = none (NoPE: SmolLM3); None: RoPE everywhere
     fused_checkpoint: bool = False  # Phi-3 stores qkv_proj and gate_up_proj fused
     # mixture of experts (0 experts: every MLP dense)
     num_experts: int = 0
@@ -100,6 +101,9 @@ class Config:
     def is_sparse(self, layer: int) -> bool:
         return self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0 and layer not in (
             self.mlp_only_layers or ())
+
+    def has_rope(self, layer: int) -> bool:
+        return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
 
     def is_sliding(self, layer: int) -> bool:
         if not self.sliding_window:
@@ -219,7 +223,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(kd, cfg.rms_norm_eps, cfg.norm_offset)
         self.scale = cfg.attention_multiplier or (cfg.query_pre_attn_scalar or self.hd) ** -0.5
         self.softcap = cfg.attn_logit_softcapping
-        self.sliding = cfg.is_sliding(layer)
+        self.sliding, self.rope = cfg.is_sliding(layer), cfg.has_rope(layer)
         self.layer = layer
         if cfg.attention_sinks:  # gpt-oss: softmax over [scores, sink_h], the sink's share dropped
             self.sinks = nn.Parameter(torch.zeros(self.nh))
@@ -235,8 +239,9 @@ class Attention(nn.Module):
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, KV, T, D]
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = kernels.rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
-        k = kernels.rope(k.transpose(1, 2), cos, sin)  # [B, KV, T, D]
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D], [B, KV, T, D]
+        if self.rope:  # (NoPE layers: none)
+            q, k = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, KV, S, D], S = cached + T
         if hasattr(self, "sinks"):  # gpt-oss: softmax([scores, sink_h]) without the sink's column

@@ -75,6 +75,9 @@ ARCH_CONFIGS = {
     # StarCoder2: LayerNorm with bias, a plain tanh-GELU MLP (c_fc / c_proj), biases everywhere (use_bias), a
     # sliding window on every layer, tied embeddings
     "starcoder2": ("Starcoder2Config", dict(sliding_window=5)),
+    # SmolLM3: NoPE on every 2nd layer here (4th by default), those layers sliding
+    "smollm3": ("SmolLM3Config", dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=5,
+                                      tie_word_embeddings=False)),
     # Arcee (AFM): a plain MLP with relu^2, biases on attention and the MLP
     "arcee": ("ArceeConfig", dict(attention_bias=True, mlp_bias=True, head_dim=32, tie_word_embeddings=False)),
     "granite": ("GraniteConfig", dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.2,
