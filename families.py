@@ -83,6 +83,9 @@ FAMILIES = {
     "phi3": Family("Phi3ForCausalLM", "phi3", dict(fused_checkpoint=True), sliding="always", template="phi3",
                    defaults=dict(original_max_position_embeddings=4096), gguf_keys=WINDOW),
     "olmo2": Family("Olmo2ForCausalLM", "olmo2", dict(pre_norm=False, post_norm=True, qk_norm="proj")),
+    "olmo3": Family("Olmo3ForCausalLM", "olmo2", dict(pre_norm=False, post_norm=True, qk_norm="proj"),
+                    defaults=dict(sliding_window=4096, sliding_window_pattern=4), sliding="always", layer_types="pattern",
+                    gguf_window=True, gguf_keys=WINDOW),  # (Olmo 2 with 3 sliding : 1 full layers)
     "mixtral": Family("MixtralForCausalLM", "llama", dict(norm_topk_prob=True), ("num_experts", "num_experts_per_tok"),
                       EXPERTS_KEY, sliding="always", gguf_keys={k: GGUF_MOE[k] for k in ("num_experts",
                                                                                           "num_experts_per_tok")},
@@ -138,7 +141,11 @@ def rope_from_hf(d: dict, where: str):
     rp = d.get("rope_parameters") or {}
     local = None
     if isinstance(rp.get("full_attention"), dict):  # {"full_attention": {...}, "sliding_attention": {...}}
-        local, rp = (rp.get("sliding_attention") or {}).get("rope_theta"), rp["full_attention"]
+        sliding = rp.get("sliding_attention") or {}
+        if sliding.get("rope_type", "default") != "default":
+            raise NanotuneError(f"{where}: rope scaling {sliding['rope_type']!r} on sliding layers is not supported "
+                                "(their rotation is plain; scaling applies to the full layers).")
+        local, rp = sliding.get("rope_theta"), rp["full_attention"]
     local = local or d.get("rope_local_base_freq")
     scaling = dict(d.get("rope_scaling") or rp)
     theta = d.get("rope_theta", rp.get("rope_theta", 10000.0))

@@ -382,6 +382,8 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
     mt = GGUF_FAMILY[arch]
     if mt == "llama" and meta.get("llama.expert_count"):  # Mixtral is llama.cpp's llama with experts
         mt = "mixtral"
+    if meta.get(f"{arch}.attention.sliding_window") and not FAMILIES[mt].sliding:  # Olmo 3 is llama.cpp's olmo2
+        mt = next((m for m, f in FAMILIES.items() if f.gguf_arch == arch and f.sliding), mt)
 
     def g(key, default=None):
         return meta.get(f"{arch}.{key}", default)

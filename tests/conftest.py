@@ -58,6 +58,12 @@ ARCH_CONFIGS = {
     "qwen2-yarn": ("Qwen2Config", dict(tie_word_embeddings=False, rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
     "olmo2": ("Olmo2Config", dict(attention_bias=True, tie_word_embeddings=False)),
+    # Olmo 3: Olmo 2 with sliding (5) / full layers, YaRN on the full layers only
+    "olmo3": ("Olmo3Config", dict(attention_bias=True, sliding_window=5, tie_word_embeddings=False,
+                                  layer_types=["sliding_attention", "full_attention"], rope_parameters={
+                                      "full_attention": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                                         "original_max_position_embeddings": 64},
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
     # mixtures of experts, top-2: Mixtral (8 experts, renormalised), Qwen2-MoE (a dense first layer, a shared expert
     # with its sigmoid gate, weights not renormalised), Qwen3-MoE (6 experts, q/k norm, renormalised)
     "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)),
