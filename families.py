@@ -107,6 +107,9 @@ FAMILIES = {
                          sliding="always", renames=dict(c_fc="up_proj", c_proj="down_proj"), tied=True),
     "smollm3": Family("SmolLM3ForCausalLM", "smollm3", {}, ("no_rope_layers",), sliding="flag", layer_types="nope",
                       tied=True),
+    "seed_oss": Family("SeedOssForCausalLM", "seed_oss", {}, ("o_bias", "residual_dropout"),
+                       keys={"o_bias": "attention_out_bias"}, defaults=dict(
+                           attention_bias=True, attention_out_bias=False, attention_dropout=0.1, residual_dropout=0.1)),
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # gpt-oss: sinks, biased router and experts, clamped SwiGLU, alternating sliding (128) / full layers, YaRN
     "gpt_oss": Family("GptOssForCausalLM", "gpt-oss", dict(norm_topk_prob=True, attention_sinks=True, router_bias=True,

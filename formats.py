@@ -330,7 +330,8 @@ def gguf_names(cfg: Config) -> dict:
     else:
         layer.update({"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                       "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"})
-    if FAMILIES[cfg.model_type].gguf_arch == "gpt-oss":  # (its pre-MLP norm is named as Gemma's post-attention one)
+    if FAMILIES[cfg.model_type].gguf_arch in ("gpt-oss", "seed_oss"):  # (the pre-MLP norm has Gemma's post-attention
+        #                                                                  norm's name there)
         layer["post_attention_layernorm"] = "post_attention_norm"
     pairs = list(top.items()) + [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}")
                                  for i in range(cfg.num_hidden_layers) for hf, gg in layer.items()]

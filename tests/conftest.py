@@ -84,6 +84,8 @@ ARCH_CONFIGS = {
     # SmolLM3: NoPE on every 2nd layer here (4th by default), those layers sliding
     "smollm3": ("SmolLM3Config", dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=5,
                                       tie_word_embeddings=False)),
+    # Seed-OSS: q/k/v biases without an o_proj one, an MLP bias; its dropouts (0.1 by default) are off in eval
+    "seed_oss": ("SeedOssConfig", dict(mlp_bias=True, head_dim=32, tie_word_embeddings=False)),
     # Arcee (AFM): a plain MLP with relu^2, biases on attention and the MLP
     "arcee": ("ArceeConfig", dict(attention_bias=True, mlp_bias=True, head_dim=32, tie_word_embeddings=False)),
     "granite": ("GraniteConfig", dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.2,
