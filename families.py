@@ -110,6 +110,9 @@ FAMILIES = {
     "seed_oss": Family("SeedOssForCausalLM", "seed_oss", {}, ("o_bias", "residual_dropout"),
                        keys={"o_bias": "attention_out_bias"}, defaults=dict(
                            attention_bias=True, attention_out_bias=False, attention_dropout=0.1, residual_dropout=0.1)),
+    "ernie4_5": Family("Ernie4_5ForCausalLM", "ernie4_5", dict(rope_interleaved=True),
+                       aliases={"use_bias": ("attention_bias", "mlp_bias")}, defaults=dict(use_bias=False, head_dim=128),
+                       tied=True),
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # gpt-oss: sinks, biased router and experts, clamped SwiGLU, alternating sliding (128) / full layers, YaRN
     "gpt_oss": Family("GptOssForCausalLM", "gpt-oss", dict(norm_topk_prob=True, attention_sinks=True, router_bias=True,

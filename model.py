@@ -45,6 +45,7 @@ class Config:
     rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3" | "yarn" | "longrope" | "factors", ...}
     local_rope_theta: float | None = None  # Gemma 3: sliding layers rotate with this base, unscaled
     partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated
+    rope_interleaved: bool = False  # RoPE rotates adjacent pairs (x[2i], x[2i+1]), not halves (ERNIE 4.5, GLM-4)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
@@ -162,6 +163,13 @@ def rope_attention_factor(scaling: dict | None) -> float:
     return 0.1 * math.log(f) + 1.0
 
 
+def deinterleave(x, rot):
+    """[..., D] -> the first `rot` dims reordered evens then odds (the rest as they are): rotating adjacent pairs
+    (x[2i], x[2i+1]) by frequency i is then rotating halves (x[i], x[i + rot/2]), as kernels.rope does."""
+    y = x[..., :rot].unflatten(-1, (rot // 2, 2)).transpose(-1, -2).flatten(-2)
+    return y if rot == x.shape[-1] else torch.cat([y, x[..., rot:]], -1)
+
+
 def rotary(position_ids, inv_freq, factor=1.0):
     """positions [B, T] -> cos, sin [B, T, rot] (halves repeated, as rotate-half wants), times `factor`."""
     freqs = position_ids[..., None].float() * inv_freq.float()  # [B, T, rot/2]
@@ -224,6 +232,7 @@ class Attention(nn.Module):
         self.scale = cfg.attention_multiplier or (cfg.query_pre_attn_scalar or self.hd) ** -0.5
         self.softcap = cfg.attn_logit_softcapping
         self.sliding, self.rope = cfg.is_sliding(layer), cfg.has_rope(layer)
+        self.interleaved = cfg.rotary_dim if cfg.rope_interleaved else 0
         self.layer = layer
         if cfg.attention_sinks:  # gpt-oss: softmax over [scores, sink_h], the sink's share dropped
             self.sinks = nn.Parameter(torch.zeros(self.nh))
@@ -240,6 +249,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D], [B, KV, T, D]
+        if self.interleaved:  # q and k permuted alike leave q k^T as it was: then RoPE on halves
+            q, k = deinterleave(q, self.interleaved), deinterleave(k, self.interleaved)
         if self.rope:  # (NoPE layers: none)
             q, k = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
         if cache is not None:

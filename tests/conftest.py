@@ -86,6 +86,8 @@ ARCH_CONFIGS = {
                                       tie_word_embeddings=False)),
     # Seed-OSS: q/k/v biases without an o_proj one, an MLP bias; its dropouts (0.1 by default) are off in eval
     "seed_oss": ("SeedOssConfig", dict(mlp_bias=True, head_dim=32, tie_word_embeddings=False)),
+    # ERNIE 4.5: RoPE on adjacent pairs, biases everywhere (use_bias)
+    "ernie4_5": ("Ernie4_5Config", dict(use_bias=True, head_dim=32, tie_word_embeddings=False)),
     # Arcee (AFM): a plain MLP with relu^2, biases on attention and the MLP
     "arcee": ("ArceeConfig", dict(attention_bias=True, mlp_bias=True, head_dim=32, tie_word_embeddings=False)),
     "granite": ("GraniteConfig", dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.2,
