@@ -84,8 +84,8 @@ FAMILIES = {
                    defaults=dict(original_max_position_embeddings=4096), gguf_keys=WINDOW),
     "olmo2": Family("Olmo2ForCausalLM", "olmo2", dict(pre_norm=False, post_norm=True, qk_norm="proj")),
     "olmo3": Family("Olmo3ForCausalLM", "olmo2", dict(pre_norm=False, post_norm=True, qk_norm="proj"),
-                    defaults=dict(sliding_window=4096, sliding_window_pattern=4), sliding="always", layer_types="pattern",
-                    gguf_window=True, gguf_keys=WINDOW),  # (Olmo 2 with 3 sliding : 1 full layers)
+                    defaults=dict(sliding_window=4096, sliding_window_pattern=4), sliding="always",
+                    layer_types="pattern", gguf_window=True, gguf_keys=WINDOW),  # (Olmo 2, 3 sliding : 1 full layers)
     "mixtral": Family("MixtralForCausalLM", "llama", dict(norm_topk_prob=True), ("num_experts", "num_experts_per_tok"),
                       EXPERTS_KEY, sliding="always", gguf_keys={k: GGUF_MOE[k] for k in ("num_experts",
                                                                                           "num_experts_per_tok")},
@@ -111,8 +111,8 @@ FAMILIES = {
                        keys={"o_bias": "attention_out_bias"}, defaults=dict(
                            attention_bias=True, attention_out_bias=False, attention_dropout=0.1, residual_dropout=0.1)),
     "ernie4_5": Family("Ernie4_5ForCausalLM", "ernie4_5", dict(rope_interleaved=True),
-                       aliases={"use_bias": ("attention_bias", "mlp_bias")}, defaults=dict(use_bias=False, head_dim=128),
-                       tied=True),
+                       aliases={"use_bias": ("attention_bias", "mlp_bias")},
+                       defaults=dict(use_bias=False, head_dim=128), tied=True),
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # gpt-oss: sinks, biased router and experts, clamped SwiGLU, alternating sliding (128) / full layers, YaRN
     "gpt_oss": Family("GptOssForCausalLM", "gpt-oss", dict(norm_topk_prob=True, attention_sinks=True, router_bias=True,
