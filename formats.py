@@ -114,7 +114,7 @@ def fuse(cfg: Config, tensors, unstack=True):
             continue
         mod, _, leaf = name.rpartition(".")
         parent, _, proj = mod.rpartition(".")
-        fused = next((f for f, parts in FUSED.items() if proj in parts), None) if cfg.fused_checkpoint else None
+        fused = next((f for f, parts in FUSED.items() if proj in parts and f in cfg.fused_checkpoint), None)
         if fused is None or leaf != "weight":
             yield checkpoint_name(cfg, name), t
             continue
@@ -325,11 +325,14 @@ def gguf_names(cfg: Config) -> dict:
         layer.update({"mlp.gate": "ffn_gate_inp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
                       **{f"mlp.experts.{p}_proj": f"ffn_{p}_exps" for p in ("gate", "up", "down")},
                       **{f"mlp.shared_expert.{p}_proj": f"ffn_{p}_shexp" for p in ("gate", "up", "down")}})
-    if cfg.fused_checkpoint:
-        layer.update({"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"})
+    if "qkv_proj" in cfg.fused_checkpoint:
+        layer["self_attn.qkv_proj"] = "attn_qkv"
     else:
-        layer.update({"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                      "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"})
+        layer.update({"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v"})
+    if "gate_up_proj" in cfg.fused_checkpoint:
+        layer["mlp.gate_up_proj"] = "ffn_up"
+    else:
+        layer.update({"mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"})
     if FAMILIES[cfg.model_type].gguf_arch in ("gpt-oss", "seed_oss"):  # (the pre-MLP norm has Gemma's post-attention
         #                                                                  norm's name there)
         layer["post_attention_layernorm"] = "post_attention_norm"

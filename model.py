@@ -71,7 +71,8 @@ class Config:
     sliding_window: int | None = None
     layer_types: list | None = None  # per layer "sliding_attention" | "full_attention"
     no_rope_layers: list | None = None  # per layer 1 = RoPE, 0 = none (NoPE: SmolLM3); None: RoPE everywhere
-    fused_checkpoint: bool = False  # Phi-3 stores qkv_proj and gate_up_proj fused
+    fused_checkpoint: tuple = ()  # projections the checkpoint stores fused: Phi-3 qkv_proj and gate_up_proj, GLM-4 the
+    #                               second
     # mixture of experts (0 experts: every MLP dense)
     num_experts: int = 0
     num_experts_per_tok: int = 2  # top-k

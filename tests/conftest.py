@@ -64,6 +64,9 @@ ARCH_CONFIGS = {
                                       "full_attention": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                                                          "original_max_position_embeddings": 64},
                                       "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    # GLM-4 (0414): sandwich norms under its own names, RoPE on adjacent pairs of half the head, q/k/v biases,
+    # gate_up_proj fused in the checkpoint
+    "glm4": ("Glm4Config", dict(head_dim=32, tie_word_embeddings=False)),
     # mixtures of experts, top-2: Mixtral (8 experts, renormalised), Qwen2-MoE (a dense first layer, a shared expert
     # with its sigmoid gate, weights not renormalised), Qwen3-MoE (6 experts, q/k norm, renormalised)
     "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)),
