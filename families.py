@@ -37,6 +37,7 @@ class Family:
     tied: bool = False  # tie_word_embeddings when config.json does not say
     experts: str = ""  # "input_major": stacked experts stored [E, in, out], gate/up columns interleaved (gpt-oss)
     aliases: dict = field(default_factory=dict)  # the family's config.json key -> the common keys it stands for
+    rope_on: str = ""  # "sliding": with a sliding window set, only sliding layers rotate (full layers are NoPE)
 
 
 GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh")
@@ -92,6 +93,9 @@ FAMILIES = {
                    renames=dict(post_self_attn_layernorm="post_attention_layernorm",  # (sandwich norms, other names)
                                 post_attention_layernorm="pre_feedforward_layernorm",
                                 post_mlp_layernorm="post_feedforward_layernorm")),
+    "exaone4": Family("Exaone4ForCausalLM", "exaone4", dict(pre_norm=False, post_norm=True, qk_norm="head"),
+                      defaults=dict(sliding_window_pattern=4), sliding="always", layer_types="pattern",
+                      rope_on="sliding", gguf_window=True, gguf_keys=WINDOW),  # (3 sliding : 1 full NoPE layers)
     "mixtral": Family("MixtralForCausalLM", "llama", dict(norm_topk_prob=True), ("num_experts", "num_experts_per_tok"),
                       EXPERTS_KEY, sliding="always", gguf_keys={k: GGUF_MOE[k] for k in ("num_experts",
                                                                                           "num_experts_per_tok")},
@@ -267,12 +271,17 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         L = c.num_hidden_layers
         if c.layer_types is None and fam.layer_types == "pattern":  # N-1 sliding layers, then a full one
             n = d["sliding_window_pattern"]
+            if not isinstance(n, int):
+                raise NanotuneError(f"{where}: sliding_window_pattern {n!r} without layer_types; add layer_types "
+                                    "(one entry per layer, as transformers writes them).")
             c.layer_types = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(L)]
         if c.layer_types is None and fam.layer_types == "nope":
             c.layer_types = ["full_attention" if c.has_rope(i) else "sliding_attention" for i in range(L)]
         if c.layer_types is None and fam.layer_types == "max_window_layers":
             first = d.get("max_window_layers", 0)
             c.layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(L)]
+    if fam.rope_on == "sliding" and c.sliding_window:  # (EXAONE 4.0: full layers without RoPE)
+        c.no_rope_layers = [int(c.is_sliding(i)) for i in range(c.num_hidden_layers)]
     if c.attention_dropout and c.attention_sinks:
         raise NanotuneError(f"{where}: attention_dropout={c.attention_dropout} with attention sinks is not supported; "
                             "set it to 0.")

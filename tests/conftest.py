@@ -67,6 +67,8 @@ ARCH_CONFIGS = {
     # GLM-4 (0414): sandwich norms under its own names, RoPE on adjacent pairs of half the head, q/k/v biases,
     # gate_up_proj fused in the checkpoint
     "glm4": ("Glm4Config", dict(head_dim=32, tie_word_embeddings=False)),
+    # EXAONE 4.0: post-norms, q/k RMSNorm per head, sliding (5) layers with RoPE, full layers without
+    "exaone4": ("Exaone4Config", dict(sliding_window=5, sliding_window_pattern=2, tie_word_embeddings=False)),
     # mixtures of experts, top-2: Mixtral (8 experts, renormalised), Qwen2-MoE (a dense first layer, a shared expert
     # with its sigmoid gate, weights not renormalised), Qwen3-MoE (6 experts, q/k norm, renormalised)
     "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)),

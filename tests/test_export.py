@@ -27,6 +27,7 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     # llama.cpp's olmo2 (Olmo 3 too) loads no biases, its seed_oss and ernie4_5 no MLP biases (ERNIE 4.5 has none)
     "olmo3": {"attention_bias": False}, "seed_oss": {"mlp_bias": False}, "ernie4_5": {"use_bias": False},
     "glm4": {},
+    "exaone4": {"sliding_window": None, "layer_types": ["full_attention"] * 2},  # (EXAONE 4.0-1.2B: no NoPE layers)
     "smollm3": {"num_hidden_layers": 4, "no_rope_layer_interval": 4, "use_sliding_window": False},  # (its NoPE step)
     # llama.cpp's MoE archs: Mixtral as `llama` with experts, qwen3moe (always renormalised), qwen2moe (never,
     # and every layer sparse: the tiny config's dense first layer goes)
@@ -106,6 +107,15 @@ def test_gguf_runs_in_llama_cpp_with_nanotunes_logits(arch, tmp_path):
             assert (mine - want).abs().max() < (1e-5 if q == "f32" else tol), (arch, q)
         else:
             assert (mine.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95, (arch, q)
+
+
+def test_gguf_of_nope_full_layers_is_refused(tmp_path):
+    """llama.cpp's exaone4 rotates every layer (measured: its logits equal nanotune's with RoPE everywhere, 3e-7,
+    and differ by 0.03-0.1 with EXAONE 4.0's NoPE full layers): such a model's GGUF is refused, nothing written."""
+    m, tok = tiny_with_lora("exaone4", tmp_path / "base")
+    with pytest.raises(NanotuneError, match="full-attention layers have no RoPE"):
+        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
+    assert sorted(os.listdir(tmp_path)) == ["base"]  # (no GGUF, no temp file)
 
 
 def test_kquant_and_ollama_modelfile(tmp_path, capfd):
