@@ -531,7 +531,7 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
     if arch == "smollm3" and cfg.no_rope_layers != [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)]:
         raise NanotuneError("llama.cpp's smollm3 skips RoPE on every 4th layer and on no other; this model's "
                             f"no_rope_layers {cfg.no_rope_layers} differ, so its GGUF would be wrong.")
-    if arch != "smollm3" and cfg.no_rope_layers and not all(cfg.no_rope_layers):  # (measured on llama-cpp-python
+    if arch not in ("smollm3", "cohere2") and cfg.no_rope_layers and not all(cfg.no_rope_layers):  # (measured on llama-cpp-python
         raise NanotuneError(f"llama.cpp's {arch} rotates every layer, and this model's full-attention layers have "
                             "no RoPE, so its GGUF would be wrong.")  # 0.3.36: its exaone4 rotates every layer)
     w.add_name("nanotune export")
@@ -542,7 +542,7 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(cfg.rope_theta)
-    (w.add_layer_norm_eps if cfg.norm_type == "layer" else w.add_layer_norm_rms_eps)(cfg.rms_norm_eps)
+    (w.add_layer_norm_rms_eps if cfg.norm_type == "rms" else w.add_layer_norm_eps)(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(cfg.rotary_dim)
     if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:

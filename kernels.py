@@ -240,7 +240,7 @@ class _LayerNorm(torch.autograd.Function):
 
 
 def layer_norm_triton(x, weight, bias, eps: float):
-    return _LayerNorm.apply(x, weight, bias, eps)
+    return _LayerNorm.apply(x, weight, torch.zeros_like(weight) if bias is None else bias, eps)  # (None: Cohere)
 
 
 def layer_norm(x, weight, bias, eps: float):

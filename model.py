@@ -40,7 +40,7 @@ class Config:
     num_key_value_heads: int = 32
     head_dim: int = 128
     rms_norm_eps: float = 1e-6  # the epsilon of every norm (LayerNorm's too)
-    norm_type: str = "rms"  # "rms" | "layer" (LayerNorm with bias: Phi-2)
+    norm_type: str = "rms"  # "rms" | "layer" (LayerNorm with bias: Phi-2) | "layer_nobias" (Cohere)
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3" | "yarn" | "longrope" | "factors", ...}
     local_rope_theta: float | None = None  # Gemma 3: sliding layers rotate with this base, unscaled
@@ -66,6 +66,7 @@ class Config:
     embedding_multiplier: float = 1.0  # Granite: embeddings * this
     residual_multiplier: float = 1.0  # Granite: x + branch * this
     logits_scaling: float = 1.0  # Granite: logits / this
+    logit_scale: float = 1.0  # Cohere: logits * this
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
@@ -191,11 +192,11 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """(x - mean) / sqrt(var + eps) * w + b over the last dim (Phi-2)."""
+    """(x - mean) / sqrt(var + eps) * w + b over the last dim (Phi-2; Cohere's has no b)."""
 
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, bias=True):
         super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim)) if bias else None
         self.eps = eps
 
     def forward(self, x):
@@ -204,8 +205,8 @@ class LayerNorm(nn.Module):
 
 def make_norm(cfg: Config, dim=None):
     dim = dim or cfg.hidden_size
-    if cfg.norm_type == "layer":
-        return LayerNorm(dim, cfg.rms_norm_eps)
+    if cfg.norm_type in ("layer", "layer_nobias"):
+        return LayerNorm(dim, cfg.rms_norm_eps, bias=cfg.norm_type == "layer")
     return RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_offset)
 
 
@@ -527,7 +528,8 @@ class Transformer(nn.Module):
         if ckpt:
             ckpt.end()
         h = self.model.norm(x)
-        return h / c.logits_scaling if c.logits_scaling != 1 else h  # Granite: logits / s (the head has no bias)
+        h = h * c.logit_scale if c.logit_scale != 1 else h  # Cohere: logits * s, Granite: logits / s (the head
+        return h / c.logits_scaling if c.logits_scaling != 1 else h  # has no bias: its input carries s)
 
     def router_aux(self):
         """(the load-balancing loss of the last forward, scale) or None. Its value is a constant; scale(s) makes the

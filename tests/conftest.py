@@ -69,6 +69,11 @@ ARCH_CONFIGS = {
     "glm4": ("Glm4Config", dict(head_dim=32, tie_word_embeddings=False)),
     # EXAONE 4.0: post-norms, q/k RMSNorm per head, sliding (5) layers with RoPE, full layers without
     "exaone4": ("Exaone4Config", dict(sliding_window=5, sliding_window_pattern=2, tie_word_embeddings=False)),
+    # Cohere (Command R): parallel block, bias-free LayerNorm, RoPE on adjacent pairs, logits * logit_scale;
+    # Cohere 2 (Command R7B): and sliding (5) layers with RoPE, full layers without
+    "cohere": ("CohereConfig", dict(logit_scale=0.25, tie_word_embeddings=False, head_dim=32)),
+    "cohere2": ("Cohere2Config", dict(logit_scale=0.25, sliding_window=5, layer_types=[
+        "sliding_attention", "full_attention"], tie_word_embeddings=False, head_dim=32)),
     # mixtures of experts, top-2: Mixtral (8 experts, renormalised), Qwen2-MoE (a dense first layer, a shared expert
     # with its sigmoid gate, weights not renormalised), Qwen3-MoE (6 experts, q/k norm, renormalised)
     "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)),
