@@ -43,7 +43,8 @@ class Family:
 GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh")
 SOFTCAPS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 WINDOW = {"sliding_window": "attention.sliding_window"}
-COHERE = dict(norm_type="layer_nobias", parallel_block=True, rope_interleaved=True)
+COHERE, COHERE_KEYS = dict(norm_type="layer_nobias", parallel_block=True, rope_interleaved=True), {
+    "rms_norm_eps": "layer_norm_eps"}
 DROPOUTS = ("residual_dropout", "embedding_dropout")  # (attention_dropout: every family, the same key)
 EXPERTS_KEY = {"num_experts": "num_local_experts"}  # (config.json may say either; transformers reads both)
 # what llama.cpp's MoE archs do with the top-k routing weights, whatever the file says (measured: they ignore
@@ -97,13 +98,13 @@ FAMILIES = {
     "exaone4": Family("Exaone4ForCausalLM", "exaone4", dict(pre_norm=False, post_norm=True, qk_norm="head"),
                       defaults=dict(sliding_window_pattern=4), sliding="always", layer_types="pattern",
                       rope_on="sliding", gguf_window=True, gguf_keys=WINDOW),  # (3 sliding : 1 full NoPE layers)
-    "cohere": Family("CohereForCausalLM", "command-r", COHERE, ("logit_scale",), keys={"rms_norm_eps": "layer_norm_eps"},
+    "cohere": Family("CohereForCausalLM", "command-r", COHERE, ("logit_scale",), keys=COHERE_KEYS,
                      defaults=dict(logit_scale=0.0625, layer_norm_eps=1e-5), tied=True,
                      gguf_keys={"logit_scale": "logit_scale"}),  # (Command R: parallel block, bias-free LayerNorm)
-    "cohere2": Family("Cohere2ForCausalLM", "cohere2", COHERE, ("logit_scale",), keys={"rms_norm_eps": "layer_norm_eps"},
+    "cohere2": Family("Cohere2ForCausalLM", "cohere2", COHERE, ("logit_scale",), keys=COHERE_KEYS,
                       defaults=dict(logit_scale=0.0625, layer_norm_eps=1e-5, sliding_window=4096,
-                                    sliding_window_pattern=4), sliding="always", layer_types="pattern", rope_on="sliding",
-                      tied=True, gguf_window=True, gguf_keys={"logit_scale": "logit_scale", **WINDOW}),
+                                    sliding_window_pattern=4), sliding="always", layer_types="pattern",
+                      rope_on="sliding", tied=True, gguf_window=True, gguf_keys={"logit_scale": "logit_scale", **WINDOW}),
     "mixtral": Family("MixtralForCausalLM", "llama", dict(norm_topk_prob=True), ("num_experts", "num_experts_per_tok"),
                       EXPERTS_KEY, sliding="always", gguf_keys={k: GGUF_MOE[k] for k in ("num_experts",
                                                                                           "num_experts_per_tok")},
