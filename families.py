@@ -49,7 +49,7 @@ DROPOUTS = ("residual_dropout", "embedding_dropout")  # (attention_dropout: ever
 EXPERTS_KEY = {"num_experts": "num_local_experts"}  # (config.json may say either; transformers reads both)
 # what llama.cpp's MoE archs do with the top-k routing weights, whatever the file says (measured: they ignore
 # {arch}.expert_weights_norm)
-GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "gpt-oss": True}
+GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "gpt-oss": True, "olmoe": False}
 GGUF_MOE = {"num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
             "moe_intermediate_size": "expert_feed_forward_length"}
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
@@ -117,6 +117,10 @@ FAMILIES = {
     "qwen3_moe": Family("Qwen3MoeForCausalLM", "qwen3moe", dict(qk_norm="head"), MOE_KEYS, EXPERTS_KEY,
                         defaults=dict(norm_topk_prob=False), sliding="flag", layer_types="max_window_layers",
                         gguf_keys=GGUF_MOE),
+    "olmoe": Family("OlmoeForCausalLM", "olmoe", dict(qk_norm="proj"), ("num_experts", "num_experts_per_tok",
+                                                                      "norm_topk_prob", "clip_qkv"),
+                    defaults=dict(norm_topk_prob=False, num_experts=64, num_experts_per_tok=8),
+                    gguf_keys={k: GGUF_MOE[k] for k in ("num_experts", "num_experts_per_tok")}),
     "granite": Family("GraniteForCausalLM", "granite", {}, ("embedding_multiplier", "residual_multiplier",
                                                              "attention_multiplier", "logits_scaling"),
                       gguf_keys={"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
@@ -198,7 +202,7 @@ MATH_KEYS = {"sliding_window": (None,), "attn_logit_softcapping": (None,), "fina
              "query_pre_attn_scalar": (None,), "logits_scaling": (None, 1, 1.0), "embedding_multiplier": (None, 1, 1.0),
              "residual_multiplier": (None, 1, 1.0), "attention_multiplier": (None,), "swiglu_limit": (None,),
              "use_qk_norm": (None, False), "attention_chunk_size": (None,), "no_rope_layers": (None, []),
-             "rope_local_base_freq": (None,)}
+             "rope_local_base_freq": (None,), "clip_qkv": (None,)}
 
 
 def reads(fam: Family) -> set:

@@ -531,6 +531,9 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
     if arch == "smollm3" and cfg.no_rope_layers != [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)]:
         raise NanotuneError("llama.cpp's smollm3 skips RoPE on every 4th layer and on no other; this model's "
                             f"no_rope_layers {cfg.no_rope_layers} differ, so its GGUF would be wrong.")
+    if cfg.clip_qkv is not None:  # (measured: with attention.clamp_kqv set, llama.cpp's olmoe differs by 0.16)
+        raise NanotuneError(f"llama.cpp clamps q, k, v elsewhere than {cfg.model_type} does (clip_qkv "
+                            f"{cfg.clip_qkv}, after the q/k norms), so this model's GGUF would be wrong.")
     if arch not in ("smollm3", "cohere2") and cfg.no_rope_layers and not all(cfg.no_rope_layers):  # (measured on
         raise NanotuneError(f"llama.cpp's {arch} rotates every layer, and this model's full-attention layers have "
                             "no RoPE, so its GGUF would be wrong.")  # llama-cpp-python 0.3.36: its exaone4 does)

@@ -53,6 +53,7 @@ class Config:
     mlp_bias: bool = False  # Phi-2: biases on the MLP projections
     lm_head_bias: bool = False  # Phi-2
     qk_norm: str | None = None  # RMSNorm on q and k before RoPE: "head" (Qwen3, Gemma 3) | "proj" (Olmo 2, all heads)
+    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to +-this (after the norms)
     norm_offset: float = 0.0  # Gemma: x_norm * (1 + w)
     embed_scale: bool = False  # Gemma: embeddings * sqrt(hidden_size)
     hidden_act: str = "silu"  # "silu" (SwiGLU) or tanh-GELU ("gelu_pytorch_tanh" / "gelu_new", GeGLU); "relu2"
@@ -226,7 +227,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
-        self.qk_norm = cfg.qk_norm
+        self.qk_norm, self.clip = cfg.qk_norm, cfg.clip_qkv
         if cfg.qk_norm:  # "head": one norm over each head's D dims; "proj": over all H*D of the projection
             qd, kd = (self.hd, self.hd) if cfg.qk_norm == "head" else (self.nh * self.hd, self.nkv * self.hd)
             self.q_norm = RMSNorm(qd, cfg.rms_norm_eps, cfg.norm_offset)
@@ -246,6 +247,8 @@ class Attention(nn.Module):
         q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
         if self.qk_norm == "proj":  # Olmo 2
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip:  # OLMoE
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q, k = q.view(B, T, self.nh, self.hd), k.view(B, T, self.nkv, self.hd)
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, KV, T, D]
         if self.qk_norm == "head":

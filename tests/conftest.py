@@ -82,6 +82,8 @@ ARCH_CONFIGS = {
                                          tie_word_embeddings=False)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
                                          norm_topk_prob=True, head_dim=32, tie_word_embeddings=False)),
+    # OLMoE: q/k RMSNorm over the projection, q/k/v clamped, 4 experts top-2 not renormalised
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, clip_qkv=1.5, tie_word_embeddings=False)),
     # gpt-oss: 4 experts top-2 with biases, router bias, clamped SwiGLU (limit low enough to clamp often), sinks,
     # sliding (5) / full layers, YaRN without truncation
     "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=16,

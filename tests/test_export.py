@@ -33,6 +33,8 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     # llama.cpp's MoE archs: Mixtral as `llama` with experts, qwen3moe (always renormalised), qwen2moe (never,
     # and every layer sparse: the tiny config's dense first layer goes)
     "mixtral": {}, "qwen3_moe": {}, "qwen2_moe": {"mlp_only_layers": []},
+    "olmoe": {"num_key_value_heads": 4, "clip_qkv": None},  # (llama.cpp's olmoe: no GQA, as OLMoE has none; it
+    #                                                         clamps q, k, v elsewhere: export refuses clip_qkv)
     # llama.cpp's gpt-oss fixes the SwiGLU limit at 7 and rounds YaRN's correction range (truncate=false is not
     # expressible; export warns): the tiny config without YaRN, at gpt-oss's own limit
     "gpt_oss": {"swiglu_limit": 7.0, "rope_parameters": {"rope_type": "default", "rope_theta": 150000.0}},
@@ -110,13 +112,17 @@ def test_gguf_runs_in_llama_cpp_with_nanotunes_logits(arch, tmp_path):
             assert (mine.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95, (arch, q)
 
 
-def test_gguf_of_nope_full_layers_is_refused(tmp_path):
+def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
     """llama.cpp's exaone4 rotates every layer (measured: its logits equal nanotune's with RoPE everywhere, 3e-7,
-    and differ by 0.03-0.1 with EXAONE 4.0's NoPE full layers): such a model's GGUF is refused, nothing written."""
+    and differ by 0.03-0.1 with EXAONE 4.0's NoPE full layers); its olmoe clamps q, k, v elsewhere (0.16 off with
+    clip_qkv 1.5, 2e-7 without): such a model's GGUF is refused, nothing written."""
     m, tok = tiny_with_lora("exaone4", tmp_path / "base")
     with pytest.raises(NanotuneError, match="full-attention layers have no RoPE"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    assert sorted(os.listdir(tmp_path)) == ["base"]  # (no GGUF, no temp file)
+    m, tok = tiny_with_lora("olmoe", tmp_path / "olmoe")  # (OLMoE's clip_qkv: llama.cpp clamps elsewhere)
+    with pytest.raises(NanotuneError, match="clamps q, k, v elsewhere"):
+        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
+    assert sorted(os.listdir(tmp_path)) == ["base", "olmoe"]  # (no GGUF, no temp file)
 
 
 def test_kquant_and_ollama_modelfile(tmp_path, capfd):

@@ -193,7 +193,7 @@ def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp
         assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe"])
 @pytest.mark.parametrize("both", [True, False])
 def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     """LoRA on the routed experts (per-expert A/B on the stacked weights, PEFT's `target_parameters`): nanotune's
