@@ -137,6 +137,8 @@ FAMILIES = {
     "ernie4_5": Family("Ernie4_5ForCausalLM", "ernie4_5", dict(rope_interleaved=True),
                        aliases={"use_bias": ("attention_bias", "mlp_bias")},
                        defaults=dict(use_bias=False, head_dim=128), tied=True),
+    "hunyuan_v1_dense": Family("HunYuanDenseV1ForCausalLM", "hunyuan-dense", dict(qk_norm="head_post"),
+                               renames=dict(query_layernorm="q_norm", key_layernorm="k_norm")),
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # gpt-oss: sinks, biased router and experts, clamped SwiGLU, alternating sliding (128) / full layers, YaRN
     "gpt_oss": Family("GptOssForCausalLM", "gpt-oss", dict(norm_topk_prob=True, attention_sinks=True, router_bias=True,
@@ -153,7 +155,7 @@ FAMILIES = {
 GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
 MULTIMODAL = {"gemma3": "gemma3_text"}  # a vision-language config whose text tower nanotune trains
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "relu2")  # gelu_new is tanh-GELU too; relu2: plain MLPs
-ROPE_TYPES = ("linear", "llama3", "yarn", "longrope")
+ROPE_TYPES = ("linear", "llama3", "yarn", "longrope", "dynamic")  # (dynamic: with a fixed alpha only)
 
 
 def text_config(d: dict) -> dict:
@@ -182,8 +184,9 @@ def rope_from_hf(d: dict, where: str):
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return theta, None, local
-    if kind not in ROPE_TYPES:
-        raise NanotuneError(f"{where}: rope scaling {kind!r} is not supported ({', '.join(ROPE_TYPES)} are).")
+    if kind not in ROPE_TYPES or kind == "dynamic" and not scaling.get("alpha"):
+        raise NanotuneError(f"{where}: rope scaling {kind!r} is not supported ({', '.join(ROPE_TYPES)} are; "
+                            "dynamic with a fixed alpha, as HunYuan's).")
     for k in ("rope_theta", "partial_rotary_factor", "type"):
         scaling.pop(k, None)
     scaling["rope_type"] = kind

@@ -53,6 +53,7 @@ class Config:
     mlp_bias: bool = False  # Phi-2: biases on the MLP projections
     lm_head_bias: bool = False  # Phi-2
     qk_norm: str | None = None  # RMSNorm on q and k before RoPE: "head" (Qwen3, Gemma 3) | "proj" (Olmo 2, all heads)
+    #                             | "head_post" (after RoPE: HunYuan)
     clip_qkv: float | None = None  # OLMoE: q, k, v clamped to +-this (after the norms)
     norm_offset: float = 0.0  # Gemma: x_norm * (1 + w)
     embed_scale: bool = False  # Gemma: embeddings * sqrt(hidden_size)
@@ -118,9 +119,11 @@ class Config:
 def rope_inv_freq(dim: int, theta: float, scaling: dict | None, long: bool = False) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/dim), i < dim/2, with the checkpoint's scaling applied. `long`: LongRoPE's
     long factors (for sequences past the original context) instead of its short ones."""
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     s = scaling or {}
     kind = s.get("rope_type", s.get("type", "default"))
+    if kind == "dynamic":  # HunYuan's NTK with a fixed alpha: a larger base, whatever the length
+        theta = theta * s["alpha"] ** (dim / (dim - 2))
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if kind == "factors":  # GGUF `rope_freqs`: llama.cpp divides each frequency by its factor
         return inv / torch.tensor(s["factors"], dtype=torch.float32)
     if kind == "longrope":  # Phi-3.5 / Phi-4: a searched divisor per frequency (arXiv:2402.13753)
@@ -228,8 +231,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.qk_norm, self.clip = cfg.qk_norm, cfg.clip_qkv
-        if cfg.qk_norm:  # "head": one norm over each head's D dims; "proj": over all H*D of the projection
-            qd, kd = (self.hd, self.hd) if cfg.qk_norm == "head" else (self.nh * self.hd, self.nkv * self.hd)
+        if cfg.qk_norm:  # "head": one norm over each head's D dims (after RoPE: "head_post"); "proj": over all H*D
+            qd, kd = (self.nh * self.hd, self.nkv * self.hd) if cfg.qk_norm == "proj" else (self.hd, self.hd)
             self.q_norm = RMSNorm(qd, cfg.rms_norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(kd, cfg.rms_norm_eps, cfg.norm_offset)
         self.scale = cfg.attention_multiplier or (cfg.query_pre_attn_scalar or self.hd) ** -0.5
@@ -258,6 +261,8 @@ class Attention(nn.Module):
             q, k = deinterleave(q, self.interleaved), deinterleave(k, self.interleaved)
         if self.rope:  # (NoPE layers: none)
             q, k = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
+        if self.qk_norm == "head_post":  # HunYuan: the per-head norms after RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, KV, S, D], S = cached + T
         if hasattr(self, "sinks"):  # gpt-oss: softmax([scores, sink_h]) without the sink's column

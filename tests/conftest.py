@@ -100,6 +100,9 @@ ARCH_CONFIGS = {
     "seed_oss": ("SeedOssConfig", dict(mlp_bias=True, head_dim=32, tie_word_embeddings=False)),
     # ERNIE 4.5: RoPE on adjacent pairs, biases everywhere (use_bias)
     "ernie4_5": ("Ernie4_5Config", dict(use_bias=True, head_dim=32, tie_word_embeddings=False)),
+    # HunYuan dense: q/k RMSNorm per head after RoPE, NTK-alpha RoPE (a fixed larger base)
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", dict(head_dim=32, tie_word_embeddings=False, rope_parameters={
+        "rope_type": "dynamic", "alpha": 1000.0, "rope_theta": 10000.0, "factor": 1.0})),
     # Arcee (AFM): a plain MLP with relu^2, biases on attention and the MLP
     "arcee": ("ArceeConfig", dict(attention_bias=True, mlp_bias=True, head_dim=32, tie_word_embeddings=False)),
     "granite": ("GraniteConfig", dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.2,
