@@ -26,7 +26,8 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     "starcoder2": {"sliding_window": 4096},  # llama.cpp's starcoder2 has no sliding window
     # llama.cpp's olmo2 (Olmo 3 too) loads no biases, its seed_oss and ernie4_5 no MLP biases (ERNIE 4.5 has none)
     "olmo3": {"attention_bias": False}, "seed_oss": {"mlp_bias": False}, "ernie4_5": {"use_bias": False},
-    "glm4": {}, "hunyuan_v1_dense": {},  # llama.cpp's command-r and cohere2: head_dim = hidden / heads, the head tied (as Cohere's are)
+    "glm4": {}, "hunyuan_v1_dense": {},
+    # llama.cpp's command-r and cohere2: head_dim = hidden / heads, the head tied (as Cohere's are)
     "cohere": {"head_dim": 16, "tie_word_embeddings": True}, "cohere2": {"head_dim": 16, "tie_word_embeddings": True},
     "exaone4": {"sliding_window": None, "layer_types": ["full_attention"] * 2},  # (EXAONE 4.0-1.2B: no NoPE layers)
     "smollm3": {"num_hidden_layers": 4, "no_rope_layer_interval": 4, "use_sliding_window": False},  # (its NoPE step)
