@@ -141,13 +141,13 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
     if name.startswith("nanotune"):  # variants: -nooffload (block inputs stay on the GPU), -ref (PyTorch
         import kernels                # references instead of the kernels), -flash (no cuDNN attention),
         import lora                   # -varlen (packed rows through varlen flash attention, not a mask),
-                                      # -graph (forward + backward replayed as one CUDA graph)
+        import memory                 # -graph (forward + backward replayed as one CUDA graph)
         import quant
         import train
         from formats import load_model
         kernels.set_fused("-ref" not in name)
         if cpu:
-            kernels.keep_freed_memory()  # as train.py does on a CPU
+            memory.keep_freed_memory()  # as train.py does on a CPU
         if "-flash" in name:  # SDPA without its cuDNN backend (flash attention instead)
             torch.backends.cuda.enable_cudnn_sdp(False)
         if fsdp:  # as train.py under torchrun: LoRA + sharding on the meta model, each rank loads its shards
@@ -158,8 +158,7 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
                            prepare=q4)
             if mode != "full":
                 lora.apply_lora(m, r=16, alpha=16, dropout=0.0)
-        m.gradient_checkpointing = not cpu
-        m.offload_activations = "-nooffload" not in name and not cpu
+        memory.checkpoint_blocks(m, not cpu, offload="-nooffload" not in name and not cpu)
         m.varlen = "-varlen" in name
         m.train()
 

@@ -27,7 +27,8 @@ class Family:
     keys: dict = field(default_factory=dict)  # Config field -> the family's own config.json key for it
     defaults: dict = field(default_factory=dict)  # config.json values the family's config class assumes
     sliding: str = ""  # "always": sliding_window applies when set; "flag": only with use_sliding_window
-    layer_types: str = ""  # default layer_types: "pattern" (sliding_window_pattern) | "max_window_layers"
+    layer_types: str = ""  # default layer_types: "pattern" (sliding_window_pattern) | "max_window_layers" | "nope"
+    #                        (SmolLM3: the NoPE layers slide)
     renames: dict = field(default_factory=dict)  # checkpoint name component -> nanotune's (Phi-2's dense -> o_proj)
     gguf_keys: dict = field(default_factory=dict)  # Config field -> GGUF key under the arch, both directions
     gguf_window: bool = False  # llama.cpp applies this arch's sliding window (else the export warns)
@@ -35,15 +36,20 @@ class Family:
     gguf_pre: str = "gpt-2"  # llama.cpp pre-tokenizer of a byte-level BPE vocabulary the export cannot tell
     tied: bool = False  # tie_word_embeddings when config.json does not say
     experts: str = ""  # "input_major": stacked experts stored [E, in, out], gate/up columns interleaved (gpt-oss)
+    aliases: dict = field(default_factory=dict)  # the family's config.json key -> the common keys it stands for
+    rope_on: str = ""  # "sliding": with a sliding window set, only sliding layers rotate (full layers are NoPE)
 
 
 GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh")
 SOFTCAPS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 WINDOW = {"sliding_window": "attention.sliding_window"}
+COHERE, COHERE_KEYS = dict(norm_type="layer_nobias", parallel_block=True, rope_interleaved=True), {
+    "rms_norm_eps": "layer_norm_eps"}
+DROPOUTS = ("residual_dropout", "embedding_dropout")  # (attention_dropout: every family, the same key)
 EXPERTS_KEY = {"num_experts": "num_local_experts"}  # (config.json may say either; transformers reads both)
 # what llama.cpp's MoE archs do with the top-k routing weights, whatever the file says (measured: they ignore
 # {arch}.expert_weights_norm)
-GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "gpt-oss": True}
+GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "gpt-oss": True, "olmoe": False}
 GGUF_MOE = {"num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
             "moe_intermediate_size": "expert_feed_forward_length"}
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
@@ -72,13 +78,34 @@ FAMILIES = {
                           gguf_window=True, tied=True, gguf_keys=WINDOW),
     "phi": Family("PhiForCausalLM", "phi2", dict(norm_type="layer", parallel_block=True, gated_mlp=False,
                                                   mlp_bias=True, lm_head_bias=True, qkv_bias=True, o_bias=True),
-                  keys={"rms_norm_eps": "layer_norm_eps"},
+                  DROPOUTS, keys={"rms_norm_eps": "layer_norm_eps", "residual_dropout": "resid_pdrop",
+                                  "embedding_dropout": "embd_pdrop"},
                   defaults=dict(rope_parameters={"partial_rotary_factor": 0.5}, hidden_act="gelu_new",
                                 layer_norm_eps=1e-5),
                   renames=dict(dense="o_proj", fc1="up_proj", fc2="down_proj", final_layernorm="norm")),
-    "phi3": Family("Phi3ForCausalLM", "phi3", dict(fused_checkpoint=True), sliding="always", template="phi3",
-                   defaults=dict(original_max_position_embeddings=4096), gguf_keys=WINDOW),
+    "phi3": Family("Phi3ForCausalLM", "phi3", dict(fused_checkpoint=("qkv_proj", "gate_up_proj")), sliding="always",
+                   template="phi3", defaults=dict(original_max_position_embeddings=4096), gguf_keys=WINDOW),
     "olmo2": Family("Olmo2ForCausalLM", "olmo2", dict(pre_norm=False, post_norm=True, qk_norm="proj")),
+    "olmo3": Family("Olmo3ForCausalLM", "olmo2", dict(pre_norm=False, post_norm=True, qk_norm="proj"),
+                    defaults=dict(sliding_window=4096, sliding_window_pattern=4), sliding="always",
+                    layer_types="pattern", gguf_window=True, gguf_keys=WINDOW),  # (Olmo 2, 3 sliding : 1 full layers)
+    "glm4": Family("Glm4ForCausalLM", "glm4", dict(post_norm=True, o_bias=False, rope_interleaved=True,
+                                                   fused_checkpoint=("gate_up_proj",)),
+                   defaults=dict(attention_bias=True, head_dim=128, partial_rotary_factor=0.5, rms_norm_eps=1.5625e-7),
+                   renames=dict(post_self_attn_layernorm="post_attention_layernorm",  # (sandwich norms, other names)
+                                post_attention_layernorm="pre_feedforward_layernorm",
+                                post_mlp_layernorm="post_feedforward_layernorm")),
+    "exaone4": Family("Exaone4ForCausalLM", "exaone4", dict(pre_norm=False, post_norm=True, qk_norm="head"),
+                      defaults=dict(sliding_window_pattern=4), sliding="always", layer_types="pattern",
+                      rope_on="sliding", gguf_window=True, gguf_keys=WINDOW),  # (3 sliding : 1 full NoPE layers)
+    "cohere": Family("CohereForCausalLM", "command-r", COHERE, ("logit_scale",), keys=COHERE_KEYS,
+                     defaults=dict(logit_scale=0.0625, layer_norm_eps=1e-5), tied=True,
+                     gguf_keys={"logit_scale": "logit_scale"}),  # (Command R: parallel block, bias-free LayerNorm)
+    "cohere2": Family("Cohere2ForCausalLM", "cohere2", COHERE, ("logit_scale",), keys=COHERE_KEYS,
+                      defaults=dict(logit_scale=0.0625, layer_norm_eps=1e-5, sliding_window=4096,
+                                    sliding_window_pattern=4), sliding="always", layer_types="pattern",
+                      rope_on="sliding", tied=True, gguf_window=True,
+                      gguf_keys={"logit_scale": "logit_scale", **WINDOW}),
     "mixtral": Family("MixtralForCausalLM", "llama", dict(norm_topk_prob=True), ("num_experts", "num_experts_per_tok"),
                       EXPERTS_KEY, sliding="always", gguf_keys={k: GGUF_MOE[k] for k in ("num_experts",
                                                                                           "num_experts_per_tok")},
@@ -90,10 +117,29 @@ FAMILIES = {
     "qwen3_moe": Family("Qwen3MoeForCausalLM", "qwen3moe", dict(qk_norm="head"), MOE_KEYS, EXPERTS_KEY,
                         defaults=dict(norm_topk_prob=False), sliding="flag", layer_types="max_window_layers",
                         gguf_keys=GGUF_MOE),
+    "olmoe": Family("OlmoeForCausalLM", "olmoe", dict(qk_norm="proj"), ("num_experts", "num_experts_per_tok",
+                                                                      "norm_topk_prob", "clip_qkv"),
+                    defaults=dict(norm_topk_prob=False, num_experts=64, num_experts_per_tok=8),
+                    gguf_keys={k: GGUF_MOE[k] for k in ("num_experts", "num_experts_per_tok")}),
     "granite": Family("GraniteForCausalLM", "granite", {}, ("embedding_multiplier", "residual_multiplier",
                                                              "attention_multiplier", "logits_scaling"),
                       gguf_keys={"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
                                  "attention_multiplier": "attention.scale", "logits_scaling": "logit_scale"}),
+    "starcoder2": Family("Starcoder2ForCausalLM", "starcoder2", dict(norm_type="layer", gated_mlp=False), DROPOUTS,
+                         keys={"rms_norm_eps": "norm_epsilon"}, aliases={"use_bias": ("attention_bias", "mlp_bias")},
+                         defaults=dict(hidden_act="gelu_pytorch_tanh", norm_epsilon=1e-5, use_bias=True),
+                         sliding="always", renames=dict(c_fc="up_proj", c_proj="down_proj"), tied=True),
+    "smollm3": Family("SmolLM3ForCausalLM", "smollm3", {}, ("no_rope_layers",), sliding="flag", layer_types="nope",
+                      tied=True),
+    "seed_oss": Family("SeedOssForCausalLM", "seed_oss", {}, ("o_bias", "residual_dropout"),
+                       keys={"o_bias": "attention_out_bias"}, defaults=dict(
+                           attention_bias=True, attention_out_bias=False, attention_dropout=0.1, residual_dropout=0.1)),
+    "ernie4_5": Family("Ernie4_5ForCausalLM", "ernie4_5", dict(rope_interleaved=True),
+                       aliases={"use_bias": ("attention_bias", "mlp_bias")},
+                       defaults=dict(use_bias=False, head_dim=128), tied=True),
+    "hunyuan_v1_dense": Family("HunYuanDenseV1ForCausalLM", "hunyuan-dense", dict(qk_norm="head_post"),
+                               renames=dict(query_layernorm="q_norm", key_layernorm="k_norm")),
+    "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # gpt-oss: sinks, biased router and experts, clamped SwiGLU, alternating sliding (128) / full layers, YaRN
     "gpt_oss": Family("GptOssForCausalLM", "gpt-oss", dict(norm_topk_prob=True, attention_sinks=True, router_bias=True,
                                                         expert_bias=True),
@@ -108,8 +154,8 @@ FAMILIES = {
 }
 GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
 MULTIMODAL = {"gemma3": "gemma3_text"}  # a vision-language config whose text tower nanotune trains
-ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new")  # gelu_new is tanh-GELU too
-ROPE_TYPES = ("linear", "llama3", "yarn", "longrope")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "relu2")  # gelu_new is tanh-GELU too; relu2: plain MLPs
+ROPE_TYPES = ("linear", "llama3", "yarn", "longrope", "dynamic")  # (dynamic: with a fixed alpha only)
 
 
 def text_config(d: dict) -> dict:
@@ -127,15 +173,20 @@ def rope_from_hf(d: dict, where: str):
     rp = d.get("rope_parameters") or {}
     local = None
     if isinstance(rp.get("full_attention"), dict):  # {"full_attention": {...}, "sliding_attention": {...}}
-        local, rp = (rp.get("sliding_attention") or {}).get("rope_theta"), rp["full_attention"]
+        sliding = rp.get("sliding_attention") or {}
+        if sliding.get("rope_type", "default") != "default":
+            raise NanotuneError(f"{where}: rope scaling {sliding['rope_type']!r} on sliding layers is not supported "
+                                "(their rotation is plain; scaling applies to the full layers).")
+        local, rp = sliding.get("rope_theta"), rp["full_attention"]
     local = local or d.get("rope_local_base_freq")
     scaling = dict(d.get("rope_scaling") or rp)
     theta = d.get("rope_theta", rp.get("rope_theta", 10000.0))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return theta, None, local
-    if kind not in ROPE_TYPES:
-        raise NanotuneError(f"{where}: rope scaling {kind!r} is not supported ({', '.join(ROPE_TYPES)} are).")
+    if kind not in ROPE_TYPES or kind == "dynamic" and not scaling.get("alpha"):
+        raise NanotuneError(f"{where}: rope scaling {kind!r} is not supported ({', '.join(ROPE_TYPES)} are; "
+                            "dynamic with a fixed alpha, as HunYuan's).")
     for k in ("rope_theta", "partial_rotary_factor", "type"):
         scaling.pop(k, None)
     scaling["rope_type"] = kind
@@ -154,7 +205,7 @@ MATH_KEYS = {"sliding_window": (None,), "attn_logit_softcapping": (None,), "fina
              "query_pre_attn_scalar": (None,), "logits_scaling": (None, 1, 1.0), "embedding_multiplier": (None, 1, 1.0),
              "residual_multiplier": (None, 1, 1.0), "attention_multiplier": (None,), "swiglu_limit": (None,),
              "use_qk_norm": (None, False), "attention_chunk_size": (None,), "no_rope_layers": (None, []),
-             "rope_local_base_freq": (None,)}
+             "rope_local_base_freq": (None,), "clip_qkv": (None,)}
 
 
 def reads(fam: Family) -> set:
@@ -188,6 +239,11 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         raise NanotuneError(f"{where}: model_type {mt!r} is not supported; nanotune runs {', '.join(FAMILIES)}.")
     fam = FAMILIES[mt]
     d = {**fam.defaults, **{k: v for k, v in d.items() if v is not None}}
+    if "no_rope_layers" in fam.hf_keys and "no_rope_layers" not in d:  # SmolLM3: NoPE on every n-th layer
+        n = d.get("no_rope_layer_interval", 4)
+        d["no_rope_layers"] = [int((i + 1) % n != 0) for i in range(d.get("num_hidden_layers") or 0)]
+    for k, common in fam.aliases.items():  # (StarCoder2's use_bias: attention_bias and mlp_bias)
+        d.update({c: d[k] for c in common if k in d})
     check_unread_keys(d, fam, mt, where)
     if "num_experts" in d:  # (Qwen3-MoE configs say either)
         d.setdefault("num_local_experts", d["num_experts"])
@@ -216,6 +272,7 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
                mlp_bias=bool(d.get("mlp_bias", False)), bos_token_id=d.get("bos_token_id"),
                eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"))
     c.qkv_bias = c.o_bias = bool(d.get("attention_bias", False))
+    c.attention_dropout = float(d.get("attention_dropout") or 0.0)
     for k, v in fam.sets.items():
         setattr(c, k, v)
     for k in fam.hf_keys:  # (query_pre_attn_scalar defaults to head_dim, Granite's multipliers to 1)
@@ -231,12 +288,27 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         L = c.num_hidden_layers
         if c.layer_types is None and fam.layer_types == "pattern":  # N-1 sliding layers, then a full one
             n = d["sliding_window_pattern"]
+            if not isinstance(n, int):
+                raise NanotuneError(f"{where}: sliding_window_pattern {n!r} without layer_types; add layer_types "
+                                    "(one entry per layer, as transformers writes them).")
             c.layer_types = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(L)]
+        if c.layer_types is None and fam.layer_types == "nope":
+            c.layer_types = ["full_attention" if c.has_rope(i) else "sliding_attention" for i in range(L)]
         if c.layer_types is None and fam.layer_types == "max_window_layers":
             first = d.get("max_window_layers", 0)
             c.layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(L)]
-    if c.hidden_act not in ACTIVATIONS:
-        raise NanotuneError(f"{where}: activation {c.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)}).")
+    if fam.rope_on == "sliding" and c.sliding_window:  # (EXAONE 4.0: full layers without RoPE)
+        c.no_rope_layers = [int(c.is_sliding(i)) for i in range(c.num_hidden_layers)]
+    if c.attention_dropout and c.attention_sinks:
+        raise NanotuneError(f"{where}: attention_dropout={c.attention_dropout} with attention sinks is not supported; "
+                            "set it to 0.")
+    for k in ("attention_dropout", *DROPOUTS):
+        if not 0 <= getattr(c, k) < 1:
+            raise NanotuneError(f"{where}: {fam.keys.get(k, k)}={getattr(c, k)!r} is not a dropout probability; "
+                                "it must be in [0, 1).")
+    if c.hidden_act not in ACTIVATIONS or (c.gated_mlp and c.hidden_act == "relu2"):
+        raise NanotuneError(f"{where}: activation {c.hidden_act!r} is not supported in a {mt} model "
+                            f"({', '.join(ACTIVATIONS[:3])}; relu2 in a plain MLP).")
     return c
 
 
@@ -246,7 +318,8 @@ def config_to_hf(c: Config) -> dict:
     d = {"architectures": [fam.hf_class], "model_type": c.model_type}
     for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
-              "tie_word_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id", *fam.hf_keys):
+              "tie_word_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
+              *fam.hf_keys):
         d[fam.keys.get(k, k)] = getattr(c, k)
     scaling = c.rope_scaling or {}
     d["rope_scaling"] = c.rope_scaling
@@ -269,6 +342,8 @@ def config_to_hf(c: Config) -> dict:
         d["mlp_bias"] = c.mlp_bias
     if "hidden_act" in fam.sets:
         d["hidden_activation"] = c.hidden_act
+    for k, common in fam.aliases.items():
+        d[k] = d[common[0]]
     if fam.sliding:
         d["sliding_window"] = c.sliding_window
         d["use_sliding_window"] = bool(c.sliding_window)

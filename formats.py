@@ -114,7 +114,7 @@ def fuse(cfg: Config, tensors, unstack=True):
             continue
         mod, _, leaf = name.rpartition(".")
         parent, _, proj = mod.rpartition(".")
-        fused = next((f for f, parts in FUSED.items() if proj in parts), None) if cfg.fused_checkpoint else None
+        fused = next((f for f, parts in FUSED.items() if proj in parts and f in cfg.fused_checkpoint), None)
         if fused is None or leaf != "weight":
             yield checkpoint_name(cfg, name), t
             continue
@@ -325,12 +325,16 @@ def gguf_names(cfg: Config) -> dict:
         layer.update({"mlp.gate": "ffn_gate_inp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
                       **{f"mlp.experts.{p}_proj": f"ffn_{p}_exps" for p in ("gate", "up", "down")},
                       **{f"mlp.shared_expert.{p}_proj": f"ffn_{p}_shexp" for p in ("gate", "up", "down")}})
-    if cfg.fused_checkpoint:
-        layer.update({"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"})
+    if "qkv_proj" in cfg.fused_checkpoint:
+        layer["self_attn.qkv_proj"] = "attn_qkv"
     else:
-        layer.update({"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                      "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"})
-    if FAMILIES[cfg.model_type].gguf_arch == "gpt-oss":  # (its pre-MLP norm is named as Gemma's post-attention one)
+        layer.update({"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v"})
+    if "gate_up_proj" in cfg.fused_checkpoint:
+        layer["mlp.gate_up_proj"] = "ffn_up"
+    else:
+        layer.update({"mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"})
+    if FAMILIES[cfg.model_type].gguf_arch in ("gpt-oss", "seed_oss"):  # (the pre-MLP norm has Gemma's post-attention
+        #                                                                  norm's name there)
         layer["post_attention_layernorm"] = "post_attention_norm"
     pairs = list(top.items()) + [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}")
                                  for i in range(cfg.num_hidden_layers) for hf, gg in layer.items()]
@@ -353,7 +357,7 @@ def llama_qk_permute(w: torch.Tensor, heads: int, inverse=False) -> torch.Tensor
 
 def _permuted_heads(cfg: Config, name: str):
     """How many heads a Q/K tensor has when llama.cpp's `llama` arch wants its rows permuted, else None."""
-    if FAMILIES[cfg.model_type].gguf_arch not in ("llama", "granite"):  # llama.cpp's "norm" rope type
+    if FAMILIES[cfg.model_type].gguf_arch not in ("llama", "granite", "arcee", "smollm3"):  # llama.cpp's "norm" rope
         return None
     return cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads if ".k_proj." in name else None
 
@@ -382,6 +386,8 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
     mt = GGUF_FAMILY[arch]
     if mt == "llama" and meta.get("llama.expert_count"):  # Mixtral is llama.cpp's llama with experts
         mt = "mixtral"
+    if meta.get(f"{arch}.attention.sliding_window") and not FAMILIES[mt].sliding:  # Olmo 3 is llama.cpp's olmo2
+        mt = next((m for m, f in FAMILIES.items() if f.gguf_arch == arch and f.sliding), mt)
 
     def g(key, default=None):
         return meta.get(f"{arch}.{key}", default)
@@ -522,6 +528,15 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
         raise NanotuneError("llama.cpp scales attention by 1/sqrt(head_dim); this model's "
                             f"query_pre_attn_scalar ({cfg.query_pre_attn_scalar}) differs, so its GGUF would be wrong.")
     arch = FAMILIES[cfg.model_type].gguf_arch
+    if arch == "smollm3" and cfg.no_rope_layers != [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)]:
+        raise NanotuneError("llama.cpp's smollm3 skips RoPE on every 4th layer and on no other; this model's "
+                            f"no_rope_layers {cfg.no_rope_layers} differ, so its GGUF would be wrong.")
+    if cfg.clip_qkv is not None:  # (measured: with attention.clamp_kqv set, llama.cpp's olmoe differs by 0.16)
+        raise NanotuneError(f"llama.cpp clamps q, k, v elsewhere than {cfg.model_type} does (clip_qkv "
+                            f"{cfg.clip_qkv}, after the q/k norms), so this model's GGUF would be wrong.")
+    if arch not in ("smollm3", "cohere2") and cfg.no_rope_layers and not all(cfg.no_rope_layers):  # (measured on
+        raise NanotuneError(f"llama.cpp's {arch} rotates every layer, and this model's full-attention layers have "
+                            "no RoPE, so its GGUF would be wrong.")  # llama-cpp-python 0.3.36: its exaone4 does)
     w.add_name("nanotune export")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -529,8 +544,10 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    (w.add_layer_norm_eps if cfg.norm_type == "layer" else w.add_layer_norm_rms_eps)(cfg.rms_norm_eps)
+    scaling = cfg.rope_scaling or {}  # (HunYuan's fixed NTK alpha: the base it makes)
+    w.add_rope_freq_base(cfg.rope_theta * scaling["alpha"] ** (cfg.rotary_dim / (cfg.rotary_dim - 2))
+                         if scaling.get("rope_type") == "dynamic" else cfg.rope_theta)
+    (w.add_layer_norm_rms_eps if cfg.norm_type == "rms" else w.add_layer_norm_eps)(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(cfg.rotary_dim)
     if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:

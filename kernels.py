@@ -1,5 +1,5 @@
-"""nanotune kernels: the fused ops of a decoder, each beside its plain-PyTorch reference, then the memory
-machinery (LoRA cast cache, per-block checkpointing with recompute hints, activation offload).
+"""nanotune kernels: the fused ops of a decoder, each beside its plain-PyTorch reference (where activations
+live, checkpointing, offload, the LoRA cast cache and CUDA graphs, is memory.py's).
 
 Each op has a reference (the ground truth, tested against fp64) and a fused path: a Triton kernel for CUDA
 tensors, and for LoRA, the loss and linear layers, autograd Functions with a manual backward in plain PyTorch
@@ -7,18 +7,16 @@ that run on any device. One switch picks them; it knows nothing of nanotune's ot
 
     with kernels.fused(False):   # the references everywhere (tests, debugging)
         loss = ...
-    kernels.set_sharded(True)    # parameters are FSDP-sharded (train.py sets it): see checkpoint()
+    with kernels.hint("recompute"), kernels.value_unused():   # inside: ops may skip an output nobody reads
 """
 import contextlib
 import functools
 import math
-import weakref
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 try:  # Triton runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (the CI tests)
     import triton
@@ -27,7 +25,7 @@ except ImportError:
     triton = None
 
 _FUSED = True  # on: Triton kernels for CUDA tensors, the fused autograd Functions (plain PyTorch) anywhere
-_SHARDED = False  # FSDP shards the parameters: no cached LoRA casts, checkpoints through torch.utils.checkpoint
+_CAST_CACHE = None  # fn(As, Bs, scalings, dtype) -> lora_casts' result, cached (memory.py installs one)
 
 
 @contextlib.contextmanager
@@ -47,9 +45,11 @@ def set_fused(on: bool):
     _FUSED = bool(on)
 
 
-def set_sharded(on: bool):
-    global _SHARDED
-    _SHARDED = bool(on)
+def set_cast_cache(fn):
+    """Where the fused LoRA path gets its cast weights: fn as lora_casts (memory.py's cache), or None (cast at
+    every call: under FSDP, whose all-gathers rewrite the same tensors)."""
+    global _CAST_CACHE
+    _CAST_CACHE = fn
 
 
 def _triton(t: torch.Tensor) -> bool:
@@ -240,7 +240,7 @@ class _LayerNorm(torch.autograd.Function):
 
 
 def layer_norm_triton(x, weight, bias, eps: float):
-    return _LayerNorm.apply(x, weight, bias, eps)
+    return _LayerNorm.apply(x, weight, torch.zeros_like(weight) if bias is None else bias, eps)  # (None: Cohere)
 
 
 def layer_norm(x, weight, bias, eps: float):
@@ -755,7 +755,8 @@ def _varlen():
 def varlen_usable(x, cfg, windows) -> bool:
     """Flash varlen runs on CUDA in 16-bit, without Gemma 2's score softcap (gpt-oss's sinks: _SinkVarlen); a
     sliding window and a non-default scale need a torch whose varlen_attn takes them."""
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or cfg.attn_logit_softcapping:
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or cfg.attn_logit_softcapping or \
+            cfg.attention_dropout:  # (varlen_attn has no dropout: such rows take the mask path)
         return False
     fn, args = _varlen()
     if fn is None or (windows != {None} and "window_size" not in args):
@@ -1182,11 +1183,18 @@ def lora_linear_ref(x, weight_fns, biases, scalings, As, Bs):
             for f, b, s, a, bb in zip(weight_fns, biases, scalings, As, Bs)]
 
 
+def lora_casts(As, Bs, scalings, dt):
+    """[A_1; A_2; ..] and s_i B_i in the compute dtype: few kernels (one cat then one cast, no multiply when
+    s = 1); always copies, never the parameter itself."""
+    A = torch.cat(As).to(dt) if len(As) > 1 else As[0].to(dt, copy=True)
+    return A, [b.to(dt, copy=True) if s == 1 else (b * s).to(dt) for b, s in zip(Bs, scalings)]
+
+
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_fns, biases, scalings, value, cache, *AB):
         n, dt = len(weight_fns), x.dtype
-        A, sBs = _lora_weights(AB[:n], AB[n:], scalings, dt, cache)  # [R, C], [O_i, r_i]
+        A, sBs = (_CAST_CACHE if cache else lora_casts)(AB[:n], AB[n:], scalings, dt)  # [R, C], [O_i, r_i]
         x2 = x.reshape(-1, x.shape[-1])
         xa = x2 @ A.t()  # [N, R]
         ys, start = [], 0
@@ -1229,8 +1237,33 @@ class _LoRALinear(torch.autograd.Function):
         return (dx.view_as(x), None, None, None, None, None, *dAs, *dBs)  # autograd casts to the params' dtype
 
 
+# Recompute hints: memory.py's checkpointing runs a block again in backward inside hint("recompute"), which
+# lets ops tell the recompute from the real forward. In a block y = h + down_proj(a), backward needs
+# down_proj's gradient path but never its output: inside `value_unused()`, a projection that can (the
+# fused LoRA path, `linear`) skips its base GEMM during the recompute - about a quarter of a block's matmul
+# FLOPs in the recompute.
+_HINTS = {"recompute": False, "unused": False}
+
+
+@contextlib.contextmanager
+def hint(name, on=True):
+    old, _HINTS[name] = _HINTS[name], on
+    try:
+        yield
+    finally:
+        _HINTS[name] = old
+
+
+def value_unused(on=True):
+    return hint("unused", on)
+
+
+def skip_value() -> bool:
+    return _HINTS["recompute"] and _HINTS["unused"]
+
+
 # A plain linear layer with a manual backward, so that a recompute can skip its GEMM (full fine-tuning's
-# down_proj, or a frozen one LoRA does not target; see the recompute hints below):
+# down_proj, or a frozen one LoRA does not target; see the recompute hints above):
 #   y = x W^T + b      dx = dy W      dW = dy^T x      db = sum_rows dy
 # It saves (x, W) like F.linear does, whether or not it computes y.
 class _Linear(torch.autograd.Function):
@@ -1259,8 +1292,8 @@ def linear(mod, x):
 def lora_linear(x, weight_fns, biases, scalings, As, Bs, value=True):
     """[y_i] for projections sharing x (see above): the fused Function wherever kernels are on (plain
     PyTorch, so CPU tensors work too), else the reference (which ignores `value`)."""
-    if _FUSED:  # no cached casts under FSDP (see _lora_weights) or in a CUDA graph, whose replays must cast
-        cache = not _SHARDED and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    if _FUSED:  # no cached casts under FSDP (set_cast_cache) or in a CUDA graph, whose replays must cast
+        cache = _CAST_CACHE is not None and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
         return list(_LoRALinear.apply(x, list(weight_fns), list(biases), list(scalings), value, cache, *As, *Bs))
     return lora_linear_ref(x, weight_fns, biases, scalings, As, Bs)
 
@@ -1319,283 +1352,3 @@ def nf4_dequantize(packed, absmax, code, shape, dtype, dyn=None, nested_absmax=N
     if _triton(packed):
         return nf4_dequantize_triton(packed, absmax, code, shape, dtype, dyn, nested_absmax, offset)
     return nf4_dequantize_ref(packed, nf4_absmax(absmax, dyn, nested_absmax, offset), code, shape, dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory machinery (not ops): the cast cache of LoRA weights, per-block checkpointing with recompute
-# hints, and activation offload.
-# ---------------------------------------------------------------------------------------------
-# LoRA weight casts, cached per optimizer step
-_CASTS = {}  # id of a group's first A -> (its tensors (weakly), versions, optimizer steps, [A_1; A_2; ..], [s_i B_i])
-_OPT_STEPS = [0]  # optimizer steps taken in this process (any optimizer)
-
-
-def _count_step(*_):
-    _OPT_STEPS[0] += 1
-
-
-# Fused optimizers (AdamW(fused=True)) update parameters without bumping their version counters, so the
-# cached casts are also keyed on a count of optimizer steps, kept by a global optimizer hook.
-register_optimizer_step_post_hook(_count_step)
-
-
-def _lora_weights(As, Bs, scalings, dt, cache=True):
-    """[A_1; A_2; ..] and s_i B_i in the compute dtype, cast once per optimizer step, not once per call.
-    An entry is stale after any optimizer step or any in-place change of its tensors (their versions);
-    not used under FSDP, whose all-gathers rewrite the same tensors (cache=False there)."""
-    ts, key = (*As, *Bs), id(As[0])
-    hit = _CASTS.get(key) if cache else None
-    if (hit is None or hit[2] != _OPT_STEPS[0] or any(r() is not t for r, t in zip(hit[0], ts))
-            or hit[1] != [t._version for t in ts] or hit[3].dtype != dt):
-        # few kernels: one cat then one cast, no multiply when s = 1; always copies (never the parameter itself)
-        A = torch.cat(As).to(dt) if len(As) > 1 else As[0].to(dt, copy=True)
-        sBs = [b.to(dt, copy=True) if s == 1 else (b * s).to(dt) for b, s in zip(Bs, scalings)]
-        hit = ([weakref.ref(t) for t in ts], [t._version for t in ts], _OPT_STEPS[0], A, sBs)
-        if cache:
-            if key not in _CASTS:
-                weakref.finalize(As[0], _CASTS.pop, key, None)  # the entry goes when the adapter does
-            _CASTS[key] = hit
-    return hit[3], hit[4]
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-block activation checkpointing, and recompute hints. A checkpointed block runs once without autograd
-# (it builds no graph and saves nothing but its input x), then again in backward, with autograd and inside
-# the recompute hint, and backward goes through that second run. torch.utils.checkpoint (non-reentrant)
-# builds the whole graph in the first forward as well and keeps per-tensor bookkeeping: at small shapes
-# that CPU time bounds the step. Under FSDP blocks keep torch.utils.checkpoint, whose recompute happens
-# inside the outer backward where FSDP2's hooks expect it.
-# The hint lets code tell the recompute from the real forward. In a block y = h + down_proj(a), backward
-# needs down_proj's gradient path but never its output: inside `value_unused()`, a projection that can (the
-# fused LoRA path, `linear`) skips its base GEMM during the recompute - about a quarter of a block's matmul
-# FLOPs in the recompute.
-_HINTS = {"recompute": False, "unused": False}
-
-
-@contextlib.contextmanager
-def _hint(name, on=True):
-    old, _HINTS[name] = _HINTS[name], on
-    try:
-        yield
-    finally:
-        _HINTS[name] = old
-
-
-def recompute_context():
-    """For torch.utils.checkpoint(..., context_fn=recompute_context): (forward ctx, recompute ctx)."""
-    return contextlib.nullcontext(), _hint("recompute")
-
-
-def value_unused(on=True):
-    return _hint("unused", on)
-
-
-def skip_value() -> bool:
-    return _HINTS["recompute"] and _HINTS["unused"]
-
-
-def _block_grads(fn, x, dy, args, params, need_x):
-    """Run fn(x, *args) again with autograd, inside the recompute hint, and go backward through it:
-    -> (dx or None, d param_1, ...) for the parameters that require grad."""
-    x = x.detach().requires_grad_(need_x)
-    with torch.enable_grad(), _hint("recompute"):
-        y = fn(x, *args)
-    gs = torch.autograd.grad(y, ([x] if need_x else []) + params, dy, allow_unused=True)
-    return (None,) * (not need_x) + gs
-
-
-class _Recompute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, fn, opts, x, *rest):
-        n, rng = opts  # rest: n args (cos, sin, mask: shared by every block), then fn's trainable params
-        ctx.fn, ctx.args, ctx.params = fn, rest[:n], list(rest[n:])
-        # with dropout in the block, the recompute must draw the same masks: keep the RNG state
-        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None) if rng else None
-        ctx.save_for_backward(x)  # the only tensor kept (Offload's hooks may move it to the host)
-        return fn(x, *ctx.args)
-
-    @staticmethod
-    def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else [], enabled=ctx.rng is not None):
-            if ctx.rng is not None:
-                torch.set_rng_state(ctx.rng[0])
-                if ctx.rng[1] is not None:
-                    torch.cuda.set_rng_state(ctx.rng[1], x.device)
-            grads = _block_grads(ctx.fn, x, dy, ctx.args, ctx.params, ctx.needs_input_grad[2])
-        return (None, None, grads[0], *[None] * len(ctx.args), *grads[1:])
-
-
-def checkpoint(fn, x, *args, rng=False):
-    """fn(x, *args) keeping only x for backward, which runs fn again (see above). rng: fn draws random
-    numbers (dropout) that the recompute must repeat."""
-    if _SHARDED:
-        return torch.utils.checkpoint.checkpoint(fn, x, *args, use_reentrant=False, context_fn=recompute_context)
-    params = [p for p in fn.parameters() if p.requires_grad]
-    return _Recompute.apply(fn, (len(args), rng), x, *args, *params)
-
-
-# ---------------------------------------------------------------------------------------------
-# Activation offload. With per-block checkpointing the only activation kept per block is its input x
-# ([B, T, C]; 64 MiB per block for Llama-3.1-8B at 4 x 2048). Offload sends each x to pinned host memory
-# on a side stream as the forward goes, and brings it back one block ahead during backward (block i-1 is
-# copied while block i recomputes), so the GPU holds about two block inputs instead of all of them.
-# Host buffers are kept per block and reused every step. The last block is not offloaded (backward needs
-# it first), and the one before it starts coming back as soon as forward ends. On CPU the copies are plain.
-class Offload:
-    _host: dict = {}  # block index -> flat uint8 host buffer (pinned on CUDA), grown on demand
-    _side: dict = {}  # device -> side stream
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        if self.cuda and str(device) not in Offload._side:
-            Offload._side[str(device)] = torch.cuda.Stream(device)
-        self.side = Offload._side.get(str(device))
-        self.items = []  # per block, in forward order: host copy, shape, dtype, GPU copy, ready event
-
-    def _host_view(self, i, t):
-        n = t.numel() * t.element_size()
-        buf = Offload._host.get(i)
-        if buf is None or buf.numel() < n:
-            buf = Offload._host[i] = torch.empty(n, dtype=torch.uint8, pin_memory=self.cuda)
-        return buf[:n].view(t.dtype).view(t.shape)
-
-    def _fetch(self, i):
-        """Copy block i's input back on the side stream; the main stream waits for `ready` before using it."""
-        it = self.items[i]
-        it["gpu"] = torch.empty(it["host"].shape, dtype=it["host"].dtype, device=it["device"])
-        if not self.cuda:
-            it["gpu"].copy_(it["host"])
-            return
-        self.side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.side):
-            it["gpu"].copy_(it["host"], non_blocking=True)
-            it["ready"] = torch.cuda.Event()
-            it["ready"].record()
-        if not torch.cuda.is_current_stream_capturing():  # an abandoned backward may not free memory the copy
-            it["gpu"].record_stream(self.side)             # still writes (a capture would keep it to the end)
-
-    def _release(self, i):
-        """Drop block i's device input once the main stream has waited for its copy to the host. (Not
-        record_stream: inside a CUDA graph capture the allocator defers such frees to the capture's end,
-        which would keep every block input alive.) Called a block later, when the copy is long done."""
-        it = self.items[i] if 0 <= i < len(self.items) else None
-        if it is not None and it.get("x") is not None:
-            torch.cuda.current_stream().wait_event(it["copied"])
-            it["x"] = None
-
-    def prefetch_last(self):
-        if self.cuda:
-            for i in range(len(self.items)):
-                self._release(i)
-        if self.items and self.items[-1] is not None:
-            self._fetch(len(self.items) - 1)
-
-    def saving(self, x):
-        """Context for checkpointing one block whose input is x: x, as saved, goes to the host."""
-        i, ptr, shape = len(self.items), x.data_ptr(), x.shape  # not x itself: the hooks must not keep it
-        self.items.append(None)
-
-        def pack(t):
-            if t.data_ptr() != ptr or t.shape != shape:
-                return t  # cos/sin/mask: shared by every block, tiny
-            host = self._host_view(i, t)
-            self.items[i] = {"host": host, "device": t.device, "gpu": None}
-            if self.cuda:
-                self.side.wait_stream(torch.cuda.current_stream())  # x is computed
-                with torch.cuda.stream(self.side):
-                    host.copy_(t, non_blocking=True)
-                    self.items[i]["copied"] = torch.cuda.Event()
-                    self.items[i]["copied"].record()
-                self.items[i]["x"] = t  # kept until the main stream has waited for the copy (_release)
-                self._release(i - 1)
-            else:
-                host.copy_(t)
-            return i
-
-        def unpack(h):
-            if not isinstance(h, int):
-                return h
-            it = self.items[h]
-            if it["gpu"] is None:  # not prefetched (the last block, or a second backward)
-                self._fetch(h)
-            if self.cuda:
-                torch.cuda.current_stream().wait_event(it["ready"])
-            x_back, it["gpu"] = it["gpu"], None
-            if h > 0 and self.items[h - 1] is not None:
-                self._fetch(h - 1)  # backward runs the blocks in reverse: the previous one is next
-            return x_back
-
-        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-
-
-# ---------------------------------------------------------------------------------------------
-# CUDA graphs of a whole forward + backward
-class Graphed:
-    """A loss's forward + backward recorded as a CUDA graph, then replayed (train.py --cuda_graphs).
-    A small model's step is bound by the CPU launching its ~3,000 kernels one by one (Llama-3.2-1B at
-    4 x 2048: the GPU idles ~15% of the step); a replay launches them all at once. A replay reads the batch
-    from fixed tensors and writes the loss and the gradients to the same memory every time, so:
-    - fixed shapes: packed rows padded to max_len. One graph per batch shape (the last batch of an epoch
-      may have fewer rows), at most MAX_GRAPHS, all in one memory pool (they never run at the same time);
-    - the gradients stay allocated and the graph adds into them (zeroed after each step, never set to None);
-    - nothing in it may make the CPU wait for the GPU (the SFT loss keeps every row: a fixed shape);
-    - no dropout (its RNG state is read on the host), no varlen attention (it reads lengths back), one process.
-    A shape's first batch runs eagerly (Triton compiles, cuBLAS picks its kernels, AdamW makes its state);
-    its second is captured, then every batch of that shape is copied in and replayed."""
-    MAX_GRAPHS = 4
-
-    def __init__(self, loss_backward, model):
-        """loss_backward(batch, scale): forward, backward of loss x scale, -> the loss (detached); model: whose
-        trainable parameters' .grad the graph adds into."""
-        self.loss, self.model, self.graphs, self.seen, self.pool = loss_backward, model, {}, set(), None
-        self.calls, self.replays = 0, 0  # micro-batches seen; how many of them a graph ran
-
-    def capture(self, batch):
-        """-> (static batch, static scale, static loss, graph), recorded without running anything."""
-        for p in self.model.parameters():  # the graph adds into these: they must exist before it
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
-        static = {k: v.clone() for k, v in batch.items()}
-        scale = torch.ones((), device=batch["input_ids"].device)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            out = self.loss(static, scale)
-        self.pool = g.pool()
-        return static, scale, out, g
-
-    def __call__(self, batch, scale):
-        """Summed loss of `batch`; its gradient times `scale` is added to every .grad."""
-        self.calls += 1
-        key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
-        if key not in self.graphs:
-            if key not in self.seen or len(self.graphs) >= self.MAX_GRAPHS or not batch["input_ids"].is_cuda:
-                self.seen.add(key)  # (on CPU every call runs eagerly: the tests)
-                return self.loss(batch, scale)
-            self.graphs[key] = self.capture(batch)
-        static, static_scale, out, g = self.graphs[key]
-        for k, v in batch.items():
-            static[k].copy_(v, non_blocking=True)
-        static_scale.fill_(scale)
-        g.replay()
-        self.replays += 1
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Host memory on a CPU
-def keep_freed_memory():
-    """CPU training frees and re-allocates the same GBs of activations every step. glibc's malloc hands
-    blocks over ~32 MiB back to the OS at once (mmap/munmap), so each step page-faults them in again
-    (freshly zeroed pages): ~1 s of a 5.9 s default-job step on the 2-core CI machine. Keep them: larger
-    blocks come from the heap (M_MMAP_THRESHOLD), and freed memory is not trimmed (M_TRIM_THRESHOLD,
-    M_TOP_PAD). The process's resident memory then stays at its peak. glibc only; elsewhere a no-op."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
-    libc.mallopt(M_TOP_PAD, 1 << 30)

@@ -16,9 +16,9 @@ Gemma 2 (arXiv:2408.00118), Llama 3.1 rope scaling (arXiv:2407.21783).
     ids = generate(model, tok.chat([{"role": "user", "content": "Hi"}]), max_new_tokens=32, stop_ids=tok.stop_ids)
     print(tok.decode(ids))
 """
-import contextlib
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -40,11 +40,12 @@ class Config:
     num_key_value_heads: int = 32
     head_dim: int = 128
     rms_norm_eps: float = 1e-6  # the epsilon of every norm (LayerNorm's too)
-    norm_type: str = "rms"  # "rms" | "layer" (LayerNorm with bias: Phi-2)
+    norm_type: str = "rms"  # "rms" | "layer" (LayerNorm with bias: Phi-2) | "layer_nobias" (Cohere)
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3" | "yarn" | "longrope" | "factors", ...}
     local_rope_theta: float | None = None  # Gemma 3: sliding layers rotate with this base, unscaled
     partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated
+    rope_interleaved: bool = False  # RoPE rotates adjacent pairs (x[2i], x[2i+1]), not halves (ERNIE 4.5, GLM-4)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
@@ -52,9 +53,12 @@ class Config:
     mlp_bias: bool = False  # Phi-2: biases on the MLP projections
     lm_head_bias: bool = False  # Phi-2
     qk_norm: str | None = None  # RMSNorm on q and k before RoPE: "head" (Qwen3, Gemma 3) | "proj" (Olmo 2, all heads)
+    #                             | "head_post" (after RoPE: HunYuan)
+    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to +-this (after the norms)
     norm_offset: float = 0.0  # Gemma: x_norm * (1 + w)
     embed_scale: bool = False  # Gemma: embeddings * sqrt(hidden_size)
-    hidden_act: str = "silu"  # "silu" (SwiGLU) or tanh-GELU ("gelu_pytorch_tanh" / "gelu_new", GeGLU)
+    hidden_act: str = "silu"  # "silu" (SwiGLU) or tanh-GELU ("gelu_pytorch_tanh" / "gelu_new", GeGLU); "relu2"
+    #                           (relu(x)^2, Arcee) in a plain MLP only
     gated_mlp: bool = True  # False: down(act(up(x))) (Phi-2's fc1 / fc2)
     pre_norm: bool = True  # norm the input of attention and of the MLP (every family but Olmo 2)
     post_norm: bool = False  # norm the output of attention and of the MLP (Gemma 2/3 with pre_norm, Olmo 2)
@@ -64,11 +68,14 @@ class Config:
     embedding_multiplier: float = 1.0  # Granite: embeddings * this
     residual_multiplier: float = 1.0  # Granite: x + branch * this
     logits_scaling: float = 1.0  # Granite: logits / this
+    logit_scale: float = 1.0  # Cohere: logits * this
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
     layer_types: list | None = None  # per layer "sliding_attention" | "full_attention"
-    fused_checkpoint: bool = False  # Phi-3 stores qkv_proj and gate_up_proj fused
+    no_rope_layers: list | None = None  # per layer 1 = RoPE, 0 = none (NoPE: SmolLM3); None: RoPE everywhere
+    fused_checkpoint: tuple = ()  # projections the checkpoint stores fused: Phi-3 qkv_proj and gate_up_proj, GLM-4 the
+    #                               second
     # mixture of experts (0 experts: every MLP dense)
     num_experts: int = 0
     num_experts_per_tok: int = 2  # top-k
@@ -83,6 +90,11 @@ class Config:
     swiglu_limit: float | None = None  # gpt-oss: experts' SwiGLU clamped, (clamp(u, -l, l) + 1) g' sigmoid(alpha g'),
     swiglu_alpha: float = 1.702  # g' = min(g, l)
     attention_sinks: bool = False  # gpt-oss: a learned logit per head in every softmax's denominator
+    # dropout in training (the checkpoint's own; off in eval): on the attention probabilities, on each branch's
+    # output before its residual add (StarCoder2, Phi-2's resid_pdrop), on the embeddings
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    embedding_dropout: float = 0.0
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -95,6 +107,9 @@ class Config:
         return self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0 and layer not in (
             self.mlp_only_layers or ())
 
+    def has_rope(self, layer: int) -> bool:
+        return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
+
     def is_sliding(self, layer: int) -> bool:
         if not self.sliding_window:
             return False
@@ -104,9 +119,11 @@ class Config:
 def rope_inv_freq(dim: int, theta: float, scaling: dict | None, long: bool = False) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/dim), i < dim/2, with the checkpoint's scaling applied. `long`: LongRoPE's
     long factors (for sequences past the original context) instead of its short ones."""
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     s = scaling or {}
     kind = s.get("rope_type", s.get("type", "default"))
+    if kind == "dynamic":  # HunYuan's NTK with a fixed alpha: a larger base, whatever the length
+        theta = theta * s["alpha"] ** (dim / (dim - 2))
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if kind == "factors":  # GGUF `rope_freqs`: llama.cpp divides each frequency by its factor
         return inv / torch.tensor(s["factors"], dtype=torch.float32)
     if kind == "longrope":  # Phi-3.5 / Phi-4: a searched divisor per frequency (arXiv:2402.13753)
@@ -152,6 +169,13 @@ def rope_attention_factor(scaling: dict | None) -> float:
     return 0.1 * math.log(f) + 1.0
 
 
+def deinterleave(x, rot):
+    """[..., D] -> the first `rot` dims reordered evens then odds (the rest as they are): rotating adjacent pairs
+    (x[2i], x[2i+1]) by frequency i is then rotating halves (x[i], x[i + rot/2]), as kernels.rope does."""
+    y = x[..., :rot].unflatten(-1, (rot // 2, 2)).transpose(-1, -2).flatten(-2)
+    return y if rot == x.shape[-1] else torch.cat([y, x[..., rot:]], -1)
+
+
 def rotary(position_ids, inv_freq, factor=1.0):
     """positions [B, T] -> cos, sin [B, T, rot] (halves repeated, as rotate-half wants), times `factor`."""
     freqs = position_ids[..., None].float() * inv_freq.float()  # [B, T, rot/2]
@@ -172,11 +196,11 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """(x - mean) / sqrt(var + eps) * w + b over the last dim (Phi-2)."""
+    """(x - mean) / sqrt(var + eps) * w + b over the last dim (Phi-2; Cohere's has no b)."""
 
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, bias=True):
         super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim)) if bias else None
         self.eps = eps
 
     def forward(self, x):
@@ -185,8 +209,8 @@ class LayerNorm(nn.Module):
 
 def make_norm(cfg: Config, dim=None):
     dim = dim or cfg.hidden_size
-    if cfg.norm_type == "layer":
-        return LayerNorm(dim, cfg.rms_norm_eps)
+    if cfg.norm_type in ("layer", "layer_nobias"):
+        return LayerNorm(dim, cfg.rms_norm_eps, bias=cfg.norm_type == "layer")
     return RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_offset)
 
 
@@ -206,29 +230,39 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
-        self.qk_norm = cfg.qk_norm
-        if cfg.qk_norm:  # "head": one norm over each head's D dims; "proj": over all H*D of the projection
-            qd, kd = (self.hd, self.hd) if cfg.qk_norm == "head" else (self.nh * self.hd, self.nkv * self.hd)
+        self.qk_norm, self.clip = cfg.qk_norm, cfg.clip_qkv
+        if cfg.qk_norm:  # "head": one norm over each head's D dims (after RoPE: "head_post"); "proj": over all H*D
+            qd, kd = (self.nh * self.hd, self.nkv * self.hd) if cfg.qk_norm == "proj" else (self.hd, self.hd)
             self.q_norm = RMSNorm(qd, cfg.rms_norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(kd, cfg.rms_norm_eps, cfg.norm_offset)
         self.scale = cfg.attention_multiplier or (cfg.query_pre_attn_scalar or self.hd) ** -0.5
         self.softcap = cfg.attn_logit_softcapping
-        self.sliding = cfg.is_sliding(layer)
+        self.sliding, self.rope = cfg.is_sliding(layer), cfg.has_rope(layer)
+        self.interleaved = cfg.rotary_dim if cfg.rope_interleaved else 0
         self.layer = layer
         if cfg.attention_sinks:  # gpt-oss: softmax over [scores, sink_h], the sink's share dropped
             self.sinks = nn.Parameter(torch.zeros(self.nh))
+        if cfg.attention_dropout:  # (a module, so that checkpointing knows the recompute must repeat its masks)
+            self.attn_drop = nn.Dropout(cfg.attention_dropout)
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
         if self.qk_norm == "proj":  # Olmo 2
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip:  # OLMoE
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q, k = q.view(B, T, self.nh, self.hd), k.view(B, T, self.nkv, self.hd)
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, KV, T, D]
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = kernels.rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
-        k = kernels.rope(k.transpose(1, 2), cos, sin)  # [B, KV, T, D]
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D], [B, KV, T, D]
+        if self.interleaved:  # q and k permuted alike leave q k^T as it was: then RoPE on halves
+            q, k = deinterleave(q, self.interleaved), deinterleave(k, self.interleaved)
+        if self.rope:  # (NoPE layers: none)
+            q, k = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
+        if self.qk_norm == "head_post":  # HunYuan: the per-head norms after RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, KV, S, D], S = cached + T
         if hasattr(self, "sinks"):  # gpt-oss: softmax([scores, sink_h]) without the sink's column
@@ -242,10 +276,12 @@ class Attention(nn.Module):
                 s = s.masked_fill(~mask, float("-inf"))
             elif T > 1:
                 s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
-            y = F.softmax(s.float(), dim=-1).to(q.dtype) @ v
+            p = F.softmax(s.float(), dim=-1).to(q.dtype)
+            y = (self.attn_drop(p) if hasattr(self, "attn_drop") else p) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               scale=self.scale, enable_gqa=self.nh != self.nkv)
+            drop = self.attn_drop.p if hasattr(self, "attn_drop") and self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=self.scale,
+                                               is_causal=mask is None and T > 1, enable_gqa=self.nh != self.nkv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -267,9 +303,13 @@ class MLP(nn.Module):
         if self.gated:
             h = kernels.gated_act(*shared_input(x, self.gate_proj, self.up_proj), self.act)
         else:
-            h = F.gelu(self.up_proj(x), approximate="tanh") if self.act != "silu" else F.silu(self.up_proj(x))
+            h = PLAIN_ACTS[self.act](self.up_proj(x))
         with kernels.value_unused(residual):
             return kernels.linear(self.down_proj, h)
+
+
+PLAIN_ACTS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+              "gelu_new": partial(F.gelu, approximate="tanh"), "relu2": lambda u: F.relu(u).square()}
 
 
 def expert_act(cfg: Config):
@@ -366,6 +406,7 @@ class Block(nn.Module):
         if self.pre and not self.parallel:
             setattr(self, "pre_feedforward_layernorm" if self.post else "post_attention_layernorm", make_norm(cfg))
         self.mult = cfg.residual_multiplier
+        self.drop = nn.Dropout(cfg.residual_dropout) if cfg.residual_dropout else nn.Identity()
 
     def mlp_norm(self, x):
         return (self.pre_feedforward_layernorm if self.post else self.post_attention_layernorm)(x)
@@ -373,14 +414,16 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None):
         if self.parallel:
             h = self.input_layernorm(x)
-            return x + self.self_attn(h, cos, sin, mask, cache) + self.mlp(h, residual=True)
+            return x + self.drop(self.self_attn(h, cos, sin, mask, cache)) + self.drop(self.mlp(h, residual=True))
         a = self.self_attn(self.input_layernorm(x) if self.pre else x, cos, sin, mask, cache)
         if self.post:
             a = self.post_attention_layernorm(a)
+        a = self.drop(a)
         x = x + (a * self.mult if self.mult != 1 else a)
         y = self.mlp(self.mlp_norm(x) if self.pre else x, residual=not self.post and self.mult == 1)
         if self.post:
             y = self.post_feedforward_layernorm(y)
+        y = self.drop(y)
         return x + (y * self.mult if self.mult != 1 else y)
 
 
@@ -404,8 +447,7 @@ class Transformer(nn.Module):
         for name in self.rope_buffers():  # inverse frequencies, filled by reset_rope (not in checkpoints)
             self.register_buffer(name, torch.empty(cfg.rotary_dim // 2), persistent=False)
         self.reset_rope()
-        self.gradient_checkpointing = False
-        self.offload_activations = False  # with checkpointing: block inputs wait in host memory (kernels.Offload)
+        self.block_memory = None  # set by memory.checkpoint_blocks: in training, blocks recomputed in backward
         self.varlen = False  # packed rows on a GPU: flash varlen attention instead of a block-diagonal mask
 
     def tie_weights(self):
@@ -462,6 +504,8 @@ class Transformer(nn.Module):
             x = x * torch.tensor(c.hidden_size**0.5, dtype=x.dtype)
         if c.embedding_multiplier != 1:  # Granite
             x = x * c.embedding_multiplier
+        if c.embedding_dropout and self.training:
+            x = F.dropout(x, c.embedding_dropout)
         rope = self.rope_tables(position_ids, None if packed else offset + T)
         S = offset + T
         need = attention_mask is not None or packed or (offset > 0 and T > 1)
@@ -475,24 +519,25 @@ class Transformer(nn.Module):
         for w in windows - set(masks):
             if need or (w and S > w):
                 masks[w] = attention_mask_for(B, T, offset, attention_mask, docs, w, x.device)
-        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        offload = kernels.Offload(x.device) if ckpt and self.offload_activations else None
-        dropout = ckpt and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.model.layers.modules())
+        ckpt = None
+        if self.block_memory is not None and self.training and torch.is_grad_enabled():
+            dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.model.layers.modules())
+            ckpt = self.block_memory.begin(x.device, rng=dropout)  # one forward pass of checkpointed blocks
         last = self.model.layers[-1]
         for layer in self.model.layers:
             mask = masks.get(c.sliding_window if layer.self_attn.sliding else None)
             cos, sin = rope[layer.self_attn.sliding]
             if ckpt:  # keep only the block input (on the host with offload); recompute the rest in backward
-                with offload.saving(x) if offload and layer is not last else contextlib.nullcontext():
-                    x = kernels.checkpoint(layer, x, cos, sin, mask, rng=dropout)
+                x = ckpt.block(layer, x, cos, sin, mask, last=layer is last)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
-        if offload:
-            offload.prefetch_last()  # backward starts with the last block, which was not offloaded
+        if ckpt:
+            ckpt.end()
         h = self.model.norm(x)
-        return h / c.logits_scaling if c.logits_scaling != 1 else h  # Granite: logits / s (the head has no bias)
+        h = h * c.logit_scale if c.logit_scale != 1 else h  # Cohere: logits * s, Granite: logits / s (the head
+        return h / c.logits_scaling if c.logits_scaling != 1 else h  # has no bias: its input carries s)
 
     def router_aux(self):
         """(the load-balancing loss of the last forward, scale) or None. Its value is a constant; scale(s) makes the

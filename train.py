@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import dist
 import kernels
 import lora
+import memory
 import quant
 import runs
 from cli import F_, NanotuneError, bundled, cli, fresh_tmp, parse_config, publish, save_config, writing
@@ -207,7 +208,7 @@ def pick_device(cfg):
     else:
         dtype = getattr(torch, cfg.dtype)
     if device == "cpu":
-        kernels.keep_freed_memory()
+        memory.keep_freed_memory()
     return torch.device(device), dtype
 
 
@@ -231,8 +232,8 @@ def build_model(cfg, device, dtype):
         model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
     lora.init_lora(model, cfg.seed)
     gpu = device.type == "cuda"
-    model.gradient_checkpointing = gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
-    model.offload_activations = gpu if cfg.offload_activations is None else cfg.offload_activations
+    memory.checkpoint_blocks(model, gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
+                             gpu if cfg.offload_activations is None else cfg.offload_activations)
     model.varlen = cfg.varlen_attention
     return model
 
@@ -246,7 +247,7 @@ def shard_on_meta(model, cfg, device, dtype):
         quant.prepare_4bit(model, storage=dtype)  # FSDP gathers in dtype (dist.shard)
     add_lora(model, cfg)
     dist.shard(model, device, dtype)
-    kernels.set_sharded(True)
+    memory.set_sharded(True)
     model.to_empty(device=device)
 
 
@@ -434,7 +435,7 @@ def accumulate(model, micro_batches, task):
 class SFT:
     """What SFT plugs into the shared loop (dpo.py plugs in its own): batches, a summed loss with
     metrics, its backward, and the count the step's loss is normalised by (here: trained tokens).
-    graph: a kernels.Graphed replays forward + backward; pad_to: rows are padded to this length (one shape)."""
+    graph: a memory.Graphed replays forward + backward; pad_to: rows are padded to this length (one shape)."""
     name = "train"
 
     def __init__(self, pad_to=None, graph=None):
@@ -498,18 +499,19 @@ def n_trained(batch):
 
 def graphed_loss(model):
     """--cuda_graphs: the SFT loss's forward + backward recorded once per batch shape and replayed."""
-    if model.config.router_aux_loss_coef:
-        raise NanotuneError("cuda_graphs does not run the MoE load-balancing loss; set router_aux_loss_coef 0 or "
-                            "turn cuda_graphs off.")
+    c = model.config
+    if c.router_aux_loss_coef or c.attention_dropout or c.residual_dropout or c.embedding_dropout:
+        raise NanotuneError("cuda_graphs runs neither the MoE load-balancing loss nor the checkpoint's own dropout; "
+                            "set router_aux_loss_coef 0 for the first, or turn cuda_graphs off.")
     def loss_backward(batch, scale):
         loss = model.run(token_loss_sum, batch, True)  # every row: one shape, nothing read back on the host
         (loss * scale).backward()
         return loss.detach()
-    return kernels.Graphed(loss_backward, model)
+    return memory.Graphed(loss_backward, model)
 
 
 def check_cuda_graphs(cfg, device):
-    """One sentence naming every setting --cuda_graphs cannot run with (see kernels.Graphed)."""
+    """One sentence naming every setting --cuda_graphs cannot run with (see memory.Graphed)."""
     if type(cfg) is not TrainConfig:
         raise NanotuneError("cuda_graphs is a train.py (SFT) option; preference training runs eagerly, turn it off.")
     needs = [(device.type == "cuda", "a CUDA device"), (cfg.packing, "packing true"),

@@ -83,6 +83,22 @@ ARCH_CONFIGS = {
     "qwen2-yarn": ("Qwen2Config", dict(tie_word_embeddings=False, rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
     "olmo2": ("Olmo2Config", dict(attention_bias=True, tie_word_embeddings=False)),
+    # Olmo 3: Olmo 2 with sliding (5) / full layers, YaRN on the full layers only
+    "olmo3": ("Olmo3Config", dict(attention_bias=True, sliding_window=5, tie_word_embeddings=False,
+                                  layer_types=["sliding_attention", "full_attention"], rope_parameters={
+                                      "full_attention": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                                         "original_max_position_embeddings": 64},
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    # GLM-4 (0414): sandwich norms under its own names, RoPE on adjacent pairs of half the head, q/k/v biases,
+    # gate_up_proj fused in the checkpoint
+    "glm4": ("Glm4Config", dict(head_dim=32, tie_word_embeddings=False)),
+    # EXAONE 4.0: post-norms, q/k RMSNorm per head, sliding (5) layers with RoPE, full layers without
+    "exaone4": ("Exaone4Config", dict(sliding_window=5, sliding_window_pattern=2, tie_word_embeddings=False)),
+    # Cohere (Command R): parallel block, bias-free LayerNorm, RoPE on adjacent pairs, logits * logit_scale;
+    # Cohere 2 (Command R7B): and sliding (5) layers with RoPE, full layers without
+    "cohere": ("CohereConfig", dict(logit_scale=0.25, tie_word_embeddings=False, head_dim=32)),
+    "cohere2": ("Cohere2Config", dict(logit_scale=0.25, sliding_window=5, layer_types=[
+        "sliding_attention", "full_attention"], tie_word_embeddings=False, head_dim=32)),
     # mixtures of experts, top-2: Mixtral (8 experts, renormalised), Qwen2-MoE (a dense first layer, a shared expert
     # with its sigmoid gate, weights not renormalised), Qwen3-MoE (6 experts, q/k norm, renormalised)
     "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)),
@@ -91,12 +107,29 @@ ARCH_CONFIGS = {
                                          tie_word_embeddings=False)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
                                          norm_topk_prob=True, head_dim=32, tie_word_embeddings=False)),
+    # OLMoE: q/k RMSNorm over the projection, q/k/v clamped, 4 experts top-2 not renormalised
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, clip_qkv=1.5, tie_word_embeddings=False)),
     # gpt-oss: 4 experts top-2 with biases, router bias, clamped SwiGLU (limit low enough to clamp often), sinks,
     # sliding (5) / full layers, YaRN without truncation
     "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
                                      sliding_window=5, swiglu_limit=0.2, tie_word_embeddings=False, rope_parameters={
                                          "rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
                                          "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})),
+    # StarCoder2: LayerNorm with bias, a plain tanh-GELU MLP (c_fc / c_proj), biases everywhere (use_bias), a
+    # sliding window on every layer, tied embeddings
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=5)),
+    # SmolLM3: NoPE on every 2nd layer here (4th by default), those layers sliding
+    "smollm3": ("SmolLM3Config", dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=5,
+                                      tie_word_embeddings=False)),
+    # Seed-OSS: q/k/v biases without an o_proj one, an MLP bias; its dropouts (0.1 by default) are off in eval
+    "seed_oss": ("SeedOssConfig", dict(mlp_bias=True, head_dim=32, tie_word_embeddings=False)),
+    # ERNIE 4.5: RoPE on adjacent pairs, biases everywhere (use_bias)
+    "ernie4_5": ("Ernie4_5Config", dict(use_bias=True, head_dim=32, tie_word_embeddings=False)),
+    # HunYuan dense: q/k RMSNorm per head after RoPE, NTK-alpha RoPE (a fixed larger base)
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", dict(head_dim=32, tie_word_embeddings=False, rope_parameters={
+        "rope_type": "dynamic", "alpha": 1000.0, "rope_theta": 10000.0, "factor": 1.0})),
+    # Arcee (AFM): a plain MLP with relu^2, biases on attention and the MLP
+    "arcee": ("ArceeConfig", dict(attention_bias=True, mlp_bias=True, head_dim=32, tie_word_embeddings=False)),
     "granite": ("GraniteConfig", dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.2,
                                       logits_scaling=4.0, attention_bias=True, mlp_bias=True,
                                       tie_word_embeddings=False)),

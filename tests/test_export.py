@@ -22,9 +22,20 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     # llama.cpp's gemma3 scales by 1/sqrt(head_dim) and loads no o_proj bias; its olmo2 loads no biases at all
     "gemma3": {"query_pre_attn_scalar": 16, "attention_bias": False}, "olmo2": {"attention_bias": False},
     "phi": {}, "granite": {}, "qwen2-yarn": {}, "phi3-longrope": {"sliding_window": 4096},
+    "arcee": {"attention_bias": False, "mlp_bias": False},  # llama.cpp's arcee loads no biases
+    "starcoder2": {"sliding_window": 4096},  # llama.cpp's starcoder2 has no sliding window
+    # llama.cpp's olmo2 (Olmo 3 too) loads no biases, its seed_oss and ernie4_5 no MLP biases (ERNIE 4.5 has none)
+    "olmo3": {"attention_bias": False}, "seed_oss": {"mlp_bias": False}, "ernie4_5": {"use_bias": False},
+    "glm4": {}, "hunyuan_v1_dense": {},
+    # llama.cpp's command-r and cohere2: head_dim = hidden / heads, the head tied (as Cohere's are)
+    "cohere": {"head_dim": 16, "tie_word_embeddings": True}, "cohere2": {"head_dim": 16, "tie_word_embeddings": True},
+    "exaone4": {"sliding_window": None, "layer_types": ["full_attention"] * 2},  # (EXAONE 4.0-1.2B: no NoPE layers)
+    "smollm3": {"num_hidden_layers": 4, "no_rope_layer_interval": 4, "use_sliding_window": False},  # (its NoPE step)
     # llama.cpp's MoE archs: Mixtral as `llama` with experts, qwen3moe (always renormalised), qwen2moe (never,
     # and every layer sparse: the tiny config's dense first layer goes)
     "mixtral": {}, "qwen3_moe": {}, "qwen2_moe": {"mlp_only_layers": []},
+    "olmoe": {"num_key_value_heads": 4, "clip_qkv": None},  # (llama.cpp's olmoe: no GQA, as OLMoE has none; it
+    #                                                         clamps q, k, v elsewhere: export refuses clip_qkv)
     # llama.cpp's gpt-oss fixes the SwiGLU limit at 7 and rounds YaRN's correction range (truncate=false is not
     # expressible; export warns): the tiny config without YaRN, at gpt-oss's own limit
     "gpt_oss": {"swiglu_limit": 7.0, "rope_parameters": {"rope_type": "default", "rope_theta": 150000.0}},
@@ -100,6 +111,19 @@ def test_gguf_runs_in_llama_cpp_with_nanotunes_logits(arch, tmp_path):
             assert (mine - want).abs().max() < (1e-5 if q == "f32" else tol), (arch, q)
         else:
             assert (mine.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95, (arch, q)
+
+
+def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
+    """llama.cpp's exaone4 rotates every layer (measured: its logits equal nanotune's with RoPE everywhere, 3e-7,
+    and differ by 0.03-0.1 with EXAONE 4.0's NoPE full layers); its olmoe clamps q, k, v elsewhere (0.16 off with
+    clip_qkv 1.5, 2e-7 without): such a model's GGUF is refused, nothing written."""
+    m, tok = tiny_with_lora("exaone4", tmp_path / "base")
+    with pytest.raises(NanotuneError, match="full-attention layers have no RoPE"):
+        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
+    m, tok = tiny_with_lora("olmoe", tmp_path / "olmoe")  # (OLMoE's clip_qkv: llama.cpp clamps elsewhere)
+    with pytest.raises(NanotuneError, match="clamps q, k, v elsewhere"):
+        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
+    assert sorted(os.listdir(tmp_path)) == ["base", "olmoe"]  # (no GGUF, no temp file)
 
 
 def test_kquant_and_ollama_modelfile(tmp_path, capfd):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import kernels
+import memory
 import model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -136,6 +137,31 @@ def test_lora_linear(dtype, outs, bias, monkeypatch):
               lambda x, *ab: flat(kernels.lora_linear_ref(x, fns, bs, scal, ab[:n], ab[n:])), [x, *As, *Bs], dtype)
 
 
+@pytest.mark.parametrize("change", ["fused AdamW", "in place"])
+def test_cached_lora_casts_follow_every_change_of_the_adapter(change):
+    """memory.py's cast cache (on once memory is imported): after a fused optimizer step (which bumps no version
+    counter) or an in-place edit, the fused LoRA path uses the new weights, as the reference does; within a step
+    it casts once (the same tensors come back)."""
+    C, O, r = 24, 16, 4
+    w, x = randn(O, C, seed=1), randn(5, C, seed=2)
+    A, B = (randn(r, C, seed=3).requires_grad_(), randn(O, r, seed=4).requires_grad_())
+    opt = torch.optim.AdamW([A, B], lr=0.1, fused=True)
+    casts = [memory.cached_lora_casts([A], [B], [2.0], torch.float32) for _ in range(2)]
+    assert casts[0][0] is casts[1][0]  # cached: one cast per step
+    for step in range(3):
+        y = kernels.lora_linear(x, [lambda dt: w.to(dt)], [None], [2.0], [A], [B])[0]
+        with kernels.fused(False):
+            ref = kernels.lora_linear(x, [lambda dt: w.to(dt)], [None], [2.0], [A], [B])[0]
+        assert torch.allclose(y, ref, atol=1e-5), step
+        if change == "fused AdamW":
+            y.sum().backward()
+            opt.step()
+            opt.zero_grad()
+        else:
+            with torch.no_grad():
+                B.mul_(1.5)
+
+
 def test_lora_linear_skipped_value_keeps_every_gradient(monkeypatch):
     """value=False (a recompute whose output only feeds a residual add) gives the same gradients."""
     with kernels.fused(True):
@@ -165,7 +191,7 @@ def test_linear_with_manual_backward(dtype, monkeypatch):
             xs = x.to(dtype).requires_grad_()
             m = torch.nn.Linear(123, 45, device=DEV, dtype=dtype)
             m.load_state_dict(lin.state_dict())
-            with kernels._hint("recompute"), kernels.value_unused(not value):
+            with kernels.hint("recompute"), kernels.value_unused(not value):
                 y = kernels.linear(m, xs)
             y.backward(randn(3, 7, 45, seed=2).to(dtype))
             grads.append([xs.grad, m.weight.grad, m.bias.grad])
@@ -197,7 +223,7 @@ def test_thirty_steps_with_kernels_on_and_off_follow_one_loss_curve(mode, tmp_pa
                 torch.manual_seed(0)
                 lora.apply_lora(m, r=8, alpha=16)
             m.train()
-            m.gradient_checkpointing = m.offload_activations = True
+            memory.checkpoint_blocks(m, offload=True)
             params = [p for p in m.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-3 if mode != "full" else 1e-4, fused=True)  # as train.py on GPU
             losses = []
@@ -248,7 +274,7 @@ def test_training_step_never_waits_for_the_gpu(tmp_path, monkeypatch):
         m = formats.load_model(str(tmp_path), dtype=dtype, device=DEV)
         lora.apply_lora(m, r=8)
         m.train()
-        m.gradient_checkpointing = m.offload_activations = True
+        memory.checkpoint_blocks(m, offload=True)
         ids = torch.randint(3, 128, (2, 33), device=DEV)
         labels = ids.clone()
         labels[:, :7] = -100  # a prompt that does not train
@@ -282,7 +308,7 @@ def test_offload_releases_block_inputs_until_backward(offload, tmp_path):
     torch.manual_seed(0)
     lora.apply_lora(m, r=4)
     m.train()
-    m.gradient_checkpointing, m.offload_activations = True, offload
+    memory.checkpoint_blocks(m, offload=offload)
     seen = []
     for block in m.model.layers[1:-1]:  # the first block's input is the embedding output, kept by autograd;
         # the last one stays on the device
@@ -397,7 +423,7 @@ def test_moe_recompute_skips_the_output_and_keeps_every_gradient():
     grads = []
     for skip in (False, True):
         ts = [t.detach().clone().requires_grad_() for t in [x, w] + lora]
-        with kernels._hint("recompute", skip), kernels.value_unused(skip):
+        with kernels.hint("recompute", skip), kernels.value_unused(skip):
             out = kernels.moe_experts_grouped(ts[0], idx, ts[1], gu, dn, "silu", (ts[2], ts[3], 0.5, ts[4], ts[5], 2.0))
         out.backward(dout)
         grads.append([t.grad for t in ts])

@@ -5,6 +5,7 @@ from conftest import make_hf_model
 
 import lora
 import formats
+import memory
 from cli import NanotuneError
 
 VARIANTS = {"lora": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
@@ -70,11 +71,14 @@ def peft_made_adapter_loads(arch, path, ids, config, tol=1e-4):
 
 
 # every family whose checkpoint keeps q/k/v and gate/up separate (Phi-3 fuses them: PEFT adapts qkv_proj there)
-@pytest.mark.parametrize("arch", ["llama", "ministral", "gemma2", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn"])
+@pytest.mark.parametrize("arch", ["llama", "ministral", "gemma2", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn",
+                                  "arcee", "starcoder2", "smollm3", "olmo3",
+                                  "seed_oss", "ernie4_5", "exaone4", "cohere", "cohere2",
+                                  "hunyuan_v1_dense"])
 def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     """nanotune's adapter on every projection gives peft's logits; a peft-made adapter (the checkpoint's own module
-    names: Phi-2's dense / fc1 / fc2) loads into nanotune with peft's logits."""
-    from families import adapter_names
+    names: Phi-2's dense / fc2, StarCoder2's c_proj) loads into nanotune with peft's logits."""
+    from families import adapter_names, checkpoint_name
     from peft import LoraConfig, PeftModel
     hf = make_hf_model(arch, tmp_path / "base")
     ids = torch.randint(3, 128, (2, 10))
@@ -88,9 +92,9 @@ def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     with torch.no_grad():
         assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-5
     n_peft = sum(1 for n, _ in pm.named_modules() if n.endswith(".lora_A.default"))
-    assert n_peft == len(lora.lora_layers(m)) == 7 * m.config.num_hidden_layers - (m.config.num_hidden_layers
-                                                                                 if arch == "phi" else 0)
-    targets = ["dense", "fc2"] if arch == "phi" else ["o_proj", "down_proj"]
+    per_layer = 7 if m.config.gated_mlp else 6  # (a plain MLP, Phi-2's and Arcee's, has no gate_proj)
+    assert n_peft == len(lora.lora_layers(m)) == per_layer * m.config.num_hidden_layers
+    targets = [checkpoint_name(m.config, t) for t in ("o_proj", "down_proj")]  # (Phi-2: dense, fc2; StarCoder2: c_proj)
     m2 = peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                                   init_lora_weights=False), 1e-5)
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == {"o_proj", "down_proj"}
@@ -149,7 +153,7 @@ def test_checkpointing_with_dropout_repeats_the_masks(tmp_path):
         lora.apply_lora(m, r=4, alpha=8, dropout=0.3)
         randomise_adapters(m)
         m.train()
-        m.gradient_checkpointing = ckpt
+        memory.checkpoint_blocks(m, ckpt)
         torch.manual_seed(1)
         loss = m.logits(m(ids)).float().logsumexp(-1).sum()
         loss.backward()
@@ -180,7 +184,7 @@ def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp
             lora.apply_lora(m, r=4, alpha=8)
             randomise_adapters(m)
             m.train()
-            m.gradient_checkpointing = fused
+            memory.checkpoint_blocks(m, fused)
             loss = m.logits(m(ids)).float().logsumexp(-1).sum()
             loss.backward()
             results.append((loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
@@ -190,7 +194,7 @@ def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp
         assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe"])
 @pytest.mark.parametrize("both", [True, False])
 def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     """LoRA on the routed experts (per-expert A/B on the stacked weights, PEFT's `target_parameters`): nanotune's

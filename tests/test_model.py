@@ -6,6 +6,7 @@ from conftest import ARCH_CONFIGS, EAGER, make_hf_model
 
 import formats
 import kernels
+import memory
 import model
 
 
@@ -49,7 +50,9 @@ def test_logits_match_transformers_both_ways(arch, tmp_path):
 # (LongRoPE is left out: its short/long choice is made per forward from the longest position, in transformers too,
 # so a packed row that passes original_max_position_embeddings rotates its short documents differently)
 @pytest.mark.parametrize("arch", ["llama", "ministral", "gemma2", "phi3", "gemma3", "phi", "olmo2", "granite",
-                                  "qwen2-yarn", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
+                                  "qwen2-yarn", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "arcee",
+                                  "starcoder2", "smollm3", "olmo3", "seed_oss", "ernie4_5", "glm4",
+                                  "exaone4", "cohere", "cohere2", "olmoe", "hunyuan_v1_dense"])
 def test_packed_rows_equal_separate_sequences(arch, tmp_path):
     """Two documents packed in one row (positions restart at 0) give the logits each has alone."""
     make_hf_model(arch, tmp_path / "hf")
@@ -109,7 +112,9 @@ def test_sharded_checkpoint_loads(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "ministral", "gemma2", "gemma3", "phi", "olmo2", "granite",
-                                  "qwen2-yarn", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
+                                  "qwen2-yarn", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "arcee",
+                                  "starcoder2", "smollm3", "olmo3", "seed_oss", "ernie4_5", "glm4",
+                                  "exaone4", "cohere", "cohere2", "olmoe", "hunyuan_v1_dense"])
 def test_kv_cache_generation_equals_full_recompute(arch, tmp_path):
     make_hf_model(arch, tmp_path / "hf")
     m = formats.load_model(str(tmp_path / "hf"))
@@ -194,7 +199,7 @@ def test_moe_routing_ties_are_broken_as_transformers_breaks_them(arch, tmp_path)
     assert (got - kernels.moe_experts_ref(x, idx, w, mlp.gate_up_proj, mlp.down_proj, "silu")).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe"])
 def test_moe_aux_loss_equals_transformers_and_its_gradient_is_exact(arch, tmp_path):
     """The load-balancing loss equals transformers' aux_loss (output_router_logits); the gradient a training step
     takes from loss + coef * n * aux equals autograd of that sum written out from the router logits, with block
@@ -238,7 +243,7 @@ def test_moe_aux_loss_equals_transformers_and_its_gradient_is_exact(arch, tmp_pa
     ((ce + coef * n * aux) / norm).backward()
     want = grads()
     for ckpt in (False, True):
-        m.gradient_checkpointing = ckpt
+        memory.checkpoint_blocks(m, ckpt)
         m.zero_grad()
         train.backward(train.SFT(), m, batch, norm)
         assert (grads() - want).abs().max() <= 1e-5 * want.abs().max(), ckpt
@@ -259,3 +264,35 @@ def test_gpt_oss_gradients_equal_transformers(tmp_path):
         ref = experts_from_checkpoint(m.config, name, p.grad)
         assert (ref - ours[name].grad).abs().max() <= 1e-4 * ref.abs().max(), n
     assert ours["model.layers.0.self_attn.sinks"].grad.abs().min() > 0
+
+
+def test_the_checkpoints_dropouts_train_and_recompute_exactly(tmp_path):
+    """A checkpoint's own dropouts (StarCoder2's attention, residual and embedding dropout; Phi-2's resid_pdrop /
+    embd_pdrop) are read and written back; in eval they are off (logits = transformers'), in training on; a
+    checkpointed block's recompute draws the masks the forward drew (its gradients equal the plain run's)."""
+    from families import config_from_hf, config_to_hf
+    hf = make_hf_model("starcoder2", tmp_path / "hf", attention_dropout=0.2, residual_dropout=0.3,
+                       embedding_dropout=0.1)
+    m = formats.load_model(str(tmp_path / "hf"))
+    c = m.config
+    assert (c.attention_dropout, c.residual_dropout, c.embedding_dropout) == (0.2, 0.3, 0.1)
+    assert config_from_hf(config_to_hf(c)) == c
+    phi = config_from_hf({**config_to_hf(c), "model_type": "phi", "sliding_window": None, "resid_pdrop": 0.1,
+                          "embd_pdrop": 0.05})
+    assert (phi.residual_dropout, phi.embedding_dropout) == (0.1, 0.05)
+    ids = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        assert (m.eval().logits(m(ids)) - hf(ids).logits).abs().max() < 1e-4
+        m.train()
+        torch.manual_seed(1)
+        a = m.logits(m(ids))
+        torch.manual_seed(2)
+        assert (m.logits(m(ids)) - a).abs().max() > 1e-2  # masks drawn in training
+    grads = []
+    for ckpt in (False, True):
+        memory.checkpoint_blocks(m, ckpt)
+        m.zero_grad()
+        torch.manual_seed(3)
+        m.logits(m(ids)).float().logsumexp(-1).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[0].abs().max()

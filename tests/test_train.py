@@ -13,6 +13,7 @@ from conftest import ROOT, make_tiny_run_model, read_losses, tiny_lora_model
 import data
 import formats
 from cli import NanotuneError
+import memory
 import quant
 import train
 
@@ -79,7 +80,7 @@ def test_cuda_graph_steps_follow_eager_steps(tmp_path, mode, dtype):
     for graphed in (False, True):
         kw = dict(dtype=dtype, device=dev, prepare=quant.prepare_4bit if mode == "qlora" else None)
         m = formats.load_model(str(tmp_path), **kw).train() if mode == "full" else lora_model(tmp_path, **kw)
-        m.gradient_checkpointing = m.offload_activations = True
+        memory.checkpoint_blocks(m, offload=True)
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2 if mode != "full" else 1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         graph = train.graphed_loss(m) if graphed else None

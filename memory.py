@@ -1,0 +1,308 @@
+"""Where activations live while nanotune trains: per-block checkpointing (a block keeps only its input and runs
+again in backward), offload of those inputs to host memory, the LoRA cast cache, CUDA graphs of a whole step,
+and the host allocator on a CPU. Applied to a built model, as LoRA is (model.py knows nothing of it):
+
+    memory.checkpoint_blocks(model, offload=True)   # blocks recomputed in backward, their inputs on the host
+    memory.checkpoint_blocks(model, False)          # every activation kept (the default of a built model)
+    memory.set_sharded(True)                        # FSDP: torch.utils.checkpoint, no cached LoRA casts
+"""
+import contextlib
+import weakref
+
+import torch
+import torch.utils.checkpoint
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+import kernels
+
+_SHARDED = False  # FSDP shards the parameters: checkpoints through torch.utils.checkpoint, no cached casts
+
+
+def set_sharded(on: bool):
+    global _SHARDED
+    _SHARDED = bool(on)
+    kernels.set_cast_cache(None if on else cached_lora_casts)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA weight casts (kernels.lora_casts), cached per optimizer step: the fused LoRA path asks for them at every
+# projection call, forward, recompute and backward alike
+_CASTS = {}  # id of a group's first A -> (its tensors (weakly), versions, optimizer steps, [A_1; A_2; ..], [s_i B_i])
+_OPT_STEPS = [0]  # optimizer steps taken in this process (any optimizer)
+
+
+def _count_step(*_):
+    _OPT_STEPS[0] += 1
+
+
+# Fused optimizers (AdamW(fused=True)) update parameters without bumping their version counters, so the
+# cached casts are also keyed on a count of optimizer steps, kept by a global optimizer hook.
+register_optimizer_step_post_hook(_count_step)
+
+
+def cached_lora_casts(As, Bs, scalings, dt):
+    """kernels.lora_casts, cast once per optimizer step, not once per call. An entry is stale after any
+    optimizer step or any in-place change of its tensors (their versions)."""
+    ts, key = (*As, *Bs), id(As[0])
+    hit = _CASTS.get(key)
+    if (hit is None or hit[2] != _OPT_STEPS[0] or any(r() is not t for r, t in zip(hit[0], ts))
+            or hit[1] != [t._version for t in ts] or hit[3].dtype != dt):
+        hit = ([weakref.ref(t) for t in ts], [t._version for t in ts], _OPT_STEPS[0],
+               *kernels.lora_casts(As, Bs, scalings, dt))
+        if key not in _CASTS:
+            weakref.finalize(As[0], _CASTS.pop, key, None)  # the entry goes when the adapter does
+        _CASTS[key] = hit
+    return hit[3], hit[4]
+
+
+kernels.set_cast_cache(cached_lora_casts)  # on from the first import (train.py, bench.py); FSDP: set_sharded
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-block activation checkpointing. A checkpointed block runs once without autograd (it builds no graph and
+# saves nothing but its input x), then again in backward, with autograd and inside kernels.hint("recompute"),
+# and backward goes through that second run. torch.utils.checkpoint (non-reentrant) builds the whole graph in
+# the first forward as well and keeps per-tensor bookkeeping: at small shapes that CPU time bounds the step.
+# Under FSDP blocks keep torch.utils.checkpoint, whose recompute happens inside the outer backward where FSDP2's
+# hooks expect it.
+def recompute_context():
+    """For torch.utils.checkpoint(..., context_fn=recompute_context): (forward ctx, recompute ctx)."""
+    return contextlib.nullcontext(), kernels.hint("recompute")
+
+
+
+def _block_grads(fn, x, dy, args, params, need_x):
+    """Run fn(x, *args) again with autograd, inside the recompute hint, and go backward through it:
+    -> (dx or None, d param_1, ...) for the parameters that require grad."""
+    x = x.detach().requires_grad_(need_x)
+    with torch.enable_grad(), kernels.hint("recompute"):
+        y = fn(x, *args)
+    gs = torch.autograd.grad(y, ([x] if need_x else []) + params, dy, allow_unused=True)
+    return (None,) * (not need_x) + gs
+
+
+class _Recompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, opts, x, *rest):
+        n, rng = opts  # rest: n args (cos, sin, mask: shared by every block), then fn's trainable params
+        ctx.fn, ctx.args, ctx.params = fn, rest[:n], list(rest[n:])
+        # with dropout in the block, the recompute must draw the same masks: keep the RNG state
+        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None) if rng else None
+        ctx.save_for_backward(x)  # the only tensor kept (Offload's hooks may move it to the host)
+        return fn(x, *ctx.args)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else [], enabled=ctx.rng is not None):
+            if ctx.rng is not None:
+                torch.set_rng_state(ctx.rng[0])
+                if ctx.rng[1] is not None:
+                    torch.cuda.set_rng_state(ctx.rng[1], x.device)
+            grads = _block_grads(ctx.fn, x, dy, ctx.args, ctx.params, ctx.needs_input_grad[2])
+        return (None, None, grads[0], *[None] * len(ctx.args), *grads[1:])
+
+
+def checkpoint(fn, x, *args, rng=False):
+    """fn(x, *args) keeping only x for backward, which runs fn again (see above). rng: fn draws random
+    numbers (dropout) that the recompute must repeat."""
+    if _SHARDED:
+        return torch.utils.checkpoint.checkpoint(fn, x, *args, use_reentrant=False, context_fn=recompute_context)
+    params = [p for p in fn.parameters() if p.requires_grad]
+    return _Recompute.apply(fn, (len(args), rng), x, *args, *params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation offload. With per-block checkpointing the only activation kept per block is its input x
+# ([B, T, C]; 64 MiB per block for Llama-3.1-8B at 4 x 2048). Offload sends each x to pinned host memory
+# on a side stream as the forward goes, and brings it back one block ahead during backward (block i-1 is
+# copied while block i recomputes), so the GPU holds about two block inputs instead of all of them.
+# Host buffers are kept per block and reused every step. The last block is not offloaded (backward needs
+# it first), and the one before it starts coming back as soon as forward ends. On CPU the copies are plain.
+class Offload:
+    _host: dict = {}  # block index -> flat uint8 host buffer (pinned on CUDA), grown on demand
+    _side: dict = {}  # device -> side stream
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        if self.cuda and str(device) not in Offload._side:
+            Offload._side[str(device)] = torch.cuda.Stream(device)
+        self.side = Offload._side.get(str(device))
+        self.items = []  # per block, in forward order: host copy, shape, dtype, GPU copy, ready event
+
+    def _host_view(self, i, t):
+        n = t.numel() * t.element_size()
+        buf = Offload._host.get(i)
+        if buf is None or buf.numel() < n:
+            buf = Offload._host[i] = torch.empty(n, dtype=torch.uint8, pin_memory=self.cuda)
+        return buf[:n].view(t.dtype).view(t.shape)
+
+    def _fetch(self, i):
+        """Copy block i's input back on the side stream; the main stream waits for `ready` before using it."""
+        it = self.items[i]
+        it["gpu"] = torch.empty(it["host"].shape, dtype=it["host"].dtype, device=it["device"])
+        if not self.cuda:
+            it["gpu"].copy_(it["host"])
+            return
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            it["gpu"].copy_(it["host"], non_blocking=True)
+            it["ready"] = torch.cuda.Event()
+            it["ready"].record()
+        if not torch.cuda.is_current_stream_capturing():  # an abandoned backward may not free memory the copy
+            it["gpu"].record_stream(self.side)             # still writes (a capture would keep it to the end)
+
+    def _release(self, i):
+        """Drop block i's device input once the main stream has waited for its copy to the host. (Not
+        record_stream: inside a CUDA graph capture the allocator defers such frees to the capture's end,
+        which would keep every block input alive.) Called a block later, when the copy is long done."""
+        it = self.items[i] if 0 <= i < len(self.items) else None
+        if it is not None and it.get("x") is not None:
+            torch.cuda.current_stream().wait_event(it["copied"])
+            it["x"] = None
+
+    def prefetch_last(self):
+        if self.cuda:
+            for i in range(len(self.items)):
+                self._release(i)
+        if self.items and self.items[-1] is not None:
+            self._fetch(len(self.items) - 1)
+
+    def saving(self, x):
+        """Context for checkpointing one block whose input is x: x, as saved, goes to the host."""
+        i, ptr, shape = len(self.items), x.data_ptr(), x.shape  # not x itself: the hooks must not keep it
+        self.items.append(None)
+
+        def pack(t):
+            if t.data_ptr() != ptr or t.shape != shape:
+                return t  # cos/sin/mask: shared by every block, tiny
+            host = self._host_view(i, t)
+            self.items[i] = {"host": host, "device": t.device, "gpu": None}
+            if self.cuda:
+                self.side.wait_stream(torch.cuda.current_stream())  # x is computed
+                with torch.cuda.stream(self.side):
+                    host.copy_(t, non_blocking=True)
+                    self.items[i]["copied"] = torch.cuda.Event()
+                    self.items[i]["copied"].record()
+                self.items[i]["x"] = t  # kept until the main stream has waited for the copy (_release)
+                self._release(i - 1)
+            else:
+                host.copy_(t)
+            return i
+
+        def unpack(h):
+            if not isinstance(h, int):
+                return h
+            it = self.items[h]
+            if it["gpu"] is None:  # not prefetched (the last block, or a second backward)
+                self._fetch(h)
+            if self.cuda:
+                torch.cuda.current_stream().wait_event(it["ready"])
+            x_back, it["gpu"] = it["gpu"], None
+            if h > 0 and self.items[h - 1] is not None:
+                self._fetch(h - 1)  # backward runs the blocks in reverse: the previous one is next
+            return x_back
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+class BlockCheckpoints:
+    """model.block_memory, set by checkpoint_blocks: in training, each block keeps only its input (on the host
+    with offload) and runs again in backward. begin() starts one forward pass (its own offload buffers)."""
+
+    def __init__(self, offload):
+        self.offload = offload
+
+    def begin(self, device, rng):
+        """rng: the blocks draw random numbers (dropout) that the recompute must repeat."""
+        return _Pass(Offload(device) if self.offload else None, rng)
+
+
+class _Pass:
+    def __init__(self, offload, rng):
+        self.off, self.rng = offload, rng
+
+    def block(self, layer, x, *args, last=False):
+        with self.off.saving(x) if self.off and not last else contextlib.nullcontext():
+            return checkpoint(layer, x, *args, rng=self.rng)
+
+    def end(self):
+        if self.off:
+            self.off.prefetch_last()  # backward starts with the last block, which was not offloaded
+
+
+def checkpoint_blocks(model, on=True, offload=False):
+    model.block_memory = BlockCheckpoints(offload) if on else None
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs of a whole forward + backward
+class Graphed:
+    """A loss's forward + backward recorded as a CUDA graph, then replayed (train.py --cuda_graphs).
+    A small model's step is bound by the CPU launching its ~3,000 kernels one by one (Llama-3.2-1B at
+    4 x 2048: the GPU idles ~15% of the step); a replay launches them all at once. A replay reads the batch
+    from fixed tensors and writes the loss and the gradients to the same memory every time, so:
+    - fixed shapes: packed rows padded to max_len. One graph per batch shape (the last batch of an epoch
+      may have fewer rows), at most MAX_GRAPHS, all in one memory pool (they never run at the same time);
+    - the gradients stay allocated and the graph adds into them (zeroed after each step, never set to None);
+    - nothing in it may make the CPU wait for the GPU (the SFT loss keeps every row: a fixed shape);
+    - no dropout (its RNG state is read on the host), no varlen attention (it reads lengths back), one process.
+    A shape's first batch runs eagerly (Triton compiles, cuBLAS picks its kernels, AdamW makes its state);
+    its second is captured, then every batch of that shape is copied in and replayed."""
+    MAX_GRAPHS = 4
+
+    def __init__(self, loss_backward, model):
+        """loss_backward(batch, scale): forward, backward of loss x scale, -> the loss (detached); model: whose
+        trainable parameters' .grad the graph adds into."""
+        self.loss, self.model, self.graphs, self.seen, self.pool = loss_backward, model, {}, set(), None
+        self.calls, self.replays = 0, 0  # micro-batches seen; how many of them a graph ran
+
+    def capture(self, batch):
+        """-> (static batch, static scale, static loss, graph), recorded without running anything."""
+        for p in self.model.parameters():  # the graph adds into these: they must exist before it
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        static = {k: v.clone() for k, v in batch.items()}
+        scale = torch.ones((), device=batch["input_ids"].device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            out = self.loss(static, scale)
+        self.pool = g.pool()
+        return static, scale, out, g
+
+    def __call__(self, batch, scale):
+        """Summed loss of `batch`; its gradient times `scale` is added to every .grad."""
+        self.calls += 1
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+        if key not in self.graphs:
+            if key not in self.seen or len(self.graphs) >= self.MAX_GRAPHS or not batch["input_ids"].is_cuda:
+                self.seen.add(key)  # (on CPU every call runs eagerly: the tests)
+                return self.loss(batch, scale)
+            self.graphs[key] = self.capture(batch)
+        static, static_scale, out, g = self.graphs[key]
+        for k, v in batch.items():
+            static[k].copy_(v, non_blocking=True)
+        static_scale.fill_(scale)
+        g.replay()
+        self.replays += 1
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Host memory on a CPU
+def keep_freed_memory():
+    """CPU training frees and re-allocates the same GBs of activations every step. glibc's malloc hands
+    blocks over ~32 MiB back to the OS at once (mmap/munmap), so each step page-faults them in again
+    (freshly zeroed pages): ~1 s of a 5.9 s default-job step on the 2-core CI machine. Keep them: larger
+    blocks come from the heap (M_MMAP_THRESHOLD), and freed memory is not trimmed (M_TRIM_THRESHOLD,
+    M_TOP_PAD). The process's resident memory then stays at its peak. glibc only; elsewhere a no-op."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+    libc.mallopt(M_TOP_PAD, 1 << 30)
