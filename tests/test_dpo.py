@@ -2,6 +2,7 @@
 gradients of the batched masked path against a plain per-example one, short runs that learn, bad data."""
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -179,11 +180,30 @@ def test_lora_reference_equals_a_separately_loaded_base(tmp_path):
         assert not torch.allclose(ref, dpo.sequence_logps(m, b)[0], atol=1e-3)
 
 
+# the bundled demo's held-out prompts (examples/preference_prompts.txt) and the fact each answer must keep
+HELD_OUT_FACTS = {"What is the capital of England?": ("london",), "How many legs does a cat have?": ("4", "four"),
+                  "What is 5 plus 6?": ("11", "eleven")}
+
+
+def check_facts_kept_concisely(samples):
+    """The demo's promise, on the generated text: after training every held-out answer still states its
+    fact, in one sentence of at most 12 words, and the answers are shorter than the model's own before."""
+    s = {x["prompt"]: x for x in samples}
+    sentences = lambda t: len(re.findall(r"[.!?](?:\s|$)", t.strip()))  # noqa: E731
+    for q, fact in HELD_OUT_FACTS.items():
+        after = s[q]["after"]
+        assert any(re.search(rf"\b{f}\b", after.lower()) for f in fact), (q, s[q])  # the fact survives training
+        assert sentences(after) <= 1 and len(after.split()) <= 12, (q, s[q])  # concise: no rambling
+    before, after = (sum(len(s[q][k].split()) for q in HELD_OUT_FACTS) for k in ("before", "after"))
+    assert after < before / 2, (before, after, samples)  # the preference shows: the model rambled before
+
+
 @pytest.mark.slow
 @pytest.mark.default_model
 @pytest.mark.parametrize("kind,extra", [("dpo", []), ("orpo", ["--epochs", "4", "--lr", "1e-3", "--beta", "0.5"])])
 def test_short_run_on_bundled_set_learns_the_preference(kind, extra, tmp_path):
-    """The bundled pairs prefer answers in capitals, which the model does not before training."""
+    """The bundled pairs prefer the short correct answer over the same answer padded with rambling, which the
+    model does not before training; the held-out questions keep their facts, now answered concisely."""
     out = tmp_path / kind
     r = subprocess.run([sys.executable, "dpo.py", "--loss", kind, "--output_dir", str(out), *extra], cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
@@ -192,14 +212,13 @@ def test_short_run_on_bundled_set_learns_the_preference(kind, extra, tmp_path):
     evals = [x for x in rows if "eval_rewards/accuracies" in x]
     first, ev = evals[0], evals[-1]  # held-out pairs before (step 0) and after training
     assert first["step"] == 0 and ev["eval_rewards/accuracies"] > 0.9, ev
-    assert first["eval_rewards/accuracies"] < 0.5 and ev["eval_rewards/margins"] > first["eval_rewards/margins"] + 0.5
+    assert ev["eval_rewards/margins"] > first["eval_rewards/margins"] + 0.5, (first, ev)
+    if kind == "dpo":  # (ORPO's rewards are the policy's own per-token log-probs, with no reference: at step 0 the
+        # short answers are already likelier per token than the padded ones, though the model's own answers ramble)
+        assert first["eval_rewards/accuracies"] < 0.5, first
     assert (out / "adapter" / "adapter_model.safetensors").exists()
-    if kind == "dpo":  # the bare demo (DPO + RPO): held-out questions answered right, now in capitals
-        s = {x["prompt"]: x for x in json.load(open(out / "samples.json"))}
-        cat, add = s["How many legs does a cat have?"], s["What is 5 plus 6?"]
-        assert "4" in cat["before"] and not cat["before"].isupper(), cat  # right before, in lower case
-        assert "4" in cat["after"] and cat["after"].isupper(), cat  # still right after, in capitals
-        assert "11" in add["after"] and add["after"].isupper(), add
+    # what a user looks at: held-out questions answered right, now without the rambling
+    check_facts_kept_concisely(json.load(open(out / "samples.json")))
 
 
 @pytest.mark.parametrize("rec,expect", [
