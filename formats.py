@@ -21,7 +21,8 @@ from cli import NanotuneError, fresh_tmp, publish, read_json
 from families import (FAMILIES, GGUF_EXPERT_BIAS, GGUF_EXPERTS, GGUF_FAMILY, GGUF_NORM_TOPK, STACKED, checkpoint_name,
                       config_from_hf, config_to_hf, experts_from_checkpoint, experts_to_checkpoint, nanotune_name,
                       pair_expert_biases, stack_experts, unstack_experts)
-from model import Config, Transformer, rope_attention_factor, rope_inv_freq
+from model import Config, Transformer
+from rope import rope_attention_factor, rope_base, rope_inv_freq
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,8 +334,7 @@ def gguf_names(cfg: Config) -> dict:
         layer["mlp.gate_up_proj"] = "ffn_up"
     else:
         layer.update({"mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"})
-    if FAMILIES[cfg.model_type].gguf_arch in ("gpt-oss", "seed_oss"):  # (the pre-MLP norm has Gemma's post-attention
-        #                                                                  norm's name there)
+    if FAMILIES[cfg.model_type].gguf_arch in ("gpt-oss", "seed_oss"):  # (pre-MLP norm: Gemma's post-attention name)
         layer["post_attention_layernorm"] = "post_attention_norm"
     pairs = list(top.items()) + [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}")
                                  for i in range(cfg.num_hidden_layers) for hf, gg in layer.items()]
@@ -544,9 +544,7 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    scaling = cfg.rope_scaling or {}  # (HunYuan's fixed NTK alpha: the base it makes)
-    w.add_rope_freq_base(cfg.rope_theta * scaling["alpha"] ** (cfg.rotary_dim / (cfg.rotary_dim - 2))
-                         if scaling.get("rope_type") == "dynamic" else cfg.rope_theta)
+    w.add_rope_freq_base(rope_base(cfg.rope_theta, cfg.rope_scaling, cfg.rotary_dim))  # (HunYuan: NTK alpha's base)
     (w.add_layer_norm_rms_eps if cfg.norm_type == "rms" else w.add_layer_norm_eps)(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(cfg.rotary_dim)

@@ -1,6 +1,7 @@
-"""nanotune model: one readable decoder for Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2 and Phi-3, and
-generate(). Only the network: checkpoints (HF safetensors, GGUF) and the family table live in formats.py, the
-tokenizer and chat templates in tokenizer.py, LoRA and 4-bit layers are swapped in by lora.py and quant.py.
+"""nanotune model: one readable decoder for every family of families.py, and generate(). Only the network:
+checkpoints (HF safetensors, GGUF) live in formats.py, the family table in families.py, the tokenizer and chat
+templates in tokenizer.py, RoPE's frequencies in rope.py; LoRA, 4-bit layers and block checkpointing are applied
+to a built model by lora.py, quant.py and memory.py.
 
 Architectures differ only in a few `Config` fields (kv heads, rope scaling, qkv bias, qk norm,
 norm offset, embedding scale, activation, sandwich norms, softcaps, sliding window, tied embeddings).
@@ -16,7 +17,6 @@ Gemma 2 (arXiv:2408.00118), Llama 3.1 rope scaling (arXiv:2407.21783).
     ids = generate(model, tok.chat([{"role": "user", "content": "Hi"}]), max_new_tokens=32, stop_ids=tok.stop_ids)
     print(tok.decode(ids))
 """
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from rope import deinterleave, rope_attention_factor, rope_inv_freq, rotary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,72 +116,6 @@ class Config:
             return False
         return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
-
-def rope_inv_freq(dim: int, theta: float, scaling: dict | None, long: bool = False) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/dim), i < dim/2, with the checkpoint's scaling applied. `long`: LongRoPE's
-    long factors (for sequences past the original context) instead of its short ones."""
-    s = scaling or {}
-    kind = s.get("rope_type", s.get("type", "default"))
-    if kind == "dynamic":  # HunYuan's NTK with a fixed alpha: a larger base, whatever the length
-        theta = theta * s["alpha"] ** (dim / (dim - 2))
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if kind == "factors":  # GGUF `rope_freqs`: llama.cpp divides each frequency by its factor
-        return inv / torch.tensor(s["factors"], dtype=torch.float32)
-    if kind == "longrope":  # Phi-3.5 / Phi-4: a searched divisor per frequency (arXiv:2402.13753)
-        return inv / torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32)
-    if kind == "linear":  # positions divided by factor == frequencies divided by factor
-        return inv / s["factor"]
-    factor, old_ctx = s.get("factor"), s.get("original_max_position_embeddings")
-    if kind == "yarn":  # arXiv:2309.00071: frequencies that turn more than beta_fast times over the old context
-        # are kept, fewer than beta_slow times divided by `factor`, a linear ramp over the dims in between
-        def dim_turning(n):  # the (fractional) dim index whose frequency turns n times over old_ctx
-            return dim * math.log(old_ctx / (n * 2 * math.pi)) / (2 * math.log(theta))
-        lo, hi = dim_turning(s.get("beta_fast") or 32), dim_turning(s.get("beta_slow") or 1)
-        if s.get("truncate", True):
-            lo, hi = math.floor(lo), math.ceil(hi)
-        lo, hi = max(lo, 0), min(hi, dim - 1)
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo if hi > lo else 0.001)).clamp(0, 1)
-        return inv / factor * ramp + inv * (1 - ramp)
-    if kind == "llama3":
-        # wavelengths longer than old_ctx/low are slowed by `factor`, shorter than old_ctx/high kept,
-        # and the band between blends the two linearly in old_ctx/wavelength.
-        low, high = s["low_freq_factor"], s["high_freq_factor"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
-        t = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - t) * scaled / factor + t * scaled
-        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-        return torch.where(medium, smoothed, scaled)
-    return inv
-
-
-def rope_attention_factor(scaling: dict | None) -> float:
-    """YaRN and LongRoPE multiply cos and sin by this (a temperature on the attention logits)."""
-    s = scaling or {}
-    kind, f = s.get("rope_type", s.get("type")), s.get("factor") or 1.0
-    if s.get("attention_factor") is not None or kind not in ("yarn", "longrope"):
-        return s.get("attention_factor") or 1.0
-    if f <= 1:
-        return 1.0
-    if kind == "longrope":
-        return math.sqrt(1 + math.log(f) / math.log(s["original_max_position_embeddings"]))
-    if s.get("mscale") and s.get("mscale_all_dim"):  # DeepSeek-style: a ratio of two of YaRN's 0.1 m ln(f) + 1
-        return (0.1 * s["mscale"] * math.log(f) + 1) / (0.1 * s["mscale_all_dim"] * math.log(f) + 1)
-    return 0.1 * math.log(f) + 1.0
-
-
-def deinterleave(x, rot):
-    """[..., D] -> the first `rot` dims reordered evens then odds (the rest as they are): rotating adjacent pairs
-    (x[2i], x[2i+1]) by frequency i is then rotating halves (x[i], x[i + rot/2]), as kernels.rope does."""
-    y = x[..., :rot].unflatten(-1, (rot // 2, 2)).transpose(-1, -2).flatten(-2)
-    return y if rot == x.shape[-1] else torch.cat([y, x[..., rot:]], -1)
-
-
-def rotary(position_ids, inv_freq, factor=1.0):
-    """positions [B, T] -> cos, sin [B, T, rot] (halves repeated, as rotate-half wants), times `factor`."""
-    freqs = position_ids[..., None].float() * inv_freq.float()  # [B, T, rot/2]
-    emb = torch.cat((freqs, freqs), -1)
-    return emb.cos() * factor, emb.sin() * factor
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import runs
 from cli import F_, NanotuneError, bundled, cli, fresh_tmp, parse_config, publish, save_config, writing
 import data
 from data import IGNORE, Sampler, build_dataset, collate, pack
-from families import adapter_names, nanotune_name
+from families import DROPOUTS, adapter_names, nanotune_name
 from formats import hub_id, load_model, load_tokenizer, resolve_model_path, save_hf
 from lora import DEFAULT_TARGETS
 from model import generate
@@ -44,7 +44,6 @@ from tokenizer import check_turn_markers, resolve_template
 
 # ---------------------------------------------------------------------------------------------
 # The run's config: every field is a --flag and a YAML key (cli.parse_config)
-# Config: flags and YAML, one source of truth
 # names people type from other tools (transformers' TrainingArguments, Axolotl) -> ours
 ALIASES = {"learning_rate": "lr", "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
            "num_epochs": "epochs", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum",
@@ -499,8 +498,7 @@ def n_trained(batch):
 
 def graphed_loss(model):
     """--cuda_graphs: the SFT loss's forward + backward recorded once per batch shape and replayed."""
-    c = model.config
-    if c.router_aux_loss_coef or c.attention_dropout or c.residual_dropout or c.embedding_dropout:
+    if any(getattr(model.config, k) for k in ("router_aux_loss_coef", "attention_dropout", *DROPOUTS)):
         raise NanotuneError("cuda_graphs runs neither the MoE load-balancing loss nor the checkpoint's own dropout; "
                             "set router_aux_loss_coef 0 for the first, or turn cuda_graphs off.")
     def loss_backward(batch, scale):
