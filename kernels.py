@@ -439,8 +439,6 @@ def _attention_bias(mask, H, dtype):
 class _SinkAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, mask, scale):
-        if isinstance(mask, PackedRows):
-            return _SinkVarlen.forward(ctx, q, k, v, sinks, mask, scale)
         (_, H, T, _), rep = q.shape, q.shape[1] // k.shape[1]
         k, v = (t.repeat_interleave(rep, dim=1) for t in (k, v))  # (the kernels take no GQA)
         causal, bias = mask is None and T > 1, None if mask is None else _attention_bias(mask, H, q.dtype)
@@ -458,8 +456,6 @@ class _SinkAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if hasattr(ctx, "rows"):
-            return _SinkVarlen.backward(ctx, dy)
         q, k, v, sinks, bias, y, lse, g, seed, offset = ctx.saved_tensors
         do = (dy.float() * g[..., None]).to(q.dtype)
         if q.is_cuda:
@@ -474,7 +470,7 @@ class _SinkAttention(torch.autograd.Function):
         return dq, dk, dv, (-dl.sum((0, 2))).to(sinks.dtype), None, None
 
 
-class _SinkVarlen:
+class _SinkVarlen(torch.autograd.Function):
     """The same on CUDA for whole or packed rows (PackedRows): flash attention over the flattened documents,
     which returns L too and skips the key blocks a sliding window leaves out (no mask, no [T, T] work outside the
     window); K/V heads stay grouped (flash takes GQA). Tokens flattened: [B*T, heads, D], L [H, B*T]."""
@@ -523,7 +519,7 @@ def sink_attention(q, k, v, sinks, mask, scale):
     if isinstance(mask, PackedRows) and not (_FUSED and q.is_cuda):
         mask = rows_mask(mask, q.shape[0], q.shape[2])
     if _FUSED:
-        return _SinkAttention.apply(q, k, v, sinks, mask, scale)
+        return (_SinkVarlen if isinstance(mask, PackedRows) else _SinkAttention).apply(q, k, v, sinks, mask, scale)
     return sink_attention_ref(q, k, v, sinks, mask, scale)
 
 

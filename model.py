@@ -341,7 +341,7 @@ class Block(nn.Module):
         if self.pre and not self.parallel:
             setattr(self, "pre_feedforward_layernorm" if self.post else "post_attention_layernorm", make_norm(cfg))
         self.mult = cfg.residual_multiplier
-        self.drop = nn.Dropout(cfg.residual_dropout) if cfg.residual_dropout else nn.Identity()
+        self.drop = nn.Dropout(cfg.residual_dropout) if cfg.residual_dropout else None  # (no module call when 0)
 
     def mlp_norm(self, x):
         return (self.pre_feedforward_layernorm if self.post else self.post_attention_layernorm)(x)
@@ -349,16 +349,19 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None):
         if self.parallel:
             h = self.input_layernorm(x)
-            return x + self.drop(self.self_attn(h, cos, sin, mask, cache)) + self.drop(self.mlp(h, residual=True))
+            a, y = self.self_attn(h, cos, sin, mask, cache), self.mlp(h, residual=True)
+            if self.drop:
+                a, y = self.drop(a), self.drop(y)
+            return x + a + y
         a = self.self_attn(self.input_layernorm(x) if self.pre else x, cos, sin, mask, cache)
         if self.post:
             a = self.post_attention_layernorm(a)
-        a = self.drop(a)
+        a = self.drop(a) if self.drop else a
         x = x + (a * self.mult if self.mult != 1 else a)
         y = self.mlp(self.mlp_norm(x) if self.pre else x, residual=not self.post and self.mult == 1)
         if self.post:
             y = self.post_feedforward_layernorm(y)
-        y = self.drop(y)
+        y = self.drop(y) if self.drop else y
         return x + (y * self.mult if self.mult != 1 else y)
 
 
