@@ -790,8 +790,15 @@ def varlen_attention(q, k, v, rows: PackedRows, scale):
 # The reference loops over the experts that were hit (as transformers' eager path does). The grouped path
 # sorts the M = N*k (token, expert) pairs by expert and runs one grouped GEMM per product over the sorted
 # rows (no host sync, no per-expert launches); its backward is written out (_MoEExperts).
+def stack(W):
+    """An expert stack given as a tensor, or as a function that makes one and has its .shape (a 4-bit stack:
+    dequantized when used and freed after, so one layer's two dequantized stacks are never alive together)."""
+    return W() if callable(W) else W
+
+
 def moe_experts_ref(x, idx, w, gate_up, down, act, lora=None, biases=None):
     A1, B1, s1, A2, B2, s2 = lora or (None,) * 6
+    gate_up, down = stack(gate_up), stack(down)
     b1, b2 = biases or (None, None)
     out = torch.zeros_like(x)
     for e in idx.unique().tolist():
@@ -834,15 +841,18 @@ def _expert_proj(x, W, A, B, s, offs):
 
 
 def _expert_proj_backward(dy, x, W, A, B, s, xa, offs, empty, need_dW):
-    """-> (dy W, its LoRA term g A or None, dW, dA, dB), as _expert_proj: the consumer adds the two."""
-    mm = _grouped_mm_fn()
-    dx = mm(dy, W, offs=offs)
+    """-> (dy W, its LoRA term g A or None, dW, dA, dB), as _expert_proj: the consumer adds the two. W may be a
+    function (stack); x is used (and dropped) before the two [M, in] results are made: a lower peak."""
+    mm, dA = _grouped_mm_fn(), None
     dW = mm(dy.t(), x, offs=offs).masked_fill_(empty[:, None, None], 0) if need_dW else None
+    if A is not None:
+        g = mm(dy, B * s, offs=offs)
+        dA = mm(g.t(), x, offs=offs).masked_fill_(empty[:, None, None], 0)  # an expert with no rows: zero
+        dB = mm(dy.t(), xa, offs=offs).mul_(s).masked_fill_(empty[:, None, None], 0)
+    del x
+    dx = mm(dy, stack(W), offs=offs)
     if A is None:
         return dx, None, dW, None, None
-    g = mm(dy, B * s, offs=offs)
-    dA = mm(g.t(), x, offs=offs).masked_fill_(empty[:, None, None], 0)  # an expert with no rows: zero
-    dB = mm(dy.t(), xa, offs=offs).mul_(s).masked_fill_(empty[:, None, None], 0)
     return dx, mm(g, A, offs=offs), dW, dA, dB
 
 
@@ -1065,19 +1075,21 @@ class _MoEExperts(torch.autograd.Function):
         counts = expert_counts(idx, E)
         offs = counts.cumsum(0).to(torch.int32)
         ex = idx.flatten().index_select(0, order) if b1 is not None else None  # [M]: each sorted row's expert
-        h, h2, xa1 = _expert_proj(x.index_select(0, order // k), gate_up, A1, B1, s1, offs)  # [M, 2I] (+ LoRA)
+        h, h2, xa1 = _expert_proj(x.index_select(0, order // k), stack(gate_up), A1, B1, s1, offs)  # [M, 2I] +LoRA
         if b1 is not None:
             h2 = _plus(b1.index_select(0, ex), h2)
         a = moe_glu(h, act, h2, keep_h)  # [M, I]; h now includes the LoRA term (when it is kept for backward)
         del h2
         if value:
-            y, y2, xa2 = _expert_proj(a, down, A2, B2, s2, offs)  # [M, C] (+ LoRA)
+            y, y2, xa2 = _expert_proj(a, stack(down), A2, B2, s2, offs)  # [M, C] (+ LoRA)
             if b2 is not None:
                 y2 = _plus(b2.index_select(0, ex), y2)
             out = moe_combine(y, inv, w, k, y2)
         else:
             xa2 = None if A2 is None else _grouped_mm_fn()(a, A2.transpose(1, 2), offs=offs)
             out = x.new_empty(N, x.shape[1])
+        ctx.stacks = [W if callable(W) else None for W in (gate_up, down)]  # (a function is not a tensor to save)
+        gate_up, down = [None if callable(W) else W for W in (gate_up, down)]
         ctx.save_for_backward(x, w, gate_up, down, A1, B1, A2, B2, h, xa1, xa2, order, inv, offs, counts == 0, ex, b2)
         ctx.act, ctx.s1, ctx.s2, ctx.k = act, s1, s2, k
         return out
@@ -1086,11 +1098,12 @@ class _MoEExperts(torch.autograd.Function):
     def backward(ctx, dout):
         x, w, gate_up, down, A1, B1, A2, B2, h, xa1, xa2, order, inv, offs, empty, ex, b2 = ctx.saved_tensors
         N, k, need, mm = x.shape[0], ctx.k, ctx.needs_input_grad, _grouped_mm_fn()
+        gate_up, down = [f or W for f, W in zip(ctx.stacks, (gate_up, down))]
         tok = order // k
         d = dout.index_select(0, tok)  # [M, C]: each sorted row's output gradient, before its routing weight
         wr = w.reshape(-1).index_select(0, order)  # [M]: each sorted row's routing weight
         a = moe_glu(h, ctx.act) if A2 is not None or need[4] else None
-        da_u, da2 = mm(d, down, offs=offs), None  # [M, I] (+ the LoRA term)
+        da_u, da2 = mm(d, stack(down), offs=offs), None  # [M, I] (+ the LoRA term)
         dA2 = dB2 = d_down = None
         if A2 is not None:  # the down LoRA; its weight gradients take the routing weight on the small [M, r] side
             g = mm(d, B2 * ctx.s2, offs=offs)  # [M, r]
@@ -1126,8 +1139,8 @@ def moe_experts_grouped(x, idx, w, gate_up, down, act, lora=None, biases=None):
 
 
 def moe_experts(x, idx, w, gate_up, down, act, lora=None, biases=None):
-    """Grouped GEMMs on CUDA in bf16 (torch's grouped_mm), the reference loop elsewhere. biases: gpt-oss's
-    (gate_up [E, 2I], down [E, C]) or None."""
+    """Grouped GEMMs on CUDA in bf16 (torch's grouped_mm), the reference loop elsewhere. gate_up [E, 2I, C] and
+    down [E, C, I]: tensors or functions making them (stack). biases: gpt-oss's (gate_up [E, 2I], down [E, C])."""
     if _FUSED and x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm_fn() is not None:
         return moe_experts_grouped(x, idx, w, gate_up, down, act, lora, biases)
     return moe_experts_ref(x, idx, w, gate_up, down, act, lora, biases)

@@ -280,10 +280,14 @@ class Experts(nn.Module):
         """The stacked weight `p` ("gate_up_proj" or "down_proj") as a tensor (a 4-bit one dequantizes)."""
         return getattr(self, p)
 
+    def stack(self, p, dtype):
+        """What the expert op takes for `p`: the tensor, or a function making it (kernels.stack)."""
+        return self.dense(p, dtype)
+
     def forward(self, x, idx, w, lora=None):
         """x [N, C], idx [N, k] chosen experts, w [N, k] their weights -> sum_j w_j expert_idx_j(x)  [N, C]
         (lora: kernels.moe_experts' per-expert adapters, from lora.LoRAExperts)"""
-        return kernels.moe_experts(x, idx, w, self.dense("gate_up_proj", x.dtype), self.dense("down_proj", x.dtype),
+        return kernels.moe_experts(x, idx, w, self.stack("gate_up_proj", x.dtype), self.stack("down_proj", x.dtype),
                                    self.act, lora, self.biases(x.dtype))
 
 

@@ -13,6 +13,7 @@ so the constants cost ~0.127 instead of 0.5 bits/weight.
     quant.quantize_model(model)                # or quantize a model already in memory
     formats.save_4bit(model, "out/model-bnb-4bit")   # loads in transformers + bitsandbytes
 """
+import functools
 import json
 
 import torch
@@ -303,6 +304,11 @@ class Experts4bit(Experts):
 
     def dense(self, p, dtype=None):
         return getattr(self, p).dense_weight(dtype).view(self.shapes[p])
+
+    def stack(self, p, dtype):  # dequantized inside the op where it is used, and freed there
+        make = functools.partial(self.dense, p, dtype)
+        make.shape = self.shapes[p]
+        return make
 
     def assign_tensor(self, key: str, t: torch.Tensor, device, dtype):
         """Loading hook: a stacked `gate_up_proj` / `down_proj` is quantized as it arrives (a bias is kept)."""

@@ -49,6 +49,12 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.default_model)
 
 
+def _reads(config_class, key):
+    """Whether the installed transformers' config class declares `key` (older ones hard-code some values)."""
+    import transformers
+    return key in getattr(getattr(transformers, config_class), "__annotations__", {})
+
+
 # Each entry: transformers config class name and the kwargs that make the family's variant visible
 # at 2 layers / hidden 64 (GQA where the family has it, windows shorter than the test sequences).
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
@@ -110,9 +116,11 @@ ARCH_CONFIGS = {
     # OLMoE: q/k RMSNorm over the projection, q/k/v clamped, 4 experts top-2 not renormalised
     "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, clip_qkv=1.5, tie_word_embeddings=False)),
     # gpt-oss: 4 experts top-2 with biases, router bias, clamped SwiGLU (limit low enough to clamp often), sinks,
-    # sliding (5) / full layers, YaRN without truncation
+    # sliding (5) / full layers, YaRN without truncation. transformers before 5.18 clamps at 7.0 whatever the config
+    # says (every released checkpoint has 7.0): the reference is compared at the limit it computes with
     "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
-                                     sliding_window=5, swiglu_limit=0.2, tie_word_embeddings=False, rope_parameters={
+                                     sliding_window=5, swiglu_limit=0.2 if _reads("GptOssConfig", "swiglu_limit")
+                                     else 7.0, tie_word_embeddings=False, rope_parameters={
                                          "rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
                                          "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})),
     # StarCoder2: LayerNorm with bias, a plain tanh-GELU MLP (c_fc / c_proj), biases everywhere (use_bias), a

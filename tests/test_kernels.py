@@ -1,6 +1,8 @@
 """Tier 2: every Triton kernel against an fp64 ground truth, outputs and all gradients, fp32 and bf16, odd
 shapes. The kernel's error may not exceed the plain-PyTorch reference's error (in the same dtype) plus a
 small tolerance. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1); on a GPU for real."""
+import weakref
+
 import pytest
 import torch
 
@@ -358,6 +360,36 @@ def test_moe_grouped_experts(dtype, adapted, oss):
             return fn(a, idx, b, c, d, act, (A1, B1, 0.5, A2, B2, 2.0) if rest else None, bs)
         return f
     check(call(kernels.moe_experts_grouped), call(kernels.moe_experts_ref), [x, w, gu, dn] + ab + biases * oss, dtype)
+
+
+@pytest.mark.skipif(kernels._grouped_mm_fn() is None, reason="torch's grouped_mm arrived in torch 2.9")
+def test_moe_stacks_given_as_functions_are_made_where_used():
+    """A frozen 4-bit expert stack is passed as a function (kernels.stack): the output and the gradients equal
+    those of the tensors, and neither stack is alive when the other is made (forward and backward)."""
+    N, C, I, E, k, r = 37, 48, 40, 6, 2, 8
+    x, gu, dn = randn(N, C), randn(E, 2 * I, C, seed=1, scale=0.2), randn(E, C, I, seed=2, scale=0.2)
+    w, idx = torch.topk(randn(N, E, seed=3).softmax(-1), k, dim=-1)
+    lora = [randn(E, r, C, seed=4), randn(E, 2 * I, r, seed=5), randn(E, r, I, seed=6), randn(E, C, r, seed=7)]
+    made, alive = [], []
+
+    def maker(W, name):
+        def make():
+            made.append((name, [n for n, ref in alive if ref() is not None]))
+            t = W.clone()
+            alive.append((name, weakref.ref(t)))
+            return t
+        make.shape = W.shape
+        return make
+
+    def run(gate_up, down):
+        ts = [t.clone().requires_grad_() for t in [x, w] + lora]
+        out = kernels.moe_experts_grouped(ts[0], idx, ts[1], gate_up, down, "silu", (*ts[2:4], 0.5, *ts[4:], 2.0))
+        (out * torch.linspace(-1, 1, C)).sum().backward()
+        return [out] + [t.grad for t in ts]
+
+    for got, want in zip(run(maker(gu, "gate_up"), maker(dn, "down")), run(gu, dn)):
+        assert torch.equal(got, want)
+    assert made == [("gate_up", []), ("down", []), ("down", []), ("gate_up", [])], made
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
