@@ -487,6 +487,8 @@ def main():
         res.update(shape=a.shape, mode=a.mode + (f"+fsdp{a.nproc}" if a.fsdp and c.startswith("nanotune") else "") +
                    (f"+docs{a.doc_len}" if a.doc_len and c.startswith("nanotune") else ""), batch=a.batch,
                    seq=a.seq, mfu=res["tokens_per_s"] * fpt / peak if peak else None, wall_s=round(time.time() - t0))
+        if a.memory:  # (the allocator's history slows the steps: the peak counts, the speed does not)
+            res["memory_history"] = True
         rows.append(res)
         save(a.json, gpu, [res], a.device_call)  # row by row: a run cut short keeps what it measured
         print(f"{c:14s} {res['tokens_per_s']:9,.0f} tok/s  {res['peak_gib']:6.2f} GiB  MFU {res['mfu'] or 0:.1%}  "

@@ -384,7 +384,7 @@ def test_moe_stacks_given_as_functions_are_made_where_used():
     def run(gate_up, down):
         ts = [t.clone().requires_grad_() for t in [x, w] + lora]
         out = kernels.moe_experts_grouped(ts[0], idx, ts[1], gate_up, down, "silu", (*ts[2:4], 0.5, *ts[4:], 2.0))
-        (out * torch.linspace(-1, 1, C)).sum().backward()
+        (out * torch.linspace(-1, 1, C, device=DEV)).sum().backward()
         return [out] + [t.grad for t in ts]
 
     for got, want in zip(run(maker(gu, "gate_up"), maker(dn, "down")), run(gu, dn)):
