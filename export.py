@@ -166,6 +166,9 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         check_replaceable(out, "gguf")
     cfg = model.config
     arch = formats.FAMILIES[cfg.model_type].gguf_arch
+    if cfg.router != "softmax":
+        raise NanotuneError(f"GGUF export of {cfg.model_type} (llama.cpp's {arch}) is not implemented yet; export "
+                            "--format merged and convert that with llama.cpp's convert_hf_to_gguf.py.")
     dense = [i for i in range(cfg.num_hidden_layers) if cfg.num_experts and not cfg.is_sparse(i)]
     if cfg.num_experts and bool(cfg.norm_topk_prob) != GGUF_NORM_TOPK[arch]:
         raise NanotuneError(f"llama.cpp's {arch} {'always' if GGUF_NORM_TOPK[arch] else 'never'} renormalises the "

@@ -38,6 +38,8 @@ class Family:
     experts: str = ""  # "input_major": stacked experts stored [E, in, out], gate/up columns interleaved (gpt-oss)
     aliases: dict = field(default_factory=dict)  # the family's config.json key -> the common keys it stands for
     rope_on: str = ""  # "sliding": with a sliding window set, only sliding layers rotate (full layers are NoPE)
+    flags: dict = field(default_factory=dict)  # a config.json boolean -> (Config field, its value when true)
+    mtp: bool = False  # the checkpoint holds multi-token-prediction layers past num_hidden_layers (not loaded)
 
 
 GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh")
@@ -140,6 +142,15 @@ FAMILIES = {
     "hunyuan_v1_dense": Family("HunYuanDenseV1ForCausalLM", "hunyuan-dense", dict(qk_norm="head_post"),
                                renames=dict(query_layernorm="q_norm", key_layernorm="k_norm")),
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
+    # GLM-4.5: sigmoid router with a selection bias and expert groups, an ungated shared expert, dense first layers
+    "glm4_moe": Family("Glm4MoeForCausalLM", "glm4moe", dict(router="sigmoid", shared_expert_gated=False, o_bias=False),
+                       ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                        "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor"),
+                       {"num_experts": "n_routed_experts"}, defaults=dict(
+                           partial_rotary_factor=0.5, n_routed_experts=128, num_experts_per_tok=8, n_shared_experts=1,
+                           moe_intermediate_size=1408, first_k_dense_replace=1, norm_topk_prob=True),
+                       renames={"shared_experts": "shared_expert", "gate.e_score_correction_bias":
+                                "e_score_correction_bias"}, flags={"use_qk_norm": ("qk_norm", "head")}, mtp=True),
     # gpt-oss: sinks, biased router and experts, clamped SwiGLU, alternating sliding (128) / full layers, YaRN
     "gpt_oss": Family("GptOssForCausalLM", "gpt-oss", dict(norm_topk_prob=True, attention_sinks=True, router_bias=True,
                                                         expert_bias=True),
@@ -205,12 +216,13 @@ MATH_KEYS = {"sliding_window": (None,), "attn_logit_softcapping": (None,), "fina
              "query_pre_attn_scalar": (None,), "logits_scaling": (None, 1, 1.0), "embedding_multiplier": (None, 1, 1.0),
              "residual_multiplier": (None, 1, 1.0), "attention_multiplier": (None,), "swiglu_limit": (None,),
              "use_qk_norm": (None, False), "attention_chunk_size": (None,), "no_rope_layers": (None, []),
-             "rope_local_base_freq": (None,), "clip_qkv": (None,)}
+             "rope_local_base_freq": (None,), "clip_qkv": (None,), "routed_scaling_factor": (None, 1, 1.0),
+             "n_group": (None, 1), "topk_group": (None, 1), "first_k_dense_replace": (None, 0)}
 
 
 def reads(fam: Family) -> set:
     """The MATH_KEYS a family implements."""
-    keys = set(fam.hf_keys) | {fam.keys.get(k, k) for k in fam.hf_keys}
+    keys = set(fam.hf_keys) | {fam.keys.get(k, k) for k in fam.hf_keys} | set(fam.flags)
     if fam.sliding:
         keys.add("sliding_window")
     if fam.layer_types == "pattern":  # (Gemma 3's local rope base comes with its sliding layers)
@@ -278,6 +290,9 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
     for k in fam.hf_keys:  # (query_pre_attn_scalar defaults to head_dim, Granite's multipliers to 1)
         default = c.head_dim if k == "query_pre_attn_scalar" else getattr(c, k)
         setattr(c, k, d.get(fam.keys.get(k, k), default))
+    for k, (f, v) in fam.flags.items():
+        if d.get(k):
+            setattr(c, f, v)
     if c.num_experts:  # Mixtral's experts are intermediate_size wide; the load-balancing loss trains only when
         c.moe_intermediate_size = c.moe_intermediate_size or c.intermediate_size  # the config asks for router
         c.router_aux_loss_coef = d.get("router_aux_loss_coef", 0.0) if d.get("output_router_logits") else 0.0
@@ -344,6 +359,8 @@ def config_to_hf(c: Config) -> dict:
         d["hidden_activation"] = c.hidden_act
     for k, common in fam.aliases.items():
         d[k] = d[common[0]]
+    for k, (f, v) in fam.flags.items():
+        d[k] = getattr(c, f) == v
     if fam.sliding:
         d["sliding_window"] = c.sliding_window
         d["use_sliding_window"] = bool(c.sliding_window)
@@ -366,14 +383,30 @@ def nanotune_name(cfg: Config, name: str) -> str | None:
     for old, new in TEXT_PREFIXES:
         if name.startswith(old):
             name = new + name[len(old):]
-    renames = FAMILIES[cfg.model_type].renames
-    return ".".join(renames.get(part, part) for part in name.split("."))
+    fam = FAMILIES[cfg.model_type]
+    if fam.mtp and (m := LAYER.match(name)) and int(m.group(1)) >= cfg.num_hidden_layers:
+        return None  # a multi-token-prediction layer: nanotune trains the model's own layers only
+    return _rename(name, fam.renames)
 
 
 def checkpoint_name(cfg: Config, name: str) -> str:
     """nanotune's tensor name, module name or LoRA target -> the family checkpoint's (Phi-2: o_proj -> dense)."""
-    back = {v: k for k, v in FAMILIES[cfg.model_type].renames.items()}
-    return ".".join(back.get(part, part) for part in name.split("."))
+    return _rename(name, {v: k for k, v in FAMILIES[cfg.model_type].renames.items()})
+
+
+LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _rename(name: str, renames: dict) -> str:
+    """Each name component through `renames`; a dotted key renames that run of components (GLM-4.5's
+    gate.e_score_correction_bias, the MoE block's own in nanotune)."""
+    single = {}
+    for old, new in renames.items():
+        if "." in old or "." in new:
+            name = f".{name}.".replace(f".{old}.", f".{new}.")[1:-1]
+        else:
+            single[old] = new
+    return ".".join(single.get(part, part) for part in name.split("."))
 
 
 # gpt-oss stores its stacked experts input-major, gate and up columns interleaved: gate_up_proj [E, C, 2I] with

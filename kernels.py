@@ -796,6 +796,16 @@ def stack(W):
     return W() if callable(W) else W
 
 
+def group_topk(s, k, groups=1, keep=1):
+    """s [N, E] -> [N, k]: the k best experts among the `keep` of `groups` equal groups whose two best scores sum
+    highest (GLM-4.5 / DeepSeek-V3's router; groups 1: a plain top-k)."""
+    if groups > 1:
+        best = s.view(len(s), groups, -1).topk(2, dim=-1)[0].sum(-1)  # [N, groups]
+        kept = torch.zeros_like(best).scatter_(1, best.topk(keep, dim=-1)[1], 1).bool()
+        s = s.masked_fill(~kept.repeat_interleave(s.shape[1] // groups, dim=1), float("-inf"))
+    return torch.topk(s, k, dim=-1)[1]
+
+
 def moe_experts_ref(x, idx, w, gate_up, down, act, lora=None, biases=None):
     A1, B1, s1, A2, B2, s2 = lora or (None,) * 6
     gate_up, down = stack(gate_up), stack(down)

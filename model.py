@@ -83,6 +83,13 @@ class Config:
     moe_intermediate_size: int = 0  # each expert's width
     norm_topk_prob: bool = True  # renormalise the k routing weights to sum to 1 (Mixtral, Qwen3-MoE)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert every token takes, sigmoid-gated
+    shared_expert_gated: bool = True  # False: the shared expert's output is added as it is (GLM-4.5)
+    n_shared_experts: int = 0  # GLM-4.5: the shared expert is moe_intermediate_size * this wide
+    first_k_dense_replace: int = 0  # GLM-4.5: the first k layers are dense
+    router: str = "softmax"  # | "sigmoid" (GLM-4.5: kernels.group_topk of sigmoid(logits) + a correction bias; the
+    n_group: int = 1  # weights are the sigmoid scores, times routed_scaling_factor)
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 and i not in mlp_only_layers
     mlp_only_layers: list | None = None
     router_aux_loss_coef: float = 0.0  # load-balancing loss weight (0: not computed, as transformers' default)
@@ -106,7 +113,7 @@ class Config:
 
     def is_sparse(self, layer: int) -> bool:
         return self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0 and layer not in (
-            self.mlp_only_layers or ())
+            self.mlp_only_layers or ()) and layer >= self.first_k_dense_replace
 
     def has_rope(self, layer: int) -> bool:
         return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
@@ -300,28 +307,39 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
         self.experts = Experts(cfg)
-        if cfg.shared_expert_intermediate_size:
-            self.shared_expert = MLP(cfg, cfg.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        if cfg.router == "sigmoid":  # (chooses, weighs nothing; not trained, as in transformers)
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
+        if cfg.shared_expert_intermediate_size or cfg.n_shared_experts:
+            self.shared_expert = MLP(cfg, cfg.shared_expert_intermediate_size or
+                                     cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.shared_expert_gated:
+                self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
         self.k, self.norm_topk, self.cfg = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg  # (cfg: the model's own)
         self.router_stats, self.aux_grad = None, {}  # aux_grad["grad"]: set by Transformer.router_aux's scale()
 
     def forward(self, x, residual=False):
         B, T, C = x.shape
         h = x.reshape(B * T, C)
-        probs = F.softmax(self.gate(h).float(), dim=-1)  # [N, E] in fp32
-        aux = self.cfg.router_aux_loss_coef
+        logits, aux = self.gate(h).float(), self.cfg.router_aux_loss_coef  # [N, E] in fp32
+        probs = torch.sigmoid(logits) if self.cfg.router == "sigmoid" else F.softmax(logits, dim=-1)
         if aux:  # backward adds the load-balancing loss's gradient here (Transformer.router_aux)
             probs = kernels.extra_grad(probs, self.aux_grad)
-        w, idx = torch.topk(probs, self.k, dim=-1)  # [N, k]
+        if self.cfg.router == "sigmoid":
+            idx = kernels.group_topk(probs.detach() + self.e_score_correction_bias.float(), self.k, self.cfg.n_group,
+                                     self.cfg.topk_group)
+            w = probs.gather(1, idx)  # [N, k]
+        else:
+            w, idx = torch.topk(probs, self.k, dim=-1)  # [N, k]
         if self.norm_topk:
-            w = w / w.sum(-1, keepdim=True)
+            w = w / (w.sum(-1, keepdim=True) + (1e-20 if self.cfg.router == "sigmoid" else 0))
+        w = w * self.cfg.routed_scaling_factor if self.cfg.routed_scaling_factor != 1 else w
         if aux:  # per expert: how many choices picked it, its summed probability, the rows (kernels.moe_aux_loss)
             self.router_stats = (kernels.expert_counts(idx, probs.shape[1]), probs.sum(0).detach(), h.shape[0])
         with kernels.value_unused(residual):  # a recompute may skip the experts' output (kernels.skip_value)
             y = self.experts(h, idx, w.to(h.dtype))
-        if hasattr(self, "shared_expert"):
-            y = y + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
+        if hasattr(self, "shared_expert"):  # (GLM-4.5's is ungated)
+            gate = torch.sigmoid(self.shared_expert_gate(h)) if hasattr(self, "shared_expert_gate") else 1
+            y = y + gate * self.shared_expert(h)
         return y.view(B, T, C)
 
 

@@ -98,6 +98,12 @@ ARCH_CONFIGS = {
     # GLM-4 (0414): sandwich norms under its own names, RoPE on adjacent pairs of half the head, q/k/v biases,
     # gate_up_proj fused in the checkpoint
     "glm4": ("Glm4Config", dict(head_dim=32, tie_word_embeddings=False)),
+    # GLM-4.5: 8 experts in 4 groups, top-3 within the best 2 groups (sigmoid + selection bias), scaled weights,
+    # an ungated shared expert, the first layer dense, q/k norm, half the head rotated, q/k/v biases
+    "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+                                       moe_intermediate_size=32, n_shared_experts=2, first_k_dense_replace=1,
+                                       routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, head_dim=32,
+                                       num_hidden_layers=3, tie_word_embeddings=False)),
     # EXAONE 4.0: post-norms, q/k RMSNorm per head, sliding (5) layers with RoPE, full layers without
     "exaone4": ("Exaone4Config", dict(sliding_window=5, sliding_window_pattern=2, tie_word_embeddings=False)),
     # Cohere (Command R): parallel block, bias-free LayerNorm, RoPE on adjacent pairs, logits * logit_scale;
@@ -161,6 +167,9 @@ def make_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides):
                 p.add_(torch.randn_like(p) * 0.1)
             if n.endswith("sinks"):  # gpt-oss: a sink logit per head, as large as the scores
                 p.copy_(torch.randn_like(p))
+        for n, b in m.named_buffers():  # GLM-4.5's expert-selection bias, as large as the scores' spread
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.1)
     m.save_pretrained(out_dir, safe_serialization=True)
     return m
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, make_hf_model, save_tiny_tokenizer
+from conftest import ARCH_CONFIGS, ROOT, make_hf_model, save_tiny_tokenizer
 
 import data
 import formats
@@ -372,6 +372,38 @@ def test_a_record_nested_too_deeply_is_one_sentence(tmp_path):
     (tmp_path / "deep.jsonl").write_text("[" * 200_000 + "]" * 200_000 + "\n")
     with pytest.raises(NanotuneError, match=re.escape("deep.jsonl:1: nested too deeply to be a record")):
         data.read_records(str(tmp_path / "deep.jsonl"))
+
+
+UNREAD_VALUES = {"sliding_window": 4, "attn_logit_softcapping": 30.0, "final_logit_softcapping": 30.0,
+                 "query_pre_attn_scalar": 7, "logits_scaling": 2.0, "embedding_multiplier": 6.0,
+                 "residual_multiplier": 0.5, "attention_multiplier": 0.1, "swiglu_limit": 7.0, "use_qk_norm": True,
+                 "attention_chunk_size": 8, "no_rope_layers": [1, 0], "rope_local_base_freq": 1e4, "clip_qkv": 8.0,
+                 "routed_scaling_factor": 2.5, "n_group": 4, "topk_group": 2, "first_k_dense_replace": 1}
+
+
+@pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
+def test_every_family_refuses_a_key_it_does_not_implement_and_names_a_missing_one(arch, tmp_path):
+    """Per family: a math-changing config.json key its row does not read, set to a value that would change the
+    model, is refused in one sentence naming the key and the value; a config.json without intermediate_size or
+    num_hidden_layers is one sentence naming the file and the key."""
+    import families
+    make_hf_model(arch, tmp_path)
+    where = str(tmp_path / "config.json")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    fam = families.FAMILIES[families.text_config(cfg)["model_type"]]
+    unread = [k for k in families.MATH_KEYS if k not in families.reads(fam)]
+    assert set(unread) <= set(UNREAD_VALUES)
+    for k in unread:
+        with pytest.raises(NanotuneError, match=re.escape(f"{where}: {k}={UNREAD_VALUES[k]!r} would change")):
+            families.config_from_hf({**cfg, k: UNREAD_VALUES[k]}, where)
+    for k in ("intermediate_size", "num_hidden_layers"):
+        text = families.text_config({n: v for n, v in cfg.items() if n != k})
+        text.pop(k, None)  # (a vision-language config: from its text tower)
+        if k in fam.defaults:  # (Gemma 3's multimodal configs spell out only what differs from the defaults)
+            assert getattr(families.config_from_hf(text, where), k) == fam.defaults[k]
+            continue
+        with pytest.raises(NanotuneError, match=re.escape(f"{where}: {k} is missing")):
+            families.config_from_hf(text, where)
 
 
 @pytest.mark.parametrize("arch,key,value", [

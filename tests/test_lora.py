@@ -232,6 +232,31 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     assert any(n.endswith("mlp.gate") for n, _ in lora.lora_layers(m2)) == both
 
 
+def test_glm4_moe_adapter_on_attention_experts_and_router_loads_in_peft(tmp_path):
+    """GLM-4.5 (sigmoid router, ungated shared expert, a dense first layer): LoRA on q/k/v/o, every routed expert
+    and the router gives peft's logits, both ways. (peft 0.21 reads the names gate_proj / up_proj / down_proj in a
+    glm4_moe adapter as the routed experts' (its transformers 4 -> 5 conversion), so an adapter on the shared expert
+    or the dense layer's MLP cannot be expressed for it.)"""
+    from families import adapter_names
+    from peft import LoraConfig, PeftModel
+    hf = make_hf_model("glm4_moe", tmp_path / "base")
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    m = formats.load_model(str(tmp_path / "base"))
+    params = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    lora.apply_lora(m, r=4, alpha=8, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate"], expert_targets=params)
+    randomise_adapters(m)
+    with torch.no_grad():
+        ours = m.logits(m(ids))
+        assert (ours - hf(input_ids=ids).logits).abs().max() > 1e-3
+    lora.save_adapter(m, str(tmp_path / "ours"), **adapter_names(m.config, saving=True))
+    pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-4
+    peft_made_adapter_loads("glm4_moe", tmp_path, ids, LoraConfig(
+        r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=[*params, "mlp.gate.weight"],
+        init_lora_weights=False))
+
+
 def test_dropout_and_dora_on_the_experts_are_refused(tmp_path):
     """PEFT's expert LoRA has neither; nanotune says so in one sentence rather than adapting the experts without."""
     make_hf_model("qwen3_moe", tmp_path)
