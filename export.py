@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import formats
 import lora
-from families import GGUF_NORM_TOPK, adapter_names
+from families import GGUF_LEADING_DENSE, GGUF_NORM_TOPK, adapter_names
 import quant
 from cli import NanotuneError, Parser, cli, fresh_tmp, publish, writing
 from formats import BLOCK_TYPES, FLOAT_TYPES, load_model, load_tokenizer, resolve_model_path
@@ -166,11 +166,10 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         check_replaceable(out, "gguf")
     cfg = model.config
     arch = formats.FAMILIES[cfg.model_type].gguf_arch
-    if cfg.router != "softmax":
-        raise NanotuneError(f"GGUF export of {cfg.model_type} (llama.cpp's {arch}) is not implemented yet; export "
-                            "--format merged and convert that with llama.cpp's convert_hf_to_gguf.py.")
     dense = [i for i in range(cfg.num_hidden_layers) if cfg.num_experts and not cfg.is_sparse(i)]
-    if cfg.num_experts and bool(cfg.norm_topk_prob) != GGUF_NORM_TOPK[arch]:
+    if arch in GGUF_LEADING_DENSE and dense == list(range(cfg.first_k_dense_replace)):
+        dense = []  # (llama.cpp's leading_dense_block_count; it reads expert_weights_norm too)
+    elif cfg.num_experts and bool(cfg.norm_topk_prob) != GGUF_NORM_TOPK[arch]:
         raise NanotuneError(f"llama.cpp's {arch} {'always' if GGUF_NORM_TOPK[arch] else 'never'} renormalises the "
                             f"top-k routing weights, but this model has norm_topk_prob {cfg.norm_topk_prob}, so its "
                             "GGUF would be wrong; export --format merged instead.")

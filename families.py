@@ -52,6 +52,7 @@ EXPERTS_KEY = {"num_experts": "num_local_experts"}  # (config.json may say eithe
 # what llama.cpp's MoE archs do with the top-k routing weights, whatever the file says (measured: they ignore
 # {arch}.expert_weights_norm)
 GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "gpt-oss": True, "olmoe": False}
+GGUF_LEADING_DENSE = ("glm4moe",)  # llama.cpp archs that read leading_dense_block_count (and expert_weights_norm)
 GGUF_MOE = {"num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
             "moe_intermediate_size": "expert_feed_forward_length"}
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
@@ -150,7 +151,11 @@ FAMILIES = {
                            partial_rotary_factor=0.5, n_routed_experts=128, num_experts_per_tok=8, n_shared_experts=1,
                            moe_intermediate_size=1408, first_k_dense_replace=1, norm_topk_prob=True),
                        renames={"shared_experts": "shared_expert", "gate.e_score_correction_bias":
-                                "e_score_correction_bias"}, flags={"use_qk_norm": ("qk_norm", "head")}, mtp=True),
+                                "e_score_correction_bias"}, flags={"use_qk_norm": ("qk_norm", "head")}, mtp=True,
+                       gguf_keys={**GGUF_MOE, "n_shared_experts": "expert_shared_count", "first_k_dense_replace":
+                                  "leading_dense_block_count", "routed_scaling_factor": "expert_weights_scale",
+                                  "norm_topk_prob": "expert_weights_norm", "n_group": "expert_group_count",
+                                  "topk_group": "expert_group_used_count"}),
     # gpt-oss: sinks, biased router and experts, clamped SwiGLU, alternating sliding (128) / full layers, YaRN
     "gpt_oss": Family("GptOssForCausalLM", "gpt-oss", dict(norm_topk_prob=True, attention_sinks=True, router_bias=True,
                                                         expert_bias=True),

@@ -334,7 +334,8 @@ def gguf_names(cfg: Config) -> dict:
         layer["mlp.gate_up_proj"] = "ffn_up"
     else:
         layer.update({"mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"})
-    if FAMILIES[cfg.model_type].gguf_arch in ("gpt-oss", "seed_oss"):  # (pre-MLP norm: Gemma's post-attention name)
+    if FAMILIES[cfg.model_type].gguf_arch in ("gpt-oss", "seed_oss", "glm4moe"):  # (pre-MLP norm: Gemma's
+        #                                                                             post-attention name)
         layer["post_attention_layernorm"] = "post_attention_norm"
     pairs = list(top.items()) + [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}")
                                  for i in range(cfg.num_hidden_layers) for hf, gg in layer.items()]
@@ -342,6 +343,9 @@ def gguf_names(cfg: Config) -> dict:
     if cfg.attention_sinks:  # a parameter without ".weight" in the checkpoint
         names.update({f"model.layers.{i}.self_attn.sinks": f"blk.{i}.attn_sinks.weight"
                       for i in range(cfg.num_hidden_layers)})
+    if cfg.router == "sigmoid":  # GLM-4.5's expert-selection bias
+        names.update({checkpoint_name(cfg, f"model.layers.{i}.mlp.e_score_correction_bias"): f"blk.{i}.exp_probs_b.bias"
+                      for i in range(cfg.num_hidden_layers) if cfg.is_sparse(i)})
     return names
 
 
@@ -413,8 +417,10 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
     d["rope_parameters"] = d["rope_scaling"] or {"rope_type": "default"}  # (not the family's default scaling)
     if g("rope.scaling.original_context_length"):  # (a top-level value wins in config_from_hf, as in transformers)
         d["original_max_position_embeddings"] = g("rope.scaling.original_context_length")
-    d.update({k: g(gk) for k, gk in FAMILIES[mt].gguf_keys.items() if g(gk) is not None})
-    if g("expert_count"):
+    d.update({FAMILIES[mt].keys.get(k, k): g(gk) for k, gk in FAMILIES[mt].gguf_keys.items() if g(gk) is not None})
+    if "use_qk_norm" in FAMILIES[mt].flags:  # (GLM-4.5: the norms' presence says it)
+        d["use_qk_norm"] = "blk.0.attn_q_norm.weight" in names
+    if g("expert_count") and arch in GGUF_NORM_TOPK:
         d["norm_topk_prob"] = GGUF_NORM_TOPK[arch]
     if isinstance(pattern := g("attention.sliding_window_pattern"), list):  # one flag per layer
         d["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
@@ -555,7 +561,11 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
     for k, gk in FAMILIES[cfg.model_type].gguf_keys.items():
         v = getattr(cfg, k)
         if v is not None:
-            (w.add_float32 if isinstance(v, float) else w.add_uint32)(f"{arch}.{gk}", v)
+            (w.add_bool if isinstance(v, bool) else w.add_float32 if isinstance(v, float) else w.add_uint32)(
+                f"{arch}.{gk}", v)
+    if cfg.router == "sigmoid":
+        w.add_uint32(f"{arch}.expert_gating_func", 2)  # (llama.cpp: 1 softmax, 2 sigmoid)
+        w.add_uint32(f"{arch}.nextn_predict_layers", 0)
     if cfg.layer_types and FAMILIES[cfg.model_type].gguf_window:  # which layers slide, one flag each
         slides = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
         w.add_array(f"{arch}.attention.sliding_window_pattern", slides)

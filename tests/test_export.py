@@ -26,7 +26,7 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     "starcoder2": {"sliding_window": 4096},  # llama.cpp's starcoder2 has no sliding window
     # llama.cpp's olmo2 (Olmo 3 too) loads no biases, its seed_oss and ernie4_5 no MLP biases (ERNIE 4.5 has none)
     "olmo3": {"attention_bias": False}, "seed_oss": {"mlp_bias": False}, "ernie4_5": {"use_bias": False},
-    "glm4": {}, "hunyuan_v1_dense": {},
+    "glm4": {}, "hunyuan_v1_dense": {}, "glm4_moe": {},
     # llama.cpp's command-r and cohere2: head_dim = hidden / heads, the head tied (as Cohere's are)
     "cohere": {"head_dim": 16, "tie_word_embeddings": True}, "cohere2": {"head_dim": 16, "tie_word_embeddings": True},
     "exaone4": {"sliding_window": None, "layer_types": ["full_attention"] * 2},  # (EXAONE 4.0-1.2B: no NoPE layers)
@@ -123,10 +123,7 @@ def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
     m, tok = tiny_with_lora("olmoe", tmp_path / "olmoe")  # (OLMoE's clip_qkv: llama.cpp clamps elsewhere)
     with pytest.raises(NanotuneError, match="clamps q, k, v elsewhere"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    m, tok = tiny_with_lora("glm4_moe", tmp_path / "glm")  # (its sigmoid router's GGUF keys: not written yet)
-    with pytest.raises(NanotuneError, match="glm4_moe .*not implemented yet"):
-        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    assert sorted(os.listdir(tmp_path)) == ["base", "glm", "olmoe"]  # (no GGUF, no temp file)
+    assert sorted(os.listdir(tmp_path)) == ["base", "olmoe"]  # (no GGUF, no temp file)
 
 
 def test_kquant_and_ollama_modelfile(tmp_path, capfd):
