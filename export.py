@@ -166,10 +166,22 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         check_replaceable(out, "gguf")
     cfg = model.config
     arch = formats.FAMILIES[cfg.model_type].gguf_arch
+    if cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
+        raise NanotuneError("llama.cpp scales attention by 1/sqrt(head_dim); this model's "
+                            f"query_pre_attn_scalar ({cfg.query_pre_attn_scalar}) differs, so its GGUF would be wrong.")
+    if arch == "smollm3" and cfg.no_rope_layers != [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)]:
+        raise NanotuneError("llama.cpp's smollm3 skips RoPE on every 4th layer and on no other; this model's "
+                            f"no_rope_layers {cfg.no_rope_layers} differ, so its GGUF would be wrong.")
+    if cfg.clip_qkv is not None:  # (measured: with attention.clamp_kqv set, llama.cpp's olmoe differs by 0.16)
+        raise NanotuneError(f"llama.cpp clamps q, k, v elsewhere than {cfg.model_type} does (clip_qkv "
+                            f"{cfg.clip_qkv}, after the q/k norms), so this model's GGUF would be wrong.")
+    if arch not in ("smollm3", "cohere2") and cfg.no_rope_layers and not all(cfg.no_rope_layers):  # (measured on
+        raise NanotuneError(f"llama.cpp's {arch} rotates every layer, and this model's full-attention layers have "
+                            "no RoPE, so its GGUF would be wrong.")  # llama-cpp-python 0.3.36: its exaone4 does)
     dense = [i for i in range(cfg.num_hidden_layers) if cfg.num_experts and not cfg.is_sparse(i)]
     if arch in GGUF_LEADING_DENSE and dense == list(range(cfg.first_k_dense_replace)):
-        dense = []  # (llama.cpp's leading_dense_block_count; it reads expert_weights_norm too)
-    elif cfg.num_experts and bool(cfg.norm_topk_prob) != GGUF_NORM_TOPK[arch]:
+        dense = []  # (llama.cpp's leading_dense_block_count)
+    if cfg.num_experts and arch in GGUF_NORM_TOPK and bool(cfg.norm_topk_prob) != GGUF_NORM_TOPK[arch]:
         raise NanotuneError(f"llama.cpp's {arch} {'always' if GGUF_NORM_TOPK[arch] else 'never'} renormalises the "
                             f"top-k routing weights, but this model has norm_topk_prob {cfg.norm_topk_prob}, so its "
                             "GGUF would be wrong; export --format merged instead.")

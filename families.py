@@ -52,7 +52,7 @@ EXPERTS_KEY = {"num_experts": "num_local_experts"}  # (config.json may say eithe
 # what llama.cpp's MoE archs do with the top-k routing weights, whatever the file says (measured: they ignore
 # {arch}.expert_weights_norm)
 GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "gpt-oss": True, "olmoe": False}
-GGUF_LEADING_DENSE = ("glm4moe",)  # llama.cpp archs that read leading_dense_block_count (and expert_weights_norm)
+GGUF_LEADING_DENSE = ("glm4moe", "ernie4_5-moe")  # llama.cpp archs that read leading_dense_block_count
 GGUF_MOE = {"num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
             "moe_intermediate_size": "expert_feed_forward_length"}
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
@@ -156,6 +156,21 @@ FAMILIES = {
                                   "leading_dense_block_count", "routed_scaling_factor": "expert_weights_scale",
                                   "norm_topk_prob": "expert_weights_norm", "n_group": "expert_group_count",
                                   "topk_group": "expert_group_used_count"}),
+    # ERNIE 4.5 MoE: softmax router with a selection bias, an ungated shared expert, sparse layers from
+    # moe_layer_start_index to moe_layer_end_index every moe_layer_interval
+    "ernie4_5_moe": Family("Ernie4_5_MoeForCausalLM", "ernie4_5-moe", dict(
+        rope_interleaved=True, router="softmax_bias", shared_expert_gated=False, norm_topk_prob=True),
+        ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace",
+         "decoder_sparse_step", "moe_layer_end_index", "lm_head_bias"), dict(
+            num_experts="moe_num_experts", num_experts_per_tok="moe_k", n_shared_experts="moe_num_shared_experts",
+            first_k_dense_replace="moe_layer_start_index", decoder_sparse_step="moe_layer_interval"),
+        aliases={"use_bias": ("attention_bias", "mlp_bias", "lm_head_bias")}, tied=True, defaults=dict(
+            use_bias=False, head_dim=128, moe_num_experts=64, moe_k=6, moe_num_shared_experts=2,
+            moe_layer_start_index=1, moe_layer_end_index=-1, moe_layer_interval=1, moe_intermediate_size=1536),
+        renames={"shared_experts": "shared_expert", "moe_statics.e_score_correction_bias":
+                 "e_score_correction_bias"}, gguf_keys={
+            **GGUF_MOE, "n_shared_experts": "expert_shared_count", "first_k_dense_replace": "leading_dense_block_count",
+            "decoder_sparse_step": "interleave_moe_layer_step"}),
     # gpt-oss: sinks, biased router and experts, clamped SwiGLU, alternating sliding (128) / full layers, YaRN
     "gpt_oss": Family("GptOssForCausalLM", "gpt-oss", dict(norm_topk_prob=True, attention_sinks=True, router_bias=True,
                                                         expert_bias=True),
@@ -222,7 +237,8 @@ MATH_KEYS = {"sliding_window": (None,), "attn_logit_softcapping": (None,), "fina
              "residual_multiplier": (None, 1, 1.0), "attention_multiplier": (None,), "swiglu_limit": (None,),
              "use_qk_norm": (None, False), "attention_chunk_size": (None,), "no_rope_layers": (None, []),
              "rope_local_base_freq": (None,), "clip_qkv": (None,), "routed_scaling_factor": (None, 1, 1.0),
-             "n_group": (None, 1), "topk_group": (None, 1), "first_k_dense_replace": (None, 0)}
+             "n_group": (None, 1), "topk_group": (None, 1), "first_k_dense_replace": (None, 0),
+             "moe_norm_min": (None, 1e-12)}
 
 
 def reads(fam: Family) -> set:

@@ -334,8 +334,7 @@ def gguf_names(cfg: Config) -> dict:
         layer["mlp.gate_up_proj"] = "ffn_up"
     else:
         layer.update({"mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"})
-    if FAMILIES[cfg.model_type].gguf_arch in ("gpt-oss", "seed_oss", "glm4moe"):  # (pre-MLP norm: Gemma's
-        #                                                                             post-attention name)
+    if FAMILIES[cfg.model_type].gguf_arch in ("gpt-oss", "seed_oss", "glm4moe"):  # (pre-MLP norm: another name)
         layer["post_attention_layernorm"] = "post_attention_norm"
     pairs = list(top.items()) + [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}")
                                  for i in range(cfg.num_hidden_layers) for hf, gg in layer.items()]
@@ -343,7 +342,7 @@ def gguf_names(cfg: Config) -> dict:
     if cfg.attention_sinks:  # a parameter without ".weight" in the checkpoint
         names.update({f"model.layers.{i}.self_attn.sinks": f"blk.{i}.attn_sinks.weight"
                       for i in range(cfg.num_hidden_layers)})
-    if cfg.router == "sigmoid":  # GLM-4.5's expert-selection bias
+    if cfg.router != "softmax":  # GLM-4.5's and ERNIE 4.5's expert-selection bias
         names.update({checkpoint_name(cfg, f"model.layers.{i}.mlp.e_score_correction_bias"): f"blk.{i}.exp_probs_b.bias"
                       for i in range(cfg.num_hidden_layers) if cfg.is_sparse(i)})
     return names
@@ -371,7 +370,7 @@ def to_gguf(cfg: Config, name: str, t: torch.Tensor) -> torch.Tensor:
     Qwen2-MoE's shared-expert gate [1, C] as a vector."""
     heads = _permuted_heads(cfg, name)
     t = llama_qk_permute(t, heads) if heads else t
-    t = t.reshape(-1) if name.endswith("shared_expert_gate.weight") else t
+    t = t.reshape(-1) if name.endswith(("shared_expert_gate.weight", "e_score_correction_bias")) else t
     return t + cfg.norm_offset if cfg.norm_offset and name.endswith("norm.weight") else t
 
 
@@ -379,7 +378,8 @@ def from_gguf(cfg: Config, name: str, t: torch.Tensor) -> torch.Tensor:
     """The inverse of to_gguf."""
     heads = _permuted_heads(cfg, name)
     t = llama_qk_permute(t, heads, inverse=True) if heads else t
-    t = t.reshape(1, -1) if name.endswith("shared_expert_gate.weight") else t
+    t = t.reshape(1, -1) if name.endswith("shared_expert_gate.weight") or (
+        name.endswith("e_score_correction_bias") and cfg.router == "softmax_bias") else t  # (ERNIE's is [1, E])
     return t - cfg.norm_offset if cfg.norm_offset and name.endswith("norm.weight") else t
 
 
@@ -530,19 +530,7 @@ def gguf_rope_scaling(g, tensors) -> dict | None:
 
 def write_gguf_metadata(w, cfg: Config, tok, qtype):
     import gguf
-    if cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
-        raise NanotuneError("llama.cpp scales attention by 1/sqrt(head_dim); this model's "
-                            f"query_pre_attn_scalar ({cfg.query_pre_attn_scalar}) differs, so its GGUF would be wrong.")
     arch = FAMILIES[cfg.model_type].gguf_arch
-    if arch == "smollm3" and cfg.no_rope_layers != [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)]:
-        raise NanotuneError("llama.cpp's smollm3 skips RoPE on every 4th layer and on no other; this model's "
-                            f"no_rope_layers {cfg.no_rope_layers} differ, so its GGUF would be wrong.")
-    if cfg.clip_qkv is not None:  # (measured: with attention.clamp_kqv set, llama.cpp's olmoe differs by 0.16)
-        raise NanotuneError(f"llama.cpp clamps q, k, v elsewhere than {cfg.model_type} does (clip_qkv "
-                            f"{cfg.clip_qkv}, after the q/k norms), so this model's GGUF would be wrong.")
-    if arch not in ("smollm3", "cohere2") and cfg.no_rope_layers and not all(cfg.no_rope_layers):  # (measured on
-        raise NanotuneError(f"llama.cpp's {arch} rotates every layer, and this model's full-attention layers have "
-                            "no RoPE, so its GGUF would be wrong.")  # llama-cpp-python 0.3.36: its exaone4 does)
     w.add_name("nanotune export")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -563,6 +551,8 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
         if v is not None:
             (w.add_bool if isinstance(v, bool) else w.add_float32 if isinstance(v, float) else w.add_uint32)(
                 f"{arch}.{gk}", v)
+    if cfg.n_shared_experts:  # (GLM-4.5 / ERNIE 4.5: a shared expert this wide)
+        w.add_uint32(f"{arch}.expert_shared_feed_forward_length", cfg.n_shared_experts * cfg.moe_intermediate_size)
     if cfg.router == "sigmoid":
         w.add_uint32(f"{arch}.expert_gating_func", 2)  # (llama.cpp: 1 softmax, 2 sigmoid)
         w.add_uint32(f"{arch}.nextn_predict_layers", 0)

@@ -796,6 +796,18 @@ def stack(W):
     return W() if callable(W) else W
 
 
+def route(probs, k, bias=None, groups=1, keep=1, norm=True, scale=1.0):
+    """Router probabilities [N, E] -> (weights, experts) [N, k]: the top-k of probs, or (bias: GLM-4.5, ERNIE 4.5)
+    of probs + bias among the best groups (group_topk) weighted by probs; renormalised to sum 1; times scale."""
+    if bias is None:
+        w, idx = torch.topk(probs, k, dim=-1)
+    else:
+        idx = group_topk(probs.detach() + bias.float().view(-1), k, groups, keep)
+        w = probs.gather(1, idx)
+    w = w / w.sum(-1, keepdim=True).clamp(min=1e-12) if norm else w  # (transformers: + 1e-20 or a 1e-12 floor)
+    return (w * scale if scale != 1 else w), idx
+
+
 def group_topk(s, k, groups=1, keep=1):
     """s [N, E] -> [N, k]: the k best experts among the `keep` of `groups` equal groups whose two best scores sum
     highest (GLM-4.5 / DeepSeek-V3's router; groups 1: a plain top-k)."""

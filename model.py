@@ -87,11 +87,13 @@ class Config:
     n_shared_experts: int = 0  # GLM-4.5: the shared expert is moe_intermediate_size * this wide
     first_k_dense_replace: int = 0  # GLM-4.5: the first k layers are dense
     router: str = "softmax"  # | "sigmoid" (GLM-4.5: kernels.group_topk of sigmoid(logits) + a correction bias; the
-    n_group: int = 1  # weights are the sigmoid scores, times routed_scaling_factor)
+    n_group: int = 1  # weights are the sigmoid scores, times routed_scaling_factor) | "softmax_bias" (ERNIE 4.5:
+    #                   top-k of softmax(logits) + a correction bias, the weights the softmax's)
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 and i not in mlp_only_layers
     mlp_only_layers: list | None = None
+    moe_layer_end_index: int = -1  # ERNIE 4.5: layers after this one are dense (-1: none)
     router_aux_loss_coef: float = 0.0  # load-balancing loss weight (0: not computed, as transformers' default)
     router_bias: bool = False  # gpt-oss: the router has a bias
     expert_bias: bool = False  # gpt-oss: each expert's gate_up and down projections have biases
@@ -113,7 +115,8 @@ class Config:
 
     def is_sparse(self, layer: int) -> bool:
         return self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0 and layer not in (
-            self.mlp_only_layers or ()) and layer >= self.first_k_dense_replace
+            self.mlp_only_layers or ()) and self.first_k_dense_replace <= layer and (
+            self.moe_layer_end_index < 0 or layer <= self.moe_layer_end_index)
 
     def has_rope(self, layer: int) -> bool:
         return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
@@ -307,8 +310,9 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
         self.experts = Experts(cfg)
-        if cfg.router == "sigmoid":  # (chooses, weighs nothing; not trained, as in transformers)
-            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
+        if cfg.router != "softmax":  # (chooses, weighs nothing; not trained, as in transformers; ERNIE's is [1, E])
+            shape = (1, cfg.num_experts) if cfg.router == "softmax_bias" else (cfg.num_experts,)
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(shape), requires_grad=False)
         if cfg.shared_expert_intermediate_size or cfg.n_shared_experts:
             self.shared_expert = MLP(cfg, cfg.shared_expert_intermediate_size or
                                      cfg.moe_intermediate_size * cfg.n_shared_experts)
@@ -324,15 +328,8 @@ class MoE(nn.Module):
         probs = torch.sigmoid(logits) if self.cfg.router == "sigmoid" else F.softmax(logits, dim=-1)
         if aux:  # backward adds the load-balancing loss's gradient here (Transformer.router_aux)
             probs = kernels.extra_grad(probs, self.aux_grad)
-        if self.cfg.router == "sigmoid":
-            idx = kernels.group_topk(probs.detach() + self.e_score_correction_bias.float(), self.k, self.cfg.n_group,
-                                     self.cfg.topk_group)
-            w = probs.gather(1, idx)  # [N, k]
-        else:
-            w, idx = torch.topk(probs, self.k, dim=-1)  # [N, k]
-        if self.norm_topk:
-            w = w / (w.sum(-1, keepdim=True) + (1e-20 if self.cfg.router == "sigmoid" else 0))
-        w = w * self.cfg.routed_scaling_factor if self.cfg.routed_scaling_factor != 1 else w
+        w, idx = kernels.route(probs, self.k, getattr(self, "e_score_correction_bias", None), self.cfg.n_group,
+                               self.cfg.topk_group, self.norm_topk, self.cfg.routed_scaling_factor)  # [N, k]
         if aux:  # per expert: how many choices picked it, its summed probability, the rows (kernels.moe_aux_loss)
             self.router_stats = (kernels.expert_counts(idx, probs.shape[1]), probs.sum(0).detach(), h.shape[0])
         with kernels.value_unused(residual):  # a recompute may skip the experts' output (kernels.skip_value)

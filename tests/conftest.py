@@ -139,6 +139,11 @@ ARCH_CONFIGS = {
     "seed_oss": ("SeedOssConfig", dict(mlp_bias=True, head_dim=32, tie_word_embeddings=False)),
     # ERNIE 4.5: RoPE on adjacent pairs, biases everywhere (use_bias)
     "ernie4_5": ("Ernie4_5Config", dict(use_bias=True, head_dim=32, tie_word_embeddings=False)),
+    # ERNIE 4.5 MoE: 8 experts top-3 (softmax + selection bias), 2 shared, layers 1..2 of 4 sparse, biases
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(moe_num_experts=8, moe_k=3, moe_intermediate_size=32,
+                                                moe_num_shared_experts=2, moe_layer_start_index=1,
+                                                moe_layer_end_index=2, num_hidden_layers=4, use_bias=True,
+                                                head_dim=32, tie_word_embeddings=False)),
     # HunYuan dense: q/k RMSNorm per head after RoPE, NTK-alpha RoPE (a fixed larger base)
     "hunyuan_v1_dense": ("HunYuanDenseV1Config", dict(head_dim=32, tie_word_embeddings=False, rope_parameters={
         "rope_type": "dynamic", "alpha": 1000.0, "rope_theta": 10000.0, "factor": 1.0})),

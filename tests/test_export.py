@@ -27,6 +27,9 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     # llama.cpp's olmo2 (Olmo 3 too) loads no biases, its seed_oss and ernie4_5 no MLP biases (ERNIE 4.5 has none)
     "olmo3": {"attention_bias": False}, "seed_oss": {"mlp_bias": False}, "ernie4_5": {"use_bias": False},
     "glm4": {}, "hunyuan_v1_dense": {}, "glm4_moe": {},
+    # llama.cpp's ernie4_5-moe: sparse from the first sparse layer on, no biases (ERNIE 4.5 has none); a wider
+    # init, so that q8_0's rounding does not flip the near-uniform tiny router's choices (top-1 0.875 at 0.02)
+    "ernie4_5_moe": {"moe_layer_end_index": -1, "use_bias": False, "initializer_range": 0.1},
     # llama.cpp's command-r and cohere2: head_dim = hidden / heads, the head tied (as Cohere's are)
     "cohere": {"head_dim": 16, "tie_word_embeddings": True}, "cohere2": {"head_dim": 16, "tie_word_embeddings": True},
     "exaone4": {"sliding_window": None, "layer_types": ["full_attention"] * 2},  # (EXAONE 4.0-1.2B: no NoPE layers)

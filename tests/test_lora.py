@@ -232,14 +232,15 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     assert any(n.endswith("mlp.gate") for n, _ in lora.lora_layers(m2)) == both
 
 
-def test_glm4_moe_adapter_on_attention_experts_and_router_loads_in_peft(tmp_path):
-    """GLM-4.5 (sigmoid router, ungated shared expert, a dense first layer): LoRA on q/k/v/o, every routed expert
-    and the router gives peft's logits, both ways. (peft 0.21 reads the names gate_proj / up_proj / down_proj in a
-    glm4_moe adapter as the routed experts' (its transformers 4 -> 5 conversion), so an adapter on the shared expert
-    or the dense layer's MLP cannot be expressed for it.)"""
+@pytest.mark.parametrize("arch", ["glm4_moe", "ernie4_5_moe"])
+def test_adapter_on_attention_experts_and_router_loads_in_peft(arch, tmp_path):
+    """GLM-4.5 and ERNIE 4.5 MoE (routers with a selection bias, ungated shared experts, dense layers): LoRA on
+    q/k/v/o, every routed expert and the router gives peft's logits, both ways. (peft 0.21 reads the names
+    gate_proj / up_proj / down_proj in their adapters as the routed experts' (its transformers 4 -> 5 conversion),
+    so an adapter on the shared expert or a dense layer's MLP cannot be expressed for them.)"""
     from families import adapter_names
     from peft import LoraConfig, PeftModel
-    hf = make_hf_model("glm4_moe", tmp_path / "base")
+    hf = make_hf_model(arch, tmp_path / "base")
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     m = formats.load_model(str(tmp_path / "base"))
     params = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -252,7 +253,7 @@ def test_glm4_moe_adapter_on_attention_experts_and_router_loads_in_peft(tmp_path
     pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
     with torch.no_grad():
         assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-4
-    peft_made_adapter_loads("glm4_moe", tmp_path, ids, LoraConfig(
+    peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(
         r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=[*params, "mlp.gate.weight"],
         init_lora_weights=False))
 
