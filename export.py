@@ -178,6 +178,9 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
     if arch not in ("smollm3", "cohere2") and cfg.no_rope_layers and not all(cfg.no_rope_layers):  # (measured on
         raise NanotuneError(f"llama.cpp's {arch} rotates every layer, and this model's full-attention layers have "
                             "no RoPE, so its GGUF would be wrong.")  # llama-cpp-python 0.3.36: its exaone4 does)
+    if arch == "gemma4":  # (its per-layer inputs, KV sharing and two head sizes: llama.cpp keys not written yet)
+        raise NanotuneError("GGUF export of gemma4_text is not implemented yet; export --format merged and convert "
+                            "that with llama.cpp's convert_hf_to_gguf.py.")
     dense = [i for i in range(cfg.num_hidden_layers) if cfg.num_experts and not cfg.is_sparse(i)]
     if arch in GGUF_LEADING_DENSE and dense == list(range(cfg.first_k_dense_replace)):
         dense = []  # (llama.cpp's leading_dense_block_count)

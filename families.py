@@ -39,6 +39,7 @@ class Family:
     aliases: dict = field(default_factory=dict)  # the family's config.json key -> the common keys it stands for
     rope_on: str = ""  # "sliding": with a sliding window set, only sliding layers rotate (full layers are NoPE)
     flags: dict = field(default_factory=dict)  # a config.json boolean -> (Config field, its value when true)
+    last_full: bool = False  # the default layer_types end with a full-attention layer whatever the pattern (Gemma 4)
     mtp: bool = False  # the checkpoint holds multi-token-prediction layers past num_hidden_layers (not loaded)
 
 
@@ -62,6 +63,13 @@ GEMMA3_DEFAULTS = dict(  # Gemma3TextConfig's defaults: multimodal checkpoints s
     num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=131_072,
     rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, sliding_window=4096, sliding_window_pattern=6,
     hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1, pad_token_id=0)
+GEMMA4_DEFAULTS = dict(  # Gemma4TextConfig's defaults (multimodal checkpoints spell out only what differs)
+    vocab_size=262_144, hidden_size=2304, intermediate_size=9216, num_hidden_layers=30, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, global_head_dim=512, sliding_window=512, sliding_window_pattern=6,
+    hidden_size_per_layer_input=256, vocab_size_per_layer_input=262_144, max_position_embeddings=131_072,
+    hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1, pad_token_id=0, rope_parameters=dict(
+        sliding_attention=dict(rope_type="default", rope_theta=10_000.0), full_attention=dict(
+            rope_type="proportional", partial_rotary_factor=0.25, rope_theta=1_000_000.0)))
 FAMILIES = {
     "llama": Family("LlamaForCausalLM", "llama"),
     "mistral": Family("MistralForCausalLM", "llama", sliding="always"),
@@ -79,6 +87,15 @@ FAMILIES = {
     "gemma3_text": Family("Gemma3ForCausalLM", "gemma3", {**GEMMA, "post_norm": True, "qk_norm": "head"}, SOFTCAPS,
                           defaults=GEMMA3_DEFAULTS, sliding="always", layer_types="pattern", template="gemma3",
                           gguf_window=True, tied=True, gguf_keys=WINDOW),
+    # Gemma 4: Gemma 3 without the norms' +1 and with attention scale 1, v normed, full layers with wider heads (and
+    # k as v), proportional RoPE there, per-layer input embeddings, KV sharing, a scalar per layer
+    "gemma4_text": Family("Gemma4ForCausalLM", "gemma4", dict(
+        embed_scale=True, hidden_act="gelu_pytorch_tanh", post_norm=True, qk_norm="head", attention_multiplier=1.0,
+        v_norm=True, layer_scalar=True), ("final_logit_softcapping", "attention_k_eq_v", "hidden_size_per_layer_input",
+                                          "vocab_size_per_layer_input", "num_kv_shared_layers", "use_double_wide_mlp",
+                                          "global_head_dim", "num_global_key_value_heads"),
+        defaults=GEMMA4_DEFAULTS, sliding="always", layer_types="pattern", last_full=True, template="gemma3",
+        tied=True),
     "phi": Family("PhiForCausalLM", "phi2", dict(norm_type="layer", parallel_block=True, gated_mlp=False,
                                                   mlp_bias=True, lm_head_bias=True, qkv_bias=True, o_bias=True),
                   DROPOUTS, keys={"rms_norm_eps": "layer_norm_eps", "residual_dropout": "resid_pdrop",
@@ -184,9 +201,9 @@ FAMILIES = {
                       gguf_window=True, gguf_keys={**GGUF_MOE, **WINDOW}),
 }
 GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
-MULTIMODAL = {"gemma3": "gemma3_text"}  # a vision-language config whose text tower nanotune trains
+MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}  # vision-language configs: nanotune trains the text
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "relu2")  # gelu_new is tanh-GELU too; relu2: plain MLPs
-ROPE_TYPES = ("linear", "llama3", "yarn", "longrope", "dynamic")  # (dynamic: with a fixed alpha only)
+ROPE_TYPES = ("linear", "llama3", "yarn", "longrope", "dynamic", "proportional")  # (dynamic: with a fixed alpha only)
 
 
 def text_config(d: dict) -> dict:
@@ -218,8 +235,8 @@ def rope_from_hf(d: dict, where: str):
     if kind not in ROPE_TYPES or kind == "dynamic" and not scaling.get("alpha"):
         raise NanotuneError(f"{where}: rope scaling {kind!r} is not supported ({', '.join(ROPE_TYPES)} are; "
                             "dynamic with a fixed alpha, as HunYuan's).")
-    for k in ("rope_theta", "partial_rotary_factor", "type"):
-        scaling.pop(k, None)
+    for k in ("rope_theta", "type") + (() if kind == "proportional" else ("partial_rotary_factor",)):
+        scaling.pop(k, None)  # (Gemma 4's proportional RoPE keeps its fraction: rope.rope_inv_freq)
     scaling["rope_type"] = kind
     if kind in ("llama3", "yarn", "longrope"):  # transformers: a top-level value wins (Phi-3 keeps it there)
         scaling["original_max_position_embeddings"] = d.get("original_max_position_embeddings") or scaling.get(
@@ -238,7 +255,9 @@ MATH_KEYS = {"sliding_window": (None,), "attn_logit_softcapping": (None,), "fina
              "use_qk_norm": (None, False), "attention_chunk_size": (None,), "no_rope_layers": (None, []),
              "rope_local_base_freq": (None,), "clip_qkv": (None,), "routed_scaling_factor": (None, 1, 1.0),
              "n_group": (None, 1), "topk_group": (None, 1), "first_k_dense_replace": (None, 0),
-             "moe_norm_min": (None, 1e-12)}
+             "moe_norm_min": (None, 1e-12), "enable_moe_block": (None, False),
+             "use_bidirectional_attention": (None, False, "vision"), "num_kv_shared_layers": (None, 0),
+             "hidden_size_per_layer_input": (None, 0), "attention_k_eq_v": (None, False)}
 
 
 def reads(fam: Family) -> set:
@@ -264,6 +283,9 @@ def check_unread_keys(d: dict, fam: Family, mt: str, where: str):
                             f"{'full and sliding' if fam.sliding else 'only full'} attention layers.")
 
 
+NULL_IS_ZERO = ("hidden_size_per_layer_input",)  # an explicit null that means "none" (Gemma 4's 26B: no PLE)
+
+
 def config_from_hf(d: dict, where: str = "config.json") -> Config:
     """config.json (transformers 4.4x or 5.x) -> Config."""
     d = text_config(d)
@@ -271,7 +293,11 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
     if mt not in FAMILIES:
         raise NanotuneError(f"{where}: model_type {mt!r} is not supported; nanotune runs {', '.join(FAMILIES)}.")
     fam = FAMILIES[mt]
-    d = {**fam.defaults, **{k: v for k, v in d.items() if v is not None}}
+    d = {**fam.defaults, **{k: 0 if v is None else v for k, v in d.items() if v is not None or k in NULL_IS_ZERO}}
+    for i, layer in (d.pop("per_layer_config", None) or {}).items():  # Gemma 4 as transformers 5.24 saves it: the
+        if (d.get("layer_types") or [""] * (int(i) + 1))[int(i)] == "full_attention":  # full layers' geometry
+            d.update(global_head_dim=layer.get("head_dim", d.get("head_dim")), num_global_key_value_heads=layer.get(
+                "num_key_value_heads", d.get("num_key_value_heads")))
     if "no_rope_layers" in fam.hf_keys and "no_rope_layers" not in d:  # SmolLM3: NoPE on every n-th layer
         n = d.get("no_rope_layer_interval", 4)
         d["no_rope_layers"] = [int((i + 1) % n != 0) for i in range(d.get("num_hidden_layers") or 0)]
@@ -327,7 +353,8 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
             if not isinstance(n, int):
                 raise NanotuneError(f"{where}: sliding_window_pattern {n!r} without layer_types; add layer_types "
                                     "(one entry per layer, as transformers writes them).")
-            c.layer_types = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(L)]
+            c.layer_types = ["sliding_attention" if (i + 1) % n and not (fam.last_full and i == L - 1)
+                             else "full_attention" for i in range(L)]
         if c.layer_types is None and fam.layer_types == "nope":
             c.layer_types = ["full_attention" if c.has_rope(i) else "sliding_attention" for i in range(L)]
         if c.layer_types is None and fam.layer_types == "max_window_layers":
@@ -358,7 +385,8 @@ def config_to_hf(c: Config) -> dict:
               *fam.hf_keys):
         d[fam.keys.get(k, k)] = getattr(c, k)
     scaling = c.rope_scaling or {}
-    d["rope_scaling"] = c.rope_scaling
+    if scaling.get("rope_type") != "proportional":  # (transformers 5 only: Gemma 4 has no legacy key)
+        d["rope_scaling"] = c.rope_scaling
     d["rope_parameters"] = {"rope_type": "default", "rope_theta": c.rope_theta, **scaling}
     if "original_max_position_embeddings" in scaling:  # Phi-3 reads it from the top level only
         d["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
@@ -392,7 +420,8 @@ def config_to_hf(c: Config) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Tensor names: nanotune keeps Llama's names for every family; a checkpoint may use its own
-VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+          "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")  # (Gemma 4's towers too)
 TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
                  ("language_model.lm_head.", "lm_head."))  # Gemma 3 vision-language: the text tower's names
 

@@ -73,12 +73,17 @@ def recompute_context():
 
 def _block_grads(fn, x, dy, args, params, need_x):
     """Run fn(x, *args) again with autograd, inside the recompute hint, and go backward through it:
-    -> (dx or None, d param_1, ...) for the parameters that require grad."""
+    -> (dx or None, d arg for each arg (None where it needs none), d param_1, ...) for the parameters that
+    require grad. (An arg may need one: Gemma 4's per-layer input, the keys a KV-shared layer reuses.)"""
     x = x.detach().requires_grad_(need_x)
+    need = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
+    args = [a.detach().requires_grad_() if n else a for a, n in zip(args, need)]
     with torch.enable_grad(), kernels.hint("recompute"):
         y = fn(x, *args)
-    gs = torch.autograd.grad(y, ([x] if need_x else []) + params, dy, allow_unused=True)
-    return (None,) * (not need_x) + gs
+    gs = list(torch.autograd.grad(y, ([x] if need_x else []) + [a for a, n in zip(args, need) if n] + params, dy,
+                                  allow_unused=True))
+    dx = gs.pop(0) if need_x else None
+    return (dx, *[gs.pop(0) if n else None for n in need], *gs)
 
 
 class _Recompute(torch.autograd.Function):
@@ -100,7 +105,7 @@ class _Recompute(torch.autograd.Function):
                 if ctx.rng[1] is not None:
                     torch.cuda.set_rng_state(ctx.rng[1], x.device)
             grads = _block_grads(ctx.fn, x, dy, ctx.args, ctx.params, ctx.needs_input_grad[2])
-        return (None, None, grads[0], *[None] * len(ctx.args), *grads[1:])
+        return (None, None, *grads)
 
 
 def checkpoint(fn, x, *args, rng=False):

@@ -105,6 +105,19 @@ class Config:
     attention_dropout: float = 0.0
     residual_dropout: float = 0.0
     embedding_dropout: float = 0.0
+    # Gemma 4: full layers' own head_dim (and kv heads, when they share k for v), v normed per head without a weight,
+    # per-layer input embeddings (PLE) of this width, the last num_kv_shared_layers reusing an earlier layer's k/v
+    # (the last layer of their type before them; their MLPs twice as wide with use_double_wide_mlp), each block's
+    # output times a loaded scalar
+    global_head_dim: int | None = None
+    num_global_key_value_heads: int | None = None
+    attention_k_eq_v: bool = False  # full layers: no v_proj, v = k_proj(x) (before k's norm and RoPE)
+    v_norm: bool = False
+    hidden_size_per_layer_input: int = 0
+    vocab_size_per_layer_input: int = 0
+    num_kv_shared_layers: int = 0
+    use_double_wide_mlp: bool = False
+    layer_scalar: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -125,6 +138,20 @@ class Config:
         if not self.sliding_window:
             return False
         return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    def head_dim_at(self, layer: int) -> int:
+        return self.global_head_dim if self.global_head_dim and not self.is_sliding(layer) else self.head_dim
+
+    def kv_heads_at(self, layer: int) -> int:
+        full = self.attention_k_eq_v and self.num_global_key_value_heads and not self.is_sliding(layer)
+        return self.num_global_key_value_heads if full else self.num_key_value_heads
+
+    def kv_source(self, layer: int) -> int | None:
+        """Gemma 4: the earlier layer whose keys and values this one reuses, or None."""
+        first = self.num_hidden_layers - self.num_kv_shared_layers
+        if layer < first:
+            return None
+        return max(i for i in range(first) if self.is_sliding(i) == self.is_sliding(layer))
 
 
 
@@ -170,19 +197,24 @@ def shared_input(x, *mods):
 class Attention(nn.Module):
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
-        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.kv_heads_at(layer), cfg.head_dim_at(layer)
+        self.sliding, self.rope = cfg.is_sliding(layer), cfg.has_rope(layer)
+        self.reuse, self.k_is_v = cfg.kv_source(layer) is not None, cfg.attention_k_eq_v and not self.sliding
+        self.v_eps = cfg.rms_norm_eps if cfg.v_norm else None  # Gemma 4
         self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        if not self.reuse:  # (Gemma 4's KV-shared layers have no k/v of their own)
+            self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        if not self.reuse and not self.k_is_v:
+            self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.qk_norm, self.clip = cfg.qk_norm, cfg.clip_qkv
         if cfg.qk_norm:  # "head": one norm over each head's D dims (after RoPE: "head_post"); "proj": over all H*D
             qd, kd = (self.nh * self.hd, self.nkv * self.hd) if cfg.qk_norm == "proj" else (self.hd, self.hd)
             self.q_norm = RMSNorm(qd, cfg.rms_norm_eps, cfg.norm_offset)
-            self.k_norm = RMSNorm(kd, cfg.rms_norm_eps, cfg.norm_offset)
+            if not self.reuse:
+                self.k_norm = RMSNorm(kd, cfg.rms_norm_eps, cfg.norm_offset)
         self.scale = cfg.attention_multiplier or (cfg.query_pre_attn_scalar or self.hd) ** -0.5
         self.softcap = cfg.attn_logit_softcapping
-        self.sliding, self.rope = cfg.is_sliding(layer), cfg.has_rope(layer)
         self.interleaved = cfg.rotary_dim if cfg.rope_interleaved else 0
         self.layer = layer
         if cfg.attention_sinks:  # gpt-oss: softmax over [scores, sink_h], the sink's share dropped
@@ -190,15 +222,25 @@ class Attention(nn.Module):
         if cfg.attention_dropout:  # (a module, so that checkpointing knows the recompute must repeat its masks)
             self.attn_drop = nn.Dropout(cfg.attention_dropout)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, kv=None):
+        """kv: a dict; Gemma 4's store layers put their final (k, v) in it under their type, the layers that reuse
+        them take them from there."""
         B, T, _ = x.shape
-        q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+        if self.reuse:
+            q = kernels.rope(self.q_norm(self.q_proj(x).view(B, T, self.nh, self.hd)).transpose(1, 2), cos, sin)
+            return self.attend(q, *kv[self.sliding], mask, B, T)
+        if self.k_is_v:  # Gemma 4's full layers: v is k's projection, normed on its own
+            q, k = shared_input(x, self.q_proj, self.k_proj)
+            v = k
+        else:
+            q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
         if self.qk_norm == "proj":  # Olmo 2
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip:  # OLMoE
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q, k = q.view(B, T, self.nh, self.hd), k.view(B, T, self.nkv, self.hd)
-        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, KV, T, D]
+        v = v.view(B, T, self.nkv, self.hd)
+        v = (F.rms_norm(v, (self.hd,), eps=self.v_eps) if self.v_eps else v).transpose(1, 2)  # [B, KV, T, D]
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D], [B, KV, T, D]
@@ -210,6 +252,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, KV, S, D], S = cached + T
+        if kv is not None:
+            kv[self.sliding] = k, v
+        return self.attend(q, k, v, mask, B, T)
+
+    def attend(self, q, k, v, mask, B, T):
+        """q [B, H, T, D], k and v [B, KV, S, D] -> the output projection of the attention [B, T, C]."""
         if hasattr(self, "sinks"):  # gpt-oss: softmax([scores, sink_h]) without the sink's column
             y = kernels.sink_attention(q, k, v, self.sinks, mask, self.scale)
         elif isinstance(mask, kernels.PackedRows):  # packed rows on a GPU: flash attention over each document alone
@@ -220,7 +268,7 @@ class Attention(nn.Module):
             if mask is not None:
                 s = s.masked_fill(~mask, float("-inf"))
             elif T > 1:
-                s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
+                s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
             p = F.softmax(s.float(), dim=-1).to(q.dtype)
             y = (self.attn_drop(p) if hasattr(self, "attn_drop") else p) @ v
         else:
@@ -347,11 +395,20 @@ class Block(nn.Module):
     Parallel (Phi-2):     x += attn(n1(x)) + mlp(n1(x))
     with Hugging Face's names n1 input_layernorm, n2 post_attention_layernorm, n3 pre_feedforward_layernorm,
     n4 post_feedforward_layernorm (Llama's pre-MLP norm is also called post_attention_layernorm), and every
-    branch times residual_multiplier (Granite)."""
+    branch times residual_multiplier (Granite). Gemma 4 then adds its per-layer input (ple [B, T, P]) through a
+    gate, x += n5(proj(gelu(gate(x)) * ple)), and scales the block's output by a loaded layer_scalar."""
 
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
-        self.self_attn, self.mlp = Attention(cfg, layer), (MoE(cfg) if cfg.is_sparse(layer) else MLP(cfg))
+        wide = cfg.use_double_wide_mlp and cfg.kv_source(layer) is not None  # (Gemma 4's KV-shared layers)
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MoE(cfg) if cfg.is_sparse(layer) else MLP(cfg, 2 * cfg.intermediate_size if wide else None)
+        if P := cfg.hidden_size_per_layer_input:
+            self.per_layer_input_gate = nn.Linear(cfg.hidden_size, P, bias=False)
+            self.per_layer_projection = nn.Linear(P, cfg.hidden_size, bias=False)
+            self.post_per_layer_input_norm = make_norm(cfg)
+        if cfg.layer_scalar:  # (a loaded constant, not trained: transformers keeps it as a buffer)
+            self.layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
         self.pre, self.post, self.parallel = cfg.pre_norm, cfg.post_norm, cfg.parallel_block
         if self.pre or self.parallel:
             self.input_layernorm = make_norm(cfg)
@@ -365,14 +422,17 @@ class Block(nn.Module):
     def mlp_norm(self, x):
         return (self.pre_feedforward_layernorm if self.post else self.post_attention_layernorm)(x)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, ple=None, kv=None, k=None, v=None):
+        """kv: Gemma 4's dict of stored keys and values (Attention.forward); k, v: the stored ones this layer reuses
+        (tensors, so that a checkpointed block's backward sends their gradient back to the layer that made them)."""
         if self.parallel:
             h = self.input_layernorm(x)
             a, y = self.self_attn(h, cos, sin, mask, cache), self.mlp(h, residual=True)
             if self.drop:
                 a, y = self.drop(a), self.drop(y)
             return x + a + y
-        a = self.self_attn(self.input_layernorm(x) if self.pre else x, cos, sin, mask, cache)
+        a = self.self_attn(self.input_layernorm(x) if self.pre else x, cos, sin, mask, cache, kv if k is None else
+                           {self.self_attn.sliding: (k, v)})
         if self.post:
             a = self.post_attention_layernorm(a)
         a = self.drop(a) if self.drop else a
@@ -381,7 +441,11 @@ class Block(nn.Module):
         if self.post:
             y = self.post_feedforward_layernorm(y)
         y = self.drop(y) if self.drop else y
-        return x + (y * self.mult if self.mult != 1 else y)
+        x = x + (y * self.mult if self.mult != 1 else y)
+        if ple is not None:
+            g = self.per_layer_projection(F.gelu(self.per_layer_input_gate(x), approximate="tanh") * ple)
+            x = x + self.post_per_layer_input_norm(g)
+        return x * self.layer_scalar if hasattr(self, "layer_scalar") else x
 
 
 class Decoder(nn.Module):
@@ -392,6 +456,19 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = make_norm(cfg)
+        if P := cfg.hidden_size_per_layer_input:  # Gemma 4: each layer's own input, from the token and from x
+            LP = cfg.num_hidden_layers * P
+            self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, LP)
+            self.per_layer_model_projection = nn.Linear(cfg.hidden_size, LP, bias=False)
+            self.per_layer_projection_norm = make_norm(cfg, P)
+
+    def per_layer_inputs(self, ids, x, c: Config):
+        """Gemma 4: ids [B, T], the scaled embeddings x -> [B, T, L, P], one input per layer."""
+        B, T, P = *ids.shape, c.hidden_size_per_layer_input
+        tok = self.embed_tokens_per_layer(ids) * torch.tensor(P**0.5, dtype=x.dtype)
+        ctx = (self.per_layer_model_projection(x) * c.hidden_size**-0.5).view(B, T, -1, P)
+        ctx = self.per_layer_projection_norm(ctx)
+        return (ctx + tok.view(B, T, -1, P)) * 2**-0.5
 
 
 class Transformer(nn.Module):
@@ -401,8 +478,8 @@ class Transformer(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.tie_weights()
-        for name in self.rope_buffers():  # inverse frequencies, filled by reset_rope (not in checkpoints)
-            self.register_buffer(name, torch.empty(cfg.rotary_dim // 2), persistent=False)
+        for name, (*_, dim) in self.rope_buffers().items():  # inverse frequencies, filled by reset_rope (not in
+            self.register_buffer(name, torch.empty(dim // 2), persistent=False)  # checkpoints)
         self.reset_rope()
         self.block_memory = None  # set by memory.checkpoint_blocks: in training, blocks recomputed in backward
         self.varlen = False  # packed rows on a GPU: flash varlen attention instead of a block-diagonal mask
@@ -412,23 +489,25 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def rope_buffers(self) -> dict:
-        """buffer name -> (theta, scaling, long): the global rotation; LongRoPE's long one; Gemma 3's local one."""
+        """buffer name -> (theta, scaling, long, rotated dims): the global rotation; LongRoPE's long one; Gemma 3's
+        local one (Gemma 4's full layers rotate their own, wider heads)."""
         c = self.config
-        out = {"inv_freq": (c.rope_theta, c.rope_scaling, False)}
+        full = int((c.global_head_dim or c.head_dim) * c.partial_rotary_factor)
+        out = {"inv_freq": (c.rope_theta, c.rope_scaling, False, full)}
         if (c.rope_scaling or {}).get("rope_type") == "longrope":
-            out["inv_freq_long"] = (c.rope_theta, c.rope_scaling, True)
+            out["inv_freq_long"] = (c.rope_theta, c.rope_scaling, True, full)
         if c.local_rope_theta:
-            out["inv_freq_local"] = (c.local_rope_theta, None, False)
+            out["inv_freq_local"] = (c.local_rope_theta, None, False, c.rotary_dim)
         return out
 
     def reset_rope(self, device=None):
         c = self.config
-        for name, (theta, scaling, long) in self.rope_buffers().items():
+        for name, (theta, scaling, long, dim) in self.rope_buffers().items():
             buf = getattr(self, name)
             if buf.is_meta or device is not None:
-                setattr(self, name, buf := torch.empty(c.rotary_dim // 2, device=device))
+                setattr(self, name, buf := torch.empty(dim // 2, device=device))
             with torch.no_grad():
-                buf.copy_(rope_inv_freq(c.rotary_dim, theta, scaling, long))
+                buf.copy_(rope_inv_freq(dim, theta, scaling, long))
         self.rope_factor = rope_attention_factor(c.rope_scaling)
 
     def rope_tables(self, position_ids, S=None):
@@ -463,6 +542,7 @@ class Transformer(nn.Module):
             x = x * c.embedding_multiplier
         if c.embedding_dropout and self.training:
             x = F.dropout(x, c.embedding_dropout)
+        ple = self.model.per_layer_inputs(input_ids, x, c) if c.hidden_size_per_layer_input else None
         rope = self.rope_tables(position_ids, None if packed else offset + T)
         S = offset + T
         need = attention_mask is not None or packed or (offset > 0 and T > 1)
@@ -480,14 +560,17 @@ class Transformer(nn.Module):
         if self.block_memory is not None and self.training and torch.is_grad_enabled():
             dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.model.layers.modules())
             ckpt = self.block_memory.begin(x.device, rng=dropout)  # one forward pass of checkpointed blocks
-        last = self.model.layers[-1]
-        for layer in self.model.layers:
+        last, kv = self.model.layers[-1], {} if c.num_kv_shared_layers else None
+        stores = {c.kv_source(i) for i in range(c.num_hidden_layers)} - {None}
+        for i, layer in enumerate(self.model.layers):
             mask = masks.get(c.sliding_window if layer.self_attn.sliding else None)
             cos, sin = rope[layer.self_attn.sliding]
-            if ckpt:  # keep only the block input (on the host with offload); recompute the rest in backward
-                x = ckpt.block(layer, x, cos, sin, mask, last=layer is last)
-            else:
-                x = layer(x, cos, sin, mask, cache)
+            args = (None if ple is None else ple[:, :, i], *([None] if c.kv_source(i) is None else
+                                                             kv[layer.self_attn.sliding]))  # ple, k, v
+            if ckpt and i not in stores:  # keep only the block input (on the host with offload); recompute the
+                x = ckpt.block(layer, x, cos, sin, mask, None, args[0], None, *args[1:], last=layer is last)
+            else:  # (a store layer keeps its graph: the layers reusing its k, v send their gradients into it)
+                x = layer(x, cos, sin, mask, cache, args[0], kv, *args[1:])
         if cache is not None:
             cache.pos += T
         if ckpt:
@@ -543,9 +626,9 @@ class KVCache:
     """Preallocated keys/values per layer: [B, KV, max_len, D]; `pos` tokens are filled."""
 
     def __init__(self, cfg: Config, batch: int, max_len: int, device, dtype):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        shapes = [(batch, cfg.kv_heads_at(i), max_len, cfg.head_dim_at(i)) for i in range(cfg.num_hidden_layers)]
+        self.k = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]  # (a KV-shared layer's stay unused)
+        self.v = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
         self.pos = 0
 
     def update(self, layer, k, v):

@@ -28,6 +28,9 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None, long: bool = Fal
         return inv / torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32)
     if kind == "linear":  # positions divided by factor == frequencies divided by factor
         return inv / s["factor"]
+    if kind == "proportional":  # Gemma 4's full layers: the first partial_rotary_factor of the dim/2 frequencies
+        n = int(s.get("partial_rotary_factor", 1.0) * dim // 2)  # (exponents over the whole dim) turn, the rest
+        return torch.cat([inv[:n], torch.zeros(dim // 2 - n)]) / (s.get("factor") or 1.0)  # are 0: not rotated
     factor, old_ctx = s.get("factor"), s.get("original_max_position_embeddings")
     if kind == "yarn":  # arXiv:2309.00071: frequencies that turn more than beta_fast times over the old context
         # are kept, fewer than beta_slow times divided by `factor`, a linear ramp over the dims in between

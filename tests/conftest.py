@@ -98,6 +98,13 @@ ARCH_CONFIGS = {
     # GLM-4 (0414): sandwich norms under its own names, RoPE on adjacent pairs of half the head, q/k/v biases,
     # gate_up_proj fused in the checkpoint
     "glm4": ("Glm4Config", dict(head_dim=32, tie_word_embeddings=False)),
+    # Gemma 4: per-layer inputs, full layers with wider heads (k as v, one kv head), layers 2-3 reusing layers 0-1's
+    # k/v with double-wide MLPs, proportional RoPE on a quarter of the full layers' frequencies, a final softcap
+    "gemma4_text": ("Gemma4TextConfig", dict(
+        intermediate_size=96, num_hidden_layers=4, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=4, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=128, num_kv_shared_layers=2, use_double_wide_mlp=True, attention_k_eq_v=True,
+        final_logit_softcapping=30.0)),
     # GLM-4.5: 8 experts in 4 groups, top-3 within the best 2 groups (sigmoid + selection bias), scaled weights,
     # an ungated shared expert, the first layer dense, q/k norm, half the head rotated, q/k/v biases
     "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,

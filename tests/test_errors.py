@@ -379,7 +379,8 @@ UNREAD_VALUES = {"sliding_window": 4, "attn_logit_softcapping": 30.0, "final_log
                  "residual_multiplier": 0.5, "attention_multiplier": 0.1, "swiglu_limit": 7.0, "use_qk_norm": True,
                  "attention_chunk_size": 8, "no_rope_layers": [1, 0], "rope_local_base_freq": 1e4, "clip_qkv": 8.0,
                  "routed_scaling_factor": 2.5, "n_group": 4, "topk_group": 2, "first_k_dense_replace": 1,
-                 "moe_norm_min": 1e-3}
+                 "moe_norm_min": 1e-3, "enable_moe_block": True, "use_bidirectional_attention": "all",
+                 "attention_k_eq_v": True, "num_kv_shared_layers": 2, "hidden_size_per_layer_input": 8}
 
 
 @pytest.mark.parametrize("arch", list(ARCH_CONFIGS))

@@ -126,7 +126,10 @@ def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
     m, tok = tiny_with_lora("olmoe", tmp_path / "olmoe")  # (OLMoE's clip_qkv: llama.cpp clamps elsewhere)
     with pytest.raises(NanotuneError, match="clamps q, k, v elsewhere"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    assert sorted(os.listdir(tmp_path)) == ["base", "olmoe"]  # (no GGUF, no temp file)
+    m, tok = tiny_with_lora("gemma4_text", tmp_path / "gemma4")  # (not written yet)
+    with pytest.raises(NanotuneError, match="GGUF export of gemma4_text is not implemented yet"):
+        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
+    assert sorted(os.listdir(tmp_path)) == ["base", "gemma4", "olmoe"]  # (no GGUF, no temp file)
 
 
 def test_kquant_and_ollama_modelfile(tmp_path, capfd):
