@@ -709,7 +709,7 @@ def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-10
 
 # ---------------------------------------------------------------------------------------------
 # Varlen attention: packed rows (or whole rows with a sliding window) through PyTorch's flash varlen kernel,
-# each document attending only to itself; the reference is SDPA with model.attention_mask_for's mask.
+# each document attending only to itself; the reference is SDPA with attention.attention_mask_for's mask.
 class PackedRows(NamedTuple):
     """Packed rows for varlen attention. The B rows are flattened to B*T tokens; cu [docs + 1] (int32)
     holds where each document starts (a row start or a position 0), then B*T; max_len is the longest

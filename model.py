@@ -1,7 +1,7 @@
 """nanotune model: one readable decoder for every family of families.py, and generate(). Only the network:
 checkpoints (HF safetensors, GGUF) live in formats.py, the family table in families.py, the tokenizer and chat
-templates in tokenizer.py, RoPE's frequencies in rope.py; LoRA, 4-bit layers and block checkpointing are applied
-to a built model by lora.py, quant.py and memory.py.
+templates in tokenizer.py, RoPE's frequencies in rope.py, the norms, attention, masks and KV cache in attention.py;
+LoRA, 4-bit layers and block checkpointing are applied to a built model by lora.py, quant.py and memory.py.
 
 Architectures differ only in a few `Config` fields (kv heads, rope scaling, qkv bias, qk norm,
 norm offset, embedding scale, activation, sandwich norms, softcaps, sliding window, tied embeddings).
@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from rope import deinterleave, rope_attention_factor, rope_inv_freq, rotary
+from attention import Attention, KVCache, attention_mask_for, make_norm, shared_input
+from rope import rope_attention_factor, rope_inv_freq, rotary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,127 +158,6 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------
 # The decoder
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps, offset=0.0):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
-        self.eps, self.offset = eps, offset
-
-    def forward(self, x):
-        return kernels.rms_norm(x, self.weight, self.eps, self.offset)
-
-
-class LayerNorm(nn.Module):
-    """(x - mean) / sqrt(var + eps) * w + b over the last dim (Phi-2; Cohere's has no b)."""
-
-    def __init__(self, dim, eps, bias=True):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim)) if bias else None
-        self.eps = eps
-
-    def forward(self, x):
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
-
-
-def make_norm(cfg: Config, dim=None):
-    dim = dim or cfg.hidden_size
-    if cfg.norm_type in ("layer", "layer_nobias"):
-        return LayerNorm(dim, cfg.rms_norm_eps, bias=cfg.norm_type == "layer")
-    return RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_offset)
-
-
-def shared_input(x, *mods):
-    """[m(x) for m in mods] for projections that read the same x. A module type may compute them
-    together through a `project_together(mods, x)` static method (lora.LoRALinear does: one fused call
-    for q/k/v and one for gate/up)."""
-    together = getattr(type(mods[0]), "project_together", None)
-    return together(mods, x) if together else [m(x) for m in mods]
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: Config, layer: int):
-        super().__init__()
-        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.kv_heads_at(layer), cfg.head_dim_at(layer)
-        self.sliding, self.rope = cfg.is_sliding(layer), cfg.has_rope(layer)
-        self.reuse, self.k_is_v = cfg.kv_source(layer) is not None, cfg.attention_k_eq_v and not self.sliding
-        self.v_eps = cfg.rms_norm_eps if cfg.v_norm else None  # Gemma 4
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
-        if not self.reuse:  # (Gemma 4's KV-shared layers have no k/v of their own)
-            self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
-        if not self.reuse and not self.k_is_v:
-            self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
-        self.qk_norm, self.clip = cfg.qk_norm, cfg.clip_qkv
-        if cfg.qk_norm:  # "head": one norm over each head's D dims (after RoPE: "head_post"); "proj": over all H*D
-            qd, kd = (self.nh * self.hd, self.nkv * self.hd) if cfg.qk_norm == "proj" else (self.hd, self.hd)
-            self.q_norm = RMSNorm(qd, cfg.rms_norm_eps, cfg.norm_offset)
-            if not self.reuse:
-                self.k_norm = RMSNorm(kd, cfg.rms_norm_eps, cfg.norm_offset)
-        self.scale = cfg.attention_multiplier or (cfg.query_pre_attn_scalar or self.hd) ** -0.5
-        self.softcap = cfg.attn_logit_softcapping
-        self.interleaved = cfg.rotary_dim if cfg.rope_interleaved else 0
-        self.layer = layer
-        if cfg.attention_sinks:  # gpt-oss: softmax over [scores, sink_h], the sink's share dropped
-            self.sinks = nn.Parameter(torch.zeros(self.nh))
-        if cfg.attention_dropout:  # (a module, so that checkpointing knows the recompute must repeat its masks)
-            self.attn_drop = nn.Dropout(cfg.attention_dropout)
-
-    def forward(self, x, cos, sin, mask, cache=None, kv=None):
-        """kv: a dict; Gemma 4's store layers put their final (k, v) in it under their type, the layers that reuse
-        them take them from there."""
-        B, T, _ = x.shape
-        if self.reuse:
-            q = kernels.rope(self.q_norm(self.q_proj(x).view(B, T, self.nh, self.hd)).transpose(1, 2), cos, sin)
-            return self.attend(q, *kv[self.sliding], mask, B, T)
-        if self.k_is_v:  # Gemma 4's full layers: v is k's projection, normed on its own
-            q, k = shared_input(x, self.q_proj, self.k_proj)
-            v = k
-        else:
-            q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
-        if self.qk_norm == "proj":  # Olmo 2
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.clip:  # OLMoE
-            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
-        q, k = q.view(B, T, self.nh, self.hd), k.view(B, T, self.nkv, self.hd)
-        v = v.view(B, T, self.nkv, self.hd)
-        v = (F.rms_norm(v, (self.hd,), eps=self.v_eps) if self.v_eps else v).transpose(1, 2)  # [B, KV, T, D]
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D], [B, KV, T, D]
-        if self.interleaved:  # q and k permuted alike leave q k^T as it was: then RoPE on halves
-            q, k = deinterleave(q, self.interleaved), deinterleave(k, self.interleaved)
-        if self.rope:  # (NoPE layers: none)
-            q, k = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
-        if self.qk_norm == "head_post":  # HunYuan: the per-head norms after RoPE
-            q, k = self.q_norm(q), self.k_norm(k)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # [B, KV, S, D], S = cached + T
-        if kv is not None:
-            kv[self.sliding] = k, v
-        return self.attend(q, k, v, mask, B, T)
-
-    def attend(self, q, k, v, mask, B, T):
-        """q [B, H, T, D], k and v [B, KV, S, D] -> the output projection of the attention [B, T, C]."""
-        if hasattr(self, "sinks"):  # gpt-oss: softmax([scores, sink_h]) without the sink's column
-            y = kernels.sink_attention(q, k, v, self.sinks, mask, self.scale)
-        elif isinstance(mask, kernels.PackedRows):  # packed rows on a GPU: flash attention over each document alone
-            y = kernels.varlen_attention(q, k, v, mask, self.scale)
-        elif self.softcap:  # Gemma 2: cap * tanh(scores / cap) before the mask; SDPA cannot do this
-            k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))
-            s = kernels.softcap((q @ k.transpose(-1, -2)) * self.scale, self.softcap)  # [B, H, T, S]
-            if mask is not None:
-                s = s.masked_fill(~mask, float("-inf"))
-            elif T > 1:
-                s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-            p = F.softmax(s.float(), dim=-1).to(q.dtype)
-            y = (self.attn_drop(p) if hasattr(self, "attn_drop") else p) @ v
-        else:
-            drop = self.attn_drop.p if hasattr(self, "attn_drop") and self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=self.scale,
-                                               is_causal=mask is None and T > 1, enable_gqa=self.nh != self.nkv)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
-
-
 class MLP(nn.Module):
     """Gated: down(act(gate(x)) * up(x)) (SwiGLU / GeGLU). Plain (Phi-2): down(act(up(x)))."""
 
@@ -606,36 +486,6 @@ class Transformer(nn.Module):
         """[..., C] hidden states -> [..., V] logits (with Gemma 2's final softcap). Granite's logits_scaling
         is already in h (forward divides the hidden states), so a fused loss over lm_head sees it too."""
         return kernels.softcap(self.lm_head(h), self.config.final_logit_softcapping)
-
-
-def attention_mask_for(B, T, offset, attention_mask, docs, window, device):
-    """Boolean [B, 1, T, S] mask, True = may attend: causal, within `window`, not padding, same document."""
-    q = torch.arange(offset, offset + T, device=device)[:, None]  # [T, 1] absolute query index
-    k = torch.arange(offset + T, device=device)[None, :]  # [1, S]
-    m = (k <= q)[None, None]
-    if window:
-        m = m & (q - k < window)
-    if attention_mask is not None:
-        m = m & attention_mask[:, None, None, : offset + T].bool()
-    if docs is not None:
-        m = m & (docs[:, None, :, None] == docs[:, None, None, :])
-    return (m | (k == q)).expand(B, 1, T, offset + T)  # a padded row still sees itself: no NaN rows
-
-
-class KVCache:
-    """Preallocated keys/values per layer: [B, KV, max_len, D]; `pos` tokens are filled."""
-
-    def __init__(self, cfg: Config, batch: int, max_len: int, device, dtype):
-        shapes = [(batch, cfg.kv_heads_at(i), max_len, cfg.head_dim_at(i)) for i in range(cfg.num_hidden_layers)]
-        self.k = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]  # (a KV-shared layer's stay unused)
-        self.v = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
-        self.pos = 0
-
-    def update(self, layer, k, v):
-        T = k.shape[2]
-        self.k[layer][:, :, self.pos : self.pos + T] = k
-        self.v[layer][:, :, self.pos : self.pos + T] = v
-        return self.k[layer][:, :, : self.pos + T], self.v[layer][:, :, : self.pos + T]
 
 
 # ---------------------------------------------------------------------------------------------
