@@ -59,8 +59,12 @@ class Attention(nn.Module):
         if not self.reuse and not self.k_is_v:
             self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
-        self.qk_norm, self.clip = cfg.qk_norm, cfg.clip_qkv
-        if cfg.qk_norm:  # "head": one norm over each head's D dims (after RoPE: "head_post"); "proj": over all H*D
+        self.qk_norm, self.clip, self.eps = cfg.qk_norm, cfg.clip_qkv, cfg.rms_norm_eps
+        self.chunked = cfg.is_chunked(layer)  # Llama 4: attends within fixed-size chunks of the row
+        self.temperature = bool(cfg.attn_scale) and not (cfg.temperature_nope_only and self.rope)
+        if cfg.qk_norm and cfg.qk_norm != "rms_post":  # "head": one norm over each head's D dims (after RoPE:
+            #                                            "head_post"); "proj": over all H*D; "rms_post" (Llama 4):
+            #                                            weightless, after RoPE, on RoPE layers only
             qd, kd = (self.nh * self.hd, self.nkv * self.hd) if cfg.qk_norm == "proj" else (self.hd, self.hd)
             self.q_norm = RMSNorm(qd, cfg.rms_norm_eps, cfg.norm_offset)
             if not self.reuse:
@@ -74,9 +78,9 @@ class Attention(nn.Module):
         if cfg.attention_dropout:  # (a module, so that checkpointing knows the recompute must repeat its masks)
             self.attn_drop = nn.Dropout(cfg.attention_dropout)
 
-    def forward(self, x, cos, sin, mask, cache=None, kv=None):
+    def forward(self, x, cos, sin, mask, cache=None, kv=None, qscale=None):
         """kv: a dict; Gemma 4's store layers put their final (k, v) in it under their type, the layers that reuse
-        them take them from there."""
+        them take them from there. qscale [B, 1, T, 1]: the queries' temperature (Llama 4, Ministral 3)."""
         B, T, _ = x.shape
         if self.reuse:
             q = kernels.rope(self.q_norm(self.q_proj(x).view(B, T, self.nh, self.hd)).transpose(1, 2), cos, sin)
@@ -102,6 +106,10 @@ class Attention(nn.Module):
             q, k = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
         if self.qk_norm == "head_post":  # HunYuan: the per-head norms after RoPE
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norm == "rms_post" and self.rope:
+            q, k = F.rms_norm(q, (self.hd,), eps=self.eps), F.rms_norm(k, (self.hd,), eps=self.eps)
+        if qscale is not None:
+            q = q * qscale
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, KV, S, D], S = cached + T
         if kv is not None:
@@ -130,8 +138,10 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
-def attention_mask_for(B, T, offset, attention_mask, docs, window, device):
-    """Boolean [B, 1, T, S] mask, True = may attend: causal, within `window`, not padding, same document."""
+def attention_mask_for(B, T, offset, attention_mask, docs, window, device, chunk=None, pos=None):
+    """Boolean [B, 1, T, S] mask, True = may attend: causal, within `window`, not padding, same document; with
+    `chunk` (Llama 4) in the same chunk: of the document (packed rows: pos [B, T]), else of the row counted from
+    its first real token (as transformers does)."""
     q = torch.arange(offset, offset + T, device=device)[:, None]  # [T, 1] absolute query index
     k = torch.arange(offset + T, device=device)[None, :]  # [1, S]
     m = (k <= q)[None, None]
@@ -141,6 +151,12 @@ def attention_mask_for(B, T, offset, attention_mask, docs, window, device):
         m = m & attention_mask[:, None, None, : offset + T].bool()
     if docs is not None:
         m = m & (docs[:, None, :, None] == docs[:, None, None, :])
+    if chunk and pos is not None:
+        m = m & ((pos[:, None, :, None] // chunk) == (pos[:, None, None, :] // chunk))
+    elif chunk:
+        lead = (attention_mask[:, : offset + T].cumsum(-1) == 0).sum(-1)[:, None, None] if attention_mask is not \
+            None else torch.zeros(1, 1, 1, dtype=torch.long, device=device)  # [B, 1, 1] leading pads
+        m = m & (((q[None] - lead) // chunk) == ((k[None] - lead) // chunk))[:, None]
     return (m | (k == q)).expand(B, 1, T, offset + T)  # a padded row still sees itself: no NaN rows
 
 

@@ -175,15 +175,18 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
     if cfg.clip_qkv is not None:  # (measured: with attention.clamp_kqv set, llama.cpp's olmoe differs by 0.16)
         raise NanotuneError(f"llama.cpp clamps q, k, v elsewhere than {cfg.model_type} does (clip_qkv "
                             f"{cfg.clip_qkv}, after the q/k norms), so this model's GGUF would be wrong.")
-    if arch not in ("smollm3", "cohere2") and cfg.no_rope_layers and not all(cfg.no_rope_layers):  # (measured on
+    if arch not in ("smollm3", "cohere2", "llama4") and cfg.no_rope_layers and not all(cfg.no_rope_layers):  # (on
         raise NanotuneError(f"llama.cpp's {arch} rotates every layer, and this model's full-attention layers have "
                             "no RoPE, so its GGUF would be wrong.")  # llama-cpp-python 0.3.36: its exaone4 does)
     if arch == "gemma4":  # (its per-layer inputs, KV sharing and two head sizes: llama.cpp keys not written yet)
         raise NanotuneError("GGUF export of gemma4_text is not implemented yet; export --format merged and convert "
                             "that with llama.cpp's convert_hf_to_gguf.py.")
     dense = [i for i in range(cfg.num_hidden_layers) if cfg.num_experts and not cfg.is_sparse(i)]
-    if arch in GGUF_LEADING_DENSE and dense == list(range(cfg.first_k_dense_replace)):
-        dense = []  # (llama.cpp's leading_dense_block_count)
+    if arch in GGUF_LEADING_DENSE and dense == list(range(cfg.first_k_dense_replace)) or arch == "llama4" and \
+            dense == [i for i in range(cfg.num_hidden_layers) if (i + 1) % cfg.decoder_sparse_step]:
+        dense = []  # (llama.cpp's leading_dense_block_count, interleave_moe_layer_step)
+    if arch == "llama4":
+        llama4_gguf_check(cfg)
     if cfg.num_experts and arch in GGUF_NORM_TOPK and bool(cfg.norm_topk_prob) != GGUF_NORM_TOPK[arch]:
         raise NanotuneError(f"llama.cpp's {arch} {'always' if GGUF_NORM_TOPK[arch] else 'never'} renormalises the "
                             f"top-k routing weights, but this model has norm_topk_prob {cfg.norm_topk_prob}, so its "
@@ -200,6 +203,9 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         print(f"warning: llama.cpp rounds YaRN's correction range to whole dims (this model's truncate=false does "
               f"not), as in every {arch} GGUF: a few rotary frequencies differ slightly from transformers'.",
               file=sys.stderr)
+    if cfg.attn_scale and not cfg.temperature_nope_only:  # (measured: llama-cpp-python 0.3.36 ignores the keys)
+        print(f"warning: llama.cpp's {arch} does not scale the queries by position (this model's llama_4_scaling_beta "
+              f"{cfg.attn_scale}); beyond {int(cfg.floor_scale)} tokens the GGUF attends differently.", file=sys.stderr)
     if cfg.sliding_window and not formats.FAMILIES[cfg.model_type].gguf_window:
         print(f"warning: llama.cpp's {arch} has no sliding window; beyond {cfg.sliding_window} tokens the GGUF "
               "attends to more than this model.", file=sys.stderr)
@@ -211,6 +217,18 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
             os.remove(tmp)
         raise
     publish(tmp, out)
+
+
+def llama4_gguf_check(cfg):
+    """llama.cpp's llama4 has no keys for these: it fixes them (its llama.cpp loader), so a model with others is
+    refused rather than exported to a GGUF that runs differently."""
+    fixed = {"attention_chunk_size": 8192, "floor_scale": 8192, "attn_scale": 0.1,
+             "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)],
+             "qk_norm": "rms_post" if cfg.num_experts != 128 else None}
+    for k, v in fixed.items():
+        if getattr(cfg, k) != v:
+            raise NanotuneError(f"llama.cpp's llama4 fixes {k} at {v!r} (it has no GGUF key for it), but this model "
+                                f"has {getattr(cfg, k)!r}, so its GGUF would be wrong; export --format merged instead.")
 
 
 def export_kquant(model, tok, out, qtype, overwrite):

@@ -35,10 +35,12 @@ class Family:
     template: str = "chatml"  # tokenizer.BUILTIN_TEMPLATES name, for a checkpoint that has no chat template
     gguf_pre: str = "gpt-2"  # llama.cpp pre-tokenizer of a byte-level BPE vocabulary the export cannot tell
     tied: bool = False  # tie_word_embeddings when config.json does not say
-    experts: str = ""  # "input_major": stacked experts stored [E, in, out], gate/up columns interleaved (gpt-oss)
+    experts: str = ""  # "input_major": stacked experts stored [E, in, out], gate/up columns interleaved (gpt-oss);
+    #                    "transposed": stored [E, in, out], gate columns first (Llama 4)
     aliases: dict = field(default_factory=dict)  # the family's config.json key -> the common keys it stands for
     rope_on: str = ""  # "sliding": with a sliding window set, only sliding layers rotate (full layers are NoPE)
     flags: dict = field(default_factory=dict)  # a config.json boolean -> (Config field, its value when true)
+    converted: tuple = ()  # checkpoint name components that transformers 5 renames to nanotune's at load (Mixtral)
     last_full: bool = False  # the default layer_types end with a full-attention layer whatever the pattern (Gemma 4)
     mtp: bool = False  # the checkpoint holds multi-token-prediction layers past num_hidden_layers (not loaded)
 
@@ -129,7 +131,8 @@ FAMILIES = {
     "mixtral": Family("MixtralForCausalLM", "llama", dict(norm_topk_prob=True), ("num_experts", "num_experts_per_tok"),
                       EXPERTS_KEY, sliding="always", gguf_keys={k: GGUF_MOE[k] for k in ("num_experts",
                                                                                           "num_experts_per_tok")},
-                      renames=dict(block_sparse_moe="mlp", w1="gate_proj", w3="up_proj", w2="down_proj")),
+                      renames=dict(block_sparse_moe="mlp", w1="gate_proj", w3="up_proj", w2="down_proj"),
+                      converted=("block_sparse_moe",)),
     "qwen2_moe": Family("Qwen2MoeForCausalLM", "qwen2moe", dict(qkv_bias=True, o_bias=False), MOE_KEYS + (
         "shared_expert_intermediate_size",), defaults=dict(norm_topk_prob=False), sliding="flag",
                         layer_types="max_window_layers", gguf_keys={
@@ -188,6 +191,25 @@ FAMILIES = {
                  "e_score_correction_bias"}, gguf_keys={
             **GGUF_MOE, "n_shared_experts": "expert_shared_count", "first_k_dense_replace": "leading_dense_block_count",
             "decoder_sparse_step": "interleave_moe_layer_step"}),
+    # Llama 4: RoPE on adjacent pairs, chunked attention on RoPE layers (weightless q/k norms after RoPE), NoPE layers
+    # with tuned query temperature, MoE every n-th layer: sigmoid-scaled inputs to the top-k experts plus a shared one
+    "llama4_text": Family("Llama4ForCausalLM", "llama4", dict(
+        rope_interleaved=True, router="sigmoid_input", shared_expert_gated=False, temperature_offset=1,
+        temperature_nope_only=True), (
+        "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+        "decoder_sparse_step", "no_rope_layers", "attention_chunk_size", "floor_scale", "attn_scale"), dict(
+        num_experts="num_local_experts", intermediate_size="intermediate_size_mlp", moe_intermediate_size=
+        "intermediate_size", shared_expert_intermediate_size="intermediate_size",
+        decoder_sparse_step="interleave_moe_layer_step"), defaults=dict(
+        head_dim=128, num_key_value_heads=8, rms_norm_eps=1e-5, intermediate_size=8192, rope_parameters=dict(
+            rope_type="default", rope_theta=500_000.0),
+        intermediate_size_mlp=16384, num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1,
+        attention_chunk_size=8192, attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1,
+        use_qk_norm=True), flags={"use_qk_norm": ("qk_norm", "rms_post")}, renames=dict(
+        feed_forward="mlp", router="gate"), experts="transposed", gguf_keys={
+            **GGUF_MOE, "decoder_sparse_step": "interleave_moe_layer_step"}),
+    # Ministral 3: Mistral with YaRN and the queries scaled by 1 + beta ln(1 + floor(position / original context))
+    "ministral3": Family("Ministral3ForCausalLM", "mistral3", sliding="always"),
     # gpt-oss: sinks, biased router and experts, clamped SwiGLU, alternating sliding (128) / full layers, YaRN
     "gpt_oss": Family("GptOssForCausalLM", "gpt-oss", dict(norm_topk_prob=True, attention_sinks=True, router_bias=True,
                                                         expert_bias=True),
@@ -201,7 +223,8 @@ FAMILIES = {
                       gguf_window=True, gguf_keys={**GGUF_MOE, **WINDOW}),
 }
 GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
-MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}  # vision-language configs: nanotune trains the text
+# vision-language configs whose text tower nanotune trains
+MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "llama4": "llama4_text", "mistral3": "ministral3"}
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "relu2")  # gelu_new is tanh-GELU too; relu2: plain MLPs
 ROPE_TYPES = ("linear", "llama3", "yarn", "longrope", "dynamic", "proportional")  # (dynamic: with a fixed alpha only)
 
@@ -277,7 +300,7 @@ def check_unread_keys(d: dict, fam: Family, mt: str, where: str):
         if k in d and d[k] not in neutral and k not in reads(fam):
             raise NanotuneError(f"{where}: {k}={d[k]!r} would change the model, and nanotune's {mt} does not implement "
                                 "it; this checkpoint is probably another family relabelled: use its own model_type.")
-    types = set(d.get("layer_types") or ())
+    types = set(d.get("layer_types") or ()) - ({"chunked_attention"} if "attention_chunk_size" in reads(fam) else set())
     if types - {"full_attention", "sliding_attention"} or ("sliding_attention" in types and not fam.sliding):
         raise NanotuneError(f"{where}: layer_types holds {sorted(types)}; nanotune's {mt} runs "
                             f"{'full and sliding' if fam.sliding else 'only full'} attention layers.")
@@ -298,7 +321,7 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         if (d.get("layer_types") or [""] * (int(i) + 1))[int(i)] == "full_attention":  # full layers' geometry
             d.update(global_head_dim=layer.get("head_dim", d.get("head_dim")), num_global_key_value_heads=layer.get(
                 "num_key_value_heads", d.get("num_key_value_heads")))
-    if "no_rope_layers" in fam.hf_keys and "no_rope_layers" not in d:  # SmolLM3: NoPE on every n-th layer
+    if "no_rope_layers" in fam.hf_keys and not d.get("no_rope_layers"):  # SmolLM3, Llama 4: NoPE every n-th layer
         n = d.get("no_rope_layer_interval", 4)
         d["no_rope_layers"] = [int((i + 1) % n != 0) for i in range(d.get("num_hidden_layers") or 0)]
     for k, common in fam.aliases.items():  # (StarCoder2's use_bias: attention_bias and mlp_bias)
@@ -310,7 +333,7 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         raise NanotuneError(f"{where}: qk_layernorm=true (a Phi variant) is not supported.")
     for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim"):  # (the last two may be absent: derived below)
-        v = d.get(k)
+        v, k = d.get(fam.keys.get(k, k)), fam.keys.get(k, k)  # (Llama 4's dense width: intermediate_size_mlp)
         if (v is not None or k not in ("num_key_value_heads", "head_dim")) and (
                 not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise NanotuneError(f"{where}: {k} is {'missing' if v is None else repr(v)}, but a {mt} model needs it "
@@ -319,7 +342,8 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
     heads, hidden = d["num_attention_heads"], d["hidden_size"]
     rp = d.get("rope_parameters") or {}
     c = Config(model_type=mt, vocab_size=d["vocab_size"], hidden_size=hidden,
-               intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+               intermediate_size=d[fam.keys.get("intermediate_size", "intermediate_size")],
+               num_hidden_layers=d["num_hidden_layers"],
                num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
                head_dim=d.get("head_dim") or hidden // heads,
                rms_norm_eps=d.get(fam.keys.get("rms_norm_eps", "rms_norm_eps"), 1e-6),
@@ -360,6 +384,17 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         if c.layer_types is None and fam.layer_types == "max_window_layers":
             first = d.get("max_window_layers", 0)
             c.layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(L)]
+    if c.attention_chunk_size:  # Llama 4: the RoPE layers attend within chunks
+        c.layer_types = d.get("layer_types") or ["chunked_attention" if c.has_rope(i) else "full_attention"
+                                                 for i in range(c.num_hidden_layers)]
+    if d.get("attn_temperature_tuning") is False:
+        c.attn_scale = 0.0
+    if d.get("moe_layers") is not None and d["moe_layers"] != [i for i in range(c.num_hidden_layers) if c.is_sparse(i)]:
+        c.decoder_sparse_step = 1
+        c.mlp_only_layers = [i for i in range(c.num_hidden_layers) if i not in d["moe_layers"]]
+        #                                                                   (Llama 4 may list its sparse layers)
+    if rp.get("llama_4_scaling_beta"):  # Ministral 3's query temperature (in the rope dict, whatever its type)
+        c.attn_scale, c.floor_scale = rp["llama_4_scaling_beta"], rp["original_max_position_embeddings"]
     if fam.rope_on == "sliding" and c.sliding_window:  # (EXAONE 4.0: full layers without RoPE)
         c.no_rope_layers = [int(c.is_sliding(i)) for i in range(c.num_hidden_layers)]
     if c.attention_dropout and c.attention_sinks:
@@ -373,6 +408,18 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         raise NanotuneError(f"{where}: activation {c.hidden_act!r} is not supported in a {mt} model "
                             f"({', '.join(ACTIVATIONS[:3])}; relu2 in a plain MLP).")
     return c
+
+
+def gguf_values(c: Config) -> dict:
+    """The family's own GGUF keys (under the arch) and their values."""
+    out = {gk: getattr(c, k) for k, gk in FAMILIES[c.model_type].gguf_keys.items() if getattr(c, k) is not None}
+    if c.attn_scale and not c.temperature_nope_only:  # Ministral 3's query temperature
+        out.update({"attention.temperature_scale": c.attn_scale, "attention.temperature_length": int(c.floor_scale)})
+    if c.n_shared_experts:  # (GLM-4.5 / ERNIE 4.5: a shared expert this wide)
+        out["expert_shared_feed_forward_length"] = c.n_shared_experts * c.moe_intermediate_size
+    if c.router == "sigmoid":  # (llama.cpp: 1 softmax, 2 sigmoid)
+        out.update(expert_gating_func=2, nextn_predict_layers=0)
+    return out
 
 
 def config_to_hf(c: Config) -> dict:
@@ -394,6 +441,8 @@ def config_to_hf(c: Config) -> dict:
         d["rope_local_base_freq"] = c.local_rope_theta
         d["rope_parameters"] = {"full_attention": d["rope_parameters"],
                                 "sliding_attention": {"rope_type": "default", "rope_theta": c.local_rope_theta}}
+    if c.attn_scale and not c.temperature_nope_only:  # Ministral 3
+        d["rope_parameters"].update(llama_4_scaling_beta=c.attn_scale, original_max_position_embeddings=c.floor_scale)
     if c.partial_rotary_factor != 1.0:
         d["partial_rotary_factor"] = c.partial_rotary_factor
         if not c.local_rope_theta:
@@ -415,6 +464,9 @@ def config_to_hf(c: Config) -> dict:
         d["use_sliding_window"] = bool(c.sliding_window)
     if c.layer_types:
         d["layer_types"] = c.layer_types
+    if fam.keys.get("decoder_sparse_step") == "interleave_moe_layer_step":  # Llama 4
+        d["moe_layers"] = [i for i in range(c.num_hidden_layers) if c.is_sparse(i)]
+        d["attn_temperature_tuning"] = bool(c.attn_scale)
     return d
 
 
@@ -444,6 +496,13 @@ def checkpoint_name(cfg: Config, name: str) -> str:
     return _rename(name, {v: k for k, v in FAMILIES[cfg.model_type].renames.items()})
 
 
+def memory_name(cfg: Config, name: str) -> str:
+    """nanotune's module name -> transformers 5's in-memory one (what PEFT adapts): the checkpoint's, but for the
+    components transformers renames at load (Mixtral's block_sparse_moe is mlp in memory)."""
+    fam = FAMILIES[cfg.model_type]
+    return _rename(name, {v: k for k, v in fam.renames.items() if k not in fam.converted})
+
+
 LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -464,6 +523,8 @@ def _rename(name: str, renames: dict) -> str:
 # experts as transformers' Mixtral: gate_up_proj [E, 2I, C] gate rows first, down_proj [E, C, I].
 def experts_from_checkpoint(cfg: Config, name: str, t):
     """A checkpoint's stacked expert tensor (nanotune's name by now) -> nanotune's layout."""
+    if FAMILIES[cfg.model_type].experts == "transposed" and name.endswith(STACKED):  # Llama 4: [E, in, out]
+        return t.transpose(1, 2).contiguous()
     if FAMILIES[cfg.model_type].experts != "input_major" or ".experts." not in name:
         return t
     if name.endswith("gate_up_proj_bias"):  # [E, 2I] interleaved -> gate half, up half
@@ -486,13 +547,16 @@ def gate_up_rows(cfg: Config, B, inverse=False):
 
 def adapter_names(cfg: Config, saving: bool) -> dict:
     """lora.save_adapter's / load_adapter's rename and gate_up_rows for this family's checkpoint names."""
+    swap = FAMILIES[cfg.model_type].experts == "transposed"  # (peft takes Llama 4's [E, in, out] for [E, out, in])
     if saving:
-        return dict(rename=partial(checkpoint_name, cfg), gate_up_rows=partial(gate_up_rows, cfg))
-    return dict(rename=partial(nanotune_name, cfg), gate_up_rows=partial(gate_up_rows, cfg, inverse=True))
+        return dict(rename=partial(memory_name, cfg), gate_up_rows=partial(gate_up_rows, cfg), swap=swap)
+    return dict(rename=partial(nanotune_name, cfg), gate_up_rows=partial(gate_up_rows, cfg, inverse=True), swap=swap)
 
 
 def experts_to_checkpoint(cfg: Config, name: str, t):
     """The inverse of experts_from_checkpoint."""
+    if FAMILIES[cfg.model_type].experts == "transposed" and name.endswith(STACKED):
+        return t.transpose(1, 2).contiguous()
     if FAMILIES[cfg.model_type].experts != "input_major" or ".experts." not in name:
         return t
     if name.endswith("gate_up_proj_bias"):

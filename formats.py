@@ -19,8 +19,8 @@ import quant
 import tokenizer
 from cli import NanotuneError, fresh_tmp, publish, read_json
 from families import (FAMILIES, GGUF_EXPERT_BIAS, GGUF_EXPERTS, GGUF_FAMILY, GGUF_NORM_TOPK, STACKED, checkpoint_name,
-                      config_from_hf, config_to_hf, experts_from_checkpoint, experts_to_checkpoint, nanotune_name,
-                      pair_expert_biases, stack_experts, unstack_experts)
+                      config_from_hf, config_to_hf, experts_from_checkpoint, experts_to_checkpoint, gguf_values,
+                      nanotune_name, pair_expert_biases, stack_experts, unstack_experts)
 from model import Config, Transformer
 from rope import rope_attention_factor, rope_base, rope_inv_freq
 
@@ -360,7 +360,7 @@ def llama_qk_permute(w: torch.Tensor, heads: int, inverse=False) -> torch.Tensor
 
 def _permuted_heads(cfg: Config, name: str):
     """How many heads a Q/K tensor has when llama.cpp's `llama` arch wants its rows permuted, else None."""
-    if FAMILIES[cfg.model_type].gguf_arch not in ("llama", "granite", "arcee", "smollm3"):  # llama.cpp's "norm" rope
+    if FAMILIES[cfg.model_type].gguf_arch not in ("llama", "granite", "arcee", "smollm3", "mistral3"):  # "norm" rope
         return None
     return cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads if ".k_proj." in name else None
 
@@ -400,7 +400,8 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
     head_dim = g("attention.key_length", hidden // heads)
     names = {t.name for t in reader.tensors}
     d = {"model_type": mt, "vocab_size": g("vocab_size", len(meta.get("tokenizer.ggml.tokens", []))),
-         "hidden_size": hidden, "intermediate_size": g("feed_forward_length"),
+         "hidden_size": hidden, FAMILIES[mt].keys.get("intermediate_size", "intermediate_size"):  # (Llama 4: dense)
+             g("feed_forward_length"),
          "num_hidden_layers": g("block_count"), "num_attention_heads": heads,
          "num_key_value_heads": g("attention.head_count_kv", heads), "head_dim": head_dim,
          FAMILIES[mt].keys.get("rms_norm_eps", "rms_norm_eps"): g("attention.layer_norm_rms_epsilon") or g(
@@ -410,16 +411,18 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
          "tie_word_embeddings": "output.weight" not in names, "attention_bias": "blk.0.attn_q.bias" in names,
          "mlp_bias": "blk.0.ffn_down.bias" in names,
          "query_pre_attn_scalar": head_dim,  # llama.cpp scales attention by 1/sqrt(head_dim)
-         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
+         **{f"{t}_token_id": meta.get(f"tokenizer.ggml.{n}_token_id") for t, n in (("bos", "bos"), ("eos", "eos"),
+                                                                                   ("pad", "padding"))}}
     d["rope_scaling"] = gguf_rope_scaling(g, {t.name: t for t in reader.tensors})
-    d["rope_parameters"] = d["rope_scaling"] or {"rope_type": "default"}  # (not the family's default scaling)
+    d["rope_parameters"] = dict(d["rope_scaling"] or {"rope_type": "default"})  # (not the family's default scaling)
+    if beta := g("attention.temperature_scale"):  # Ministral 3's query temperature (llama.cpp ignores it)
+        d["rope_parameters"].update(llama_4_scaling_beta=beta,
+                                    original_max_position_embeddings=g("attention.temperature_length"))
     if g("rope.scaling.original_context_length"):  # (a top-level value wins in config_from_hf, as in transformers)
         d["original_max_position_embeddings"] = g("rope.scaling.original_context_length")
     d.update({FAMILIES[mt].keys.get(k, k): g(gk) for k, gk in FAMILIES[mt].gguf_keys.items() if g(gk) is not None})
-    if "use_qk_norm" in FAMILIES[mt].flags:  # (GLM-4.5: the norms' presence says it)
-        d["use_qk_norm"] = "blk.0.attn_q_norm.weight" in names
+    if "use_qk_norm" in FAMILIES[mt].flags:  # (GLM-4.5: the norms' presence; Llama 4's have no weights: on unless 128)
+        d["use_qk_norm"] = "blk.0.attn_q_norm.weight" in names or (arch == "llama4" and g("expert_count") != 128)
     if g("expert_count") and arch in GGUF_NORM_TOPK:
         d["norm_topk_prob"] = GGUF_NORM_TOPK[arch]
     if isinstance(pattern := g("attention.sliding_window_pattern"), list):  # one flag per layer
@@ -546,16 +549,9 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     write_gguf_rope(w, cfg)
-    for k, gk in FAMILIES[cfg.model_type].gguf_keys.items():
-        v = getattr(cfg, k)
-        if v is not None:
-            (w.add_bool if isinstance(v, bool) else w.add_float32 if isinstance(v, float) else w.add_uint32)(
-                f"{arch}.{gk}", v)
-    if cfg.n_shared_experts:  # (GLM-4.5 / ERNIE 4.5: a shared expert this wide)
-        w.add_uint32(f"{arch}.expert_shared_feed_forward_length", cfg.n_shared_experts * cfg.moe_intermediate_size)
-    if cfg.router == "sigmoid":
-        w.add_uint32(f"{arch}.expert_gating_func", 2)  # (llama.cpp: 1 softmax, 2 sigmoid)
-        w.add_uint32(f"{arch}.nextn_predict_layers", 0)
+    for gk, v in gguf_values(cfg).items():
+        add = w.add_bool if isinstance(v, bool) else w.add_float32 if isinstance(v, float) else w.add_uint32
+        add(f"{arch}.{gk}", v)
     if cfg.layer_types and FAMILIES[cfg.model_type].gguf_window:  # which layers slide, one flag each
         slides = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
         w.add_array(f"{arch}.attention.sliding_window_pattern", slides)

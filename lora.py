@@ -345,32 +345,27 @@ def to_peft_experts(A, B):
     return A.reshape(-1, A.shape[-1]), B.permute(1, 2, 0).reshape(B.shape[1], -1)
 
 
-def router_name(n, rename=None):
-    """A router's module name as PEFT sees it: transformers 5's in-memory name, i.e. the checkpoint's last component
-    (gpt-oss: mlp.router) under nanotune's parents (Mixtral's block_sparse_moe is mlp in memory)."""
-    parent, _, leaf = n.rpartition(".")
-    return f"{parent}.{rename(leaf) if rename else leaf}"
-
-
 def routers(model) -> set:
     """The MoE routers' module names (PEFT adapts them as `target_parameters` "<...>.gate.weight")."""
     return {f"{n}.gate" for n, m in model.named_modules() if isinstance(m, MoE)}
 
 
-def adapter_state_dict(model, dtype=None, rename=None, gate_up_rows=None) -> dict:
-    """PEFT keys; rename: nanotune's module name -> the checkpoint's (families.checkpoint_name, Phi-2). Expert
-    and router names are as PEFT sees transformers 5's in-memory modules (mlp.experts; mlp.gate, gpt-oss's
-    mlp.router). gate_up_rows(B): gate_up's LoRA B [E, 2I, r] in the checkpoint's row order (gpt-oss interleaves)."""
-    sd, moe = {}, routers(model)
+def adapter_state_dict(model, dtype=None, rename=None, gate_up_rows=None, swap=False) -> dict:
+    """PEFT keys; rename: nanotune's module name -> the one PEFT sees in transformers 5's model (families.memory_name:
+    Phi-2's dense, gpt-oss's mlp.router, Llama 4's feed_forward; Mixtral's block_sparse_moe is mlp in memory).
+    gate_up_rows(B): gate_up's LoRA B [E, 2I, r] in the checkpoint's row order (gpt-oss interleaves). swap: the
+    experts are stored [E, in, out] and transformers does not say so (Llama 4): peft's A is our B^T, its B our A^T."""
+    sd = {}
     for n, m in lora_layers(model):
         if isinstance(m, LoRAExperts):
-            for stem, p in expert_keys(n, m):
+            for stem, p in expert_keys(rename(n) if rename else n, m):
                 B = dist.full_tensor(m.lora_B[p])
                 B = gate_up_rows(B) if gate_up_rows and p == "gate_up_proj" else B
-                a, b = to_peft_experts(dist.full_tensor(m.lora_A[p]), B)
+                A = dist.full_tensor(m.lora_A[p])
+                a, b = to_peft_experts(*((B.transpose(1, 2), A.transpose(1, 2)) if swap else (A, B)))
                 sd[f"{stem}.lora_A.weight"], sd[f"{stem}.lora_B.weight"] = a, b
             continue
-        n = router_name(n, rename) if n in moe else rename(n) if rename else n
+        n = rename(n) if rename else n
         sd[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.lora_A.weight
         sd[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.weight
         if m.lora_magnitude_vector is not None:
@@ -380,13 +375,13 @@ def adapter_state_dict(model, dtype=None, rename=None, gate_up_rows=None) -> dic
 
 
 def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_path: str | None = None, dtype=None,
-                 write=True, rename=None, gate_up_rows=None):
+                 write=True, rename=None, gate_up_rows=None, swap=False):
     """adapter_model.safetensors + adapter_config.json, each written to a temp name then renamed.
     base_model_name: what peft loads the base by (a hub id or a path); base_path: the local base nanotune
     loaded, kept in the safetensors metadata. Under FSDP every rank calls it (gathering is collective) and
-    only the one with `write` writes. rename, gate_up_rows: as in adapter_state_dict."""
+    only the one with `write` writes. rename, gate_up_rows, swap: as in adapter_state_dict."""
     from safetensors.torch import save_file
-    sd = adapter_state_dict(model, dtype, rename, gate_up_rows)
+    sd = adapter_state_dict(model, dtype, rename, gate_up_rows, swap)
     if not write:
         return
     os.makedirs(out_dir, exist_ok=True)
@@ -395,7 +390,7 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_p
         (rename(n) if rename else n).rsplit(".", 1)[-1] for n, m in layers if isinstance(m, LoRALinear)
         and n not in moe))
     params = sorted(set(  # mlp.experts.down_proj, mlp.gate.weight (gpt-oss: mlp.router.weight)
-        ".".join((router_name(n, rename) if n in moe else n).split(".")[-2:] + [p])
+        ".".join((rename(n) if rename else n).split(".")[-2:] + [p])
         for n, m in layers for p in (m.lora_A if isinstance(m, LoRAExperts) else ["weight"] if n in moe else [])))
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
            "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
@@ -410,7 +405,7 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_p
     publish(os.path.join(out_dir, "adapter_config.json.tmp"), os.path.join(out_dir, "adapter_config.json"))
 
 
-def load_adapter(model, adapter_dir: str, rename=None, gate_up_rows=None):
+def load_adapter(model, adapter_dir: str, rename=None, gate_up_rows=None, swap=False):
     """Apply the adapter in `adapter_dir` (saved by nanotune or by `peft`) to a plain model. rename: the
     checkpoint's module names -> nanotune's (families.nanotune_name; Phi-2 calls o_proj `dense`); gate_up_rows(B):
     gate_up's LoRA B [E, 2I, r] from the checkpoint's row order to nanotune's (gpt-oss's are interleaved)."""
@@ -431,7 +426,7 @@ def load_adapter(model, adapter_dir: str, rename=None, gate_up_rows=None):
         targets = [rename(t) if rename else t for t in [*targets, *gates]]
     apply_lora(model, r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0), targets=targets,
                rslora=c.get("use_rslora", False), dora=c.get("use_dora", False),
-               expert_targets=[p for p in params if not p.endswith(".weight")])
+               expert_targets=[rename(p) if rename else p for p in params if not p.endswith(".weight")])
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(path):
         raise NanotuneError(f"{adapter_dir} has no adapter_model.safetensors; the adapter is incomplete.")
@@ -446,15 +441,16 @@ def load_adapter(model, adapter_dir: str, rename=None, gate_up_rows=None):
         if isinstance(m, LoRAExperts):
             for stem, p in expert_keys(n, m):
                 params.pop(f"{PEFT_PREFIX}{n}.lora_A.{p}"), params.pop(f"{PEFT_PREFIX}{n}.lora_B.{p}")
-                A, B = m.lora_A[p], m.lora_B[p]
-                params[f"{stem}.lora_A.weight"] = (A, (A.shape[0] * A.shape[1], A.shape[2]))
-                params[f"{stem}.lora_B.weight"] = (B, (B.shape[1], B.shape[2] * B.shape[0]))
+                A, B = m.lora_A[p], m.lora_B[p]  # (swap: peft's lora_A holds B^T, its lora_B A^T)
+                a, b = ((B, (B.shape[0] * B.shape[2], B.shape[1])), (A, (A.shape[2], A.shape[1] * A.shape[0]))) if \
+                    swap else ((A, (A.shape[0] * A.shape[1], A.shape[2])), (B, (B.shape[1], B.shape[2] * B.shape[0])))
+                params[f"{stem}.lora_A.weight"], params[f"{stem}.lora_B.weight"] = a, b
                 if p == "gate_up_proj":
                     gate_up_Bs.add(f"{stem}.lora_B.weight")
     missing = set(params)
     for k, v in sd.items():
         name = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        name = rename(name) if rename and ".experts." not in name else name
+        name = rename(name) if rename else name
         if name.endswith(".lora_magnitude_vector.weight"):
             name = name[: -len(".weight")]
         if name not in params:
@@ -470,6 +466,7 @@ def load_adapter(model, adapter_dir: str, rename=None, gate_up_rows=None):
         if peft_shape:  # stacked experts: back to [E, r, in] / [E, out, r] (the inverse of to_peft_experts)
             E = p.shape[0]
             v = v.view(E, -1, v.shape[1]) if ".lora_A." in name else v.view(v.shape[0], -1, E).permute(2, 0, 1)
+            v = v.transpose(1, 2) if swap else v
             if gate_up_rows and name in gate_up_Bs:
                 v = gate_up_rows(v)
         with torch.no_grad():

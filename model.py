@@ -89,7 +89,8 @@ class Config:
     first_k_dense_replace: int = 0  # GLM-4.5: the first k layers are dense
     router: str = "softmax"  # | "sigmoid" (GLM-4.5: kernels.group_topk of sigmoid(logits) + a correction bias; the
     n_group: int = 1  # weights are the sigmoid scores, times routed_scaling_factor) | "softmax_bias" (ERNIE 4.5:
-    #                   top-k of softmax(logits) + a correction bias, the weights the softmax's)
+    #                   top-k of softmax(logits) + a correction bias, the weights the softmax's) | "sigmoid_input"
+    #                   (Llama 4: sigmoid of the top-k logits, scaling the experts' inputs)
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 and i not in mlp_only_layers
@@ -119,6 +120,13 @@ class Config:
     num_kv_shared_layers: int = 0
     use_double_wide_mlp: bool = False
     layer_scalar: bool = False
+    # Llama 4: chunked attention on layer_types "chunked_attention"; the queries of NoPE layers (of every layer:
+    # Ministral 3) scaled by 1 + attn_scale * log1p(floor((position + temperature_offset) / floor_scale))
+    attention_chunk_size: int | None = None
+    attn_scale: float = 0.0
+    floor_scale: float = 8192.0
+    temperature_offset: int = 0
+    temperature_nope_only: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -139,6 +147,10 @@ class Config:
         if not self.sliding_window:
             return False
         return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    def is_chunked(self, layer: int) -> bool:
+        types = self.layer_types or [""] * (layer + 1)
+        return bool(self.attention_chunk_size) and types[layer] == "chunked_attention"
 
     def head_dim_at(self, layer: int) -> int:
         return self.global_head_dim if self.global_head_dim and not self.is_sliding(layer) else self.head_dim
@@ -238,7 +250,7 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
         self.experts = Experts(cfg)
-        if cfg.router != "softmax":  # (chooses, weighs nothing; not trained, as in transformers; ERNIE's is [1, E])
+        if cfg.router in ("sigmoid", "softmax_bias"):  # (chooses, weighs nothing; not trained; ERNIE's is [1, E])
             shape = (1, cfg.num_experts) if cfg.router == "softmax_bias" else (cfg.num_experts,)
             self.e_score_correction_bias = nn.Parameter(torch.zeros(shape), requires_grad=False)
         if cfg.shared_expert_intermediate_size or cfg.n_shared_experts:
@@ -254,6 +266,12 @@ class MoE(nn.Module):
         h = x.reshape(B * T, C)
         logits, aux = self.gate(h).float(), self.cfg.router_aux_loss_coef  # [N, E] in fp32
         probs = torch.sigmoid(logits) if self.cfg.router == "sigmoid" else F.softmax(logits, dim=-1)
+        if self.cfg.router == "sigmoid_input":  # Llama 4: sigmoid(top-k logits) scales each chosen expert's input
+            top, idx = torch.topk(logits, self.k, dim=-1)  # [N, k]
+            xs = (h[:, None] * torch.sigmoid(top).to(h.dtype)[..., None]).reshape(-1, C)  # [N k, C]
+            with kernels.value_unused(residual):
+                y = self.experts(xs, idx.reshape(-1, 1), h.new_ones(len(xs), 1)).view(B * T, self.k, C).sum(1)
+            return (y + self.shared_expert(h)).view(B, T, C)
         if aux:  # backward adds the load-balancing loss's gradient here (Transformer.router_aux)
             probs = kernels.extra_grad(probs, self.aux_grad)
         w, idx = kernels.route(probs, self.k, getattr(self, "e_score_correction_bias", None), self.cfg.n_group,
@@ -302,9 +320,10 @@ class Block(nn.Module):
     def mlp_norm(self, x):
         return (self.pre_feedforward_layernorm if self.post else self.post_attention_layernorm)(x)
 
-    def forward(self, x, cos, sin, mask, cache=None, ple=None, kv=None, k=None, v=None):
+    def forward(self, x, cos, sin, mask, cache=None, ple=None, kv=None, k=None, v=None, qscale=None):
         """kv: Gemma 4's dict of stored keys and values (Attention.forward); k, v: the stored ones this layer reuses
-        (tensors, so that a checkpointed block's backward sends their gradient back to the layer that made them)."""
+        (tensors, so that a checkpointed block's backward sends their gradient back to the layer that made them);
+        qscale: the queries' temperature (Attention.forward)."""
         if self.parallel:
             h = self.input_layernorm(x)
             a, y = self.self_attn(h, cos, sin, mask, cache), self.mlp(h, residual=True)
@@ -312,7 +331,7 @@ class Block(nn.Module):
                 a, y = self.drop(a), self.drop(y)
             return x + a + y
         a = self.self_attn(self.input_layernorm(x) if self.pre else x, cos, sin, mask, cache, kv if k is None else
-                           {self.self_attn.sliding: (k, v)})
+                           {self.self_attn.sliding: (k, v)}, qscale)
         if self.post:
             a = self.post_attention_layernorm(a)
         a = self.drop(a) if self.drop else a
@@ -427,7 +446,7 @@ class Transformer(nn.Module):
         S = offset + T
         need = attention_mask is not None or packed or (offset > 0 and T > 1)
         masks, windows = {}, {c.sliding_window if layer.self_attn.sliding else None for layer in self.model.layers}
-        plain = attention_mask is None and cache is None  # no padding, no cache: rows are whole documents
+        plain = attention_mask is None and cache is None and not c.attention_chunk_size  # rows are whole documents
         if self.varlen and packed and plain and kernels.varlen_usable(x, c, windows):
             masks = kernels.packed_rows(position_ids, windows)  # no [B, 1, T, T] mask: varlen flash attention
         elif not packed and plain and any(w and S > w for w in windows) and kernels.varlen_usable(x, c, windows):
@@ -436,6 +455,14 @@ class Transformer(nn.Module):
         for w in windows - set(masks):
             if need or (w and S > w):
                 masks[w] = attention_mask_for(B, T, offset, attention_mask, docs, w, x.device)
+        C = c.attention_chunk_size
+        if C and (need or S > C):  # Llama 4's chunked layers
+            masks["chunk"] = attention_mask_for(B, T, offset, attention_mask, docs, None, x.device, C,
+                                                position_ids if packed else None)
+        qscale = None
+        if c.attn_scale:  # the queries' temperature, by position (a packed document's own: packed = separate)
+            pos = position_ids.float() + c.temperature_offset
+            qscale = (1 + c.attn_scale * torch.log1p(torch.floor(pos / c.floor_scale)))[:, None, :, None].to(x.dtype)
         ckpt = None
         if self.block_memory is not None and self.training and torch.is_grad_enabled():
             dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.model.layers.modules())
@@ -443,10 +470,11 @@ class Transformer(nn.Module):
         last, kv = self.model.layers[-1], {} if c.num_kv_shared_layers else None
         stores = {c.kv_source(i) for i in range(c.num_hidden_layers)} - {None}
         for i, layer in enumerate(self.model.layers):
-            mask = masks.get(c.sliding_window if layer.self_attn.sliding else None)
-            cos, sin = rope[layer.self_attn.sliding]
-            args = (None if ple is None else ple[:, :, i], *([None] if c.kv_source(i) is None else
-                                                             kv[layer.self_attn.sliding]))  # ple, k, v
+            a = layer.self_attn
+            mask = masks.get("chunk" if a.chunked else c.sliding_window if a.sliding else None)
+            cos, sin = rope[a.sliding]
+            k, v = (None, None) if c.kv_source(i) is None else kv[a.sliding]  # (Gemma 4's reused keys and values)
+            args = (None if ple is None else ple[:, :, i], k, v, qscale if a.temperature else None)
             if ckpt and i not in stores:  # keep only the block input (on the host with offload); recompute the
                 x = ckpt.block(layer, x, cos, sin, mask, None, args[0], None, *args[1:], last=layer is last)
             else:  # (a store layer keeps its graph: the layers reusing its k, v send their gradients into it)

@@ -105,6 +105,19 @@ ARCH_CONFIGS = {
         layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=4, hidden_size_per_layer_input=8,
         vocab_size_per_layer_input=128, num_kv_shared_layers=2, use_double_wide_mlp=True, attention_k_eq_v=True,
         final_logit_softcapping=30.0)),
+    # Llama 4: layers 0-1 RoPE (chunks of 4, q/k norms), 2-3 NoPE with the query temperature (floor 4), MoE on
+    # layers 1 and 3 (4 experts top-2, sigmoid-scaled inputs, a shared expert), dense layers 96 wide, llama3 RoPE
+    "llama4_text": ("Llama4TextConfig", dict(
+        intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4, head_dim=32, num_local_experts=4,
+        num_experts_per_tok=2, interleave_moe_layer_step=2, no_rope_layers=[1, 1, 0, 0], attention_chunk_size=4,
+        attn_temperature_tuning=True, floor_scale=4, attn_scale=0.5, use_qk_norm=True, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
+                                                        low_freq_factor=1.0, high_freq_factor=4.0,
+                                                        original_max_position_embeddings=8))),
+    # Ministral 3: YaRN, the queries' temperature by position (beta 0.5 over an original context of 4)
+    "ministral3": ("Ministral3Config", dict(head_dim=32, tie_word_embeddings=False, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=4, beta_fast=32.0,
+        beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5))),
     # GLM-4.5: 8 experts in 4 groups, top-3 within the best 2 groups (sigmoid + selection bias), scaled weights,
     # an ungated shared expert, the first layer dense, q/k norm, half the head rotated, q/k/v biases
     "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,

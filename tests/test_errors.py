@@ -398,11 +398,12 @@ def test_every_family_refuses_a_key_it_does_not_implement_and_names_a_missing_on
     for k in unread:
         with pytest.raises(NanotuneError, match=re.escape(f"{where}: {k}={UNREAD_VALUES[k]!r} would change")):
             families.config_from_hf({**cfg, k: UNREAD_VALUES[k]}, where)
-    for k in ("intermediate_size", "num_hidden_layers"):
+    for field in ("intermediate_size", "num_hidden_layers"):
+        k = fam.keys.get(field, field)  # (Llama 4's dense width is intermediate_size_mlp)
         text = families.text_config({n: v for n, v in cfg.items() if n != k})
         text.pop(k, None)  # (a vision-language config: from its text tower)
         if k in fam.defaults:  # (Gemma 3's multimodal configs spell out only what differs from the defaults)
-            assert getattr(families.config_from_hf(text, where), k) == fam.defaults[k]
+            assert getattr(families.config_from_hf(text, where), field) == fam.defaults[k]
             continue
         with pytest.raises(NanotuneError, match=re.escape(f"{where}: {k} is missing")):
             families.config_from_hf(text, where)

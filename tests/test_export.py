@@ -27,6 +27,13 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     # llama.cpp's olmo2 (Olmo 3 too) loads no biases, its seed_oss and ernie4_5 no MLP biases (ERNIE 4.5 has none)
     "olmo3": {"attention_bias": False}, "seed_oss": {"mlp_bias": False}, "ernie4_5": {"use_bias": False},
     "glm4": {}, "hunyuan_v1_dense": {}, "glm4_moe": {},
+    # llama.cpp's llama4 fixes the chunk (8192), the NoPE step (4), the temperature (8192, 0.1) and q/k norms
+    "llama4_text": {"attention_chunk_size": 8192, "no_rope_layers": [1, 1, 1, 0], "floor_scale": 8192,
+                    "attn_scale": 0.1},
+    # llama.cpp's YaRN has no way to say Ministral 3's attention factor 1 (mscale = mscale_all_dim): plain RoPE here;
+    # its mistral3 does not scale queries by position (export warns): not before 64 tokens here
+    "ministral3": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.5,
+                                       "original_max_position_embeddings": 64}},
     # llama.cpp's ernie4_5-moe: sparse from the first sparse layer on, no biases (ERNIE 4.5 has none); a wider
     # init, so that q8_0's rounding does not flip the near-uniform tiny router's choices (top-1 0.875 at 0.02)
     "ernie4_5_moe": {"moe_layer_end_index": -1, "use_bias": False, "initializer_range": 0.1},
@@ -126,10 +133,13 @@ def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
     m, tok = tiny_with_lora("olmoe", tmp_path / "olmoe")  # (OLMoE's clip_qkv: llama.cpp clamps elsewhere)
     with pytest.raises(NanotuneError, match="clamps q, k, v elsewhere"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
+    m, tok = tiny_with_lora("llama4_text", tmp_path / "llama4")  # (llama.cpp fixes its chunk at 8192)
+    with pytest.raises(NanotuneError, match="llama4 fixes attention_chunk_size at 8192 .* this model has 4"):
+        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     m, tok = tiny_with_lora("gemma4_text", tmp_path / "gemma4")  # (not written yet)
     with pytest.raises(NanotuneError, match="GGUF export of gemma4_text is not implemented yet"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    assert sorted(os.listdir(tmp_path)) == ["base", "gemma4", "olmoe"]  # (no GGUF, no temp file)
+    assert sorted(os.listdir(tmp_path)) == ["base", "gemma4", "llama4", "olmoe"]  # (no GGUF, no temp file)
 
 
 def test_kquant_and_ollama_modelfile(tmp_path, capfd):

@@ -74,7 +74,7 @@ def peft_made_adapter_loads(arch, path, ids, config, tol=1e-4):
 @pytest.mark.parametrize("arch", ["llama", "ministral", "gemma2", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn",
                                   "arcee", "starcoder2", "smollm3", "olmo3",
                                   "seed_oss", "ernie4_5", "exaone4", "cohere", "cohere2",
-                                  "hunyuan_v1_dense", "gemma4_text"])
+                                  "hunyuan_v1_dense", "gemma4_text", "ministral3"])
 def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     """nanotune's adapter on every projection gives peft's logits; a peft-made adapter (the checkpoint's own module
     names: Phi-2's dense / fc2, StarCoder2's c_proj) loads into nanotune with peft's logits."""
@@ -215,7 +215,7 @@ def test_checkpointed_blocks_pass_gradients_to_their_tensor_arguments(tmp_path):
         assert g is not None and g.abs().max() > 0 and (g - grads[1][n]).abs().max() <= 1e-5 * g.abs().max(), n
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "llama4_text"])
 @pytest.mark.parametrize("both", [True, False])
 def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     """LoRA on the routed experts (per-expert A/B on the stacked weights, PEFT's `target_parameters`): nanotune's
@@ -238,14 +238,16 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
         assert (ours - hf(input_ids=ids).logits).abs().max() > 1e-3  # the adapter changes the logits
     lora.save_adapter(m, str(tmp_path / "ours"), **adapter_names(m.config, saving=True))
     cfg = json.load(open(tmp_path / "ours" / "adapter_config.json"))
-    router = "mlp.router.weight" if arch == "gpt_oss" else "mlp.gate.weight"  # (peft's name for a router)
-    assert cfg["target_parameters"] == (["mlp.experts.down_proj", "mlp.experts.gate_up_proj", router]
-                                        if both else ["mlp.experts.down_proj"])
+    mlp = "feed_forward" if arch == "llama4_text" else "mlp"  # (transformers' in-memory names, as peft sees them)
+    router = f"{mlp}.router.weight" if arch in ("gpt_oss", "llama4_text") else "mlp.gate.weight"
+    assert cfg["target_parameters"] == ([f"{mlp}.experts.down_proj", f"{mlp}.experts.gate_up_proj", router]
+                                        if both else [f"{mlp}.experts.down_proj"])
     pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
     with torch.no_grad():
         assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-4
 
-    params = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", router] if both else ["mlp.experts.gate_up_proj"]
+    params = [f"{mlp}.experts.gate_up_proj", f"{mlp}.experts.down_proj", router] if both else [
+        f"{mlp}.experts.gate_up_proj"]
     m2 = peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"],
                                                                   target_parameters=params, init_lora_weights=False))
     assert all(sorted(e.lora_A) == sorted(p.rsplit(".", 1)[1] for p in params if ".experts." in p)
