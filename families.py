@@ -36,7 +36,7 @@ class Family:
     gguf_pre: str = "gpt-2"  # llama.cpp pre-tokenizer of a byte-level BPE vocabulary the export cannot tell
     tied: bool = False  # tie_word_embeddings when config.json does not say
     experts: str = ""  # "input_major": stacked experts stored [E, in, out], gate/up columns interleaved (gpt-oss);
-    #                    "transposed": stored [E, in, out], gate columns first (Llama 4)
+    #                    "transposed": stored [E, in, out], gate columns first (Llama 4); "stacked": as nanotune's
     aliases: dict = field(default_factory=dict)  # the family's config.json key -> the common keys it stands for
     rope_on: str = ""  # "sliding": with a sliding window set, only sliding layers rotate (full layers are NoPE)
     flags: dict = field(default_factory=dict)  # a config.json boolean -> (Config field, its value when true)
@@ -54,7 +54,8 @@ DROPOUTS = ("residual_dropout", "embedding_dropout")  # (attention_dropout: ever
 EXPERTS_KEY = {"num_experts": "num_local_experts"}  # (config.json may say either; transformers reads both)
 # what llama.cpp's MoE archs do with the top-k routing weights, whatever the file says (measured: they ignore
 # {arch}.expert_weights_norm)
-GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "gpt-oss": True, "olmoe": False}
+GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "gpt-oss": True, "olmoe": False,
+                  "granitemoe": True}
 GGUF_LEADING_DENSE = ("glm4moe", "ernie4_5-moe")  # llama.cpp archs that read leading_dense_block_count
 GGUF_MOE = {"num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
             "moe_intermediate_size": "expert_feed_forward_length"}
@@ -148,6 +149,16 @@ FAMILIES = {
                                                              "attention_multiplier", "logits_scaling"),
                       gguf_keys={"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
                                  "attention_multiplier": "attention.scale", "logits_scaling": "logit_scale"}),
+    # Granite MoE: Granite's multipliers, experts on every layer (top-k of the logits, softmaxed), stored stacked
+    "granitemoe": Family("GraniteMoeForCausalLM", "granitemoe", dict(norm_topk_prob=True), (
+        "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "num_experts",
+        "num_experts_per_tok"), EXPERTS_KEY, renames={
+            "block_sparse_moe": "mlp", "router": "gate", "router.layer": "gate",  # (the last: on disk; "router" in
+            "input_linear.weight": "experts.gate_up_proj", "output_linear.weight": "experts.down_proj"},  # memory)
+        converted=("router.layer", "input_linear.weight", "output_linear.weight"), experts="stacked",
+        gguf_keys={"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
+                   "attention_multiplier": "attention.scale", "logits_scaling": "logit_scale",
+                   **{k: GGUF_MOE[k] for k in ("num_experts", "num_experts_per_tok")}}),
     "starcoder2": Family("Starcoder2ForCausalLM", "starcoder2", dict(norm_type="layer", gated_mlp=False), DROPOUTS,
                          keys={"rms_norm_eps": "norm_epsilon"}, aliases={"use_bias": ("attention_bias", "mlp_bias")},
                          defaults=dict(hidden_act="gelu_pytorch_tanh", norm_epsilon=1e-5, use_bias=True),

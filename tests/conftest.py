@@ -118,6 +118,10 @@ ARCH_CONFIGS = {
     "ministral3": ("Ministral3Config", dict(head_dim=32, tie_word_embeddings=False, rope_parameters=dict(
         rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=4, beta_fast=32.0,
         beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5))),
+    # Granite MoE: the multipliers, 4 experts top-2 on every layer
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=3.0,
+                                           residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0,
+                                           intermediate_size=32, tie_word_embeddings=False)),
     # GLM-4.5: 8 experts in 4 groups, top-3 within the best 2 groups (sigmoid + selection bias), scaled weights,
     # an ungated shared expert, the first layer dense, q/k norm, half the head rotated, q/k/v biases
     "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
