@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 import formats
 import lora
-from families import GGUF_LEADING_DENSE, GGUF_NORM_TOPK, adapter_names
+from families import GGUF_LEADING_DENSE, GGUF_NORM_TOPK
+from names import adapter_names
 import quant
 from cli import NanotuneError, Parser, cli, fresh_tmp, publish, writing
 from formats import BLOCK_TYPES, FLOAT_TYPES, load_model, load_tokenizer, resolve_model_path

@@ -1,7 +1,7 @@
 """nanotune formats: weights on disk <-> a built model, both directions side by side: the family table, Hugging
 Face directories (config.json + sharded safetensors, streamed), GGUF (github.com/ggml-org/ggml/blob/master/docs/
 gguf.md), bitsandbytes 4-bit checkpoints (layout: quant.py), path resolution and the default model. The family
-table and config.json <-> Config live in families.py.
+table and config.json <-> Config live in families.py, the checkpoint's tensor names in names.py.
 
     model, tok = load()                            # the default model (SmolLM2-135M-Instruct, its GGUF)
     model = load_model("./Qwen2.5-0.5B", dtype=torch.bfloat16, device="cuda")
@@ -18,9 +18,9 @@ import dist
 import quant
 import tokenizer
 from cli import NanotuneError, fresh_tmp, publish, read_json
-from families import (FAMILIES, GGUF_EXPERT_BIAS, GGUF_EXPERTS, GGUF_FAMILY, GGUF_NORM_TOPK, STACKED, checkpoint_name,
-                      config_from_hf, config_to_hf, experts_from_checkpoint, experts_to_checkpoint, gguf_values,
-                      nanotune_name, pair_expert_biases, stack_experts, unstack_experts)
+from families import FAMILIES, GGUF_FAMILY, GGUF_NORM_TOPK, config_from_hf, config_to_hf, gguf_values
+from names import (GGUF_EXPERT_BIAS, GGUF_EXPERTS, STACKED, checkpoint_name, experts_from_checkpoint,
+                   experts_to_checkpoint, nanotune_name, pair_expert_biases, stack_experts, unstack_experts)
 from model import Config, Transformer
 from rope import rope_attention_factor, rope_base, rope_inv_freq
 
@@ -84,7 +84,7 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 
 
 def split_fused(cfg: Config, name: str, t: torch.Tensor):
-    """A checkpoint tensor -> nanotune's (name, tensor) pairs: the family's names mapped (families.nanotune_name;
+    """A checkpoint tensor -> nanotune's (name, tensor) pairs: the family's names mapped (names.nanotune_name;
     a vision tower dropped) and Phi-3's fused q/k/v and gate/up split (LoRA targets stay uniform)."""
     name = nanotune_name(cfg, name)
     if name is None:

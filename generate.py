@@ -12,7 +12,7 @@ import re
 import torch
 
 from cli import NanotuneError, Parser, cli
-from families import adapter_names
+from names import adapter_names
 from formats import load
 from lora import load_adapter
 from model import generate

@@ -351,7 +351,7 @@ def routers(model) -> set:
 
 
 def adapter_state_dict(model, dtype=None, rename=None, gate_up_rows=None, swap=False) -> dict:
-    """PEFT keys; rename: nanotune's module name -> the one PEFT sees in transformers 5's model (families.memory_name:
+    """PEFT keys; rename: nanotune's module name -> the one PEFT sees in transformers 5's model (names.memory_name:
     Phi-2's dense, gpt-oss's mlp.router, Llama 4's feed_forward; Mixtral's block_sparse_moe is mlp in memory).
     gate_up_rows(B): gate_up's LoRA B [E, 2I, r] in the checkpoint's row order (gpt-oss interleaves). swap: the
     experts are stored [E, in, out] and transformers does not say so (Llama 4): peft's A is our B^T, its B our A^T."""
@@ -407,7 +407,7 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_p
 
 def load_adapter(model, adapter_dir: str, rename=None, gate_up_rows=None, swap=False):
     """Apply the adapter in `adapter_dir` (saved by nanotune or by `peft`) to a plain model. rename: the
-    checkpoint's module names -> nanotune's (families.nanotune_name; Phi-2 calls o_proj `dense`); gate_up_rows(B):
+    checkpoint's module names -> nanotune's (names.nanotune_name; Phi-2 calls o_proj `dense`); gate_up_rows(B):
     gate_up's LoRA B [E, 2I, r] from the checkpoint's row order to nanotune's (gpt-oss's are interleaved)."""
     from safetensors.torch import load_file
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")

@@ -20,7 +20,6 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -35,7 +34,8 @@ import runs
 from cli import F_, NanotuneError, bundled, cli, fresh_tmp, parse_config, publish, save_config, writing
 import data
 from data import IGNORE, Sampler, build_dataset, collate, pack
-from families import DROPOUTS, adapter_names, nanotune_name
+from families import DROPOUTS
+from names import adapter_names, nanotune_name
 from formats import hub_id, load_model, load_tokenizer, resolve_model_path, save_hf
 from lora import DEFAULT_TARGETS
 from model import generate
@@ -83,7 +83,7 @@ LIMITS = {
 }
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainConfig:
     # what to train
     model: str | None = F_(None, "HF directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")

@@ -57,7 +57,7 @@ def test_adapter_roundtrip_with_peft(variant, tmp_path):
 def peft_made_adapter_loads(arch, path, ids, config, tol=1e-4):
     """An adapter peft made (its own init and save) on a fresh tiny `arch` loads into nanotune with peft's
     logits; returns the nanotune model holding it."""
-    from families import adapter_names
+    from names import adapter_names
     from peft import get_peft_model
     pm = get_peft_model(make_hf_model(arch, path / "base2"), config).eval()
     pm.save_pretrained(str(path / "peft"))
@@ -78,7 +78,7 @@ def peft_made_adapter_loads(arch, path, ids, config, tol=1e-4):
 def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     """nanotune's adapter on every projection gives peft's logits; a peft-made adapter (the checkpoint's own module
     names: Phi-2's dense / fc2, StarCoder2's c_proj) loads into nanotune with peft's logits."""
-    from families import adapter_names, checkpoint_name
+    from names import adapter_names, checkpoint_name
     from peft import LoraConfig, PeftModel
     hf = make_hf_model(arch, tmp_path / "base")
     ids = torch.randint(3, 128, (2, 10))
@@ -223,7 +223,7 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     adapter gives peft's logits, and a peft-made one nanotune's; one projection adapted, or both (PEFT nests
     its wrappers then, and the keys differ) with the router too."""
     import json
-    from families import adapter_names
+    from names import adapter_names
     from model import MoE
     from peft import LoraConfig, PeftModel
     hf = make_hf_model(arch, tmp_path / "base")
@@ -263,7 +263,7 @@ def test_adapter_on_attention_experts_and_router_loads_in_peft(arch, tmp_path):
     q/k/v/o, every routed expert and the router gives peft's logits, both ways. (peft 0.21 reads the names
     gate_proj / up_proj / down_proj in their adapters as the routed experts' (its transformers 4 -> 5 conversion),
     so an adapter on the shared expert or a dense layer's MLP cannot be expressed for them.)"""
-    from families import adapter_names
+    from names import adapter_names
     from peft import LoraConfig, PeftModel
     hf = make_hf_model(arch, tmp_path / "base")
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))

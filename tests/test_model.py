@@ -256,7 +256,7 @@ def test_moe_aux_loss_equals_transformers_and_its_gradient_is_exact(arch, tmp_pa
 def test_gpt_oss_gradients_equal_transformers(tmp_path):
     """gpt-oss's backward: every parameter's gradient (the sinks, the router's bias, the experts' biases and their
     interleaved input-major weights turned into nanotune's layout) equals transformers' autograd."""
-    from families import experts_from_checkpoint, nanotune_name
+    from names import experts_from_checkpoint, nanotune_name
     hf = make_hf_model("gpt_oss", tmp_path).train()
     m = formats.load_model(str(tmp_path)).train()
     ids, mask = padded_batch(m.config.vocab_size)

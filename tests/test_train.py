@@ -349,7 +349,7 @@ def test_gpt_oss_trains_lora_on_the_experts_and_peft_reads_the_adapter(tmp_path)
     input-major, interleaved gate_up_proj) with nanotune's logits."""
     from peft import PeftModel
     import lora
-    from families import adapter_names
+    from names import adapter_names
     hf = make_tiny_run_model(tmp_path / "m", "gpt_oss")
     write_chat_data(tmp_path / "d.jsonl", 16)
     r = run_train(["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--max_len", "64",

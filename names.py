@@ -1,0 +1,156 @@
+"""nanotune names: tensor and module names between a checkpoint (its family's own), nanotune (Llama's) and
+transformers 5's model in memory (what PEFT adapts), and the stacked experts' layouts on disk. families.py holds
+the table these read (Family.renames, .converted, .experts, .mtp)."""
+import re
+from functools import partial
+
+import torch
+
+from families import FAMILIES
+from model import Config
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor names: nanotune keeps Llama's names for every family; a checkpoint may use its own
+VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+          "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")  # (Gemma 4's towers too)
+TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                 ("language_model.lm_head.", "lm_head."))  # Gemma 3 vision-language: the text tower's names
+
+
+def nanotune_name(cfg: Config, name: str) -> str | None:
+    """A checkpoint tensor name, module name or bare LoRA target -> nanotune's (None: a vision-tower tensor)."""
+    if name.startswith(VISION):
+        return None
+    for old, new in TEXT_PREFIXES:
+        if name.startswith(old):
+            name = new + name[len(old):]
+    fam = FAMILIES[cfg.model_type]
+    if fam.mtp and (m := LAYER.match(name)) and int(m.group(1)) >= cfg.num_hidden_layers:
+        return None  # a multi-token-prediction layer: nanotune trains the model's own layers only
+    return _rename(name, fam.renames)
+
+
+def checkpoint_name(cfg: Config, name: str) -> str:
+    """nanotune's tensor name, module name or LoRA target -> the family checkpoint's (Phi-2: o_proj -> dense)."""
+    return _rename(name, {v: k for k, v in FAMILIES[cfg.model_type].renames.items()})
+
+
+def memory_name(cfg: Config, name: str) -> str:
+    """nanotune's module name -> transformers 5's in-memory one (what PEFT adapts): the checkpoint's, but for the
+    components transformers renames at load (Mixtral's block_sparse_moe is mlp in memory)."""
+    fam = FAMILIES[cfg.model_type]
+    return _rename(name, {v: k for k, v in fam.renames.items() if k not in fam.converted})
+
+
+LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _rename(name: str, renames: dict) -> str:
+    """Each name component through `renames`; a dotted key renames that run of components (GLM-4.5's
+    gate.e_score_correction_bias, the MoE block's own in nanotune)."""
+    single = {}
+    for old, new in renames.items():
+        if "." in old or "." in new:
+            name = f".{name}.".replace(f".{old}.", f".{new}.")[1:-1]
+        else:
+            single[old] = new
+    return ".".join(single.get(part, part) for part in name.split("."))
+
+
+# gpt-oss stores its stacked experts input-major, gate and up columns interleaved: gate_up_proj [E, C, 2I] with
+# gate = [..., 0::2], up = [..., 1::2], down_proj [E, I, C] (used as x @ W + b). nanotune keeps every family's
+# experts as transformers' Mixtral: gate_up_proj [E, 2I, C] gate rows first, down_proj [E, C, I].
+def experts_from_checkpoint(cfg: Config, name: str, t):
+    """A checkpoint's stacked expert tensor (nanotune's name by now) -> nanotune's layout."""
+    if FAMILIES[cfg.model_type].experts == "transposed" and name.endswith(STACKED):  # Llama 4: [E, in, out]
+        return t.transpose(1, 2).contiguous()
+    if FAMILIES[cfg.model_type].experts != "input_major" or ".experts." not in name:
+        return t
+    if name.endswith("gate_up_proj_bias"):  # [E, 2I] interleaved -> gate half, up half
+        return torch.cat([t[:, 0::2], t[:, 1::2]], 1)
+    if name.endswith("gate_up_proj"):
+        t = t.transpose(1, 2)  # [E, 2I, C], rows interleaved
+        return torch.cat([t[:, 0::2], t[:, 1::2]], 1).contiguous()
+    return t.transpose(1, 2).contiguous() if name.endswith("down_proj") else t
+
+
+def gate_up_rows(cfg: Config, B, inverse=False):
+    """gate_up's per-expert LoRA B [E, 2I, r] (nanotune's rows: gate, then up) in the checkpoint's row order
+    (gpt-oss: interleaved, as PEFT adapts its input-major gate_up_proj); inverse: back."""
+    if FAMILIES[cfg.model_type].experts != "input_major":
+        return B
+    if inverse:
+        return torch.cat([B[:, 0::2], B[:, 1::2]], 1)
+    return torch.stack(B.chunk(2, 1), 2).flatten(1, 2)
+
+
+def adapter_names(cfg: Config, saving: bool) -> dict:
+    """lora.save_adapter's / load_adapter's rename and gate_up_rows for this family's checkpoint names."""
+    swap = FAMILIES[cfg.model_type].experts == "transposed"  # (peft takes Llama 4's [E, in, out] for [E, out, in])
+    if saving:
+        return dict(rename=partial(memory_name, cfg), gate_up_rows=partial(gate_up_rows, cfg), swap=swap)
+    return dict(rename=partial(nanotune_name, cfg), gate_up_rows=partial(gate_up_rows, cfg, inverse=True), swap=swap)
+
+
+def experts_to_checkpoint(cfg: Config, name: str, t):
+    """The inverse of experts_from_checkpoint."""
+    if FAMILIES[cfg.model_type].experts == "transposed" and name.endswith(STACKED):
+        return t.transpose(1, 2).contiguous()
+    if FAMILIES[cfg.model_type].experts != "input_major" or ".experts." not in name:
+        return t
+    if name.endswith("gate_up_proj_bias"):
+        return torch.stack(t.chunk(2, 1), -1).flatten(1)
+    if name.endswith("gate_up_proj"):  # [E, 2I, C] -> rows interleaved -> [E, C, 2I]
+        g, u = t.chunk(2, 1)
+        return torch.stack([g, u], 2).flatten(1, 2).transpose(1, 2).contiguous()
+    return t.transpose(1, 2).contiguous() if name.endswith("down_proj") else t
+
+
+# Stacked experts: a checkpoint stores them per expert (the hub), per projection (GGUF) or stacked (gpt-oss)
+EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+GGUF_EXPERTS = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.weight")  # stacked per projection
+GGUF_EXPERT_BIAS = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.bias")
+STACKED = (".experts.gate_up_proj", ".experts.down_proj")
+
+
+def stack_experts(cfg: Config, tensors):
+    """Per-expert tensors (nanotune names by now) -> the stacked gate_up_proj [E, 2I, C] and down_proj [E, C, I],
+    each layer's emitted once all its E experts have passed (one layer's experts are the most ever held)."""
+    pending = {}
+    for name, t in tensors:
+        m = EXPERT.fullmatch(name)
+        if m is None:
+            yield name, t
+            continue
+        base, e, proj = m.groups()
+        parts = pending.setdefault(base, {})
+        parts[proj, int(e)] = t
+        if len(parts) == 3 * cfg.num_experts:
+            stack = lambda p: torch.stack([parts[p, i] for i in range(cfg.num_experts)])  # noqa: E731
+            yield f"{base}.gate_up_proj", torch.cat([stack("gate_proj"), stack("up_proj")], dim=1)
+            yield f"{base}.down_proj", stack("down_proj")
+            del pending[base]
+
+
+def unstack_experts(cfg: Config, name: str, t: torch.Tensor, per_expert=True):
+    """The inverse of stack_experts for one stacked tensor (or gpt-oss's stacked bias), under the checkpoint's names:
+    per expert (the hub's layout), or one [E, out, (in)] stack per projection (GGUF's), gate_up split in two."""
+    base, leaf = name.rsplit(".", 1)
+    end = "bias" if leaf.endswith("_bias") else "weight"
+    parts = zip(("gate_proj", "up_proj"), t.chunk(2, dim=1)) if leaf.startswith("gate_up") else [("down_proj", t)]
+    for proj, part in parts:
+        names = [f"{base}.{e}.{proj}.{end}" for e in range(len(part))] if per_expert else [f"{base}.{proj}.{end}"]
+        yield from zip((checkpoint_name(cfg, n) for n in names), part if per_expert else [part])
+
+
+def pair_expert_biases(pending: dict, base: str, proj: str, x: torch.Tensor):
+    """gpt-oss: GGUF's per-projection expert biases [E, out] -> down_proj_bias, and gate_up_proj_bias (gate half
+    first, nanotune's layout) once both halves have passed."""
+    if proj == "down_proj":
+        yield f"{base}.down_proj_bias", x
+        return
+    pending[base, proj] = x
+    if (base, "gate_proj") in pending and (base, "up_proj") in pending:
+        gate, up = pending.pop((base, "gate_proj")), pending.pop((base, "up_proj"))
+        yield f"{base}.gate_up_proj_bias", torch.cat([gate, up], 1)
