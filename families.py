@@ -169,6 +169,13 @@ FAMILIES = {
                        defaults=dict(use_bias=False, head_dim=128), tied=True),
     "hunyuan_v1_dense": Family("HunYuanDenseV1ForCausalLM", "hunyuan-dense", dict(qk_norm="head_post"),
                                renames=dict(query_layernorm="q_norm", key_layernorm="k_norm")),
+    # Apertus: Llama with per-head q/k norms, its norms named otherwise, a plain MLP with xIELU (parameters per layer)
+    "apertus": Family("ApertusForCausalLM", "apertus", dict(qk_norm="head", gated_mlp=False, mlp_bias=False),
+                      renames=dict(attention_layernorm="input_layernorm",
+                                   feedforward_layernorm="post_attention_layernorm"),
+                      defaults=dict(hidden_act="xielu", rms_norm_eps=1e-5, rope_parameters=dict(
+                          rope_type="llama3", rope_theta=12_000_000.0, factor=8.0, low_freq_factor=1.0,
+                          original_max_position_embeddings=8192, high_freq_factor=4.0))),
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # GLM-4.5: sigmoid router with a selection bias and expert groups, an ungated shared expert, dense first layers
     "glm4_moe": Family("Glm4MoeForCausalLM", "glm4moe", dict(router="sigmoid", shared_expert_gated=False, o_bias=False),
@@ -232,7 +239,8 @@ FAMILIES = {
 GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
 # vision-language configs whose text tower nanotune trains
 MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "llama4": "llama4_text", "mistral3": "ministral3"}
-ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "relu2")  # gelu_new is tanh-GELU too; relu2: plain MLPs
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "relu2", "xielu")  # gelu_new: tanh-GELU; relu2, xielu:
+#                                                                              plain MLPs only
 ROPE_TYPES = ("linear", "llama3", "yarn", "longrope", "dynamic", "proportional")  # (dynamic: with a fixed alpha only)
 
 
@@ -411,9 +419,9 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         if not 0 <= getattr(c, k) < 1:
             raise NanotuneError(f"{where}: {fam.keys.get(k, k)}={getattr(c, k)!r} is not a dropout probability; "
                                 "it must be in [0, 1).")
-    if c.hidden_act not in ACTIVATIONS or (c.gated_mlp and c.hidden_act == "relu2"):
+    if c.hidden_act not in ACTIVATIONS or (c.gated_mlp and c.hidden_act in ("relu2", "xielu")):
         raise NanotuneError(f"{where}: activation {c.hidden_act!r} is not supported in a {mt} model "
-                            f"({', '.join(ACTIVATIONS[:3])}; relu2 in a plain MLP).")
+                            f"({', '.join(ACTIVATIONS[:3])}; relu2 and xielu in a plain MLP).")
     return c
 
 

@@ -20,7 +20,8 @@ import tokenizer
 from cli import NanotuneError, fresh_tmp, publish, read_json
 from families import FAMILIES, GGUF_FAMILY, GGUF_NORM_TOPK, config_from_hf, config_to_hf, gguf_values
 from names import (GGUF_EXPERT_BIAS, GGUF_EXPERTS, STACKED, checkpoint_name, experts_from_checkpoint,
-                   experts_to_checkpoint, nanotune_name, pair_expert_biases, stack_experts, unstack_experts)
+                   experts_to_checkpoint, nanotune_name, pair_expert_biases, stack_experts, unstack_experts,
+                   permuted_heads, qk_permute, xielu_arrays, xielu_tensors)
 from model import Config, Transformer
 from rope import rope_attention_factor, rope_base, rope_inv_freq
 
@@ -348,36 +349,19 @@ def gguf_names(cfg: Config) -> dict:
     return names
 
 
-def llama_qk_permute(w: torch.Tensor, heads: int, inverse=False) -> torch.Tensor:
-    """llama.cpp's `llama` rope rotates adjacent pairs (x[2i], x[2i+1]); HF rotates halves (x[i], x[i+d/2]).
-    Export interleaves the halves of each head: new row 2i+j = old row j*(d/2)+i. `inverse` undoes it."""
-    shape = w.shape
-    d = shape[0] // heads
-    if inverse:
-        return w.reshape(heads, d // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
-    return w.reshape(heads, 2, d // 2, *shape[1:]).transpose(1, 2).reshape(shape)
-
-
-def _permuted_heads(cfg: Config, name: str):
-    """How many heads a Q/K tensor has when llama.cpp's `llama` arch wants its rows permuted, else None."""
-    if FAMILIES[cfg.model_type].gguf_arch not in ("llama", "granite", "granitemoe", "arcee", "smollm3", "mistral3"):
-        return None
-    return cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads if ".k_proj." in name else None
-
-
 def to_gguf(cfg: Config, name: str, t: torch.Tensor) -> torch.Tensor:
     """A tensor in HF layout -> llama.cpp's: Q/K rows permuted for `llama`, Gemma norms stored as 1 + w,
     Qwen2-MoE's shared-expert gate [1, C] as a vector."""
-    heads = _permuted_heads(cfg, name)
-    t = llama_qk_permute(t, heads) if heads else t
+    heads = permuted_heads(cfg, name)
+    t = qk_permute(t, heads) if heads else t
     t = t.reshape(-1) if name.endswith(("shared_expert_gate.weight", "e_score_correction_bias")) else t
     return t + cfg.norm_offset if cfg.norm_offset and name.endswith("norm.weight") else t
 
 
 def from_gguf(cfg: Config, name: str, t: torch.Tensor) -> torch.Tensor:
     """The inverse of to_gguf."""
-    heads = _permuted_heads(cfg, name)
-    t = llama_qk_permute(t, heads, inverse=True) if heads else t
+    heads = permuted_heads(cfg, name)
+    t = qk_permute(t, heads, inverse=True) if heads else t
     t = t.reshape(1, -1) if name.endswith("shared_expert_gate.weight") or (
         name.endswith("e_score_correction_bias") and cfg.router == "softmax_bias") else t  # (ERNIE's is [1, E])
     return t - cfg.norm_offset if cfg.norm_offset and name.endswith("norm.weight") else t
@@ -456,6 +440,7 @@ def gguf_tensors(reader, cfg: Config, where: str):
                 yield from pair_expert_biases(biases, b[1], b[2], x)
                 continue
             yield from ((f"{m[1]}.{e}.{m[2]}.weight", x[e]) for e in range(len(x))) if m else [(n, x)]
+    yield from xielu_tensors(reader.fields)
 
 
 # GGUF writing (export.py --format gguf) ----------------------------------------------------------
@@ -480,7 +465,8 @@ def gguf_out_tensors(cfg: Config, tensors):
     """(HF name, tensor) in the checkpoint's layout -> (GGUF name, fp32 numpy array), one at a time."""
     names = gguf_names(cfg)
     for name, t in tensors:
-        yield names[name], to_gguf(cfg, name, t.float().cpu()).numpy()
+        if ".act_fn." not in name:  # (xIELU's parameters: metadata)
+            yield names[name], to_gguf(cfg, name, t.float().cpu()).numpy()
     s = cfg.rope_scaling or {}
     if s.get("rope_type") == "llama3":  # llama.cpp: a divisor per frequency
         plain = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
@@ -572,6 +558,8 @@ def write_gguf(path, cfg: Config, tok, tensors, qtype="f16"):
     w = gguf.GGUFWriter(path, FAMILIES[cfg.model_type].gguf_arch)
     try:
         write_gguf_metadata(w, cfg, tok, qtype)
+        for key, values in (xielu_arrays(cfg, tensors()) if cfg.hidden_act == "xielu" else {}).items():
+            w.add_array(key, values)  # (Apertus; a key without the arch, as llama.cpp reads it)
         for name, a in gguf_out_tensors(cfg, tensors()):  # pass 1: tensor infos (type decided from the shape)
             qt = gguf_type_for(name, a, outtype)
             shape = gguf.quant_shape_to_byte_shape(a.shape, qt) if qt not in (F32, F16) else a.shape

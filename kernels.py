@@ -808,6 +808,13 @@ def route(probs, k, bias=None, groups=1, keep=1, norm=True, scale=1.0):
     return (w * scale if scale != 1 else w), idx
 
 
+def xielu(x, alpha_p, alpha_n, beta, eps):
+    """xIELU (Apertus, arXiv:2411.13010), a_p = softplus(alpha_p), a_n = beta + softplus(alpha_n):
+    a_p x^2 + beta x for x > 0, else a_n (expm1(min(x, eps)) - x) + beta x. (PyTorch only: no Triton kernel.)"""
+    a_p, a_n = F.softplus(alpha_p), beta + F.softplus(alpha_n)
+    return torch.where(x > 0, a_p * x * x + beta * x, (torch.expm1(torch.minimum(x, eps)) - x) * a_n + beta * x)
+
+
 def group_topk(s, k, groups=1, keep=1):
     """s [N, E] -> [N, k]: the k best experts among the `keep` of `groups` equal groups whose two best scores sum
     highest (GLM-4.5 / DeepSeek-V3's router; groups 1: a plain top-k)."""

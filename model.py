@@ -181,6 +181,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(width, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act, self.gated = cfg.hidden_act, cfg.gated_mlp
+        if cfg.hidden_act == "xielu":  # Apertus: the activation has its own parameters per layer (the checkpoint's)
+            self.act_fn = nn.Module()
+            for n, v in (("alpha_p", [0.2034]), ("alpha_n", [-1.0502]), ("beta", 0.5), ("eps", -1e-6)):
+                setattr(self.act_fn, n, nn.Parameter(torch.tensor(v), requires_grad=n.startswith("alpha")))
 
     def forward(self, x, residual=False):
         """residual: the caller only adds the output to the residual stream, so a recompute for backward
@@ -188,7 +192,8 @@ class MLP(nn.Module):
         if self.gated:
             h = kernels.gated_act(*shared_input(x, self.gate_proj, self.up_proj), self.act)
         else:
-            h = PLAIN_ACTS[self.act](self.up_proj(x))
+            h = self.up_proj(x)
+            h = kernels.xielu(h, *self.act_fn.parameters()) if self.act == "xielu" else PLAIN_ACTS[self.act](h)
         with kernels.value_unused(residual):
             return kernels.linear(self.down_proj, h)
 

@@ -1,6 +1,7 @@
 """nanotune names: tensor and module names between a checkpoint (its family's own), nanotune (Llama's) and
-transformers 5's model in memory (what PEFT adapts), and the stacked experts' layouts on disk. families.py holds
-the table these read (Family.renames, .converted, .experts, .mtp)."""
+transformers 5's model in memory (what PEFT adapts); the layouts on disk that differ from nanotune's: stacked
+experts, llama.cpp's Q/K rows for adjacent-pair RoPE, Apertus's xIELU parameters as GGUF metadata. families.py
+holds the table these read (Family.renames, .converted, .experts, .mtp)."""
 import re
 from functools import partial
 
@@ -142,6 +143,39 @@ def unstack_experts(cfg: Config, name: str, t: torch.Tensor, per_expert=True):
     for proj, part in parts:
         names = [f"{base}.{e}.{proj}.{end}" for e in range(len(part))] if per_expert else [f"{base}.{proj}.{end}"]
         yield from zip((checkpoint_name(cfg, n) for n in names), part if per_expert else [part])
+
+
+def qk_permute(w: torch.Tensor, heads: int, inverse=False) -> torch.Tensor:
+    """llama.cpp's `llama` rope rotates adjacent pairs (x[2i], x[2i+1]); HF rotates halves (x[i], x[i+d/2]).
+    Export interleaves the halves of each head: new row 2i+j = old row j*(d/2)+i. `inverse` undoes it."""
+    shape = w.shape
+    d = shape[0] // heads
+    if inverse:
+        return w.reshape(heads, d // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+    return w.reshape(heads, 2, d // 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def permuted_heads(cfg: Config, name: str):
+    """How many heads a Q/K tensor has when llama.cpp's `llama` arch wants its rows permuted, else None."""
+    if FAMILIES[cfg.model_type].gguf_arch not in ("llama", "granite", "granitemoe", "arcee", "smollm3", "mistral3"):
+        return None
+    return cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads if ".k_proj." in name else None
+
+
+XIELU = ("alpha_p", "alpha_n", "beta", "eps")  # Apertus: llama.cpp keeps them as metadata arrays, one value per layer
+
+
+def xielu_arrays(cfg: Config, tensors) -> dict:
+    """The xIELU parameters of every layer (from a stream of (name, tensor)) -> {GGUF key: [value per layer]}."""
+    v = {n: float(t) for n, t in tensors if ".act_fn." in n}
+    return {f"xielu.{p}": [v[f"model.layers.{i}.mlp.act_fn.{p}"] for i in range(cfg.num_hidden_layers)] for p in XIELU}
+
+
+def xielu_tensors(fields: dict):
+    """The inverse of xielu_arrays, from a GGUF's metadata: (name, tensor) per layer and parameter."""
+    for p in XIELU if "xielu.alpha_p" in fields else ():
+        for i, x in enumerate(fields[f"xielu.{p}"].contents()):
+            yield f"model.layers.{i}.mlp.act_fn.{p}", torch.tensor([x] if p.startswith("alpha") else x)
 
 
 def pair_expert_biases(pending: dict, base: str, proj: str, x: torch.Tensor):

@@ -122,6 +122,10 @@ ARCH_CONFIGS = {
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=3.0,
                                            residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0,
                                            intermediate_size=32, tie_word_embeddings=False)),
+    # Apertus: xIELU (randomised per layer), per-head q/k norms, llama3 RoPE
+    "apertus": ("ApertusConfig", dict(head_dim=32, tie_word_embeddings=False, rope_parameters=dict(
+        rope_type="llama3", rope_theta=12000000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8))),
     # GLM-4.5: 8 experts in 4 groups, top-3 within the best 2 groups (sigmoid + selection bias), scaled weights,
     # an ungated shared expert, the first layer dense, q/k norm, half the head rotated, q/k/v biases
     "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
@@ -196,6 +200,8 @@ def make_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides):
                 p.add_(torch.randn_like(p) * 0.1)
             if n.endswith("sinks"):  # gpt-oss: a sink logit per head, as large as the scores
                 p.copy_(torch.randn_like(p))
+            if n.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):  # Apertus: xIELU's own parameters, per layer
+                p.add_(torch.randn_like(p) * 0.5)
         for n, b in m.named_buffers():  # GLM-4.5's expert-selection bias, as large as the scores' spread
             if n.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn_like(b) * 0.1)

@@ -74,7 +74,7 @@ def peft_made_adapter_loads(arch, path, ids, config, tol=1e-4):
 @pytest.mark.parametrize("arch", ["llama", "ministral", "gemma2", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn",
                                   "arcee", "starcoder2", "smollm3", "olmo3",
                                   "seed_oss", "ernie4_5", "exaone4", "cohere", "cohere2",
-                                  "hunyuan_v1_dense", "gemma4_text", "ministral3"])
+                                  "hunyuan_v1_dense", "gemma4_text", "ministral3", "apertus"])
 def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     """nanotune's adapter on every projection gives peft's logits; a peft-made adapter (the checkpoint's own module
     names: Phi-2's dense / fc2, StarCoder2's c_proj) loads into nanotune with peft's logits."""
