@@ -179,6 +179,10 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
     if arch not in ("smollm3", "cohere2", "llama4") and cfg.no_rope_layers and not all(cfg.no_rope_layers):  # (on
         raise NanotuneError(f"llama.cpp's {arch} rotates every layer, and this model's full-attention layers have "
                             "no RoPE, so its GGUF would be wrong.")  # llama-cpp-python 0.3.36: its exaone4 does)
+    if arch == "phimoe":  # (measured: llama-cpp-python 0.3.36 asks for an RMS-norm epsilon for it)
+        raise NanotuneError("llama.cpp's phimoe normalises with RMSNorm where PhiMoE uses LayerNorm, and routes by a "
+                            "renormalised softmax rather than the sparsemixer, so this model's GGUF would be wrong; "
+                            "export --format merged instead.")
     if arch == "gemma4":  # (its per-layer inputs, KV sharing and two head sizes: llama.cpp keys not written yet)
         raise NanotuneError("GGUF export of gemma4_text is not implemented yet; export --format merged and convert "
                             "that with llama.cpp's convert_hf_to_gguf.py.")

@@ -37,6 +37,7 @@ class Family:
     rope_on: str = ""  # "sliding": with a sliding window set, only sliding layers rotate (full layers are NoPE)
     flags: dict = field(default_factory=dict)  # a config.json boolean -> (Config field, its value when true)
     converted: tuple = ()  # checkpoint name components that transformers 5 renames to nanotune's at load (Mixtral)
+    memory: dict = field(default_factory=dict)  # renames of transformers 5's in-memory names only (PhiMoE's router)
     last_full: bool = False  # the default layer_types end with a full-attention layer whatever the pattern (Gemma 4)
     mtp: bool = False  # the checkpoint holds multi-token-prediction layers past num_hidden_layers (not loaded)
 
@@ -169,6 +170,13 @@ FAMILIES = {
                        defaults=dict(use_bias=False, head_dim=128), tied=True),
     "hunyuan_v1_dense": Family("HunYuanDenseV1ForCausalLM", "hunyuan-dense", dict(qk_norm="head_post"),
                                renames=dict(query_layernorm="q_norm", key_layernorm="k_norm")),
+    # PhiMoE (Phi-3.5-MoE): LayerNorms with biases, biases on attention and the head, the sparsemixer router (top-2),
+    # LongRoPE with its own cos/sin scales by length
+    "phimoe": Family("PhimoeForCausalLM", "phimoe", dict(norm_type="layer", router="sparsemixer"), (
+        "num_experts", "num_experts_per_tok", "lm_head_bias", "router_jitter_noise"), EXPERTS_KEY, sliding="always",
+        defaults=dict(rms_norm_eps=1e-5, rope_parameters=dict(rope_type="default", rope_theta=1e6)),
+        renames=dict(block_sparse_moe="mlp", w1="gate_proj", w3="up_proj", w2="down_proj"),
+        converted=("block_sparse_moe",), memory={"router": "gate"}),
     # Apertus: Llama with per-head q/k norms, its norms named otherwise, a plain MLP with xIELU (parameters per layer)
     "apertus": Family("ApertusForCausalLM", "apertus", dict(qk_norm="head", gated_mlp=False, mlp_bias=False),
                       renames=dict(attention_layernorm="input_layernorm",
@@ -276,9 +284,10 @@ def rope_from_hf(d: dict, where: str):
     for k in ("rope_theta", "type") + (() if kind == "proportional" else ("partial_rotary_factor",)):
         scaling.pop(k, None)  # (Gemma 4's proportional RoPE keeps its fraction: rope.rope_inv_freq)
     scaling["rope_type"] = kind
-    if kind in ("llama3", "yarn", "longrope"):  # transformers: a top-level value wins (Phi-3 keeps it there)
-        scaling["original_max_position_embeddings"] = d.get("original_max_position_embeddings") or scaling.get(
-            "original_max_position_embeddings") or d.get("max_position_embeddings")
+    if kind in ("llama3", "yarn", "longrope"):  # transformers: a top-level value wins (Phi-3 keeps it there), but
+        first = () if "long_mscale" in scaling else (d.get("original_max_position_embeddings"),)  # not for PhiMoE
+        scaling["original_max_position_embeddings"] = next((v for v in (*first, scaling.get(
+            "original_max_position_embeddings"), d.get("max_position_embeddings")) if v), None)
     if kind in ("yarn", "longrope") and not scaling.get("factor"):
         scaling["factor"] = d.get("max_position_embeddings") / scaling["original_max_position_embeddings"]
     return theta, scaling, local
@@ -379,6 +388,9 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
     for k, (f, v) in fam.flags.items():
         if d.get(k):
             setattr(c, f, v)
+    if c.router == "sparsemixer" and c.num_experts_per_tok != 2:
+        raise NanotuneError(f"{where}: num_experts_per_tok={c.num_experts_per_tok}, but PhiMoE's router always takes "
+                            "2 experts (transformers ignores the key there too); set it to 2.")
     if c.num_experts:  # Mixtral's experts are intermediate_size wide; the load-balancing loss trains only when
         c.moe_intermediate_size = c.moe_intermediate_size or c.intermediate_size  # the config asks for router
         c.router_aux_loss_coef = d.get("router_aux_loss_coef", 0.0) if d.get("output_router_logits") else 0.0

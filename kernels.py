@@ -815,6 +815,21 @@ def xielu(x, alpha_p, alpha_n, beta, eps):
     return torch.where(x > 0, a_p * x * x + beta * x, (torch.expm1(torch.minimum(x, eps)) - x) * a_n + beta * x)
 
 
+def sparsemixer(scores, eps):
+    """PhiMoE's top-2 router (its evaluation path; transformers samples the experts in training): the best expert,
+    weighted by a softmax over the experts within a relative 2 eps of it, then the best of the rest alike.
+    scores [N, E] -> (weights, experts) [N, 2], not renormalised."""
+    ws, idx, s = [], [], scores
+    for _ in range(2):
+        with torch.no_grad():  # (the masks take no gradient, as in transformers)
+            m, i = s.max(-1, keepdim=True)
+            drop = (m - scores) / scores.abs().clamp(min=m) > 2 * eps
+        ws.append(s.masked_fill(drop, float("-inf")).softmax(-1).gather(-1, i))
+        idx.append(i)
+        s = s.scatter(-1, i, float("-inf"))
+    return torch.cat(ws, -1), torch.cat(idx, -1)
+
+
 def group_topk(s, k, groups=1, keep=1):
     """s [N, E] -> [N, k]: the k best experts among the `keep` of `groups` equal groups whose two best scores sum
     highest (GLM-4.5 / DeepSeek-V3's router; groups 1: a plain top-k)."""

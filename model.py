@@ -90,7 +90,8 @@ class Config:
     router: str = "softmax"  # | "sigmoid" (GLM-4.5: kernels.group_topk of sigmoid(logits) + a correction bias; the
     n_group: int = 1  # weights are the sigmoid scores, times routed_scaling_factor) | "softmax_bias" (ERNIE 4.5:
     #                   top-k of softmax(logits) + a correction bias, the weights the softmax's) | "sigmoid_input"
-    #                   (Llama 4: sigmoid of the top-k logits, scaling the experts' inputs)
+    #                   (Llama 4: sigmoid of the top-k logits, scaling the experts' inputs) | "sparsemixer" (PhiMoE)
+    router_jitter_noise: float = 0.01  # PhiMoE: kernels.sparsemixer's eps
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 and i not in mlp_only_layers
@@ -279,8 +280,11 @@ class MoE(nn.Module):
             return (y + self.shared_expert(h)).view(B, T, C)
         if aux:  # backward adds the load-balancing loss's gradient here (Transformer.router_aux)
             probs = kernels.extra_grad(probs, self.aux_grad)
-        w, idx = kernels.route(probs, self.k, getattr(self, "e_score_correction_bias", None), self.cfg.n_group,
-                               self.cfg.topk_group, self.norm_topk, self.cfg.routed_scaling_factor)  # [N, k]
+        if self.cfg.router == "sparsemixer":
+            w, idx = kernels.sparsemixer(logits, self.cfg.router_jitter_noise)  # [N, 2]
+        else:
+            w, idx = kernels.route(probs, self.k, getattr(self, "e_score_correction_bias", None), self.cfg.n_group,
+                                   self.cfg.topk_group, self.norm_topk, self.cfg.routed_scaling_factor)  # [N, k]
         if aux:  # per expert: how many choices picked it, its summed probability, the rows (kernels.moe_aux_loss)
             self.router_stats = (kernels.expert_counts(idx, probs.shape[1]), probs.sum(0).detach(), h.shape[0])
         with kernels.value_unused(residual):  # a recompute may skip the experts' output (kernels.skip_value)
@@ -398,8 +402,8 @@ class Transformer(nn.Module):
         c = self.config
         full = int((c.global_head_dim or c.head_dim) * c.partial_rotary_factor)
         out = {"inv_freq": (c.rope_theta, c.rope_scaling, False, full)}
-        if (c.rope_scaling or {}).get("rope_type") == "longrope":
-            out["inv_freq_long"] = (c.rope_theta, c.rope_scaling, True, full)
+        if (c.rope_scaling or {}).get("rope_type") == "longrope" and "long_mscale" not in c.rope_scaling:
+            out["inv_freq_long"] = (c.rope_theta, c.rope_scaling, True, full)  # (PhiMoE: short factors always)
         if c.local_rope_theta:
             out["inv_freq_local"] = (c.local_rope_theta, None, False, c.rotary_dim)
         return out
@@ -417,12 +421,13 @@ class Transformer(nn.Module):
     def rope_tables(self, position_ids, S=None):
         """{sliding?: (cos, sin)}: one table for every layer, or Gemma 3's global and local ones. S: the
         sequence length when known on the host (packed rows: the longest document, found on the device)."""
-        c = self.config
-        inv = self.inv_freq
-        if hasattr(self, "inv_freq_long"):  # LongRoPE: long factors once the sequence passes the old context
-            n = S or int(position_ids.max()) + 1
-            inv = self.inv_freq_long if n > c.rope_scaling["original_max_position_embeddings"] else inv
-        tables = {False: rotary(position_ids, inv, self.rope_factor)}
+        c, s = self.config, self.config.rope_scaling or {}
+        inv, factor = self.inv_freq, self.rope_factor
+        if s.get("rope_type") == "longrope":  # LongRoPE: long factors once the sequence passes the old context
+            long = (S or int(position_ids.max()) + 1) > s["original_max_position_embeddings"]
+            inv = self.inv_freq_long if long and hasattr(self, "inv_freq_long") else inv
+            factor = s["long_mscale" if long else "short_mscale"] if "long_mscale" in s else factor  # (PhiMoE's)
+        tables = {False: rotary(position_ids, inv, factor)}
         tables[True] = rotary(position_ids, self.inv_freq_local) if c.local_rope_theta else tables[False]
         return tables
 

@@ -29,7 +29,7 @@ def nanotune_name(cfg: Config, name: str) -> str | None:
     fam = FAMILIES[cfg.model_type]
     if fam.mtp and (m := LAYER.match(name)) and int(m.group(1)) >= cfg.num_hidden_layers:
         return None  # a multi-token-prediction layer: nanotune trains the model's own layers only
-    return _rename(name, fam.renames)
+    return _rename(name, {**fam.renames, **fam.memory})  # (a PEFT adapter's names are the in-memory ones)
 
 
 def checkpoint_name(cfg: Config, name: str) -> str:
@@ -41,7 +41,7 @@ def memory_name(cfg: Config, name: str) -> str:
     """nanotune's module name -> transformers 5's in-memory one (what PEFT adapts): the checkpoint's, but for the
     components transformers renames at load (Mixtral's block_sparse_moe is mlp in memory)."""
     fam = FAMILIES[cfg.model_type]
-    return _rename(name, {v: k for k, v in fam.renames.items() if k not in fam.converted})
+    return _rename(name, {v: k for k, v in {**fam.renames, **fam.memory}.items() if k not in fam.converted})
 
 
 LAYER = re.compile(r"model\.layers\.(\d+)\.")

@@ -59,6 +59,9 @@ def _reads(config_class, key):
 # at 2 layers / hidden 64 (GQA where the family has it, windows shorter than the test sequences).
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+PHIMOE_ROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+               "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0], "short_mscale": 1.2,
+               "long_mscale": 1.2, "original_max_position_embeddings": 8}
 ARCH_CONFIGS = {
     "llama": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -126,6 +129,15 @@ ARCH_CONFIGS = {
     "apertus": ("ApertusConfig", dict(head_dim=32, tie_word_embeddings=False, rope_parameters=dict(
         rope_type="llama3", rope_theta=12000000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=8))),
+    # PhiMoE: LayerNorms and biases, the sparsemixer (eps high enough that its masks keep several experts), LongRoPE
+    # with one cos/sin scale (phimoe-longrope: a short and a long one, switched by length), a sliding window
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                                    attention_bias=True, lm_head_bias=True, tie_word_embeddings=False, sliding_window=6,
+                                    router_jitter_noise=0.35, rope_parameters=PHIMOE_ROPE)),
+    "phimoe-longrope": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                                             attention_bias=True, lm_head_bias=True, tie_word_embeddings=False,
+                                             router_jitter_noise=0.35, rope_parameters={
+                                                 **PHIMOE_ROPE, "short_mscale": 1.1, "long_mscale": 1.3})),
     # GLM-4.5: 8 experts in 4 groups, top-3 within the best 2 groups (sigmoid + selection bias), scaled weights,
     # an ungated shared expert, the first layer dense, q/k norm, half the head rotated, q/k/v biases
     "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,

@@ -137,10 +137,13 @@ def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
     m, tok = tiny_with_lora("llama4_text", tmp_path / "llama4")  # (llama.cpp fixes its chunk at 8192)
     with pytest.raises(NanotuneError, match="llama4 fixes attention_chunk_size at 8192 .* this model has 4"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
+    m, tok = tiny_with_lora("phimoe", tmp_path / "phimoe")  # (llama.cpp's phimoe: RMSNorm, another router)
+    with pytest.raises(NanotuneError, match="llama.cpp's phimoe normalises with RMSNorm"):
+        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     m, tok = tiny_with_lora("gemma4_text", tmp_path / "gemma4")  # (not written yet)
     with pytest.raises(NanotuneError, match="GGUF export of gemma4_text is not implemented yet"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    assert sorted(os.listdir(tmp_path)) == ["base", "gemma4", "llama4", "olmoe"]  # (no GGUF, no temp file)
+    assert sorted(os.listdir(tmp_path)) == ["base", "gemma4", "llama4", "olmoe", "phimoe"]  # (no GGUF, no temp)
 
 
 def test_kquant_and_ollama_modelfile(tmp_path, capfd):

@@ -215,7 +215,7 @@ def test_checkpointed_blocks_pass_gradients_to_their_tensor_arguments(tmp_path):
         assert g is not None and g.abs().max() > 0 and (g - grads[1][n]).abs().max() <= 1e-5 * g.abs().max(), n
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "llama4_text",
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "llama4_text", "phimoe",
                                   "granitemoe"])
 @pytest.mark.parametrize("both", [True, False])
 def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
@@ -240,7 +240,8 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     lora.save_adapter(m, str(tmp_path / "ours"), **adapter_names(m.config, saving=True))
     cfg = json.load(open(tmp_path / "ours" / "adapter_config.json"))
     mlp = {"llama4_text": "feed_forward", "granitemoe": "block_sparse_moe"}.get(arch, "mlp")  # (transformers'
-    router = f"{mlp}.router.weight" if arch in ("gpt_oss", "llama4_text", "granitemoe") else "mlp.gate.weight"  # in
+    router = f"{mlp}.router.weight" if arch in ("gpt_oss", "llama4_text", "granitemoe", "phimoe") else \
+        "mlp.gate.weight"  # in
     #                                                                            memory names, as peft sees them)
     assert cfg["target_parameters"] == ([f"{mlp}.experts.down_proj", f"{mlp}.experts.gate_up_proj", router]
                                         if both else [f"{mlp}.experts.down_proj"])
