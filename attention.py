@@ -50,7 +50,7 @@ class Attention(nn.Module):
     def __init__(self, cfg, layer: int):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.kv_heads_at(layer), cfg.head_dim_at(layer)
-        self.sliding, self.rope = cfg.is_sliding(layer), cfg.has_rope(layer)
+        self.sliding, self.rope = cfg.is_sliding(layer), cfg.has_rope(layer) and not cfg.alibi
         self.reuse, self.k_is_v = cfg.kv_source(layer) is not None, cfg.attention_k_eq_v and not self.sliding
         self.v_eps = cfg.rms_norm_eps if cfg.v_norm else None  # Gemma 4
         self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)

@@ -173,12 +173,17 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
     if arch == "smollm3" and cfg.no_rope_layers != [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)]:
         raise NanotuneError("llama.cpp's smollm3 skips RoPE on every 4th layer and on no other; this model's "
                             f"no_rope_layers {cfg.no_rope_layers} differ, so its GGUF would be wrong.")
-    if cfg.clip_qkv is not None:  # (measured: with attention.clamp_kqv set, llama.cpp's olmoe differs by 0.16)
+    if cfg.clip_qkv is not None and arch != "mpt":  # (measured: with attention.clamp_kqv set, llama.cpp's olmoe
+        #                                              differs by 0.16; its mpt clamps the fused output, as MPT does)
         raise NanotuneError(f"llama.cpp clamps q, k, v elsewhere than {cfg.model_type} does (clip_qkv "
                             f"{cfg.clip_qkv}, after the q/k norms), so this model's GGUF would be wrong.")
     if arch not in ("smollm3", "cohere2", "llama4") and cfg.no_rope_layers and not all(cfg.no_rope_layers):  # (on
         raise NanotuneError(f"llama.cpp's {arch} rotates every layer, and this model's full-attention layers have "
                             "no RoPE, so its GGUF would be wrong.")  # llama-cpp-python 0.3.36: its exaone4 does)
+    if arch == "mpt" and cfg.attention_multiplier:
+        raise NanotuneError(f"llama.cpp's mpt scales attention by 1/sqrt(head_dim); this model's softmax_scale "
+                            f"({cfg.attention_multiplier}) differs, so its GGUF would be wrong; export --format "
+                            "merged instead.")
     if arch == "phimoe":  # (measured: llama-cpp-python 0.3.36 asks for an RMS-norm epsilon for it)
         raise NanotuneError("llama.cpp's phimoe normalises with RMSNorm where PhiMoE uses LayerNorm, and routes by a "
                             "renormalised softmax rather than the sparsemixer, so this model's GGUF would be wrong; "

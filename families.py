@@ -39,6 +39,9 @@ class Family:
     converted: tuple = ()  # checkpoint name components that transformers 5 renames to nanotune's at load (Mixtral)
     memory: dict = field(default_factory=dict)  # renames of transformers 5's in-memory names only (PhiMoE's router)
     last_full: bool = False  # the default layer_types end with a full-attention layer whatever the pattern (Gemma 4)
+    nested: str = ""  # a config.json sub-dict read as if its keys were top-level (MPT's attn_config)
+    requires: dict = field(default_factory=dict)  # config.json keys nanotune does not implement -> the values it
+    #                                               accepts (those at which the family computes what nanotune does)
     mtp: bool = False  # the checkpoint holds multi-token-prediction layers past num_hidden_layers (not loaded)
 
 
@@ -184,6 +187,22 @@ FAMILIES = {
                       defaults=dict(hidden_act="xielu", rms_norm_eps=1e-5, rope_parameters=dict(
                           rope_type="llama3", rope_theta=12_000_000.0, factor=8.0, low_freq_factor=1.0,
                           original_max_position_embeddings=8192, high_freq_factor=4.0))),
+    # MPT: ALiBi (no RoPE), fused Wqkv, bias-free LayerNorm, a plain exact-GELU MLP 4x wide, no biases, tied head
+    "mpt": Family("MptForCausalLM", "mpt", dict(alibi=True, norm_type="layer_nobias", gated_mlp=False,
+                                            hidden_act="gelu", fused_checkpoint=("qkv_proj",)),
+                  ("clip_qkv", "attention_multiplier"),
+                  keys={"rms_norm_eps": "layer_norm_epsilon", "attention_multiplier": "softmax_scale"}, aliases={
+                      "d_model": ("hidden_size",), "n_heads": ("num_attention_heads",),
+                      "n_layers": ("num_hidden_layers",), "max_seq_len": ("max_position_embeddings",)},
+                  nested="attn_config", requires=dict(
+                      no_bias=(True,), expansion_ratio=(4,), logit_scale=(None,), alibi=(True,), alibi_bias_max=(8,),
+                      qk_ln=(False,), attn_type=("multihead_attention",), prefix_lm=(False,), attn_pdrop=(0, 0.0),
+                      attn_uses_sequence_id=(False,), norm_type=("low_precision_layernorm", "layernorm")),
+                  renames={"transformer.wte": "model.embed_tokens", "transformer.blocks": "model.layers",
+                           "transformer.norm_f": "model.norm", "norm_1": "input_layernorm",
+                           "norm_2": "post_attention_layernorm", "attn": "self_attn", "Wqkv": "qkv_proj",
+                           "out_proj": "o_proj", "ffn": "mlp"}, tied=True,
+                  gguf_keys={"clip_qkv": "attention.clamp_kqv"}),
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # GLM-4.5: sigmoid router with a selection bias and expert groups, an ungated shared expert, dense first layers
     "glm4_moe": Family("Glm4MoeForCausalLM", "glm4moe", dict(router="sigmoid", shared_expert_gated=False, o_bias=False),
@@ -247,8 +266,8 @@ FAMILIES = {
 GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
 # vision-language configs whose text tower nanotune trains
 MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "llama4": "llama4_text", "mistral3": "ministral3"}
-ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "relu2", "xielu")  # gelu_new: tanh-GELU; relu2, xielu:
-#                                                                              plain MLPs only
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "relu2", "xielu", "gelu")  # gelu_new: tanh-GELU; the
+#                                                                                      last three: plain MLPs only
 ROPE_TYPES = ("linear", "llama3", "yarn", "longrope", "dynamic", "proportional")  # (dynamic: with a fixed alpha only)
 
 
@@ -340,7 +359,12 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
     if mt not in FAMILIES:
         raise NanotuneError(f"{where}: model_type {mt!r} is not supported; nanotune runs {', '.join(FAMILIES)}.")
     fam = FAMILIES[mt]
-    d = {**fam.defaults, **{k: 0 if v is None else v for k, v in d.items() if v is not None or k in NULL_IS_ZERO}}
+    d = {**fam.defaults, **{k: 0 if v is None else v for k, v in d.items() if v is not None or k in NULL_IS_ZERO},
+         **(d.get(fam.nested) or {} if fam.nested else {})}
+    for k, ok in fam.requires.items():
+        if d.get(k, ok[0]) not in ok:
+            raise NanotuneError(f"{where}: {k}={d[k]!r} is not supported for {mt}; nanotune computes {mt} as {k}="
+                                f"{ok[0]!r} (the checkpoint's own code may ignore the key: check it).")
     for i, layer in (d.pop("per_layer_config", None) or {}).items():  # Gemma 4 as transformers 5.24 saves it: the
         if (d.get("layer_types") or [""] * (int(i) + 1))[int(i)] == "full_attention":  # full layers' geometry
             d.update(global_head_dim=layer.get("head_dim", d.get("head_dim")), num_global_key_value_heads=layer.get(
@@ -350,6 +374,8 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         d["no_rope_layers"] = [int((i + 1) % n != 0) for i in range(d.get("num_hidden_layers") or 0)]
     for k, common in fam.aliases.items():  # (StarCoder2's use_bias: attention_bias and mlp_bias)
         d.update({c: d[k] for c in common if k in d})
+    if "expansion_ratio" in fam.requires:  # MPT: multi-head, the MLP 4x wide (whatever stray keys a save kept)
+        d.update(intermediate_size=4 * d["hidden_size"], num_key_value_heads=d["num_attention_heads"])
     check_unread_keys(d, fam, mt, where)
     if "num_experts" in d:  # (Qwen3-MoE configs say either)
         d.setdefault("num_local_experts", d["num_experts"])
@@ -431,7 +457,7 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
         if not 0 <= getattr(c, k) < 1:
             raise NanotuneError(f"{where}: {fam.keys.get(k, k)}={getattr(c, k)!r} is not a dropout probability; "
                                 "it must be in [0, 1).")
-    if c.hidden_act not in ACTIVATIONS or (c.gated_mlp and c.hidden_act in ("relu2", "xielu")):
+    if c.hidden_act not in ACTIVATIONS or (c.gated_mlp and c.hidden_act in ("relu2", "xielu", "gelu")):
         raise NanotuneError(f"{where}: activation {c.hidden_act!r} is not supported in a {mt} model "
                             f"({', '.join(ACTIVATIONS[:3])}; relu2 and xielu in a plain MLP).")
     return c
@@ -442,6 +468,8 @@ def gguf_values(c: Config) -> dict:
     out = {gk: getattr(c, k) for k, gk in FAMILIES[c.model_type].gguf_keys.items() if getattr(c, k) is not None}
     if c.attn_scale and not c.temperature_nope_only:  # Ministral 3's query temperature
         out.update({"attention.temperature_scale": c.attn_scale, "attention.temperature_length": int(c.floor_scale)})
+    if c.alibi:  # (MPT's slopes: 2^(-8 i / P))
+        out["attention.max_alibi_bias"] = 8.0
     if c.n_shared_experts:  # (GLM-4.5 / ERNIE 4.5: a shared expert this wide)
         out["expert_shared_feed_forward_length"] = c.n_shared_experts * c.moe_intermediate_size
     if c.router == "sigmoid":  # (llama.cpp: 1 softmax, 2 sigmoid)
@@ -486,6 +514,8 @@ def config_to_hf(c: Config) -> dict:
         d[k] = d[common[0]]
     for k, (f, v) in fam.flags.items():
         d[k] = getattr(c, f) == v
+    if fam.nested:  # (MPT: attn_config)
+        d[fam.nested] = {fam.keys.get(k, k): d.pop(fam.keys.get(k, k)) for k in fam.hf_keys}
     if fam.sliding:
         d["sliding_window"] = c.sliding_window
         d["use_sliding_window"] = bool(c.sliding_window)

@@ -123,7 +123,7 @@ def fuse(cfg: Config, tensors, unstack=True):
         pending[name] = t
         parts = [f"{parent}.{x}.weight" for x in FUSED[fused]]
         if all(q in pending for q in parts):
-            yield f"{parent}.{fused}.weight", torch.cat([pending.pop(q) for q in parts])
+            yield checkpoint_name(cfg, f"{parent}.{fused}.weight"), torch.cat([pending.pop(q) for q in parts])
 
 
 def hf_state_dict(model: Transformer) -> dict:

@@ -830,6 +830,14 @@ def sparsemixer(scores, eps):
     return torch.cat(ws, -1), torch.cat(idx, -1)
 
 
+def alibi_slopes(H, bias_max=8):
+    """ALiBi's per-head slopes (arXiv:2108.12409) as MPT computes them: 2^(-bias_max i / P), i = 1..P, P the power
+    of 2 at or above H; for other H, the odd ones then the even ones, the first H."""
+    P = 2 ** math.ceil(math.log2(H))
+    slopes = 1.0 / torch.pow(2, torch.arange(1, P + 1).float() * (bias_max / P))
+    return slopes if P == H else torch.cat([slopes[1::2], slopes[::2]])[:H]
+
+
 def group_topk(s, k, groups=1, keep=1):
     """s [N, E] -> [N, k]: the k best experts among the `keep` of `groups` equal groups whose two best scores sum
     highest (GLM-4.5 / DeepSeek-V3's router; groups 1: a plain top-k)."""

@@ -123,6 +123,7 @@ class Config:
     layer_scalar: bool = False
     # Llama 4: chunked attention on layer_types "chunked_attention"; the queries of NoPE layers (of every layer:
     # Ministral 3) scaled by 1 + attn_scale * log1p(floor((position + temperature_offset) / floor_scale))
+    alibi: bool = False  # MPT: no RoPE; each head's scores + slope_h * (key position - last position)
     attention_chunk_size: int | None = None
     attn_scale: float = 0.0
     floor_scale: float = 8192.0
@@ -199,7 +200,7 @@ class MLP(nn.Module):
             return kernels.linear(self.down_proj, h)
 
 
-PLAIN_ACTS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+PLAIN_ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
               "gelu_new": partial(F.gelu, approximate="tanh"), "relu2": lambda u: F.relu(u).square()}
 
 
@@ -454,9 +455,9 @@ class Transformer(nn.Module):
         ple = self.model.per_layer_inputs(input_ids, x, c) if c.hidden_size_per_layer_input else None
         rope = self.rope_tables(position_ids, None if packed else offset + T)
         S = offset + T
-        need = attention_mask is not None or packed or (offset > 0 and T > 1)
+        need = attention_mask is not None or packed or (offset > 0 and T > 1) or c.alibi
         masks, windows = {}, {c.sliding_window if layer.self_attn.sliding else None for layer in self.model.layers}
-        plain = attention_mask is None and cache is None and not c.attention_chunk_size  # rows are whole documents
+        plain = attention_mask is None and cache is None and not (c.attention_chunk_size or c.alibi)  # whole rows
         if self.varlen and packed and plain and kernels.varlen_usable(x, c, windows):
             masks = kernels.packed_rows(position_ids, windows)  # no [B, 1, T, T] mask: varlen flash attention
         elif not packed and plain and any(w and S > w for w in windows) and kernels.varlen_usable(x, c, windows):
@@ -465,6 +466,9 @@ class Transformer(nn.Module):
         for w in windows - set(masks):
             if need or (w and S > w):
                 masks[w] = attention_mask_for(B, T, offset, attention_mask, docs, w, x.device)
+        if c.alibi:  # (a float mask: -inf where masked, the heads' position bias elsewhere)
+            bias = kernels.alibi_slopes(c.num_attention_heads)[:, None] * (torch.arange(S) - (S - 1)).float()
+            masks[None] = bias.to(x.device, x.dtype)[None, :, None].masked_fill(~masks[None], float("-inf"))
         C = c.attention_chunk_size
         if C and (need or S > C):  # Llama 4's chunked layers
             masks["chunk"] = attention_mask_for(B, T, offset, attention_mask, docs, None, x.device, C,

@@ -138,6 +138,8 @@ ARCH_CONFIGS = {
                                              attention_bias=True, lm_head_bias=True, tie_word_embeddings=False,
                                              router_jitter_noise=0.35, rope_parameters={
                                                  **PHIMOE_ROPE, "short_mscale": 1.1, "long_mscale": 1.3})),
+    # MPT: ALiBi over 4 heads, fused Wqkv, q/k/v clamped, its own softmax scale, exact GELU, a tied head
+    "mpt": ("MptConfig", dict(max_seq_len=256, attn_config=dict(clip_qkv=0.3, softmax_scale=0.3))),
     # GLM-4.5: 8 experts in 4 groups, top-3 within the best 2 groups (sigmoid + selection bias), scaled weights,
     # an ungated shared expert, the first layer dense, q/k norm, half the head rotated, q/k/v biases
     "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,

@@ -27,6 +27,7 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     # llama.cpp's olmo2 (Olmo 3 too) loads no biases, its seed_oss and ernie4_5 no MLP biases (ERNIE 4.5 has none)
     "olmo3": {"attention_bias": False}, "seed_oss": {"mlp_bias": False}, "ernie4_5": {"use_bias": False},
     "glm4": {}, "hunyuan_v1_dense": {}, "glm4_moe": {}, "granitemoe": {},
+    "mpt": {"attn_config": {"clip_qkv": 0.3}},  # (llama.cpp's mpt scales by 1/sqrt(head_dim): no softmax_scale)
     "apertus": {"initializer_range": 0.1},  # (q8_0's rounding flipped 3 of 40 near-tied top-1s at 0.02)
     # llama.cpp's llama4 fixes the chunk (8192), the NoPE step (4), the temperature (8192, 0.1) and q/k norms
     "llama4_text": {"attention_chunk_size": 8192, "no_rope_layers": [1, 1, 1, 0], "floor_scale": 8192,

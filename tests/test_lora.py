@@ -101,6 +101,28 @@ def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == {"o_proj", "down_proj"}
 
 
+@pytest.mark.parametrize("arch", ["mpt", "glm4", "phi3"])
+def test_adapter_on_unfused_projections_loads_in_peft(arch, tmp_path):
+    """Families whose checkpoints fuse q/k/v or gate/up (MPT's Wqkv, Phi-3's, GLM-4's gate_up_proj: PEFT adapts the
+    fused module, nanotune the parts): an adapter on the other projections gives peft's logits, both ways."""
+    from names import adapter_names, checkpoint_name
+    from peft import LoraConfig, PeftModel
+    hf = make_hf_model(arch, tmp_path / "base")
+    ids = torch.randint(3, 128, (2, 10))
+    m = formats.load_model(str(tmp_path / "base"))
+    lora.apply_lora(m, r=4, alpha=8, targets=["o_proj", "down_proj"])
+    randomise_adapters(m)
+    with torch.no_grad():
+        ours = m.logits(m(ids))
+    lora.save_adapter(m, str(tmp_path / "ours"), **adapter_names(m.config, saving=True))
+    pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-5
+    targets = [checkpoint_name(m.config, t) for t in ("o_proj", "down_proj")]  # (MPT: out_proj)
+    peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                             init_lora_weights=False), 1e-5)
+
+
 @pytest.mark.parametrize("arch,variant", [("llama", v) for v in VARIANTS] + [("qwen2_moe", "lora")])
 def test_merge_equals_adapter_and_unmerge_restores(arch, variant, tmp_path):
     make_hf_model(arch, tmp_path)

@@ -52,7 +52,7 @@ def test_logits_match_transformers_both_ways(arch, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "ministral", "gemma2", "phi3", "gemma3", "phi", "olmo2", "granite",
                                   "qwen2-yarn", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "arcee",
                                   "starcoder2", "smollm3", "olmo3", "seed_oss", "ernie4_5", "glm4", "glm4_moe",
-                                  "llama4_text", "ministral3", "granitemoe", "apertus", "phimoe",
+                                  "llama4_text", "ministral3", "granitemoe", "apertus", "phimoe", "mpt",
                                   "gemma4_text", "ernie4_5_moe", "exaone4", "cohere", "cohere2", "olmoe",
                                   "hunyuan_v1_dense"])
 def test_packed_rows_equal_separate_sequences(arch, tmp_path):
@@ -116,7 +116,7 @@ def test_sharded_checkpoint_loads(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "ministral", "gemma2", "gemma3", "phi", "olmo2", "granite",
                                   "qwen2-yarn", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "arcee",
                                   "starcoder2", "smollm3", "olmo3", "seed_oss", "ernie4_5", "glm4", "glm4_moe",
-                                  "llama4_text", "ministral3", "granitemoe", "apertus", "phimoe",
+                                  "llama4_text", "ministral3", "granitemoe", "apertus", "phimoe", "mpt",
                                   "gemma4_text", "ernie4_5_moe", "exaone4", "cohere", "cohere2", "olmoe",
                                   "hunyuan_v1_dense"])
 def test_kv_cache_generation_equals_full_recompute(arch, tmp_path):
@@ -300,3 +300,11 @@ def test_the_checkpoints_dropouts_train_and_recompute_exactly(tmp_path):
         m.logits(m(ids)).float().logsumexp(-1).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[0].abs().max()
+
+
+@pytest.mark.parametrize("heads", [1, 4, 5, 6, 12, 71])
+def test_alibi_slopes_equal_transformers_mpt(heads):
+    """ALiBi's per-head slopes (kernels.alibi_slopes) equal MPT's in transformers, powers of 2 and the rest."""
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+    want = -build_mpt_alibi_tensor(heads, 2)[:, 0, 0]  # [H, 1, 2] = slope * (-1, 0)
+    assert torch.allclose(kernels.alibi_slopes(heads), want.float(), rtol=0, atol=1e-7)
