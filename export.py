@@ -184,6 +184,10 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         raise NanotuneError(f"llama.cpp's mpt scales attention by 1/sqrt(head_dim); this model's softmax_scale "
                             f"({cfg.attention_multiplier}) differs, so its GGUF would be wrong; export --format "
                             "merged instead.")
+    if arch == "falcon" and (cfg.alibi or cfg.qkv_bias or not cfg.parallel_block):
+        raise NanotuneError("llama.cpp's falcon runs parallel blocks with RoPE and no linear biases, and this model "
+                            "(falcon-rw's layout: ALiBi, biases, a sequential block) is not one; export --format "
+                            "merged instead.")
     if arch == "phimoe":  # (measured: llama-cpp-python 0.3.36 asks for an RMS-norm epsilon for it)
         raise NanotuneError("llama.cpp's phimoe normalises with RMSNorm where PhiMoE uses LayerNorm, and routes by a "
                             "renormalised softmax rather than the sparsemixer, so this model's GGUF would be wrong; "

@@ -43,6 +43,8 @@ class Family:
     requires: dict = field(default_factory=dict)  # config.json keys nanotune does not implement -> the values it
     #                                               accepts (those at which the family computes what nanotune does)
     mtp: bool = False  # the checkpoint holds multi-token-prediction layers past num_hidden_layers (not loaded)
+    layout: object = None  # (d, where) -> Config fields a family's own flags decide (Falcon's), d given the common
+    #                        keys; and (Config, d) writes the flags back: a pair of functions
 
 
 GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh")
@@ -66,6 +68,31 @@ GEMMA3_DEFAULTS = dict(  # Gemma3TextConfig's defaults: multimodal checkpoints s
     num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=131_072,
     rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, sliding_window=4096, sliding_window_pattern=6,
     hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1, pad_token_id=0)
+def falcon_in(d: dict, where: str) -> dict:
+    """Falcon's flags -> the common keys (kv heads, MLP width) and the Config fields of its block layout."""
+    H, new, parallel = d["num_attention_heads"], d.get("new_decoder_architecture"), d.get("parallel_attn", True)
+    norms = d.get("num_ln_in_parallel_attn") or (2 if new else 1)
+    if (new and not parallel) or (not new and norms == 2) or d.get("attention_dropout"):
+        raise NanotuneError(f"{where}: this Falcon layout (new_decoder_architecture={bool(new)}, parallel_attn="
+                            f"{parallel}, num_ln_in_parallel_attn={norms}, attention_dropout="
+                            f"{d.get('attention_dropout')}) is not one transformers runs either; check the file.")
+    d.update(num_key_value_heads=(d.get("num_kv_heads") or H) if new else 1 if d.get("multi_query", True) else H,
+             intermediate_size=d.get("ffn_hidden_size") or 4 * d["hidden_size"], attention_bias=bool(d.get("bias")),
+             mlp_bias=bool(d.get("bias")))
+    return dict(parallel_block=bool(parallel), parallel_norms=norms if parallel else 1, alibi="falcon" * bool(
+        d.get("alibi")), residual_dropout=float(d.get("hidden_dropout") or 0.0))
+
+
+def falcon_out(c: Config, d: dict):
+    """The inverse of falcon_in, into a config.json transformers reads back."""
+    new = c.parallel_norms == 2 or 1 < c.num_key_value_heads < c.num_attention_heads
+    d.update(new_decoder_architecture=new, multi_query=c.num_key_value_heads == 1, num_kv_heads=c.num_key_value_heads,
+             parallel_attn=c.parallel_block, num_ln_in_parallel_attn=c.parallel_norms if new else None,
+             alibi=c.alibi == "falcon", bias=c.qkv_bias, ffn_hidden_size=c.intermediate_size, activation="gelu",
+             hidden_dropout=c.residual_dropout)
+    d.pop("head_dim")  # (a read-only property of FalconConfig)
+
+
 GEMMA4_DEFAULTS = dict(  # Gemma4TextConfig's defaults (multimodal checkpoints spell out only what differs)
     vocab_size=262_144, hidden_size=2304, intermediate_size=9216, num_hidden_layers=30, num_attention_heads=8,
     num_key_value_heads=4, head_dim=256, global_head_dim=512, sliding_window=512, sliding_window_pattern=6,
@@ -187,8 +214,17 @@ FAMILIES = {
                       defaults=dict(hidden_act="xielu", rms_norm_eps=1e-5, rope_parameters=dict(
                           rope_type="llama3", rope_theta=12_000_000.0, factor=8.0, low_freq_factor=1.0,
                           original_max_position_embeddings=8192, high_freq_factor=4.0))),
+    # Falcon: parallel attention + MLP from one LayerNorm (7B, Falcon 2) or two (40B / 180B), or sequential with
+    # ALiBi and biases (falcon-rw); a fused q/k/v stored per kv group; an exact-GELU MLP; tied head
+    "falcon": Family("FalconForCausalLM", "falcon", dict(norm_type="layer", gated_mlp=False, hidden_act="gelu",
+                                                      fused_checkpoint=("qkv_proj",), qkv_grouped=True),
+                     keys={"rms_norm_eps": "layer_norm_epsilon"}, tied=True, layout=(falcon_in, falcon_out),
+                     renames={"transformer.word_embeddings": "model.embed_tokens", "transformer.h": "model.layers",
+                              "transformer.ln_f": "model.norm", "self_attention": "self_attn",
+                              "query_key_value": "qkv_proj", "dense": "o_proj", "dense_h_to_4h": "up_proj",
+                              "dense_4h_to_h": "down_proj"}, gguf_pre="falcon"),
     # MPT: ALiBi (no RoPE), fused Wqkv, bias-free LayerNorm, a plain exact-GELU MLP 4x wide, no biases, tied head
-    "mpt": Family("MptForCausalLM", "mpt", dict(alibi=True, norm_type="layer_nobias", gated_mlp=False,
+    "mpt": Family("MptForCausalLM", "mpt", dict(alibi="mpt", norm_type="layer_nobias", gated_mlp=False,
                                             hidden_act="gelu", fused_checkpoint=("qkv_proj",)),
                   ("clip_qkv", "attention_multiplier"),
                   keys={"rms_norm_eps": "layer_norm_epsilon", "attention_multiplier": "softmax_scale"}, aliases={
@@ -377,6 +413,7 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
     if "expansion_ratio" in fam.requires:  # MPT: multi-head, the MLP 4x wide (whatever stray keys a save kept)
         d.update(intermediate_size=4 * d["hidden_size"], num_key_value_heads=d["num_attention_heads"])
     check_unread_keys(d, fam, mt, where)
+    fields = fam.layout[0](d, where) if fam.layout else {}
     if "num_experts" in d:  # (Qwen3-MoE configs say either)
         d.setdefault("num_local_experts", d["num_experts"])
     if d.get("qk_layernorm"):
@@ -407,6 +444,8 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
     c.qkv_bias = c.o_bias = bool(d.get("attention_bias", False))
     c.attention_dropout = float(d.get("attention_dropout") or 0.0)
     for k, v in fam.sets.items():
+        setattr(c, k, v)
+    for k, v in fields.items():
         setattr(c, k, v)
     for k in fam.hf_keys:  # (query_pre_attn_scalar defaults to head_dim, Granite's multipliers to 1)
         default = c.head_dim if k == "query_pre_attn_scalar" else getattr(c, k)
@@ -514,6 +553,8 @@ def config_to_hf(c: Config) -> dict:
         d[k] = d[common[0]]
     for k, (f, v) in fam.flags.items():
         d[k] = getattr(c, f) == v
+    if fam.layout:
+        fam.layout[1](c, d)
     if fam.nested:  # (MPT: attn_config)
         d[fam.nested] = {fam.keys.get(k, k): d.pop(fam.keys.get(k, k)) for k in fam.hf_keys}
     if fam.sliding:

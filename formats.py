@@ -21,7 +21,7 @@ from cli import NanotuneError, fresh_tmp, publish, read_json
 from families import FAMILIES, GGUF_FAMILY, GGUF_NORM_TOPK, config_from_hf, config_to_hf, gguf_values
 from names import (GGUF_EXPERT_BIAS, GGUF_EXPERTS, STACKED, checkpoint_name, experts_from_checkpoint,
                    experts_to_checkpoint, nanotune_name, pair_expert_biases, stack_experts, unstack_experts,
-                   permuted_heads, qk_permute, xielu_arrays, xielu_tensors)
+                   permuted_heads, qk_permute, qkv_groups, xielu_arrays, xielu_tensors)
 from model import Config, Transformer
 from rope import rope_attention_factor, rope_base, rope_inv_freq
 
@@ -90,13 +90,14 @@ def split_fused(cfg: Config, name: str, t: torch.Tensor):
     name = nanotune_name(cfg, name)
     if name is None:
         return
-    fused = next((f for f in FUSED if name.endswith(f"{f}.weight")), None)
+    fused = next((f for f in FUSED if name.endswith((f"{f}.weight", f"{f}.bias"))), None)
     if fused is None:
         yield name, experts_from_checkpoint(cfg, name, t)
         return
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    sizes = [q, kv, kv] if fused == "qkv_proj" else [t.shape[0] // 2] * 2
-    for part, w in zip(FUSED[fused], t.split(sizes, 0)):
+    H, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    t = qkv_groups(cfg, t) if fused == "qkv_proj" and cfg.qkv_grouped else t  # (Falcon's, per kv group)
+    for part, w in zip(FUSED[fused], t.split([H * d, kv * d, kv * d] if fused == "qkv_proj" else
+                                             [t.shape[0] // 2] * 2, 0)):
         yield name.replace(fused, part), w
 
 
@@ -117,13 +118,15 @@ def fuse(cfg: Config, tensors, unstack=True):
         mod, _, leaf = name.rpartition(".")
         parent, _, proj = mod.rpartition(".")
         fused = next((f for f, parts in FUSED.items() if proj in parts and f in cfg.fused_checkpoint), None)
-        if fused is None or leaf != "weight":
+        if fused is None:
             yield checkpoint_name(cfg, name), t
             continue
         pending[name] = t
-        parts = [f"{parent}.{x}.weight" for x in FUSED[fused]]
+        parts = [f"{parent}.{x}.{leaf}" for x in FUSED[fused]]
         if all(q in pending for q in parts):
-            yield checkpoint_name(cfg, f"{parent}.{fused}.weight"), torch.cat([pending.pop(q) for q in parts])
+            w = torch.cat([pending.pop(q) for q in parts])
+            w = qkv_groups(cfg, w, back=True) if cfg.qkv_grouped and fused == "qkv_proj" else w  # (Falcon's)
+            yield checkpoint_name(cfg, f"{parent}.{fused}.{leaf}"), w
 
 
 def hf_state_dict(model: Transformer) -> dict:
@@ -335,6 +338,8 @@ def gguf_names(cfg: Config) -> dict:
         layer["mlp.gate_up_proj"] = "ffn_up"
     else:
         layer.update({"mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"})
+    if cfg.parallel_norms == 2:  # (Falcon-40B: llama.cpp's attn_norm feeds the MLP, attn_norm_2 the attention)
+        layer.update(ln_attn="attn_norm_2", ln_mlp="attn_norm")
     if FAMILIES[cfg.model_type].gguf_arch in ("gpt-oss", "seed_oss", "glm4moe"):  # (pre-MLP norm: another name)
         layer["post_attention_layernorm"] = "post_attention_norm"
     pairs = list(top.items()) + [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}")
@@ -355,6 +360,7 @@ def to_gguf(cfg: Config, name: str, t: torch.Tensor) -> torch.Tensor:
     heads = permuted_heads(cfg, name)
     t = qk_permute(t, heads) if heads else t
     t = t.reshape(-1) if name.endswith(("shared_expert_gate.weight", "e_score_correction_bias")) else t
+    t = qkv_groups(cfg, t) if cfg.qkv_grouped and name.endswith("query_key_value.weight") else t  # (Falcon)
     return t + cfg.norm_offset if cfg.norm_offset and name.endswith("norm.weight") else t
 
 
@@ -364,6 +370,7 @@ def from_gguf(cfg: Config, name: str, t: torch.Tensor) -> torch.Tensor:
     t = qk_permute(t, heads, inverse=True) if heads else t
     t = t.reshape(1, -1) if name.endswith("shared_expert_gate.weight") or (
         name.endswith("e_score_correction_bias") and cfg.router == "softmax_bias") else t  # (ERNIE's is [1, E])
+    t = qkv_groups(cfg, t, back=True) if cfg.qkv_grouped and name.endswith("query_key_value.weight") else t
     return t - cfg.norm_offset if cfg.norm_offset and name.endswith("norm.weight") else t
 
 
@@ -405,6 +412,9 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
     if g("rope.scaling.original_context_length"):  # (a top-level value wins in config_from_hf, as in transformers)
         d["original_max_position_embeddings"] = g("rope.scaling.original_context_length")
     d.update({FAMILIES[mt].keys.get(k, k): g(gk) for k, gk in FAMILIES[mt].gguf_keys.items() if g(gk) is not None})
+    if arch == "falcon":  # (its flags, from the tensors: a second norm is the 40B layout)
+        d.update(new_decoder_architecture="blk.0.attn_norm_2.weight" in names, num_kv_heads=d["num_key_value_heads"],
+                 multi_query=d["num_key_value_heads"] == 1, ffn_hidden_size=d["intermediate_size"])
     if "use_qk_norm" in FAMILIES[mt].flags:  # (GLM-4.5: the norms' presence; Llama 4's have no weights: on unless 128)
         d["use_qk_norm"] = "blk.0.attn_q_norm.weight" in names or (arch == "llama4" and g("expert_count") != 128)
     if g("expert_count") and arch in GGUF_NORM_TOPK:

@@ -830,9 +830,17 @@ def sparsemixer(scores, eps):
     return torch.cat(ws, -1), torch.cat(idx, -1)
 
 
-def alibi_slopes(H, bias_max=8):
+def alibi_slopes(H, bias_max=8, bloom=False):
     """ALiBi's per-head slopes (arXiv:2108.12409) as MPT computes them: 2^(-bias_max i / P), i = 1..P, P the power
-    of 2 at or above H; for other H, the odd ones then the even ones, the first H."""
+    of 2 at or above H; for other H, the odd ones then the even ones, the first H. bloom: as BLOOM / Falcon
+    compute them (the same values, rounded otherwise: p the power of 2 at or below H, then odd powers of the
+    next base for the rest)."""
+    if bloom:
+        p = 2 ** math.floor(math.log2(H))
+        slopes = torch.pow(torch.tensor(2 ** (-(2 ** -(math.log2(p) - 3)))), torch.arange(1, 1 + p))
+        base2 = torch.tensor(2 ** (-(2 ** -(math.log2(2 * p) - 3))))
+        extra = torch.pow(base2, torch.arange(1, 1 + 2 * min(p, H - p), 2))
+        return torch.cat([slopes, extra]).float()
     P = 2 ** math.ceil(math.log2(H))
     slopes = 1.0 / torch.pow(2, torch.arange(1, P + 1).float() * (bias_max / P))
     return slopes if P == H else torch.cat([slopes[1::2], slopes[::2]])[:H]

@@ -123,7 +123,10 @@ class Config:
     layer_scalar: bool = False
     # Llama 4: chunked attention on layer_types "chunked_attention"; the queries of NoPE layers (of every layer:
     # Ministral 3) scaled by 1 + attn_scale * log1p(floor((position + temperature_offset) / floor_scale))
-    alibi: bool = False  # MPT: no RoPE; each head's scores + slope_h * (key position - last position)
+    alibi: str = ""  # no RoPE; each head's scores + slope_h * position: "mpt" (key - last key) | "falcon" (the key's
+    #                 position from the row's first real token, rounded to bf16, / sqrt(head_dim))
+    parallel_norms: int = 1  # Falcon-40B/180B: a parallel block with a norm for each branch (ln_attn, ln_mlp)
+    qkv_grouped: bool = False  # Falcon: the fused q/k/v stored per kv group, [q_1 .. q_g, k, v] (formats.split_fused)
     attention_chunk_size: int | None = None
     attn_scale: float = 0.0
     floor_scale: float = 8192.0
@@ -318,7 +321,9 @@ class Block(nn.Module):
         if cfg.layer_scalar:  # (a loaded constant, not trained: transformers keeps it as a buffer)
             self.layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
         self.pre, self.post, self.parallel = cfg.pre_norm, cfg.post_norm, cfg.parallel_block
-        if self.pre or self.parallel:
+        if cfg.parallel_norms == 2:  # Falcon's new decoder: attention and MLP each from their own norm
+            self.ln_attn, self.ln_mlp = make_norm(cfg), make_norm(cfg)
+        elif self.pre or self.parallel:
             self.input_layernorm = make_norm(cfg)
         if self.post:
             self.post_attention_layernorm, self.post_feedforward_layernorm = make_norm(cfg), make_norm(cfg)
@@ -335,8 +340,9 @@ class Block(nn.Module):
         (tensors, so that a checkpointed block's backward sends their gradient back to the layer that made them);
         qscale: the queries' temperature (Attention.forward)."""
         if self.parallel:
-            h = self.input_layernorm(x)
-            a, y = self.self_attn(h, cos, sin, mask, cache), self.mlp(h, residual=True)
+            h = self.ln_attn(x) if hasattr(self, "ln_attn") else self.input_layernorm(x)
+            a, y = self.self_attn(h, cos, sin, mask, cache), self.mlp(
+                self.ln_mlp(x) if hasattr(self, "ln_mlp") else h, residual=True)
             if self.drop:
                 a, y = self.drop(a), self.drop(y)
             return x + a + y
@@ -467,8 +473,8 @@ class Transformer(nn.Module):
             if need or (w and S > w):
                 masks[w] = attention_mask_for(B, T, offset, attention_mask, docs, w, x.device)
         if c.alibi:  # (a float mask: -inf where masked, the heads' position bias elsewhere)
-            bias = kernels.alibi_slopes(c.num_attention_heads)[:, None] * (torch.arange(S) - (S - 1)).float()
-            masks[None] = bias.to(x.device, x.dtype)[None, :, None].masked_fill(~masks[None], float("-inf"))
+            masks[None] = alibi_bias(c, B, S, attention_mask, position_ids if packed else None, x).masked_fill(
+                ~masks[None], float("-inf"))
         C = c.attention_chunk_size
         if C and (need or S > C):  # Llama 4's chunked layers
             masks["chunk"] = attention_mask_for(B, T, offset, attention_mask, docs, None, x.device, C,
@@ -528,6 +534,21 @@ class Transformer(nn.Module):
         """[..., C] hidden states -> [..., V] logits (with Gemma 2's final softcap). Granite's logits_scaling
         is already in h (forward divides the hidden states), so a fused loss over lm_head sees it too."""
         return kernels.softcap(self.lm_head(h), self.config.final_logit_softcapping)
+
+
+def alibi_bias(c: Config, B, S, attention_mask, pos, x):
+    """ALiBi's bias [B or 1, H, 1, S] over the S keys: MPT's slope_h (j - (S - 1)); Falcon's slope_h p_j rounded
+    to bf16 (as transformers multiplies), / sqrt(head_dim), p_j the key's position from its row's first real token
+    (pos: a packed document's own)."""
+    if c.alibi == "mpt":
+        return (kernels.alibi_slopes(c.num_attention_heads)[:, None] * (torch.arange(S) - (S - 1)).float()).to(
+            x.device, x.dtype)[None, :, None]
+    if pos is None:
+        am = attention_mask[:, :S] if attention_mask is not None else torch.ones(1, S, dtype=torch.long,
+                                                                                  device=x.device)
+        pos = (am.cumsum(-1) - 1) * am
+    slopes = kernels.alibi_slopes(c.num_attention_heads, bloom=True).to(x.device).bfloat16()
+    return ((slopes[None, :, None] * pos[:, None, :]).to(x.dtype) / c.head_dim**0.5)[:, :, None]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,6 +162,18 @@ def permuted_heads(cfg: Config, name: str):
     return cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads if ".k_proj." in name else None
 
 
+def qkv_groups(cfg: Config, t: torch.Tensor, back=False) -> torch.Tensor:
+    """Falcon's fused q/k/v (weight or bias), stored per kv group [q_1 .. q_g, k, v] -> contiguous [q; k; v], the
+    layout of Phi-3's and of llama.cpp's falcon (back: the inverse)."""
+    kv, d, rest = cfg.num_key_value_heads, cfg.head_dim, t.shape[1:]
+    if back:
+        q, k, v = t.split([cfg.num_attention_heads * d, kv * d, kv * d])
+        return torch.cat([q.view(kv, -1, d, *rest), k.view(kv, 1, d, *rest), v.view(kv, 1, d, *rest)], 1).reshape(
+            t.shape)
+    g = t.view(kv, -1, d, *rest)
+    return torch.cat([g[:, :-2].reshape(-1, *rest), g[:, -2].reshape(-1, *rest), g[:, -1].reshape(-1, *rest)])
+
+
 XIELU = ("alpha_p", "alpha_n", "beta", "eps")  # Apertus: llama.cpp keeps them as metadata arrays, one value per layer
 
 

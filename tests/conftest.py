@@ -138,6 +138,13 @@ ARCH_CONFIGS = {
                                              attention_bias=True, lm_head_bias=True, tie_word_embeddings=False,
                                              router_jitter_noise=0.35, rope_parameters={
                                                  **PHIMOE_ROPE, "short_mscale": 1.1, "long_mscale": 1.3})),
+    # Falcon: 7B's layout (multi-query, parallel from one LayerNorm, RoPE), 40B's (2 kv heads, a LayerNorm per
+    # branch), falcon-rw's (ALiBi over 6 heads, biases, sequential); sdpa attention (transformers' eager Falcon adds
+    # ALiBi twice)
+    "falcon": ("FalconConfig", dict(multi_query=True, parallel_attn=True)),
+    "falcon-40b": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "falcon-rw": ("FalconConfig", dict(multi_query=False, parallel_attn=False, bias=True, alibi=True,
+                                       num_attention_heads=8)),
     # MPT: ALiBi over 4 heads, fused Wqkv, q/k/v clamped, its own softmax scale, exact GELU, a tied head
     "mpt": ("MptConfig", dict(max_seq_len=256, attn_config=dict(clip_qkv=0.3, softmax_scale=0.3))),
     # GLM-4.5: 8 experts in 4 groups, top-3 within the best 2 groups (sigmoid + selection bias), scaled weights,

@@ -399,7 +399,8 @@ def test_every_family_refuses_a_key_it_does_not_implement_and_names_a_missing_on
         with pytest.raises(NanotuneError, match=re.escape(f"{where}: {k}={UNREAD_VALUES[k]!r} would change")):
             families.config_from_hf({**cfg, k: UNREAD_VALUES[k]}, where)
     for field in ("intermediate_size", "num_hidden_layers"):
-        if field == "intermediate_size" and "expansion_ratio" in fam.requires:  # (MPT: 4 x d_model, not a key)
+        if field == "intermediate_size" and ("expansion_ratio" in fam.requires or fam.layout):  # (MPT: 4 x
+            #                                                         d_model; Falcon: ffn_hidden_size, else 4 x)
             continue
         k = fam.keys.get(field, field)  # (Llama 4's dense width is intermediate_size_mlp)
         gone = {k} | {a for a, common in fam.aliases.items() if field in common}  # (MPT: n_layers)

@@ -27,6 +27,7 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     # llama.cpp's olmo2 (Olmo 3 too) loads no biases, its seed_oss and ernie4_5 no MLP biases (ERNIE 4.5 has none)
     "olmo3": {"attention_bias": False}, "seed_oss": {"mlp_bias": False}, "ernie4_5": {"use_bias": False},
     "glm4": {}, "hunyuan_v1_dense": {}, "glm4_moe": {}, "granitemoe": {},
+    "falcon": {}, "falcon-40b": {},
     "mpt": {"attn_config": {"clip_qkv": 0.3}},  # (llama.cpp's mpt scales by 1/sqrt(head_dim): no softmax_scale)
     "apertus": {"initializer_range": 0.1},  # (q8_0's rounding flipped 3 of 40 near-tied top-1s at 0.02)
     # llama.cpp's llama4 fixes the chunk (8192), the NoPE step (4), the temperature (8192, 0.1) and q/k norms
@@ -138,13 +139,17 @@ def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
     m, tok = tiny_with_lora("llama4_text", tmp_path / "llama4")  # (llama.cpp fixes its chunk at 8192)
     with pytest.raises(NanotuneError, match="llama4 fixes attention_chunk_size at 8192 .* this model has 4"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
+    m, tok = tiny_with_lora("falcon-rw", tmp_path / "falcon")  # (llama.cpp's falcon: parallel, RoPE, no biases)
+    with pytest.raises(NanotuneError, match="llama.cpp's falcon runs parallel blocks with RoPE"):
+        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     m, tok = tiny_with_lora("phimoe", tmp_path / "phimoe")  # (llama.cpp's phimoe: RMSNorm, another router)
     with pytest.raises(NanotuneError, match="llama.cpp's phimoe normalises with RMSNorm"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     m, tok = tiny_with_lora("gemma4_text", tmp_path / "gemma4")  # (not written yet)
     with pytest.raises(NanotuneError, match="GGUF export of gemma4_text is not implemented yet"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    assert sorted(os.listdir(tmp_path)) == ["base", "gemma4", "llama4", "olmoe", "phimoe"]  # (no GGUF, no temp)
+    assert sorted(os.listdir(tmp_path)) == ["base", "falcon", "gemma4", "llama4", "olmoe", "phimoe"]  # (no GGUF,
+    #                                                                                                   no temp)
 
 
 def test_kquant_and_ollama_modelfile(tmp_path, capfd):

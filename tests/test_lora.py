@@ -101,7 +101,7 @@ def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == {"o_proj", "down_proj"}
 
 
-@pytest.mark.parametrize("arch", ["mpt", "glm4", "phi3"])
+@pytest.mark.parametrize("arch", ["mpt", "glm4", "phi3", "falcon", "falcon-40b", "falcon-rw"])
 def test_adapter_on_unfused_projections_loads_in_peft(arch, tmp_path):
     """Families whose checkpoints fuse q/k/v or gate/up (MPT's Wqkv, Phi-3's, GLM-4's gate_up_proj: PEFT adapts the
     fused module, nanotune the parts): an adapter on the other projections gives peft's logits, both ways."""
