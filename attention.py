@@ -174,3 +174,18 @@ class KVCache:
         self.k[layer][:, :, self.pos : self.pos + T] = k
         self.v[layer][:, :, self.pos : self.pos + T] = v
         return self.k[layer][:, :, : self.pos + T], self.v[layer][:, :, : self.pos + T]
+
+
+def alibi_bias(c, B, S, attention_mask, pos, x):
+    """ALiBi's bias [B or 1, H, 1, S] over the S keys: MPT's slope_h (j - (S - 1)); Falcon's slope_h p_j rounded
+    to bf16 (as transformers multiplies), / sqrt(head_dim), p_j the key's position from its row's first real token
+    (pos: a packed document's own)."""
+    if c.alibi == "mpt":
+        return (kernels.alibi_slopes(c.num_attention_heads)[:, None] * (torch.arange(S) - (S - 1)).float()).to(
+            x.device, x.dtype)[None, :, None]
+    if pos is None:
+        am = attention_mask[:, :S] if attention_mask is not None else torch.ones(1, S, dtype=torch.long,
+                                                                                  device=x.device)
+        pos = (am.cumsum(-1) - 1) * am
+    slopes = kernels.alibi_slopes(c.num_attention_heads, bloom=True).to(x.device).bfloat16()
+    return ((slopes[None, :, None] * pos[:, None, :]).to(x.dtype) / c.head_dim**0.5)[:, :, None]

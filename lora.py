@@ -345,6 +345,12 @@ def to_peft_experts(A, B):
     return A.reshape(-1, A.shape[-1]), B.permute(1, 2, 0).reshape(B.shape[1], -1)
 
 
+def within_layer(name: str) -> list:
+    """A module name's components after its layer index (mlp.experts; Gemma 4's experts sit in the layer itself)."""
+    parts = name.split(".")
+    return parts[max(i for i, x in enumerate(parts) if x.isdigit()) + 1:]
+
+
 def routers(model) -> set:
     """The MoE routers' module names (PEFT adapts them as `target_parameters` "<...>.gate.weight")."""
     return {f"{n}.gate" for n, m in model.named_modules() if isinstance(m, MoE)}
@@ -390,7 +396,7 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_p
         (rename(n) if rename else n).rsplit(".", 1)[-1] for n, m in layers if isinstance(m, LoRALinear)
         and n not in moe))
     params = sorted(set(  # mlp.experts.down_proj, mlp.gate.weight (gpt-oss: mlp.router.weight)
-        ".".join((rename(n) if rename else n).split(".")[-2:] + [p])
+        ".".join(within_layer(rename(n) if rename else n) + [p])
         for n, m in layers for p in (m.lora_A if isinstance(m, LoRAExperts) else ["weight"] if n in moe else [])))
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
            "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],

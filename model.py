@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from attention import Attention, KVCache, attention_mask_for, make_norm, shared_input
+from attention import Attention, KVCache, alibi_bias, attention_mask_for, make_norm, shared_input
 from rope import rope_attention_factor, rope_inv_freq, rotary
 
 
@@ -121,6 +121,7 @@ class Config:
     num_kv_shared_layers: int = 0
     use_double_wide_mlp: bool = False
     layer_scalar: bool = False
+    moe_block: bool = False  # Gemma 4 (26B-A4B): routed experts beside every layer's dense MLP, from its input
     # Llama 4: chunked attention on layer_types "chunked_attention"; the queries of NoPE layers (of every layer:
     # Ministral 3) scaled by 1 + attn_scale * log1p(floor((position + temperature_offset) / floor_scale))
     alibi: str = ""  # no RoPE; each head's scores + slope_h * position: "mpt" (key - last key) | "falcon" (the key's
@@ -142,7 +143,7 @@ class Config:
 
     def is_sparse(self, layer: int) -> bool:
         return self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0 and layer not in (
-            self.mlp_only_layers or ()) and self.first_k_dense_replace <= layer and (
+            self.mlp_only_layers or ()) and self.first_k_dense_replace <= layer and not self.moe_block and (
             self.moe_layer_end_index < 0 or layer <= self.moe_layer_end_index)
 
     def has_rope(self, layer: int) -> bool:
@@ -318,6 +319,14 @@ class Block(nn.Module):
             self.per_layer_input_gate = nn.Linear(cfg.hidden_size, P, bias=False)
             self.per_layer_projection = nn.Linear(P, cfg.hidden_size, bias=False)
             self.post_per_layer_input_norm = make_norm(cfg)
+        if cfg.moe_block:  # Gemma 4: a router (its input normed without weight, scaled; a scale per expert) and
+            self.router, self.experts = nn.Module(), Experts(cfg)  # experts on their own norms (_1, _2)
+            self.router.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+            self.router.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+            self.router.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+            for n in ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"):
+                setattr(self, n, make_norm(cfg))
+            self.k, self.eps = cfg.num_experts_per_tok, cfg.rms_norm_eps
         if cfg.layer_scalar:  # (a loaded constant, not trained: transformers keeps it as a buffer)
             self.layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
         self.pre, self.post, self.parallel = cfg.pre_norm, cfg.post_norm, cfg.parallel_block
@@ -353,6 +362,8 @@ class Block(nn.Module):
         a = self.drop(a) if self.drop else a
         x = x + (a * self.mult if self.mult != 1 else a)
         y = self.mlp(self.mlp_norm(x) if self.pre else x, residual=not self.post and self.mult == 1)
+        if hasattr(self, "experts"):
+            y = self.post_feedforward_layernorm_1(y) + self.post_feedforward_layernorm_2(self.routed(x))
         if self.post:
             y = self.post_feedforward_layernorm(y)
         y = self.drop(y) if self.drop else y
@@ -361,6 +372,17 @@ class Block(nn.Module):
             g = self.per_layer_projection(F.gelu(self.per_layer_input_gate(x), approximate="tanh") * ple)
             x = x + self.post_per_layer_input_norm(g)
         return x * self.layer_scalar if hasattr(self, "layer_scalar") else x
+
+
+    def routed(self, r):
+        """Gemma 4's experts on the block's MLP input r [B, T, C] (renormalised top-k of a softmax, times each
+        chosen expert's scale)."""
+        B, T, C = r.shape
+        h = r.reshape(-1, C)
+        z = F.rms_norm(h, (C,), eps=self.eps) * self.router.scale * C**-0.5
+        w, idx = kernels.route(F.softmax(self.router.proj(z).float(), dim=-1), self.k)
+        w = w * self.router.per_expert_scale[idx]
+        return self.experts(self.pre_feedforward_layernorm_2(h), idx, w.to(h.dtype)).view(B, T, C)
 
 
 class Decoder(nn.Module):
@@ -534,21 +556,6 @@ class Transformer(nn.Module):
         """[..., C] hidden states -> [..., V] logits (with Gemma 2's final softcap). Granite's logits_scaling
         is already in h (forward divides the hidden states), so a fused loss over lm_head sees it too."""
         return kernels.softcap(self.lm_head(h), self.config.final_logit_softcapping)
-
-
-def alibi_bias(c: Config, B, S, attention_mask, pos, x):
-    """ALiBi's bias [B or 1, H, 1, S] over the S keys: MPT's slope_h (j - (S - 1)); Falcon's slope_h p_j rounded
-    to bf16 (as transformers multiplies), / sqrt(head_dim), p_j the key's position from its row's first real token
-    (pos: a packed document's own)."""
-    if c.alibi == "mpt":
-        return (kernels.alibi_slopes(c.num_attention_heads)[:, None] * (torch.arange(S) - (S - 1)).float()).to(
-            x.device, x.dtype)[None, :, None]
-    if pos is None:
-        am = attention_mask[:, :S] if attention_mask is not None else torch.ones(1, S, dtype=torch.long,
-                                                                                  device=x.device)
-        pos = (am.cumsum(-1) - 1) * am
-    slopes = kernels.alibi_slopes(c.num_attention_heads, bloom=True).to(x.device).bfloat16()
-    return ((slopes[None, :, None] * pos[:, None, :]).to(x.dtype) / c.head_dim**0.5)[:, :, None]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,6 +147,12 @@ ARCH_CONFIGS = {
                                        num_attention_heads=8)),
     # MPT: ALiBi over 4 heads, fused Wqkv, q/k/v clamped, its own softmax scale, exact GELU, a tied head
     "mpt": ("MptConfig", dict(max_seq_len=256, attn_config=dict(clip_qkv=0.3, softmax_scale=0.3))),
+    # Gemma 4 26B-A4B's layout: routed experts (4, top-2) beside each dense MLP, k as v, no PLE, no KV sharing
+    "gemma4_text-moe": ("Gemma4TextConfig", dict(
+        intermediate_size=96, num_hidden_layers=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=4, hidden_size_per_layer_input=0,
+        attention_k_eq_v=True, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24,
+        final_logit_softcapping=30.0)),
     # GLM-4.5: 8 experts in 4 groups, top-3 within the best 2 groups (sigmoid + selection bias), scaled weights,
     # an ungated shared expert, the first layer dense, q/k norm, half the head rotated, q/k/v biases
     "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,

@@ -189,7 +189,7 @@ def test_checkpointing_with_dropout_repeats_the_masks(tmp_path):
 
 @pytest.mark.parametrize("arch,four_bit", [("qwen2", False), ("llama", True), ("gemma2", False), ("phi", False),
                                            ("gemma3", True), ("olmo2", False), ("granite", False), ("gpt_oss", True),
-                                           ("gemma4_text", False), ("gemma4_text", True)])
+                                           ("gemma4_text", False), ("gemma4_text", True), ("gemma4_text-moe", True)])
 def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp_path, monkeypatch):
     """The training path (fused q/k/v and gate/up projections, block checkpointing whose recompute skips
     the down_proj GEMM) gives the plain path's loss and adapter gradients. Qwen2 has q/k/v biases,
@@ -303,6 +303,29 @@ def test_adapter_on_attention_experts_and_router_loads_in_peft(arch, tmp_path):
         assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-4
     peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(
         r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=[*params, "mlp.gate.weight"],
+        init_lora_weights=False))
+
+
+def test_gemma4_experts_beside_the_mlp_take_adapters_peft_loads(tmp_path):
+    """Gemma 4 26B-A4B's layout (experts in the layer itself, beside the dense MLP): LoRA on every projection and
+    every expert gives peft's logits, and a peft-made expert adapter loads into nanotune."""
+    from names import adapter_names
+    from peft import LoraConfig, PeftModel
+    hf = make_hf_model("gemma4_text-moe", tmp_path / "base")
+    ids = torch.randint(3, 128, (2, 10))
+    m = formats.load_model(str(tmp_path / "base"))
+    lora.apply_lora(m, r=4, alpha=8)
+    assert [n for n, e in lora.lora_layers(m) if isinstance(e, lora.LoRAExperts)] == [
+        "model.layers.0.experts", "model.layers.1.experts"]
+    randomise_adapters(m)
+    with torch.no_grad():
+        ours = m.logits(m(ids))
+    lora.save_adapter(m, str(tmp_path / "ours"), **adapter_names(m.config, saving=True))
+    pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-5
+    peft_made_adapter_loads("gemma4_text-moe", tmp_path, ids, LoraConfig(
+        r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
         init_lora_weights=False))
 
 
