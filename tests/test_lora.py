@@ -70,6 +70,24 @@ def peft_made_adapter_loads(arch, path, ids, config, tol=1e-4):
     return m
 
 
+def nanotune_adapter_in_peft(arch, path, ids, tol=1e-5, **lora_kw):
+    """A tiny `arch` with nanotune's randomised adapter (apply_lora's lora_kw), saved and loaded by peft on the
+    transformers model: peft's logits equal nanotune's within tol. -> (the nanotune model, the peft model)."""
+    from names import adapter_names
+    from peft import PeftModel
+    hf = make_hf_model(arch, path / "base")
+    m = formats.load_model(str(path / "base"))
+    lora.apply_lora(m, r=4, alpha=8, **lora_kw)
+    randomise_adapters(m)
+    with torch.no_grad():
+        ours = m.logits(m(ids))
+    lora.save_adapter(m, str(path / "ours"), **adapter_names(m.config, saving=True))
+    pm = PeftModel.from_pretrained(hf, str(path / "ours")).eval()
+    with torch.no_grad():
+        assert (pm(input_ids=ids).logits - ours).abs().max() < tol
+    return m, pm
+
+
 # every family whose checkpoint keeps q/k/v and gate/up separate (Phi-3 fuses them: PEFT adapts qkv_proj there)
 @pytest.mark.parametrize("arch", ["llama", "ministral", "gemma2", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn",
                                   "arcee", "starcoder2", "smollm3", "olmo3",
@@ -78,19 +96,10 @@ def peft_made_adapter_loads(arch, path, ids, config, tol=1e-4):
 def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     """nanotune's adapter on every projection gives peft's logits; a peft-made adapter (the checkpoint's own module
     names: Phi-2's dense / fc2, StarCoder2's c_proj) loads into nanotune with peft's logits."""
-    from names import adapter_names, checkpoint_name
-    from peft import LoraConfig, PeftModel
-    hf = make_hf_model(arch, tmp_path / "base")
+    from names import checkpoint_name
+    from peft import LoraConfig
     ids = torch.randint(3, 128, (2, 10))
-    m = formats.load_model(str(tmp_path / "base"))
-    lora.apply_lora(m, r=4, alpha=8)
-    randomise_adapters(m)
-    with torch.no_grad():
-        ours = m.logits(m(ids))
-    lora.save_adapter(m, str(tmp_path / "ours"), **adapter_names(m.config, saving=True))
-    pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
-    with torch.no_grad():
-        assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-5
+    m, pm = nanotune_adapter_in_peft(arch, tmp_path, ids)
     n_peft = sum(1 for n, _ in pm.named_modules() if n.endswith(".lora_A.default"))
     per_layer = 7 if m.config.gated_mlp else 6  # (a plain MLP, Phi-2's and Arcee's, has no gate_proj)
     fewer = {"gemma4_text": 5}.get(arch, 0)  # (its layers 2-3 reuse k, v; the full layer 1 takes k as v)
@@ -105,19 +114,10 @@ def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
 def test_adapter_on_unfused_projections_loads_in_peft(arch, tmp_path):
     """Families whose checkpoints fuse q/k/v or gate/up (MPT's Wqkv, Phi-3's, GLM-4's gate_up_proj: PEFT adapts the
     fused module, nanotune the parts): an adapter on the other projections gives peft's logits, both ways."""
-    from names import adapter_names, checkpoint_name
-    from peft import LoraConfig, PeftModel
-    hf = make_hf_model(arch, tmp_path / "base")
+    from names import checkpoint_name
+    from peft import LoraConfig
     ids = torch.randint(3, 128, (2, 10))
-    m = formats.load_model(str(tmp_path / "base"))
-    lora.apply_lora(m, r=4, alpha=8, targets=["o_proj", "down_proj"])
-    randomise_adapters(m)
-    with torch.no_grad():
-        ours = m.logits(m(ids))
-    lora.save_adapter(m, str(tmp_path / "ours"), **adapter_names(m.config, saving=True))
-    pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
-    with torch.no_grad():
-        assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-5
+    m, _ = nanotune_adapter_in_peft(arch, tmp_path, ids, targets=["o_proj", "down_proj"])
     targets = [checkpoint_name(m.config, t) for t in ("o_proj", "down_proj")]  # (MPT: out_proj)
     peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                              init_lora_weights=False), 1e-5)
@@ -309,21 +309,11 @@ def test_adapter_on_attention_experts_and_router_loads_in_peft(arch, tmp_path):
 def test_gemma4_experts_beside_the_mlp_take_adapters_peft_loads(tmp_path):
     """Gemma 4 26B-A4B's layout (experts in the layer itself, beside the dense MLP): LoRA on every projection and
     every expert gives peft's logits, and a peft-made expert adapter loads into nanotune."""
-    from names import adapter_names
-    from peft import LoraConfig, PeftModel
-    hf = make_hf_model("gemma4_text-moe", tmp_path / "base")
+    from peft import LoraConfig
     ids = torch.randint(3, 128, (2, 10))
-    m = formats.load_model(str(tmp_path / "base"))
-    lora.apply_lora(m, r=4, alpha=8)
+    m, _ = nanotune_adapter_in_peft("gemma4_text-moe", tmp_path, ids)
     assert [n for n, e in lora.lora_layers(m) if isinstance(e, lora.LoRAExperts)] == [
         "model.layers.0.experts", "model.layers.1.experts"]
-    randomise_adapters(m)
-    with torch.no_grad():
-        ours = m.logits(m(ids))
-    lora.save_adapter(m, str(tmp_path / "ours"), **adapter_names(m.config, saving=True))
-    pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
-    with torch.no_grad():
-        assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-5
     peft_made_adapter_loads("gemma4_text-moe", tmp_path, ids, LoraConfig(
         r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
         init_lora_weights=False))
