@@ -118,6 +118,9 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, mask, B, T):
         """q [B, H, T, D], k and v [B, KV, S, D] -> the output projection of the attention [B, T, C]."""
+        wide = q.shape[-1] > kernels.FLASH_MAX_HEAD  # (Gemma 4's global heads, 512: no flash attention)
+        if isinstance(mask, kernels.PackedRows) and wide:  # SDPA with the mask the rows stand for (none: causal)
+            mask = None if mask.whole and mask.window is None else kernels.rows_mask(mask, B, T)
         if hasattr(self, "sinks"):  # gpt-oss: softmax([scores, sink_h]) without the sink's column
             y = kernels.sink_attention(q, k, v, self.sinks, mask, self.scale)
         elif isinstance(mask, kernels.PackedRows):  # packed rows on a GPU: flash attention over each document alone
@@ -133,8 +136,12 @@ class Attention(nn.Module):
             y = (self.attn_drop(p) if hasattr(self, "attn_drop") else p) @ v
         else:
             drop = self.attn_drop.p if hasattr(self, "attn_drop") and self.training else 0.0
+            gqa = self.nh != self.nkv
+            if gqa and wide and q.is_cuda:  # SDPA's memory-efficient kernel takes no GQA (it would run the math
+                k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))  # one, in fp32)
+                gqa = False
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=self.scale,
-                                               is_causal=mask is None and T > 1, enable_gqa=self.nh != self.nkv)
+                                               is_causal=mask is None and T > 1, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 

@@ -53,6 +53,13 @@ SHAPES = {  # Llama-3.1-8B, Llama-3.2-1B and SmolLM2-135M (the default model); t
     "gemma3-4b": dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=262_208,
                       sliding_window=1024, rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    # Gemma-4-E4B-like (text): per-layer inputs (256 per layer), the last 18 layers reuse k/v, 5 sliding (512) : 1
+    # full layers (head_dim 512 there, proportional RoPE), softcapping; the rest from the family
+    "gemma4-e4b": dict(model_type="gemma4_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=42,
+                       num_attention_heads=8, num_key_value_heads=2, head_dim=256, global_head_dim=512,
+                       hidden_size_per_layer_input=256, vocab_size=262_144, vocab_size_per_layer_input=262_144,
+                       num_kv_shared_layers=18, sliding_window=512, final_logit_softcapping=30.0,
+                       layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7),
 }
 ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}

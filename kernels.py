@@ -710,6 +710,9 @@ def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-10
 # ---------------------------------------------------------------------------------------------
 # Varlen attention: packed rows (or whole rows with a sliding window) through PyTorch's flash varlen kernel,
 # each document attending only to itself; the reference is SDPA with attention.attention_mask_for's mask.
+FLASH_MAX_HEAD = 256  # flash attention's widest head; wider heads take SDPA with kernels.rows_mask's mask
+
+
 class PackedRows(NamedTuple):
     """Packed rows for varlen attention. The B rows are flattened to B*T tokens; cu [docs + 1] (int32)
     holds where each document starts (a row start or a position 0), then B*T; max_len is the longest
@@ -717,6 +720,7 @@ class PackedRows(NamedTuple):
     cu: torch.Tensor
     max_len: int
     window: int | None
+    whole: bool = False  # one document per row (whole_rows)
 
 
 def packed_rows(position_ids, windows) -> dict:
@@ -732,7 +736,7 @@ def packed_rows(position_ids, windows) -> dict:
 def whole_rows(B, T, windows, device) -> dict:
     """B rows of T tokens, each one document, as PackedRows (no host sync: every boundary is known)."""
     cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
-    return {w: PackedRows(cu, T, w) for w in windows}
+    return {w: PackedRows(cu, T, w, True) for w in windows}
 
 
 @functools.cache

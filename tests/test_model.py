@@ -68,6 +68,25 @@ def test_packed_rows_equal_separate_sequences(arch, tmp_path):
     assert (packed - alone).abs().max() < 1e-5
 
 
+def test_heads_wider_than_flash_take_sdpa_with_the_rows_mask(tmp_path, monkeypatch):
+    """Gemma 4's global heads are 512 wide, past flash attention's 256: given PackedRows, such a layer attends
+    through SDPA with the mask the rows stand for (whole rows without a window: causal), never varlen. Here the
+    flash limit is lowered under the tiny config's 32-wide global heads, so it runs on any device."""
+    make_hf_model("gemma4_text", tmp_path / "hf")
+    attn = formats.load_model(str(tmp_path / "hf")).model.layers[1].self_attn  # a full-attention layer
+    monkeypatch.setattr(kernels, "FLASH_MAX_HEAD", attn.hd - 1)
+    monkeypatch.setattr(kernels, "varlen_attention", lambda *a: pytest.fail("varlen attention on wide heads"))
+    B, T = 2, 8
+    q, k, v = (torch.randn(B, h, T, attn.hd) for h in (attn.nh, attn.nkv, attn.nkv))
+    packed = kernels.PackedRows(torch.tensor([0, 3, 8, 13, 16], dtype=torch.int32), 5, None)
+    whole = kernels.whole_rows(B, T, {None}, "cpu")[None]
+    with torch.no_grad():
+        dense = kernels.rows_mask(packed, B, T)
+        assert torch.allclose(attn.attend(q, k, v, packed, B, T), attn.attend(q, k, v, dense, B, T))
+        assert torch.allclose(attn.attend(q, k, v, whole, B, T), attn.attend(q, k, v, None, B, T))
+        assert not torch.allclose(attn.attend(q, k, v, packed, B, T), attn.attend(q, k, v, None, B, T))
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3", "phi", "qwen2_moe"])
 def test_packed_rows_train_like_separate_sequences(arch, tmp_path, monkeypatch):
     """Packed rows give each document's hidden states and the same gradients as the documents one by
