@@ -192,10 +192,9 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         raise NanotuneError("llama.cpp's phimoe normalises with RMSNorm where PhiMoE uses LayerNorm, and routes by a "
                             "renormalised softmax rather than the sparsemixer, so this model's GGUF would be wrong; "
                             "export --format merged instead.")
-    if arch == "gemma4":  # (its per-layer inputs, KV sharing and two head sizes: llama.cpp keys not written yet)
-        raise NanotuneError("GGUF export of gemma4_text is not implemented yet; export --format merged and convert "
-                            "that with llama.cpp's convert_hf_to_gguf.py.")
-    dense = [i for i in range(cfg.num_hidden_layers) if cfg.num_experts and not cfg.is_sparse(i)]
+    if arch == "gemma4":
+        gemma4_gguf_check(cfg)
+    dense = [i for i in range(cfg.num_hidden_layers) if cfg.num_experts and not (cfg.is_sparse(i) or cfg.moe_block)]
     if arch in GGUF_LEADING_DENSE and dense == list(range(cfg.first_k_dense_replace)) or arch == "llama4" and \
             dense == [i for i in range(cfg.num_hidden_layers) if (i + 1) % cfg.decoder_sparse_step]:
         dense = []  # (llama.cpp's leading_dense_block_count, interleave_moe_layer_step)
@@ -243,6 +242,22 @@ def llama4_gguf_check(cfg):
         if getattr(cfg, k) != v:
             raise NanotuneError(f"llama.cpp's llama4 fixes {k} at {v!r} (it has no GGUF key for it), but this model "
                                 f"has {getattr(cfg, k)!r}, so its GGUF would be wrong; export --format merged instead.")
+
+
+def gemma4_gguf_check(cfg):
+    """llama.cpp's gemma4 fixes what its keys cannot say: which layer a KV-sharing layer reads (the last sliding /
+    full layer before the first sharing one), at least one sliding layer, the per-layer table over the whole
+    vocabulary."""
+    first, types = cfg.num_hidden_layers - cfg.num_kv_shared_layers, cfg.layer_types or []
+    if "sliding_attention" not in types or cfg.num_kv_shared_layers and (
+            first < 2 or types[first - 1] != "full_attention" or types[first - 2] != "sliding_attention"):
+        raise NanotuneError("llama.cpp's gemma4 needs a sliding layer and, where layers share k/v, a sliding then a "
+                            f"full layer just before the first sharing one (layer {first}); this model's layer_types "
+                            "differ, so its GGUF would be wrong; export --format merged instead.")
+    if cfg.hidden_size_per_layer_input and cfg.vocab_size_per_layer_input != cfg.vocab_size:
+        raise NanotuneError("llama.cpp's gemma4 looks per-layer inputs up over the whole vocabulary "
+                            f"({cfg.vocab_size}), but this model's table has {cfg.vocab_size_per_layer_input} rows, "
+                            "so its GGUF would be wrong; export --format merged instead.")
 
 
 def export_kquant(model, tok, out, qtype, overwrite):

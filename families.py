@@ -128,7 +128,7 @@ FAMILIES = {
         keys={"num_experts_per_tok": "top_k_experts"}, flags={"enable_moe_block": ("moe_block", True)},
         experts="stacked",
         defaults=GEMMA4_DEFAULTS, sliding="always", layer_types="pattern", last_full=True, template="gemma3",
-        tied=True),
+        tied=True, gguf_window=True),
     "phi": Family("PhiForCausalLM", "phi2", dict(norm_type="layer", parallel_block=True, gated_mlp=False,
                                                   mlp_bias=True, lm_head_bias=True, qkv_bias=True, o_bias=True),
                   DROPOUTS, keys={"rms_norm_eps": "layer_norm_eps", "residual_dropout": "resid_pdrop",

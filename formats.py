@@ -20,8 +20,9 @@ import tokenizer
 from cli import NanotuneError, fresh_tmp, publish, read_json
 from families import FAMILIES, GGUF_FAMILY, GGUF_NORM_TOPK, config_from_hf, config_to_hf, gguf_values
 from names import (GGUF_EXPERT_BIAS, GGUF_EXPERTS, STACKED, checkpoint_name, experts_from_checkpoint,
-                   experts_to_checkpoint, nanotune_name, pair_expert_biases, stack_experts, unstack_experts,
-                   permuted_heads, qk_permute, qkv_groups, xielu_arrays, xielu_tensors)
+                   experts_to_checkpoint, gemma4_from_gguf, gemma4_gguf_keys, gemma4_gguf_names, nanotune_name,
+                   pair_expert_biases, stack_experts, unstack_experts, permuted_heads, qk_permute, qkv_groups,
+                   xielu_arrays, xielu_tensors)
 from model import Config, Transformer
 from rope import rope_attention_factor, rope_base, rope_inv_freq
 
@@ -351,6 +352,8 @@ def gguf_names(cfg: Config) -> dict:
     if cfg.router != "softmax":  # GLM-4.5's and ERNIE 4.5's expert-selection bias
         names.update({checkpoint_name(cfg, f"model.layers.{i}.mlp.e_score_correction_bias"): f"blk.{i}.exp_probs_b.bias"
                       for i in range(cfg.num_hidden_layers) if cfg.is_sparse(i)})
+    if FAMILIES[cfg.model_type].gguf_arch == "gemma4":
+        names.update(gemma4_gguf_names(cfg))
     return names
 
 
@@ -423,10 +426,15 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
         d["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
     if g("rope.freq_base_swa") and d.get("sliding_window"):
         d["rope_local_base_freq"] = g("rope.freq_base_swa")
+    freqs = [float(x) for t in reader.tensors if t.name == "rope_freqs.weight" for x in t.data]
+    if arch == "gemma4":  # (its keys and arrays as config.json says them; rope_freqs: proportional RoPE)
+        for k in ("rope_local_base_freq", "partial_rotary_factor", "query_pre_attn_scalar", "rope_scaling"):
+            d.pop(k, None)
+        d.update(gemma4_from_gguf(g, names, freqs), vocab_size_per_layer_input=d["vocab_size"])
+        return config_from_hf(d, where)
     cfg = config_from_hf(d, where)
     if "rope_freqs.weight" in names:  # Llama 3.1: per-frequency divisors instead of scaling keys
-        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
-        cfg.rope_scaling = {"rope_type": "factors", "factors": [float(x) for x in t.data]}
+        cfg.rope_scaling = {"rope_type": "factors", "factors": freqs}
     return cfg
 
 
@@ -478,9 +486,10 @@ def gguf_out_tensors(cfg: Config, tensors):
         if ".act_fn." not in name:  # (xIELU's parameters: metadata)
             yield names[name], to_gguf(cfg, name, t.float().cpu()).numpy()
     s = cfg.rope_scaling or {}
-    if s.get("rope_type") == "llama3":  # llama.cpp: a divisor per frequency
-        plain = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
-        yield "rope_freqs.weight", (plain / rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, s)).numpy()
+    if s.get("rope_type") in ("llama3", "proportional"):  # llama.cpp: a divisor per frequency (Gemma 4: of the
+        dim = cfg.global_head_dim or cfg.rotary_dim  # full layers' heads; 1e30 where a pair is not rotated)
+        plain, scaled = rope_inv_freq(dim, cfg.rope_theta, None), rope_inv_freq(dim, cfg.rope_theta, s)
+        yield "rope_freqs.weight", torch.where(scaled > 0, plain / scaled.clamp_min(1e-30), 1e30).numpy()
     if s.get("rope_type") == "longrope":  # both divisor sets; llama.cpp picks by its context size
         import numpy as np
         yield "rope_factors_long.weight", np.array(s["long_factor"], dtype=np.float32)
@@ -531,28 +540,25 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
     import gguf
     arch = FAMILIES[cfg.model_type].gguf_arch
     w.add_name("nanotune export")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(rope_base(cfg.rope_theta, cfg.rope_scaling, cfg.rotary_dim))  # (HunYuan: NTK alpha's base)
-    (w.add_layer_norm_rms_eps if cfg.norm_type == "rms" else w.add_layer_norm_eps)(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_rope_dimension_count(cfg.rotary_dim)
+    keys = {"block_count": cfg.num_hidden_layers, "context_length": cfg.max_position_embeddings,
+            "embedding_length": cfg.hidden_size, "feed_forward_length": cfg.intermediate_size,
+            "attention.head_count": cfg.num_attention_heads, "attention.head_count_kv": cfg.num_key_value_heads,
+            "rope.freq_base": float(rope_base(cfg.rope_theta, cfg.rope_scaling, cfg.rotary_dim)),  # (HunYuan: NTK)
+            f"attention.layer_norm{'_rms' if cfg.norm_type == 'rms' else ''}_epsilon": float(cfg.rms_norm_eps),
+            "vocab_size": cfg.vocab_size, "rope.dimension_count": cfg.rotary_dim}
     if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
+        keys.update({"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim})
     write_gguf_rope(w, cfg)
-    for gk, v in gguf_values(cfg).items():
-        add = w.add_bool if isinstance(v, bool) else w.add_float32 if isinstance(v, float) else w.add_uint32
-        add(f"{arch}.{gk}", v)
+    keys.update(gguf_values(cfg))
     if cfg.layer_types and FAMILIES[cfg.model_type].gguf_window:  # which layers slide, one flag each
-        slides = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
-        w.add_array(f"{arch}.attention.sliding_window_pattern", slides)
+        keys["attention.sliding_window_pattern"] = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
     if cfg.local_rope_theta:  # Gemma 3: the sliding layers' own base (unscaled)
-        w.add_float32(f"{arch}.rope.freq_base_swa", cfg.local_rope_theta)
+        keys["rope.freq_base_swa"] = float(cfg.local_rope_theta)
+    keys.update(gemma4_gguf_keys(cfg) if arch == "gemma4" else {})
+    for gk, v in keys.items():
+        add = w.add_array if isinstance(v, list) else w.add_bool if isinstance(v, bool) else \
+            w.add_float32 if isinstance(v, float) else w.add_uint32
+        add(f"{arch}.{gk}", v)
     w.add_file_type(FILE_TYPE.get(qtype, 1))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokenizer.write_gguf_vocab(w, tok, cfg.vocab_size, FAMILIES[cfg.model_type].gguf_pre)

@@ -200,3 +200,70 @@ def pair_expert_biases(pending: dict, base: str, proj: str, x: torch.Tensor):
     if (base, "gate_proj") in pending and (base, "up_proj") in pending:
         gate, up = pending.pop((base, "gate_proj")), pending.pop((base, "up_proj"))
         yield f"{base}.gate_up_proj_bias", torch.cat([gate, up], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 4 in llama.cpp (its gemma4 arch): the per-layer-input tensors, the router's two scales, the full layers'
+# head size as key_length and the sliding ones' as *_swa, per-layer KV heads and MLP widths as arrays, proportional
+# RoPE as rope_freqs divisors (formats.gguf_out_tensors; 1e30 leaves a pair unrotated)
+GEMMA4_GGUF_TOP = {"model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
+                   "model.per_layer_model_projection.weight": "per_layer_model_proj.weight",
+                   "model.per_layer_projection_norm.weight": "per_layer_proj_norm.weight"}
+GEMMA4_GGUF = {"per_layer_input_gate.weight": "inp_gate.weight", "per_layer_projection.weight": "proj.weight",
+               "post_per_layer_input_norm.weight": "post_norm.weight", "layer_scalar": "layer_output_scale.weight",
+               "router.proj.weight": "ffn_gate_inp.weight", "router.scale": "ffn_gate_inp.scale",
+               "router.per_expert_scale": "ffn_down_exps.scale",
+               **{f"experts.{p}_proj.weight": f"ffn_{p}_exps.weight" for p in ("gate", "up", "down")},
+               **{f"{hf}.weight": f"{gg}.weight" for hf, gg in (("pre_feedforward_layernorm_2", "pre_ffw_norm_2"),
+                                                                ("post_feedforward_layernorm_1", "post_ffw_norm_1"),
+                                                                ("post_feedforward_layernorm_2", "post_ffw_norm_2"))}}
+
+
+def gemma4_gguf_names(cfg: Config) -> dict:
+    return {**GEMMA4_GGUF_TOP, **{f"model.layers.{i}.{hf}": f"blk.{i}.{gg}" for i in range(cfg.num_hidden_layers)
+                                  for hf, gg in GEMMA4_GGUF.items()}}
+
+
+def gemma4_gguf_keys(cfg: Config) -> dict:
+    """GGUF keys (under the arch) that llama.cpp's gemma4 reads, as written by its converter."""
+    L, hd, first_shared = cfg.num_hidden_layers, cfg.head_dim, cfg.num_hidden_layers - cfg.num_kv_shared_layers
+    wide = cfg.global_head_dim or hd
+    double = [2 if cfg.use_double_wide_mlp and i >= first_shared else 1 for i in range(L)]
+    keys = {"feed_forward_length": [cfg.intermediate_size * n for n in double],
+            "attention.head_count_kv": [cfg.kv_heads_at(i) for i in range(L)],
+            "attention.key_length": wide, "attention.value_length": wide, "rope.dimension_count": wide,
+            "attention.key_length_swa": hd, "attention.value_length_swa": hd, "rope.dimension_count_swa": hd,
+            "attention.shared_kv_layers": cfg.num_kv_shared_layers, "attention.sliding_window": cfg.sliding_window,
+            "embedding_length_per_layer_input": cfg.hidden_size_per_layer_input or 0,
+            "final_logit_softcapping": float(cfg.final_logit_softcapping or 0.0)}  # (absent, llama.cpp caps at 30)
+    if cfg.moe_block:
+        keys.update({"expert_count": cfg.num_experts, "expert_used_count": cfg.num_experts_per_tok,
+                     "expert_feed_forward_length": cfg.moe_intermediate_size})
+    return keys
+
+
+def gemma4_from_gguf(g, names: set, freqs) -> dict:
+    """The inverse of gemma4_gguf_keys (g: a key under the arch -> value; freqs: rope_freqs' values) as
+    config.json keys."""
+    types = ["sliding_attention" if s else "full_attention" for s in g("attention.sliding_window_pattern")]
+    full = types.index("full_attention") if "full_attention" in types else 0
+    width, kv = g("feed_forward_length"), g("attention.head_count_kv")
+    width, kv = (width if isinstance(width, list) else [width]), (kv if isinstance(kv, list) else [kv] * len(types))
+    sliding_kv = kv[types.index("sliding_attention")]
+    wide, rotated = g("attention.key_length"), sum(f < 1e29 for f in freqs)
+    scale = {} if not rotated or freqs[0] == 1.0 else {"factor": float(freqs[0])}
+    d = {"layer_types": types, "head_dim": g("attention.key_length_swa"), "global_head_dim": wide,
+         "num_key_value_heads": sliding_kv, "intermediate_size": width[0], "use_double_wide_mlp": width[-1] != width[0],
+         "attention_k_eq_v": f"blk.{full}.attn_v.weight" not in names and types[full] == "full_attention",
+         "num_kv_shared_layers": g("attention.shared_kv_layers", 0), "sliding_window": g("attention.sliding_window"),
+         "hidden_size_per_layer_input": g("embedding_length_per_layer_input"),
+         "final_logit_softcapping": g("final_logit_softcapping") or None,
+         "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": g("rope.freq_base_swa", 1e4)},
+                             "full_attention": {"rope_type": "proportional", "rope_theta": g("rope.freq_base"),
+                                                "partial_rotary_factor": 2 * rotated / wide, **scale}}}
+    if d["attention_k_eq_v"]:
+        d["num_global_key_value_heads"] = kv[full]
+    if g("expert_count"):
+        d.update(enable_moe_block=True, num_experts=g("expert_count"), top_k_experts=g("expert_used_count"),
+                 moe_intermediate_size=g("expert_feed_forward_length"))
+    return d

@@ -42,6 +42,10 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     "ernie4_5_moe": {"moe_layer_end_index": -1, "use_bias": False, "initializer_range": 0.1},
     # llama.cpp's command-r and cohere2: head_dim = hidden / heads, the head tied (as Cohere's are)
     "cohere": {"head_dim": 16, "tie_word_embeddings": True}, "cohere2": {"head_dim": 16, "tie_word_embeddings": True},
+    # Gemma 4: a wider init, so that q8_0's rounding does not flip near-tied top-1s (0.825 at 0.02, 0.875 at 0.05;
+    # at 0.1 f16 ends 0.023 off); llama.cpp's per-layer table spans the vocabulary
+    "gemma4_text": {"initializer_range": 0.07},
+    "gemma4_text-moe": {"vocab_size_per_layer_input": 128},
     "exaone4": {"sliding_window": None, "layer_types": ["full_attention"] * 2},  # (EXAONE 4.0-1.2B: no NoPE layers)
     "smollm3": {"num_hidden_layers": 4, "no_rope_layer_interval": 4, "use_sliding_window": False},  # (its NoPE step)
     # llama.cpp's MoE archs: Mixtral as `llama` with experts, qwen3moe (always renormalised), qwen2moe (never,
@@ -103,13 +107,18 @@ def llama_cpp_logits(path, ids):
     return out
 
 
+# ggml's CPU GELU looks its value up in a table over fp16 inputs and outputs: Gemma 4 (GELU in every MLP and
+# per-layer-input gate, init 0.1) measured 5.2e-3 off in f32, 4.1e-4 once nanotune's GELU was rounded the same way
+F32_TOL = {"gemma4_text": 8e-3}
+
+
 @pytest.mark.parametrize("arch", list(GGUF_ARCHS))
 def test_gguf_runs_in_llama_cpp_with_nanotunes_logits(arch, tmp_path):
     m, tok = tiny_with_lora(arch, tmp_path / "base", **GGUF_ARCHS[arch])
     ids = torch.randint(5, 100, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
         want = m.logits(m(torch.tensor([ids])))[0]
-    for q, tol in (("f32", 1e-3), ("f16", 2e-2), ("q8_0", None)):
+    for q, tol in (("f32", F32_TOL.get(arch, 1e-3)), ("f16", 2e-2), ("q8_0", None)):
         path = tmp_path / f"m-{q}.gguf"
         export.export_gguf(m, tok, str(path), q)
         got = llama_cpp_logits(path, ids)
@@ -121,7 +130,8 @@ def test_gguf_runs_in_llama_cpp_with_nanotunes_logits(arch, tmp_path):
         with torch.no_grad():
             mine = back.logits(back(torch.tensor([ids])))[0]
         if tol:
-            assert (mine - want).abs().max() < (1e-5 if q == "f32" else tol), (arch, q)
+            scale = want.abs().max().clamp_min(1)  # (fp32 rounding of the LoRA path vs the merged weights grows
+            assert (mine - want).abs().max() < (1e-5 * scale if q == "f32" else tol), (arch, q)  # with the logits)
         else:
             assert (mine.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95, (arch, q)
 
@@ -145,8 +155,14 @@ def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
     m, tok = tiny_with_lora("phimoe", tmp_path / "phimoe")  # (llama.cpp's phimoe: RMSNorm, another router)
     with pytest.raises(NanotuneError, match="llama.cpp's phimoe normalises with RMSNorm"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    m, tok = tiny_with_lora("gemma4_text", tmp_path / "gemma4")  # (not written yet)
-    with pytest.raises(NanotuneError, match="GGUF export of gemma4_text is not implemented yet"):
+    # Gemma 4: llama.cpp's sharing layers read the last sliding / full layer before the first of them, fixed by
+    # position (here layer 1 is the sliding one; a sliding sharing layer would read layer 0, a full one)
+    m, tok = tiny_with_lora("gemma4_text", tmp_path / "gemma4", layer_types=["full_attention", "sliding_attention",
+                                                                             "sliding_attention", "full_attention"])
+    with pytest.raises(NanotuneError, match="llama.cpp's gemma4 needs a sliding layer and, where layers share k/v"):
+        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
+    m, tok = tiny_with_lora("gemma4_text", tmp_path / "gemma4", vocab_size_per_layer_input=64)
+    with pytest.raises(NanotuneError, match="looks per-layer inputs up over the whole vocabulary \\(128\\)"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     assert sorted(os.listdir(tmp_path)) == ["base", "falcon", "gemma4", "llama4", "olmoe", "phimoe"]  # (no GGUF,
     #                                                                                                   no temp)
