@@ -8,10 +8,12 @@ each row is transformers' `models/<name>/configuration_*.py` and `modeling_*.py`
     cfg = config_from_hf(json.load(open("gemma-3-1b/config.json")))
     json.dump(config_to_hf(cfg), open("out/config.json", "w"))   # transformers reads it back as the same model
 """
+import sys
 from dataclasses import dataclass, field
 
 from cli import NanotuneError
 from model import Config
+from rope import rope_from_hf
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class Family:
     mtp: bool = False  # the checkpoint holds multi-token-prediction layers past num_hidden_layers (not loaded)
     layout: object = None  # (d, where) -> Config fields a family's own flags decide (Falcon's), d given the common
     #                        keys; and (Config, d) writes the flags back: a pair of functions
+    reads: tuple = ()  # other config.json keys the family's own code reads (layout flags, Llama 4's MoE layers)
+    inert: tuple = ()  # config.json keys of the family's config class that change nothing nanotune builds
 
 
 GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh")
@@ -128,7 +132,7 @@ FAMILIES = {
         keys={"num_experts_per_tok": "top_k_experts"}, flags={"enable_moe_block": ("moe_block", True)},
         experts="stacked",
         defaults=GEMMA4_DEFAULTS, sliding="always", layer_types="pattern", last_full=True, template="gemma3",
-        tied=True, gguf_window=True),
+        tied=True, gguf_window=True, reads=("per_layer_config",)),
     "phi": Family("PhiForCausalLM", "phi2", dict(norm_type="layer", parallel_block=True, gated_mlp=False,
                                                   mlp_bias=True, lm_head_bias=True, qkv_bias=True, o_bias=True),
                   DROPOUTS, keys={"rms_norm_eps": "layer_norm_eps", "residual_dropout": "resid_pdrop",
@@ -166,6 +170,7 @@ FAMILIES = {
                       converted=("block_sparse_moe",)),
     "qwen2_moe": Family("Qwen2MoeForCausalLM", "qwen2moe", dict(qkv_bias=True, o_bias=False), MOE_KEYS + (
         "shared_expert_intermediate_size",), defaults=dict(norm_topk_prob=False), sliding="flag",
+                        requires=dict(qkv_bias=(True,)),
                         layer_types="max_window_layers", gguf_keys={
                             **GGUF_MOE, "shared_expert_intermediate_size": "expert_shared_feed_forward_length"}),
     "qwen3_moe": Family("Qwen3MoeForCausalLM", "qwen3moe", dict(qk_norm="head"), MOE_KEYS, EXPERTS_KEY,
@@ -222,6 +227,9 @@ FAMILIES = {
     "falcon": Family("FalconForCausalLM", "falcon", dict(norm_type="layer", gated_mlp=False, hidden_act="gelu",
                                                       fused_checkpoint=("qkv_proj",), qkv_grouped=True),
                      keys={"rms_norm_eps": "layer_norm_epsilon"}, tied=True, layout=(falcon_in, falcon_out),
+                     reads=("new_decoder_architecture", "parallel_attn", "num_ln_in_parallel_attn", "num_kv_heads",
+                            "multi_query", "ffn_hidden_size", "bias", "alibi", "hidden_dropout"),
+                     requires=dict(activation=("gelu",)),
                      renames={"transformer.word_embeddings": "model.embed_tokens", "transformer.h": "model.layers",
                               "transformer.ln_f": "model.norm", "self_attention": "self_attn",
                               "query_key_value": "qkv_proj", "dense": "o_proj", "dense_h_to_4h": "up_proj",
@@ -241,7 +249,8 @@ FAMILIES = {
                            "transformer.norm_f": "model.norm", "norm_1": "input_layernorm",
                            "norm_2": "post_attention_layernorm", "attn": "self_attn", "Wqkv": "qkv_proj",
                            "out_proj": "o_proj", "ffn": "mlp"}, tied=True,
-                  gguf_keys={"clip_qkv": "attention.clamp_kqv"}),
+                  gguf_keys={"clip_qkv": "attention.clamp_kqv"},  # (transformers' MPT ignores these: ALiBi,
+                  inert=("init_device", "learned_pos_emb", "embedding_fraction")),  # no positions; a gradient scale)
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # GLM-4.5: sigmoid router with a selection bias and expert groups, an ungated shared expert, dense first layers
     "glm4_moe": Family("Glm4MoeForCausalLM", "glm4moe", dict(router="sigmoid", shared_expert_gated=False, o_bias=False),
@@ -252,6 +261,7 @@ FAMILIES = {
                            moe_intermediate_size=1408, first_k_dense_replace=1, norm_topk_prob=True),
                        renames={"shared_experts": "shared_expert", "gate.e_score_correction_bias":
                                 "e_score_correction_bias"}, flags={"use_qk_norm": ("qk_norm", "head")}, mtp=True,
+                       inert=("num_nextn_predict_layers",),  # (the MTP layers past the last: not loaded)
                        gguf_keys={**GGUF_MOE, "n_shared_experts": "expert_shared_count", "first_k_dense_replace":
                                   "leading_dense_block_count", "routed_scaling_factor": "expert_weights_scale",
                                   "norm_topk_prob": "expert_weights_norm", "n_group": "expert_group_count",
@@ -287,7 +297,8 @@ FAMILIES = {
         attention_chunk_size=8192, attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1,
         use_qk_norm=True), flags={"use_qk_norm": ("qk_norm", "rms_post")}, renames=dict(
         feed_forward="mlp", router="gate"), experts="transposed", gguf_keys={
-            **GGUF_MOE, "decoder_sparse_step": "interleave_moe_layer_step"}),
+            **GGUF_MOE, "decoder_sparse_step": "interleave_moe_layer_step"}, reads=("attn_temperature_tuning",
+                                                                                     "moe_layers")),
     # Ministral 3: Mistral with YaRN and the queries scaled by 1 + beta ln(1 + floor(position / original context))
     "ministral3": Family("Ministral3ForCausalLM", "mistral3", sliding="always"),
     # gpt-oss: sinks, biased router and experts, clamped SwiGLU, alternating sliding (128) / full layers, YaRN
@@ -300,14 +311,14 @@ FAMILIES = {
                                         rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
                                         beta_slow=1.0, truncate=False, original_max_position_embeddings=4096)),
                       sliding="always", layer_types="pattern", renames=dict(router="gate"), experts="input_major",
-                      gguf_window=True, gguf_keys={**GGUF_MOE, **WINDOW}),
+                      gguf_window=True, gguf_keys={**GGUF_MOE, **WINDOW},  # (transformers reads the
+                      inert=("experts_per_token", "initial_context_length")),  # other names of these)
 }
 GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
 # vision-language configs whose text tower nanotune trains
 MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "llama4": "llama4_text", "mistral3": "ministral3"}
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "relu2", "xielu", "gelu")  # gelu_new: tanh-GELU; the
 #                                                                                      last three: plain MLPs only
-ROPE_TYPES = ("linear", "llama3", "yarn", "longrope", "dynamic", "proportional")  # (dynamic: with a fixed alpha only)
 
 
 def text_config(d: dict) -> dict:
@@ -317,38 +328,6 @@ def text_config(d: dict) -> dict:
         return {"tie_word_embeddings": d.get("tie_word_embeddings", True), **text,
                 "model_type": MULTIMODAL[d["model_type"]]}
     return d
-
-
-def rope_from_hf(d: dict, where: str):
-    """(theta, scaling or None, local theta or None) from rope_parameters (transformers 5, nested per layer type
-    for Gemma 3) or rope_theta / rope_scaling / rope_local_base_freq (transformers 4)."""
-    rp = d.get("rope_parameters") or {}
-    local = None
-    if isinstance(rp.get("full_attention"), dict):  # {"full_attention": {...}, "sliding_attention": {...}}
-        sliding = rp.get("sliding_attention") or {}
-        if sliding.get("rope_type", "default") != "default":
-            raise NanotuneError(f"{where}: rope scaling {sliding['rope_type']!r} on sliding layers is not supported "
-                                "(their rotation is plain; scaling applies to the full layers).")
-        local, rp = sliding.get("rope_theta"), rp["full_attention"]
-    local = local or d.get("rope_local_base_freq")
-    scaling = dict(d.get("rope_scaling") or rp)
-    theta = d.get("rope_theta", rp.get("rope_theta", 10000.0))
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return theta, None, local
-    if kind not in ROPE_TYPES or kind == "dynamic" and not scaling.get("alpha"):
-        raise NanotuneError(f"{where}: rope scaling {kind!r} is not supported ({', '.join(ROPE_TYPES)} are; "
-                            "dynamic with a fixed alpha, as HunYuan's).")
-    for k in ("rope_theta", "type") + (() if kind == "proportional" else ("partial_rotary_factor",)):
-        scaling.pop(k, None)  # (Gemma 4's proportional RoPE keeps its fraction: rope.rope_inv_freq)
-    scaling["rope_type"] = kind
-    if kind in ("llama3", "yarn", "longrope"):  # transformers: a top-level value wins (Phi-3 keeps it there), but
-        first = () if "long_mscale" in scaling else (d.get("original_max_position_embeddings"),)  # not for PhiMoE
-        scaling["original_max_position_embeddings"] = next((v for v in (*first, scaling.get(
-            "original_max_position_embeddings"), d.get("max_position_embeddings")) if v), None)
-    if kind in ("yarn", "longrope") and not scaling.get("factor"):
-        scaling["factor"] = d.get("max_position_embeddings") / scaling["original_max_position_embeddings"]
-    return theta, scaling, local
 
 
 # config.json keys that change the math when set, each with the value (or values) at which it changes nothing.
@@ -362,7 +341,41 @@ MATH_KEYS = {"sliding_window": (None,), "attn_logit_softcapping": (None,), "fina
              "n_group": (None, 1), "topk_group": (None, 1), "first_k_dense_replace": (None, 0),
              "moe_norm_min": (None, 1e-12), "enable_moe_block": (None, False),
              "use_bidirectional_attention": (None, False, "vision"), "num_kv_shared_layers": (None, 0),
-             "hidden_size_per_layer_input": (None, 0), "attention_k_eq_v": (None, False)}
+             "hidden_size_per_layer_input": (None, 0), "attention_k_eq_v": (None, False),
+             "resid_pdrop": (None, 0, 0.0), "embd_pdrop": (None, 0, 0.0), "emb_pdrop": (None, 0, 0.0),
+             "router_jitter_noise": (None, 0, 0.0), "input_jitter_noise": (None, 0, 0.0)}
+
+
+# The other config.json keys, so that none is ignored unknowingly: bookkeeping, the tokenizer's ids, generation and
+# runtime switches (INERT), and what config_from_hf reads for every family (READ). A key in none of these, in no
+# family's lists and not in MATH_KEYS gets one warning line at load (tests: every key of transformers' own config
+# class for each family is in one of them).
+INERT = {"_name_or_path", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype", "use_cache",
+         "initializer_range", "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id",
+         "problem_type", "is_encoder_decoder", "chunk_size_feed_forward", "tokenizer_class", "quantization_config",
+         "use_bfloat16", "tie_encoder_decoder", "is_decoder", "add_cross_attention", "sep_token_id",
+         "decoder_start_token_id", "eod_token_id", "task_specific_params", "finetuning_task", "prefix", "max_length",
+         "transformers.js_config", "is_llama_config", "_sliding_window_pattern",  # (Gemma 3's private copy)
+         "cache_implementation", "unsloth_version", "unsloth_fixed",
+         "pretraining_tp",  # (Llama: transformers >= 4.4x ignores it; before, the same product in slices)
+         "rope_interleaved"}  # (nanotron's configs: transformers' Llama ignores it, as nanotune does)
+READ = {"model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+        "partial_rotary_factor", "max_position_embeddings", "original_max_position_embeddings", "tie_word_embeddings",
+        "hidden_act", "hidden_activation", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
+        "attention_bias", "attention_dropout", "layer_types", "qk_layernorm", "text_config"}
+
+
+def unknown_keys(d: dict, fam: Family) -> list:
+    """config.json keys (set, not null) that no list above accounts for: nanotune cannot tell what they do."""
+    known = INERT | READ | set(MATH_KEYS) | reads(fam) | set(fam.keys.values()) | set(fam.requires) | set(
+        fam.aliases) | set(fam.reads) | set(fam.inert) | {fam.nested} | ({"no_rope_layer_interval"} if (
+            "no_rope_layers" in fam.hf_keys) else set())
+    if "num_experts" in fam.hf_keys:
+        known |= {"num_local_experts", "num_experts", "router_aux_loss_coef", "output_router_logits"}
+    if fam.sliding:
+        known |= {"use_sliding_window", "sliding_window_pattern", "max_window_layers"}
+    return sorted(k for k, v in d.items() if k not in known and v is not None)
 
 
 def reads(fam: Family) -> set:
@@ -398,6 +411,9 @@ def config_from_hf(d: dict, where: str = "config.json") -> Config:
     if mt not in FAMILIES:
         raise NanotuneError(f"{where}: model_type {mt!r} is not supported; nanotune runs {', '.join(FAMILIES)}.")
     fam = FAMILIES[mt]
+    if unknown := unknown_keys(d, fam):
+        print(f"warning: {where}: nanotune does not know {', '.join(unknown)} for {mt}; if they change the model, "
+              "nanotune does not implement them (check the checkpoint's own modeling code).", file=sys.stderr)
     d = {**fam.defaults, **{k: 0 if v is None else v for k, v in d.items() if v is not None or k in NULL_IS_ZERO},
          **(d.get(fam.nested) or {} if fam.nested else {})}
     for k, ok in fam.requires.items():

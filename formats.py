@@ -390,12 +390,10 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
     def g(key, default=None):
         return meta.get(f"{arch}.{key}", default)
 
-    heads, hidden = g("attention.head_count"), g("embedding_length")
-    head_dim = g("attention.key_length", hidden // heads)
-    names = {t.name for t in reader.tensors}
+    heads, hidden, fam = g("attention.head_count"), g("embedding_length"), FAMILIES[mt]
+    head_dim, names = g("attention.key_length", hidden // heads), {t.name for t in reader.tensors}
     d = {"model_type": mt, "vocab_size": g("vocab_size", len(meta.get("tokenizer.ggml.tokens", []))),
-         "hidden_size": hidden, FAMILIES[mt].keys.get("intermediate_size", "intermediate_size"):  # (Llama 4: dense)
-             g("feed_forward_length"),
+         "hidden_size": hidden, fam.keys.get("intermediate_size", "intermediate_size"): g("feed_forward_length"),
          "num_hidden_layers": g("block_count"), "num_attention_heads": heads,
          "num_key_value_heads": g("attention.head_count_kv", heads), "head_dim": head_dim,
          FAMILIES[mt].keys.get("rms_norm_eps", "rms_norm_eps"): g("attention.layer_norm_rms_epsilon") or g(
@@ -414,13 +412,14 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
                                     original_max_position_embeddings=g("attention.temperature_length"))
     if g("rope.scaling.original_context_length"):  # (a top-level value wins in config_from_hf, as in transformers)
         d["original_max_position_embeddings"] = g("rope.scaling.original_context_length")
-    d.update({FAMILIES[mt].keys.get(k, k): g(gk) for k, gk in FAMILIES[mt].gguf_keys.items() if g(gk) is not None})
+    d.update({fam.keys.get(k, k): g(gk) for k, gk in fam.gguf_keys.items() if g(gk) is not None and (
+        k in fam.hf_keys or k == "sliding_window")})  # (the keys the row reads: gpt-oss's expert width is its MLP's)
     if arch == "falcon":  # (its flags, from the tensors: a second norm is the 40B layout)
         d.update(new_decoder_architecture="blk.0.attn_norm_2.weight" in names, num_kv_heads=d["num_key_value_heads"],
                  multi_query=d["num_key_value_heads"] == 1, ffn_hidden_size=d["intermediate_size"])
     if "use_qk_norm" in FAMILIES[mt].flags:  # (GLM-4.5: the norms' presence; Llama 4's have no weights: on unless 128)
         d["use_qk_norm"] = "blk.0.attn_q_norm.weight" in names or (arch == "llama4" and g("expert_count") != 128)
-    if g("expert_count") and arch in GGUF_NORM_TOPK:
+    if g("expert_count") and arch in GGUF_NORM_TOPK and "norm_topk_prob" in fam.hf_keys:
         d["norm_topk_prob"] = GGUF_NORM_TOPK[arch]
     if isinstance(pattern := g("attention.sliding_window_pattern"), list):  # one flag per layer
         d["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]

@@ -1,11 +1,13 @@
 """nanotune RoPE math: the inverse frequencies of every rope scaling a checkpoint may ask for (linear, Llama 3.1,
 YaRN, LongRoPE, NTK with a fixed alpha, GGUF's per-frequency factors), the attention factor YaRN and LongRoPE
-apply, the cos / sin tables, and adjacent-pair RoPE as a reordering. model.py builds its tables from these;
-kernels.rope applies them. References: RoPE (arXiv:2104.09864), YaRN (arXiv:2309.00071), LongRoPE
-(arXiv:2402.13753), Llama 3.1 rope scaling (arXiv:2407.21783)."""
+apply, the cos / sin tables, and adjacent-pair RoPE as a reordering; rope_from_hf reads the scaling from
+config.json. model.py builds its tables from these; kernels.rope applies them. References: RoPE
+(arXiv:2104.09864), YaRN (arXiv:2309.00071), LongRoPE (arXiv:2402.13753), Llama 3.1 rope scaling (arXiv:2407.21783)."""
 import math
 
 import torch
+
+from cli import NanotuneError
 
 
 def rope_base(theta: float, scaling: dict | None, dim: int) -> float:
@@ -82,3 +84,40 @@ def rotary(position_ids, inv_freq, factor=1.0):
     freqs = position_ids[..., None].float() * inv_freq.float()  # [B, T, rot/2]
     emb = torch.cat((freqs, freqs), -1)
     return emb.cos() * factor, emb.sin() * factor
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json -> the rotation
+ROPE_TYPES = ("linear", "llama3", "yarn", "longrope", "dynamic", "proportional")  # (dynamic: with a fixed alpha only)
+
+
+def rope_from_hf(d: dict, where: str):
+    """(theta, scaling or None, local theta or None) from rope_parameters (transformers 5, nested per layer type
+    for Gemma 3) or rope_theta / rope_scaling / rope_local_base_freq (transformers 4)."""
+    rp = d.get("rope_parameters") or {}
+    local = None
+    if isinstance(rp.get("full_attention"), dict):  # {"full_attention": {...}, "sliding_attention": {...}}
+        sliding = rp.get("sliding_attention") or {}
+        if sliding.get("rope_type", "default") != "default":
+            raise NanotuneError(f"{where}: rope scaling {sliding['rope_type']!r} on sliding layers is not supported "
+                                "(their rotation is plain; scaling applies to the full layers).")
+        local, rp = sliding.get("rope_theta"), rp["full_attention"]
+    local = local or d.get("rope_local_base_freq")
+    scaling = dict(d.get("rope_scaling") or rp)
+    theta = d.get("rope_theta", rp.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None, local
+    if kind not in ROPE_TYPES or kind == "dynamic" and not scaling.get("alpha"):
+        raise NanotuneError(f"{where}: rope scaling {kind!r} is not supported ({', '.join(ROPE_TYPES)} are; "
+                            "dynamic with a fixed alpha, as HunYuan's).")
+    for k in ("rope_theta", "type") + (() if kind == "proportional" else ("partial_rotary_factor",)):
+        scaling.pop(k, None)  # (Gemma 4's proportional RoPE keeps its fraction: rope.rope_inv_freq)
+    scaling["rope_type"] = kind
+    if kind in ("llama3", "yarn", "longrope"):  # transformers: a top-level value wins (Phi-3 keeps it there), but
+        first = () if "long_mscale" in scaling else (d.get("original_max_position_embeddings"),)  # not for PhiMoE
+        scaling["original_max_position_embeddings"] = next((v for v in (*first, scaling.get(
+            "original_max_position_embeddings"), d.get("max_position_embeddings")) if v), None)
+    if kind in ("yarn", "longrope") and not scaling.get("factor"):
+        scaling["factor"] = d.get("max_position_embeddings") / scaling["original_max_position_embeddings"]
+    return theta, scaling, local

@@ -380,7 +380,9 @@ UNREAD_VALUES = {"sliding_window": 4, "attn_logit_softcapping": 30.0, "final_log
                  "attention_chunk_size": 8, "no_rope_layers": [1, 0], "rope_local_base_freq": 1e4, "clip_qkv": 8.0,
                  "routed_scaling_factor": 2.5, "n_group": 4, "topk_group": 2, "first_k_dense_replace": 1,
                  "moe_norm_min": 1e-3, "enable_moe_block": True, "use_bidirectional_attention": "all",
-                 "attention_k_eq_v": True, "num_kv_shared_layers": 2, "hidden_size_per_layer_input": 8}
+                 "attention_k_eq_v": True, "num_kv_shared_layers": 2, "hidden_size_per_layer_input": 8,
+                 "resid_pdrop": 0.1, "embd_pdrop": 0.1, "emb_pdrop": 0.1, "router_jitter_noise": 0.1,
+                 "input_jitter_noise": 0.1}
 
 
 @pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
@@ -414,12 +416,32 @@ def test_every_family_refuses_a_key_it_does_not_implement_and_names_a_missing_on
             families.config_from_hf(text, where)
 
 
+@pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
+def test_every_key_of_a_familys_config_is_accounted_for(arch, tmp_path, capsys):
+    """No config.json key is ignored unknowingly: every key of transformers' own config for the family (its class's
+    defaults and the tiny test config's values, as AutoConfig reads the saved file) is read, listed as changing
+    nothing (families.INERT, the row's inert), or a MATH_KEYS / requires key (refused unless at its no-op value),
+    so loading prints no warning; a key in no list is named in one warning line, and the model still loads."""
+    import transformers
+
+    import families
+    make_hf_model(arch, tmp_path)
+    full = transformers.AutoConfig.from_pretrained(str(tmp_path)).to_dict()
+    capsys.readouterr()
+    families.config_from_hf(full, "config.json")
+    assert capsys.readouterr().err == ""
+    families.config_from_hf({**full, "my_new_key": 3, "another_key": None}, "c.json")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: c.json: nanotune does not know my_new_key for ")
+
+
 @pytest.mark.parametrize("arch,key,value", [
     ("olmo2", "sliding_window", 4),  # an Olmo 3 config relabelled olmo2: its window would be dropped
     ("llama", "attn_logit_softcapping", 30.0), ("qwen3", "swiglu_limit", 7.0), ("llama", "embedding_multiplier", 6.0),
     ("llama", "layer_types", ["sliding_attention", "full_attention"]),
     ("mistral", "layer_types", ["chunked_attention", "full_attention"]),
     ("mpt", "no_bias", False), ("mpt", "expansion_ratio", 2),  # (MPT keys transformers itself ignores)
+    ("falcon", "activation", "relu"), ("qwen2_moe", "qkv_bias", False), ("phi3", "resid_pdrop", 0.1),
 ])
 def test_a_config_key_that_would_change_the_math_is_refused(arch, key, value, tmp_path):
     """A key nanotune's row for that model_type does not implement is refused in one sentence naming it, not
