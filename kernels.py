@@ -723,14 +723,16 @@ class PackedRows(NamedTuple):
     whole: bool = False  # one document per row (whole_rows)
 
 
-def packed_rows(position_ids, windows) -> dict:
+def packed_rows(position_ids, windows, chunk=None) -> dict:
+    """PackedRows per window for rows of documents (a position 0 starts one); chunk: Llama 4's chunked layers
+    (windows ignored): every `chunk` positions of a document start another (within a chunk = within a document)."""
     B, T = position_ids.shape
-    starts = position_ids.eq(0)
+    starts = position_ids.eq(0) if chunk is None else (position_ids % chunk).eq(0)
     starts[:, 0] = True
     idx = starts.flatten().nonzero().flatten()
     cu = torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max())  # one host sync per forward, not per layer
-    return {w: PackedRows(cu, max_len, w) for w in windows}
+    return {"chunk": PackedRows(cu, max_len, None)} if chunk else {w: PackedRows(cu, max_len, w) for w in windows}
 
 
 def whole_rows(B, T, windows, device) -> dict:
@@ -812,11 +814,96 @@ def route(probs, k, bias=None, groups=1, keep=1, norm=True, scale=1.0):
     return (w * scale if scale != 1 else w), idx
 
 
-def xielu(x, alpha_p, alpha_n, beta, eps):
-    """xIELU (Apertus, arXiv:2411.13010), a_p = softplus(alpha_p), a_n = beta + softplus(alpha_n):
-    a_p x^2 + beta x for x > 0, else a_n (expm1(min(x, eps)) - x) + beta x. (PyTorch only: no Triton kernel.)"""
+# ---------------------------------------------------------------------------------------------
+# Plain (ungated) MLP activations: relu^2 (Arcee) and xIELU (Apertus, arXiv:2411.13010),
+#   xielu(x) = a_p x^2 + beta x (x > 0),  a_n (expm1(min(x, eps)) - x) + beta x (x <= 0),
+#   a_p = softplus(alpha_p), a_n = beta + softplus(alpha_n)
+# The kernels keep only x for the backward (autograd would keep the intermediates); xIELU's parameters get their
+# gradients from per-program partial sums, added up in PyTorch (P = [a_p, a_n, beta, eps] is made there, so the
+# chain to alpha_p and alpha_n through softplus is autograd's).
+def relu2_ref(x):
+    return F.relu(x).square()
+
+
+def xielu_ref(x, alpha_p, alpha_n, beta, eps):
     a_p, a_n = F.softplus(alpha_p), beta + F.softplus(alpha_n)
     return torch.where(x > 0, a_p * x * x + beta * x, (torch.expm1(torch.minimum(x, eps)) - x) * a_n + beta * x)
+
+
+if triton is not None:
+    @triton.jit
+    def _expm1(m):  # exp(m) - 1 without the cancellation near 0 (a Taylor series there, |error| < 1e-12)
+        return tl.where(tl.abs(m) < 1e-2, m * (1.0 + m * (0.5 + m * (1.0 / 6.0 + m / 24.0))), tl.exp(m) - 1.0)
+
+    @triton.jit
+    def _plain_fwd(X, Y, P, n, BLOCK: tl.constexpr, XIELU: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        x = tl.load(X + i, mask=m, other=0.0).to(tl.float32)
+        if XIELU:
+            a_p, a_n, beta, eps = tl.load(P), tl.load(P + 1), tl.load(P + 2), tl.load(P + 3)
+            y = tl.where(x > 0, a_p * x * x + beta * x, (_expm1(tl.minimum(x, eps)) - x) * a_n + beta * x)
+        else:
+            r = tl.maximum(x, 0.0)
+            y = r * r
+        tl.store(Y + i, y.to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _plain_bwd(DY, X, DX, P, PART, n, BLOCK: tl.constexpr, XIELU: tl.constexpr):
+        # dx = dy y'(x); xIELU: this program's sums of dy dy/da_p, dy dy/da_n, dy dy/dbeta, dy dy/deps into PART
+        pid = tl.program_id(0)
+        i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        x = tl.load(X + i, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(DY + i, mask=m, other=0.0).to(tl.float32)
+        if XIELU:
+            a_p, a_n, beta, eps = tl.load(P), tl.load(P + 1), tl.load(P + 2), tl.load(P + 3)
+            pos, e = x > 0, _expm1(tl.minimum(x, eps))
+            w = tl.where(x < eps, 1.0, tl.where(x == eps, 0.5, 0.0))  # d min(x, eps) / dx (a tie splits, as torch)
+            dx = tl.where(pos, 2.0 * a_p * x + beta, a_n * (w * (e + 1.0) - 1.0) + beta)
+            tl.store(PART + pid * 4, tl.sum(tl.where(pos, dy * x * x, 0.0)))
+            tl.store(PART + pid * 4 + 1, tl.sum(tl.where(pos, 0.0, dy * (e - x))))
+            tl.store(PART + pid * 4 + 2, tl.sum(dy * x))
+            tl.store(PART + pid * 4 + 3, tl.sum(tl.where(pos, 0.0, dy * a_n * (e + 1.0) * (1.0 - w))))
+        else:
+            dx = 2.0 * tl.maximum(x, 0.0)
+        tl.store(DX + i, (dy * dx).to(DX.dtype.element_ty), mask=m)
+
+
+class _PlainAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, P):
+        x = x.contiguous()
+        y, n = torch.empty_like(x), x.numel()
+        _plain_fwd[(triton.cdiv(n, 1024),)](x, y, P, n, BLOCK=1024, XIELU=P is not None)
+        ctx.save_for_backward(x, P)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, P = ctx.saved_tensors
+        dx, n = torch.empty_like(x), x.numel()
+        grid = triton.cdiv(n, 1024)
+        part = torch.empty(grid, 4, device=x.device, dtype=torch.float32) if P is not None else None
+        _plain_bwd[(grid,)](dy.contiguous(), x, dx, P, part, n, BLOCK=1024, XIELU=P is not None)
+        return dx, (part.sum(0) if P is not None else None)
+
+
+def relu2_triton(x):
+    return _PlainAct.apply(x, None)
+
+
+def xielu_triton(x, alpha_p, alpha_n, beta, eps):
+    P = torch.stack([t.reshape(()).float() for t in (F.softplus(alpha_p), beta + F.softplus(alpha_n), beta, eps)])
+    return _PlainAct.apply(x, P)
+
+
+def relu2(x):
+    return relu2_triton(x) if _triton(x) else relu2_ref(x)
+
+
+def xielu(x, alpha_p, alpha_n, beta, eps):
+    return (xielu_triton if _triton(x) else xielu_ref)(x, alpha_p, alpha_n, beta, eps)
 
 
 def sparsemixer(scores, eps):

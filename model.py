@@ -205,7 +205,7 @@ class MLP(nn.Module):
 
 
 PLAIN_ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-              "gelu_new": partial(F.gelu, approximate="tanh"), "relu2": lambda u: F.relu(u).square()}
+              "gelu_new": partial(F.gelu, approximate="tanh"), "relu2": kernels.relu2}
 
 
 def expert_act(cfg: Config):
@@ -467,9 +467,7 @@ class Transformer(nn.Module):
         position_ids [B, T] marks *packed* rows: each position 0 starts a new document and no token
         attends across documents (the SFT packer passes them). cache: a KVCache for generation.
         """
-        B, T = input_ids.shape
-        offset = cache.pos if cache is not None else 0
-        packed = position_ids is not None
+        (B, T), offset, packed = input_ids.shape, cache.pos if cache is not None else 0, position_ids is not None
         if position_ids is None:
             position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
         c = self.config
@@ -485,11 +483,13 @@ class Transformer(nn.Module):
         S = offset + T
         need = attention_mask is not None or packed or (offset > 0 and T > 1) or c.alibi
         masks, windows = {}, {c.sliding_window if layer.self_attn.sliding else None for layer in self.model.layers}
-        plain = attention_mask is None and cache is None and not (c.attention_chunk_size or c.alibi)  # whole rows
+        plain, C = attention_mask is None and cache is None and not c.alibi, c.attention_chunk_size  # whole rows
         if self.varlen and packed and plain and kernels.varlen_usable(x, c, windows):
             masks = kernels.packed_rows(position_ids, windows)  # no [B, 1, T, T] mask: varlen flash attention
         elif not packed and plain and any(w and S > w for w in windows) and kernels.varlen_usable(x, c, windows):
             masks = kernels.whole_rows(B, T, windows, x.device)  # a sliding window through flash varlen, no mask
+        if C and plain and (self.varlen if packed else S > C) and kernels.varlen_usable(x, c, windows):
+            masks.update(kernels.packed_rows(position_ids, (), C))  # (Llama 4: each chunk a varlen document)
         docs = position_ids.eq(0).cumsum(1) if packed and not masks else None  # [B, T] document index per token
         for w in windows - set(masks):
             if need or (w and S > w):
@@ -497,8 +497,7 @@ class Transformer(nn.Module):
         if c.alibi:  # (a float mask: -inf where masked, the heads' position bias elsewhere)
             masks[None] = alibi_bias(c, B, S, attention_mask, position_ids if packed else None, x).masked_fill(
                 ~masks[None], float("-inf"))
-        C = c.attention_chunk_size
-        if C and (need or S > C):  # Llama 4's chunked layers
+        if C and (need or S > C) and "chunk" not in masks:  # Llama 4's chunked layers
             masks["chunk"] = attention_mask_for(B, T, offset, attention_mask, docs, None, x.device, C,
                                                 position_ids if packed else None)
         qscale = None

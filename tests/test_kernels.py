@@ -90,6 +90,20 @@ def test_gated_act(dtype, act):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act,eps", [("relu2", None), ("xielu", -1e-6), ("xielu", -0.3)])
+def test_plain_act(dtype, act, eps):
+    """relu^2 and xIELU (odd shapes; values on both sides of 0 and of xIELU's eps, some near 0 where expm1 - x
+    cancels): the output, dx, and xIELU's four parameters' gradients (partial sums per program). eps: Apertus's,
+    and one wide enough that many x sit between it and 0 (where min(x, eps) holds eps)."""
+    x = torch.cat([randn(3, 123, 45, scale=3.0).flatten(), randn(700, seed=5, scale=1e-3)]).view(5, -1)
+    if act == "relu2":
+        return check(kernels.relu2_triton, kernels.relu2_ref, [x], dtype)
+    params = [randn(1, seed=2) + 0.5, randn(1, seed=3) - 0.5, torch.tensor(0.5, device=DEV),
+              torch.tensor(eps, device=DEV)]  # alpha_p, alpha_n, beta, eps (Apertus starts at beta 0.5)
+    check(kernels.xielu_triton, kernels.xielu_ref, [x, *params], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cap", [None, 30.0])
 # (the Triton rows take ~4 s a case in Triton's CPU interpreter: slow tier; on a GPU they run for real)
 @pytest.mark.parametrize("rows_in", [pytest.param("triton", marks=pytest.mark.slow), "torch"])

@@ -87,11 +87,12 @@ def test_heads_wider_than_flash_take_sdpa_with_the_rows_mask(tmp_path, monkeypat
         assert not torch.allclose(attn.attend(q, k, v, packed, B, T), attn.attend(q, k, v, None, B, T))
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3", "phi", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3", "phi", "qwen2_moe", "llama4_text"])
 def test_packed_rows_train_like_separate_sequences(arch, tmp_path, monkeypatch):
     """Packed rows give each document's hidden states and the same gradients as the documents one by
     one: on a GPU through varlen flash attention (bf16; the test counts its calls), on CPU through
-    the block-diagonal mask (fp32). mistral has a sliding window of 5, shorter than the documents."""
+    the block-diagonal mask (fp32). mistral has a sliding window of 5, shorter than the documents; llama4_text
+    chunks of 4 (on a GPU each chunk a varlen document)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     make_hf_model(arch, tmp_path / "hf")
@@ -120,6 +121,21 @@ def test_packed_rows_train_like_separate_sequences(arch, tmp_path, monkeypatch):
     assert (packed - separate).abs().max() <= tol * separate.abs().max()
     if dev == "cuda" and kernels.varlen_usable(h, m.config, {None}):
         assert calls, "varlen attention was not used for packed rows on the GPU"
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunks_as_varlen_documents_stand_for_the_chunk_mask(packed):
+    """Llama 4's chunked layers through varlen attention: each chunk of a document (of the row, unpacked) is a
+    document of its own; the mask those rows stand for equals the chunk mask attention builds."""
+    from attention import attention_mask_for
+    B, T, C = 3, 16, 4
+    pos = torch.stack([torch.cat([torch.arange(5), torch.arange(11)]), torch.arange(16),
+                       torch.cat([torch.arange(9), torch.arange(7)])]) if packed else torch.arange(T).expand(B, T)
+    rows = kernels.packed_rows(pos, (), C)["chunk"]
+    docs = pos.eq(0).cumsum(1) if packed else None
+    want = attention_mask_for(B, T, 0, None, docs, None, "cpu", C, pos if packed else None)
+    assert torch.equal(kernels.rows_mask(rows, B, T), want)
+    assert rows.max_len == C
 
 
 def test_sharded_checkpoint_loads(tmp_path):
