@@ -346,15 +346,15 @@ class Stall:
     learning (an lr far too high saturates it) and would otherwise finish as if it trained."""
     STEPS = 10
 
-    def __init__(self, write):
+    def __init__(self, write, task=None):  # (task.stall: why its gradient may be 0, grpo.py's)
         self.n, self.write = 0, write
+        self.why = getattr(task, "stall", "the model has stopped learning (an lr far too high saturates it)")
 
     def update(self, gnorm, step):
         self.n = self.n + 1 if gnorm == 0 else 0
         if self.n == self.STEPS:
-            self.write(f"warning: the gradient has been exactly 0 for {self.STEPS} steps (to step {step}): the model "
-                       "has stopped learning (an lr far too high saturates it); the result will not have trained "
-                       "further.")
+            self.write(f"warning: the gradient has been exactly 0 for {self.STEPS} steps (to step {step}): "
+                       f"{self.why}; the result will not have trained further.")
 
 
 def rng_state():

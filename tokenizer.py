@@ -14,7 +14,10 @@ import sys
 
 from cli import NanotuneError, read_json
 
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
+               "<turn|>", "<|eot|>", "<|eom|>", "<|END_OF_TURN_TOKEN|>", "[|endofturn|]", "<seed:eos>",
+               "<|end_of_sentence|>", "<|assistant_end|>", "<|return|>", "<|call|>")  # (Gemma 4, Llama 4, Cohere,
+#                          EXAONE 4, Seed-OSS, ERNIE 4.5, Apertus, gpt-oss: the turn markers of their own templates)
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
@@ -36,6 +39,7 @@ def render_chat_template(template: str, messages: list, add_generation_prompt=Fa
     from datetime import datetime
 
     from jinja2 import TemplateError
+    from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     lim, t0, steps = RENDER_LIMITS, time.monotonic(), [0]
@@ -69,7 +73,14 @@ def render_chat_template(template: str, messages: list, add_generation_prompt=Fa
     def raise_exception(msg):
         raise NanotuneError(f"chat template: {msg}")
 
-    env = Env(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    class Generation(Extension):  # transformers' {% generation %} ... {% endgeneration %} (SmolLM3's template marks
+        tags = {"generation"}  # the assistant's text with it): rendered as its body
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    env = Env(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", Generation])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))

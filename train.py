@@ -298,13 +298,13 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
     if ckpt:
         runs.check_resume_data(cfg, ckpt, digest)
         start = runs.load_checkpoint(ckpt, model, opt, sched, sampler)
+        getattr(task, "resume", lambda step: None)(start)  # (grpo.py: its rollout seeds follow the step)
         if dist.is_main():
             runs.truncate_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start)
         log(f"resumed from {ckpt} at step {start}")
 
-    prompts = list(cfg.sample_prompts) + data.read_prompts(cfg.sample_prompts_file)
-    if dist.is_dist():
-        prompts = []  # sample generations are a single-process feature (generate.py on the result)
+    prompts = [] if dist.is_dist() else list(cfg.sample_prompts) + data.read_prompts(cfg.sample_prompts_file)
+    #          (sample generations are a single-process feature: generate.py on the result)
     before = None
     if prompts and not ckpt:
         log(f"answering {len(prompts)} sample prompt(s) before training ...")
@@ -320,7 +320,7 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
     tb = runs.tensorboard(cfg.output_dir) if dist.is_main() else None
     t0, tokens_seen, step = time.time(), 0, start
     stop = runs.StopSignal()  # (bar.write below: a line of its own, not glued to the bar)
-    stall = runs.Stall(lambda msg: bar.write(msg, file=sys.stderr) if dist.is_main() else None)
+    stall = runs.Stall(lambda msg: bar.write(msg, file=sys.stderr) if dist.is_main() else None, task)
     try:
         for step in range(start + 1, steps + 1):
             micro = [to_device(task.collate([rows[i] for i in dist.rank_slice(sampler.next(), R, W)], tok), device)

@@ -89,3 +89,23 @@ def test_a_hostile_chat_template_stops_in_one_sentence(template):
     assert time.monotonic() - t0 < 10 and "the chat template starting" in str(e.value)
     assert render_chat_template(CHATML, [{"role": "user", "content": "hi"}], True) == (
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_generation_tags_render_like_transformers_and_turn_markers_stop(tmp_path):
+    """transformers' {% generation %} block (SmolLM3's template marks the assistant's text with it) renders as its
+    body, as apply_chat_template does; the 2026 families' end-of-turn markers stop generation and end trained
+    turns (a tokenizer that has the marker gets its id among stop_ids)."""
+    from transformers.utils import chat_template_utils as ctu
+
+    import tokenizer
+    tpl = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+           "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n"
+           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "?"}]
+    want = ctu.render_jinja_template(conversations=[msgs], chat_template=tpl, add_generation_prompt=True)[0][0]
+    assert tokenizer.render_chat_template(tpl, msgs, add_generation_prompt=True) == want
+    from conftest import save_tiny_tokenizer
+    markers = ["<turn|>", "<|eot|>", "<|END_OF_TURN_TOKEN|>", "[|endofturn|]", "<seed:eos>", "<|return|>"]
+    save_tiny_tokenizer(tmp_path, extra_specials=markers)
+    tok = formats.load_tokenizer(str(tmp_path))
+    assert {tok.token_id(m) for m in markers} <= tok.stop_ids

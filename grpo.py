@@ -1,0 +1,394 @@
+"""nanotune online RL: GRPO, Dr. GRPO, DAPO and GSPO on train.py's loop, with nanotune's own rollouts (no vLLM).
+
+    python grpo.py                                    # the bundled arithmetic task on the default model
+    python grpo.py --loss dr_grpo                     # or dapo | gspo
+    python grpo.py --datasets math.jsonl --rewards numeric rewards.py:fmt --reward_weights 1 0.2
+
+Each micro-batch takes P prompts and samples G completions of each from the current policy (the LoRA adapter live
+on the same base: no second copy, no weight sync), rows of different lengths decoded together with a KV cache.
+Rewards r_i = sum_f w_f R_f(record, completion_i); per group of G (one prompt):
+    A_i = r_i - mean_j r_j,  / (std_j r_j + 1e-4) unless scale_rewards is none          (std: unbiased, as TRL)
+Per completion token t, with logp = log pi(y_t | y_<t, x), old = the same when sampled (detached), ref = the model
+with adapters off (full fine-tuning: a frozen copy):
+    rho_t = exp(logp_t - old_t)       GSPO: rho = exp(mean_t (logp_t - old_t)) per completion
+    l_t   = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)
+and the loss, per loss type (Shao et al. 2024, arXiv:2402.03300; Dr. GRPO arXiv:2503.20783; DAPO
+arXiv:2503.14476; GSPO arXiv:2507.18071), as TRL's GRPOTrainer aggregates it:
+    grpo, gspo   mean over each completion's tokens, then over completions
+    dr_grpo      sum over tokens / (completions x max_new_tokens); no std division (scale_rewards none)
+    dapo         sum over tokens / all completion tokens of the step; clip-higher (eps_high 0.28); groups whose
+                 rewards are all equal are dropped (dynamic sampling; their share is logged)
+num_iterations mu > 1 replays each sampled batch mu times (old log-probs from when it was sampled).
+
+Data (JSONL): {"prompt": str | [messages]} or {"messages": [...]} (the prompt), optional "answer" and any other
+fields; every field reaches the reward functions. Rewards: built-ins numeric (the completion's last number equals
+the answer), exact (stripped text equals the answer), format (matches --format_regex), length (-len/max_new_tokens);
+or path.py:function, called as function(record, completion) -> float.
+"""
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import dist
+import lora
+import train
+from attention import KVCache
+from cli import F_, NanotuneError, bundled, cli
+from data import IGNORE, collate, read_records
+from train import TrainConfig
+
+LOSSES = ("grpo", "dr_grpo", "dapo", "gspo")
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    output_dir: str = F_("out-grpo", "where checkpoints, metrics and the result go (its parent must exist)")
+    datasets: list = F_([bundled("arithmetic.jsonl")], "prompt files (see the docstring)")
+    loss: str = F_("grpo", "grpo | dr_grpo | dapo | gspo")
+    num_generations: int = F_(8, "completions sampled per prompt (G, the group)")
+    max_new_tokens: int = F_(16, "tokens sampled per completion at most")
+    temperature: float = F_(1.0, "sampling temperature of the rollouts")
+    top_p: float = F_(1.0, "nucleus sampling of the rollouts")
+    top_k: int = F_(0, "top-k sampling of the rollouts (0: off)")
+    epsilon: float = F_(0.2, "clip range below 1 (GSPO's default: 3e-4)")
+    epsilon_high: float | None = F_(None, "clip range above 1 (default: epsilon; DAPO 0.28, GSPO 4e-4)")
+    beta: float = F_(0.0, "KL weight toward the reference (adapters off); 0 skips the reference pass, as TRL")
+    num_iterations: int = F_(1, "policy updates per sampled batch (mu)")
+    scale_rewards: str | None = F_(None, "group | batch | none (default: none for dr_grpo, else group)")
+    dynamic_sampling: bool | None = F_(None, "drop groups whose rewards are all equal (default: on for dapo)")
+    rewards: list = F_(["numeric", "format"], "reward functions: numeric | exact | format | length | path.py:fn")
+    reward_weights: list = F_([1.0, 0.25], "one weight per reward")
+    format_regex: str = F_(r"^\s*-?\d+\s*$", "the format reward: 1 when the whole completion matches")
+    micro_batch_size: int = F_(2, "prompts per micro-batch (each gives num_generations rows)")
+    lr: float = F_(5e-4, "peak learning rate (tuned for the default job)")
+    epochs: float = F_(1.0, "passes over the prompts (when max_steps is 0)")
+    max_steps: int = F_(60, "optimizer steps (0: from epochs)")
+    val_set_size: float = F_(0.0, "prompts held out (the reward on them is the eval metric)")
+    sample_prompts_file: str | None = F_(bundled("arithmetic_prompts.txt"), "file with one held-out prompt per line")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards
+def last_number(text):
+    m = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+    return float(m[-1]) if m else None
+
+
+def builtin_rewards(cfg):
+    def numeric(rec, text):
+        want, got = rec.get("answer"), last_number(text)
+        return float(got is not None and want is not None and abs(got - float(want)) < 1e-6)
+    return {"numeric": numeric, "exact": lambda rec, text: float(text.strip() == str(rec.get("answer", "")).strip()),
+            "format": lambda rec, text: float(re.fullmatch(cfg.format_regex, text, re.S) is not None),
+            "length": lambda rec, text: -len(text) / max(cfg.max_new_tokens, 1)}
+
+
+def load_rewards(cfg):
+    """[(name, function)]: built-ins by name, others as path.py:function."""
+    out, builtin = [], builtin_rewards(cfg)
+    for spec in cfg.rewards:
+        if spec in builtin:
+            out.append((spec, builtin[spec]))
+            continue
+        path, _, name = spec.rpartition(":")
+        if not path.endswith(".py") or not os.path.isfile(path):
+            raise NanotuneError(f"reward {spec!r} is neither a built-in ({', '.join(builtin)}) nor path.py:function "
+                                "of an existing file.")
+        mod_spec = importlib.util.spec_from_file_location(f"nanotune_reward_{len(out)}", path)
+        mod = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(mod)
+        if not callable(getattr(mod, name, None)):
+            raise NanotuneError(f"reward {spec!r}: {path} has no function {name!r}.")
+        out.append((name, getattr(mod, name)))
+    return out
+
+
+def score(rewards, weights, records, texts):
+    """[N, F] rewards of each completion (record i // G's) under each function, and their weighted sum [N]."""
+    per = torch.zeros(len(texts), len(rewards))
+    for i, (rec, text) in enumerate(zip(records, texts)):
+        for f, (name, fn) in enumerate(rewards):
+            try:
+                per[i, f] = float(fn(rec, text))
+            except Exception as e:
+                raise NanotuneError(f"{rec.get('_where', 'a record')}: reward {name!r} raised {type(e).__name__}: "
+                                    f"{e} (completion {text[:60]!r}).")
+    return per, per @ torch.tensor(weights, dtype=per.dtype)
+
+
+def advantages(r, G, scale="group"):
+    """Rewards [P*G] in groups of G -> advantages [P*G], and whether each group's rewards are all equal [P]."""
+    g = r.view(-1, G)
+    mean = g.mean(1, keepdim=True)
+    std = g.std(1, keepdim=True) if G > 1 else torch.zeros_like(mean)  # (unbiased, as TRL's nanstd)
+    if scale == "batch":
+        std = r.std().expand_as(mean) if r.numel() > 1 else torch.zeros_like(mean)
+    a = g - mean
+    if scale != "none":
+        a = a / (std + 1e-4)
+    return a.reshape(-1), (g == g[:, :1]).all(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts: rows of different lengths, left-padded, decoded together with one KV cache
+def sample_rows(logits, temperature, top_k, top_p, generator):
+    """logits [B, V] -> token ids [B]: greedy at temperature 0, else softmax(logits / T) within top-k / top-p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        s, order = torch.sort(logits, -1, descending=True)
+        p = s.softmax(-1)
+        drop = p.cumsum(-1) - p >= top_p  # keep the smallest prefix whose mass reaches p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Prompt id lists -> completion id lists (through the first stop id, if hit). The prompts are left-padded and
+    masked; RoPE sees each row shifted by its padding, which changes no score (relative positions)."""
+    device, dtype = model.inv_freq.device, model.lm_head.weight.dtype
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
+    cache = KVCache(model.config, B, L + max_new_tokens, device, dtype)
+    stops = torch.tensor(sorted(stop_ids), device=device)
+    done, out = torch.zeros(B, dtype=torch.bool, device=device), []
+    h = model(ids, attention_mask=mask, cache=cache)
+    for _ in range(max_new_tokens):
+        nxt = sample_rows(model.logits(h[:, -1]), temperature, top_k, top_p, generator)
+        out.append(torch.where(done, pad_id, nxt))
+        mask = torch.cat([mask, (~done).long()[:, None]], 1)  # (a finished row's padding hides itself)
+        done = done | torch.isin(nxt, stops)
+        if dist.all_sums([float(not bool(done.all()))])[0] == 0:  # (torchrun: every rank decodes as many steps,
+            break                                                   # its sharded forward being collective)
+        h = model(out[-1][:, None], attention_mask=mask, cache=cache)
+    toks = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))] for row in toks]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+def token_logps(model, batch, chunk=256):
+    """log pi of every completion token [B, T-1] (0 elsewhere): position t predicts token t+1. The head runs on the
+    completion positions only, `chunk` rows at a time, recomputed in backward: no [tokens x vocab] stays alive."""
+    h = model.forward(batch["input_ids"], attention_mask=batch["attention_mask"])[:, :-1]  # [B, T-1, C]
+    comp = batch["labels"][:, 1:] != IGNORE
+    y, hs = batch["input_ids"][:, 1:][comp], h[comp]
+
+    def part(x, t):
+        return torch.log_softmax(model.logits(x).float(), -1).gather(-1, t[:, None])[:, 0]
+    lp = torch.cat([checkpoint(part, hs[i: i + chunk], y[i: i + chunk], use_reentrant=False)
+                    for i in range(0, len(y), chunk)]) if len(y) else hs.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(comp.shape, dtype=lp.dtype, device=lp.device).masked_scatter(comp, lp)
+
+
+def policy_loss(kind, logp, old, ref, adv, mask, cfg):
+    """Per completion, the loss its tokens add [B] (summed, before the step's count divides it) and metrics:
+    logp, old, ref, mask [B, T] (ref None when beta is 0), adv [B]."""
+    eps_low = cfg.epsilon
+    eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else 0.28 if kind == "dapo" else eps_low
+    n = mask.sum(-1).clamp(min=1)
+    d = (logp - old) * mask
+    log_w = (d.sum(-1) / n)[:, None] if kind == "gspo" else d  # GSPO: one ratio per completion
+    rho = torch.exp(log_w)
+    a = adv[:, None]
+    clipped = torch.clamp(rho, 1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(rho * a, clipped * a).expand_as(logp)
+    kl = None
+    if ref is not None:
+        kl = torch.exp(ref - logp) - (ref - logp) - 1
+        per_token = per_token + cfg.beta * kl
+    summed = (per_token * mask).sum(-1)
+    loss = summed if kind == "dapo" else summed / cfg.max_new_tokens if kind == "dr_grpo" else summed / n
+    is_clipped = ((rho < 1 - eps_low) & (a < 0)) | ((rho > 1 + eps_high) & (a > 0))
+    mets = {"clip_frac": (is_clipped.float().expand_as(logp) * mask).sum(-1) / n}
+    if kl is not None:
+        mets["kl"] = (kl * mask).sum(-1) / n
+    return loss, mets
+
+
+class GRPO:
+    """The online task for train.fit: collate samples the group's rollouts and scores them; loss is the policy
+    loss summed per completion (per token for DAPO); count is what the step divides by."""
+    name = "grpo"
+    stall = ("every group's completions scored alike, so every advantage is 0: the task is solved at these settings, "
+             "or out of reach (a harder or easier prompt set, more completions or a higher temperature vary them)")
+
+    def __init__(self, cfg, model, tok, ref_model=None):
+        self.cfg, self.model, self.tok, self.ref_model = cfg, model, tok, ref_model
+        self.kind, self.name = cfg.loss, cfg.loss
+        self.rewards = load_rewards(cfg)
+        self.weights = [float(w) for w in cfg.reward_weights]
+        self.scale = cfg.scale_rewards or ("none" if cfg.loss == "dr_grpo" else "group")
+        self.dynamic = cfg.dynamic_sampling if cfg.dynamic_sampling is not None else cfg.loss == "dapo"
+        self.calls, self.replay = 0, []
+
+    def resume(self, step):
+        """Rollout seeds follow the step, so a resumed run samples what the uninterrupted one would."""
+        self.calls = step * self.cfg.grad_accum
+
+    def collate(self, items, tok):
+        """A micro-batch of rollouts; with num_iterations mu > 1 the step's micro-batches are sampled once and
+        replayed mu - 1 more steps (the prompts the sampler hands over meanwhile are not used)."""
+        ga, mu = self.cfg.grad_accum, self.cfg.num_iterations
+        k, seed = self.calls % (mu * ga), self.cfg.seed * 1_000_003 + self.calls
+        self.calls += 1
+        if k >= ga:
+            return self.replay[k % ga]
+        b = self.sample(items, tok, seed)
+        self.replay = (self.replay if k else []) + [b]
+        return b
+
+    @torch.no_grad()
+    def sample(self, items, tok, seed):
+        cfg, G, model = self.cfg, self.cfg.num_generations, self.model
+        device = model.inv_freq.device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        was = model.training
+        model.eval()
+        try:
+            prompts = [x["prompt_ids"] for x in items for _ in range(G)]
+            comps = rollout(model, prompts, cfg.max_new_tokens, tok.stop_ids, tok.pad_id, cfg.temperature,
+                            cfg.top_k, cfg.top_p, gen)
+        finally:
+            model.train(was)
+        texts = [tok.decode([t for t in c if t not in tok.stop_ids]) for c in comps]
+        records = [x["record"] for x in items for _ in range(G)]
+        per, r = score(self.rewards, self.weights, records, texts)
+        adv, flat = advantages(r, G, self.scale)
+        keep = (~flat if self.dynamic else torch.ones_like(flat)).repeat_interleave(G).float()
+        b = collate([{"input_ids": p + c, "labels": [IGNORE] * len(p) + c} for p, c in zip(prompts, comps)],
+                    tok.pad_id)
+        b = train.to_device(b, device)
+        b.update(advantages=adv.to(device), keep=keep.to(device))
+        if cfg.num_iterations > 1:  # (else the old log-probs are the new ones, detached)
+            b["old"] = self.logps(model, b)
+        if cfg.beta:
+            b["ref"] = self.reference(b)
+        stats = {"reward": r.sum(), "completion_len": torch.tensor(float(sum(map(len, comps)))),
+                 "groups_dropped": flat.float().sum() * G if self.dynamic else torch.tensor(0.0),
+                 **{f"rewards/{name}": per[:, f].sum() for f, (name, _) in enumerate(self.rewards)}}
+        return {**b, **{f"stat:{k}": v.to(device) for k, v in stats.items()}}
+
+    def logps(self, model, b):
+        return model.run(token_logps, b).detach()
+
+    @torch.no_grad()
+    def reference(self, b):
+        if self.ref_model is not None:
+            return self.ref_model.run(token_logps, b)
+        was = self.model.training
+        self.model.eval()
+        lora.set_lora_enabled(self.model, False)
+        try:
+            return self.model.run(token_logps, b)
+        finally:
+            lora.set_lora_enabled(self.model, True)
+            self.model.train(was)
+
+    def loss(self, model, b):
+        mask = (b["labels"][:, 1:] != IGNORE).float()
+        logp = model.run(token_logps, b)
+        old = b["old"] if "old" in b else logp.detach()
+        loss, mets = policy_loss(self.kind, logp, old, b.get("ref"), b["advantages"], mask, self.cfg)
+        keep, scale = b["keep"], self.count(b) / b["input_ids"].shape[0]  # (metrics: per completion)
+        out = {k: (v * keep).sum().detach() * scale for k, v in mets.items()}
+        out.update({k[5:]: v * scale for k, v in b.items() if k.startswith("stat:")})
+        return (loss * keep).sum(), out
+
+    def backward(self, model, batch, norm):
+        return train.backward(self, model, batch, norm)
+
+    def count(self, b):
+        if self.kind == "dapo":  # every kept completion token of the step
+            return int(((b["labels"][:, 1:] != IGNORE).float().sum(-1) * b["keep"]).sum())
+        return int(b["input_ids"].shape[0])
+
+    @torch.no_grad()
+    def evaluate(self, model, items, cfg, tok, device):
+        """The held-out prompts' mean reward (one greedy completion each) and per reward function."""
+        if not items:
+            return {}
+        was = model.training
+        model.eval()
+        try:
+            comps = []
+            for i in range(0, len(items), cfg.micro_batch_size * cfg.num_generations):
+                chunk = items[i: i + cfg.micro_batch_size * cfg.num_generations]
+                comps += rollout(model, [x["prompt_ids"] for x in chunk], cfg.max_new_tokens, tok.stop_ids,
+                                 tok.pad_id, temperature=0.0)
+        finally:
+            model.train(was)
+        texts = [tok.decode([t for t in c if t not in tok.stop_ids]) for c in comps]
+        per, r = score(self.rewards, self.weights, [x["record"] for x in items], texts)
+        return {"eval_reward": float(r.mean()), **{f"eval_rewards/{n}": float(per[:, f].mean())
+                                                   for f, (n, _) in enumerate(self.rewards)}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and main
+def prompt_items(cfg, tok):
+    items = []
+    for spec in cfg.datasets:
+        for where, rec in read_records(spec if isinstance(spec, str) else spec["path"]):
+            msgs = rec.get("prompt", rec.get("messages"))
+            if isinstance(msgs, str):
+                msgs = [{"role": "user", "content": msgs}]
+            if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                            for m in msgs)):
+                raise NanotuneError(f"{where}: a prompt record needs 'prompt' (a string or a list of messages) or "
+                                    "'messages'.")
+            ids = tok.chat(msgs, add_generation_prompt=True)
+            if len(ids) + cfg.max_new_tokens > cfg.max_len:
+                raise NanotuneError(f"{where}: the prompt is {len(ids)} tokens, and with max_new_tokens "
+                                    f"{cfg.max_new_tokens} it outgrows max_len {cfg.max_len}; raise max_len.")
+            items.append({"prompt_ids": ids, "record": {**rec, "_where": where}})
+    if not items:
+        raise NanotuneError(f"no prompts in {', '.join(map(str, cfg.datasets))}.")
+    return items
+
+
+def check(cfg):
+    if cfg.loss not in LOSSES:
+        raise NanotuneError(f"loss {cfg.loss!r} is not one of {', '.join(LOSSES)}.")
+    if cfg.num_generations < 2:
+        raise NanotuneError(f"num_generations {cfg.num_generations}: a group needs at least 2 completions to compare "
+                            "(its advantages would all be 0).")
+    if cfg.scale_rewards not in (None, "group", "batch", "none"):
+        raise NanotuneError(f"scale_rewards {cfg.scale_rewards!r} is not group, batch or none.")
+    if len(cfg.reward_weights) != len(cfg.rewards):
+        raise NanotuneError(f"{len(cfg.reward_weights)} reward_weights for {len(cfg.rewards)} rewards "
+                            f"({' '.join(cfg.rewards)}); give one per reward, e.g. --reward_weights "
+                            f"{' '.join(['1'] * len(cfg.rewards))}.")
+    if cfg.num_iterations < 1 or cfg.max_new_tokens < 1:
+        raise NanotuneError("num_iterations and max_new_tokens must be at least 1.")
+    if cfg.packing:
+        raise NanotuneError("packing does not apply to grpo.py (the rows are sampled completions); drop --packing.")
+
+
+def main(argv=None):
+    import copy
+    cfg = train.parse_config(argv, GRPOConfig)
+    check(cfg)
+    model, tok, device = train.setup(cfg)
+    items = prompt_items(cfg, tok)
+    n_eval = int(cfg.val_set_size if cfg.val_set_size >= 1 else round(cfg.val_set_size * len(items)))
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    train_items, eval_items = [items[i] for i in order[n_eval:]], [items[i] for i in order[:n_eval]]
+    train.log(f"data: {len(train_items)} prompts to train on, {len(eval_items)} held out; "
+              f"{cfg.num_generations} completions each")
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta and not cfg.lora else None
+    train.fit(cfg, model, tok, train_items, eval_items, GRPO(cfg, model, tok, ref_model), device)
+
+
+if __name__ == "__main__":
+    cli(main, train.dist.shutdown)

@@ -1,0 +1,217 @@
+"""grpo.py: the losses, advantages and masks against the published formulas written out independently (and TRL's
+GRPO loss where TRL is installed), any micro-batch split = the whole batch's update, batched rollouts = one-row
+greedy generation, rewards that raise named, and the script end to end."""
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import make_tiny_run_model, tiny_lora_model
+
+import grpo
+import train
+from cli import NanotuneError
+from data import IGNORE, collate
+from model import generate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cfg_for(kind, **kw):
+    d = dict(loss=kind, epsilon=0.2, epsilon_high=None, beta=0.0, max_new_tokens=6)
+    d.update(kw)
+    return SimpleNamespace(**d)
+
+
+def written_out(kind, logp, old, ref, adv, mask, c):
+    """The step's loss, token by token in plain Python: the formulas of the docstring, not the code's tensors."""
+    eps_lo = c.epsilon
+    eps_hi = c.epsilon_high if c.epsilon_high is not None else (0.28 if kind == "dapo" else c.epsilon)
+    total, tokens, rows = 0.0, 0, len(adv)
+    for i in range(rows):
+        ts = [t for t in range(len(mask[i])) if mask[i][t]]
+        seq = math.exp(sum(logp[i][t] - old[i][t] for t in ts) / max(len(ts), 1))  # GSPO's ratio
+        s = 0.0
+        for t in ts:
+            rho = seq if kind == "gspo" else math.exp(logp[i][t] - old[i][t])
+            clipped = min(max(rho, 1 - eps_lo), 1 + eps_hi)
+            lt = -min(rho * adv[i], clipped * adv[i])
+            if ref is not None:
+                lt += c.beta * (math.exp(ref[i][t] - logp[i][t]) - (ref[i][t] - logp[i][t]) - 1)
+            s += lt
+        tokens += len(ts)
+        total += s if kind == "dapo" else s / c.max_new_tokens if kind == "dr_grpo" else s / max(len(ts), 1)
+    return total / (tokens if kind == "dapo" else rows)
+
+
+@pytest.mark.parametrize("kind", grpo.LOSSES)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_policy_losses_equal_the_formulas_written_out(kind, beta):
+    g = torch.Generator().manual_seed(0)
+    B, T = 5, 6
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3  # ratios on both sides of the clip
+    ref = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, T, generator=g) > 0.3).double()
+    mask[2] = 0  # a completion with no token
+    c = cfg_for(kind, beta=beta, epsilon=3e-4 if kind == "gspo" else 0.2)
+    loss, mets = grpo.policy_loss(kind, logp, old, ref if beta else None, adv, mask, c)
+    count = mask.sum() if kind == "dapo" else B
+    want = written_out(kind, logp.tolist(), old.tolist(), ref.tolist() if beta else None, adv.tolist(),
+                       mask.tolist(), c)
+    assert abs(float(loss.sum() / count) - want) < 1e-12
+    assert 0 < float(mets["clip_frac"].sum()) and ("kl" in mets) == bool(beta)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "dapo"])
+def test_policy_loss_equals_trls(kind):
+    """TRL's GRPOTrainer._compute_loss on the same log-probs (its model pass replaced by ours)."""
+    pytest.importorskip("trl")
+    from trl.trainer.grpo_trainer import GRPOTrainer
+    g = torch.Generator().manual_seed(1)
+    B, T = 4, 5
+    logp = -torch.rand(B, T, generator=g) * 3
+    old, ref = logp + torch.randn(B, T, generator=g) * 0.3, logp + torch.randn(B, T, generator=g) * 0.5
+    adv, mask = torch.randn(B, generator=g), (torch.rand(B, T, generator=g) > 0.3).float()
+    c = cfg_for(kind, beta=0.04)
+    trainer = object.__new__(GRPOTrainer)  # only the attributes _compute_loss reads
+    trainer.__dict__.update(
+        loss_type=kind, importance_sampling_level="token", epsilon_low=0.2,
+        epsilon_high=0.28 if kind == "dapo" else 0.2, beta=0.04, max_completion_length=c.max_new_tokens,
+        off_policy_mask_threshold=None, top_entropy_quantile=1.0, use_vllm=False, current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False, aux_loss_enabled=False, use_adaptive_entropy=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, model=SimpleNamespace(training=True),
+        args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
+        accelerator=SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
+                                    reduce=lambda x, reduction: x, sync_gradients=True))
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logp, torch.zeros_like(logp), None)
+    try:
+        got = GRPOTrainer._compute_loss(trainer, None, {
+            "prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+            "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask.long(),
+            "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+            "num_items_in_batch": mask.sum()})
+    except (AttributeError, KeyError, TypeError) as e:  # (TRL's internals moved: say so rather than pass)
+        pytest.fail(f"TRL's _compute_loss needs more of its trainer than this test sets up: {e!r}")
+    loss, _ = grpo.policy_loss(kind, logp, old, ref, adv, mask, c)
+    count = mask.sum() if kind == "dapo" else B
+    assert abs(float(loss.sum() / count) - float(got)) < 1e-5
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_advantages_equal_the_formula(scale):
+    r = torch.tensor([1.0, 0.0, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0, 0.0, 3.0, 1.0, 1.0], dtype=torch.float64)
+    adv, flat = grpo.advantages(r, 4, scale)
+    vals = r.tolist()
+    for g in range(3):
+        grp = vals[4 * g: 4 * g + 4]
+        std = statistics.stdev(vals) if scale == "batch" else statistics.stdev(grp)
+        for j, x in enumerate(grp):
+            want = x - statistics.mean(grp)
+            want = want if scale == "none" else want / (std + 1e-4)
+            assert abs(float(adv[4 * g + j]) - want) < 1e-12
+    assert flat.tolist() == [False, True, False]  # the all-equal group (DAPO's dynamic sampling drops it)
+
+
+def rollout_batch(task, tok, prompts, comps, adv, keep=None):
+    b = collate([{"input_ids": p + c, "labels": [IGNORE] * len(p) + c} for p, c in zip(prompts, comps)], tok.pad_id)
+    b.update(advantages=torch.tensor(adv), keep=torch.ones(len(adv)) if keep is None else torch.tensor(keep))
+    return b
+
+
+@pytest.mark.parametrize("kind,beta,mu", [("grpo", 0.0, 1), ("grpo", 0.04, 2), ("dr_grpo", 0.0, 1),
+                                          ("dapo", 0.0, 2), ("gspo", 0.04, 1)])
+def test_any_micro_batch_split_gives_the_same_update(kind, beta, mu, tmp_path):
+    """The step's gradient from one micro-batch of 6 completions = from 6 of one (batched = per example) = from
+    2 + 4, with masks (padding, prompts, a dropped group for DAPO), old log-probs off the current policy (mu > 1)
+    and the reference (beta > 0): the normalisation is by the whole step's count."""
+    make_tiny_run_model(tmp_path)
+    import formats
+    tok = formats.load_tokenizer(str(tmp_path))
+    m = tiny_lora_model(tmp_path).train()
+    cfg = train.parse_config(["--model", str(tmp_path), "--loss", kind, "--beta", str(beta), "--num_iterations",
+                              str(mu), "--max_new_tokens", "6", "--output_dir", str(tmp_path / "o")], grpo.GRPOConfig)
+    task = grpo.GRPO(cfg, m, tok)
+    g = torch.Generator().manual_seed(0)
+    prompts = [tok.chat([{"role": "user", "content": f"What is {i}?"}]) for i in range(6)]
+    comps = [torch.randint(5, 100, (n,), generator=g).tolist() for n in (3, 6, 1, 5, 6, 2)]
+    adv = torch.randn(6, generator=g).tolist()
+    keep = [1, 1, 0, 0, 1, 1] if kind == "dapo" else None
+    whole = rollout_batch(task, tok, prompts, comps, adv, keep)
+    if mu > 1:
+        with torch.no_grad():  # off-policy old log-probs: the current policy's, nudged
+            whole["old"] = task.logps(m, whole) + 0.1 * torch.randn(whole["labels"][:, 1:].shape, generator=g)
+    if beta:
+        whole["ref"] = task.reference(whole)
+
+    def part(idx):
+        b = {k: v[idx] for k, v in whole.items()}
+        T = int(b["attention_mask"].sum(1).max())  # (a split's own padding)
+        return {k: (v[:, :T] if k in ("input_ids", "labels", "attention_mask") else v[:, :T - 1]
+                    if k in ("old", "ref") else v) for k, v in b.items()}
+
+    grads = []
+    for split in ([list(range(6))], [[i] for i in range(6)], [[0, 1], [2, 3, 4, 5]]):
+        m.zero_grad()
+        train.accumulate(m, [part(torch.tensor(s)) for s in split], task)
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 0
+    n_tokens = ((whole["labels"][:, 1:] != IGNORE).sum(-1) * whole["keep"]).sum()
+    assert task.count(whole) == (int(n_tokens) if kind == "dapo" else 6)  # DAPO: the kept completion tokens
+    for other in grads[1:]:
+        assert (other - grads[0]).abs().max() <= 1e-5 * grads[0].abs().max()
+
+
+def test_batched_rollouts_equal_one_row_greedy_generation(tmp_path):
+    """Rows of different lengths decoded together (left-padded, one KV cache) give each row's greedy tokens
+    (through its stop id) as generating it alone does."""
+    make_tiny_run_model(tmp_path)
+    import formats
+    tok = formats.load_tokenizer(str(tmp_path))
+    m = tiny_lora_model(tmp_path).eval()
+    prompts = [tok.chat([{"role": "user", "content": t}]) for t in ("hi", "what is the answer here?", "2+2")]
+    stops = {3, 7, 11}  # (a few ids the tiny model is likely to hit: rows end at different steps)
+    got = grpo.rollout(m, prompts, 12, stops, tok.pad_id, temperature=0.0)
+    for p, row in zip(prompts, got):
+        assert row == generate(m, p, max_new_tokens=12, stop_ids=stops)
+    assert len({len(r) for r in got}) > 1 or all(len(r) == 12 for r in got)
+
+
+def test_a_reward_that_raises_names_the_record(tmp_path):
+    path = tmp_path / "r.py"
+    path.write_text("def bad(record, text):\n    return 1 / 0\n")
+    c = SimpleNamespace(rewards=[f"{path}:bad"], max_new_tokens=4, format_regex=".*")
+    rewards = grpo.load_rewards(c)
+    with pytest.raises(NanotuneError, match=r"p\.jsonl:3: reward 'bad' raised ZeroDivisionError"):
+        grpo.score(rewards, [1.0], [{"_where": "p.jsonl:3"}], ["text"])
+    with pytest.raises(NanotuneError, match="neither a built-in"):
+        grpo.load_rewards(SimpleNamespace(rewards=["nope"], max_new_tokens=4, format_regex=".*"))
+
+
+def test_builtin_rewards():
+    f = grpo.builtin_rewards(SimpleNamespace(max_new_tokens=10, format_regex=r"^\s*-?\d+\s*$"))
+    rec = {"answer": "12"}
+    assert f["numeric"](rec, "It is 12.") == 1.0 and f["numeric"](rec, "12 or 13") == 0.0
+    assert f["format"](rec, " 12\n") == 1.0 and f["format"](rec, "12.") == 0.0
+    assert f["exact"](rec, " 12 ") == 1.0 and f["length"](rec, "12345") == -0.5
+
+
+@pytest.mark.slow
+def test_default_job_runs_and_logs_rewards(tmp_path):
+    """`python grpo.py` (the bundled task, the default model) for two steps: metrics carry the reward, each
+    reward function's, KL-free clip fraction and completion length; before/after samples are printed."""
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "grpo.py", "--max_steps", "2", "--num_generations", "4",
+                        "--micro_batch_size", "2", "--output_dir", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"step"' in x]
+    assert {"reward", "rewards/numeric", "rewards/format", "clip_frac", "completion_len"} <= set(rows[-1])
+    assert "before" in (r.stdout + r.stderr).lower()
