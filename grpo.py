@@ -135,8 +135,10 @@ def advantages(r, G, scale="group"):
 
 # ---------------------------------------------------------------------------------------------
 # Rollouts: rows of different lengths, left-padded, decoded together with one KV cache
-def sample_rows(logits, temperature, top_k, top_p, generator):
-    """logits [B, V] -> token ids [B]: greedy at temperature 0, else softmax(logits / T) within top-k / top-p."""
+def sample_rows(logits, temperature, top_k, top_p, generators):
+    """logits [B, V] -> token ids [B]: greedy at temperature 0, else softmax(logits / T) within top-k / top-p,
+    drawn as argmax(p / E), E ~ Exp(1) from each row's own generator (the Gumbel-max trick), so a row's tokens do
+    not depend on which rows share its batch (or rank)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -148,23 +150,27 @@ def sample_rows(logits, temperature, top_k, top_p, generator):
         p = s.softmax(-1)
         drop = p.cumsum(-1) - p >= top_p  # keep the smallest prefix whose mass reaches p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    e = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=g)
+                     for g in generators])
+    return (logits.softmax(-1) / e).argmax(-1)
 
 
 @torch.no_grad()
-def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """Prompt id lists -> completion id lists (through the first stop id, if hit). The prompts are left-padded and
-    masked; RoPE sees each row shifted by its padding, which changes no score (relative positions)."""
+def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0, seeds=()):
+    """Prompt id lists -> completion id lists (through the first stop id, if hit); seeds: one per row (sampling).
+    The prompts are left-padded and masked; RoPE sees each row shifted by its padding, which changes no score
+    (relative positions)."""
     device, dtype = model.inv_freq.device, model.lm_head.weight.dtype
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
     cache = KVCache(model.config, B, L + max_new_tokens, device, dtype)
     stops = torch.tensor(sorted(stop_ids), device=device)
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     done, out = torch.zeros(B, dtype=torch.bool, device=device), []
     h = model(ids, attention_mask=mask, cache=cache)
     for _ in range(max_new_tokens):
-        nxt = sample_rows(model.logits(h[:, -1]), temperature, top_k, top_p, generator)
+        nxt = sample_rows(model.logits(h[:, -1]), temperature, top_k, top_p, gens)
         out.append(torch.where(done, pad_id, nxt))
         mask = torch.cat([mask, (~done).long()[:, None]], 1)  # (a finished row's padding hides itself)
         done = done | torch.isin(nxt, stops)
@@ -252,13 +258,13 @@ class GRPO:
     def sample(self, items, tok, seed):
         cfg, G, model = self.cfg, self.cfg.num_generations, self.model
         device = model.inv_freq.device
-        gen = torch.Generator(device=device).manual_seed(seed)
-        was = model.training
+        seeds = [(seed * 1_000_003 + x["index"]) * 1024 + j for x in items for j in range(G)]  # (a row's own, so
+        was = model.training  # its rollout is the same whatever the micro-batch or rank: torchrun = one process)
         model.eval()
         try:
             prompts = [x["prompt_ids"] for x in items for _ in range(G)]
             comps = rollout(model, prompts, cfg.max_new_tokens, tok.stop_ids, tok.pad_id, cfg.temperature,
-                            cfg.top_k, cfg.top_p, gen)
+                            cfg.top_k, cfg.top_p, [s % 2**62 for s in seeds])
         finally:
             model.train(was)
         texts = [tok.decode([t for t in c if t not in tok.stop_ids]) for c in comps]
@@ -351,7 +357,7 @@ def prompt_items(cfg, tok):
             if len(ids) + cfg.max_new_tokens > cfg.max_len:
                 raise NanotuneError(f"{where}: the prompt is {len(ids)} tokens, and with max_new_tokens "
                                     f"{cfg.max_new_tokens} it outgrows max_len {cfg.max_len}; raise max_len.")
-            items.append({"prompt_ids": ids, "record": {**rec, "_where": where}})
+            items.append({"prompt_ids": ids, "record": {**rec, "_where": where}, "index": len(items)})
     if not items:
         raise NanotuneError(f"no prompts in {', '.join(map(str, cfg.datasets))}.")
     return items

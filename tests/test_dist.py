@@ -205,6 +205,28 @@ def test_dpo_two_processes_equal_one(setup_dir, tmp_path, loss):
     assert close(got, want), (got, want)
 
 
+def test_grpo_two_processes_equal_one(setup_dir, tmp_path):
+    """grpo.py under torchrun: each rank samples its prompts' rollouts (a row's seed is its own, so the split
+    changes none), every rank decodes as many steps (the sharded forward is collective); the rewards and
+    gradient norms of each step equal one process's with the same global batch."""
+    import json
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n")
+    args = ["--model", str(setup_dir / "m"), "--datasets", str(tmp_path / "p.jsonl"), "--max_steps", "3",
+            "--lr", "1e-2", "--num_generations", "4", "--max_new_tokens", "4", "--rewards", "length", "numeric",
+            "--reward_weights", "1", "1", "--cache_dir", "", "--sample_prompts_file", "", *WHERE, "--output_dir"]
+    one = launch(0, [*args, str(tmp_path / "one"), "--micro_batch_size", "4"], script="grpo.py")
+    two = launch(2, [*args, str(tmp_path / "two"), "--micro_batch_size", "2"], script="grpo.py")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+
+    def rows(d):
+        return [(r["reward"], r["grad_norm"]) for r in map(json.loads, open(d / "metrics.jsonl")) if "loss" in r]
+    got, want = rows(tmp_path / "two"), rows(tmp_path / "one")
+    assert [g[0] for g in got] == [w[0] for w in want] and close([g[1] for g in got], [w[1] for w in want])
+    assert want[0][1] > 0
+
+
 HANG = """
 import os, signal, sys
 sys.path.insert(0, ROOT)

@@ -215,3 +215,30 @@ def test_default_job_runs_and_logs_rewards(tmp_path):
     rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"step"' in x]
     assert {"reward", "rewards/numeric", "rewards/format", "clip_frac", "completion_len"} <= set(rows[-1])
     assert "before" in (r.stdout + r.stderr).lower()
+
+
+def test_resume_samples_and_trains_as_the_uninterrupted_run(tmp_path):
+    """A run resumed from its step-2 checkpoint samples the same rollouts (their seeds follow the step) and logs
+    the uninterrupted run's steps 3 and 4: rewards, loss and gradient norm."""
+    import shutil
+    make_tiny_run_model(tmp_path / "m")
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n")
+    common = ["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "p.jsonl"), "--max_steps", "4",
+              "--save_steps", "2", "--num_generations", "4", "--max_new_tokens", "5", "--lr", "1e-2",
+              "--rewards", "length", "numeric", "--reward_weights", "1", "1", "--sample_prompts_file", "",
+              "--cache_dir", ""]
+    grpo.main(common + ["--output_dir", str(tmp_path / "ref")])
+    shutil.copytree(tmp_path / "ref", tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "adapter")
+    for c in os.listdir(tmp_path / "run" / "checkpoints"):
+        if c != "step-000002":
+            shutil.rmtree(tmp_path / "run" / "checkpoints" / c)
+    grpo.main(common + ["--output_dir", str(tmp_path / "run"), "--resume"])
+
+    def steps(d):
+        rows = {r["step"]: r for r in map(json.loads, open(d / "metrics.jsonl")) if "step" in r and "loss" in r}
+        return [{k: rows[s][k] for k in ("reward", "loss", "grad_norm", "completion_len")} for s in (3, 4)]
+    assert steps(tmp_path / "run") == steps(tmp_path / "ref")
+    assert steps(tmp_path / "ref")[0]["grad_norm"] > 0
