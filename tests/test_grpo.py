@@ -242,3 +242,23 @@ def test_resume_samples_and_trains_as_the_uninterrupted_run(tmp_path):
         return [{k: rows[s][k] for k in ("reward", "loss", "grad_norm", "completion_len")} for s in (3, 4)]
     assert steps(tmp_path / "run") == steps(tmp_path / "ref")
     assert steps(tmp_path / "ref")[0]["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("method", [["--load_in_4bit", "true"], ["--lora", "false", "--beta", "0.04"]],
+                         ids=["qlora", "full-with-reference"])
+def test_qlora_and_full_fine_tuning_train(method, tmp_path):
+    """QLoRA (NF4 base, adapters on it, reference = adapters off) and full fine-tuning (the reference a frozen
+    copy, beta > 0): two steps run, the KL is logged, the result is written."""
+    make_tiny_run_model(tmp_path / "m")
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n")
+    out = tmp_path / "run"
+    grpo.main(["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "p.jsonl"), "--max_steps", "2",
+               "--num_generations", "4", "--max_new_tokens", "5", "--lr", "1e-2", "--rewards", "length", "numeric",
+               "--reward_weights", "1", "1", "--sample_prompts_file", "", "--cache_dir", "", "--output_dir", str(out),
+               *method])
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"loss"' in x]
+    assert len(rows) == 2 and rows[0]["grad_norm"] > 0
+    assert ("kl" in rows[-1]) == ("--beta" in method)
+    assert os.path.isdir(out / ("adapter" if "--lora" not in method else "model"))
