@@ -257,6 +257,8 @@ def worker(a):
         dist.init()
     ckpt = None if a.ckpt == "none" else a.ckpt
     m, loss_fn = load_contender(a.worker, ckpt, a.mode, a.seq, a.fsdp, a.shape, a.doc_len, a.cpu)
+    if a.rollout:
+        return rollout_worker(a, m.eval(), dev, sync)
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=not a.cpu)
     fwd_bwd = getattr(loss_fn, "fwd_bwd", None)  # runs backward itself (-graph)
@@ -301,6 +303,31 @@ def worker(a):
     print("RESULT " + json.dumps({"contender": a.worker, "step_s": step, "tokens_per_s": a.batch * a.seq / step,
                                   "peak_gib": peak_gib(a.cpu), "loss_first": losses[0],
                                   "loss_last": losses[-1], "trainable": sum(p.numel() for p in params)}), flush=True)
+
+
+@torch.no_grad()
+def rollout_worker(a, m, dev, sync):
+    """--rollout N: a GRPO step's sampling, `batch` rows of `seq` random prompt tokens each continued by exactly N
+    sampled tokens (no stop), after a 4-token warm-up: nanotune's grpo.rollout (KV cache) or transformers'
+    generate, the same checkpoint with LoRA on (NF4 base for qlora)."""
+    ids = torch.randint(0, SHAPES[a.shape]["vocab_size"], (a.batch, a.seq), device=dev,
+                        generator=torch.Generator(device=dev).manual_seed(0))
+    times = []
+    for n in (4, a.rollout):
+        sync()
+        t0 = time.perf_counter()
+        if a.worker.startswith("nanotune"):
+            import grpo  # (a peer's process has the repository off its path)
+            out = grpo.rollout(m, ids.tolist(), n, set(), 0, seeds=range(a.batch))
+        else:
+            out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                             max_new_tokens=n, min_new_tokens=n, pad_token_id=0)[:, a.seq:].tolist()
+        sync()
+        times.append(time.perf_counter() - t0)
+    assert all(len(r) == a.rollout for r in out)
+    print("RESULT " + json.dumps({"contender": a.worker, "step_s": times[-1], "peak_gib": peak_gib(a.cpu),
+                                  "tokens_per_s": a.batch * a.rollout / times[-1], "new_tokens": a.rollout,
+                                  "loss_first": 0.0, "loss_last": 0.0}), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,6 +466,9 @@ def main():
     p.add_argument("--memory",
                    help="write what is allocated at each contender's peak, by the line of code that allocated it, "
                         "to MEMORY.<name>...txt (the allocator's history: slower steps)")
+    p.add_argument("--rollout", type=int, default=0,
+                   help="N > 0: GRPO rollout speed, N new tokens per row (nanotune; hf_peft / hf_bnb_qlora: "
+                        "transformers' generate)")
     p.add_argument("--cpu", action="store_true", help="the default job on this CPU (see above)")
     p.add_argument("--rounds", type=int, default=2, help="--cpu: contenders alternate this many times")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -469,7 +499,7 @@ def main():
             continue
         cmd = [sys.executable, __file__, "--worker", c, "--ckpt", ckpt, "--shape", a.shape, "--mode", a.mode,
                "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup),
-               "--doc_len", str(a.doc_len)]
+               "--doc_len", str(a.doc_len), "--rollout", str(a.rollout)]
         if a.profile:
             cmd += ["--profile", f"{a.profile}.{c}.{a.shape}.{a.mode}.txt"]
         if a.memory:
@@ -491,9 +521,11 @@ def main():
             print(f"{c}: skipped ({err})", flush=True)
             continue
         res = json.loads(line[7:])
-        res.update(shape=a.shape, mode=a.mode + (f"+fsdp{a.nproc}" if a.fsdp and c.startswith("nanotune") else "") +
+        mfu = res["tokens_per_s"] * fpt / peak if peak and not a.rollout else None
+        res.update(shape=a.shape, mode=a.mode + ("+rollout" if a.rollout else "") +
+                   (f"+fsdp{a.nproc}" if a.fsdp and c.startswith("nanotune") else "") +
                    (f"+docs{a.doc_len}" if a.doc_len and c.startswith("nanotune") else ""), batch=a.batch,
-                   seq=a.seq, mfu=res["tokens_per_s"] * fpt / peak if peak else None, wall_s=round(time.time() - t0))
+                   seq=a.seq, mfu=mfu, wall_s=round(time.time() - t0))
         if a.memory:  # (the allocator's history slows the steps: the peak counts, the speed does not)
             res["memory_history"] = True
         rows.append(res)
