@@ -1,6 +1,8 @@
 """nanotune attention: the norms, softmax attention over q/k/v projections (GQA, RoPE, q/k norms, sliding
 windows, sinks, softcaps, Gemma 4's shared keys and values), its boolean masks and the KV cache. model.py builds
 the blocks around it; `cfg` is model.Config (read by attribute only, so this file imports no model code)."""
+import collections
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -174,7 +176,7 @@ class KVCache:
         shapes = [(batch, cfg.kv_heads_at(i), max_len, cfg.head_dim_at(i)) for i in range(cfg.num_hidden_layers)]
         self.k = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]  # (a KV-shared layer's stay unused)
         self.v = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
-        self.pos = 0
+        self.pos, self.states = 0, collections.defaultdict(dict)  # (states: LFM2's convolution layers', by index)
 
     def update(self, layer, k, v):
         T = k.shape[2]

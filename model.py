@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import kernels
 from attention import Attention, KVCache, alibi_bias, attention_mask_for, make_norm, shared_input
+from mixers import ShortConv
 from rope import rope_attention_factor, rope_inv_freq, rotary
 
 
@@ -74,7 +75,9 @@ class Config:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
-    layer_types: list | None = None  # per layer "sliding_attention" | "full_attention"
+    layer_types: list | None = None  # per layer "sliding_attention" | "full_attention" | "conv" (LFM2)
+    conv_kernel: int = 0  # LFM2: "conv" layers mix tokens by mixers.ShortConv, this many taps (with conv_bias)
+    conv_bias: bool = False
     no_rope_layers: list | None = None  # per layer 1 = RoPE, 0 = none (NoPE: SmolLM3); None: RoPE everywhere
     fused_checkpoint: tuple = ()  # projections the checkpoint stores fused: Phi-3 qkv_proj and gate_up_proj, GLM-4 the
     #                               second
@@ -308,12 +311,16 @@ class Block(nn.Module):
     with Hugging Face's names n1 input_layernorm, n2 post_attention_layernorm, n3 pre_feedforward_layernorm,
     n4 post_feedforward_layernorm (Llama's pre-MLP norm is also called post_attention_layernorm), and every
     branch times residual_multiplier (Granite). Gemma 4 then adds its per-layer input (ple [B, T, P]) through a
-    gate, x += n5(proj(gelu(gate(x)) * ple)), and scales the block's output by a loaded layer_scalar."""
+    gate, x += n5(proj(gelu(gate(x)) * ple)), and scales the block's output by a loaded layer_scalar. LFM2's
+    "conv" layers mix tokens by mixers.ShortConv where the others attend."""
 
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
         wide = cfg.use_double_wide_mlp and cfg.kv_source(layer) is not None  # (Gemma 4's KV-shared layers)
-        self.self_attn = Attention(cfg, layer)
+        if cfg.conv_kernel and cfg.layer_types[layer] == "conv":  # LFM2: a short convolution for attention
+            self.conv, self.index = ShortConv(cfg.hidden_size, cfg.conv_kernel, cfg.conv_bias), layer
+        else:
+            self.self_attn = Attention(cfg, layer)
         self.mlp = MoE(cfg) if cfg.is_sparse(layer) else MLP(cfg, 2 * cfg.intermediate_size if wide else None)
         if P := cfg.hidden_size_per_layer_input:
             self.per_layer_input_gate = nn.Linear(cfg.hidden_size, P, bias=False)
@@ -355,8 +362,9 @@ class Block(nn.Module):
             if self.drop:
                 a, y = self.drop(a), self.drop(y)
             return x + a + y
-        a = self.self_attn(self.input_layernorm(x) if self.pre else x, cos, sin, mask, cache, kv if k is None else
-                           {self.self_attn.sliding: (k, v)}, qscale)
+        h = self.input_layernorm(x) if self.pre else x
+        a = self.conv(h, *mask, state=cache and cache.states[self.index]) if hasattr(self, "conv") else self.self_attn(
+            h, cos, sin, mask, cache, kv if k is None else {self.self_attn.sliding: (k, v)}, qscale)
         if self.post:
             a = self.post_attention_layernorm(a)
         a = self.drop(a) if self.drop else a
@@ -411,8 +419,7 @@ class Decoder(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.config = cfg
-        self.model = Decoder(cfg)
+        self.config, self.model = cfg, Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.tie_weights()
         for name, (*_, dim) in self.rope_buffers().items():  # inverse frequencies, filled by reset_rope (not in
@@ -438,14 +445,12 @@ class Transformer(nn.Module):
         return out
 
     def reset_rope(self, device=None):
-        c = self.config
         for name, (theta, scaling, long, dim) in self.rope_buffers().items():
-            buf = getattr(self, name)
-            if buf.is_meta or device is not None:
+            if (buf := getattr(self, name)).is_meta or device is not None:
                 setattr(self, name, buf := torch.empty(dim // 2, device=device))
             with torch.no_grad():
                 buf.copy_(rope_inv_freq(dim, theta, scaling, long))
-        self.rope_factor = rope_attention_factor(c.rope_scaling)
+        self.rope_factor = rope_attention_factor(self.config.rope_scaling)
 
     def rope_tables(self, position_ids, S=None):
         """{sliding?: (cos, sin)}: one table for every layer, or Gemma 3's global and local ones. S: the
@@ -456,17 +461,13 @@ class Transformer(nn.Module):
             long = (S or int(position_ids.max()) + 1) > s["original_max_position_embeddings"]
             inv = self.inv_freq_long if long and hasattr(self, "inv_freq_long") else inv
             factor = s["long_mscale" if long else "short_mscale"] if "long_mscale" in s else factor  # (PhiMoE's)
-        tables = {False: rotary(position_ids, inv, factor)}
-        tables[True] = rotary(position_ids, self.inv_freq_local) if c.local_rope_theta else tables[False]
-        return tables
+        full = rotary(position_ids, inv, factor)
+        return {False: full, True: rotary(position_ids, self.inv_freq_local) if c.local_rope_theta else full}
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        """input_ids [B, T] -> final hidden states [B, T, C].
-
-        attention_mask [B, S] (1 = real token, 0 = padding; S = cached + T) hides padded keys.
-        position_ids [B, T] marks *packed* rows: each position 0 starts a new document and no token
-        attends across documents (the SFT packer passes them). cache: a KVCache for generation.
-        """
+        """input_ids [B, T] -> final hidden states [B, T, C]. attention_mask [B, S] (1 = real token, 0 = padding;
+        S = cached + T) hides padded keys. position_ids [B, T] marks *packed* rows: each position 0 starts a new
+        document and no token attends across documents (the SFT packer passes them). cache: a KVCache."""
         (B, T), offset, packed = input_ids.shape, cache.pos if cache is not None else 0, position_ids is not None
         if position_ids is None:
             position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
@@ -482,7 +483,8 @@ class Transformer(nn.Module):
         rope = self.rope_tables(position_ids, None if packed else offset + T)
         S = offset + T
         need = attention_mask is not None or packed or (offset > 0 and T > 1) or c.alibi
-        masks, windows = {}, {c.sliding_window if layer.self_attn.sliding else None for layer in self.model.layers}
+        attn = [getattr(layer, "self_attn", None) for layer in self.model.layers]  # (None: LFM2's convolutions)
+        masks, windows = {}, {c.sliding_window if a.sliding else None for a in attn if a is not None}
         plain, C = attention_mask is None and cache is None and not c.alibi, c.attention_chunk_size  # whole rows
         if self.varlen and packed and plain and kernels.varlen_usable(x, c, windows):
             masks = kernels.packed_rows(position_ids, windows)  # no [B, 1, T, T] mask: varlen flash attention
@@ -490,7 +492,7 @@ class Transformer(nn.Module):
             masks = kernels.whole_rows(B, T, windows, x.device)  # a sliding window through flash varlen, no mask
         if C and plain and (self.varlen if packed else S > C) and kernels.varlen_usable(x, c, windows):
             masks.update(kernels.packed_rows(position_ids, (), C))  # (Llama 4: each chunk a varlen document)
-        docs = position_ids.eq(0).cumsum(1) if packed and not masks else None  # [B, T] document index per token
+        docs = position_ids.eq(0).cumsum(1) if packed else None  # [B, T] document index per token
         for w in windows - set(masks):
             if need or (w and S > w):
                 masks[w] = attention_mask_for(B, T, offset, attention_mask, docs, w, x.device)
@@ -510,12 +512,12 @@ class Transformer(nn.Module):
             ckpt = self.block_memory.begin(x.device, rng=dropout)  # one forward pass of checkpointed blocks
         last, kv = self.model.layers[-1], {} if c.num_kv_shared_layers else None
         stores = {c.kv_source(i) for i in range(c.num_hidden_layers)} - {None}
-        for i, layer in enumerate(self.model.layers):
-            a = layer.self_attn
-            mask = masks.get("chunk" if a.chunked else c.sliding_window if a.sliding else None)
-            cos, sin = rope[a.sliding]
+        convs = (None if attention_mask is None else attention_mask[:, offset:S], docs)  # (LFM2's convolutions)
+        for i, (layer, a) in enumerate(zip(self.model.layers, attn)):
+            mask = convs if a is None else masks.get("chunk" if a.chunked else c.sliding_window if a.sliding else None)
+            cos, sin = rope[bool(a and a.sliding)]
             k, v = (None, None) if c.kv_source(i) is None else kv[a.sliding]  # (Gemma 4's reused keys and values)
-            args = (None if ple is None else ple[:, :, i], k, v, qscale if a.temperature else None)
+            args = (None if ple is None else ple[:, :, i], k, v, qscale if a and a.temperature else None)
             if ckpt and i not in stores:  # keep only the block input (on the host with offload); recompute the
                 x = ckpt.block(layer, x, cos, sin, mask, None, args[0], None, *args[1:], last=layer is last)
             else:  # (a store layer keeps its graph: the layers reusing its k, v send their gradients into it)
@@ -529,9 +531,9 @@ class Transformer(nn.Module):
         return h / c.logits_scaling if c.logits_scaling != 1 else h  # has no bias: its input carries s)
 
     def router_aux(self):
-        """(the load-balancing loss of the last forward, scale) or None. Its value is a constant; scale(s) makes the
-        coming backward add s * its gradient to every router's probabilities, so the gradient is exact under block
-        checkpointing too (the recompute in backward reads it). d aux / d p[n, e] = E f_e / R, R = rows x layers."""
+        """(the last forward's load-balancing loss, a constant; scale) or None: scale(s) makes the coming backward add
+        s * its gradient to every router's probabilities (exact under block checkpointing: the recompute reads it).
+        d aux / d p[n, e] = E f_e / R, R = rows x layers."""
         moes = [m for m in self.modules() if isinstance(m, MoE) and m.router_stats is not None]
         if not moes:
             return None
@@ -546,9 +548,8 @@ class Transformer(nn.Module):
         return value, scale
 
     def run(self, fn, *args, **kwargs):
-        """fn(self, *args) as part of this module's forward: dist.py registers `run` as an FSDP forward
-        method, so root parameters (lm_head) are gathered while a loss that owns the head uses them.
-        Inside fn call `model.forward(...)`, not `model(...)`."""
+        """fn(self, *args) as part of this module's forward (dist.py registers `run` as an FSDP forward method: root
+        parameters such as lm_head are gathered while a loss that owns the head uses them); fn calls model.forward."""
         return fn(self, *args, **kwargs)
 
     def logits(self, h):

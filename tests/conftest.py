@@ -103,6 +103,11 @@ ARCH_CONFIGS = {
     "glm4": ("Glm4Config", dict(head_dim=32, tie_word_embeddings=False)),
     # Gemma 4: per-layer inputs, full layers with wider heads (k as v, one kv head), layers 2-3 reusing layers 0-1's
     # k/v with double-wide MLPs, proportional RoPE on a quarter of the full layers' frequencies, a final softcap
+    # LFM2: gated short convolutions on layers 0 and 2 (with biases, 3 taps), attention with q/k norms on 1 and 3,
+    # the MLP width from the block_* keys (2/3 of 96, x 1.5, to a multiple of 16)
+    "lfm2": ("Lfm2Config", dict(num_hidden_layers=4, full_attn_idxs=[1, 3], conv_bias=True, conv_L_cache=3,
+                                intermediate_size=96, block_auto_adjust_ff_dim=True, block_ffn_dim_multiplier=1.5,
+                                block_multiple_of=16)),
     "gemma4_text": ("Gemma4TextConfig", dict(
         intermediate_size=96, num_hidden_layers=4, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
         layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=4, hidden_size_per_layer_input=8,

@@ -391,11 +391,12 @@ def test_every_family_refuses_a_key_it_does_not_implement_and_names_a_missing_on
     model, is refused in one sentence naming the key and the value; a config.json without intermediate_size or
     num_hidden_layers is one sentence naming the file and the key."""
     import families
+    import keys
     make_hf_model(arch, tmp_path)
     where = str(tmp_path / "config.json")
     cfg = json.loads((tmp_path / "config.json").read_text())
     fam = families.FAMILIES[families.text_config(cfg)["model_type"]]
-    unread = [k for k in families.MATH_KEYS if k not in families.reads(fam)]
+    unread = [k for k in keys.MATH_KEYS if k not in keys.reads(fam)]
     assert set(unread) <= set(UNREAD_VALUES)
     for k in unread:
         with pytest.raises(NanotuneError, match=re.escape(f"{where}: {k}={UNREAD_VALUES[k]!r} would change")):
@@ -420,7 +421,7 @@ def test_every_family_refuses_a_key_it_does_not_implement_and_names_a_missing_on
 def test_every_key_of_a_familys_config_is_accounted_for(arch, tmp_path, capsys):
     """No config.json key is ignored unknowingly: every key of transformers' own config for the family (its class's
     defaults and the tiny test config's values, as AutoConfig reads the saved file) is read, listed as changing
-    nothing (families.INERT, the row's inert), or a MATH_KEYS / requires key (refused unless at its no-op value),
+    nothing (keys.INERT, the row's inert), or a MATH_KEYS / requires key (refused unless at its no-op value),
     so loading prints no warning; a key in no list is named in one warning line, and the model still loads."""
     import transformers
 

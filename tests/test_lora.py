@@ -110,6 +110,15 @@ def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == {"o_proj", "down_proj"}
 
 
+def test_lfm2_adapter_loads_in_peft(tmp_path):
+    """LFM2: nanotune's adapter on every projection (attention's out_proj is nanotune's o_proj; the convolution
+    layers' MLPs) gives peft's logits. (peft reads the bare name out_proj for the convolutions' out_proj too and
+    adds a zero adapter there: the logits are the same; a peft-made adapter on out_proj does not load yet.)"""
+    ids = torch.randint(3, 128, (2, 10))
+    m, pm = nanotune_adapter_in_peft("lfm2", tmp_path, ids)
+    assert len(lora.lora_layers(m)) == 7 * 2 + 3 * 2  # (layers 1, 3 attend; 0, 2 convolve)
+
+
 @pytest.mark.parametrize("arch", ["mpt", "glm4", "phi3", "falcon", "falcon-40b", "falcon-rw"])
 def test_adapter_on_unfused_projections_loads_in_peft(arch, tmp_path):
     """Families whose checkpoints fuse q/k/v or gate/up (MPT's Wqkv, Phi-3's, GLM-4's gate_up_proj: PEFT adapts the
@@ -189,7 +198,8 @@ def test_checkpointing_with_dropout_repeats_the_masks(tmp_path):
 
 @pytest.mark.parametrize("arch,four_bit", [("qwen2", False), ("llama", True), ("gemma2", False), ("phi", False),
                                            ("gemma3", True), ("olmo2", False), ("granite", False), ("gpt_oss", True),
-                                           ("gemma4_text", False), ("gemma4_text", True), ("gemma4_text-moe", True)])
+                                           ("gemma4_text", False), ("gemma4_text", True), ("gemma4_text-moe", True),
+                                           ("lfm2", True)])
 def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp_path, monkeypatch):
     """The training path (fused q/k/v and gate/up projections, block checkpointing whose recompute skips
     the down_proj GEMM) gives the plain path's loss and adapter gradients. Qwen2 has q/k/v biases,
