@@ -54,7 +54,7 @@ class GRPOConfig(TrainConfig):
     temperature: float = F_(1.0, "sampling temperature of the rollouts")
     top_p: float = F_(1.0, "nucleus sampling of the rollouts")
     top_k: int = F_(0, "top-k sampling of the rollouts (0: off)")
-    epsilon: float = F_(0.2, "clip range below 1 (GSPO's default: 3e-4)")
+    epsilon: float | None = F_(None, "clip range below 1 (default: 0.2; GSPO 3e-4)")
     epsilon_high: float | None = F_(None, "clip range above 1 (default: epsilon; DAPO 0.28, GSPO 4e-4)")
     beta: float = F_(0.0, "KL weight toward the reference (adapters off); 0 skips the reference pass, as TRL")
     num_iterations: int = F_(1, "policy updates per sampled batch (mu)")
@@ -200,8 +200,9 @@ def token_logps(model, batch, chunk=256):
 def policy_loss(kind, logp, old, ref, adv, mask, cfg):
     """Per completion, the loss its tokens add [B] (summed, before the step's count divides it) and metrics:
     logp, old, ref, mask [B, T] (ref None when beta is 0), adv [B]."""
-    eps_low = cfg.epsilon
-    eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else 0.28 if kind == "dapo" else eps_low
+    eps_low = cfg.epsilon if cfg.epsilon is not None else 3e-4 if kind == "gspo" else 0.2
+    eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else (
+        0.28 if kind == "dapo" else 4e-4 if kind == "gspo" and cfg.epsilon is None else eps_low)
     n = mask.sum(-1).clamp(min=1)
     d = (logp - old) * mask
     log_w = (d.sum(-1) / n)[:, None] if kind == "gspo" else d  # GSPO: one ratio per completion

@@ -31,8 +31,8 @@ def cfg_for(kind, **kw):
 
 def written_out(kind, logp, old, ref, adv, mask, c):
     """The step's loss, token by token in plain Python: the formulas of the docstring, not the code's tensors."""
-    eps_lo = c.epsilon
-    eps_hi = c.epsilon_high if c.epsilon_high is not None else (0.28 if kind == "dapo" else c.epsilon)
+    eps_lo = {"gspo": 3e-4}.get(kind, 0.2) if c.epsilon is None else c.epsilon
+    eps_hi = {"gspo": 4e-4, "dapo": 0.28}.get(kind, eps_lo) if c.epsilon_high is None else c.epsilon_high
     total, tokens, rows = 0.0, 0, len(adv)
     for i in range(rows):
         ts = [t for t in range(len(mask[i])) if mask[i][t]]
@@ -61,7 +61,7 @@ def test_policy_losses_equal_the_formulas_written_out(kind, beta):
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     mask = (torch.rand(B, T, generator=g) > 0.3).double()
     mask[2] = 0  # a completion with no token
-    c = cfg_for(kind, beta=beta, epsilon=3e-4 if kind == "gspo" else 0.2)
+    c = cfg_for(kind, beta=beta, epsilon=None)  # (each loss's own defaults: GSPO 3e-4 / 4e-4, DAPO 0.2 / 0.28)
     loss, mets = grpo.policy_loss(kind, logp, old, ref if beta else None, adv, mask, c)
     count = mask.sum() if kind == "dapo" else B
     want = written_out(kind, logp.tolist(), old.tolist(), ref.tolist() if beta else None, adv.tolist(),
