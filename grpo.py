@@ -156,7 +156,7 @@ def sample_rows(logits, temperature, top_k, top_p, generators):
 
 
 @torch.no_grad()
-def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0, seeds=()):
+def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0, seeds=None):
     """Prompt id lists -> completion id lists (through the first stop id, if hit); seeds: one per row (sampling).
     The prompts are left-padded and masked; RoPE sees each row shifted by its padding, which changes no score
     (relative positions)."""
@@ -166,7 +166,8 @@ def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, t
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
     cache = KVCache(model.config, B, L + max_new_tokens, device, dtype)
     stops = torch.tensor(sorted(stop_ids), device=device)
-    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    seeds = seeds or torch.randint(2**62, (B,)).tolist()  # (none given: from torch's global generator)
+    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     done, out = torch.zeros(B, dtype=torch.bool, device=device), []
     h = model(ids, attention_mask=mask, cache=cache)
     for _ in range(max_new_tokens):

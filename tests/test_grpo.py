@@ -184,6 +184,21 @@ def test_batched_rollouts_equal_one_row_greedy_generation(tmp_path):
     assert len({len(r) for r in got}) > 1 or all(len(r) == 12 for r in got)
 
 
+def test_row_sampling_draws_from_the_softmax_within_top_k_and_top_p():
+    """Each row's own generator, the Gumbel-max trick: over 4000 draws the frequencies are the softmax's (within
+    0.03); top-k and top-p keep only the tokens they should; temperature 0 is the argmax."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    draws = torch.cat([grpo.sample_rows(logits, 1.0, 0, 1.0, [torch.Generator().manual_seed(i)])
+                       for i in range(4000)])
+    freq = torch.bincount(draws, minlength=5).float() / 4000
+    assert (freq - logits.softmax(-1)[0]).abs().max() < 0.03
+    gens = [torch.Generator().manual_seed(i) for i in range(300)]
+    assert set(torch.cat([grpo.sample_rows(logits, 1.0, 2, 1.0, [g]) for g in gens]).tolist()) == {0, 1}
+    for top_p, kept in ((0.5, {0}), (0.7, {0, 1})):  # (p = 0.563, 0.207, 0.126, ...)
+        assert set(torch.cat([grpo.sample_rows(logits, 1.0, 0, top_p, [g]) for g in gens]).tolist()) == kept
+    assert grpo.sample_rows(logits, 0.0, 0, 1.0, []).tolist() == [0]
+
+
 def test_a_reward_that_raises_names_the_record(tmp_path):
     path = tmp_path / "r.py"
     path.write_text("def bad(record, text):\n    return 1 / 0\n")
