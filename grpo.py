@@ -100,7 +100,10 @@ def load_rewards(cfg):
                                 "of an existing file.")
         mod_spec = importlib.util.spec_from_file_location(f"nanotune_reward_{len(out)}", path)
         mod = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(mod)
+        try:
+            mod_spec.loader.exec_module(mod)
+        except Exception as e:  # (a reward file that does not run: its own error, one line)
+            raise NanotuneError(f"reward {spec!r}: {path} raised {type(e).__name__} while loading: {e}; fix the file.")
         if not callable(getattr(mod, name, None)):
             raise NanotuneError(f"reward {spec!r}: {path} has no function {name!r}.")
         out.append((name, getattr(mod, name)))

@@ -206,6 +206,9 @@ def test_a_reward_that_raises_names_the_record(tmp_path):
     rewards = grpo.load_rewards(c)
     with pytest.raises(NanotuneError, match=r"p\.jsonl:3: reward 'bad' raised ZeroDivisionError"):
         grpo.score(rewards, [1.0], [{"_where": "p.jsonl:3"}], ["text"])
+    (tmp_path / "broken.py").write_text("def f(record, text):\n    return (\n")
+    with pytest.raises(NanotuneError, match=r"broken\.py raised SyntaxError while loading"):
+        grpo.load_rewards(SimpleNamespace(rewards=[f"{tmp_path / 'broken.py'}:f"], max_new_tokens=4, format_regex=""))
     with pytest.raises(NanotuneError, match="neither a built-in"):
         grpo.load_rewards(SimpleNamespace(rewards=["nope"], max_new_tokens=4, format_regex=".*"))
 
