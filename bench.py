@@ -327,6 +327,7 @@ def rollout_worker(a, m, dev, sync):
     assert all(len(r) == a.rollout for r in out)
     print("RESULT " + json.dumps({"contender": a.worker, "step_s": times[-1], "peak_gib": peak_gib(a.cpu),
                                   "tokens_per_s": a.batch * a.rollout / times[-1], "new_tokens": a.rollout,
+                                  "warmup_s": times[0],
                                   "loss_first": 0.0, "loss_last": 0.0}), flush=True)
 
 
