@@ -139,12 +139,29 @@ class Attention(nn.Module):
         else:
             drop = self.attn_drop.p if hasattr(self, "attn_drop") and self.training else 0.0
             gqa = self.nh != self.nkv
-            if gqa and wide and q.is_cuda:  # SDPA's memory-efficient kernel takes no GQA (it would run the math
-                k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))  # one, in fp32)
-                gqa = False
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=self.scale,
-                                               is_causal=mask is None and T > 1, enable_gqa=gqa)
+            if gqa and mask is not None:  # SDPA takes a mask or GQA, not both (else its math kernel, in fp32)
+                y = fold_gqa(q, k, v, mask, self.scale, drop)
+            else:
+                if gqa and wide and q.is_cuda:  # (nor does its memory-efficient kernel take GQA without a mask)
+                    k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))
+                    gqa = False
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=self.scale,
+                                                   is_causal=mask is None and T > 1, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+def fold_gqa(q, k, v, mask, scale, drop=0.0):
+    """Masked GQA attention as plain attention: q [B, H, T, D] with H = KV * G (head h reads KV head h // G) ->
+    [B, KV, G * T, D], each KV head's G query heads as G * T query rows; the mask [B, 1 or H, T, S] repeated for
+    them. Every query row sees the keys it saw, so the output [B, H, T, D] is the same; k and v are not copied."""
+    (B, H, T, D), KV, S = q.shape, k.shape[1], k.shape[2]
+    G = H // KV
+    if mask.shape[1] == 1:  # [B, 1, T, S] -> [B, 1, G * T, S]
+        m = mask.expand(B, 1, T, S)[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+    else:  # one per head (ALiBi's bias) [B, H, T, S] -> [B, KV, G * T, S]
+        m = mask.expand(B, H, T, S).reshape(B, KV, G * T, S)
+    y = F.scaled_dot_product_attention(q.reshape(B, KV, G * T, D), k, v, attn_mask=m, dropout_p=drop, scale=scale)
+    return y.view(B, H, T, D)
 
 
 def attention_mask_for(B, T, offset, attention_mask, docs, window, device, chunk=None, pos=None):

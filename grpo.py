@@ -173,13 +173,14 @@ def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, t
     gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     done, out = torch.zeros(B, dtype=torch.bool, device=device), []
     h = model(ids, attention_mask=mask, cache=cache)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         nxt = sample_rows(model.logits(h[:, -1]), temperature, top_k, top_p, gens)
         out.append(torch.where(done, pad_id, nxt))
         mask = torch.cat([mask, (~done).long()[:, None]], 1)  # (a finished row's padding hides itself)
         done = done | torch.isin(nxt, stops)
-        if dist.all_sums([float(not bool(done.all()))])[0] == 0:  # (torchrun: every rank decodes as many steps,
-            break                                                   # its sharded forward being collective)
+        if i % 8 == 7 and dist.all_sums([float(not bool(done.all()))])[0] == 0:  # (every 8 steps: the CPU waits
+            break  # for the GPU there; under torchrun every rank decodes as many steps, its sharded forward being
+            #        collective)
         h = model(out[-1][:, None], attention_mask=mask, cache=cache)
     toks = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
     return [row[: next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))] for row in toks]
