@@ -140,26 +140,37 @@ def _text(rec, keys, where):
 # ---------------------------------------------------------------------------------------------
 # Tokenizing with label masks
 def trained_spans(msgs, render, roles, terminators) -> list:
-    """Character spans of the rendered conversation that carry loss: each message of a trained role,
-    from the end of its header to just after its end-of-turn marker (the marker is trained, what the
-    template puts after it is not). Relies on the template rendering a conversation's prefix as a prefix."""
-    full = render(msgs, False)
-    spans = []
+    """Character spans of the rendered conversation that carry loss: each message of a trained role, from the end
+    of its header to just after its end-of-turn marker (the marker is trained, what the template puts after it is
+    not), and the rendered text. The header is the generation prompt as far as the rendered turn agrees with it
+    (Gemma 4 prompts with an empty thought channel that its rendered turns drop). A template that ends the last
+    turn without the marker it writes between turns (Apertus) gets the marker appended: else the model would
+    never learn to stop. Relies on the template rendering a conversation's prefix as a prefix."""
+    full, spans = render(msgs, False), []
     for i, m in enumerate(msgs):
         if m["role"] not in roles:
             continue
-        head = render(msgs[:i], m["role"] == "assistant")  # up to and including "<|im_start|>assistant\n"
-        upto = render(msgs[: i + 1], False)
-        if not (full.startswith(upto) and upto.startswith(head)):
+        before, head = render(msgs[:i], False), render(msgs[:i], m["role"] == "assistant")
+        if not full.startswith(before):  # (a conversation that is not continued may end in eos: Phi-3.5-MoE)
+            before = next((before[: -len(t)] for t in terminators if t and before.endswith(t)), before)
+        start = len(os.path.commonprefix([head, full]))
+        if not full.startswith(before) or start < len(before):
             raise NanotuneError("the chat template does not render a conversation's prefix as a prefix, so turns "
                                 "cannot be masked; set chat_template to a built-in (chatml, llama3, ...) or a file.")
-        start, end = len(head), len(upto)
-        body = upto.find(m["content"], start)
+        body = full.find(m["content"], start)
         after = body + len(m["content"]) if body >= 0 else start
-        hits = [upto.find(t, after) for t in terminators if t and upto.find(t, after) >= 0]
-        if hits:
-            first = min(hits)
-            end = first + next(len(t) for t in terminators if t and upto.startswith(t, first))
+        last = i == len(msgs) - 1
+        limit = len(full) if last else max(full.find(msgs[i + 1]["content"], after), after)
+        hits = [(full.find(t, after), t) for t in terminators if t and 0 <= full.find(t, after) < limit]
+        if not hits and last:  # what the template writes after this turn when another follows
+            more = render(msgs + [{"role": "user", "content": "\x01"}], False)
+            gap = more[after: more.find("\x01", after)] if more.startswith(full[:after]) else ""
+            mark = min(((gap.find(t), t) for t in terminators if t and t in gap), default=None)
+            if mark and full[after:] == "":
+                full += gap[: mark[0] + len(mark[1])]
+                hits = [(after + mark[0], mark[1])]
+        upto = render(msgs[: i + 1], False)  # (no marker: the turn as the template ends it)
+        end = min(hits)[0] + len(min(hits)[1]) if hits else len(upto) if full.startswith(upto) else after
         spans.append((start, end))
     return spans, full
 

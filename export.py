@@ -30,7 +30,7 @@ from names import adapter_names
 import quant
 from cli import NanotuneError, Parser, cli, fresh_tmp, publish, writing
 from formats import BLOCK_TYPES, FLOAT_TYPES, load_model, load_tokenizer, resolve_model_path
-from tokenizer import OLLAMA_TEMPLATES
+from tokenizer import chat_turns, ollama_stops, ollama_template
 
 K_QUANTS = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16,
             "q5_k_m": 17, "q6_k": 18}  # llama.cpp's ftype numbers
@@ -311,28 +311,30 @@ def export_kquant(model, tok, out, qtype, overwrite):
 # the first space or newline after its closing quotes. So text that holds three double quotes cannot be written
 # into a value at all (it would close it, and what follows would be read as directives); nanotune refuses it.
 def ollama_modelfile(gguf_path, tok, system=None) -> str:
-    """FROM, TEMPLATE (the chat template's family translated to Go's template language), stops, SYSTEM."""
-    tpl = tok.chat_template or ""
-    family = next((k for k in OLLAMA_TEMPLATES if k in tpl), None)
-    if family is None:
-        raise NanotuneError("the chat template is not one nanotune can translate for Ollama (chatml, llama3, "
-                            "gemma, phi3); drop --ollama or set a built-in chat_template.")
-    template, stops = OLLAMA_TEMPLATES[family]
+    """FROM, TEMPLATE (the chat template as Go's template language, checked to render as it does), stops,
+    SYSTEM (--system)."""
+    turns = chat_turns(tok)
+    if turns is None:
+        raise NanotuneError("the chat template is not plain text around each message (it writes today's date, moves "
+                            "the system message or renders the last turn apart), so no Ollama template would render "
+                            "it alike; drop --ollama or train with a built-in chat_template (chatml, llama3, gemma, "
+                            "phi3).")
+    if turns.system and '"""' in turns.system:
+        print('warning: the chat template\'s default system prompt holds """, which an Ollama Modelfile cannot '
+              "quote; the Modelfile has none (pass --system to give one).", file=sys.stderr)
+        turns = turns._replace(system=None)
+    template = ollama_template(turns)
+    if '"""' in template:
+        raise NanotuneError('the chat template writes """ around messages, which an Ollama Modelfile cannot quote; '
+                            "drop --ollama or train with a built-in chat_template.")
     name = os.path.basename(gguf_path)
     if not re.fullmatch(r"[\w.+-]+", name):
         raise NanotuneError(f"the GGUF's file name {name!r} has characters a Modelfile's FROM cannot hold (spaces, "
                             "quotes, newlines); export to a name of letters, digits, '.', '_', '-' and '+'.")
     lines = [f"FROM ./{name}", f'TEMPLATE """{template}"""']
-    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines += [f'PARAMETER stop "{s}"' for s in ollama_stops(turns)]
     if system is not None and '"""' in system:
         raise NanotuneError('--system holds """, which an Ollama Modelfile cannot quote; remove it from the prompt.')
-    if system is None and "You are" in tpl:  # a default system prompt the template injects
-        start = tpl.index("You are")
-        system = tpl[start: tpl.index("<", start)] if "<" in tpl[start:] else None
-        if system and '"""' in system:
-            print('warning: the chat template\'s default system prompt holds """, which an Ollama Modelfile cannot '
-                  "quote; the Modelfile has no SYSTEM (pass --system to give one).", file=sys.stderr)
-            system = None
     if system:
         lines.append(f'SYSTEM """{system}"""')
     return "\n".join(lines) + "\n"

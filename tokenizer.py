@@ -8,6 +8,7 @@ templates, their Ollama (Go template) translations and the end-of-turn markers g
     ids = tok.chat([{"role": "user", "content": "Hi"}])             # the chat template, then encode
     tok.chat_template = resolve_template("llama3")                  # a built-in, a file, or inline Jinja2
 """
+import collections
 import json
 import os
 import sys
@@ -217,18 +218,112 @@ BUILTIN_TEMPLATES = {
 }
 
 
-OLLAMA_TEMPLATES = {
-    "<|im_start|>": ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
-                     '<|im_start|>assistant\n', ["<|im_start|>", "<|im_end|>"]),
-    "<|start_header_id|>": ('{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
-                            '{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n',
-                            ["<|eot_id|>", "<|start_header_id|>"]),
-    "<start_of_turn>": ('{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}'
-                        '{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n',
-                        ["<end_of_turn>", "<start_of_turn>"]),
-    "<|user|>": ('{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n',
-                 ["<|end|>", "<|user|>"]),
-}
+# ---------------------------------------------------------------------------------------------
+# Ollama: the chat template as a Go template, derived from the template itself and checked against it.
+# A chat format is text around each message: a prefix written once, (head, tail) per role, the generation prompt;
+# the system message is its own turn or folded into the first user turn (Gemma 3); a default system prompt (the
+# template's when the conversation has none) is kept for conversations without one. Found by rendering probes.
+Turns = collections.namedtuple("Turns", "prefix heads fold system gen")
+_S, _U1, _A1, _U2 = "\x01S\x01", "\x01U1\x01", "\x01A1\x01", "\x01U2\x01"  # contents no template splits
+_PROBES = ([("user", _U1)], [("user", _U1), ("assistant", _A1), ("user", _U2)], [("system", _S), ("user", _U1)],
+           [("system", _S), ("user", _U1), ("assistant", _A1), ("user", _U2)])
+
+
+def chat_turns(tok) -> Turns | None:
+    """The template's chat format, or None when it has another shape (today's date, a system message moved into a
+    later turn, tools ...): Ollama would then render conversations unlike the ones the model was trained on."""
+    def r(msgs, gen=False):  # (today's date as a marker: a template that writes it cannot be a fixed format)
+        text = tok.render([{"role": k, "content": c} for k, c in msgs], add_generation_prompt=gen,
+                          strftime_now=lambda fmt: "\x01D\x01")
+        if tok.add_bos and text.startswith(tok.bos_token):  # (llama.cpp adds it: a GGUF says add_bos_token)
+            text = text[len(tok.bos_token):]
+        return text
+
+    def cut(text, a, b=None):  # (text before a, after a) or, with b, the text between a and b; once each
+        if text.count(a) != 1 or (b and text.count(b) != 1):
+            raise ValueError
+        return text.split(a)[1].split(b)[0] if b else tuple(text.split(a))
+    try:
+        u, ua, uau, su = r(_PROBES[0]), r(_PROBES[0] + [("assistant", _A1)]), r(_PROBES[1]), r(_PROBES[2])
+        ug, eos = r(_PROBES[0], True), tok.eos_token
+        if not ug.startswith(u) and eos and u.endswith(eos):  # (a conversation not continued may end in eos:
+            u = u[: -len(eos)]                                  # Phi-3.5-MoE)
+        gen, between, last_a, before_u = ug[len(u):], cut(uau, _A1, _U2), cut(ua, _A1)[1], cut(u, _U1)[0]
+        cut(su, _S)
+    except (ValueError, NanotuneError):
+        return None
+    # n, the length of the user turn's head: the last assistant turn's tail is the others' too, unless the
+    # template ends it apart (OLMo 2); then the longest text that ends both what precedes the first user message
+    # and what lies between an assistant message and the next user message
+    lcs = next((i for i in range(min(len(before_u), len(between))) if before_u[-1 - i] != between[-1 - i]),
+               min(len(before_u), len(between)))
+    cuts = {a for a, _ in tok.backend.encode(before_u, add_special_tokens=False).offsets} | {len(before_u)}
+    lcs = len(before_u) - min(c for c in cuts if c >= len(before_u) - lcs)  # (not inside a token)
+    for n in dict.fromkeys(([len(between) - len(last_a)] if between.startswith(last_a) else []) + [lcs]):
+        turns = _turns(r, u, ua, su, gen, before_u, between, n)
+        if turns:
+            return turns
+    return None
+
+
+def _turns(r, u, ua, su, gen, before_u, between, n):
+    tail_u, (pre_s, rest) = u.split(_U1)[1], su.split(_S)
+    prefix, head_u, tail_a = before_u[: len(before_u) - n], before_u[len(before_u) - n:], between[: len(between) - n]
+    heads = {"user": (head_u, tail_u), "assistant": (ua.split(_U1)[1].split(_A1)[0][len(tail_u):], tail_a)}
+    if pre_s == before_u:  # the system message folded into the first user turn
+        return _checked(r, Turns(prefix, heads, rest.split(_U1)[0], None, gen))
+    tail_s, system = rest.split(_U1)[0][: -len(head_u) or None], None
+    if not pre_s.startswith(prefix):  # the template writes a default system prompt when there is none
+        system, prefix = before_u[len(pre_s): len(before_u) - len(tail_s + head_u)], ""
+        if not before_u.startswith(pre_s) or not before_u.endswith(tail_s + head_u):
+            return None
+    heads["system"] = (pre_s[len(prefix):], tail_s)
+    return _checked(r, Turns(prefix, heads, None, system, gen))
+
+
+def _checked(r, turns):
+    """turns when it renders every probe conversation as the template does (and holds no Go template action)."""
+    same = all(render_turns(turns, [{"role": k, "content": c} for k, c in p]) == r(p, True) for p in _PROBES)
+    texts = [turns.prefix, turns.gen, turns.fold or "", turns.system or ""] + [t for ht in turns.heads.values()
+                                                                               for t in ht]
+    return turns if same and not any("{{" in t or "}}" in t or "\x01" in t for t in texts) else None
+
+
+def render_turns(turns, messages) -> str:
+    """A conversation as Ollama renders the Go template of `turns` (ollama_template), with its generation prompt."""
+    if turns.system is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": turns.system}] + messages  # (the template's default)
+    out, held = [turns.prefix], None
+    for m in messages:
+        if m["role"] == "system" and turns.fold is not None:
+            held = m["content"]
+            continue
+        head, tail = turns.heads[m["role"] if m["role"] in ("system", "user") else "assistant"]
+        body = held + turns.fold + m["content"] if held is not None and m["role"] == "user" else m["content"]
+        held = None if m["role"] == "user" else held
+        out += [head, body, tail]
+    return "".join(out) + turns.gen
+
+
+def ollama_template(turns) -> str:
+    """Go's text/template of `turns` over Ollama's .Messages (render_turns is the same in Python)."""
+    def role(name, content="{{ .Content }}"):
+        head, tail = turns.heads[name]
+        fold = '{{ if $sys }}{{ $sys }}%s{{ $sys = "" }}{{ end }}' % turns.fold if name == "user" and turns.fold \
+            is not None else ""
+        return head + fold + content + tail
+    default = "" if turns.system is None else '{{ if ne (index .Messages 0).Role "system" }}%s{{ end }}' % role(
+        "system", turns.system)
+    system = '{{ $sys = .Content }}' if turns.fold is not None else role("system")
+    return ('{{ $sys := "" }}' + turns.prefix + default + '{{ range .Messages }}{{ if eq .Role "system" }}' + system
+            + '{{ else if eq .Role "user" }}' + role("user") + "{{ else }}" + role("assistant") + "{{ end }}{{ end }}"
+            + turns.gen)
+
+
+def ollama_stops(turns) -> list:
+    """Where a reply ends: the assistant turn's closing marker, and the next user turn's head."""
+    stops = (turns.heads["assistant"][1].strip(), turns.heads["user"][0].strip())
+    return [s for s in dict.fromkeys(stops) if s and '"' not in s and "\n" not in s]  # (quoted in a Modelfile)
 
 
 def check_turn_markers(tok, template: str, name: str):

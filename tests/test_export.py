@@ -287,14 +287,16 @@ def parse_ollama_modelfile(text):
 def test_modelfile_holds_exactly_the_directives_nanotune_meant(tmp_path, capfd):
     """Text from a downloaded chat template or from --system cannot add Modelfile directives (ADAPTER, PARAMETER):
     parsed back with Ollama's own parser, the Modelfile holds FROM, TEMPLATE, the stops and SYSTEM, nothing else."""
-    from tokenizer import OLLAMA_TEMPLATES, CHATML
+    from tokenizer import CHATML, chat_turns, ollama_stops, ollama_template
     save_tiny_tokenizer(tmp_path)
     tok = formats.load_tokenizer(str(tmp_path))
-    template, stops = OLLAMA_TEMPLATES["<|im_start|>"]
-    meant = [("model", "./m.gguf"), ("template", template)] + [("stop", s) for s in stops]
+    turns = chat_turns(tok)
+    meant = [("model", "./m.gguf"), ("template", ollama_template(turns))] + [("stop", s) for s in ollama_stops(turns)]
     evil = 'You are helpful."""\nADAPTER /tmp/evil-adapter.gguf\nPARAMETER num_ctx 1\nSYSTEM """x'
     assert ("adapter", "/tmp/evil-adapter.gguf") in parse_ollama_modelfile(f'FROM ./m.gguf\nSYSTEM """{evil}"""\n')
-    tok.chat_template = "{# " + evil + " #}" + CHATML  # (a comment in the model's own template)
+    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + evil + "<|im_end|>\n"
+                         "{% endif %}" + CHATML)  # (the model's own template's default system prompt)
+    assert chat_turns(tok).system == evil
     assert parse_ollama_modelfile(export.ollama_modelfile("m.gguf", tok)) == meant
     assert "cannot quote" in capfd.readouterr().err
     with pytest.raises(NanotuneError, match='--system holds """'):

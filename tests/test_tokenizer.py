@@ -101,7 +101,8 @@ def test_generation_tags_render_like_transformers_and_turn_markers_stop(tmp_path
     tpl = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
            "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n"
            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "?"}]
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "?"}]
     want = ctu.render_jinja_template(conversations=[msgs], chat_template=tpl, add_generation_prompt=True)[0][0]
     assert tokenizer.render_chat_template(tpl, msgs, add_generation_prompt=True) == want
     from conftest import save_tiny_tokenizer
