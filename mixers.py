@@ -1,6 +1,7 @@
 """nanotune token mixers other than softmax attention, each a small module with transformers' parameter names, a
 recurrent reference that is the definition (one token at a time, a state carried) and the parallel form training
-runs. model.py picks a layer's mixer from its layer type. So far: LFM2's gated short convolution.
+runs. model.py picks a layer's mixer from its layer type. So far: LFM2's gated short convolution and Qwen3.5's
+Gated DeltaNet (the module and its chunked form; not yet a family row).
 
 Gated short convolution (LFM2, transformers' Lfm2ShortConv), hidden size C, kernel L (conv_L_cache):
     B, Cg, u = split(in_proj(h), 3)          # in_proj C -> 3C; padded positions' h are zeroed first
@@ -12,6 +13,29 @@ earlier document), so packing stays exact.
 """
 import torch
 import torch.nn as nn
+
+
+def causal_conv(v, w, bias, docs=None, state=None, key="conv"):
+    """Causal depthwise convolution: v [B, T, C], w [C, L] (w[:, L-1] on the current token) -> [B, T, C];
+    docs [B, T]: taps never reach into an earlier document; state: a dict whose `key` [B, L-1, C] holds the
+    previous tokens' v (generation), replaced by this call's last L-1."""
+    T, L = v.shape[1], w.shape[1]
+    prev = state.get(key) if state is not None else None
+    if prev is None:
+        prev = v.new_zeros(v.shape[0], L - 1, v.shape[2])
+    full = torch.cat([prev.to(v.dtype), v], 1)  # [B, L-1+T, C]: v_{t-L+1} .. v_t for every t
+    if state is not None:
+        state[key] = full[:, -(L - 1):].detach() if L > 1 else prev
+    out = bias.to(v.dtype) if bias is not None else 0
+    for i in range(L):  # tap i reaches back L-1-i tokens
+        tap = full[:, i: i + T] * w[:, i].to(v.dtype)
+        lag = L - 1 - i
+        if docs is not None and lag:  # (the tokens before a document's start are another document's)
+            same = torch.zeros_like(docs, dtype=torch.bool)
+            same[:, lag:] = docs[:, lag:] == docs[:, :-lag]
+            tap = tap * same[:, :, None].to(v.dtype)
+        out = out + tap
+    return out
 
 
 class ShortConv(nn.Module):
@@ -33,23 +57,7 @@ class ShortConv(nn.Module):
         """h [B, T, C] -> [B, T, C]. docs [B, T]: each token's document (packed rows); state: a dict whose "conv"
         [B, L-1, C] holds the previous tokens' v (generation), updated in place of the dict."""
         c, v = self.gates(h, mask)
-        T, L = v.shape[1], self.L
-        prev = state.get("conv") if state is not None else None
-        if prev is None:
-            prev = v.new_zeros(v.shape[0], L - 1, v.shape[2])
-        full = torch.cat([prev.to(v.dtype), v], 1)  # [B, L-1+T, C]: v_{t-L+1} .. v_t for every t
-        if state is not None:
-            state["conv"] = full[:, -(L - 1):].detach() if L > 1 else prev
-        w = self.conv.weight[:, 0]  # [C, L]
-        out = self.conv.bias.to(v.dtype) if self.conv.bias is not None else 0
-        for i in range(L):  # tap i reaches back L-1-i tokens
-            tap = full[:, i: i + T] * w[:, i].to(v.dtype)
-            lag = L - 1 - i
-            if docs is not None and lag:  # (the tokens before a document's start are another document's)
-                same = torch.zeros_like(docs, dtype=torch.bool)
-                same[:, lag:] = docs[:, lag:] == docs[:, :-lag]
-                tap = tap * same[:, :, None].to(v.dtype)
-            out = out + tap
+        out = causal_conv(v, self.conv.weight[:, 0], self.conv.bias, docs, state)
         return self.out_proj(c * out)
 
     @torch.no_grad()
@@ -64,3 +72,131 @@ class ShortConv(nn.Module):
             conv = (window * w.t()[None]).sum(1) + (self.conv.bias if self.conv.bias is not None else 0)
             ys.append(self.out_proj(c[:, t] * conv))
         return torch.stack(ys, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gated DeltaNet (Qwen3.5, transformers' Qwen3_5GatedDeltaNet; Yang et al. 2024, arXiv:2412.06464). Per value head
+# a state S [dk, dv]; per token, after the causal conv (+ SiLU) over [q, k, v] and q, k L2-normalised, q / sqrt(dk):
+#     S  = exp(g_t) S                                   g_t = -exp(A_log) softplus(a_t + dt_bias) <= 0 (decay)
+#     S += k_t (beta_t (v_t - S^T k_t))^T                beta_t = sigmoid(b_t) (the delta rule's step)
+#     o_t = S^T q_t ;  y = out_proj(rmsnorm(o) * w * silu(z))
+# A document start in a packed row empties S (and the conv's taps stop there), so packing stays exact.
+# Chunked form (training): within a chunk of C tokens, G_i = sum_{j<=i} g_j, D_ij = exp(G_i - G_j) for j <= i in
+# the same document, Gamma_i = exp(G_i) while no document starts before i (else 0), S0 the incoming state:
+#     (I + M) Delta = V_beta - (K_beta * Gamma) S0,     M_ij = beta_i (k_i . k_j) D_ij, j < i
+#     O   = (Q * Gamma) S0 + (Q K^T * D) Delta
+#     S_C = Gamma_C S0 + (K * D_Cj)^T Delta             (Delta_i: the delta rule's update of token i)
+def delta_rule_recurrent(q, k, v, g, beta, starts=None, state=None):
+    """The definition, token by token (fp32): q, k [B, T, H, dk], v [B, T, H, dv], g, beta [B, T, H], starts [B, T]
+    (True at a document's first token), state [B, H, dk, dv] -> (o [B, T, H, dv], the final state)."""
+    B, T, H, dk = k.shape
+    f = torch.promote_types(k.dtype, torch.float32)  # (fp32, or fp64 for the tests' truth)
+    S = k.new_zeros(B, H, dk, v.shape[-1], dtype=f) if state is None else state.to(f)
+    out = []
+    for t in range(T):
+        keep = torch.exp(g[:, t].to(f))[:, :, None, None]
+        if starts is not None:
+            keep = keep * (~starts[:, t]).to(f)[:, None, None, None]
+        S = S * keep
+        kt, vt = k[:, t].to(f), v[:, t].to(f)
+        delta = beta[:, t].to(f)[..., None] * (vt - torch.einsum("bhkv,bhk->bhv", S, kt))
+        S = S + kt[..., None] * delta[:, :, None, :]
+        out.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t].to(f)))
+    return torch.stack(out, 1), S
+
+
+def delta_rule_chunked(q, k, v, g, beta, starts=None, state=None, chunk=64):
+    """The same as delta_rule_recurrent, C tokens at a time (see above; fp32); autograd runs through it."""
+    B, T, H, dk = k.shape
+    dv, pad, f = v.shape[-1], -T % chunk, torch.promote_types(k.dtype, torch.float32)
+    if starts is None:
+        starts = torch.zeros(B, T, dtype=torch.bool, device=k.device)
+
+    def blocks(x, fill=0.0):  # [B, T, H, ...] -> [B, H, N, C, ...] (padded at the end)
+        x = torch.nn.functional.pad(x.to(f).movedim(1, -1), (0, pad), value=fill).movedim(-1, 1)
+        return x.reshape(B, -1, chunk, *x.shape[2:]).movedim(3, 1)
+    q, k, v, g, beta = blocks(q), blocks(k), blocks(v), blocks(g), blocks(beta)
+    st = torch.nn.functional.pad(starts, (0, pad)).reshape(B, 1, -1, chunk)  # [B, 1, N, C]
+    seg = st.long().cumsum(-1)  # document index within the chunk (0: the one carried in)
+    G = g.cumsum(-1)  # [B, H, N, C]
+    tri = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
+    same = (seg[..., :, None] == seg[..., None, :]) & tri  # j <= i, same document
+    D = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~same, float("-inf")))  # [B, H, N, C, C]
+    gamma = torch.exp(G) * (seg == 0)  # decay from the chunk's start (0 past a document start)
+    kb, vb = k * beta[..., None], v * beta[..., None]
+    M = (kb @ k.transpose(-1, -2)) * D.masked_fill(tri.logical_not() | torch.eye(chunk, dtype=torch.bool,
+                                                                                  device=k.device), 0.0)
+    eye = torch.eye(chunk, device=k.device, dtype=f)
+    U = torch.linalg.solve_triangular(eye + M, vb, upper=False, unitriangular=True)
+    W = torch.linalg.solve_triangular(eye + M, kb * gamma[..., None], upper=False, unitriangular=True)
+    QK = (q @ k.transpose(-1, -2)) * D
+    last = (seg == seg[..., -1:]) & torch.ones_like(seg, dtype=torch.bool)  # tokens of the chunk's last document
+    to_end = torch.exp(G[..., -1:] - G) * last  # D_{C, j}
+    S = k.new_zeros(B, H, dk, dv, dtype=f) if state is None else state.to(f)
+    outs = []
+    for n in range(q.shape[2]):
+        delta = U[:, :, n] - W[:, :, n] @ S  # [B, H, C, dv]
+        outs.append((q[:, :, n] * gamma[:, :, n, :, None]) @ S + QK[:, :, n] @ delta)
+        S = S * gamma[:, :, n, -1, None, None] + (k[:, :, n] * to_end[:, :, n, :, None]).transpose(-1, -2) @ delta
+    o = torch.stack(outs, 2).reshape(B, H, -1, dv)[:, :, :T].transpose(1, 2)  # [B, T, H, dv]
+    return o, S
+
+
+class GatedRMSNorm(nn.Module):
+    """rmsnorm(x) * w * silu(z) (transformers' Qwen3_5RMSNormGated: the norm in fp32, w in x's dtype)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x, z):
+        n = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return (self.weight * n * torch.nn.functional.silu(z.float())).to(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, hidden, k_heads, v_heads, dk, dv, kernel, eps, chunk=64):
+        super().__init__()
+        self.shape, self.chunk = (k_heads, v_heads, dk, dv), chunk
+        conv = 2 * k_heads * dk + v_heads * dv
+        self.in_proj_qkv = nn.Linear(hidden, conv, bias=False)
+        self.in_proj_z = nn.Linear(hidden, v_heads * dv, bias=False)
+        self.in_proj_b = nn.Linear(hidden, v_heads, bias=False)
+        self.in_proj_a = nn.Linear(hidden, v_heads, bias=False)
+        self.conv1d = nn.Conv1d(conv, conv, kernel, groups=conv, bias=False, padding=kernel - 1)
+        self.dt_bias = nn.Parameter(torch.ones(v_heads))
+        self.A_log = nn.Parameter(torch.zeros(v_heads))
+        self.norm = GatedRMSNorm(dv, eps)
+        self.out_proj = nn.Linear(v_heads * dv, hidden, bias=False)
+
+    def inputs(self, h, mask=None, docs=None, state=None):
+        """h [B, T, C] -> q, k [B, T, Hv, dk] (normalised, each k head repeated for its value heads), v, z
+        [B, T, Hv, dv], g, beta [B, T, Hv]. mask [B, T] zeroes padded inputs, as transformers."""
+        Hk, Hv, dk, dv = self.shape
+        if mask is not None:
+            h = h * mask[:, :, None].to(h.dtype)
+        B, T, _ = h.shape
+        x = torch.nn.functional.silu(causal_conv(self.in_proj_qkv(h), self.conv1d.weight[:, 0], None, docs, state))
+        q, k, v = x.split([Hk * dk, Hk * dk, Hv * dv], -1)
+        q, k = (t.reshape(B, T, Hk, dk).float() for t in (q, k))
+        q, k = (t * torch.rsqrt((t * t).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
+        q, k = (t.repeat_interleave(Hv // Hk, dim=2) for t in (q * dk**-0.5, k))
+        g = -self.A_log.float().exp() * torch.nn.functional.softplus(self.in_proj_a(h).float() + self.dt_bias)
+        return q, k, v.reshape(B, T, Hv, dv), self.in_proj_z(h).reshape(B, T, Hv, dv), g, self.in_proj_b(h).sigmoid()
+
+    def forward(self, h, mask=None, docs=None, state=None):
+        """h [B, T, C] -> [B, T, C]; docs [B, T] (packed rows); state: a dict with "conv" and "ssm" (generation)."""
+        q, k, v, z, g, beta = self.inputs(h, mask, docs, state)
+        starts = None if docs is None else torch.cat([torch.zeros_like(docs[:, :1], dtype=torch.bool),
+                                                      docs[:, 1:] != docs[:, :-1]], 1)
+        o, S = delta_rule_chunked(q, k, v, g, beta, starts, state and state.get("ssm"), self.chunk)
+        if state is not None:
+            state["ssm"] = S.detach()
+        return self.out_proj(self.norm(o.to(h.dtype), z).flatten(2))
+
+    @torch.no_grad()
+    def recurrent(self, h, mask=None):
+        """The definition, token by token (the chunked forward is checked against it)."""
+        q, k, v, z, g, beta = self.inputs(h, mask)
+        o, _ = delta_rule_recurrent(q, k, v, g, beta)
+        return self.out_proj(self.norm(o.to(h.dtype), z).flatten(2))

@@ -53,3 +53,81 @@ def test_short_conv_packed_rows_equal_separate_sequences_and_state_carries_gener
         steps = [mine(b[:, :3], state=state)] + [mine(b[:, t: t + 1], state=state) for t in range(3, 7)]
         assert (torch.cat(steps, 1) - whole).abs().max() < 1e-6
         assert not torch.equal(packed[:, 5:], mine(torch.cat([a, b], 1))[:, 5:])  # (without docs, taps cross)
+
+
+def deltanet_pair(seed=0, Hk=2, Hv=4, dk=8, dv=6, C=32, chunk=8):
+    """nanotune's GatedDeltaNet and transformers' Qwen3_5GatedDeltaNet with the same random weights (non-trivial
+    decays, steps and norm)."""
+    from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
+    cfg = Qwen3_5TextConfig(hidden_size=C, linear_num_key_heads=Hk, linear_num_value_heads=Hv, linear_key_head_dim=dk,
+                            linear_value_head_dim=dv, linear_conv_kernel_dim=4, num_hidden_layers=1,
+                            layer_types=["linear_attention"], rms_norm_eps=1e-6)
+    torch.manual_seed(seed)
+    hf = Qwen3_5GatedDeltaNet(cfg, 0).float().eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.normal_(0, 0.3) if "proj" in n or "conv" in n else p.uniform_(-1, 1) if n != "norm.weight" else \
+                p.uniform_(0.5, 1.5)
+    mine = mixers.GatedDeltaNet(C, Hk, Hv, dk, dv, 4, 1e-6, chunk)
+    mine.load_state_dict(hf.state_dict())
+    return mine, hf
+
+
+@pytest.mark.parametrize("pad", ["left", "right"])
+def test_gated_deltanet_equals_transformers_and_its_recurrent_definition(pad):
+    """Qwen3.5's linear attention on a padded batch (21 tokens: chunks of 8 and a partial one): nanotune's chunked
+    form = transformers' Qwen3_5GatedDeltaNet (its own chunked torch path) = the token-by-token definition."""
+    mine, hf = deltanet_pair()
+    h = torch.randn(2, 21, 32)
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[1, :5] = 0 if pad == "left" else 1
+    mask[1, -5:] = 0 if pad == "right" else 1
+    with torch.no_grad():
+        want = hf(h, attention_mask=mask)
+        got = mine(h, mask)
+    real = mask.bool()
+    assert (got - want)[real].abs().max() < 1e-5 * want.abs().max()
+    assert (mine.recurrent(h, mask) - got)[real].abs().max() < 1e-5 * want.abs().max()
+    assert want.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("T,chunk", [(37, 16), (16, 16), (5, 8), (50, 7)])
+def test_chunked_delta_rule_equals_the_recurrent_definition_in_values_and_gradients(T, chunk):
+    """fp64: chunked = recurrent (values, final state, every gradient) with documents starting inside and at chunk
+    boundaries and an incoming state; bf16 inputs: within 2e-2 of the fp64 truth (relative to its largest value)."""
+    torch.manual_seed(T)
+    B, H, dk, dv = 2, 3, 8, 6
+    q, k = torch.randn(B, T, H, dk, dtype=torch.float64), torch.randn(B, T, H, dk, dtype=torch.float64)
+    k = k / k.norm(dim=-1, keepdim=True)
+    v, g = torch.randn(B, T, H, dv, dtype=torch.float64), -torch.rand(B, T, H, dtype=torch.float64)
+    beta, S0 = torch.rand(B, T, H, dtype=torch.float64), torch.randn(B, H, dk, dv, dtype=torch.float64) * 0.1
+    starts = torch.zeros(B, T, dtype=torch.bool)
+    starts[0, T // 3], starts[1, min(chunk, T - 1)], starts[1, T - 1] = True, True, True
+    leaves = [t.requires_grad_() for t in (q, k, v, g, beta, S0)]
+    outs = [f(q, k, v, g, beta, starts, S0, **kw) for f, kw in ((mixers.delta_rule_recurrent, {}),
+                                                               (mixers.delta_rule_chunked, {"chunk": chunk}))]
+    w = torch.randn_like(outs[0][0]), torch.randn_like(outs[0][1])
+    grads = [torch.autograd.grad((o * w[0]).sum() + (S * w[1]).sum(), leaves) for o, S in outs]
+    assert (outs[0][0] - outs[1][0]).abs().max() < 1e-12 and (outs[0][1] - outs[1][1]).abs().max() < 1e-12
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-11 * max(1.0, a.abs().max())
+    low = [t.detach().bfloat16() for t in (q, k, v, g, beta)]
+    o16, _ = mixers.delta_rule_chunked(*low, starts, S0.detach().float(), chunk=chunk)
+    truth, _ = mixers.delta_rule_recurrent(*[t.double() for t in low], starts, S0.detach())
+    assert (o16.double() - truth).abs().max() < 2e-2 * truth.abs().max()
+
+
+def test_gated_deltanet_packed_rows_equal_separate_sequences_and_state_carries_generation():
+    """Two documents packed in one row = each alone (the state and the conv taps reset at the start); a sequence fed
+    in two parts with the state carried (conv window and S) = the whole sequence at once."""
+    mine, _ = deltanet_pair(seed=1)
+    a, b = torch.randn(1, 13, 32), torch.randn(1, 9, 32)
+    docs = torch.tensor([[0] * 13 + [1] * 9])
+    with torch.no_grad():
+        packed = mine(torch.cat([a, b], 1), docs=docs)
+        sep = torch.cat([mine(a), mine(b)], 1)
+        assert (packed - sep).abs().max() < 1e-5
+        whole, state = mine(a), {}
+        parts = torch.cat([mine(a[:, :6], state=state), mine(a[:, 6:7], state=state), mine(a[:, 7:], state=state)], 1)
+    assert (parts - whole).abs().max() < 1e-5 and set(state) == {"conv", "ssm"}
