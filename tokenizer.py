@@ -91,6 +91,7 @@ def render_chat_template(template: str, messages: list, add_generation_prompt=Fa
         compiled, out, n = env.from_string(template), [], 0
         if traced:
             sys.settrace(trace)
+        kwargs = {"tools": None, "documents": None, **kwargs}  # (as transformers passes them: `tools is none`)
         for chunk in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs):
             n += len(chunk)
             check(chars=n)
