@@ -55,7 +55,8 @@ class Attention(nn.Module):
         self.sliding, self.rope = cfg.is_sliding(layer), cfg.has_rope(layer) and not cfg.alibi
         self.reuse, self.k_is_v = cfg.kv_source(layer) is not None, cfg.attention_k_eq_v and not self.sliding
         self.v_eps = cfg.rms_norm_eps if cfg.v_norm else None  # Gemma 4
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.gated = cfg.attn_output_gate  # (Qwen3.5: per head, q_proj's rows are [query, gate])
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd * (2 if self.gated else 1), bias=cfg.qkv_bias)
         if not self.reuse:  # (Gemma 4's KV-shared layers have no k/v of their own)
             self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         if not self.reuse and not self.k_is_v:
@@ -92,6 +93,10 @@ class Attention(nn.Module):
             v = k
         else:
             q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+        gate = None
+        if self.gated:
+            q, gate = q.view(B, T, self.nh, 2 * self.hd).chunk(2, -1)
+            q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
         if self.qk_norm == "proj":  # Olmo 2
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip:  # OLMoE
@@ -116,10 +121,11 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # [B, KV, S, D], S = cached + T
         if kv is not None:
             kv[self.sliding] = k, v
-        return self.attend(q, k, v, mask, B, T)
+        return self.attend(q, k, v, mask, B, T, gate)
 
-    def attend(self, q, k, v, mask, B, T):
-        """q [B, H, T, D], k and v [B, KV, S, D] -> the output projection of the attention [B, T, C]."""
+    def attend(self, q, k, v, mask, B, T, gate=None):
+        """q [B, H, T, D], k and v [B, KV, S, D] -> the output projection of the attention [B, T, C] (each head's
+        output times sigmoid of its gate [B, T, H * D] first, when given)."""
         wide = q.shape[-1] > kernels.FLASH_MAX_HEAD  # (Gemma 4's global heads, 512: no flash attention)
         if isinstance(mask, kernels.PackedRows) and wide:  # SDPA with the mask the rows stand for (none: causal)
             mask = None if mask.whole and mask.window is None else kernels.rows_mask(mask, B, T)
@@ -147,7 +153,8 @@ class Attention(nn.Module):
                     gqa = False
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=self.scale,
                                                    is_causal=mask is None and T > 1, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
+        return self.o_proj(y if gate is None else y * torch.sigmoid(gate))
 
 
 def fold_gqa(q, k, v, mask, scale, drop=0.0):

@@ -194,8 +194,8 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
                             "export --format merged instead.")
     if arch == "gemma4":
         gemma4_gguf_check(cfg)
-    if arch == "lfm2":  # (llama.cpp has the arch: its shortconv tensors are not written yet)
-        raise NanotuneError("GGUF export of lfm2 is not written yet; export --format merged and convert that with "
+    if arch in ("lfm2", "qwen35"):  # (llama.cpp has the archs: their shortconv / ssm tensors are not written yet)
+        raise NanotuneError(f"GGUF export of {arch} is not written yet; export --format merged and convert that with "
                             "llama.cpp's convert_hf_to_gguf.py.")
     dense = [i for i in range(cfg.num_hidden_layers) if cfg.num_experts and not (cfg.is_sparse(i) or cfg.moe_block)]
     if arch in GGUF_LEADING_DENSE and dense == list(range(cfg.first_k_dense_replace)) or arch == "llama4" and \

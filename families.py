@@ -119,6 +119,24 @@ def lfm2_out(c: Config, d: dict):
              full_attn_idxs=[i for i, t in enumerate(c.layer_types) if t != "conv"])
 
 
+def qwen35_in(d: dict, where: str) -> dict:
+    """Qwen3.5: Gated DeltaNet on "linear_attention" layers (three of every full_attention_interval by default)."""
+    L, every = d.get("num_hidden_layers") or 0, d.get("full_attention_interval", 4)
+    d["layer_types"] = d.get("layer_types") or ["linear_attention" if (i + 1) % every else "full_attention"
+                                                for i in range(L)]
+    heads = tuple(d.get(k) for k in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                     "linear_value_head_dim", "linear_conv_kernel_dim"))
+    if not all(isinstance(h, int) and h > 0 for h in heads) or heads[1] % heads[0]:
+        raise NanotuneError(f"{where}: the linear_* head counts and sizes {heads} must be whole numbers > 0, the value "
+                            "heads a multiple of the key heads; the file is incomplete or not a Qwen3.5 config.")
+    return dict(linear_heads=heads, layer_types=d["layer_types"])
+
+
+def qwen35_out(c: Config, d: dict):
+    d.update(zip(("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                  "linear_conv_kernel_dim"), c.linear_heads), layer_types=c.layer_types)
+
+
 GEMMA4_DEFAULTS = dict(  # Gemma4TextConfig's defaults (multimodal checkpoints spell out only what differs)
     vocab_size=262_144, hidden_size=2304, intermediate_size=9216, num_hidden_layers=30, num_attention_heads=8,
     num_key_value_heads=4, head_dim=256, global_head_dim=512, sliding_window=512, sliding_window_pattern=6,
@@ -165,6 +183,13 @@ FAMILIES = {
                             "feed_forward": "mlp", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj",
                             "operator_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                             "embedding_norm": "norm"}),
+    "qwen3_5_text": Family("Qwen3_5ForCausalLM", "qwen35", dict(qk_norm="head", norm_offset=1.0, attn_output_gate=True),
+                           defaults=dict(linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+                                         linear_num_key_heads=16, linear_num_value_heads=32, head_dim=256,
+                                         rope_parameters={"partial_rotary_factor": 0.25}),
+                           layout=(qwen35_in, qwen35_out), reads=(
+                               "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                               "linear_num_key_heads", "linear_num_value_heads", "full_attention_interval")),
     "phi": Family("PhiForCausalLM", "phi2", dict(norm_type="layer", parallel_block=True, gated_mlp=False,
                                                   mlp_bias=True, lm_head_bias=True, qkv_bias=True, o_bias=True),
                   DROPOUTS, keys={"rms_norm_eps": "layer_norm_eps", "residual_dropout": "resid_pdrop",

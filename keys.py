@@ -72,7 +72,8 @@ def check_unread_keys(d: dict, fam, mt: str, where: str):
             raise NanotuneError(f"{where}: {k}={d[k]!r} would change the model, and nanotune's {mt} does not implement "
                                 "it; this checkpoint is probably another family relabelled: use its own model_type.")
     types = set(d.get("layer_types") or ()) - ({"chunked_attention"} if "attention_chunk_size" in reads(fam) else set(
-    )) - ({"conv"} if "conv_L_cache" in fam.reads else set())
+    )) - ({"conv"} if "conv_L_cache" in fam.reads else set()) - (
+        {"linear_attention"} if "linear_num_key_heads" in fam.reads else set())
     if types - {"full_attention", "sliding_attention"} or ("sliding_attention" in types and not fam.sliding):
         raise NanotuneError(f"{where}: layer_types holds {sorted(types)}; nanotune's {mt} runs "
                             f"{'full and sliding' if fam.sliding else 'only full'} attention layers.")

@@ -189,7 +189,9 @@ class GatedDeltaNet(nn.Module):
         q, k, v, z, g, beta = self.inputs(h, mask, docs, state)
         starts = None if docs is None else torch.cat([torch.zeros_like(docs[:, :1], dtype=torch.bool),
                                                       docs[:, 1:] != docs[:, :-1]], 1)
-        o, S = delta_rule_chunked(q, k, v, g, beta, starts, state and state.get("ssm"), self.chunk)
+        S0 = state.get("ssm") if state is not None else None  # (one new token: the recurrent step itself)
+        o, S = delta_rule_recurrent(q, k, v, g, beta, starts, S0) if q.shape[1] == 1 else delta_rule_chunked(
+            q, k, v, g, beta, starts, S0, self.chunk)
         if state is not None:
             state["ssm"] = S.detach()
         return self.out_proj(self.norm(o.to(h.dtype), z).flatten(2))

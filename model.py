@@ -3,13 +3,11 @@ checkpoints (HF safetensors, GGUF) live in formats.py, the family table in famil
 templates in tokenizer.py, RoPE's frequencies in rope.py, the norms, attention, masks and KV cache in attention.py;
 LoRA, 4-bit layers and block checkpointing are applied to a built model by lora.py, quant.py and memory.py.
 
-Architectures differ only in a few `Config` fields (kv heads, rope scaling, qkv bias, qk norm,
-norm offset, embedding scale, activation, sandwich norms, softcaps, sliding window, tied embeddings).
-Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`), so safetensors load
-without renaming. `Transformer.forward` returns the final hidden states; `logits(h)` applies lm_head,
-so a fused loss can own the head and never build [tokens x vocab] logits.
-
-References: Llama (arXiv:2302.13971), RoPE (arXiv:2104.09864), GQA (arXiv:2305.13245),
+Architectures differ only in `Config` fields (kv heads, rope scaling, qkv bias, qk norm, norm offset, embedding
+scale, activation, sandwich norms, softcaps, sliding window, tied embeddings, token mixers ...). Parameter names are
+Hugging Face's (`model.layers.0.self_attn.q_proj.weight`): safetensors load without renaming. `Transformer.forward`
+returns the final hidden states; `logits(h)` applies lm_head, so a fused loss can own the head and never build
+[tokens x vocab] logits. References: Llama (arXiv:2302.13971), RoPE (arXiv:2104.09864), GQA (arXiv:2305.13245),
 Gemma 2 (arXiv:2408.00118), Llama 3.1 rope scaling (arXiv:2407.21783).
 
     from formats import load
@@ -26,7 +24,7 @@ import torch.nn.functional as F
 
 import kernels
 from attention import Attention, KVCache, alibi_bias, attention_mask_for, make_norm, shared_input
-from mixers import ShortConv
+from mixers import GatedDeltaNet, ShortConv
 from rope import rope_attention_factor, rope_inv_freq, rotary
 
 
@@ -75,12 +73,13 @@ class Config:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
-    layer_types: list | None = None  # per layer "sliding_attention" | "full_attention" | "conv" (LFM2)
+    layer_types: list | None = None  # per layer "sliding_attention" | "full_attention" | "conv" | "linear_attention"
     conv_kernel: int = 0  # LFM2: "conv" layers mix tokens by mixers.ShortConv, this many taps (with conv_bias)
     conv_bias: bool = False
+    linear_heads: tuple = ()  # Qwen3.5's linear attention: (key heads, value heads, key dim, value dim, conv taps)
+    attn_output_gate: bool = False  # Qwen3.5: q_proj also yields a gate per head; attention output * sigmoid(gate)
     no_rope_layers: list | None = None  # per layer 1 = RoPE, 0 = none (NoPE: SmolLM3); None: RoPE everywhere
-    fused_checkpoint: tuple = ()  # projections the checkpoint stores fused: Phi-3 qkv_proj and gate_up_proj, GLM-4 the
-    #                               second
+    fused_checkpoint: tuple = ()  # projections stored fused: Phi-3 qkv_proj and gate_up_proj, GLM-4 the second
     # mixture of experts (0 experts: every MLP dense)
     num_experts: int = 0
     num_experts_per_tok: int = 2  # top-k
@@ -106,15 +105,13 @@ class Config:
     swiglu_limit: float | None = None  # gpt-oss: experts' SwiGLU clamped, (clamp(u, -l, l) + 1) g' sigmoid(alpha g'),
     swiglu_alpha: float = 1.702  # g' = min(g, l)
     attention_sinks: bool = False  # gpt-oss: a learned logit per head in every softmax's denominator
-    # dropout in training (the checkpoint's own; off in eval): on the attention probabilities, on each branch's
-    # output before its residual add (StarCoder2, Phi-2's resid_pdrop), on the embeddings
+    # dropout in training (off in eval): attention probabilities, each branch before its residual add, embeddings
     attention_dropout: float = 0.0
     residual_dropout: float = 0.0
     embedding_dropout: float = 0.0
-    # Gemma 4: full layers' own head_dim (and kv heads, when they share k for v), v normed per head without a weight,
-    # per-layer input embeddings (PLE) of this width, the last num_kv_shared_layers reusing an earlier layer's k/v
-    # (the last layer of their type before them; their MLPs twice as wide with use_double_wide_mlp), each block's
-    # output times a loaded scalar
+    # Gemma 4: full layers' own head_dim (and kv heads, sharing k for v), v normed per head without a weight, per-layer
+    # input embeddings (PLE) of this width, the last num_kv_shared_layers reusing the k/v of the last layer of their
+    # type before them (MLPs twice as wide with use_double_wide_mlp), each block's output times a loaded scalar
     global_head_dim: int | None = None
     num_global_key_value_heads: int | None = None
     attention_k_eq_v: bool = False  # full layers: no v_proj, v = k_proj(x) (before k's norm and RoPE)
@@ -312,13 +309,16 @@ class Block(nn.Module):
     n4 post_feedforward_layernorm (Llama's pre-MLP norm is also called post_attention_layernorm), and every
     branch times residual_multiplier (Granite). Gemma 4 then adds its per-layer input (ple [B, T, P]) through a
     gate, x += n5(proj(gelu(gate(x)) * ple)), and scales the block's output by a loaded layer_scalar. LFM2's
-    "conv" layers mix tokens by mixers.ShortConv where the others attend."""
+    "conv" layers (Qwen3.5's "linear_attention" layers) mix tokens by mixers.ShortConv (GatedDeltaNet)."""
 
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
         wide = cfg.use_double_wide_mlp and cfg.kv_source(layer) is not None  # (Gemma 4's KV-shared layers)
-        if cfg.conv_kernel and cfg.layer_types[layer] == "conv":  # LFM2: a short convolution for attention
+        kind = (cfg.layer_types or [""] * (layer + 1))[layer]
+        if cfg.conv_kernel and kind == "conv":  # LFM2: a short convolution for attention
             self.conv, self.index = ShortConv(cfg.hidden_size, cfg.conv_kernel, cfg.conv_bias), layer
+        elif kind == "linear_attention":  # Qwen3.5: Gated DeltaNet
+            self.linear_attn, self.index = GatedDeltaNet(cfg.hidden_size, *cfg.linear_heads, cfg.rms_norm_eps), layer
         else:
             self.self_attn = Attention(cfg, layer)
         self.mlp = MoE(cfg) if cfg.is_sparse(layer) else MLP(cfg, 2 * cfg.intermediate_size if wide else None)
@@ -352,9 +352,8 @@ class Block(nn.Module):
         return (self.pre_feedforward_layernorm if self.post else self.post_attention_layernorm)(x)
 
     def forward(self, x, cos, sin, mask, cache=None, ple=None, kv=None, k=None, v=None, qscale=None):
-        """kv: Gemma 4's dict of stored keys and values (Attention.forward); k, v: the stored ones this layer reuses
-        (tensors, so that a checkpointed block's backward sends their gradient back to the layer that made them);
-        qscale: the queries' temperature (Attention.forward)."""
+        """kv, k, v: Gemma 4's stored keys and values (a dict) and the ones this layer reuses (tensors: a checkpointed
+        block's backward reaches the layer that made them); qscale: the queries' temperature (Attention.forward)."""
         if self.parallel:
             h = self.ln_attn(x) if hasattr(self, "ln_attn") else self.input_layernorm(x)
             a, y = self.self_attn(h, cos, sin, mask, cache), self.mlp(
@@ -363,7 +362,8 @@ class Block(nn.Module):
                 a, y = self.drop(a), self.drop(y)
             return x + a + y
         h = self.input_layernorm(x) if self.pre else x
-        a = self.conv(h, *mask, state=cache and cache.states[self.index]) if hasattr(self, "conv") else self.self_attn(
+        mixer = getattr(self, "conv", None) or getattr(self, "linear_attn", None)
+        a = mixer(h, *mask, state=cache and cache.states[self.index]) if mixer else self.self_attn(
             h, cos, sin, mask, cache, kv if k is None else {self.self_attn.sliding: (k, v)}, qscale)
         if self.post:
             a = self.post_attention_layernorm(a)

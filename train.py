@@ -7,10 +7,9 @@
     python train.py --lora false --lr 2e-5            # full fine-tuning
     python train.py --resume                          # continue from the latest checkpoint in --output_dir
 
-Every TrainConfig field is a --flag and a YAML key (flags override the YAML). The resolved config is
-printed and saved as <output_dir>/config.yaml. At the end <output_dir>/adapter (PEFT format) or
-<output_dir>/model (HF layout) holds the result, with metrics.jsonl and before/after samples beside it.
-"""
+Every TrainConfig field is a --flag and a YAML key (flags override the YAML). The resolved config is printed and
+saved as <output_dir>/config.yaml. At the end <output_dir>/adapter (PEFT format) or <output_dir>/model (HF layout)
+holds the result, with metrics.jsonl and before/after samples beside it."""
 
 import dataclasses
 import json
@@ -158,8 +157,8 @@ def main(argv=None):
 
 
 def setup(cfg):
-    """Check the run's inputs and output dir, seed, pick device/dtype, print the config, load tokenizer and
-    model (+ LoRA / 4-bit). Everything a user can get wrong is checked before the model loads."""
+    """Check inputs and output dir, seed, pick device/dtype, print the config, load tokenizer and model (+ LoRA /
+    4-bit). Everything a user can get wrong is checked before the model loads."""
     runs.check_output_dir(cfg)
     data.check_inputs(cfg)
     torch.manual_seed(cfg.seed)
@@ -238,9 +237,8 @@ def build_model(cfg, device, dtype):
 
 
 def shard_on_meta(model, cfg, device, dtype):
-    """Still on the meta device: base weights to `dtype`, LoRA (fp32) applied, FSDP2 sharding, then each
-    rank allocates only its shards; load_tensors fills them tensor by tensor (4-bit: each rank quantizes
-    a weight as it is read and keeps its share of the packed bytes)."""
+    """Still on the meta device: base weights to `dtype`, LoRA (fp32) applied, FSDP2 sharding, then each rank
+    allocates only its shards; load_tensors fills them (4-bit: each rank quantizes its share as it is read)."""
     model.to(dtype)
     if cfg.load_in_4bit:
         quant.prepare_4bit(model, storage=dtype)  # FSDP gathers in dtype (dist.shard)
@@ -254,6 +252,8 @@ def add_lora(model, cfg):
     if cfg.lora:  # targets may use the checkpoint's names (Phi-2's dense, fc1, fc2)
         targets = cfg.lora_targets if isinstance(cfg.lora_targets, str) else [
             nanotune_name(model.config, t) for t in cfg.lora_targets]
+        if targets == list(DEFAULT_TARGETS) and "linear_attention" in (model.config.layer_types or ()):  # Qwen3.5:
+            targets += ["in_proj_qkv", "in_proj_z", "linear_attn.out_proj"]  # the defaults reach the linear attention
         lora.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
                         rslora=cfg.use_rslora, dora=cfg.use_dora, train_modules=cfg.train_modules)
 

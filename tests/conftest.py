@@ -108,6 +108,12 @@ ARCH_CONFIGS = {
     "lfm2": ("Lfm2Config", dict(num_hidden_layers=4, full_attn_idxs=[1, 3], conv_bias=True, conv_L_cache=3,
                                 intermediate_size=96, block_auto_adjust_ff_dim=True, block_ffn_dim_multiplier=1.5,
                                 block_multiple_of=16)),
+    # Qwen3.5: Gated DeltaNet on layers 0 and 2 (2 key heads serving 4 value heads), gated attention with q/k norms
+    # on 1 and 3 (RoPE on a quarter of the head), zero-centred norms
+    "qwen3_5_text": ("Qwen3_5TextConfig", dict(
+        num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12, linear_conv_kernel_dim=4,
+        head_dim=16, tie_word_embeddings=False)),
     "gemma4_text": ("Gemma4TextConfig", dict(
         intermediate_size=96, num_hidden_layers=4, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
         layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=4, hidden_size_per_layer_input=8,
@@ -230,6 +236,8 @@ def make_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides):
         for n, p in m.named_parameters():
             if "norm" in n or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+            if n.endswith(("A_log", "dt_bias")):  # Qwen3.5: the linear attention's decay and step, per head
+                p.add_(torch.randn_like(p) * 0.5)
             if n.endswith("sinks"):  # gpt-oss: a sink logit per head, as large as the scores
                 p.copy_(torch.randn_like(p))
             if n.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):  # Apertus: xIELU's own parameters, per layer

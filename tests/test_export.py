@@ -164,11 +164,14 @@ def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
     m, tok = tiny_with_lora("lfm2", tmp_path / "lfm2")  # (llama.cpp's lfm2 exists; its tensors are not written yet)
     with pytest.raises(NanotuneError, match="GGUF export of lfm2 is not written yet"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
+    m, tok = tiny_with_lora("qwen3_5_text", tmp_path / "qwen35")  # (llama.cpp's qwen35: its ssm tensors, not yet)
+    with pytest.raises(NanotuneError, match="GGUF export of qwen35 is not written yet"):
+        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     m, tok = tiny_with_lora("gemma4_text", tmp_path / "gemma4", vocab_size_per_layer_input=64)
     with pytest.raises(NanotuneError, match="looks per-layer inputs up over the whole vocabulary \\(128\\)"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     assert sorted(os.listdir(tmp_path)) == ["base", "falcon", "gemma4", "lfm2", "llama4", "olmoe",
-                                            "phimoe"]  # (no GGUF, no temp)
+                                            "phimoe", "qwen35"]  # (no GGUF, no temp)
 
 
 def test_kquant_and_ollama_modelfile(tmp_path, capfd):

@@ -119,6 +119,19 @@ def test_lfm2_adapter_loads_in_peft(tmp_path):
     assert len(lora.lora_layers(m)) == 7 * 2 + 3 * 2  # (layers 1, 3 attend; 0, 2 convolve)
 
 
+def test_qwen3_5_adapter_loads_in_peft(tmp_path):
+    """Qwen3.5: nanotune's adapter on every projection of the attention layers (q_proj with its gate rows) and on
+    every MLP gives peft's logits, and peft's adapter on the linear attention's projections too gives nanotune's."""
+    from peft import LoraConfig
+    ids = torch.randint(3, 128, (2, 10))
+    m, pm = nanotune_adapter_in_peft("qwen3_5_text", tmp_path, ids)
+    assert len(lora.lora_layers(m)) == 7 * 2 + 3 * 2  # (layers 1, 3 attend; 0, 2 run Gated DeltaNet)
+    targets = ["q_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "down_proj"]
+    m2 = peft_made_adapter_loads("qwen3_5_text", tmp_path, ids, LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False), 1e-5)  # (the linear attention's too)
+    assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == set(targets)
+
+
 @pytest.mark.parametrize("arch", ["mpt", "glm4", "phi3", "falcon", "falcon-40b", "falcon-rw"])
 def test_adapter_on_unfused_projections_loads_in_peft(arch, tmp_path):
     """Families whose checkpoints fuse q/k/v or gate/up (MPT's Wqkv, Phi-3's, GLM-4's gate_up_proj: PEFT adapts the
@@ -199,7 +212,7 @@ def test_checkpointing_with_dropout_repeats_the_masks(tmp_path):
 @pytest.mark.parametrize("arch,four_bit", [("qwen2", False), ("llama", True), ("gemma2", False), ("phi", False),
                                            ("gemma3", True), ("olmo2", False), ("granite", False), ("gpt_oss", True),
                                            ("gemma4_text", False), ("gemma4_text", True), ("gemma4_text-moe", True),
-                                           ("lfm2", True)])
+                                           ("lfm2", True), ("qwen3_5_text", True)])
 def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp_path, monkeypatch):
     """The training path (fused q/k/v and gate/up projections, block checkpointing whose recompute skips
     the down_proj GEMM) gives the plain path's loss and adapter gradients. Qwen2 has q/k/v biases,

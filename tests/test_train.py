@@ -372,6 +372,36 @@ def test_gpt_oss_trains_lora_on_the_experts_and_peft_reads_the_adapter(tmp_path)
 
 
 @pytest.mark.slow
+def test_qwen3_5_trains_lora_on_its_linear_attention_and_peft_reads_the_adapter(tmp_path):
+    """A tiny Qwen3.5 (Gated DeltaNet on layers 0 and 2, gated attention on 1 and 3), packed rows, the default
+    targets: the startup line names the linear attention's projections, the loss falls, every adapter moved, and
+    peft on transformers' Qwen3.5 reads the adapter with nanotune's logits; QLoRA (the linear attention in NF4) too."""
+    from peft import PeftModel
+    import lora
+    from names import adapter_names
+    hf = make_tiny_run_model(tmp_path / "m", "qwen3_5_text")
+    write_chat_data(tmp_path / "d.jsonl", 16)
+    common = ["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--max_len", "64",
+              "--lr", "3e-3", "--sample_prompts_file", "", "--cache_dir", "", "--max_steps", "12", "--packing", "true"]
+    for out, extra in (("a", []), ("q", ["--load_in_4bit", "true"])):
+        r = run_train(common + extra + ["--output_dir", str(tmp_path / out)])
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "in_proj_qkv" in r.stderr and "in_proj_z" in r.stderr and "out_proj" in r.stderr
+        losses = read_losses(tmp_path / out)
+        assert losses[-1] < 0.9 * losses[0], losses
+    m = formats.load_model(str(tmp_path / "m"))
+    lora.load_adapter(m, str(tmp_path / "a" / "adapter"), **adapter_names(m.config, saving=False))
+    assert len(lora.lora_layers(m)) == 7 * 2 + 6 * 2 and all(b.abs().max() > 0 for _, e in lora.lora_layers(m)
+                                                              for _, b in e.pairs())
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, base = m.eval().logits(m(ids)), hf(input_ids=ids).logits
+        assert (base - ours).abs().max() > 1e-2  # (the adapter moved the logits)
+        pm = PeftModel.from_pretrained(hf, str(tmp_path / "a" / "adapter")).eval()
+        assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-4
+
+
+@pytest.mark.slow
 def test_a_chat_template_that_never_ends_stops_the_run_in_one_sentence(tmp_path):
     """A model whose own chat template loops without end (it came with the download): train.py stops in one
     sentence, exit 1, in seconds (it hung before), and writes no result."""
