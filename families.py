@@ -137,6 +137,12 @@ def qwen35_out(c: Config, d: dict):
                   "linear_conv_kernel_dim"), c.linear_heads), layer_types=c.layer_types)
 
 
+QWEN35 = dict(qk_norm="head", norm_offset=1.0, attn_output_gate=True, norm_topk_prob=True)
+QWEN35_DEFAULTS = dict(linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+                       linear_num_key_heads=16, linear_num_value_heads=32, head_dim=256,
+                       rope_parameters={"partial_rotary_factor": 0.25})
+QWEN35_READS = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+                "linear_num_value_heads", "full_attention_interval")
 GEMMA4_DEFAULTS = dict(  # Gemma4TextConfig's defaults (multimodal checkpoints spell out only what differs)
     vocab_size=262_144, hidden_size=2304, intermediate_size=9216, num_hidden_layers=30, num_attention_heads=8,
     num_key_value_heads=4, head_dim=256, global_head_dim=512, sliding_window=512, sliding_window_pattern=6,
@@ -183,13 +189,12 @@ FAMILIES = {
                             "feed_forward": "mlp", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj",
                             "operator_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                             "embedding_norm": "norm"}),
-    "qwen3_5_text": Family("Qwen3_5ForCausalLM", "qwen35", dict(qk_norm="head", norm_offset=1.0, attn_output_gate=True),
-                           defaults=dict(linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
-                                         linear_num_key_heads=16, linear_num_value_heads=32, head_dim=256,
-                                         rope_parameters={"partial_rotary_factor": 0.25}),
-                           layout=(qwen35_in, qwen35_out), reads=(
-                               "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
-                               "linear_num_key_heads", "linear_num_value_heads", "full_attention_interval")),
+    "qwen3_5_text": Family("Qwen3_5ForCausalLM", "qwen35", QWEN35, defaults=QWEN35_DEFAULTS,
+                           layout=(qwen35_in, qwen35_out), reads=QWEN35_READS),
+    "qwen3_5_moe_text": Family("Qwen3_5MoeForCausalLM", "qwen35moe", QWEN35, ("num_experts", "num_experts_per_tok",
+                               "moe_intermediate_size", "shared_expert_intermediate_size"), dict(
+                                   intermediate_size="moe_intermediate_size"), layout=(qwen35_in, qwen35_out),
+                               defaults=dict(QWEN35_DEFAULTS, norm_topk_prob=True), reads=QWEN35_READS),
     "phi": Family("PhiForCausalLM", "phi2", dict(norm_type="layer", parallel_block=True, gated_mlp=False,
                                                   mlp_bias=True, lm_head_bias=True, qkv_bias=True, o_bias=True),
                   DROPOUTS, keys={"rms_norm_eps": "layer_norm_eps", "residual_dropout": "resid_pdrop",
@@ -373,7 +378,8 @@ FAMILIES = {
 }
 GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
 # vision-language configs whose text tower nanotune trains
-MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "llama4": "llama4_text", "mistral3": "ministral3"}
+MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "llama4": "llama4_text", "mistral3": "ministral3",
+              "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "relu2", "xielu", "gelu")  # gelu_new: tanh-GELU; the
 #                                                                                      last three: plain MLPs only
 

@@ -14,7 +14,7 @@ from model import Config
 # ---------------------------------------------------------------------------------------------
 # Tensor names: nanotune keeps Llama's names for every family; a checkpoint may use its own
 VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
-          "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")  # (Gemma 4's towers too)
+          "model.embed_vision.", "model.audio_tower.", "model.embed_audio.", "model.visual.")  # (Gemma 4's, Qwen3.5's)
 TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
                  ("language_model.lm_head.", "lm_head."))  # Gemma 3 vision-language: the text tower's names
 

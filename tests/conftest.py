@@ -114,6 +114,12 @@ ARCH_CONFIGS = {
         num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2, linear_num_key_heads=2,
         linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12, linear_conv_kernel_dim=4,
         head_dim=16, tie_word_embeddings=False)),
+    # Qwen3.5-MoE: the same layers with 4 experts top-2 (renormalised) and a sigmoid-gated shared expert on every one
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", dict(
+        num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12, linear_conv_kernel_dim=4,
+        head_dim=16, tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48)),
     "gemma4_text": ("Gemma4TextConfig", dict(
         intermediate_size=96, num_hidden_layers=4, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
         layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=4, hidden_size_per_layer_input=8,

@@ -261,7 +261,7 @@ def test_checkpointed_blocks_pass_gradients_to_their_tensor_arguments(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "llama4_text", "phimoe",
-                                  "granitemoe"])
+                                  "granitemoe", "qwen3_5_moe_text"])
 @pytest.mark.parametrize("both", [True, False])
 def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     """LoRA on the routed experts (per-expert A/B on the stacked weights, PEFT's `target_parameters`): nanotune's

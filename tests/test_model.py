@@ -54,8 +54,8 @@ def test_logits_match_transformers_both_ways(arch, tmp_path):
                                   "starcoder2", "smollm3", "olmo3", "seed_oss", "ernie4_5", "glm4", "glm4_moe",
                                   "llama4_text", "ministral3", "granitemoe", "apertus", "phimoe", "mpt", "falcon",
                                   "falcon-40b", "falcon-rw", "gemma4_text-moe", "lfm2", "qwen3_5_text",
-                                  "gemma4_text", "ernie4_5_moe", "exaone4", "cohere", "cohere2", "olmoe",
-                                  "hunyuan_v1_dense"])
+                                  "qwen3_5_moe_text", "gemma4_text", "ernie4_5_moe", "exaone4", "cohere", "cohere2",
+                                  "olmoe", "hunyuan_v1_dense"])
 def test_packed_rows_equal_separate_sequences(arch, tmp_path):
     """Two documents packed in one row (positions restart at 0) give the logits each has alone."""
     make_hf_model(arch, tmp_path / "hf")
@@ -154,8 +154,8 @@ def test_sharded_checkpoint_loads(tmp_path):
                                   "starcoder2", "smollm3", "olmo3", "seed_oss", "ernie4_5", "glm4", "glm4_moe",
                                   "llama4_text", "ministral3", "granitemoe", "apertus", "phimoe", "mpt", "falcon",
                                   "falcon-40b", "falcon-rw", "gemma4_text-moe", "lfm2", "qwen3_5_text",
-                                  "gemma4_text", "ernie4_5_moe", "exaone4", "cohere", "cohere2", "olmoe",
-                                  "hunyuan_v1_dense"])
+                                  "qwen3_5_moe_text", "gemma4_text", "ernie4_5_moe", "exaone4", "cohere", "cohere2",
+                                  "olmoe", "hunyuan_v1_dense"])
 def test_kv_cache_generation_equals_full_recompute(arch, tmp_path):
     make_hf_model(arch, tmp_path / "hf")
     m = formats.load_model(str(tmp_path / "hf"))
@@ -184,6 +184,36 @@ def test_gemma3_vision_language_checkpoint_loads_its_text_tower(tmp_path):
     hf.save_pretrained(str(tmp_path))
     m = formats.load_model(str(tmp_path))
     assert m.config.model_type == "gemma3_text" and m.config.layer_types == text.layer_types
+    ids, mask = padded_batch(120)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        ours = m.logits(m(ids, attention_mask=mask))
+    assert (ref - ours)[mask.bool()].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_text", "qwen3_5_moe_text"])
+def test_qwen3_5_vision_language_checkpoint_loads_its_text_tower(arch, tmp_path):
+    """A Qwen3.5 (-MoE) ForConditionalGeneration checkpoint (text under model.language_model., a vision tower
+    beside it) loads as the text model: logits equal transformers' on a padded text batch."""
+    import transformers
+    from conftest import TINY
+    cls, extra = ARCH_CONFIGS[arch]
+    text = getattr(transformers, cls)(**{**TINY, **extra})
+    vl = "Qwen3_5Moe" if "moe" in arch else "Qwen3_5"
+    vision = getattr(transformers, f"{vl}VisionConfig")(depth=1, hidden_size=32, intermediate_size=40, num_heads=2,
+                                                       out_hidden_size=64, patch_size=4)
+    cfg = getattr(transformers, f"{vl}Config")(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                              image_token_id=127, video_token_id=126, vision_start_token_id=125,
+                                              vision_end_token_id=124)
+    torch.manual_seed(0)
+    hf = getattr(transformers, f"{vl}ForConditionalGeneration")(cfg).float().eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n or n.endswith(("bias", "A_log", "dt_bias")):
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(str(tmp_path))
+    m = formats.load_model(str(tmp_path))
+    assert m.config.model_type == arch and m.config.layer_types == text.layer_types
     ids, mask = padded_batch(120)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).logits
