@@ -319,16 +319,44 @@ def rollout_worker(a, m, dev, sync):
         if a.worker.startswith("nanotune"):
             import grpo  # (a peer's process has the repository off its path)
             out = grpo.rollout(m, ids.tolist(), n, set(), 0, seeds=range(a.batch))
-        else:
+        else:  # (Unsloth: its own fast generation path)
+            if a.worker == "unsloth":
+                __import__("unsloth").FastLanguageModel.for_inference(m)
             out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
                              max_new_tokens=n, min_new_tokens=n, pad_token_id=0)[:, a.seq:].tolist()
         sync()
         times.append(time.perf_counter() - t0)
     assert all(len(r) == a.rollout for r in out)
-    print("RESULT " + json.dumps({"contender": a.worker, "step_s": times[-1], "peak_gib": peak_gib(a.cpu),
-                                  "tokens_per_s": a.batch * a.rollout / times[-1], "new_tokens": a.rollout,
-                                  "warmup_s": times[0],
-                                  "loss_first": 0.0, "loss_last": 0.0}), flush=True)
+    res = {"contender": a.worker, "step_s": times[-1], "tokens_per_s": a.batch * a.rollout / times[-1],
+           "new_tokens": a.rollout, "warmup_s": times[0], "rollout_peak_gib": peak_gib(a.cpu)}
+    if a.worker.startswith("nanotune"):  # then the GRPO step's update on these rows: the whole step's peak
+        res["update_s"] = grpo_update(a, m, torch.cat([ids, torch.tensor(out, device=dev)], 1), sync)
+    print("RESULT " + json.dumps(dict(res, peak_gib=peak_gib(a.cpu), loss_first=0.0, loss_last=0.0)), flush=True)
+
+
+def grpo_update(a, m, rows, sync):
+    """One GRPO policy-gradient pass over the rolled-out rows [B, seq + N] (grpo.py's per-token log-probs and loss,
+    random advantages), --micro rows at a time -> seconds."""
+    import types
+    import grpo
+    from data import IGNORE
+    m.train()
+    labels = rows.clone()
+    labels[:, : a.seq] = IGNORE
+    adv = torch.randn(rows.shape[0], device=rows.device, generator=torch.Generator(rows.device).manual_seed(0))
+    cfg = types.SimpleNamespace(epsilon=None, epsilon_high=None, beta=0.0, max_new_tokens=a.rollout)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(0, rows.shape[0], a.micro):
+        b = {"input_ids": rows[i: i + a.micro], "labels": labels[i: i + a.micro]}
+        b["attention_mask"] = torch.ones_like(b["input_ids"])
+        with torch.enable_grad():  # (the rollout ran without)
+            logp = grpo.token_logps(m, b)
+            mask = (b["labels"][:, 1:] != IGNORE).to(logp.dtype)
+            loss, _ = grpo.policy_loss("grpo", logp, logp.detach(), None, adv[i: i + a.micro], mask, cfg)
+            (loss.sum() / rows.shape[0]).backward()
+    sync()
+    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,8 +467,7 @@ def bench_kernels():
                 r[label + "_error"] = str(e).splitlines()[0][:120]
         rows.append(r)
         cols = "  ".join(f"{k}: {r[k][0]:7.2f} ms {r[k][1]:8.0f} MiB" for k in ("triton", "reference", "compiled"))
-        print(f"{name:34s} " + cols,
-              flush=True)
+        print(f"{name:34s} " + cols, flush=True)
     return rows
 
 
@@ -470,6 +497,7 @@ def main():
     p.add_argument("--rollout", type=int, default=0,
                    help="N > 0: GRPO rollout speed, N new tokens per row (nanotune; hf_peft / hf_bnb_qlora: "
                         "transformers' generate)")
+    p.add_argument("--micro", type=int, default=8, help="--rollout: rows per micro-batch of the GRPO update after it")
     p.add_argument("--cpu", action="store_true", help="the default job on this CPU (see above)")
     p.add_argument("--rounds", type=int, default=2, help="--cpu: contenders alternate this many times")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -500,7 +528,7 @@ def main():
             continue
         cmd = [sys.executable, __file__, "--worker", c, "--ckpt", ckpt, "--shape", a.shape, "--mode", a.mode,
                "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup),
-               "--doc_len", str(a.doc_len), "--rollout", str(a.rollout)]
+               "--doc_len", str(a.doc_len), "--rollout", str(a.rollout), "--micro", str(a.micro)]
         if a.profile:
             cmd += ["--profile", f"{a.profile}.{c}.{a.shape}.{a.mode}.txt"]
         if a.memory:
