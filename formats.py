@@ -19,7 +19,7 @@ import quant
 import tokenizer
 from cli import NanotuneError, fresh_tmp, publish, read_json
 from families import FAMILIES, GGUF_FAMILY, GGUF_NORM_TOPK, config_from_hf, config_to_hf, gguf_values
-from names import (GGUF_EXPERT_BIAS, GGUF_EXPERTS, STACKED, checkpoint_name, experts_from_checkpoint,
+from names import (FUSED, GGUF_EXPERT_BIAS, GGUF_EXPERTS, STACKED, checkpoint_name, experts_from_checkpoint,
                    experts_to_checkpoint, gemma4_from_gguf, gemma4_gguf_keys, gemma4_gguf_names, nanotune_name,
                    pair_expert_biases, stack_experts, unstack_experts, permuted_heads, qk_permute, qkv_groups,
                    xielu_arrays, xielu_tensors)
@@ -82,7 +82,6 @@ def safetensors_files(d: str) -> list:
     return files
 
 
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # Phi-3
 
 
 def split_fused(cfg: Config, name: str, t: torch.Tensor):

@@ -224,11 +224,12 @@ def _matches(name: str, targets) -> bool:
 
 
 def apply_lora(model: nn.Module, r=16, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS, rslora=False, dora=False,
-               train_modules=(), expert_targets=None) -> list:
+               train_modules=(), expert_targets=None, patterns=None) -> list:
     """Freeze the model, wrap every matching linear in a LoRALinear and every mixture-of-experts block whose
     projections match in a LoRAExperts: by the names in EXPERT_ALIASES in `targets` (as Unsloth: gate_proj
     reaches the experts), or when `expert_targets` is given, only by it (PEFT's `target_parameters`, e.g.
-    "mlp.experts.gate_up_proj"). `train_modules` (e.g. "lm_head") stay fully trainable. Returns the wrapped names."""
+    "mlp.experts.gate_up_proj"). `train_modules` (e.g. "lm_head") stay fully trainable. patterns: a module's last
+    name -> its own (r, alpha) (PEFT's rank_pattern / alpha_pattern). Returns the wrapped names."""
     for p in model.parameters():
         p.requires_grad_(False)
     stacks = {n for n, m in model.named_modules() if isinstance(m, Experts)}  # (4-bit experts hold Linear4bits)
@@ -254,7 +255,8 @@ def apply_lora(model: nn.Module, r=16, alpha=16, dropout=0.0, targets=DEFAULT_TA
                             "is targeted); set lora_dropout 0 and use_dora false, or leave gate_proj/up_proj/down_proj "
                             "out of lora_targets.")
     for n in names:
-        replace_module(model, n, LoRALinear(model.get_submodule(n), r, alpha, dropout, rslora, dora))
+        r_n, alpha_n = (patterns or {}).get(n.rsplit(".", 1)[-1], (r, alpha))
+        replace_module(model, n, LoRALinear(model.get_submodule(n), r_n, alpha_n, dropout, rslora, dora))
     for n, projs in experts.items():
         replace_module(model, n, LoRAExperts(model.get_submodule(n), projs, r, alpha, rslora))
     for n, p in model.named_parameters():
@@ -356,45 +358,55 @@ def routers(model) -> set:
     return {f"{n}.gate" for n, m in model.named_modules() if isinstance(m, MoE)}
 
 
-def adapter_state_dict(model, dtype=None, rename=None, gate_up_rows=None, swap=False) -> dict:
+def adapter_state_dict(model, dtype=None, rename=None, gate_up_rows=None, swap=False, fused=None) -> dict:
     """PEFT keys; rename: nanotune's module name -> the one PEFT sees in transformers 5's model (names.memory_name:
     Phi-2's dense, gpt-oss's mlp.router, Llama 4's feed_forward; Mixtral's block_sparse_moe is mlp in memory).
     gate_up_rows(B): gate_up's LoRA B [E, 2I, r] in the checkpoint's row order (gpt-oss interleaves). swap: the
-    experts are stored [E, in, out] and transformers does not say so (Llama 4): peft's A is our B^T, its B our A^T."""
+    experts are stored [E, in, out] and transformers does not say so (Llama 4): peft's A is our B^T, its B our A^T.
+    fused: the adapters of projections a checkpoint fuses -> PEFT's on the fused one (names.fuse_adapters)."""
     sd = {}
-    for n, m in lora_layers(model):
-        if isinstance(m, LoRAExperts):
-            for stem, p in expert_keys(rename(n) if rename else n, m):
-                B = dist.full_tensor(m.lora_B[p])
-                B = gate_up_rows(B) if gate_up_rows and p == "gate_up_proj" else B
-                A = dist.full_tensor(m.lora_A[p])
-                a, b = to_peft_experts(*((B.transpose(1, 2), A.transpose(1, 2)) if swap else (A, B)))
-                sd[f"{stem}.lora_A.weight"], sd[f"{stem}.lora_B.weight"] = a, b
-            continue
-        n = rename(n) if rename else n
-        sd[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.lora_A.weight
-        sd[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.weight
-        if m.lora_magnitude_vector is not None:
-            sd[f"{PEFT_PREFIX}{n}.lora_magnitude_vector"] = m.lora_magnitude_vector
+    for n, m in [(n, m) for n, m in lora_layers(model) if isinstance(m, LoRAExperts)]:
+        for stem, p in expert_keys(rename(n) if rename else n, m):
+            B = dist.full_tensor(m.lora_B[p])
+            B = gate_up_rows(B) if gate_up_rows and p == "gate_up_proj" else B
+            A = dist.full_tensor(m.lora_A[p])
+            a, b = to_peft_experts(*((B.transpose(1, 2), A.transpose(1, 2)) if swap else (A, B)))
+            sd[f"{stem}.lora_A.weight"], sd[f"{stem}.lora_B.weight"] = a, b
+    for _, n, A, B, mag in peft_linears(model, rename, fused):
+        sd[f"{PEFT_PREFIX}{n}.lora_A.weight"], sd[f"{PEFT_PREFIX}{n}.lora_B.weight"] = A, B
+        if mag is not None:
+            sd[f"{PEFT_PREFIX}{n}.lora_magnitude_vector"] = mag
     sd = {k: dist.full_tensor(v) for k, v in sd.items()}  # FSDP-sharded: gather
     return {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}
 
 
+def peft_linears(model, rename=None, fused=None) -> list:
+    """[(nanotune's name, PEFT's name, A, B, DoRA magnitude or None)] of the adapted linears, gathered (FSDP: every
+    rank calls it), the parts of a projection the checkpoint fuses as the one fused projection PEFT sees."""
+    plain = [(n, *(dist.full_tensor(t) if t is not None else None for t in (
+        m.lora_A.weight, m.lora_B.weight, m.lora_magnitude_vector))) for n, m in lora_layers(model)
+        if isinstance(m, LoRALinear)]
+    return [(n, rename(n) if rename else n, A, B, mag) for n, A, B, mag in (fused(plain) if fused else plain)]
+
+
 def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_path: str | None = None, dtype=None,
-                 write=True, rename=None, gate_up_rows=None, swap=False):
+                 write=True, rename=None, gate_up_rows=None, swap=False, fused=None):
     """adapter_model.safetensors + adapter_config.json, each written to a temp name then renamed.
     base_model_name: what peft loads the base by (a hub id or a path); base_path: the local base nanotune
     loaded, kept in the safetensors metadata. Under FSDP every rank calls it (gathering is collective) and
-    only the one with `write` writes. rename, gate_up_rows, swap: as in adapter_state_dict."""
+    only the one with `write` writes. rename, gate_up_rows, swap, fused: as in adapter_state_dict (a fused
+    projection's rank is the sum of its parts': PEFT's rank_pattern, with alpha_pattern keeping their scale)."""
     from safetensors.torch import save_file
-    sd = adapter_state_dict(model, dtype, rename, gate_up_rows, swap)
+    sd = adapter_state_dict(model, dtype, rename, gate_up_rows, swap, fused)
+    c, layers, moe = model.lora_config, lora_layers(model), routers(model)
+    ranks = {pn.rsplit(".", 1)[-1]: A.shape[0] for n, pn, A, *_ in peft_linears(model, rename, fused)  # (collective)
+             if n not in moe}
     if not write:
         return
     os.makedirs(out_dir, exist_ok=True)
-    c, layers, moe = model.lora_config, lora_layers(model), routers(model)
-    targets = c["target_modules"] if isinstance(c["target_modules"], str) else sorted(set(
-        (rename(n) if rename else n).rsplit(".", 1)[-1] for n, m in layers if isinstance(m, LoRALinear)
-        and n not in moe))
+    targets = c["target_modules"] if isinstance(c["target_modules"], str) else sorted(ranks)
+    grown = {t: k for t, k in ranks.items() if k != c["r"]}  # (fused: k parts x r)
+    scale = lambda k: c["lora_alpha"] * (math.sqrt(k / c["r"]) if c["use_rslora"] else k / c["r"])  # noqa: E731
     params = sorted(set(  # mlp.experts.down_proj, mlp.gate.weight (gpt-oss: mlp.router.weight)
         ".".join(within_layer(rename(n) if rename else n) + [p])
         for n, m in layers for p in (m.lora_A if isinstance(m, LoRAExperts) else ["weight"] if n in moe else [])))
@@ -402,7 +414,8 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_p
            "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
            "target_modules": targets, "use_rslora": c["use_rslora"], "use_dora": c["use_dora"], "bias": "none",
            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-           **({"target_parameters": params} if params else {})}
+           **({"target_parameters": params} if params else {}),
+           **({"rank_pattern": grown, "alpha_pattern": {t: scale(k) for t, k in grown.items()}} if grown else {})}
     tmp = os.path.join(out_dir, "adapter_model.safetensors.tmp")
     save_file(sd, tmp, metadata={"format": "pt", **({"nanotune_base_path": base_path} if base_path else {})})
     publish(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
@@ -411,10 +424,11 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_p
     publish(os.path.join(out_dir, "adapter_config.json.tmp"), os.path.join(out_dir, "adapter_config.json"))
 
 
-def load_adapter(model, adapter_dir: str, rename=None, gate_up_rows=None, swap=False):
+def load_adapter(model, adapter_dir: str, rename=None, gate_up_rows=None, swap=False, fused=None, fused_targets=None):
     """Apply the adapter in `adapter_dir` (saved by nanotune or by `peft`) to a plain model. rename: the
     checkpoint's module names -> nanotune's (names.nanotune_name; Phi-2 calls o_proj `dense`); gate_up_rows(B):
-    gate_up's LoRA B [E, 2I, r] from the checkpoint's row order to nanotune's (gpt-oss's are interleaved)."""
+    gate_up's LoRA B [E, 2I, r] from the checkpoint's row order to nanotune's (gpt-oss's are interleaved); fused,
+    fused_targets: an adapter on a projection the checkpoint fuses -> its parts' (names.split_adapters)."""
     from safetensors.torch import load_file
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(cfg_path):
@@ -422,16 +436,22 @@ def load_adapter(model, adapter_dir: str, rename=None, gate_up_rows=None, swap=F
     c = read_json(cfg_path)
     if c.get("peft_type") != "LORA":
         raise NanotuneError(f"{cfg_path}: peft_type {c.get('peft_type')!r} is not supported (LORA is).")
-    if c.get("rank_pattern") or c.get("alpha_pattern") or c.get("modules_to_save"):
-        raise NanotuneError(f"{cfg_path}: rank_pattern, alpha_pattern and modules_to_save are not supported.")
+    rp, ap = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
+    patterns = {rename(k) if rename else k: (rp.get(k, c["r"]), ap.get(k, c["lora_alpha"])) for k in {*rp, *ap}}
+    if c.get("modules_to_save"):
+        raise NanotuneError(f"{cfg_path}: modules_to_save is not supported (adapters only).")
     targets, params = c["target_modules"] or [], c.get("target_parameters") or []
     gates = [p[: -len(".weight")] for p in params if p.endswith(".weight")]  # peft's name for a router: gate.weight
     if isinstance(targets, str):
         targets = "|".join([f"(?:{targets})", *(rf".*\.{re.escape(g)}" for g in gates)])
     else:
         targets = [rename(t) if rename else t for t in [*targets, *gates]]
+        targets, patterns = fused_targets(targets, patterns) if fused_targets else (targets, patterns)
+    if isinstance(targets, str) and patterns or not isinstance(targets, str) and set(patterns) - set(targets):
+        raise NanotuneError(f"{cfg_path}: rank_pattern / alpha_pattern name {sorted(patterns)}, not target modules "
+                            "of this model; nanotune takes a pattern per whole module name only.")
     apply_lora(model, r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0), targets=targets,
-               rslora=c.get("use_rslora", False), dora=c.get("use_dora", False),
+               rslora=c.get("use_rslora", False), dora=c.get("use_dora", False), patterns=patterns,
                expert_targets=[rename(p) if rename else p for p in params if not p.endswith(".weight")])
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(path):
@@ -453,12 +473,14 @@ def load_adapter(model, adapter_dir: str, rename=None, gate_up_rows=None, swap=F
                 params[f"{stem}.lora_A.weight"], params[f"{stem}.lora_B.weight"] = a, b
                 if p == "gate_up_proj":
                     gate_up_Bs.add(f"{stem}.lora_B.weight")
-    missing = set(params)
+    missing, named = set(params), {}
     for k, v in sd.items():
         name = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
         name = rename(name) if rename else name
-        if name.endswith(".lora_magnitude_vector.weight"):
-            name = name[: -len(".weight")]
+        named[name[: -len(".weight")] if name.endswith(".lora_magnitude_vector.weight") else name] = k, v
+    if fused:  # (a fused projection's A and B rows -> its parts')
+        named = {n: (named.get(n, (n, None))[0], v) for n, v in fused({n: v for n, (_, v) in named.items()}).items()}
+    for name, (k, v) in named.items():
         if name not in params:
             raise NanotuneError(f"{adapter_dir}: adapter tensor {k!r} has no place in this model; was it trained "
                                 "on another base?")

@@ -7,6 +7,7 @@ from functools import partial
 
 import torch
 
+from cli import NanotuneError
 from families import FAMILIES
 from model import Config
 
@@ -87,11 +88,84 @@ def gate_up_rows(cfg: Config, B, inverse=False):
 
 
 def adapter_names(cfg: Config, saving: bool) -> dict:
-    """lora.save_adapter's / load_adapter's rename and gate_up_rows for this family's checkpoint names."""
+    """lora.save_adapter's / load_adapter's rename, gate_up_rows and fused for this family's checkpoint names."""
     swap = FAMILIES[cfg.model_type].experts == "transposed"  # (peft takes Llama 4's [E, in, out] for [E, out, in])
     if saving:
-        return dict(rename=partial(memory_name, cfg), gate_up_rows=partial(gate_up_rows, cfg), swap=swap)
-    return dict(rename=partial(nanotune_name, cfg), gate_up_rows=partial(gate_up_rows, cfg, inverse=True), swap=swap)
+        return dict(rename=partial(memory_name, cfg), gate_up_rows=partial(gate_up_rows, cfg), swap=swap,
+                    fused=partial(fuse_adapters, cfg))
+    return dict(rename=partial(nanotune_name, cfg), gate_up_rows=partial(gate_up_rows, cfg, inverse=True), swap=swap,
+                fused=partial(split_adapters, cfg), fused_targets=partial(split_targets, cfg))
+
+
+# Projections a checkpoint stores fused (Phi-3, MPT, Falcon: q/k/v; Phi-3, GLM-4: gate/up; cfg.fused_checkpoint)
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fused_sizes(cfg: Config, fused: str) -> list:
+    H, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    return [H * d, kv * d, kv * d] if fused == "qkv_proj" else [cfg.intermediate_size] * 2
+
+
+def fuse_adapters(cfg: Config, layers: list) -> list:
+    """nanotune's LoRA on the parts of a fused checkpoint projection -> PEFT's on the fused one (which is all PEFT
+    sees): [(name, A, B, magnitude)] -> the same with A = [A_1; ..; A_k] (rank k r), B = blockdiag(B_1 .. B_k)
+    in the checkpoint's row order, magnitudes concatenated. Exact: row block i of B A is B_i A_i; a part without
+    an adapter has zero rows (its DoRA magnitude is unknown here: refused)."""
+    out, groups = [], {}
+    for n, A, B, mag in layers:
+        parent, _, proj = n.rpartition(".")
+        fused = next((f for f, parts in FUSED.items() if proj in parts and f in cfg.fused_checkpoint), None)
+        if fused is None:
+            out.append((n, A, B, mag))
+        else:
+            groups.setdefault((parent, fused), {})[proj] = (A, B, mag)
+    for (parent, fused), got in groups.items():
+        if any(m is not None for _, _, m in got.values()) and len(got) < len(FUSED[fused]):
+            raise NanotuneError(f"DoRA on some of {', '.join(FUSED[fused])} only: the checkpoint fuses them into "
+                                f"{fused}, where PEFT needs every part's magnitude; target all of them or none.")
+        As = [got[p][0] for p in FUSED[fused] if p in got]
+        Bf, row, col = As[0].new_zeros(sum(fused_sizes(cfg, fused)), sum(a.shape[0] for a in As)), 0, 0
+        for p, size in zip(FUSED[fused], fused_sizes(cfg, fused)):
+            if p in got:
+                Bf[row: row + size, col: col + got[p][0].shape[0]] = got[p][1]
+                col += got[p][0].shape[0]
+            row += size
+        Bf = qkv_groups(cfg, Bf, back=True) if cfg.qkv_grouped and fused == "qkv_proj" else Bf  # (Falcon's)
+        mags = [got[p][2] for p in FUSED[fused] if p in got and got[p][2] is not None]
+        out.append((f"{parent}.{fused}", torch.cat(As), Bf, torch.cat(mags) if mags else None))
+    return out
+
+
+def split_targets(cfg: Config, targets: list, patterns: dict) -> tuple:
+    """PEFT's targets and {name: (rank, alpha)} (nanotune's names) -> the same with each fused projection's parts
+    in its place, each with the fused one's rank and alpha (split_adapters gives each the whole A)."""
+    out, parts = [], {}
+    for t in targets:
+        if t in FUSED and t in cfg.fused_checkpoint:
+            out += FUSED[t]
+            parts.update({p: patterns[t] for p in FUSED[t] if t in patterns})
+        else:
+            out.append(t)
+    return out, {**{k: v for k, v in patterns.items() if k not in FUSED}, **parts}
+
+
+def split_adapters(cfg: Config, sd: dict) -> dict:
+    """The inverse, for a PEFT adapter on a fused projection ({nanotune-named key: tensor}): each part gets the whole
+    A (rank R) and its rows of B (so B_i A = the fused update's rows i), and its magnitude rows."""
+    out = {}
+    for k, v in sd.items():
+        stem, _, leaf = k.rpartition(".lora_")
+        parent, _, fused = stem.rpartition(".")
+        if fused not in FUSED or fused not in cfg.fused_checkpoint:
+            out[k] = v
+            continue
+        if leaf.startswith("B") or leaf.startswith("magnitude"):
+            v = qkv_groups(cfg, v, back=False) if cfg.qkv_grouped and fused == "qkv_proj" else v
+            parts = v.split(fused_sizes(cfg, fused))
+        else:
+            parts = [v] * len(FUSED[fused])
+        out.update({f"{parent}.{p}.lora_{leaf}": t for p, t in zip(FUSED[fused], parts)})
+    return out
 
 
 def experts_to_checkpoint(cfg: Config, name: str, t):

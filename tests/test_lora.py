@@ -132,17 +132,29 @@ def test_qwen3_5_adapter_loads_in_peft(tmp_path):
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == set(targets)
 
 
-@pytest.mark.parametrize("arch", ["mpt", "glm4", "phi3", "falcon", "falcon-40b", "falcon-rw"])
-def test_adapter_on_unfused_projections_loads_in_peft(arch, tmp_path):
-    """Families whose checkpoints fuse q/k/v or gate/up (MPT's Wqkv, Phi-3's, GLM-4's gate_up_proj: PEFT adapts the
-    fused module, nanotune the parts): an adapter on the other projections gives peft's logits, both ways."""
-    from names import checkpoint_name
+@pytest.mark.parametrize("arch,variant", [(a, "lora") for a in ("mpt", "glm4", "falcon", "falcon-40b", "falcon-rw")]
+                         + [("phi3", v) for v in VARIANTS])
+def test_adapter_on_fused_projections_loads_in_peft_both_ways(arch, variant, tmp_path):
+    """Families whose checkpoints fuse q/k/v or gate/up (MPT's Wqkv, Falcon's query_key_value per kv group, Phi-3's,
+    GLM-4's gate_up_proj): PEFT adapts the fused module, nanotune the parts. nanotune's adapter on every projection
+    is saved on the fused module (rank = the parts' ranks summed, B block-diagonal in the checkpoint's row order,
+    rank_pattern / alpha_pattern keep each part's scale) and gives peft's logits; a peft-made adapter on the fused
+    modules loads into nanotune (each part the whole A and its rows of B) with peft's logits. Before, peft loaded
+    the parts' adapters as nothing (Phi-3's logits 0.69 off) and no fused adapter loaded into nanotune."""
+    import json
+    from names import FUSED, checkpoint_name
     from peft import LoraConfig
     ids = torch.randint(3, 128, (2, 10))
-    m, _ = nanotune_adapter_in_peft(arch, tmp_path, ids, targets=["o_proj", "down_proj"])
-    targets = [checkpoint_name(m.config, t) for t in ("o_proj", "down_proj")]  # (MPT: out_proj)
-    peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                             init_lora_weights=False), 1e-5)
+    m, _ = nanotune_adapter_in_peft(arch, tmp_path, ids, **VARIANTS[variant])
+    cfg = json.load(open(tmp_path / "ours" / "adapter_config.json"))
+    fused = [checkpoint_name(m.config, f) for f in m.config.fused_checkpoint]  # (MPT: Wqkv; Falcon: query_key_value)
+    parts = {p for f in m.config.fused_checkpoint for p in FUSED[f]}
+    assert set(fused) <= set(cfg["target_modules"]) and not parts & set(cfg["target_modules"])
+    assert {cfg["rank_pattern"][f] for f in fused} <= {8, 12}  # (2 or 3 parts of rank 4)
+    targets = fused + [checkpoint_name(m.config, t) for t in ("o_proj", "down_proj")]
+    peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_rslora=variant == "rslora",
+        use_dora=variant == "dora"), 1e-5)
 
 
 @pytest.mark.parametrize("arch,variant", [("llama", v) for v in VARIANTS] + [("qwen2_moe", "lora")])
