@@ -191,6 +191,9 @@ FAMILIES = {
                             "embedding_norm": "norm"}),
     "qwen3_5_text": Family("Qwen3_5ForCausalLM", "qwen35", QWEN35, defaults=QWEN35_DEFAULTS,
                            layout=(qwen35_in, qwen35_out), reads=QWEN35_READS),
+    "qwen3_next": Family("Qwen3NextForCausalLM", "qwen3next", dict(QWEN35, fused_checkpoint=(
+                             "in_proj_qkvz", "in_proj_ba")), MOE_KEYS + ("shared_expert_intermediate_size",),
+                         defaults=QWEN35_DEFAULTS, layout=(qwen35_in, qwen35_out), reads=QWEN35_READS),
     "qwen3_5_moe_text": Family("Qwen3_5MoeForCausalLM", "qwen35moe", QWEN35, ("num_experts", "num_experts_per_tok",
                                "moe_intermediate_size", "shared_expert_intermediate_size"), dict(
                                    intermediate_size="moe_intermediate_size"), layout=(qwen35_in, qwen35_out),

@@ -20,9 +20,9 @@ import tokenizer
 from cli import NanotuneError, fresh_tmp, publish, read_json
 from families import FAMILIES, GGUF_FAMILY, GGUF_NORM_TOPK, config_from_hf, config_to_hf, gguf_values
 from names import (FUSED, GGUF_EXPERT_BIAS, GGUF_EXPERTS, STACKED, checkpoint_name, experts_from_checkpoint,
-                   experts_to_checkpoint, gemma4_from_gguf, gemma4_gguf_keys, gemma4_gguf_names, nanotune_name,
-                   pair_expert_biases, stack_experts, unstack_experts, permuted_heads, qk_permute, qkv_groups,
-                   xielu_arrays, xielu_tensors)
+                   experts_to_checkpoint, fused_order, fused_sizes, gemma4_from_gguf, gemma4_gguf_keys,
+                   gemma4_gguf_names, nanotune_name, pair_expert_biases, stack_experts, unstack_experts,
+                   permuted_heads, qk_permute, qkv_groups, xielu_arrays, xielu_tensors)
 from model import Config, Transformer
 from rope import rope_attention_factor, rope_base, rope_inv_freq
 
@@ -94,11 +94,8 @@ def split_fused(cfg: Config, name: str, t: torch.Tensor):
     if fused is None:
         yield name, experts_from_checkpoint(cfg, name, t)
         return
-    H, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    t = qkv_groups(cfg, t) if fused == "qkv_proj" and cfg.qkv_grouped else t  # (Falcon's, per kv group)
-    for part, w in zip(FUSED[fused], t.split([H * d, kv * d, kv * d] if fused == "qkv_proj" else
-                                             [t.shape[0] // 2] * 2, 0)):
-        yield name.replace(fused, part), w
+    for part, w in zip(FUSED[fused], fused_order(cfg, fused, t).split(fused_sizes(cfg, fused))):  # (Falcon's,
+        yield name.replace(fused, part), w                                                       # Qwen3-Next's)
 
 
 def fuse(cfg: Config, tensors, unstack=True):
@@ -125,7 +122,7 @@ def fuse(cfg: Config, tensors, unstack=True):
         parts = [f"{parent}.{x}.{leaf}" for x in FUSED[fused]]
         if all(q in pending for q in parts):
             w = torch.cat([pending.pop(q) for q in parts])
-            w = qkv_groups(cfg, w, back=True) if cfg.qkv_grouped and fused == "qkv_proj" else w  # (Falcon's)
+            w = fused_order(cfg, fused, w, back=True)
             yield checkpoint_name(cfg, f"{parent}.{fused}.{leaf}"), w
 
 

@@ -97,12 +97,18 @@ def adapter_names(cfg: Config, saving: bool) -> dict:
                 fused=partial(split_adapters, cfg), fused_targets=partial(split_targets, cfg))
 
 
-# Projections a checkpoint stores fused (Phi-3, MPT, Falcon: q/k/v; Phi-3, GLM-4: gate/up; cfg.fused_checkpoint)
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# Projections a checkpoint stores fused (cfg.fused_checkpoint): q/k/v (Phi-3, MPT, Falcon), gate/up (Phi-3, GLM-4),
+# Qwen3-Next's linear attention inputs
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+         "in_proj_qkvz": ("in_proj_qkv", "in_proj_z"), "in_proj_ba": ("in_proj_b", "in_proj_a")}
 
 
 def fused_sizes(cfg: Config, fused: str) -> list:
+    """Each part's rows."""
     H, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if fused in ("in_proj_qkvz", "in_proj_ba"):
+        nk, nv, dk, dv = cfg.linear_heads[:4]
+        return [2 * nk * dk + nv * dv, nv * dv] if fused == "in_proj_qkvz" else [nv, nv]
     return [H * d, kv * d, kv * d] if fused == "qkv_proj" else [cfg.intermediate_size] * 2
 
 
@@ -130,7 +136,7 @@ def fuse_adapters(cfg: Config, layers: list) -> list:
                 Bf[row: row + size, col: col + got[p][0].shape[0]] = got[p][1]
                 col += got[p][0].shape[0]
             row += size
-        Bf = qkv_groups(cfg, Bf, back=True) if cfg.qkv_grouped and fused == "qkv_proj" else Bf  # (Falcon's)
+        Bf = fused_order(cfg, fused, Bf, back=True)
         mags = [got[p][2] for p in FUSED[fused] if p in got and got[p][2] is not None]
         out.append((f"{parent}.{fused}", torch.cat(As), Bf, torch.cat(mags) if mags else None))
     return out
@@ -160,8 +166,7 @@ def split_adapters(cfg: Config, sd: dict) -> dict:
             out[k] = v
             continue
         if leaf.startswith("B") or leaf.startswith("magnitude"):
-            v = qkv_groups(cfg, v, back=False) if cfg.qkv_grouped and fused == "qkv_proj" else v
-            parts = v.split(fused_sizes(cfg, fused))
+            parts = fused_order(cfg, fused, v).split(fused_sizes(cfg, fused))
         else:
             parts = [v] * len(FUSED[fused])
         out.update({f"{parent}.{p}.lora_{leaf}": t for p, t in zip(FUSED[fused], parts)})
@@ -239,13 +244,30 @@ def permuted_heads(cfg: Config, name: str):
 def qkv_groups(cfg: Config, t: torch.Tensor, back=False) -> torch.Tensor:
     """Falcon's fused q/k/v (weight or bias), stored per kv group [q_1 .. q_g, k, v] -> contiguous [q; k; v], the
     layout of Phi-3's and of llama.cpp's falcon (back: the inverse)."""
-    kv, d, rest = cfg.num_key_value_heads, cfg.head_dim, t.shape[1:]
+    kv, d = cfg.num_key_value_heads, cfg.head_dim
+    return group_major(t, kv, [cfg.num_attention_heads // kv * d, d, d], back)
+
+
+def group_major(t: torch.Tensor, G: int, sizes: list, back=False) -> torch.Tensor:
+    """Rows stored per group, [part_1 .. part_n] G times -> each part's rows of every group together (back: the
+    inverse); sizes: each part's rows in one group."""
+    rest = t.shape[1:]
     if back:
-        q, k, v = t.split([cfg.num_attention_heads * d, kv * d, kv * d])
-        return torch.cat([q.view(kv, -1, d, *rest), k.view(kv, 1, d, *rest), v.view(kv, 1, d, *rest)], 1).reshape(
-            t.shape)
-    g = t.view(kv, -1, d, *rest)
-    return torch.cat([g[:, :-2].reshape(-1, *rest), g[:, -2].reshape(-1, *rest), g[:, -1].reshape(-1, *rest)])
+        parts = t.split([G * s for s in sizes])
+        return torch.cat([p.reshape(G, s, *rest) for p, s in zip(parts, sizes)], 1).reshape(t.shape)
+    return torch.cat([x.reshape(-1, *rest) for x in t.reshape(G, sum(sizes), *rest).split(sizes, 1)])
+
+
+def fused_order(cfg: Config, fused: str, t: torch.Tensor, back=False) -> torch.Tensor:
+    """A fused projection's rows (weight, bias, LoRA B, DoRA magnitude) in the checkpoint's order -> its parts'
+    concatenated (back: the inverse): Falcon's q/k/v and Qwen3-Next's qkvz / ba are stored per group of heads."""
+    if fused == "qkv_proj" and cfg.qkv_grouped:
+        return qkv_groups(cfg, t, back)
+    if fused in ("in_proj_qkvz", "in_proj_ba"):
+        nk, nv, dk, dv = cfg.linear_heads[:4]
+        r = nv // nk
+        return group_major(t, nk, [dk, dk, r * dv, r * dv] if fused == "in_proj_qkvz" else [r, r], back)
+    return t
 
 
 XIELU = ("alpha_p", "alpha_n", "beta", "eps")  # Apertus: llama.cpp keeps them as metadata arrays, one value per layer

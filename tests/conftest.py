@@ -120,6 +120,13 @@ ARCH_CONFIGS = {
         linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12, linear_conv_kernel_dim=4,
         head_dim=16, tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
         shared_expert_intermediate_size=48)),
+    # Qwen3-Next: Qwen3.5-MoE's layers with the linear attention's inputs fused per key head in the checkpoint
+    # (in_proj_qkvz, in_proj_ba), a dense MLP on layer 0 (mlp_only_layers)
+    "qwen3_next": ("Qwen3NextConfig", dict(
+        num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12, linear_conv_kernel_dim=4,
+        head_dim=16, tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, mlp_only_layers=[0])),
     "gemma4_text": ("Gemma4TextConfig", dict(
         intermediate_size=96, num_hidden_layers=4, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
         layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=4, hidden_size_per_layer_input=8,
