@@ -60,6 +60,10 @@ SHAPES = {  # Llama-3.1-8B, Llama-3.2-1B and SmolLM2-135M (the default model); t
                        hidden_size_per_layer_input=256, vocab_size=262_144, vocab_size_per_layer_input=262_144,
                        num_kv_shared_layers=18, sliding_window=512, final_logit_softcapping=30.0,
                        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7),
+    # Qwen3.5-4B-like (text): 3 Gated DeltaNet (16 key / 32 value heads of 128) : 1 gated attention layers, 248k vocab
+    "qwen35-4b": dict(model_type="qwen3_5_text", hidden_size=2560, intermediate_size=9216, num_hidden_layers=32,
+                      num_attention_heads=16, num_key_value_heads=4, head_dim=256, vocab_size=248_320,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25}),
 }
 ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}
