@@ -197,9 +197,12 @@ class KVCache:
     """Preallocated keys/values per layer: [B, KV, max_len, D]; `pos` tokens are filled."""
 
     def __init__(self, cfg, batch: int, max_len: int, device, dtype):
-        shapes = [(batch, cfg.kv_heads_at(i), max_len, cfg.head_dim_at(i)) for i in range(cfg.num_hidden_layers)]
-        self.k = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]  # (a KV-shared layer's stay unused)
-        self.v = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+        types = cfg.layer_types or [""] * cfg.num_hidden_layers  # (none where a layer carries a recurrent state
+        shapes = [None if types[i] in ("conv", "linear_attention") or cfg.kv_source(i) is not None else  # instead,
+                  (batch, cfg.kv_heads_at(i), max_len, cfg.head_dim_at(i))  # or reuses another layer's k and v)
+                  for i in range(cfg.num_hidden_layers)]
+        self.k = [s and torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+        self.v = [s and torch.zeros(s, device=device, dtype=dtype) for s in shapes]
         self.pos, self.states = 0, collections.defaultdict(dict)  # (states: LFM2's convolution layers', by index)
 
     def update(self, layer, k, v):
