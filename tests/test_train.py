@@ -342,12 +342,22 @@ def test_moe_trains_lora_on_the_experts(tmp_path):
     assert "warning: no adapter reaches the routed experts" in r.stderr
 
 
+def peft_reads_the_adapter(hf, m, adapter):
+    """m (nanotune, the adapter loaded) differs from the base hf, and peft on hf with the adapter gives m's logits."""
+    from peft import PeftModel
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, base = m.eval().logits(m(ids)), hf(input_ids=ids).logits
+        assert (base - ours).abs().max() > 1e-2  # (the adapter moved the logits)
+        pm = PeftModel.from_pretrained(hf, str(adapter)).eval()
+        assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-4
+
+
 @pytest.mark.slow
 def test_gpt_oss_trains_lora_on_the_experts_and_peft_reads_the_adapter(tmp_path):
     """A tiny gpt-oss run (sinks, biased experts, clamped SwiGLU, sliding / full layers) with the default targets:
     the loss falls, the experts' adapters moved, and the adapter loads in peft on transformers' gpt-oss (its
     input-major, interleaved gate_up_proj) with nanotune's logits."""
-    from peft import PeftModel
     import lora
     from names import adapter_names
     hf = make_tiny_run_model(tmp_path / "m", "gpt_oss")
@@ -363,12 +373,7 @@ def test_gpt_oss_trains_lora_on_the_experts_and_peft_reads_the_adapter(tmp_path)
     lora.load_adapter(m, str(tmp_path / "a" / "adapter"), **adapter_names(m.config, saving=False))
     assert all(b.abs().max() > 0 for _, e in lora.lora_layers(m) if isinstance(e, lora.LoRAExperts)
                for _, b in e.pairs())
-    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours, base = m.eval().logits(m(ids)), hf(input_ids=ids).logits
-        assert (base - ours).abs().max() > 1e-2  # (the adapter moved the logits)
-        pm = PeftModel.from_pretrained(hf, str(tmp_path / "a" / "adapter")).eval()
-        assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-4
+    peft_reads_the_adapter(hf, m, tmp_path / "a" / "adapter")
 
 
 @pytest.mark.slow
@@ -376,7 +381,6 @@ def test_qwen3_5_trains_lora_on_its_linear_attention_and_peft_reads_the_adapter(
     """A tiny Qwen3.5 (Gated DeltaNet on layers 0 and 2, gated attention on 1 and 3), packed rows, the default
     targets: the startup line names the linear attention's projections, the loss falls, every adapter moved, and
     peft on transformers' Qwen3.5 reads the adapter with nanotune's logits; QLoRA (the linear attention in NF4) too."""
-    from peft import PeftModel
     import lora
     from names import adapter_names
     hf = make_tiny_run_model(tmp_path / "m", "qwen3_5_text")
@@ -393,12 +397,7 @@ def test_qwen3_5_trains_lora_on_its_linear_attention_and_peft_reads_the_adapter(
     lora.load_adapter(m, str(tmp_path / "a" / "adapter"), **adapter_names(m.config, saving=False))
     assert len(lora.lora_layers(m)) == 7 * 2 + 6 * 2 and all(b.abs().max() > 0 for _, e in lora.lora_layers(m)
                                                               for _, b in e.pairs())
-    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours, base = m.eval().logits(m(ids)), hf(input_ids=ids).logits
-        assert (base - ours).abs().max() > 1e-2  # (the adapter moved the logits)
-        pm = PeftModel.from_pretrained(hf, str(tmp_path / "a" / "adapter")).eval()
-        assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-4
+    peft_reads_the_adapter(hf, m, tmp_path / "a" / "adapter")
 
 
 @pytest.mark.slow
