@@ -157,6 +157,54 @@ class Attention(nn.Module):
         return self.o_proj(y if gate is None else y * torch.sigmoid(gate))
 
 
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3; transformers' DeepseekV3Attention), H heads:
+        q        = q_b_proj(rmsnorm(q_a_proj(x)))  (or q_proj(x))      -> per head [q_nope, q_rot]
+        c, k_rot = kv_a_proj_with_mqa(x)                                 c: the latent (kv_lora_rank), k_rot: one key
+        k_nope, v = kv_b_proj(rmsnorm(c))                                per head; k = [k_nope, k_rot] (k_rot shared)
+    RoPE turns q_rot and k_rot only (adjacent pairs when rope_interleave); v may be narrower than q and k. The KV
+    cache keeps [rmsnorm(c), rotated k_rot] per token and expands it again with kv_b_proj."""
+
+    sliding = chunked = temperature = False  # (what the decoder asks of a layer's attention)
+
+    def __init__(self, cfg, layer: int):
+        super().__init__()
+        ql, self.rank, self.dr, self.dv = cfg.latent
+        self.nh, self.hd, self.layer = cfg.num_attention_heads, cfg.head_dim, layer  # hd = nope + rope
+        if ql:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, ql, bias=cfg.qkv_bias)
+            self.q_a_layernorm = RMSNorm(ql, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(ql, self.nh * self.hd, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.rank + self.dr, bias=cfg.qkv_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.rank, self.nh * (self.hd - self.dr + self.dv), bias=False)
+        self.o_proj = nn.Linear(self.nh * self.dv, cfg.hidden_size, bias=cfg.o_bias)
+        self.scale, self.interleaved = cfg.attention_multiplier or self.hd ** -0.5, cfg.rope_interleaved
+
+    def forward(self, x, cos, sin, mask, cache=None, kv=None, qscale=None):
+        (B, T, _), H, dn = x.shape, self.nh, self.hd - self.dr
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q_nope, q_rot = q.view(B, T, H, self.hd).transpose(1, 2).split([dn, self.dr], -1)
+        c, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.dr], -1)
+        k_rot = k_rot[:, None]  # [B, 1, T, rope]
+        if self.interleaved:  # (q and k permuted alike: their products are unchanged)
+            q_rot, k_rot = deinterleave(q_rot, self.dr), deinterleave(k_rot, self.dr)
+        q_rot, k_rot = kernels.rope(q_rot, cos, sin), kernels.rope(k_rot, cos, sin)
+        latent = torch.cat([self.kv_a_layernorm(c)[:, None], k_rot], -1)  # [B, 1, T, rank + rope]
+        if cache is not None:
+            latent, _ = cache.update(self.layer, latent, None)  # [B, 1, S, rank + rope]
+        c, k_rot = latent.split([self.rank, self.dr], -1)
+        S = c.shape[2]
+        k_nope, v = self.kv_b_proj(c[:, 0]).view(B, S, H, dn + self.dv).transpose(1, 2).split([dn, self.dv], -1)
+        q, k = torch.cat([q_nope, q_rot], -1), torch.cat([k_nope, k_rot.expand(B, H, S, self.dr)], -1)
+        if isinstance(mask, kernels.PackedRows):  # (no varlen for these heads: the mask the rows stand for)
+            mask = None if mask.whole and mask.window is None else kernels.rows_mask(mask, B, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.dv))
+
+
 def fold_gqa(q, k, v, mask, scale, drop=0.0):
     """Masked GQA attention as plain attention: q [B, H, T, D] with H = KV * G (head h reads KV head h // G) ->
     [B, KV, G * T, D], each KV head's G query heads as G * T query rows; the mask [B, 1 or H, T, S] repeated for
@@ -201,15 +249,18 @@ class KVCache:
         shapes = [None if types[i] in ("conv", "linear_attention") or cfg.kv_source(i) is not None else  # instead,
                   (batch, cfg.kv_heads_at(i), max_len, cfg.head_dim_at(i))  # or reuses another layer's k and v)
                   for i in range(cfg.num_hidden_layers)]
+        if cfg.latent:  # (LatentAttention's: its latent and rotated key per token, no v)
+            shapes = [(batch, 1, max_len, cfg.latent[1] + cfg.latent[2])] * cfg.num_hidden_layers
         self.k = [s and torch.zeros(s, device=device, dtype=dtype) for s in shapes]
-        self.v = [s and torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+        self.v = [s and not cfg.latent and torch.zeros(s, device=device, dtype=dtype) for s in shapes]
         self.pos, self.states = 0, collections.defaultdict(dict)  # (states: LFM2's convolution layers', by index)
 
     def update(self, layer, k, v):
         T = k.shape[2]
         self.k[layer][:, :, self.pos : self.pos + T] = k
-        self.v[layer][:, :, self.pos : self.pos + T] = v
-        return self.k[layer][:, :, : self.pos + T], self.v[layer][:, :, : self.pos + T]
+        if v is not None:
+            self.v[layer][:, :, self.pos : self.pos + T] = v
+        return self.k[layer][:, :, : self.pos + T], v if v is None else self.v[layer][:, :, : self.pos + T]
 
 
 def alibi_bias(c, B, S, attention_mask, pos, x):

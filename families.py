@@ -8,6 +8,7 @@ each row is transformers' `models/<name>/configuration_*.py` and `modeling_*.py`
     cfg = config_from_hf(json.load(open("gemma-3-1b/config.json")))
     json.dump(config_to_hf(cfg), open("out/config.json", "w"))   # transformers reads it back as the same model
 """
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -135,6 +136,32 @@ def qwen35_in(d: dict, where: str) -> dict:
 def qwen35_out(c: Config, d: dict):
     d.update(zip(("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
                   "linear_conv_kernel_dim"), c.linear_heads), layer_types=c.layer_types)
+
+
+MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def mla_in(d: dict, where: str) -> dict:
+    """DeepSeek-V3's multi-head latent attention: q and k heads of qk_nope + qk_rope dims, v heads of v_head_dim;
+    YaRN with mscale_all_dim scales the softmax too (transformers' yarn_apply_mscale)."""
+    ql, r, dn, dr, dv = (d.get(k) for k in MLA_KEYS)
+    if not all(isinstance(v, int) and v > 0 for v in (r, dn, dr, dv)) or ql is not None and not (
+            isinstance(ql, int) and ql > 0):
+        raise NanotuneError(f"{where}: {', '.join(MLA_KEYS)} = {ql}, {r}, {dn}, {dr}, {dv} must be whole numbers > 0 "
+                            "(q_lora_rank may be null); the file is incomplete or not a DeepSeek-V3 config.")
+    fields = dict(latent=(ql or 0, r, dr, dv), head_dim=dn + dr)
+    rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rp.get("rope_type", "default") != "default" and rp.get("mscale_all_dim") and rp.get("factor", 1) > 1:
+        m = 0.1 * rp["mscale_all_dim"] * math.log(rp["factor"]) + 1
+        fields["attention_multiplier"] = (dn + dr) ** -0.5 * m * m
+    return fields
+
+
+def mla_out(c: Config, d: dict):
+    ql, r, dr, dv = c.latent
+    d.update(q_lora_rank=ql or None, kv_lora_rank=r, qk_nope_head_dim=c.head_dim - dr, qk_rope_head_dim=dr,
+             v_head_dim=dv, head_dim=dr)  # (transformers' head_dim: the rotated part)
+    d.pop("attention_multiplier", None)
 
 
 QWEN35 = dict(qk_norm="head", norm_offset=1.0, attn_output_gate=True, norm_topk_prob=True)
@@ -318,6 +345,20 @@ FAMILIES = {
                   inert=("init_device", "learned_pos_emb", "embedding_fraction")),  # no positions; a gradient scale)
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # GLM-4.5: sigmoid router with a selection bias and expert groups, an ungated shared expert, dense first layers
+    "deepseek_v3": Family("DeepseekV3ForCausalLM", "deepseek2", dict(router="sigmoid", shared_expert_gated=False),
+                          ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                           "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
+                           "routed_scaling_factor"), {"num_experts": "n_routed_experts"}, defaults=dict(
+                              n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1,
+                              moe_intermediate_size=2048, first_k_dense_replace=3, norm_topk_prob=True, n_group=8,
+                              topk_group=4,
+                              routed_scaling_factor=2.5, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                              qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True),
+                          renames={"shared_experts": "shared_expert", "gate.e_score_correction_bias":
+                                   "e_score_correction_bias"}, flags={"rope_interleave": ("rope_interleaved", True)},
+                          mtp=True, inert=("num_nextn_predict_layers", "num_mtp_layers", "pretraining_tp",
+                                           "qk_head_dim"),  # (qk_head_dim: nope + rope, derived)
+                          layout=(mla_in, mla_out), reads=MLA_KEYS),
     "glm4_moe": Family("Glm4MoeForCausalLM", "glm4moe", dict(router="sigmoid", shared_expert_gated=False, o_bias=False),
                        ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                         "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor"),

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from attention import Attention, KVCache, alibi_bias, attention_mask_for, make_norm, shared_input
+from attention import Attention, KVCache, LatentAttention, alibi_bias, attention_mask_for, make_norm, shared_input
 from mixers import GatedDeltaNet, ShortConv
 from rope import rope_attention_factor, rope_inv_freq, rotary
 
@@ -53,8 +53,7 @@ class Config:
     o_bias: bool = False  # Llama `attention_bias` puts a bias on o_proj too
     mlp_bias: bool = False  # Phi-2: biases on the MLP projections
     lm_head_bias: bool = False  # Phi-2
-    qk_norm: str | None = None  # RMSNorm on q and k before RoPE: "head" (Qwen3, Gemma 3) | "proj" (Olmo 2, all heads)
-    #                             | "head_post" (after RoPE: HunYuan)
+    qk_norm: str | None = None  # RMSNorm on q, k: "head" (Qwen3) | "proj" (Olmo 2: all heads) | "head_post" (HunYuan)
     clip_qkv: float | None = None  # OLMoE: q, k, v clamped to +-this (after the norms)
     norm_offset: float = 0.0  # Gemma: x_norm * (1 + w)
     embed_scale: bool = False  # Gemma: embeddings * sqrt(hidden_size)
@@ -78,6 +77,7 @@ class Config:
     conv_bias: bool = False
     linear_heads: tuple = ()  # Qwen3.5's linear attention: (key heads, value heads, key dim, value dim, conv taps)
     attn_output_gate: bool = False  # Qwen3.5: q_proj also yields a gate per head; attention output * sigmoid(gate)
+    latent: tuple = ()  # multi-head latent attention (DeepSeek-V3): (q_lora_rank or 0, kv_lora_rank, rope dim, v dim)
     no_rope_layers: list | None = None  # per layer 1 = RoPE, 0 = none (NoPE: SmolLM3); None: RoPE everywhere
     fused_checkpoint: tuple = ()  # projections stored fused: Phi-3 qkv_proj and gate_up_proj, GLM-4 the second
     # mixture of experts (0 experts: every MLP dense)
@@ -320,7 +320,7 @@ class Block(nn.Module):
         elif kind == "linear_attention":  # Qwen3.5: Gated DeltaNet
             self.linear_attn, self.index = GatedDeltaNet(cfg.hidden_size, *cfg.linear_heads, cfg.rms_norm_eps), layer
         else:
-            self.self_attn = Attention(cfg, layer)
+            self.self_attn = (LatentAttention if cfg.latent else Attention)(cfg, layer)
         self.mlp = MoE(cfg) if cfg.is_sparse(layer) else MLP(cfg, 2 * cfg.intermediate_size if wide else None)
         if P := cfg.hidden_size_per_layer_input:
             self.per_layer_input_gate = nn.Linear(cfg.hidden_size, P, bias=False)
@@ -436,7 +436,7 @@ class Transformer(nn.Module):
         """buffer name -> (theta, scaling, long, rotated dims): the global rotation; LongRoPE's long one; Gemma 3's
         local one (Gemma 4's full layers rotate their own, wider heads)."""
         c = self.config
-        full = int((c.global_head_dim or c.head_dim) * c.partial_rotary_factor)
+        full = c.latent[2] if c.latent else int((c.global_head_dim or c.head_dim) * c.partial_rotary_factor)
         out = {"inv_freq": (c.rope_theta, c.rope_scaling, False, full)}
         if (c.rope_scaling or {}).get("rope_type") == "longrope" and "long_mscale" not in c.rope_scaling:
             out["inv_freq_long"] = (c.rope_theta, c.rope_scaling, True, full)  # (PhiMoE: short factors always)

@@ -316,9 +316,9 @@ def ollama_template(turns) -> str:
     default = "" if turns.system is None else '{{ if ne (index .Messages 0).Role "system" }}%s{{ end }}' % role(
         "system", turns.system)
     system = '{{ $sys = .Content }}' if turns.fold is not None else role("system")
-    return ('{{ $sys := "" }}' * (turns.fold is not None) + turns.prefix + default + '{{ range .Messages }}{{ if eq .Role "system" }}' + system
-            + '{{ else if eq .Role "user" }}' + role("user") + "{{ else }}" + role("assistant") + "{{ end }}{{ end }}"
-            + turns.gen)
+    return ('{{ $sys := "" }}' * (turns.fold is not None) + turns.prefix + default + '{{ range .Messages }}'
+            + '{{ if eq .Role "system" }}' + system + '{{ else if eq .Role "user" }}' + role("user") + "{{ else }}"
+            + role("assistant") + "{{ end }}{{ end }}" + turns.gen)
 
 
 def ollama_stops(turns) -> list:

@@ -252,8 +252,8 @@ def add_lora(model, cfg):
     if cfg.lora:  # targets may use the checkpoint's names (Phi-2's dense, fc1, fc2)
         targets = cfg.lora_targets if isinstance(cfg.lora_targets, str) else [
             nanotune_name(model.config, t) for t in cfg.lora_targets]
-        if targets == list(DEFAULT_TARGETS) and "linear_attention" in (model.config.layer_types or ()):  # Qwen3.5:
-            targets += ["in_proj_qkv", "in_proj_z", "linear_attn.out_proj"]  # the defaults reach the linear attention
+        if targets == list(DEFAULT_TARGETS):  # (Qwen3.5's linear attention, DeepSeek's latent one: lora.MIXER_TARGETS)
+            targets += [t for t in lora.MIXER_TARGETS if any(n.endswith("." + t) for n, _ in model.named_modules())]
         lora.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
                         rslora=cfg.use_rslora, dora=cfg.use_dora, train_modules=cfg.train_modules)
 

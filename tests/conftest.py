@@ -127,6 +127,13 @@ ARCH_CONFIGS = {
         linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12, linear_conv_kernel_dim=4,
         head_dim=16, tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
         shared_expert_intermediate_size=48, mlp_only_layers=[0])),
+    # DeepSeek-V3: multi-head latent attention (q through a rank-24 bottleneck, a 16-wide latent for k / v, 8 rotated
+    # dims of 24 per q / k head in adjacent pairs, v heads 12 wide), GLM-4.5's router (sigmoid + correction bias,
+    # 2 groups top-1, scaled), layer 0 dense, a shared expert
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=32, first_k_dense_replace=1,
+        n_shared_experts=1, routed_scaling_factor=1.5, tie_word_embeddings=False, num_key_value_heads=4)),
     "gemma4_text": ("Gemma4TextConfig", dict(
         intermediate_size=96, num_hidden_layers=4, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
         layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=4, hidden_size_per_layer_input=8,
