@@ -145,8 +145,7 @@ def mla_in(d: dict, where: str) -> dict:
     """DeepSeek-V3's multi-head latent attention: q and k heads of qk_nope + qk_rope dims, v heads of v_head_dim;
     YaRN with mscale_all_dim scales the softmax too (transformers' yarn_apply_mscale)."""
     ql, r, dn, dr, dv = (d.get(k) for k in MLA_KEYS)
-    if not all(isinstance(v, int) and v > 0 for v in (r, dn, dr, dv)) or ql is not None and not (
-            isinstance(ql, int) and ql > 0):
+    if not all(isinstance(v, int) and v > 0 for v in (r, dn, dr, dv)) or not (isinstance(ql, int) and ql >= 0):
         raise NanotuneError(f"{where}: {', '.join(MLA_KEYS)} = {ql}, {r}, {dn}, {dr}, {dv} must be whole numbers > 0 "
                             "(q_lora_rank may be null); the file is incomplete or not a DeepSeek-V3 config.")
     fields = dict(latent=(ql or 0, r, dr, dv), head_dim=dn + dr)
@@ -437,7 +436,8 @@ def text_config(d: dict) -> dict:
     return d
 
 
-NULL_IS_ZERO = ("hidden_size_per_layer_input",)  # an explicit null that means "none" (Gemma 4's 26B: no PLE)
+NULL_IS_ZERO = ("hidden_size_per_layer_input", "q_lora_rank")  # an explicit null that means "none" (Gemma 4's 26B:
+#                                                  no PLE; DeepSeek-V2-Lite: q without a bottleneck)
 
 
 def config_from_hf(d: dict, where: str = "config.json") -> Config:

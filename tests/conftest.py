@@ -134,6 +134,14 @@ ARCH_CONFIGS = {
         q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=4,
         num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=32, first_k_dense_replace=1,
         n_shared_experts=1, routed_scaling_factor=1.5, tie_word_embeddings=False, num_key_value_heads=4)),
+    # the same with YaRN (x4 over 32 positions) and DeepSeek's mscale / mscale_all_dim (cos/sin and the softmax scale)
+    "deepseek_v3-yarn": ("DeepseekV3Config", dict(
+        q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=32, first_k_dense_replace=1,
+        tie_word_embeddings=False, num_key_value_heads=4, rope_interleave=False, max_position_embeddings=128,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.707,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+                         "beta_slow": 1})),
     "gemma4_text": ("Gemma4TextConfig", dict(
         intermediate_size=96, num_hidden_layers=4, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
         layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=4, hidden_size_per_layer_input=8,
