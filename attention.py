@@ -251,8 +251,8 @@ class KVCache:
                   for i in range(cfg.num_hidden_layers)]
         if cfg.latent:  # (LatentAttention's: its latent and rotated key per token, no v)
             shapes = [(batch, 1, max_len, cfg.latent[1] + cfg.latent[2])] * cfg.num_hidden_layers
-        self.k = [s and torch.zeros(s, device=device, dtype=dtype) for s in shapes]
-        self.v = [s and not cfg.latent and torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+        self.k = [torch.zeros(s, device=device, dtype=dtype) if s else None for s in shapes]
+        self.v = [None if cfg.latent or k is None else torch.zeros_like(k) for k in self.k]
         self.pos, self.states = 0, collections.defaultdict(dict)  # (states: LFM2's convolution layers', by index)
 
     def update(self, layer, k, v):

@@ -8,15 +8,15 @@ on the same GPU with the same random-init checkpoint, shape and batch.
     python bench.py --shape 8b --mode full --contenders nanotune --fsdp --nproc 2  # torchrun + FSDP2, per GPU
     python bench.py --shape 70b --mode qlora --contenders nanotune --fsdp --nproc 2 --steps 3 --warmup 1
 
-Contenders: nanotune, hf_peft (transformers + PEFT, SDPA), hf_peft_liger (+ Liger kernels), hf_bnb_qlora
-(transformers + bitsandbytes + PEFT; --mode qlora), unsloth. Peers are skipped when they do not import
-(../shared/tools/bench_wheels.sh prepares them for the GPU machine). Median step time after warm-up,
-tokens/s, model-FLOPs utilisation (vs the GPU's dense bf16 peak) and torch.cuda.max_memory_allocated over
-loading + training. Results: a table on stdout and JSON (--json, default results/bench.json).
---cpu: the default model itself (SmolLM2-135M-Instruct, fp32), LoRA r16 on all seven projections, batch
-4 x 256, AdamW, no checkpointing; contenders alternate for --rounds rounds; peak = the process's max RSS.
-"""
+Contenders: nanotune, hf_peft (transformers + PEFT, SDPA), hf_peft_liger (+ Liger kernels), hf_bnb_qlora (transformers
++ bitsandbytes + PEFT; --mode qlora), unsloth; peers that do not import are skipped (../shared/tools/bench_wheels.sh
+prepares them). Median step time after warm-up, tokens/s, model-FLOPs utilisation (vs the GPU's dense bf16 peak) and
+torch.cuda.max_memory_allocated over loading + training: a table on stdout, JSON in --json (results/bench.json).
+--cpu: the default model itself (SmolLM2-135M-Instruct, fp32), LoRA r16 on all seven projections, batch 4 x 256,
+AdamW, no checkpointing; contenders alternate for --rounds rounds; peak = the process's max RSS.
+--rollout N: a GRPO step's sampling (N tokens per row) and, for nanotune, its update (grpo.policy_update)."""
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -316,51 +316,30 @@ def rollout_worker(a, m, dev, sync):
     generate, the same checkpoint with LoRA on (NF4 base for qlora)."""
     ids = torch.randint(0, SHAPES[a.shape]["vocab_size"], (a.batch, a.seq), device=dev,
                         generator=torch.Generator(device=dev).manual_seed(0))
-    times = []
-    for n in (4, a.rollout):
+    if a.worker.startswith("nanotune"):
+        import grpo  # (a peer's process has the repository off its path)
+    elif a.worker == "unsloth":  # (its own fast generation path)
+        __import__("unsloth").FastLanguageModel.for_inference(m)
+    def timed(fn):  # -> (fn(), its seconds)
         sync()
         t0 = time.perf_counter()
-        if a.worker.startswith("nanotune"):
-            import grpo  # (a peer's process has the repository off its path)
-            out = grpo.rollout(m, ids.tolist(), n, set(), 0, seeds=range(a.batch))
-        else:  # (Unsloth: its own fast generation path)
-            if a.worker == "unsloth":
-                __import__("unsloth").FastLanguageModel.for_inference(m)
-            out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-                             max_new_tokens=n, min_new_tokens=n, pad_token_id=0)[:, a.seq:].tolist()
+        out = fn()
         sync()
-        times.append(time.perf_counter() - t0)
+        return out, time.perf_counter() - t0
+    times = []
+    for n in (4, a.rollout):
+        out, t = timed(lambda: grpo.rollout(m, ids.tolist(), n, set(), 0, seeds=range(a.batch)) if a.worker.startswith(
+            "nanotune") else m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                        max_new_tokens=n, min_new_tokens=n, pad_token_id=0)[:, a.seq:].tolist())
+        times.append(t)
     assert all(len(r) == a.rollout for r in out)
     res = {"contender": a.worker, "step_s": times[-1], "tokens_per_s": a.batch * a.rollout / times[-1],
            "new_tokens": a.rollout, "warmup_s": times[0], "rollout_peak_gib": peak_gib(a.cpu)}
     if a.worker.startswith("nanotune"):  # then the GRPO step's update on these rows: the whole step's peak
-        res["update_s"] = grpo_update(a, m, torch.cat([ids, torch.tensor(out, device=dev)], 1), sync)
+        rows = torch.cat([ids, torch.tensor(out, device=dev)], 1)
+        adv = torch.randn(a.batch, device=dev, generator=torch.Generator(dev).manual_seed(0))  # (random rewards)
+        _, res["update_s"] = timed(lambda: grpo.policy_update(m.train(), rows, a.seq, adv, a.micro))
     print("RESULT " + json.dumps(dict(res, peak_gib=peak_gib(a.cpu), loss_first=0.0, loss_last=0.0)), flush=True)
-
-
-def grpo_update(a, m, rows, sync):
-    """One GRPO policy-gradient pass over the rolled-out rows [B, seq + N] (grpo.py's per-token log-probs and loss,
-    random advantages), --micro rows at a time -> seconds."""
-    import types
-    import grpo
-    from data import IGNORE
-    m.train()
-    labels = rows.clone()
-    labels[:, : a.seq] = IGNORE
-    adv = torch.randn(rows.shape[0], device=rows.device, generator=torch.Generator(rows.device).manual_seed(0))
-    cfg = types.SimpleNamespace(epsilon=None, epsilon_high=None, beta=0.0, max_new_tokens=a.rollout)
-    sync()
-    t0 = time.perf_counter()
-    for i in range(0, rows.shape[0], a.micro):
-        b = {"input_ids": rows[i: i + a.micro], "labels": labels[i: i + a.micro]}
-        b["attention_mask"] = torch.ones_like(b["input_ids"])
-        with torch.enable_grad():  # (the rollout ran without)
-            logp = grpo.token_logps(m, b)
-            mask = (b["labels"][:, 1:] != IGNORE).to(logp.dtype)
-            loss, _ = grpo.policy_loss("grpo", logp, logp.detach(), None, adv[i: i + a.micro], mask, cfg)
-            (loss.sum() / rows.shape[0]).backward()
-    sync()
-    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,19 +364,16 @@ def memory_at_peak(snap, top=40):
             peak, at = cur, i
     live = {}
     for e in events[:at + 1]:
-        if e["action"] == "alloc":
-            live[e["addr"]] = e
-        else:
-            live.pop(e["addr"], None)
+        live[e["addr"]] = e if e["action"] == "alloc" else live.pop(e["addr"], None)
+    live = {k: e for k, e in live.items() if e is not None}
 
     def where(e):
         frames = e.get("frames") or []
         ours = [f for f in frames if f["filename"].startswith(here)] or frames[:1]
         return ", ".join(f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in ours[:3]) or "?"
-    by = {}
+    by = collections.defaultdict(lambda: (0, 0))
     for e in live.values():
-        n, b = by.get(where(e), (0, 0))
-        by[where(e)] = (n + 1, b + e["size"])
+        by[where(e)] = (by[where(e)][0] + 1, by[where(e)][1] + e["size"])
     lines = [f"peak {peak / 2**30:.2f} GiB allocated (history event {at} of {len(events)}; "
              f"events before the history's start are not counted), {len(live)} blocks alive:"]
     for k, (n, b) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
@@ -487,20 +463,14 @@ def main():
     p.add_argument("--ckpt_dir", default="/tmp/nanotune-bench")
     p.add_argument("--json", default="results/bench.json", help="append this run's rows to the file")
     p.add_argument("--device_call", default=None, help="tag every row with the device call that measured it (s9-1)")
-    p.add_argument("--doc_len", type=int, default=0,
-                   help="nanotune: packed rows of documents this long (0: one per row)")
+    p.add_argument("--doc_len", type=int, default=0, help="nanotune: packed rows of documents this long (0: none)")
     p.add_argument("--fsdp", action="store_true", help="nanotune under torchrun + FSDP2")
     p.add_argument("--nproc", type=int, default=1, help="--fsdp: GPUs (processes); tokens/s is per GPU")
     p.add_argument("--kernels", action="store_true")
     p.add_argument("--worker_timeout", type=int, default=400, help="seconds before a contender is skipped")
-    p.add_argument("--profile",
-                   help="write each contender's per-kernel GPU time table of one step to PROFILE.<name>...txt")
-    p.add_argument("--memory",
-                   help="write what is allocated at each contender's peak, by the line of code that allocated it, "
-                        "to MEMORY.<name>...txt (the allocator's history: slower steps)")
-    p.add_argument("--rollout", type=int, default=0,
-                   help="N > 0: GRPO rollout speed, N new tokens per row (nanotune; hf_peft / hf_bnb_qlora: "
-                        "transformers' generate)")
+    p.add_argument("--profile", help="each contender's per-kernel GPU times of one step -> PROFILE.<name>...txt")
+    p.add_argument("--memory", help="what is allocated at each contender's peak, by line -> MEMORY.<name>...txt")
+    p.add_argument("--rollout", type=int, default=0, help="N > 0: GRPO rollout speed, N new tokens per row")
     p.add_argument("--micro", type=int, default=8, help="--rollout: rows per micro-batch of the GRPO update after it")
     p.add_argument("--cpu", action="store_true", help="the default job on this CPU (see above)")
     p.add_argument("--rounds", type=int, default=2, help="--cpu: contenders alternate this many times")

@@ -146,11 +146,17 @@ def trained_spans(msgs, render, roles, terminators) -> list:
     (Gemma 4 prompts with an empty thought channel that its rendered turns drop). A template that ends the last
     turn without the marker it writes between turns (Apertus) gets the marker appended: else the model would
     never learn to stop. Relies on the template rendering a conversation's prefix as a prefix."""
-    full, spans = render(msgs, False), []
+    renders = {}
+
+    def prefix(n, gen):  # the first n messages rendered (each prefix once: a turn's end is the next one's start)
+        if (n, gen) not in renders:
+            renders[n, gen] = render(msgs[:n], gen)
+        return renders[n, gen]
+    full, spans = prefix(len(msgs), False), []
     for i, m in enumerate(msgs):
         if m["role"] not in roles:
             continue
-        before, head = render(msgs[:i], False), render(msgs[:i], m["role"] == "assistant")
+        before, head = prefix(i, False), prefix(i, m["role"] == "assistant")
         if not full.startswith(before):  # (a conversation that is not continued may end in eos: Phi-3.5-MoE)
             before = next((before[: -len(t)] for t in terminators if t and before.endswith(t)), before)
         start = len(os.path.commonprefix([head, full]))
@@ -169,7 +175,7 @@ def trained_spans(msgs, render, roles, terminators) -> list:
             if mark and full[after:] == "":
                 full += gap[: mark[0] + len(mark[1])]
                 hits = [(after + mark[0], mark[1])]
-        upto = render(msgs[: i + 1], False)  # (no marker: the turn as the template ends it)
+        upto = prefix(i + 1, False)  # (no marker: the turn as the template ends it)
         end = min(hits)[0] + len(min(hits)[1]) if hits else len(upto) if full.startswith(upto) else after
         spans.append((start, end))
     return spans, full

@@ -8,13 +8,13 @@ each row is transformers' `models/<name>/configuration_*.py` and `modeling_*.py`
     cfg = config_from_hf(json.load(open("gemma-3-1b/config.json")))
     json.dump(config_to_hf(cfg), open("out/config.json", "w"))   # transformers reads it back as the same model
 """
-import math
 import sys
 from dataclasses import dataclass, field
 
 from cli import NanotuneError
 from model import Config
-from keys import check_unread_keys, unknown_keys
+from keys import (MLA_KEYS, check_unread_keys, falcon_in, falcon_out, lfm2_in, lfm2_out, mla_in, mla_out, qwen35_in,
+                  qwen35_out, unknown_keys)
 from rope import rope_from_hf
 
 
@@ -74,95 +74,6 @@ GEMMA3_DEFAULTS = dict(  # Gemma3TextConfig's defaults: multimodal checkpoints s
     num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=131_072,
     rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, sliding_window=4096, sliding_window_pattern=6,
     hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1, pad_token_id=0)
-def falcon_in(d: dict, where: str) -> dict:
-    """Falcon's flags -> the common keys (kv heads, MLP width) and the Config fields of its block layout."""
-    H, new, parallel = d["num_attention_heads"], d.get("new_decoder_architecture"), d.get("parallel_attn", True)
-    norms = d.get("num_ln_in_parallel_attn") or (2 if new else 1)
-    if (new and not parallel) or (not new and norms == 2) or d.get("attention_dropout"):
-        raise NanotuneError(f"{where}: this Falcon layout (new_decoder_architecture={bool(new)}, parallel_attn="
-                            f"{parallel}, num_ln_in_parallel_attn={norms}, attention_dropout="
-                            f"{d.get('attention_dropout')}) is not one transformers runs either; check the file.")
-    d.update(num_key_value_heads=(d.get("num_kv_heads") or H) if new else 1 if d.get("multi_query", True) else H,
-             intermediate_size=d.get("ffn_hidden_size") or 4 * d["hidden_size"], attention_bias=bool(d.get("bias")),
-             mlp_bias=bool(d.get("bias")))
-    return dict(parallel_block=bool(parallel), parallel_norms=norms if parallel else 1, alibi="falcon" * bool(
-        d.get("alibi")), residual_dropout=float(d.get("hidden_dropout") or 0.0))
-
-
-def falcon_out(c: Config, d: dict):
-    """The inverse of falcon_in, into a config.json transformers reads back."""
-    new = c.parallel_norms == 2 or 1 < c.num_key_value_heads < c.num_attention_heads
-    d.update(new_decoder_architecture=new, multi_query=c.num_key_value_heads == 1, num_kv_heads=c.num_key_value_heads,
-             parallel_attn=c.parallel_block, num_ln_in_parallel_attn=c.parallel_norms if new else None,
-             alibi=c.alibi == "falcon", bias=c.qkv_bias, ffn_hidden_size=c.intermediate_size, activation="gelu",
-             hidden_dropout=c.residual_dropout)
-    d.pop("head_dim")  # (a read-only property of FalconConfig)
-
-
-def lfm2_in(d: dict, where: str) -> dict:
-    """LFM2: the MLP width as Lfm2MLP derives it from the block_* keys; "conv" layers where full_attn_idxs
-    lists no attention."""
-    I, L = d.get("intermediate_size"), d.get("num_hidden_layers") or 0
-    if d.get("block_auto_adjust_ff_dim") and isinstance(I, int):
-        I = int(2 * I / 3)
-        if (m := d.get("block_ffn_dim_multiplier")) is not None:
-            k = d.get("block_multiple_of", 256)
-            I = k * ((int(m * I) + k - 1) // k)
-    full = set(d.get("full_attn_idxs") or range(L))
-    d.update(intermediate_size=I, layer_types=d.get("layer_types") or [
-        "full_attention" if i in full else "conv" for i in range(L)])
-    return dict(conv_kernel=d.get("conv_L_cache", 3), conv_bias=bool(d.get("conv_bias")), layer_types=d["layer_types"])
-
-
-def lfm2_out(c: Config, d: dict):
-    d.update(intermediate_size=c.intermediate_size, block_auto_adjust_ff_dim=False, conv_L_cache=c.conv_kernel,
-             conv_bias=c.conv_bias, layer_types=c.layer_types,
-             full_attn_idxs=[i for i, t in enumerate(c.layer_types) if t != "conv"])
-
-
-def qwen35_in(d: dict, where: str) -> dict:
-    """Qwen3.5: Gated DeltaNet on "linear_attention" layers (three of every full_attention_interval by default)."""
-    L, every = d.get("num_hidden_layers") or 0, d.get("full_attention_interval", 4)
-    d["layer_types"] = d.get("layer_types") or ["linear_attention" if (i + 1) % every else "full_attention"
-                                                for i in range(L)]
-    heads = tuple(d.get(k) for k in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
-                                     "linear_value_head_dim", "linear_conv_kernel_dim"))
-    if not all(isinstance(h, int) and h > 0 for h in heads) or heads[1] % heads[0]:
-        raise NanotuneError(f"{where}: the linear_* head counts and sizes {heads} must be whole numbers > 0, the value "
-                            "heads a multiple of the key heads; the file is incomplete or not a Qwen3.5 config.")
-    return dict(linear_heads=heads, layer_types=d["layer_types"])
-
-
-def qwen35_out(c: Config, d: dict):
-    d.update(zip(("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
-                  "linear_conv_kernel_dim"), c.linear_heads), layer_types=c.layer_types)
-
-
-MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-
-
-def mla_in(d: dict, where: str) -> dict:
-    """DeepSeek-V3's multi-head latent attention: q and k heads of qk_nope + qk_rope dims, v heads of v_head_dim;
-    YaRN with mscale_all_dim scales the softmax too (transformers' yarn_apply_mscale)."""
-    ql, r, dn, dr, dv = (d.get(k) for k in MLA_KEYS)
-    if not all(isinstance(v, int) and v > 0 for v in (r, dn, dr, dv)) or not (isinstance(ql, int) and ql >= 0):
-        raise NanotuneError(f"{where}: {', '.join(MLA_KEYS)} = {ql}, {r}, {dn}, {dr}, {dv} must be whole numbers > 0 "
-                            "(q_lora_rank may be null); the file is incomplete or not a DeepSeek-V3 config.")
-    fields = dict(latent=(ql or 0, r, dr, dv), head_dim=dn + dr)
-    rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if rp.get("rope_type", "default") != "default" and rp.get("mscale_all_dim") and rp.get("factor", 1) > 1:
-        m = 0.1 * rp["mscale_all_dim"] * math.log(rp["factor"]) + 1
-        fields["attention_multiplier"] = (dn + dr) ** -0.5 * m * m
-    return fields
-
-
-def mla_out(c: Config, d: dict):
-    ql, r, dr, dv = c.latent
-    d.update(q_lora_rank=ql or None, kv_lora_rank=r, qk_nope_head_dim=c.head_dim - dr, qk_rope_head_dim=dr,
-             v_head_dim=dv, head_dim=dr)  # (transformers' head_dim: the rotated part)
-    d.pop("attention_multiplier", None)
-
-
 QWEN35 = dict(qk_norm="head", norm_offset=1.0, attn_output_gate=True, norm_topk_prob=True)
 QWEN35_DEFAULTS = dict(linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
                        linear_num_key_heads=16, linear_num_value_heads=32, head_dim=256,

@@ -28,6 +28,7 @@ or path.py:function, called as function(record, completion) -> float.
 import importlib.util
 import os
 import re
+import types
 from dataclasses import dataclass
 
 import torch
@@ -200,6 +201,22 @@ def token_logps(model, batch, chunk=256):
     lp = torch.cat([checkpoint(part, hs[i: i + chunk], y[i: i + chunk], use_reentrant=False)
                     for i in range(0, len(y), chunk)]) if len(y) else hs.new_zeros(0, dtype=torch.float32)
     return torch.zeros(comp.shape, dtype=lp.dtype, device=lp.device).masked_scatter(comp, lp)
+
+
+def policy_update(model, rows, prompt_len, adv, micro, kind="grpo"):
+    """One on-policy gradient pass (backward only, no optimizer step) over sampled rows [B, prompt_len + N] with
+    advantages [B], `micro` rows at a time: what a GRPO step's update costs (bench.py --rollout measures it)."""
+    cfg = types.SimpleNamespace(epsilon=None, epsilon_high=None, beta=0.0, max_new_tokens=rows.shape[1] - prompt_len)
+    labels = rows.clone()
+    labels[:, :prompt_len] = IGNORE
+    for i in range(0, rows.shape[0], micro):
+        b = {"input_ids": rows[i: i + micro], "labels": labels[i: i + micro]}
+        b["attention_mask"] = torch.ones_like(b["input_ids"])
+        with torch.enable_grad():
+            logp = token_logps(model, b)
+            mask = (b["labels"][:, 1:] != IGNORE).to(logp.dtype)
+            loss, _ = policy_loss(kind, logp, logp.detach(), None, adv[i: i + micro], mask, cfg)
+            (loss.sum() / rows.shape[0]).backward()
 
 
 def policy_loss(kind, logp, old, ref, adv, mask, cfg):

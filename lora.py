@@ -361,12 +361,17 @@ def routers(model) -> set:
 
 
 def adapter_state_dict(model, dtype=None, rename=None, gate_up_rows=None, swap=False, fused=None) -> dict:
+    return _adapter_tensors(model, dtype, rename, gate_up_rows, swap, fused)[0]
+
+
+def _adapter_tensors(model, dtype=None, rename=None, gate_up_rows=None, swap=False, fused=None) -> tuple:
     """PEFT keys; rename: nanotune's module name -> the one PEFT sees in transformers 5's model (names.memory_name:
     Phi-2's dense, gpt-oss's mlp.router, Llama 4's feed_forward; Mixtral's block_sparse_moe is mlp in memory).
     gate_up_rows(B): gate_up's LoRA B [E, 2I, r] in the checkpoint's row order (gpt-oss interleaves). swap: the
     experts are stored [E, in, out] and transformers does not say so (Llama 4): peft's A is our B^T, its B our A^T.
-    fused: the adapters of projections a checkpoint fuses -> PEFT's on the fused one (names.fuse_adapters)."""
-    sd = {}
+    fused: the adapters of projections a checkpoint fuses -> PEFT's on the fused one (names.fuse_adapters).
+    -> (the state dict, peft_linears' list)."""
+    sd, linears = {}, peft_linears(model, rename, fused)
     for n, m in [(n, m) for n, m in lora_layers(model) if isinstance(m, LoRAExperts)]:
         for stem, p in expert_keys(rename(n) if rename else n, m):
             B = dist.full_tensor(m.lora_B[p])
@@ -374,12 +379,12 @@ def adapter_state_dict(model, dtype=None, rename=None, gate_up_rows=None, swap=F
             A = dist.full_tensor(m.lora_A[p])
             a, b = to_peft_experts(*((B.transpose(1, 2), A.transpose(1, 2)) if swap else (A, B)))
             sd[f"{stem}.lora_A.weight"], sd[f"{stem}.lora_B.weight"] = a, b
-    for _, n, A, B, mag in peft_linears(model, rename, fused):
+    for _, n, A, B, mag in linears:
         sd[f"{PEFT_PREFIX}{n}.lora_A.weight"], sd[f"{PEFT_PREFIX}{n}.lora_B.weight"] = A, B
         if mag is not None:
             sd[f"{PEFT_PREFIX}{n}.lora_magnitude_vector"] = mag
     sd = {k: dist.full_tensor(v) for k, v in sd.items()}  # FSDP-sharded: gather
-    return {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}
+    return {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in sd.items()}, linears
 
 
 def peft_linears(model, rename=None, fused=None) -> list:
@@ -399,10 +404,9 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_p
     only the one with `write` writes. rename, gate_up_rows, swap, fused: as in adapter_state_dict (a fused
     projection's rank is the sum of its parts': PEFT's rank_pattern, with alpha_pattern keeping their scale)."""
     from safetensors.torch import save_file
-    sd = adapter_state_dict(model, dtype, rename, gate_up_rows, swap, fused)
+    sd, linears = _adapter_tensors(model, dtype, rename, gate_up_rows, swap, fused)  # (collective under FSDP)
     c, layers, moe = model.lora_config, lora_layers(model), routers(model)
-    ranks = {pn.rsplit(".", 1)[-1]: A.shape[0] for n, pn, A, *_ in peft_linears(model, rename, fused)  # (collective)
-             if n not in moe}
+    ranks = {pn.rsplit(".", 1)[-1]: A.shape[0] for n, pn, A, *_ in linears if n not in moe}
     if not write:
         return
     os.makedirs(out_dir, exist_ok=True)

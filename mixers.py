@@ -124,14 +124,12 @@ def delta_rule_chunked(q, k, v, g, beta, starts=None, state=None, chunk=64):
     D = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~same, float("-inf")))  # [B, H, N, C, C]
     gamma = torch.exp(G) * (seg == 0)  # decay from the chunk's start (0 past a document start)
     kb, vb = k * beta[..., None], v * beta[..., None]
-    M = (kb @ k.transpose(-1, -2)) * D.masked_fill(tri.logical_not() | torch.eye(chunk, dtype=torch.bool,
-                                                                                  device=k.device), 0.0)
+    M = (kb @ k.transpose(-1, -2)) * D.tril(-1)  # (j < i)
     eye = torch.eye(chunk, device=k.device, dtype=f)
     U = torch.linalg.solve_triangular(eye + M, vb, upper=False, unitriangular=True)
     W = torch.linalg.solve_triangular(eye + M, kb * gamma[..., None], upper=False, unitriangular=True)
     QK = (q @ k.transpose(-1, -2)) * D
-    last = (seg == seg[..., -1:]) & torch.ones_like(seg, dtype=torch.bool)  # tokens of the chunk's last document
-    to_end = torch.exp(G[..., -1:] - G) * last  # D_{C, j}
+    to_end = torch.exp(G[..., -1:] - G) * (seg == seg[..., -1:])  # D_{C, j}: the chunk's last document only
     S = k.new_zeros(B, H, dk, dv, dtype=f) if state is None else state.to(f)
     outs = []
     for n in range(q.shape[2]):

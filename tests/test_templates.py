@@ -124,6 +124,7 @@ def go_render(cases):
     return json.loads(r.stdout)
 
 
+@pytest.mark.slow  # (compiles and runs a Go program in a subprocess)
 def test_ollama_templates_render_in_go_as_the_chat_templates_do(tmp_path):
     """For each family: the derived Ollama TEMPLATE, executed by Go's text/template over the messages Ollama passes
     (its SYSTEM none), equals the chat template's rendering with the generation prompt; the stops hold the turn's
