@@ -165,10 +165,11 @@ class LatentAttention(nn.Module):
     RoPE turns q_rot and k_rot only (adjacent pairs when rope_interleave); v may be narrower than q and k. The KV
     cache keeps [rmsnorm(c), rotated k_rot] per token and expands it again with kv_b_proj."""
 
-    sliding = chunked = temperature = False  # (what the decoder asks of a layer's attention)
+    sliding = chunked = False  # (what the decoder asks of a layer's attention)
 
     def __init__(self, cfg, layer: int):
         super().__init__()
+        self.temperature = bool(cfg.attn_scale)  # (Mistral 4: the query temperature by position, Ministral 3's)
         ql, self.rank, self.dr, self.dv = cfg.latent
         self.nh, self.hd, self.layer = cfg.num_attention_heads, cfg.head_dim, layer  # hd = nope + rope
         if ql:
@@ -199,6 +200,8 @@ class LatentAttention(nn.Module):
         S = c.shape[2]
         k_nope, v = self.kv_b_proj(c[:, 0]).view(B, S, H, dn + self.dv).transpose(1, 2).split([dn, self.dv], -1)
         q, k = torch.cat([q_nope, q_rot], -1), torch.cat([k_nope, k_rot.expand(B, H, S, self.dr)], -1)
+        if qscale is not None:
+            q = q * qscale
         if isinstance(mask, kernels.PackedRows):  # (no varlen for these heads: the mask the rows stand for)
             mask = None if mask.whole and mask.window is None else kernels.rows_mask(mask, B, T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale)

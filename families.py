@@ -74,6 +74,8 @@ GEMMA3_DEFAULTS = dict(  # Gemma3TextConfig's defaults: multimodal checkpoints s
     num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=131_072,
     rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, sliding_window=4096, sliding_window_pattern=6,
     hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1, pad_token_id=0)
+MLA_MOE = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "n_shared_experts",
+           "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor")  # (DeepSeek-V3, Mistral 4)
 QWEN35 = dict(qk_norm="head", norm_offset=1.0, attn_output_gate=True, norm_topk_prob=True)
 QWEN35_DEFAULTS = dict(linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
                        linear_num_key_heads=16, linear_num_value_heads=32, head_dim=256,
@@ -256,9 +258,7 @@ FAMILIES = {
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # GLM-4.5: sigmoid router with a selection bias and expert groups, an ungated shared expert, dense first layers
     "deepseek_v3": Family("DeepseekV3ForCausalLM", "deepseek2", dict(router="sigmoid", shared_expert_gated=False),
-                          ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-                           "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
-                           "routed_scaling_factor"), {"num_experts": "n_routed_experts"}, defaults=dict(
+                          MLA_MOE, {"num_experts": "n_routed_experts"}, defaults=dict(
                               n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1,
                               moe_intermediate_size=2048, first_k_dense_replace=3, norm_topk_prob=True, n_group=8,
                               topk_group=4,
@@ -269,6 +269,17 @@ FAMILIES = {
                           mtp=True, inert=("num_nextn_predict_layers", "num_mtp_layers", "pretraining_tp",
                                            "qk_head_dim"),  # (qk_head_dim: nope + rope, derived)
                           layout=(mla_in, mla_out), reads=MLA_KEYS),
+    # Mistral 4: DeepSeek-V3's layers with a softmax router over groups (the other groups' scores 0, no bias), no
+    # dense first layers, YaRN, and Ministral 3's query temperature by position (llama_4_scaling_beta)
+    "mistral4": Family("Mistral4ForCausalLM", "mistral4", dict(shared_expert_gated=False), MLA_MOE,
+                       {"num_experts": "n_routed_experts"}, defaults=dict(
+                           n_routed_experts=128, num_experts_per_tok=4, n_shared_experts=1, moe_intermediate_size=2048,
+                           first_k_dense_replace=0, norm_topk_prob=True, n_group=1, topk_group=1,
+                           routed_scaling_factor=1.0, q_lora_rank=1024, kv_lora_rank=256, qk_nope_head_dim=64,
+                           qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True),
+                       renames={"shared_experts": "shared_expert"},
+                       flags={"rope_interleave": ("rope_interleaved", True)}, layout=(mla_in, mla_out), reads=MLA_KEYS,
+                       inert=("pretraining_tp", "qk_head_dim", "output_router_logits"), experts="stacked"),  # (no per-expert names on disk)
     "glm4_moe": Family("Glm4MoeForCausalLM", "glm4moe", dict(router="sigmoid", shared_expert_gated=False, o_bias=False),
                        ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                         "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor"),
@@ -339,11 +350,14 @@ ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "relu2", "xielu", "gelu"
 
 
 def text_config(d: dict) -> dict:
-    """A Gemma 3 vision-language config.json -> its text tower's config (the rest of the file is the vision side)."""
+    """A vision-language config.json (Gemma 3, Llama 4, Mistral 3, Qwen3.5) -> its text tower's config (the rest of
+    the file is the vision side)."""
     if d.get("model_type") in MULTIMODAL:
         text = d.get("text_config") or {}
-        return {"tie_word_embeddings": d.get("tie_word_embeddings", True), **text,
-                "model_type": MULTIMODAL[d["model_type"]]}
+        mt = text.get("model_type")  # (Mistral 3's text tower may be Mistral 4's)
+        tied = d.get("tie_word_embeddings", text.get("tie_word_embeddings", True))  # (transformers ties by the
+        return {**text, "tie_word_embeddings": tied,  # outer config's flag where it has one)
+                "model_type": mt if mt in FAMILIES else MULTIMODAL[d["model_type"]]}
     return d
 
 

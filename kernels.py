@@ -804,11 +804,13 @@ def stack(W):
 
 def route(probs, k, bias=None, groups=1, keep=1, norm=True, scale=1.0):
     """Router probabilities [N, E] -> (weights, experts) [N, k]: the top-k of probs, or (bias: GLM-4.5, ERNIE 4.5)
-    of probs + bias among the best groups (group_topk) weighted by probs; renormalised to sum 1; times scale."""
-    if bias is None:
+    of probs + bias among the best groups (group_topk) weighted by probs, or (groups without a bias: Mistral 4) of
+    probs among the best groups, the others' 0; renormalised to sum 1; times scale."""
+    if bias is None and groups == 1:
         w, idx = torch.topk(probs, k, dim=-1)
     else:
-        idx = group_topk(probs.detach() + bias.float().view(-1), k, groups, keep)
+        choose = probs.detach() if bias is None else probs.detach() + bias.float().view(-1)
+        idx = group_topk(choose, k, groups, keep, float("-inf") if bias is not None else 0.0)
         w = probs.gather(1, idx)
     w = w / w.sum(-1, keepdim=True).clamp(min=1e-12) if norm else w  # (transformers: + 1e-20 or a 1e-12 floor)
     return (w * scale if scale != 1 else w), idx
@@ -937,13 +939,14 @@ def alibi_slopes(H, bias_max=8, bloom=False):
     return slopes if P == H else torch.cat([slopes[1::2], slopes[::2]])[:H]
 
 
-def group_topk(s, k, groups=1, keep=1):
+def group_topk(s, k, groups=1, keep=1, fill=float("-inf")):
     """s [N, E] -> [N, k]: the k best experts among the `keep` of `groups` equal groups whose two best scores sum
-    highest (GLM-4.5 / DeepSeek-V3's router; groups 1: a plain top-k)."""
+    highest (GLM-4.5 / DeepSeek-V3's router; groups 1: a plain top-k); the other groups' scores become `fill`
+    (Mistral 4's: 0)."""
     if groups > 1:
         best = s.view(len(s), groups, -1).topk(2, dim=-1)[0].sum(-1)  # [N, groups]
         kept = torch.zeros_like(best).scatter_(1, best.topk(keep, dim=-1)[1], 1).bool()
-        s = s.masked_fill(~kept.repeat_interleave(s.shape[1] // groups, dim=1), float("-inf"))
+        s = s.masked_fill(~kept.repeat_interleave(s.shape[1] // groups, dim=1), fill)
     return torch.topk(s, k, dim=-1)[1]
 
 

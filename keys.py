@@ -170,5 +170,6 @@ def mla_in(d: dict, where: str) -> dict:
 def mla_out(c, d: dict):
     ql, r, dr, dv = c.latent
     d.update(q_lora_rank=ql or None, kv_lora_rank=r, qk_nope_head_dim=c.head_dim - dr, qk_rope_head_dim=dr,
-             v_head_dim=dv, head_dim=dr)  # (transformers' head_dim: the rotated part)
+             v_head_dim=dv, head_dim=dr if c.model_type == "deepseek_v3" else c.head_dim)  # (DeepSeek's head_dim:
+    #                                   the rotated part; Mistral 4's: nope + rope, with partial_rotary_factor)
     d.pop("attention_multiplier", None)

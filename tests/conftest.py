@@ -142,6 +142,15 @@ ARCH_CONFIGS = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.707,
                          "mscale_all_dim": 1.0, "original_max_position_embeddings": 32, "beta_fast": 32,
                          "beta_slow": 1})),
+    # Mistral 4: DeepSeek-V3's latent attention with a softmax router over 2 groups (top-1 group, the other's 0),
+    # YaRN x4 over 8 positions (mscale = mscale_all_dim) and the queries' temperature by position (beta 0.5)
+    "mistral4": ("Mistral4Config", dict(
+        q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=32, n_shared_experts=1,
+        routed_scaling_factor=1.5, tie_word_embeddings=False, num_key_value_heads=4, max_position_embeddings=64,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 8, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "llama_4_scaling_beta": 0.5, "partial_rotary_factor": 1 / 3})),
     "gemma4_text": ("Gemma4TextConfig", dict(
         intermediate_size=96, num_hidden_layers=4, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
         layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=4, hidden_size_per_layer_input=8,
@@ -252,9 +261,18 @@ ARCH_CONFIGS = {
 EAGER = ("gemma2", "gpt_oss")  # transformers' own eager attention (softcaps, sinks)
 
 
+def auto_register():
+    """transformers 5.24 has Mistral4ForCausalLM but leaves it out of AutoModelForCausalLM's table (its checkpoints
+    ship as Mistral 3 vision-language models): registered here so that the tests load it as a user's code would."""
+    from transformers.models.auto import modeling_auto
+    if "mistral4" in modeling_auto.MODEL_MAPPING_NAMES:  # (AutoModelForCausalLM.register does not take it)
+        modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("mistral4", "Mistral4ForCausalLM")
+
+
 def make_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides):
     """A random tiny transformers model of `arch`, saved as safetensors in out_dir; returns the HF model."""
     import transformers
+    auto_register()
     cls_name, extra = ARCH_CONFIGS[arch]
     cfg = getattr(transformers, cls_name)(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)

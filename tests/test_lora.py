@@ -132,18 +132,19 @@ def test_qwen3_5_adapter_loads_in_peft(tmp_path):
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == set(targets)
 
 
-def test_deepseek_v3_latent_attention_adapter_loads_in_peft_both_ways(tmp_path):
-    """DeepSeek-V3: nanotune's adapter on the latent attention's projections (q_a_proj, q_b_proj, kv_a_proj_with_mqa,
-    kv_b_proj, o_proj) gives peft's logits, and a peft-made one loads into nanotune with peft's. (peft 0.21 reads
-    gate_proj / up_proj / down_proj in its adapters as the routed experts' too, as for GLM-4.5: MLP adapters are not
-    checked here.)"""
+@pytest.mark.parametrize("arch", ["deepseek_v3", "mistral4"])
+def test_latent_attention_adapter_loads_in_peft_both_ways(arch, tmp_path):
+    """DeepSeek-V3, Mistral 4: nanotune's adapter on the latent attention's projections (q_a_proj, q_b_proj,
+    kv_a_proj_with_mqa, kv_b_proj, o_proj) gives peft's logits, and a peft-made one loads into nanotune with peft's.
+    (peft 0.21 reads gate_proj / up_proj / down_proj in its adapters as the routed experts' too, as for GLM-4.5: MLP
+    adapters are not checked here.)"""
     from peft import LoraConfig
     ids = torch.randint(3, 128, (2, 10))
     mla = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
-    m, _ = nanotune_adapter_in_peft("deepseek_v3", tmp_path, ids, targets=mla)
+    m, _ = nanotune_adapter_in_peft(arch, tmp_path, ids, targets=mla)
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m)} == set(mla)
-    m2 = peft_made_adapter_loads("deepseek_v3", tmp_path, ids, LoraConfig(r=4, lora_alpha=8, target_modules=mla,
-                                                                           init_lora_weights=False), 1e-5)
+    m2 = peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(r=4, lora_alpha=8, target_modules=mla,
+                                                                  init_lora_weights=False), 1e-5)
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == set(mla)
 
 
@@ -245,7 +246,8 @@ def test_checkpointing_with_dropout_repeats_the_masks(tmp_path):
 @pytest.mark.parametrize("arch,four_bit", [("qwen2", False), ("llama", True), ("gemma2", False), ("phi", False),
                                            ("gemma3", True), ("olmo2", False), ("granite", False), ("gpt_oss", True),
                                            ("gemma4_text", False), ("gemma4_text", True), ("gemma4_text-moe", True),
-                                           ("lfm2", True), ("qwen3_5_text", True), ("deepseek_v3", True)])
+                                           ("lfm2", True), ("qwen3_5_text", True), ("deepseek_v3", True),
+                                           ("mistral4", False)])
 def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp_path, monkeypatch):
     """The training path (fused q/k/v and gate/up projections, block checkpointing whose recompute skips
     the down_proj GEMM) gives the plain path's loss and adapter gradients. Qwen2 has q/k/v biases,

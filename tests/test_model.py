@@ -54,7 +54,7 @@ def test_logits_match_transformers_both_ways(arch, tmp_path):
                                   "starcoder2", "smollm3", "olmo3", "seed_oss", "ernie4_5", "glm4", "glm4_moe",
                                   "llama4_text", "ministral3", "granitemoe", "apertus", "phimoe", "mpt", "falcon",
                                   "falcon-40b", "falcon-rw", "gemma4_text-moe", "lfm2", "qwen3_5_text", "qwen3_next",
-                                  "deepseek_v3", "deepseek_v3-yarn",
+                                  "deepseek_v3", "deepseek_v3-yarn", "mistral4",
                                   "qwen3_5_moe_text", "gemma4_text", "ernie4_5_moe", "exaone4", "cohere", "cohere2",
                                   "olmoe", "hunyuan_v1_dense"])
 def test_packed_rows_equal_separate_sequences(arch, tmp_path):
@@ -155,7 +155,7 @@ def test_sharded_checkpoint_loads(tmp_path):
                                   "starcoder2", "smollm3", "olmo3", "seed_oss", "ernie4_5", "glm4", "glm4_moe",
                                   "llama4_text", "ministral3", "granitemoe", "apertus", "phimoe", "mpt", "falcon",
                                   "falcon-40b", "falcon-rw", "gemma4_text-moe", "lfm2", "qwen3_5_text", "qwen3_next",
-                                  "deepseek_v3", "deepseek_v3-yarn",
+                                  "deepseek_v3", "deepseek_v3-yarn", "mistral4",
                                   "qwen3_5_moe_text", "gemma4_text", "ernie4_5_moe", "exaone4", "cohere", "cohere2",
                                   "olmoe", "hunyuan_v1_dense"])
 def test_kv_cache_generation_equals_full_recompute(arch, tmp_path):
@@ -216,6 +216,32 @@ def test_qwen3_5_vision_language_checkpoint_loads_its_text_tower(arch, tmp_path)
     hf.save_pretrained(str(tmp_path))
     m = formats.load_model(str(tmp_path))
     assert m.config.model_type == arch and m.config.layer_types == text.layer_types
+    ids, mask = padded_batch(120)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        ours = m.logits(m(ids, attention_mask=mask))
+    assert (ref - ours)[mask.bool()].abs().max() < 1e-4
+
+
+def test_mistral3_vision_language_checkpoint_with_a_mistral4_text_tower(tmp_path):
+    """A Mistral3ForConditionalGeneration checkpoint whose text tower is Mistral 4 (as Mistral Small 4 ships) loads as
+    mistral4, not as the Ministral 3 text tower a mistral3 config usually holds: logits equal transformers'."""
+    import transformers
+    from conftest import TINY, auto_register
+    auto_register()
+    text = transformers.Mistral4Config(**{**TINY, **ARCH_CONFIGS["mistral4"][1]})
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=16, patch_size=4)
+    cfg = transformers.Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_id=127)
+    torch.manual_seed(0)
+    hf = transformers.Mistral3ForConditionalGeneration(cfg).float().eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(str(tmp_path))
+    m = formats.load_model(str(tmp_path))
+    assert m.config.model_type == "mistral4"
     ids, mask = padded_batch(120)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).logits
