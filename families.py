@@ -277,9 +277,9 @@ FAMILIES = {
                            first_k_dense_replace=0, norm_topk_prob=True, n_group=1, topk_group=1,
                            routed_scaling_factor=1.0, q_lora_rank=1024, kv_lora_rank=256, qk_nope_head_dim=64,
                            qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True),
-                       renames={"shared_experts": "shared_expert"},
+                       renames={"shared_experts": "shared_expert"}, experts="stacked",  # (no per-expert names on disk)
                        flags={"rope_interleave": ("rope_interleaved", True)}, layout=(mla_in, mla_out), reads=MLA_KEYS,
-                       inert=("pretraining_tp", "qk_head_dim", "output_router_logits"), experts="stacked"),  # (no per-expert names on disk)
+                       inert=("pretraining_tp", "qk_head_dim", "output_router_logits")),
     "glm4_moe": Family("Glm4MoeForCausalLM", "glm4moe", dict(router="sigmoid", shared_expert_gated=False, o_bias=False),
                        ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                         "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor"),
