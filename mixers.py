@@ -1,7 +1,7 @@
 """nanotune token mixers other than softmax attention, each a small module with transformers' parameter names, a
 recurrent reference that is the definition (one token at a time, a state carried) and the parallel form training
-runs. model.py picks a layer's mixer from its layer type. So far: LFM2's gated short convolution and Qwen3.5's
-Gated DeltaNet (the module and its chunked form; not yet a family row).
+runs. model.py picks a layer's mixer from its layer type: LFM2's gated short convolution, Qwen3.5's Gated DeltaNet,
+Mamba2 (Granite 4.0-H, Nemotron-H).
 
 Gated short convolution (LFM2, transformers' Lfm2ShortConv), hidden size C, kernel L (conv_L_cache):
     B, Cg, u = split(in_proj(h), 3)          # in_proj C -> 3C; padded positions' h are zeroed first
@@ -200,3 +200,133 @@ class GatedDeltaNet(nn.Module):
         q, k, v, z, g, beta = self.inputs(h, mask)
         o, _ = delta_rule_recurrent(q, k, v, g, beta)
         return self.out_proj(self.norm(o.to(h.dtype), z).flatten(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mamba2 (Granite 4.0-H, Nemotron-H; transformers' GraniteMoeHybridMambaLayer / NemotronHMamba2Mixer; Dao & Gu 2024,
+# arXiv:2405.21060, the SSD form). nh heads of P channels, G groups of B and C (head h reads group h // (nh / G)), a
+# state h [P, N] per head; per token, after the causal conv (+ SiLU) over [x, B, C]:
+#     dt_t = clamp(softplus(dt_t + dt_bias), dt_limit) ;  a_t = dt_t A,  A = -exp(A_log) < 0
+#     h_t  = exp(a_t) h_{t-1} + dt_t x_t B_t^T ;  y_t = h_t C_t + D x_t
+#     out  = out_proj(w * groupnorm(y * silu(z)))       (the gate before the norm; an RMS norm per group of channels)
+# A document start in a packed row empties h (and the conv's taps stop there), so packing stays exact.
+# Chunked form (training), chunks of L tokens: A_i = sum_{j<=i} a_j in the chunk, D_ij = exp(A_i - A_j) for j <= i
+# in the same document, gamma_i = exp(A_i) while no document starts before i (else 0), H the incoming state:
+#     Y   = ((C B^T) * D) X_dt + gamma * (C H^T)           (X_dt: dt_t x_t)
+#     H'  = gamma_L H + X_dt^T (B * D_Lj)                  (the chunk's last document only)
+def ssd_recurrent(x, dt, A, B, C, starts=None, state=None):
+    """The definition, token by token (fp32): x [B, T, H, P], dt [B, T, H] (after softplus and clamp), A [H] (< 0),
+    B, C [B, T, H, N] (each head's group), starts [B, T] (True at a document's first token), state [B, H, P, N] ->
+    (y [B, T, H, P] without D's skip, the final state)."""
+    f = torch.promote_types(x.dtype, torch.float32)
+    Bt, T, H, P = x.shape
+    h = x.new_zeros(Bt, H, P, B.shape[-1], dtype=f) if state is None else state.to(f)
+    ys = []
+    for t in range(T):
+        keep = torch.exp(dt[:, t].to(f) * A.to(f))  # [B, H]
+        if starts is not None:
+            keep = keep * (~starts[:, t]).to(f)[:, None]
+        xdt = x[:, t].to(f) * dt[:, t].to(f)[..., None]  # [B, H, P]
+        h = h * keep[..., None, None] + xdt[..., None] * B[:, t].to(f)[:, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t].to(f)))
+    return torch.stack(ys, 1), h
+
+
+def ssd_chunked(x, dt, A, B, C, starts=None, state=None, chunk=64):
+    """The same as ssd_recurrent, L tokens at a time (see above; fp32); autograd runs through it."""
+    f = torch.promote_types(x.dtype, torch.float32)
+    Bt, T, H, P = x.shape
+    pad = -T % chunk
+    if starts is None:
+        starts = torch.zeros(Bt, T, dtype=torch.bool, device=x.device)
+
+    def blocks(t):  # [B, T, H, ...] -> [B, H, Nc, L, ...] (padded at the end: dt 0 there, so nothing moves)
+        t = torch.nn.functional.pad(t.to(f).movedim(1, -1), (0, pad)).movedim(-1, 1)
+        return t.reshape(Bt, -1, chunk, *t.shape[2:]).movedim(3, 1)
+    a = blocks(dt * A.to(f))  # [B, H, Nc, L]
+    xdt, B, C = blocks(x * dt[..., None]), blocks(B), blocks(C)  # [B, H, Nc, L, P or N]
+    seg = torch.nn.functional.pad(starts, (0, pad)).reshape(Bt, 1, -1, chunk).long().cumsum(-1)  # [B, 1, Nc, L]
+    Acs = a.cumsum(-1)
+    tri = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    same = (seg[..., :, None] == seg[..., None, :]) & tri  # j <= i, same document
+    D = torch.exp((Acs[..., :, None] - Acs[..., None, :]).masked_fill(~same, float("-inf")))  # [B, H, Nc, L, L]
+    Y = ((C @ B.transpose(-1, -2)) * D) @ xdt  # within each chunk
+    gamma = torch.exp(Acs) * (seg == 0)  # decay from the chunk's start (0 past a document start)
+    to_end = torch.exp(Acs[..., -1:] - Acs) * (seg == seg[..., -1:])  # D_{L, j}: the chunk's last document only
+    h = x.new_zeros(Bt, H, P, B.shape[-1], dtype=f) if state is None else state.to(f)
+    ys = []
+    for n in range(a.shape[2]):
+        ys.append(Y[:, :, n] + gamma[:, :, n, :, None] * (C[:, :, n] @ h.transpose(-1, -2)))
+        h = h * gamma[:, :, n, -1, None, None] + (xdt[:, :, n] * to_end[:, :, n, :, None]).transpose(-1, -2) @ B[:, :, n]
+    y = torch.stack(ys, 2).reshape(Bt, H, -1, P)[:, :, :T].transpose(1, 2)  # [B, T, H, P]
+    return y, h
+
+
+class GroupGatedRMSNorm(nn.Module):
+    """w * rmsnorm(x * silu(z)) over groups of channels (transformers' GraniteMoeHybridRMSNormGated: in fp32, the gate
+    before the norm)."""
+
+    def __init__(self, dim, groups, eps):
+        super().__init__()
+        self.weight, self.groups, self.eps = nn.Parameter(torch.ones(dim)), groups, eps
+
+    def forward(self, x, z):
+        g = (x.float() * torch.nn.functional.silu(z.float())).unflatten(-1, (self.groups, -1))
+        g = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        return self.weight * g
+
+
+class Mamba2(nn.Module):
+    def __init__(self, hidden, heads, head_dim, groups, state, kernel, conv_bias, bias, eps, dt_limit=(0.0, None),
+                 chunk=64):
+        super().__init__()
+        self.shape, self.dt_limit, self.chunk = (heads, head_dim, groups, state), dt_limit, chunk
+        d_in = heads * head_dim
+        conv = d_in + 2 * groups * state
+        self.in_proj = nn.Linear(hidden, d_in + conv + heads, bias=bias)  # -> [z | x, B, C | dt]
+        self.conv1d = nn.Conv1d(conv, conv, kernel, groups=conv, bias=conv_bias, padding=kernel - 1)
+        self.dt_bias = nn.Parameter(torch.ones(heads))
+        self.A_log = nn.Parameter(torch.zeros(heads))
+        self.D = nn.Parameter(torch.ones(heads))
+        self.norm = GroupGatedRMSNorm(d_in, groups, eps)
+        self.out_proj = nn.Linear(d_in, hidden, bias=bias)
+
+    def inputs(self, h, mask=None, docs=None, state=None):
+        """h [B, T, C] -> z, x [B, T, H, P], dt [B, T, H] (fp32), B, C [B, T, H, N] (each head's group). mask [B, T]
+        zeroes padded tokens before in_proj and after the conv, as transformers."""
+        H, P, G, N = self.shape
+        Bt, T, _ = h.shape
+        if mask is not None:
+            h = h * mask[:, :, None].to(h.dtype)
+        z, xbc, dt = self.in_proj(h).split([H * P, H * P + 2 * G * N, H], -1)
+        xbc = torch.nn.functional.silu(causal_conv(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, docs, state))
+        if mask is not None:
+            xbc = xbc * mask[:, :, None].to(xbc.dtype)
+        x, B, C = xbc.split([H * P, G * N, G * N], -1)
+        B, C = (t.reshape(Bt, T, G, N).repeat_interleave(H // G, dim=2) for t in (B, C))
+        dt = torch.nn.functional.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
+        return z, x.reshape(Bt, T, H, P), dt, B, C
+
+    def output(self, y, x, z, dtype):
+        y = y + self.D.float()[:, None] * x.float()  # [B, T, H, P]
+        return self.out_proj(self.norm(y.flatten(2), z).to(dtype))
+
+    def forward(self, h, mask=None, docs=None, state=None):
+        """h [B, T, C] -> [B, T, C]; docs [B, T] (packed rows); state: a dict with "conv" and "ssm" (generation)."""
+        z, x, dt, B, C = self.inputs(h, mask, docs, state)
+        starts = None if docs is None else torch.cat([torch.zeros_like(docs[:, :1], dtype=torch.bool),
+                                                      docs[:, 1:] != docs[:, :-1]], 1)
+        A = -self.A_log.float().exp()
+        S0 = state.get("ssm") if state is not None else None  # (one new token: the recurrent step itself)
+        y, S = ssd_recurrent(x, dt, A, B, C, starts, S0) if x.shape[1] == 1 else ssd_chunked(
+            x, dt, A, B, C, starts, S0, self.chunk)
+        if state is not None:
+            state["ssm"] = S.detach()
+        return self.output(y, x, z, h.dtype)
+
+    @torch.no_grad()
+    def recurrent(self, h, mask=None):
+        """The definition, token by token (the chunked forward is checked against it)."""
+        z, x, dt, B, C = self.inputs(h, mask)
+        y, _ = ssd_recurrent(x, dt, -self.A_log.float().exp(), B, C)
+        return self.output(y, x, z, h.dtype)

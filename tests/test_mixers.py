@@ -131,3 +131,85 @@ def test_gated_deltanet_packed_rows_equal_separate_sequences_and_state_carries_g
         whole, state = mine(a), {}
         parts = torch.cat([mine(a[:, :6], state=state), mine(a[:, 6:7], state=state), mine(a[:, 7:], state=state)], 1)
     assert (parts - whole).abs().max() < 1e-5 and set(state) == {"conv", "ssm"}
+
+
+def mamba2_pair(seed=0, nh=4, P=8, G=2, N=5, C=16, chunk=8, bias=False, limit=(0.0, float("inf"))):
+    """nanotune's Mamba2 and transformers' GraniteMoeHybridMambaLayer (its torch path) with the same random weights
+    (non-trivial decays, skips, conv and norm)."""
+    from transformers import GraniteMoeHybridConfig
+    from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMambaLayer
+    cfg = GraniteMoeHybridConfig(hidden_size=C, mamba_n_heads=nh, mamba_d_head=P, mamba_n_groups=G, mamba_d_state=N,
+                                 mamba_expand=nh * P // C, mamba_chunk_size=chunk, mamba_proj_bias=bias,
+                                 mamba_conv_bias=True, num_hidden_layers=1, layer_types=["linear_attention"],
+                                 time_step_limit=limit, rms_norm_eps=1e-6)
+    torch.manual_seed(seed)
+    hf = GraniteMoeHybridMambaLayer(cfg, 0).float().eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.normal_(0, 0.3) if "proj" in n or "conv" in n else p.uniform_(-1, 1) if n != "norm.weight" else \
+                p.uniform_(0.5, 1.5)
+    mine = mixers.Mamba2(C, nh, P, G, N, 4, True, bias, 1e-6, (limit[0], None if limit[1] == float("inf") else
+                                                               limit[1]), chunk)
+    mine.load_state_dict(hf.state_dict())
+    return mine, hf
+
+
+@pytest.mark.parametrize("pad,bias,limit", [("left", False, (0.0, float("inf"))), ("right", True, (0.3, 1.2))])
+def test_mamba2_equals_transformers_and_its_recurrent_definition(pad, bias, limit):
+    """Granite 4.0-H's Mamba2 layer on a padded batch (21 tokens: chunks of 8 and a partial one; projection biases
+    and a time-step clamp in one case): nanotune's chunked form = transformers' torch path = the token-by-token
+    definition."""
+    mine, hf = mamba2_pair(bias=bias, limit=limit)
+    h = torch.randn(2, 21, 16)
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[1, :5] = 0 if pad == "left" else 1
+    mask[1, -5:] = 0 if pad == "right" else 1
+    with torch.no_grad():
+        want = hf(h, attention_mask=mask)
+        got = mine(h, mask)
+    real = mask.bool()
+    assert (got - want)[real].abs().max() < 1e-5 * want.abs().max()
+    assert (mine.recurrent(h, mask) - got)[real].abs().max() < 1e-5 * want.abs().max()
+    assert want.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("T,chunk", [(37, 16), (16, 16), (5, 8), (50, 7)])
+def test_chunked_ssd_equals_the_recurrent_definition_in_values_and_gradients(T, chunk):
+    """fp64: Mamba2's chunked scan = recurrent (values, final state, every gradient) with documents starting inside
+    and at chunk boundaries and an incoming state; bf16 inputs: within 2e-2 of the fp64 truth."""
+    torch.manual_seed(T)
+    B, H, P, N = 2, 3, 4, 5
+    x, dt = torch.randn(B, T, H, P, dtype=torch.float64), torch.rand(B, T, H, dtype=torch.float64) + 0.05
+    A = -torch.rand(H, dtype=torch.float64) - 0.1
+    Bm, Cm = torch.randn(B, T, H, N, dtype=torch.float64), torch.randn(B, T, H, N, dtype=torch.float64)
+    S0 = torch.randn(B, H, P, N, dtype=torch.float64) * 0.1
+    starts = torch.zeros(B, T, dtype=torch.bool)
+    starts[0, T // 3], starts[1, min(chunk, T - 1)], starts[1, T - 1] = True, True, True
+    leaves = [t.requires_grad_() for t in (x, dt, A, Bm, Cm, S0)]
+    outs = [f(x, dt, A, Bm, Cm, starts, S0, **kw) for f, kw in ((mixers.ssd_recurrent, {}),
+                                                               (mixers.ssd_chunked, {"chunk": chunk}))]
+    w = torch.randn_like(outs[0][0]), torch.randn_like(outs[0][1])
+    grads = [torch.autograd.grad((o * w[0]).sum() + (S * w[1]).sum(), leaves) for o, S in outs]
+    assert (outs[0][0] - outs[1][0]).abs().max() < 1e-12 and (outs[0][1] - outs[1][1]).abs().max() < 1e-12
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-11 * max(1.0, a.abs().max())
+    low = [t.detach().bfloat16() for t in (x, dt, A, Bm, Cm)]
+    y16, _ = mixers.ssd_chunked(*low, starts, S0.detach().float(), chunk=chunk)
+    truth, _ = mixers.ssd_recurrent(*[t.double() for t in low], starts, S0.detach())
+    assert (y16.double() - truth).abs().max() < 2e-2 * truth.abs().max()
+
+
+def test_mamba2_packed_rows_equal_separate_sequences_and_state_carries_generation():
+    """Two documents packed in one row = each alone; a sequence fed in parts with the state carried (conv window and
+    h) = the whole sequence at once."""
+    mine, _ = mamba2_pair(seed=1)
+    a, b = torch.randn(1, 13, 16), torch.randn(1, 9, 16)
+    docs = torch.tensor([[0] * 13 + [1] * 9])
+    with torch.no_grad():
+        packed = mine(torch.cat([a, b], 1), docs=docs)
+        sep = torch.cat([mine(a), mine(b)], 1)
+        assert (packed - sep).abs().max() < 1e-5
+        assert (packed - mine(torch.cat([a, b], 1)))[:, 13:].abs().max() > 1e-3  # (without docs, b sees a)
+        whole, state = mine(a), {}
+        parts = torch.cat([mine(a[:, :6], state=state), mine(a[:, 6:7], state=state), mine(a[:, 7:], state=state)], 1)
+    assert (parts - whole).abs().max() < 1e-5 and set(state) == {"conv", "ssm"}
