@@ -257,7 +257,8 @@ def ssd_chunked(x, dt, A, B, C, starts=None, state=None, chunk=64):
     ys = []
     for n in range(a.shape[2]):
         ys.append(Y[:, :, n] + gamma[:, :, n, :, None] * (C[:, :, n] @ h.transpose(-1, -2)))
-        h = h * gamma[:, :, n, -1, None, None] + (xdt[:, :, n] * to_end[:, :, n, :, None]).transpose(-1, -2) @ B[:, :, n]
+        h = h * gamma[:, :, n, -1, None, None] + (xdt[:, :, n] * to_end[:, :, n, :, None]).transpose(-1, -2) @ \
+            B[:, :, n]
     y = torch.stack(ys, 2).reshape(Bt, H, -1, P)[:, :, :T].transpose(1, 2)  # [B, T, H, P]
     return y, h
 
