@@ -194,8 +194,8 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
                             "export --format merged instead.")
     if arch == "gemma4":
         gemma4_gguf_check(cfg)
-    if arch in ("lfm2", "qwen35", "qwen35moe", "qwen3next", "deepseek2", "mistral4"):  # (llama.cpp has them; conv, ssm
-        #                                                                     and latent tensors: not written yet)
+    if arch in ("lfm2", "qwen35", "qwen35moe", "qwen3next", "deepseek2", "mistral4", "granitehybrid"):  # (llama.cpp
+        #                                              has them; their conv, ssm and latent tensors: not written yet)
         raise NanotuneError(f"GGUF export of {arch} is not written yet; export --format merged and convert that with "
                             "llama.cpp's convert_hf_to_gguf.py.")
     dense = [i for i in range(cfg.num_hidden_layers) if cfg.num_experts and not (cfg.is_sparse(i) or cfg.moe_block)]

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from cli import NanotuneError
 from model import Config
-from keys import (MLA_KEYS, check_unread_keys, falcon_in, falcon_out, lfm2_in, lfm2_out, mla_in, mla_out, qwen35_in,
-                  qwen35_out, unknown_keys)
+from keys import (GRANITE_SSM, MLA_KEYS, check_unread_keys, falcon_in, falcon_out, granite_hybrid_in,
+                  granite_hybrid_out, lfm2_in, lfm2_out, mla_in, mla_out, qwen35_in, qwen35_out, unknown_keys)
 from rope import rope_from_hf
 
 
@@ -255,6 +255,22 @@ FAMILIES = {
                            "out_proj": "o_proj", "ffn": "mlp"}, tied=True,
                   gguf_keys={"clip_qkv": "attention.clamp_kqv"},  # (transformers' MPT ignores these: ALiBi,
                   inert=("init_device", "learned_pos_emb", "embedding_fraction")),  # no positions; a gradient scale)
+    # Granite 4.0-H: Granite MoE's layers with Mamba2 on "linear_attention" layers, attention without RoPE (unless
+    # position_embedding_type "rope"), a shared MLP (input_linear: gate and up rows) beside the experts or alone
+    "granitemoehybrid": Family(
+        "GraniteMoeHybridForCausalLM", "granitehybrid", dict(norm_topk_prob=True, fused_checkpoint=("gate_up_proj",)), (
+            "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "num_experts",
+            "num_experts_per_tok"), EXPERTS_KEY, renames={
+            "block_sparse_moe": "mlp", "router": "gate", "router.layer": "gate",
+            "shared_mlp.input_linear": "shared_mlp.gate_up_proj", "shared_mlp.output_linear": "shared_mlp.down_proj",
+            "input_linear.weight": "experts.gate_up_proj", "output_linear.weight": "experts.down_proj",
+            "input_linear": "gate_up_proj", "output_linear": "down_proj"},  # (the last two: bare PEFT targets)
+        converted=("router.layer", "input_linear.weight", "output_linear.weight", "input_linear", "output_linear"),
+        experts="stacked",
+        defaults=dict(num_local_experts=8, num_experts_per_tok=2, mamba_n_heads=128, mamba_n_groups=1,
+                      mamba_d_state=256, mamba_d_head="auto", mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=256,
+                      mamba_conv_bias=True, mamba_proj_bias=False, shared_intermediate_size=1024),
+        layout=(granite_hybrid_in, granite_hybrid_out), reads=GRANITE_SSM),
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # GLM-4.5: sigmoid router with a selection bias and expert groups, an ungated shared expert, dense first layers
     "deepseek_v3": Family("DeepseekV3ForCausalLM", "deepseek2", dict(router="sigmoid", shared_expert_gated=False),

@@ -94,7 +94,7 @@ def split_fused(cfg: Config, name: str, t: torch.Tensor):
     if fused is None:
         yield name, experts_from_checkpoint(cfg, name, t)
         return
-    for part, w in zip(FUSED[fused], fused_order(cfg, fused, t).split(fused_sizes(cfg, fused))):  # (Falcon's,
+    for part, w in zip(FUSED[fused], fused_order(cfg, fused, t).split(fused_sizes(cfg, fused, len(t)))):  # (Falcon's,
         yield name.replace(fused, part), w                                                       # Qwen3-Next's)
 
 

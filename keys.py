@@ -77,7 +77,7 @@ def check_unread_keys(d: dict, fam, mt: str, where: str):
                                 "it; this checkpoint is probably another family relabelled: use its own model_type.")
     types = set(d.get("layer_types") or ()) - ({"chunked_attention"} if "attention_chunk_size" in reads(fam) else set(
     )) - ({"conv"} if "conv_L_cache" in fam.reads else set()) - (
-        {"linear_attention"} if "linear_num_key_heads" in fam.reads else set())
+        {"linear_attention"} if {"linear_num_key_heads", "mamba_n_heads"} & set(fam.reads) else set())
     if types - {"full_attention", "sliding_attention"} or ("sliding_attention" in types and not fam.sliding):
         raise NanotuneError(f"{where}: layer_types holds {sorted(types)}; nanotune's {mt} runs "
                             f"{'full and sliding' if fam.sliding else 'only full'} attention layers.")
@@ -147,6 +147,47 @@ def qwen35_in(d: dict, where: str) -> dict:
 def qwen35_out(c, d: dict):
     d.update(zip(("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
                   "linear_conv_kernel_dim"), c.linear_heads), layer_types=c.layer_types)
+
+
+GRANITE_SSM = ("mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_conv_bias",
+               "mamba_proj_bias", "mamba_chunk_size", "time_step_limit", "mamba_expand", "shared_intermediate_size",
+               "position_embedding_type", "layers_block_type")
+LEGACY_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}  # (transformers' remap_legacy_layer_types)
+
+
+def granite_hybrid_in(d: dict, where: str) -> dict:
+    """Granite 4.0-H: Mamba2 on "linear_attention" layers (head dim "auto": expand * hidden / heads), attention
+    without RoPE unless position_embedding_type is "rope", a shared MLP beside the experts."""
+    L, H = d.get("num_hidden_layers") or 0, d.get("hidden_size") or 0
+    types = [LEGACY_TYPES.get(t, t) for t in d.get("layer_types") or d.get("layers_block_type") or
+             ["linear_attention"] * L]
+    nh, expand, P = d.get("mamba_n_heads"), d.get("mamba_expand"), d.get("mamba_d_head")
+    P = expand * H // nh if P == "auto" and isinstance(nh, int) and nh > 0 and isinstance(expand, int) else P
+    shape = (nh, P, *(d.get(k) for k in ("mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_chunk_size")))
+    if not all(isinstance(v, int) and v > 0 for v in shape) or nh % shape[2] or nh * P != expand * H:
+        raise NanotuneError(f"{where}: the mamba_* sizes (heads, head dim, groups, state, conv, chunk) {shape} must "
+                            "be whole numbers > 0, the heads a multiple of the groups and heads x head dim = "
+                            "mamba_expand x hidden_size; the file is incomplete or not a Granite 4.0-H config.")
+    lo, hi = (float(v["__float__"]) if isinstance(v, dict) else v  # (transformers saves inf as {"__float__": ..})
+              for v in d.get("time_step_limit") or (0.0, float("inf")))
+    if d.get("position_embedding_type") not in (None, "rope"):
+        raise NanotuneError(f"{where}: position_embedding_type={d['position_embedding_type']!r} is not one Granite "
+                            "4.0-H has; it is null (no positions) or \"rope\".")
+    d["layer_types"] = types
+    fields = dict(ssm=(*shape[:5], bool(d.get("mamba_conv_bias")), bool(d.get("mamba_proj_bias")), shape[5],
+                       float(lo), float(hi)), shared_mlp=d.get("shared_intermediate_size"), layer_types=types)
+    if d.get("position_embedding_type") != "rope":
+        fields["no_rope_layers"] = [0] * L
+    return fields
+
+
+def granite_hybrid_out(c, d: dict):
+    nh, P, G, N, K, conv_bias, bias, chunk, lo, hi = c.ssm
+    d.update(mamba_n_heads=nh, mamba_d_head=P, mamba_n_groups=G, mamba_d_state=N, mamba_d_conv=K,
+             mamba_conv_bias=conv_bias, mamba_proj_bias=bias, mamba_chunk_size=chunk, time_step_limit=[lo, hi],
+             mamba_expand=nh * P // c.hidden_size, shared_intermediate_size=c.shared_mlp, layer_types=c.layer_types,
+             position_embedding_type="rope" if c.no_rope_layers is None or any(c.no_rope_layers) else None)
+    d.pop("no_rope_layers", None)
 
 
 MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")

@@ -29,7 +29,8 @@ from quant import Experts4bit, replace_module
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIXER_TARGETS = ("in_proj_qkv", "in_proj_z", "linear_attn.out_proj",  # Qwen3.5's linear attention, DeepSeek's latent
-                 "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")  # one: the defaults reach them too
+                 "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",  # one, Mamba2's projections: the
+                 "mamba.in_proj", "mamba.out_proj")  # defaults reach them too
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:

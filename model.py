@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import kernels
 from attention import Attention, KVCache, LatentAttention, alibi_bias, attention_mask_for, make_norm, shared_input
-from mixers import GatedDeltaNet, ShortConv
+from mixers import GatedDeltaNet, Mamba2, ShortConv
 from rope import rope_attention_factor, rope_inv_freq, rotary
 
 
@@ -78,6 +78,8 @@ class Config:
     linear_heads: tuple = ()  # Qwen3.5's linear attention: (key heads, value heads, key dim, value dim, conv taps)
     attn_output_gate: bool = False  # Qwen3.5: q_proj also yields a gate per head; attention output * sigmoid(gate)
     latent: tuple = ()  # multi-head latent attention (DeepSeek-V3): (q_lora_rank or 0, kv_lora_rank, rope dim, v dim)
+    ssm: tuple = ()  # Granite 4.0-H's Mamba2: heads, head dim, groups, state, conv taps, conv / proj bias, chunk, dt
+    shared_mlp: int = 0  # Granite 4.0-H: a dense MLP this wide beside the experts (alone when there are none)
     no_rope_layers: list | None = None  # per layer 1 = RoPE, 0 = none (NoPE: SmolLM3); None: RoPE everywhere
     fused_checkpoint: tuple = ()  # projections stored fused: Phi-3 qkv_proj and gate_up_proj, GLM-4 the second
     # mixture of experts (0 experts: every MLP dense)
@@ -171,7 +173,6 @@ class Config:
         if layer < first:
             return None
         return max(i for i in range(first) if self.is_sliding(i) == self.is_sliding(layer))
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,11 +318,17 @@ class Block(nn.Module):
         kind = (cfg.layer_types or [""] * (layer + 1))[layer]
         if cfg.conv_kernel and kind == "conv":  # LFM2: a short convolution for attention
             self.conv, self.index = ShortConv(cfg.hidden_size, cfg.conv_kernel, cfg.conv_bias), layer
+        elif kind == "linear_attention" and cfg.ssm:  # Granite 4.0-H: Mamba2
+            *shape, chunk, lo, hi = cfg.ssm
+            self.mamba, self.index = Mamba2(cfg.hidden_size, *shape, cfg.rms_norm_eps, (lo, hi), chunk=64), layer
         elif kind == "linear_attention":  # Qwen3.5: Gated DeltaNet
             self.linear_attn, self.index = GatedDeltaNet(cfg.hidden_size, *cfg.linear_heads, cfg.rms_norm_eps), layer
         else:
             self.self_attn = (LatentAttention if cfg.latent else Attention)(cfg, layer)
-        self.mlp = MoE(cfg) if cfg.is_sparse(layer) else MLP(cfg, 2 * cfg.intermediate_size if wide else None)
+        if cfg.shared_mlp:  # Granite 4.0-H: beside the experts, or the layer's only MLP
+            self.shared_mlp = MLP(cfg, cfg.shared_mlp)
+        if cfg.is_sparse(layer) or not cfg.shared_mlp:
+            self.mlp = MoE(cfg) if cfg.is_sparse(layer) else MLP(cfg, 2 * cfg.intermediate_size if wide else None)
         if P := cfg.hidden_size_per_layer_input:
             self.per_layer_input_gate = nn.Linear(cfg.hidden_size, P, bias=False)
             self.per_layer_projection = nn.Linear(P, cfg.hidden_size, bias=False)
@@ -362,14 +369,16 @@ class Block(nn.Module):
                 a, y = self.drop(a), self.drop(y)
             return x + a + y
         h = self.input_layernorm(x) if self.pre else x
-        mixer = getattr(self, "conv", None) or getattr(self, "linear_attn", None)
+        mixer = getattr(self, "conv", None) or getattr(self, "linear_attn", None) or getattr(self, "mamba", None)
         a = mixer(h, *mask, state=cache and cache.states[self.index]) if mixer else self.self_attn(
             h, cos, sin, mask, cache, kv if k is None else {self.self_attn.sliding: (k, v)}, qscale)
         if self.post:
             a = self.post_attention_layernorm(a)
         a = self.drop(a) if self.drop else a
         x = x + (a * self.mult if self.mult != 1 else a)
-        y = self.mlp(self.mlp_norm(x) if self.pre else x, residual=not self.post and self.mult == 1)
+        z, skip = self.mlp_norm(x) if self.pre else x, not self.post and self.mult == 1
+        y = self.mlp(z, residual=skip) if hasattr(self, "mlp") else 0
+        y = y + self.shared_mlp(z, residual=skip) if hasattr(self, "shared_mlp") else y
         if hasattr(self, "experts"):
             y = self.post_feedforward_layernorm_1(y) + self.post_feedforward_layernorm_2(self.routed(x))
         if self.post:

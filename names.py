@@ -103,13 +103,13 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
          "in_proj_qkvz": ("in_proj_qkv", "in_proj_z"), "in_proj_ba": ("in_proj_b", "in_proj_a")}
 
 
-def fused_sizes(cfg: Config, fused: str) -> list:
-    """Each part's rows."""
+def fused_sizes(cfg: Config, fused: str, rows: int) -> list:
+    """Each part's rows, of the fused projection's `rows` (gate / up: halves, a shared MLP's too)."""
     H, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     if fused in ("in_proj_qkvz", "in_proj_ba"):
         nk, nv, dk, dv = cfg.linear_heads[:4]
         return [2 * nk * dk + nv * dv, nv * dv] if fused == "in_proj_qkvz" else [nv, nv]
-    return [H * d, kv * d, kv * d] if fused == "qkv_proj" else [cfg.intermediate_size] * 2
+    return [H * d, kv * d, kv * d] if fused == "qkv_proj" else [rows // 2] * 2
 
 
 def fuse_adapters(cfg: Config, layers: list) -> list:
@@ -130,8 +130,9 @@ def fuse_adapters(cfg: Config, layers: list) -> list:
             raise NanotuneError(f"DoRA on some of {', '.join(FUSED[fused])} only: the checkpoint fuses them into "
                                 f"{fused}, where PEFT needs every part's magnitude; target all of them or none.")
         As = [got[p][0] for p in FUSED[fused] if p in got]
-        Bf, row, col = As[0].new_zeros(sum(fused_sizes(cfg, fused)), sum(a.shape[0] for a in As)), 0, 0
-        for p, size in zip(FUSED[fused], fused_sizes(cfg, fused)):
+        sizes = fused_sizes(cfg, fused, 2 * next(iter(got.values()))[1].shape[0])  # (the rows only gate / up need)
+        Bf, row, col = As[0].new_zeros(sum(sizes), sum(a.shape[0] for a in As)), 0, 0
+        for p, size in zip(FUSED[fused], sizes):
             if p in got:
                 Bf[row: row + size, col: col + got[p][0].shape[0]] = got[p][1]
                 col += got[p][0].shape[0]
@@ -147,9 +148,10 @@ def split_targets(cfg: Config, targets: list, patterns: dict) -> tuple:
     in its place, each with the fused one's rank and alpha (split_adapters gives each the whole A)."""
     out, parts = [], {}
     for t in targets:
-        if t in FUSED and t in cfg.fused_checkpoint:
-            out += FUSED[t]
-            parts.update({p: patterns[t] for p in FUSED[t] if t in patterns})
+        stem, _, f = t.rpartition(".")  # (a dotted target too: Granite 4.0-H's shared_mlp.input_linear)
+        if f in FUSED and f in cfg.fused_checkpoint:
+            out += [f"{stem}.{p}" if stem else p for p in FUSED[f]]
+            parts.update({p: patterns[t] for p in FUSED[f] if t in patterns})
         else:
             out.append(t)
     return out, {**{k: v for k, v in patterns.items() if k not in FUSED}, **parts}
@@ -166,7 +168,7 @@ def split_adapters(cfg: Config, sd: dict) -> dict:
             out[k] = v
             continue
         if leaf.startswith("B") or leaf.startswith("magnitude"):
-            parts = fused_order(cfg, fused, v).split(fused_sizes(cfg, fused))
+            parts = fused_order(cfg, fused, v).split(fused_sizes(cfg, fused, v.shape[0]))
         else:
             parts = [v] * len(FUSED[fused])
         out.update({f"{parent}.{p}.lora_{leaf}": t for p, t in zip(FUSED[fused], parts)})

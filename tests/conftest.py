@@ -173,6 +173,18 @@ ARCH_CONFIGS = {
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=3.0,
                                            residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0,
                                            intermediate_size=32, tie_word_embeddings=False)),
+    # Granite 4.0-H: Mamba2 on layers 0, 2, 3 (4 heads of 32, 2 groups, state 8), NoPE attention on layer 1, Granite
+    # MoE's experts with a shared MLP beside them, the multipliers
+    "granitemoehybrid": ("GraniteMoeHybridConfig", dict(
+        num_hidden_layers=4, layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+        mamba_n_heads=4, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8, num_local_experts=4,
+        num_experts_per_tok=2, intermediate_size=32, shared_intermediate_size=48, embedding_multiplier=3.0,
+        residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0, tie_word_embeddings=False)),
+    # the dense variant (no experts: the shared MLP alone) with RoPE, projection biases and a time-step clamp
+    "granitemoehybrid-dense": ("GraniteMoeHybridConfig", dict(
+        layer_types=["full_attention", "linear_attention"], mamba_n_heads=8, mamba_n_groups=1, mamba_d_state=6,
+        mamba_proj_bias=True, time_step_limit=(0.05, 3.0), num_local_experts=0, shared_intermediate_size=40,
+        position_embedding_type="rope", tie_word_embeddings=False)),
     # Apertus: xIELU (randomised per layer), per-head q/k norms, llama3 RoPE
     "apertus": ("ApertusConfig", dict(head_dim=32, tie_word_embeddings=False, rope_parameters=dict(
         rope_type="llama3", rope_theta=12000000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -280,7 +292,7 @@ def make_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides):
     m = transformers.AutoModelForCausalLM.from_config(cfg, **kwargs).float().eval()
     with torch.no_grad():  # norms start at 1 (or 0 for Gemma); randomise so a wrong norm shows
         for n, p in m.named_parameters():
-            if "norm" in n or n.endswith("bias"):
+            if "norm" in n or n.endswith(("bias", "A_log", ".D")):  # (Mamba2's decays and skips too)
                 p.add_(torch.randn_like(p) * 0.1)
             if n.endswith(("A_log", "dt_bias")):  # Qwen3.5: the linear attention's decay and step, per head
                 p.add_(torch.randn_like(p) * 0.5)

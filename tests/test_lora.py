@@ -148,6 +148,26 @@ def test_latent_attention_adapter_loads_in_peft_both_ways(arch, tmp_path):
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m2)} == set(mla)
 
 
+@pytest.mark.parametrize("arch", ["granitemoehybrid", "granitemoehybrid-dense"])
+def test_granite_hybrid_adapter_loads_in_peft_both_ways(arch, tmp_path):
+    """Granite 4.0-H: nanotune's adapter on attention, the shared MLP (PEFT adapts its fused input_linear) and
+    Mamba2's in_proj / out_proj gives peft's logits; a peft-made adapter on those modules loads into nanotune with
+    peft's logits."""
+    from peft import LoraConfig
+    ids = torch.randint(3, 128, (2, 10))
+    targets = [*lora.DEFAULT_TARGETS, "mamba.in_proj", "mamba.out_proj"]
+    m, _ = nanotune_adapter_in_peft(arch, tmp_path, ids, targets=targets)
+    names = {n.split(".", 3)[-1] for n, _ in lora.lora_layers(m)}
+    assert {"mamba.in_proj", "mamba.out_proj", "shared_mlp.gate_proj", "shared_mlp.up_proj"} <= names
+    for shared in (["input_linear", "output_linear"], ["shared_mlp.input_linear", "shared_mlp.output_linear"]):
+        m2 = peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(
+            r=4, lora_alpha=8, target_modules=["in_proj", "out_proj", "o_proj", *shared], init_lora_weights=False),
+            1e-5)  # (bare names, and dotted ones)
+        assert {n.split(".", 3)[-1] for n, _ in lora.lora_layers(m2)} == {
+            "mamba.in_proj", "mamba.out_proj", "self_attn.o_proj", "shared_mlp.gate_proj", "shared_mlp.up_proj",
+            "shared_mlp.down_proj"}
+
+
 @pytest.mark.parametrize("arch,variant", [(a, "lora") for a in ("mpt", "glm4", "falcon", "falcon-40b", "falcon-rw",
                                                                  "qwen3_next")]
                          + [("phi3", v) for v in VARIANTS])
@@ -247,7 +267,7 @@ def test_checkpointing_with_dropout_repeats_the_masks(tmp_path):
                                            ("gemma3", True), ("olmo2", False), ("granite", False), ("gpt_oss", True),
                                            ("gemma4_text", False), ("gemma4_text", True), ("gemma4_text-moe", True),
                                            ("lfm2", True), ("qwen3_5_text", True), ("deepseek_v3", True),
-                                           ("mistral4", False)])
+                                           ("mistral4", False), ("granitemoehybrid", True)])
 def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp_path, monkeypatch):
     """The training path (fused q/k/v and gate/up projections, block checkpointing whose recompute skips
     the down_proj GEMM) gives the plain path's loss and adapter gradients. Qwen2 has q/k/v biases,
@@ -296,7 +316,7 @@ def test_checkpointed_blocks_pass_gradients_to_their_tensor_arguments(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "llama4_text", "phimoe",
-                                  "granitemoe", "qwen3_5_moe_text"])
+                                  "granitemoe", "qwen3_5_moe_text", "granitemoehybrid"])
 @pytest.mark.parametrize("both", [True, False])
 def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     """LoRA on the routed experts (per-expert A/B on the stacked weights, PEFT's `target_parameters`): nanotune's
@@ -319,8 +339,10 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
         assert (ours - hf(input_ids=ids).logits).abs().max() > 1e-3  # the adapter changes the logits
     lora.save_adapter(m, str(tmp_path / "ours"), **adapter_names(m.config, saving=True))
     cfg = json.load(open(tmp_path / "ours" / "adapter_config.json"))
-    mlp = {"llama4_text": "feed_forward", "granitemoe": "block_sparse_moe"}.get(arch, "mlp")  # (transformers'
-    router = f"{mlp}.router.weight" if arch in ("gpt_oss", "llama4_text", "granitemoe", "phimoe") else \
+    mlp = {"llama4_text": "feed_forward", "granitemoe": "block_sparse_moe", "granitemoehybrid": "block_sparse_moe"}.get(
+        arch, "mlp")  # (transformers'
+    router = f"{mlp}.router.weight" if arch in ("gpt_oss", "llama4_text", "granitemoe", "phimoe",
+                                                "granitemoehybrid") else \
         "mlp.gate.weight"  # in
     #                                                                            memory names, as peft sees them)
     assert cfg["target_parameters"] == ([f"{mlp}.experts.down_proj", f"{mlp}.experts.gate_up_proj", router]
