@@ -89,12 +89,14 @@ def test_heads_wider_than_flash_take_sdpa_with_the_rows_mask(tmp_path, monkeypat
         assert not torch.allclose(attn.attend(q, k, v, packed, B, T), attn.attend(q, k, v, None, B, T))
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3", "phi", "qwen2_moe", "llama4_text"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3", "phi", "qwen2_moe", "llama4_text", "lfm2",
+                                  "qwen3_5_text", "granitemoehybrid", "deepseek_v3"])
 def test_packed_rows_train_like_separate_sequences(arch, tmp_path, monkeypatch):
     """Packed rows give each document's hidden states and the same gradients as the documents one by
     one: on a GPU through varlen flash attention (bf16; the test counts its calls), on CPU through
     the block-diagonal mask (fp32). mistral has a sliding window of 5, shorter than the documents; llama4_text
-    chunks of 4 (on a GPU each chunk a varlen document)."""
+    chunks of 4 (on a GPU each chunk a varlen document); LFM2, Qwen3.5 and Granite 4.0-H reset their convolutions
+    and recurrent states at each document (on a GPU in bf16); DeepSeek-V3's latent attention takes the mask."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     make_hf_model(arch, tmp_path / "hf")
