@@ -249,9 +249,9 @@ class KVCache:
 
     def __init__(self, cfg, batch: int, max_len: int, device, dtype):
         types = cfg.layer_types or [""] * cfg.num_hidden_layers  # (none where a layer carries a recurrent state
-        shapes = [None if types[i] in ("conv", "linear_attention") or cfg.kv_source(i) is not None else  # instead,
-                  (batch, cfg.kv_heads_at(i), max_len, cfg.head_dim_at(i))  # or reuses another layer's k and v)
-                  for i in range(cfg.num_hidden_layers)]
+        shapes = [None if types[i] in ("conv", "linear_attention", "mlp") or cfg.kv_source(i) is not None else  # or
+                  (batch, cfg.kv_heads_at(i), max_len, cfg.head_dim_at(i))  # reuses another layer's k and v, or
+                  for i in range(cfg.num_hidden_layers)]  # has no attention: Nemotron-H's MLP layers)
         if cfg.latent:  # (LatentAttention's: its latent and rotated key per token, no v)
             shapes = [(batch, 1, max_len, cfg.latent[1] + cfg.latent[2])] * cfg.num_hidden_layers
         self.k = [torch.zeros(s, device=device, dtype=dtype) if s else None for s in shapes]

@@ -167,6 +167,10 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         check_replaceable(out, "gguf")
     cfg = model.config
     arch = formats.FAMILIES[cfg.model_type].gguf_arch
+    if arch in ("lfm2", "qwen35", "qwen35moe", "qwen3next", "deepseek2", "mistral4", "granitehybrid",
+                "nemotron_h"):  # (llama.cpp has them; their conv, ssm and latent tensors: not written yet)
+        raise NanotuneError(f"GGUF export of {arch} is not written yet; export --format merged and convert that with "
+                            "llama.cpp's convert_hf_to_gguf.py.")
     if cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
         raise NanotuneError("llama.cpp scales attention by 1/sqrt(head_dim); this model's "
                             f"query_pre_attn_scalar ({cfg.query_pre_attn_scalar}) differs, so its GGUF would be wrong.")
@@ -194,10 +198,6 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
                             "export --format merged instead.")
     if arch == "gemma4":
         gemma4_gguf_check(cfg)
-    if arch in ("lfm2", "qwen35", "qwen35moe", "qwen3next", "deepseek2", "mistral4", "granitehybrid"):  # (llama.cpp
-        #                                              has them; their conv, ssm and latent tensors: not written yet)
-        raise NanotuneError(f"GGUF export of {arch} is not written yet; export --format merged and convert that with "
-                            "llama.cpp's convert_hf_to_gguf.py.")
     dense = [i for i in range(cfg.num_hidden_layers) if cfg.num_experts and not (cfg.is_sparse(i) or cfg.moe_block)]
     if arch in GGUF_LEADING_DENSE and dense == list(range(cfg.first_k_dense_replace)) or arch == "llama4" and \
             dense == [i for i in range(cfg.num_hidden_layers) if (i + 1) % cfg.decoder_sparse_step]:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 from cli import NanotuneError
 from model import Config
-from keys import (GRANITE_SSM, MLA_KEYS, check_unread_keys, falcon_in, falcon_out, granite_hybrid_in,
-                  granite_hybrid_out, lfm2_in, lfm2_out, mla_in, mla_out, qwen35_in, qwen35_out, unknown_keys)
+from keys import (GRANITE_SSM, MLA_KEYS, NEMOTRON_SSM, check_unread_keys, falcon_in, falcon_out, granite_hybrid_in,
+                  granite_hybrid_out, lfm2_in, lfm2_out, mla_in, mla_out, nemotron_in, nemotron_out, qwen35_in,
+                  qwen35_out, unknown_keys)
 from rope import rope_from_hf
 
 
@@ -271,6 +272,25 @@ FAMILIES = {
                       mamba_d_state=256, mamba_d_head="auto", mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=256,
                       mamba_conv_bias=True, mamba_proj_bias=False, shared_intermediate_size=1024),
         layout=(granite_hybrid_in, granite_hybrid_out), reads=GRANITE_SSM),
+    # Nemotron-H: every layer x + mixer(norm(x)) with one mixer by layers_block_type: Mamba2, attention (no RoPE, no
+    # biases) or a plain relu^2 MLP ("moe" layers, Nemotron 3's, refused); the checkpoint's body is "backbone."
+    "nemotron_h": Family(
+        "NemotronHForCausalLM", "nemotron_h", dict(single_mixer=True, gated_mlp=False), keys={
+            "rms_norm_eps": "layer_norm_epsilon"}, aliases={"mlp_hidden_act": ("hidden_act",)},
+        renames={"backbone.norm_f": "model.norm", "backbone": "model", "embeddings": "embed_tokens"},
+        memory={"model.norm_f": "model.norm"}, converted=("backbone.norm_f", "backbone"),
+        defaults=dict(vocab_size=131072, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                      intermediate_size=21504, mlp_hidden_act="relu2", ssm_state_size=128, mamba_num_heads=128,
+                      mamba_head_dim=64, n_groups=8, conv_kernel=4, chunk_size=128, use_conv_bias=True, use_bias=False,
+                      time_step_min=0.001, layer_norm_epsilon=1e-5),
+        requires=dict(mamba_hidden_act=("silu",)), layout=(nemotron_in, nemotron_out), reads=NEMOTRON_SSM,
+        inert=("expand", "mamba_expand", "mamba_proj_bias", "time_step_max", "time_step_floor", "time_step_limit",
+               "mamba_dt_max", "mamba_dt_init_floor", "mamba_dt_limit", "residual_in_fp32", "rescale_prenorm_residual",
+               "hidden_dropout", "num_logits_to_keep", "use_mamba_kernels", "mamba_ssm_cache_dtype", "n_routed_experts",
+               "n_shared_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size", "moe_latent_size",
+               "moe_shared_expert_overlap", "num_experts_per_tok", "norm_topk_prob", "num_nextn_predict_layers",
+               "mtp_layers_block_type", "output_router_logits", "router_aux_loss_coef")),  # (the last: MoE and MTP
+    #                                                                                  layers', which are refused)
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # GLM-4.5: sigmoid router with a selection bias and expert groups, an ungated shared expert, dense first layers
     "deepseek_v3": Family("DeepseekV3ForCausalLM", "deepseek2", dict(router="sigmoid", shared_expert_gated=False),

@@ -190,6 +190,48 @@ def granite_hybrid_out(c, d: dict):
     d.pop("no_rope_layers", None)
 
 
+NEMOTRON_SSM = ("layers_block_type", "hybrid_override_pattern", "mamba_num_heads", "mamba_head_dim", "n_groups",
+                "ssm_state_size", "conv_kernel", "use_conv_bias", "use_bias", "chunk_size", "time_step_min",
+                "mamba_n_groups", "mamba_d_conv", "mamba_conv_bias", "mamba_chunk_size", "mamba_dt_min")
+PATTERN = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}  # (Nemotron-H's legacy pattern)
+
+
+def nemotron_in(d: dict, where: str) -> dict:
+    """Nemotron-H: one mixer per layer by layers_block_type (or the legacy hybrid_override_pattern): Mamba2, attention
+    without RoPE, or a plain relu^2 MLP; the layer count is the list's length. Older names of the Mamba2 keys too."""
+    types = d.get("layers_block_type") or d.get("layer_types") or [PATTERN.get(ch, ch) for ch in d.get(
+        "hybrid_override_pattern") or "ME*-"]  # (NemotronHConfig's default)
+    types = [LEGACY_TYPES.get(t, t) for t in types]
+    if "moe" in types:
+        raise NanotuneError(f"{where}: layers {[i for i, t in enumerate(types) if t == 'moe']} are Nemotron-H MoE "
+                            "layers (Nemotron 3), which nanotune does not implement yet; it trains Nemotron-H models "
+                            "of Mamba2, attention and MLP layers.")
+    if set(types) - {"linear_attention", "full_attention", "mlp"}:
+        raise NanotuneError(f"{where}: layers_block_type holds {sorted(set(types))}; Nemotron-H layers are "
+                            "linear_attention (Mamba2), full_attention or mlp.")
+    get = lambda k, old, default=None: d.get(k, d.get(old, default))  # noqa: E731  (the newer name first)
+    shape = (d.get("mamba_num_heads"), d.get("mamba_head_dim"), get("n_groups", "mamba_n_groups"),
+             d.get("ssm_state_size"), get("conv_kernel", "mamba_d_conv"), get("chunk_size", "mamba_chunk_size"))
+    if not all(isinstance(v, int) and v > 0 for v in shape) or shape[0] % shape[2]:
+        raise NanotuneError(f"{where}: the Mamba2 sizes (mamba_num_heads, mamba_head_dim, n_groups, ssm_state_size, "
+                            f"conv_kernel, chunk_size) {shape} must be whole numbers > 0, the heads a multiple of the "
+                            "groups; the file is incomplete or not a Nemotron-H config.")
+    d.update(layer_types=types, num_hidden_layers=len(types), attention_bias=False)  # (its attention has no biases)
+    return dict(ssm=(*shape[:5], bool(get("use_conv_bias", "mamba_conv_bias", True)), bool(d.get("use_bias")),
+                     shape[5], float(get("time_step_min", "mamba_dt_min", 0.001)), float("inf")),
+                layer_types=types, no_rope_layers=[0] * len(types))
+
+
+def nemotron_out(c, d: dict):
+    nh, P, G, N, K, conv_bias, bias, chunk, lo, _ = c.ssm
+    d.update(layers_block_type=c.layer_types, mamba_num_heads=nh, mamba_head_dim=P, n_groups=G, ssm_state_size=N,
+             conv_kernel=K, use_conv_bias=conv_bias, use_bias=bias, chunk_size=chunk, time_step_min=lo,
+             mlp_hidden_act=c.hidden_act)
+    for k in ("no_rope_layers", "layer_types", "num_hidden_layers", "hidden_act", "rope_scaling", "rope_parameters",
+              "rope_theta", "partial_rotary_factor"):  # (no positions at all)
+        d.pop(k, None)
+
+
 MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 

@@ -30,7 +30,8 @@ from quant import Experts4bit, replace_module
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIXER_TARGETS = ("in_proj_qkv", "in_proj_z", "linear_attn.out_proj",  # Qwen3.5's linear attention, DeepSeek's latent
                  "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",  # one, Mamba2's projections: the
-                 "mamba.in_proj", "mamba.out_proj")  # defaults reach them too
+                 "mamba.in_proj", "mamba.out_proj", "mixer.in_proj")  # defaults reach them too (Granite 4.0-H's;
+#                    Nemotron-H's in_proj only: peft 0.21 refuses an adapter on out_proj for Mamba model types)
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:

@@ -80,6 +80,8 @@ class Config:
     latent: tuple = ()  # multi-head latent attention (DeepSeek-V3): (q_lora_rank or 0, kv_lora_rank, rope dim, v dim)
     ssm: tuple = ()  # Granite 4.0-H's Mamba2: heads, head dim, groups, state, conv taps, conv / proj bias, chunk, dt
     shared_mlp: int = 0  # Granite 4.0-H: a dense MLP this wide beside the experts (alone when there are none)
+    single_mixer: bool = False  # Nemotron-H: each layer x + mixer(norm(x)), one mixer by its type (Mamba2 | attention
+    #                             | MLP)
     no_rope_layers: list | None = None  # per layer 1 = RoPE, 0 = none (NoPE: SmolLM3); None: RoPE everywhere
     fused_checkpoint: tuple = ()  # projections stored fused: Phi-3 qkv_proj and gate_up_proj, GLM-4 the second
     # mixture of experts (0 experts: every MLP dense)
@@ -315,14 +317,19 @@ class Block(nn.Module):
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
         wide = cfg.use_double_wide_mlp and cfg.kv_source(layer) is not None  # (Gemma 4's KV-shared layers)
-        kind = (cfg.layer_types or [""] * (layer + 1))[layer]
+        kind, self.index = (cfg.layer_types or [""] * (layer + 1))[layer], layer
+        mamba = lambda: Mamba2(cfg.hidden_size, *cfg.ssm[:7], cfg.rms_norm_eps, cfg.ssm[8:])  # noqa: E731
+        if cfg.single_mixer:  # Nemotron-H
+            self.norm = make_norm(cfg)
+            self.mixer = mamba() if kind == "linear_attention" else Attention(cfg, layer) if kind == "full_attention" \
+                else MLP(cfg)
+            return
         if cfg.conv_kernel and kind == "conv":  # LFM2: a short convolution for attention
-            self.conv, self.index = ShortConv(cfg.hidden_size, cfg.conv_kernel, cfg.conv_bias), layer
+            self.conv = ShortConv(cfg.hidden_size, cfg.conv_kernel, cfg.conv_bias)
         elif kind == "linear_attention" and cfg.ssm:  # Granite 4.0-H: Mamba2
-            *shape, chunk, lo, hi = cfg.ssm
-            self.mamba, self.index = Mamba2(cfg.hidden_size, *shape, cfg.rms_norm_eps, (lo, hi), chunk=64), layer
+            self.mamba = mamba()
         elif kind == "linear_attention":  # Qwen3.5: Gated DeltaNet
-            self.linear_attn, self.index = GatedDeltaNet(cfg.hidden_size, *cfg.linear_heads, cfg.rms_norm_eps), layer
+            self.linear_attn = GatedDeltaNet(cfg.hidden_size, *cfg.linear_heads, cfg.rms_norm_eps)
         else:
             self.self_attn = (LatentAttention if cfg.latent else Attention)(cfg, layer)
         if cfg.shared_mlp:  # Granite 4.0-H: beside the experts, or the layer's only MLP
@@ -355,12 +362,22 @@ class Block(nn.Module):
         self.mult = cfg.residual_multiplier
         self.drop = nn.Dropout(cfg.residual_dropout) if cfg.residual_dropout else None  # (no module call when 0)
 
+    @property
+    def attention(self):
+        """The layer's softmax attention, or None (a token mixer of mixers.py; Nemotron-H's MLP layers)."""
+        a = getattr(self, "self_attn", None) or getattr(self, "mixer", None)
+        return a if isinstance(a, (Attention, LatentAttention)) else None
+
     def mlp_norm(self, x):
         return (self.pre_feedforward_layernorm if self.post else self.post_attention_layernorm)(x)
 
     def forward(self, x, cos, sin, mask, cache=None, ple=None, kv=None, k=None, v=None, qscale=None):
         """kv, k, v: Gemma 4's stored keys and values (a dict) and the ones this layer reuses (tensors: a checkpointed
         block's backward reaches the layer that made them); qscale: the queries' temperature (Attention.forward)."""
+        if hasattr(self, "mixer"):  # Nemotron-H
+            h, m = self.norm(x), self.mixer
+            return x + (m(h, cos, sin, mask, cache) if isinstance(m, Attention) else m(
+                h, *mask, state=cache and cache.states[self.index]) if isinstance(m, Mamba2) else m(h, residual=True))
         if self.parallel:
             h = self.ln_attn(x) if hasattr(self, "ln_attn") else self.input_layernorm(x)
             a, y = self.self_attn(h, cos, sin, mask, cache), self.mlp(
@@ -492,7 +509,7 @@ class Transformer(nn.Module):
         rope = self.rope_tables(position_ids, None if packed else offset + T)
         S = offset + T
         need = attention_mask is not None or packed or (offset > 0 and T > 1) or c.alibi
-        attn = [getattr(layer, "self_attn", None) for layer in self.model.layers]  # (None: LFM2's convolutions)
+        attn = [layer.attention for layer in self.model.layers]  # (None: LFM2's convolutions, Mamba2, ..)
         masks, windows = {}, {c.sliding_window if a.sliding else None for a in attn if a is not None}
         plain, C = attention_mask is None and cache is None and not c.alibi, c.attention_chunk_size  # whole rows
         if self.varlen and packed and plain and kernels.varlen_usable(x, c, windows):

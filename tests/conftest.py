@@ -185,6 +185,11 @@ ARCH_CONFIGS = {
         layer_types=["full_attention", "linear_attention"], mamba_n_heads=8, mamba_n_groups=1, mamba_d_state=6,
         mamba_proj_bias=True, time_step_limit=(0.05, 3.0), num_local_experts=0, shared_intermediate_size=40,
         position_embedding_type="rope", tie_word_embeddings=False)),
+    # Nemotron-H: Mamba2 (4 heads of 16, 2 groups), a relu^2 MLP, NoPE attention, another MLP, each its own layer
+    "nemotron_h": ("NemotronHConfig", dict(
+        layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"], head_dim=16, mamba_num_heads=4,
+        mamba_head_dim=16, n_groups=2, ssm_state_size=8, chunk_size=8, mlp_bias=True, use_bias=True,
+        time_step_min=0.05)),
     # Apertus: xIELU (randomised per layer), per-head q/k norms, llama3 RoPE
     "apertus": ("ApertusConfig", dict(head_dim=32, tie_word_embeddings=False, rope_parameters=dict(
         rope_type="llama3", rope_theta=12000000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

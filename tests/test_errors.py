@@ -405,6 +405,10 @@ def test_every_family_refuses_a_key_it_does_not_implement_and_names_a_missing_on
         if field == "intermediate_size" and ("expansion_ratio" in fam.requires or fam.layout):  # (MPT: 4 x
             #                                                         d_model; Falcon: ffn_hidden_size, else 4 x)
             continue
+        if field == "num_hidden_layers" and "hybrid_override_pattern" in fam.reads:  # (Nemotron-H: its list)
+            assert families.config_from_hf({n: v for n, v in cfg.items() if n != field}, where).num_hidden_layers \
+                == len(cfg["layers_block_type"])
+            continue
         k = fam.keys.get(field, field)  # (Llama 4's dense width is intermediate_size_mlp)
         gone = {k} | {a for a, common in fam.aliases.items() if field in common}  # (MPT: n_layers)
         text = families.text_config({n: v for n, v in cfg.items() if n not in gone})
@@ -457,3 +461,16 @@ def test_a_config_key_that_would_change_the_math_is_refused(arch, key, value, tm
     if key != "layer_types":
         (tmp_path / "config.json").write_text(json.dumps({**cfg, key: None}))
         formats.load_model(str(tmp_path))
+
+
+def test_nemotron_h_legacy_pattern_loads_and_moe_layers_are_refused(tmp_path):
+    """Nemotron-H: a config with the legacy hybrid_override_pattern (no layers_block_type) builds the same layers;
+    one with MoE layers (Nemotron 3's, not implemented) is refused in one sentence naming them."""
+    import families
+    make_hf_model("nemotron_h", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    legacy = {k: v for k, v in cfg.items() if k != "layers_block_type"}
+    c = families.config_from_hf({**legacy, "hybrid_override_pattern": "M-*-"}, "c.json")
+    assert c.layer_types == cfg["layers_block_type"] and c.num_hidden_layers == 4
+    with pytest.raises(NanotuneError, match=r"c.json: layers \[1, 4\] are Nemotron-H MoE layers"):
+        families.config_from_hf({**legacy, "hybrid_override_pattern": "MEM*E"}, "c.json")

@@ -173,11 +173,14 @@ def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
     m, tok = tiny_with_lora("granitemoehybrid-dense", tmp_path / "granite")  # (with RoPE; llama.cpp has the arch)
     with pytest.raises(NanotuneError, match="GGUF export of granitehybrid is not written yet"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
+    m, tok = tiny_with_lora("nemotron_h", tmp_path / "nemotron")  # (llama.cpp's nemotron_h: ssm tensors, not yet)
+    with pytest.raises(NanotuneError, match="GGUF export of nemotron_h is not written yet"):
+        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     m, tok = tiny_with_lora("gemma4_text", tmp_path / "gemma4", vocab_size_per_layer_input=64)
     with pytest.raises(NanotuneError, match="looks per-layer inputs up over the whole vocabulary \\(128\\)"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     assert sorted(os.listdir(tmp_path)) == ["base", "falcon", "gemma4", "granite", "lfm2", "llama4", "mistral4",
-                                            "olmoe", "phimoe", "qwen35"]  # (no GGUF, no temp)
+                                            "nemotron", "olmoe", "phimoe", "qwen35"]  # (no GGUF, no temp)
 
 
 def test_kquant_and_ollama_modelfile(tmp_path, capfd):

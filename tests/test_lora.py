@@ -168,6 +168,20 @@ def test_granite_hybrid_adapter_loads_in_peft_both_ways(arch, tmp_path):
             "shared_mlp.down_proj"}
 
 
+def test_nemotron_h_adapter_loads_in_peft_both_ways(tmp_path):
+    """Nemotron-H (one mixer per layer, the body under backbone.): nanotune's adapter on attention, the MLPs and
+    Mamba2's in_proj (what train.py adds to the default targets; peft refuses out_proj on Mamba models) gives peft's
+    logits; a peft-made one on those loads into nanotune with peft's."""
+    from peft import LoraConfig
+    ids = torch.randint(3, 128, (2, 10))
+    m, _ = nanotune_adapter_in_peft("nemotron_h", tmp_path, ids, targets=[*lora.DEFAULT_TARGETS, "mixer.in_proj"])
+    assert len(lora.lora_layers(m)) == 1 + 2 + 4 + 2  # (Mamba2, MLP, attention, MLP)
+    m2 = peft_made_adapter_loads("nemotron_h", tmp_path, ids, LoraConfig(
+        r=4, lora_alpha=8, target_modules=["in_proj", "q_proj", "o_proj", "up_proj"], init_lora_weights=False), 1e-5)
+    assert {n.split(".", 3)[-1] for n, _ in lora.lora_layers(m2)} == {
+        "mixer.in_proj", "mixer.q_proj", "mixer.o_proj", "mixer.up_proj"}
+
+
 @pytest.mark.parametrize("arch,variant", [(a, "lora") for a in ("mpt", "glm4", "falcon", "falcon-40b", "falcon-rw",
                                                                  "qwen3_next")]
                          + [("phi3", v) for v in VARIANTS])
@@ -267,7 +281,7 @@ def test_checkpointing_with_dropout_repeats_the_masks(tmp_path):
                                            ("gemma3", True), ("olmo2", False), ("granite", False), ("gpt_oss", True),
                                            ("gemma4_text", False), ("gemma4_text", True), ("gemma4_text-moe", True),
                                            ("lfm2", True), ("qwen3_5_text", True), ("deepseek_v3", True),
-                                           ("mistral4", False), ("granitemoehybrid", True)])
+                                           ("mistral4", False), ("granitemoehybrid", True), ("nemotron_h", True)])
 def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp_path, monkeypatch):
     """The training path (fused q/k/v and gate/up projections, block checkpointing whose recompute skips
     the down_proj GEMM) gives the plain path's loss and adapter gradients. Qwen2 has q/k/v biases,
