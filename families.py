@@ -172,7 +172,7 @@ FAMILIES = {
                       EXPERTS_KEY, sliding="always", gguf_keys={k: GGUF_MOE[k] for k in ("num_experts",
                                                                                           "num_experts_per_tok")},
                       renames=dict(block_sparse_moe="mlp", w1="gate_proj", w3="up_proj", w2="down_proj"),
-                      converted=("block_sparse_moe",)),
+                      converted=("block_sparse_moe", "w1", "w2", "w3")),  # (transformers 5 stacks w1-3)
     "qwen2_moe": Family("Qwen2MoeForCausalLM", "qwen2moe", dict(qkv_bias=True, o_bias=False), MOE_KEYS + (
         "shared_expert_intermediate_size",), defaults=dict(norm_topk_prob=False), sliding="flag",
                         requires=dict(qkv_bias=(True,)),
@@ -219,7 +219,7 @@ FAMILIES = {
         "num_experts", "num_experts_per_tok", "lm_head_bias", "router_jitter_noise"), EXPERTS_KEY, sliding="always",
         defaults=dict(rms_norm_eps=1e-5, rope_parameters=dict(rope_type="default", rope_theta=1e6)),
         renames=dict(block_sparse_moe="mlp", w1="gate_proj", w3="up_proj", w2="down_proj"),
-        converted=("block_sparse_moe",), memory={"router": "gate"}),
+        converted=("block_sparse_moe", "w1", "w2", "w3"), memory={"router": "gate"}),
     # Apertus: Llama with per-head q/k norms, its norms named otherwise, a plain MLP with xIELU (parameters per layer)
     "apertus": Family("ApertusForCausalLM", "apertus", dict(qk_norm="head", gated_mlp=False, mlp_bias=False),
                       renames=dict(attention_layernorm="input_layernorm",
@@ -273,11 +273,18 @@ FAMILIES = {
                       mamba_conv_bias=True, mamba_proj_bias=False, shared_intermediate_size=1024),
         layout=(granite_hybrid_in, granite_hybrid_out), reads=GRANITE_SSM),
     # Nemotron-H: every layer x + mixer(norm(x)) with one mixer by layers_block_type: Mamba2, attention (no RoPE, no
-    # biases) or a plain relu^2 MLP ("moe" layers, Nemotron 3's, refused); the checkpoint's body is "backbone."
+    # biases), a plain relu^2 MLP, or MoE (Nemotron 3: DeepSeek-V3's router, plain relu^2 experts, optionally in a
+    # latent width, a shared expert); the checkpoint's body is "backbone."
     "nemotron_h": Family(
-        "NemotronHForCausalLM", "nemotron_h", dict(single_mixer=True, gated_mlp=False), keys={
-            "rms_norm_eps": "layer_norm_epsilon"}, aliases={"mlp_hidden_act": ("hidden_act",)},
-        renames={"backbone.norm_f": "model.norm", "backbone": "model", "embeddings": "embed_tokens"},
+        "NemotronHForCausalLM", "nemotron_h", dict(single_mixer=True, gated_mlp=False, router="sigmoid",
+                                                   shared_expert_gated=False),
+        MLA_MOE[:4] + MLA_MOE[6:] + ("shared_expert_intermediate_size", "moe_latent_size"), keys={
+            "rms_norm_eps": "layer_norm_epsilon", "num_experts": "n_routed_experts",
+            "shared_expert_intermediate_size": "moe_shared_expert_intermediate_size"},
+        aliases={"mlp_hidden_act": ("hidden_act",)},
+        renames={"backbone.norm_f": "model.norm", "backbone": "model", "embeddings": "embed_tokens",
+                 "shared_experts": "shared_expert", "gate.e_score_correction_bias": "e_score_correction_bias",
+                 "experts.up_proj": "experts.gate_up_proj"},  # (its plain experts' stacked up_proj: in memory)
         memory={"model.norm_f": "model.norm"}, converted=("backbone.norm_f", "backbone"),
         defaults=dict(vocab_size=131072, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                       intermediate_size=21504, mlp_hidden_act="relu2", ssm_state_size=128, mamba_num_heads=128,
@@ -286,11 +293,9 @@ FAMILIES = {
         requires=dict(mamba_hidden_act=("silu",)), layout=(nemotron_in, nemotron_out), reads=NEMOTRON_SSM,
         inert=("expand", "mamba_expand", "mamba_proj_bias", "time_step_max", "time_step_floor", "time_step_limit",
                "mamba_dt_max", "mamba_dt_init_floor", "mamba_dt_limit", "residual_in_fp32", "rescale_prenorm_residual",
-               "hidden_dropout", "num_logits_to_keep", "use_mamba_kernels", "mamba_ssm_cache_dtype", "n_routed_experts",
-               "n_shared_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size", "moe_latent_size",
-               "moe_shared_expert_overlap", "num_experts_per_tok", "norm_topk_prob", "num_nextn_predict_layers",
-               "mtp_layers_block_type", "output_router_logits", "router_aux_loss_coef")),  # (the last: MoE and MTP
-    #                                                                                  layers', which are refused)
+               "hidden_dropout", "num_logits_to_keep", "use_mamba_kernels", "mamba_ssm_cache_dtype",
+               "n_shared_experts", "moe_shared_expert_overlap", "num_nextn_predict_layers", "mtp_layers_block_type"),
+        mtp=True),  # (unused by transformers' model: init and kernel switches; the MTP layers are not loaded)
     "arcee": Family("ArceeForCausalLM", "arcee", dict(gated_mlp=False), defaults=dict(hidden_act="relu2")),
     # GLM-4.5: sigmoid router with a selection bias and expert groups, an ungated shared expert, dense first layers
     "deepseek_v3": Family("DeepseekV3ForCausalLM", "deepseek2", dict(router="sigmoid", shared_expert_gated=False),

@@ -961,7 +961,7 @@ def moe_experts_ref(x, idx, w, gate_up, down, act, lora=None, biases=None):
         h = F.linear(xe, gate_up[e], None if b1 is None else b1[e])
         if A1 is not None:
             h = h + F.linear(F.linear(xe, A1[e]), B1[e]) * s1
-        a = gated_act_ref(*h.chunk(2, dim=-1), act)
+        a = act[1](h) if act[0] == "plain" else gated_act_ref(*h.chunk(2, dim=-1), act)  # (Nemotron-H: relu^2(up))
         y = F.linear(a, down[e], None if b2 is None else b2[e])
         if A2 is not None:
             y = y + F.linear(F.linear(a, A2[e]), B2[e]) * s2
@@ -1294,8 +1294,10 @@ def moe_experts_grouped(x, idx, w, gate_up, down, act, lora=None, biases=None):
 
 def moe_experts(x, idx, w, gate_up, down, act, lora=None, biases=None):
     """Grouped GEMMs on CUDA in bf16 (torch's grouped_mm), the reference loop elsewhere. gate_up [E, 2I, C] and
-    down [E, C, I]: tensors or functions making them (stack). biases: gpt-oss's (gate_up [E, 2I], down [E, C])."""
-    if _FUSED and x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm_fn() is not None:
+    down [E, C, I]: tensors or functions making them (stack). biases: gpt-oss's (gate_up [E, 2I], down [E, C]).
+    act ("plain", f): ungated experts, gate_up [E, I, C] holding the up projections (the reference loop)."""
+    plain = isinstance(act, tuple) and act[0] == "plain"  # (ungated experts: the reference loop, on a GPU too)
+    if _FUSED and x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm_fn() is not None and not plain:
         return moe_experts_grouped(x, idx, w, gate_up, down, act, lora, biases)
     return moe_experts_ref(x, idx, w, gate_up, down, act, lora, biases)
 

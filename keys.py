@@ -198,17 +198,16 @@ PATTERN = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe
 
 def nemotron_in(d: dict, where: str) -> dict:
     """Nemotron-H: one mixer per layer by layers_block_type (or the legacy hybrid_override_pattern): Mamba2, attention
-    without RoPE, or a plain relu^2 MLP; the layer count is the list's length. Older names of the Mamba2 keys too."""
+    without RoPE, a plain relu^2 MLP or MoE (Nemotron 3: DeepSeek-V3's router, plain relu^2 experts, optionally in a
+    latent width, and a shared expert); the layer count is the list's length. Older names of the Mamba2 keys too."""
     types = d.get("layers_block_type") or d.get("layer_types") or [PATTERN.get(ch, ch) for ch in d.get(
         "hybrid_override_pattern") or "ME*-"]  # (NemotronHConfig's default)
     types = [LEGACY_TYPES.get(t, t) for t in types]
-    if "moe" in types:
-        raise NanotuneError(f"{where}: layers {[i for i, t in enumerate(types) if t == 'moe']} are Nemotron-H MoE "
-                            "layers (Nemotron 3), which nanotune does not implement yet; it trains Nemotron-H models "
-                            "of Mamba2, attention and MLP layers.")
-    if set(types) - {"linear_attention", "full_attention", "mlp"}:
+    if set(types) - {"linear_attention", "full_attention", "mlp", "moe"}:
         raise NanotuneError(f"{where}: layers_block_type holds {sorted(set(types))}; Nemotron-H layers are "
-                            "linear_attention (Mamba2), full_attention or mlp.")
+                            "linear_attention (Mamba2), full_attention, mlp or moe.")
+    if "moe" not in types:  # (the MoE keys' defaults stay in every config.json: no experts without moe layers)
+        d["n_routed_experts"] = 0
     get = lambda k, old, default=None: d.get(k, d.get(old, default))  # noqa: E731  (the newer name first)
     shape = (d.get("mamba_num_heads"), d.get("mamba_head_dim"), get("n_groups", "mamba_n_groups"),
              d.get("ssm_state_size"), get("conv_kernel", "mamba_d_conv"), get("chunk_size", "mamba_chunk_size"))
@@ -226,7 +225,7 @@ def nemotron_out(c, d: dict):
     nh, P, G, N, K, conv_bias, bias, chunk, lo, _ = c.ssm
     d.update(layers_block_type=c.layer_types, mamba_num_heads=nh, mamba_head_dim=P, n_groups=G, ssm_state_size=N,
              conv_kernel=K, use_conv_bias=conv_bias, use_bias=bias, chunk_size=chunk, time_step_min=lo,
-             mlp_hidden_act=c.hidden_act)
+             mlp_hidden_act=c.hidden_act, moe_latent_size=c.moe_latent_size or None)
     for k in ("no_rope_layers", "layer_types", "num_hidden_layers", "hidden_act", "rope_scaling", "rope_parameters",
               "rope_theta", "partial_rotary_factor"):  # (no positions at all)
         d.pop(k, None)

@@ -415,8 +415,8 @@ def save_adapter(model, out_dir: str, base_model_name: str | None = None, base_p
     targets = c["target_modules"] if isinstance(c["target_modules"], str) else sorted(ranks)
     grown = {t: k for t, k in ranks.items() if k != c["r"]}  # (fused: k parts x r)
     scale = lambda k: c["lora_alpha"] * (math.sqrt(k / c["r"]) if c["use_rslora"] else k / c["r"])  # noqa: E731
-    params = sorted(set(  # mlp.experts.down_proj, mlp.gate.weight (gpt-oss: mlp.router.weight)
-        ".".join(within_layer(rename(n) if rename else n) + [p])
+    params = sorted(set(  # mlp.experts.down_proj, mlp.gate.weight (gpt-oss: mlp.router.weight; Nemotron-H's
+        ".".join(within_layer(rename(f"{n}.{p}") if rename else f"{n}.{p}"))  # gate_up_proj is its up_proj)
         for n, m in layers for p in (m.lora_A if isinstance(m, LoRAExperts) else ["weight"] if n in moe else [])))
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
            "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],

@@ -80,8 +80,9 @@ class Config:
     latent: tuple = ()  # multi-head latent attention (DeepSeek-V3): (q_lora_rank or 0, kv_lora_rank, rope dim, v dim)
     ssm: tuple = ()  # Granite 4.0-H's Mamba2: heads, head dim, groups, state, conv taps, conv / proj bias, chunk, dt
     shared_mlp: int = 0  # Granite 4.0-H: a dense MLP this wide beside the experts (alone when there are none)
+    moe_latent_size: int = 0  # Nemotron-H: the routed experts work in this width (fc1_latent_proj in, fc2 out)
     single_mixer: bool = False  # Nemotron-H: each layer x + mixer(norm(x)), one mixer by its type (Mamba2 | attention
-    #                             | MLP)
+    #                             | MLP | MoE)
     no_rope_layers: list | None = None  # per layer 1 = RoPE, 0 = none (NoPE: SmolLM3); None: RoPE everywhere
     fused_checkpoint: tuple = ()  # projections stored fused: Phi-3 qkv_proj and gate_up_proj, GLM-4 the second
     # mixture of experts (0 experts: every MLP dense)
@@ -146,6 +147,8 @@ class Config:
         return int(self.head_dim * self.partial_rotary_factor)
 
     def is_sparse(self, layer: int) -> bool:
+        if self.single_mixer:  # (Nemotron-H: its "moe" layers)
+            return self.layer_types[layer] == "moe"
         return self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0 and layer not in (
             self.mlp_only_layers or ()) and self.first_k_dense_replace <= layer and not self.moe_block and (
             self.moe_layer_end_index < 0 or layer <= self.moe_layer_end_index)
@@ -212,8 +215,10 @@ PLAIN_ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gel
 
 
 def expert_act(cfg: Config):
-    """The experts' gated activation as kernels.moe_experts takes it: "silu" / tanh-GELU, or gpt-oss's clamped
-    SwiGLU as ("clamped", alpha, limit)."""
+    """The experts' activation as kernels.moe_experts takes it: gated "silu" / tanh-GELU, gpt-oss's clamped SwiGLU
+    as ("clamped", alpha, limit), or a plain one (Nemotron-H's relu^2) as ("plain", its function)."""
+    if not cfg.gated_mlp:
+        return ("plain", PLAIN_ACTS[cfg.hidden_act])
     return ("clamped", cfg.swiglu_alpha, cfg.swiglu_limit) if cfg.swiglu_limit else cfg.hidden_act
 
 
@@ -225,9 +230,10 @@ class Experts(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        E, I, C = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        self.shapes = {"gate_up_proj": (E, 2 * I, C), "down_proj": (E, C, I)}
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, C))
+        E, I, C = cfg.num_experts, cfg.moe_intermediate_size, cfg.moe_latent_size or cfg.hidden_size
+        G = 2 if cfg.gated_mlp else 1  # (Nemotron-H's plain experts: gate_up_proj holds up_proj alone, [E, I, C])
+        self.shapes = {"gate_up_proj": (E, G * I, C), "down_proj": (E, C, I)}
+        self.gate_up_proj = nn.Parameter(torch.empty(E, G * I, C))
         self.down_proj = nn.Parameter(torch.empty(E, C, I))
         if cfg.expert_bias:
             self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
@@ -267,6 +273,9 @@ class MoE(nn.Module):
         if cfg.router in ("sigmoid", "softmax_bias"):  # (chooses, weighs nothing; not trained; ERNIE's is [1, E])
             shape = (1, cfg.num_experts) if cfg.router == "softmax_bias" else (cfg.num_experts,)
             self.e_score_correction_bias = nn.Parameter(torch.zeros(shape), requires_grad=False)
+        if L := cfg.moe_latent_size:  # (Nemotron-H: around the routed experts only)
+            self.fc1_latent_proj = nn.Linear(cfg.hidden_size, L, bias=cfg.mlp_bias)
+            self.fc2_latent_proj = nn.Linear(L, cfg.hidden_size, bias=cfg.mlp_bias)
         if cfg.shared_expert_intermediate_size or cfg.n_shared_experts:
             self.shared_expert = MLP(cfg, cfg.shared_expert_intermediate_size or
                                      cfg.moe_intermediate_size * cfg.n_shared_experts)
@@ -295,8 +304,10 @@ class MoE(nn.Module):
                                    self.cfg.topk_group, self.norm_topk, self.cfg.routed_scaling_factor)  # [N, k]
         if aux:  # per expert: how many choices picked it, its summed probability, the rows (kernels.moe_aux_loss)
             self.router_stats = (kernels.expert_counts(idx, probs.shape[1]), probs.sum(0).detach(), h.shape[0])
-        with kernels.value_unused(residual):  # a recompute may skip the experts' output (kernels.skip_value)
-            y = self.experts(h, idx, w.to(h.dtype))
+        latent = hasattr(self, "fc1_latent_proj")
+        with kernels.value_unused(residual and not latent):  # a recompute may skip the experts' output
+            y = self.experts(self.fc1_latent_proj(h) if latent else h, idx, w.to(h.dtype))
+        y = self.fc2_latent_proj(y) if latent else y
         if hasattr(self, "shared_expert"):  # (GLM-4.5's is ungated)
             gate = torch.sigmoid(self.shared_expert_gate(h)) if hasattr(self, "shared_expert_gate") else 1
             y = y + gate * self.shared_expert(h)
@@ -322,7 +333,7 @@ class Block(nn.Module):
         if cfg.single_mixer:  # Nemotron-H
             self.norm = make_norm(cfg)
             self.mixer = mamba() if kind == "linear_attention" else Attention(cfg, layer) if kind == "full_attention" \
-                else MLP(cfg)
+                else MoE(cfg) if kind == "moe" else MLP(cfg)
             return
         if cfg.conv_kernel and kind == "conv":  # LFM2: a short convolution for attention
             self.conv = ShortConv(cfg.hidden_size, cfg.conv_kernel, cfg.conv_bias)

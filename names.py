@@ -208,9 +208,10 @@ def stack_experts(cfg: Config, tensors):
         base, e, proj = m.groups()
         parts = pending.setdefault(base, {})
         parts[proj, int(e)] = t
-        if len(parts) == 3 * cfg.num_experts:
+        if len(parts) == (3 if cfg.gated_mlp else 2) * cfg.num_experts:  # (Nemotron-H's: up and down only)
             stack = lambda p: torch.stack([parts[p, i] for i in range(cfg.num_experts)])  # noqa: E731
-            yield f"{base}.gate_up_proj", torch.cat([stack("gate_proj"), stack("up_proj")], dim=1)
+            yield f"{base}.gate_up_proj", torch.cat([stack("gate_proj"), stack("up_proj")], dim=1) if \
+                cfg.gated_mlp else stack("up_proj")
             yield f"{base}.down_proj", stack("down_proj")
             del pending[base]
 
@@ -220,7 +221,8 @@ def unstack_experts(cfg: Config, name: str, t: torch.Tensor, per_expert=True):
     per expert (the hub's layout), or one [E, out, (in)] stack per projection (GGUF's), gate_up split in two."""
     base, leaf = name.rsplit(".", 1)
     end = "bias" if leaf.endswith("_bias") else "weight"
-    parts = zip(("gate_proj", "up_proj"), t.chunk(2, dim=1)) if leaf.startswith("gate_up") else [("down_proj", t)]
+    parts = [("down_proj", t)] if not leaf.startswith("gate_up") else zip(("gate_proj", "up_proj"), t.chunk(
+        2, dim=1)) if cfg.gated_mlp else [("up_proj", t)]
     for proj, part in parts:
         names = [f"{base}.{e}.{proj}.{end}" for e in range(len(part))] if per_expert else [f"{base}.{proj}.{end}"]
         yield from zip((checkpoint_name(cfg, n) for n in names), part if per_expert else [part])

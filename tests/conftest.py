@@ -190,6 +190,13 @@ ARCH_CONFIGS = {
         layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"], head_dim=16, mamba_num_heads=4,
         mamba_head_dim=16, n_groups=2, ssm_state_size=8, chunk_size=8, mlp_bias=True, use_bias=True,
         time_step_min=0.05)),
+    # Nemotron 3 (Nemotron-H with MoE layers): DeepSeek-V3's router over 2 groups, plain relu^2 experts in a 32-wide
+    # latent, a shared expert
+    "nemotron_h-moe": ("NemotronHConfig", dict(
+        layers_block_type=["linear_attention", "moe", "full_attention", "moe"], head_dim=16, mamba_num_heads=4,
+        mamba_head_dim=16, n_groups=2, ssm_state_size=8, chunk_size=8, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=24, moe_shared_expert_intermediate_size=40, n_group=2, topk_group=1,
+        routed_scaling_factor=1.5, moe_latent_size=32)),
     # Apertus: xIELU (randomised per layer), per-head q/k norms, llama3 RoPE
     "apertus": ("ApertusConfig", dict(head_dim=32, tie_word_embeddings=False, rope_parameters=dict(
         rope_type="llama3", rope_theta=12000000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

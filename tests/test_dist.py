@@ -70,11 +70,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup_dir, tmp_path,
 
 
 @pytest.mark.parametrize("arch,method", [("qwen3_moe", []), ("qwen3_moe", ["--lora", "false"]),
-                                         ("qwen3_moe", ["--load_in_4bit", "true"]), ("gpt_oss", [])],
-                         ids=["lora", "full", "qlora", "gpt_oss-lora"])
+                                         ("qwen3_moe", ["--load_in_4bit", "true"]), ("gpt_oss", []),
+                                         ("qwen3_5_moe_text", []), ("granitemoehybrid", ["--load_in_4bit", "true"])],
+                         ids=["lora", "full", "qlora", "gpt_oss-lora", "qwen3_5_moe-lora", "granite_hybrid-qlora"])
 def test_moe_two_processes_equal_one(tmp_path, arch, method):
     """Qwen3-MoE and gpt-oss: the stacked experts (gpt-oss's biases too, and their per-expert LoRA) shard over the
-    experts dimension like any weight; two ranks follow one rank's losses."""
+    experts dimension like any weight; two ranks follow one rank's losses. Qwen3.5-MoE and Granite 4.0-H (4-bit):
+    their Gated DeltaNet and Mamba2 layers shard and train alike."""
     make_tiny_run_model(tmp_path / "m", arch)
     write_sums_chat(tmp_path / "d.jsonl", 16)
     one = launch(0, common(tmp_path, tmp_path / "one", "--micro_batch_size", "4", *method))

@@ -463,14 +463,16 @@ def test_a_config_key_that_would_change_the_math_is_refused(arch, key, value, tm
         formats.load_model(str(tmp_path))
 
 
-def test_nemotron_h_legacy_pattern_loads_and_moe_layers_are_refused(tmp_path):
-    """Nemotron-H: a config with the legacy hybrid_override_pattern (no layers_block_type) builds the same layers;
-    one with MoE layers (Nemotron 3's, not implemented) is refused in one sentence naming them."""
+def test_nemotron_h_legacy_pattern_loads_and_an_unknown_layer_type_is_refused(tmp_path):
+    """Nemotron-H: a config with the legacy hybrid_override_pattern (no layers_block_type) builds the same layers
+    (a dense one has no experts, whatever MoE defaults the file carries); an unknown layer type is one sentence."""
     import families
     make_hf_model("nemotron_h", tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     legacy = {k: v for k, v in cfg.items() if k != "layers_block_type"}
     c = families.config_from_hf({**legacy, "hybrid_override_pattern": "M-*-"}, "c.json")
-    assert c.layer_types == cfg["layers_block_type"] and c.num_hidden_layers == 4
-    with pytest.raises(NanotuneError, match=r"c.json: layers \[1, 4\] are Nemotron-H MoE layers"):
-        families.config_from_hf({**legacy, "hybrid_override_pattern": "MEM*E"}, "c.json")
+    assert c.layer_types == cfg["layers_block_type"] and c.num_hidden_layers == 4 and c.num_experts == 0
+    c = families.config_from_hf({**legacy, "hybrid_override_pattern": "ME*E"}, "c.json")
+    assert [c.is_sparse(i) for i in range(4)] == [False, True, False, True] and c.num_experts == 8
+    with pytest.raises(NanotuneError, match=r"c.json: layers_block_type holds .*'conv'.*; Nemotron-H layers are"):
+        families.config_from_hf({**cfg, "layers_block_type": ["conv", "mlp"]}, "c.json")

@@ -281,7 +281,8 @@ def test_checkpointing_with_dropout_repeats_the_masks(tmp_path):
                                            ("gemma3", True), ("olmo2", False), ("granite", False), ("gpt_oss", True),
                                            ("gemma4_text", False), ("gemma4_text", True), ("gemma4_text-moe", True),
                                            ("lfm2", True), ("qwen3_5_text", True), ("deepseek_v3", True),
-                                           ("mistral4", False), ("granitemoehybrid", True), ("nemotron_h", True)])
+                                           ("mistral4", False), ("granitemoehybrid", True), ("nemotron_h", True),
+                                           ("nemotron_h-moe", True)])
 def test_fused_path_with_checkpointing_equals_plain_autograd(arch, four_bit, tmp_path, monkeypatch):
     """The training path (fused q/k/v and gate/up projections, block checkpointing whose recompute skips
     the down_proj GEMM) gives the plain path's loss and adapter gradients. Qwen2 has q/k/v biases,
@@ -330,7 +331,7 @@ def test_checkpointed_blocks_pass_gradients_to_their_tensor_arguments(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "llama4_text", "phimoe",
-                                  "granitemoe", "qwen3_5_moe_text", "granitemoehybrid"])
+                                  "granitemoe", "qwen3_5_moe_text", "granitemoehybrid", "nemotron_h-moe"])
 @pytest.mark.parametrize("both", [True, False])
 def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     """LoRA on the routed experts (per-expert A/B on the stacked weights, PEFT's `target_parameters`): nanotune's
@@ -345,7 +346,7 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     m = formats.load_model(str(tmp_path / "base"))
     lora.apply_lora(m, r=4, alpha=8, targets=[*lora.DEFAULT_TARGETS, "gate"] if both else ["q_proj", "down_proj"])
     experts = [e for _, e in lora.lora_layers(m) if isinstance(e, lora.LoRAExperts)]
-    assert len(experts) == sum(isinstance(b.mlp, MoE) for b in m.model.layers) > 0
+    assert len(experts) == sum(isinstance(getattr(b, "mlp", None) or b.mixer, MoE) for b in m.model.layers) > 0
     assert all(sorted(e.lora_A) == (["down_proj", "gate_up_proj"] if both else ["down_proj"]) for e in experts)
     randomise_adapters(m)
     with torch.no_grad():
@@ -353,25 +354,25 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
         assert (ours - hf(input_ids=ids).logits).abs().max() > 1e-3  # the adapter changes the logits
     lora.save_adapter(m, str(tmp_path / "ours"), **adapter_names(m.config, saving=True))
     cfg = json.load(open(tmp_path / "ours" / "adapter_config.json"))
-    mlp = {"llama4_text": "feed_forward", "granitemoe": "block_sparse_moe", "granitemoehybrid": "block_sparse_moe"}.get(
-        arch, "mlp")  # (transformers'
+    mlp = {"llama4_text": "feed_forward", "granitemoe": "block_sparse_moe", "granitemoehybrid": "block_sparse_moe",
+           "nemotron_h-moe": "mixer"}.get(arch, "mlp")  # (transformers' in-memory names, as peft sees them)
     router = f"{mlp}.router.weight" if arch in ("gpt_oss", "llama4_text", "granitemoe", "phimoe",
-                                                "granitemoehybrid") else \
-        "mlp.gate.weight"  # in
-    #                                                                            memory names, as peft sees them)
-    assert cfg["target_parameters"] == ([f"{mlp}.experts.down_proj", f"{mlp}.experts.gate_up_proj", router]
+                                                "granitemoehybrid") else f"{mlp}.gate.weight"
+    gate_up = "up_proj" if arch == "nemotron_h-moe" else "gate_up_proj"  # (Nemotron-H's experts are ungated)
+    assert cfg["target_parameters"] == ([f"{mlp}.experts.down_proj", f"{mlp}.experts.{gate_up}", router]
                                         if both else [f"{mlp}.experts.down_proj"])
     pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
     with torch.no_grad():
         assert (pm(input_ids=ids).logits - ours).abs().max() < 1e-4
 
-    params = [f"{mlp}.experts.gate_up_proj", f"{mlp}.experts.down_proj", router] if both else [
-        f"{mlp}.experts.gate_up_proj"]
+    params = [f"{mlp}.experts.{gate_up}", f"{mlp}.experts.down_proj", router] if both else [
+        f"{mlp}.experts.{gate_up}"]
     m2 = peft_made_adapter_loads(arch, tmp_path, ids, LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"],
                                                                   target_parameters=params, init_lora_weights=False))
-    assert all(sorted(e.lora_A) == sorted(p.rsplit(".", 1)[1] for p in params if ".experts." in p)
+    ours = {gate_up: "gate_up_proj", "down_proj": "down_proj"}  # (nanotune's names for them)
+    assert all(sorted(e.lora_A) == sorted(ours[p.rsplit(".", 1)[1]] for p in params if ".experts." in p)
                for _, e in lora.lora_layers(m2) if isinstance(e, lora.LoRAExperts))
-    assert any(n.endswith("mlp.gate") for n, _ in lora.lora_layers(m2)) == both
+    assert any(n.endswith(("mlp.gate", "mixer.gate")) for n, _ in lora.lora_layers(m2)) == both
 
 
 @pytest.mark.parametrize("arch", ["glm4_moe", "ernie4_5_moe"])

@@ -55,7 +55,7 @@ def test_logits_match_transformers_both_ways(arch, tmp_path):
                                   "llama4_text", "ministral3", "granitemoe", "apertus", "phimoe", "mpt", "falcon",
                                   "falcon-40b", "falcon-rw", "gemma4_text-moe", "lfm2", "qwen3_5_text", "qwen3_next",
                                   "deepseek_v3", "deepseek_v3-yarn", "mistral4", "granitemoehybrid",
-                                  "granitemoehybrid-dense", "nemotron_h",
+                                  "granitemoehybrid-dense", "nemotron_h", "nemotron_h-moe",
                                   "qwen3_5_moe_text", "gemma4_text", "ernie4_5_moe", "exaone4", "cohere", "cohere2",
                                   "olmoe", "hunyuan_v1_dense"])
 def test_packed_rows_equal_separate_sequences(arch, tmp_path):
@@ -159,7 +159,7 @@ def test_sharded_checkpoint_loads(tmp_path):
                                   "llama4_text", "ministral3", "granitemoe", "apertus", "phimoe", "mpt", "falcon",
                                   "falcon-40b", "falcon-rw", "gemma4_text-moe", "lfm2", "qwen3_5_text", "qwen3_next",
                                   "deepseek_v3", "deepseek_v3-yarn", "mistral4", "granitemoehybrid",
-                                  "granitemoehybrid-dense", "nemotron_h",
+                                  "granitemoehybrid-dense", "nemotron_h", "nemotron_h-moe",
                                   "qwen3_5_moe_text", "gemma4_text", "ernie4_5_moe", "exaone4", "cohere", "cohere2",
                                   "olmoe", "hunyuan_v1_dense"])
 def test_kv_cache_generation_equals_full_recompute(arch, tmp_path):

@@ -162,7 +162,8 @@ def test_qlora_backward_matches_dense_lora_and_keeps_no_dense_weight(tmp_path):
     assert torch.allclose(x.grad, x2.grad, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "gpt_oss", "qwen3_5_moe_text", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "gpt_oss", "qwen3_5_moe_text", "qwen3_next",
+                                  "nemotron_h-moe"])
 def test_4bit_experts_hold_nf4_of_the_stacked_weights_and_compute_with_them(arch, tmp_path):
     """QLoRA on a MoE: the experts (the bulk of its bytes) load as NF4, byte for byte quantize_nf4 of each stacked
     [E, out, in] weight (bitsandbytes' bytes, tested above); quantizing while loading equals quantizing after;
