@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import formats
+import gguf_mixers
 import lora
 from families import GGUF_LEADING_DENSE, GGUF_NORM_TOPK
 from names import adapter_names
@@ -167,10 +168,11 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         check_replaceable(out, "gguf")
     cfg = model.config
     arch = formats.FAMILIES[cfg.model_type].gguf_arch
-    if arch in ("lfm2", "qwen35", "qwen35moe", "qwen3next", "deepseek2", "mistral4", "granitehybrid",
-                "nemotron_h"):  # (llama.cpp has them; their conv, ssm and latent tensors: not written yet)
+    if arch in ("qwen3next", "deepseek2", "mistral4"):  # (llama.cpp has them; their tensors: not written yet)
         raise NanotuneError(f"GGUF export of {arch} is not written yet; export --format merged and convert that with "
                             "llama.cpp's convert_hf_to_gguf.py.")
+    if arch in gguf_mixers.ARCHS:
+        gguf_mixers.check(cfg)
     if cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
         raise NanotuneError("llama.cpp scales attention by 1/sqrt(head_dim); this model's "
                             f"query_pre_attn_scalar ({cfg.query_pre_attn_scalar}) differs, so its GGUF would be wrong.")
@@ -181,7 +183,8 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         #                                              differs by 0.16; its mpt clamps the fused output, as MPT does)
         raise NanotuneError(f"llama.cpp clamps q, k, v elsewhere than {cfg.model_type} does (clip_qkv "
                             f"{cfg.clip_qkv}, after the q/k norms), so this model's GGUF would be wrong.")
-    if arch not in ("smollm3", "cohere2", "llama4") and cfg.no_rope_layers and not all(cfg.no_rope_layers):  # (on
+    if arch not in ("smollm3", "cohere2", "llama4", "granitehybrid", "nemotron_h") and cfg.no_rope_layers and not all(
+            cfg.no_rope_layers):  # (on
         raise NanotuneError(f"llama.cpp's {arch} rotates every layer, and this model's full-attention layers have "
                             "no RoPE, so its GGUF would be wrong.")  # llama-cpp-python 0.3.36: its exaone4 does)
     if arch == "mpt" and cfg.attention_multiplier:

@@ -15,6 +15,7 @@ import re
 import torch
 
 import dist
+import gguf_mixers
 import quant
 import tokenizer
 from cli import NanotuneError, fresh_tmp, publish, read_json
@@ -422,6 +423,8 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
     if g("rope.freq_base_swa") and d.get("sliding_window"):
         d["rope_local_base_freq"] = g("rope.freq_base_swa")
     freqs = [float(x) for t in reader.tensors if t.name == "rope_freqs.weight" for x in t.data]
+    if arch in gguf_mixers.ARCHS:  # (its layer kinds, SSM sizes and per-layer arrays)
+        d.update(gguf_mixers.config(arch, g, names))
     if arch == "gemma4":  # (its keys and arrays as config.json says them; rope_freqs: proportional RoPE)
         for k in ("rope_local_base_freq", "partial_rotary_factor", "query_pre_attn_scalar", "rope_scaling"):
             d.pop(k, None)
@@ -433,10 +436,15 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
     return cfg
 
 
+def mixer_arch(cfg: Config) -> bool:
+    return FAMILIES[cfg.model_type].gguf_arch in gguf_mixers.ARCHS
+
+
 def gguf_tensors(reader, cfg: Config, where: str):
     """Dequantized tensors under HF names, in HF layout (from_gguf), Phi-3 split."""
     from gguf import quants
-    to_hf = {gg: hf for hf, gg in gguf_names(cfg).items()}
+    own = gguf_mixers.from_gguf(cfg) if mixer_arch(cfg) else {}
+    to_hf = {**{gg: hf for hf, gg in gguf_names(cfg).items()}, **{gg: hf for gg, (hf, _) in own.items()}}
     biases = {}
     for t in reader.tensors:
         if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
@@ -446,7 +454,8 @@ def gguf_tensors(reader, cfg: Config, where: str):
         name = to_hf[t.name]
         shape = [int(x) for x in reversed(t.shape)]  # GGUF lists dims fastest-first
         w = torch.from_numpy(quants.dequantize(t.data, t.tensor_type).astype("float32").reshape(shape))
-        for n, x in split_fused(cfg, name, from_gguf(cfg, name, w)):
+        w = gguf_mixers.transform(cfg, w, own[t.name][1], back=True) if t.name in own else from_gguf(cfg, name, w)
+        for n, x in split_fused(cfg, name, w):
             m = GGUF_EXPERTS.fullmatch(n)  # a stack of one projection -> per expert, for stack_experts
             b = GGUF_EXPERT_BIAS.fullmatch(n)
             if b:
@@ -467,7 +476,8 @@ def gguf_type_for(name, t, outtype):
     [E, out]) and MoE routers stay F32; a row that is not a whole number of quant blocks falls back to F16;
     everything else takes the requested type."""
     import gguf
-    if t.ndim == 1 or name.endswith(("_norm.weight", ".bias")) or ".ffn_gate_inp" in name:
+    if t.ndim == 1 or name.endswith(("_norm.weight", ".bias", ".ssm_a", ".ssm_d")) or ".ffn_gate_inp" in name or \
+            name.endswith(("ssm_conv1d.weight", "shortconv.conv.weight")):  # (what the ssm and conv ops read)
         return gguf.GGMLQuantizationType.F32
     qt = getattr(gguf.GGMLQuantizationType, outtype)
     block = gguf.GGML_QUANT_SIZES[qt][0]
@@ -476,9 +486,11 @@ def gguf_type_for(name, t, outtype):
 
 def gguf_out_tensors(cfg: Config, tensors):
     """(HF name, tensor) in the checkpoint's layout -> (GGUF name, fp32 numpy array), one at a time."""
-    names = gguf_names(cfg)
+    names, own = gguf_names(cfg), {hf for hf, *_ in gguf_mixers.table(cfg)} if mixer_arch(cfg) else set()
     for name, t in tensors:
-        if ".act_fn." not in name:  # (xIELU's parameters: metadata)
+        if name in own:  # (an arch's own layout: gguf_mixers.py)
+            yield from ((n, x.numpy()) for n, x in gguf_mixers.to_gguf(cfg, name, t.float().cpu()))
+        elif ".act_fn." not in name:  # (xIELU's parameters: metadata)
             yield names[name], to_gguf(cfg, name, t.float().cpu()).numpy()
     s = cfg.rope_scaling or {}
     if s.get("rope_type") in ("llama3", "proportional"):  # llama.cpp: a divisor per frequency (Gemma 4: of the
@@ -549,7 +561,7 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
         keys["attention.sliding_window_pattern"] = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
     if cfg.local_rope_theta:  # Gemma 3: the sliding layers' own base (unscaled)
         keys["rope.freq_base_swa"] = float(cfg.local_rope_theta)
-    keys.update(gemma4_gguf_keys(cfg) if arch == "gemma4" else {})
+    keys.update(gemma4_gguf_keys(cfg) if arch == "gemma4" else gguf_mixers.keys(cfg) if mixer_arch(cfg) else {})
     for gk, v in keys.items():
         add = w.add_array if isinstance(v, list) else w.add_bool if isinstance(v, bool) else \
             w.add_float32 if isinstance(v, float) else w.add_uint32

@@ -240,7 +240,8 @@ def qk_permute(w: torch.Tensor, heads: int, inverse=False) -> torch.Tensor:
 
 def permuted_heads(cfg: Config, name: str):
     """How many heads a Q/K tensor has when llama.cpp's `llama` arch wants its rows permuted, else None."""
-    if FAMILIES[cfg.model_type].gguf_arch not in ("llama", "granite", "granitemoe", "arcee", "smollm3", "mistral3"):
+    if FAMILIES[cfg.model_type].gguf_arch not in ("llama", "granite", "granitemoe", "arcee", "smollm3", "mistral3",
+                                                  "granitehybrid"):
         return None
     return cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads if ".k_proj." in name else None
 

@@ -56,6 +56,14 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     # llama.cpp's gpt-oss fixes the SwiGLU limit at 7 and rounds YaRN's correction range (truncate=false is not
     # expressible; export warns): the tiny config without YaRN, at gpt-oss's own limit
     "gpt_oss": {"swiglu_limit": 7.0, "rope_parameters": {"rope_type": "default", "rope_theta": 150000.0}},
+    # the token-mixer families (gguf_mixers.py); llama.cpp loads no conv / Mamba2 projection biases and never
+    # clamps the time step, and its granitehybrid needs the Mamba2 width at 2 x hidden_size
+    "lfm2": {"conv_bias": False}, "qwen3_5_text": {"linear_value_head_dim": 8},  # (llama.cpp's qwen35: dv = dk)
+    "qwen3_5_moe_text": {"linear_value_head_dim": 8},
+    "granitemoehybrid": {}, "granitemoehybrid-dense": {"mamba_proj_bias": False, "time_step_limit": (0.0,
+                                                                                                  float("inf"))},
+    "nemotron_h": {"use_bias": False, "time_step_min": 0.001},  # (its floor, as Nemotron-H ships it: llama.cpp
+    #                                                              has none; a time step below 0.001 is rare)
 }
 
 
@@ -110,6 +118,9 @@ def llama_cpp_logits(path, ids):
 # ggml's CPU GELU looks its value up in a table over fp16 inputs and outputs: Gemma 4 (GELU in every MLP and
 # per-layer-input gate, init 0.1) measured 5.2e-3 off in f32, 4.1e-4 once nanotune's GELU was rounded the same way
 F32_TOL = {"gemma4_text": 8e-3}
+# q8_0's share of equal top-1s: Qwen3.5-MoE's tiny routers flip 3 of 40 near-ties (0.925 at inits 0.02 to 0.07; its
+# f32 file is within 1e-3, f16 within 2e-2)
+Q8_TOP1 = {"qwen3_5_moe_text": 0.9}
 
 
 @pytest.mark.parametrize("arch", list(GGUF_ARCHS))
@@ -125,7 +136,7 @@ def test_gguf_runs_in_llama_cpp_with_nanotunes_logits(arch, tmp_path):
         if tol:
             assert (got - want).abs().max() < tol, (arch, q, (got - want).abs().max().item())
         else:
-            assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95, (arch, q)
+            assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= Q8_TOP1.get(arch, 0.95), (arch, q)
         back = formats.load_model(str(path))  # nanotune reads every file it writes, to the same precision
         with torch.no_grad():
             mine = back.logits(back(torch.tensor([ids])))[0]
@@ -133,7 +144,7 @@ def test_gguf_runs_in_llama_cpp_with_nanotunes_logits(arch, tmp_path):
             scale = want.abs().max().clamp_min(1)  # (fp32 rounding of the LoRA path vs the merged weights grows
             assert (mine - want).abs().max() < (1e-5 * scale if q == "f32" else tol), (arch, q)  # with the logits)
         else:
-            assert (mine.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95, (arch, q)
+            assert (mine.argmax(-1) == want.argmax(-1)).float().mean() >= Q8_TOP1.get(arch, 0.95), (arch, q)
 
 
 def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
@@ -161,26 +172,23 @@ def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
                                                                              "sliding_attention", "full_attention"])
     with pytest.raises(NanotuneError, match="llama.cpp's gemma4 needs a sliding layer and, where layers share k/v"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    m, tok = tiny_with_lora("lfm2", tmp_path / "lfm2")  # (llama.cpp's lfm2 exists; its tensors are not written yet)
-    with pytest.raises(NanotuneError, match="GGUF export of lfm2 is not written yet"):
-        export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    m, tok = tiny_with_lora("qwen3_5_text", tmp_path / "qwen35")  # (llama.cpp's qwen35: its ssm tensors, not yet)
-    with pytest.raises(NanotuneError, match="GGUF export of qwen35 is not written yet"):
+    m, tok = tiny_with_lora("lfm2", tmp_path / "lfm2", conv_bias=True)  # (llama.cpp's lfm2 loads no biases)
+    with pytest.raises(NanotuneError, match="llama.cpp's lfm2 loads no convolution or projection biases"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     m, tok = tiny_with_lora("mistral4", tmp_path / "mistral4")  # (llama.cpp's mistral4: latent tensors, not yet)
     with pytest.raises(NanotuneError, match="GGUF export of mistral4 is not written yet"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    m, tok = tiny_with_lora("granitemoehybrid-dense", tmp_path / "granite")  # (with RoPE; llama.cpp has the arch)
-    with pytest.raises(NanotuneError, match="GGUF export of granitehybrid is not written yet"):
+    m, tok = tiny_with_lora("granitemoehybrid-dense", tmp_path / "granite")  # (a time-step clamp, Mamba2 biases)
+    with pytest.raises(NanotuneError, match="llama.cpp's granitehybrid loads no Mamba2 in_proj / out_proj biases"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    m, tok = tiny_with_lora("nemotron_h", tmp_path / "nemotron")  # (llama.cpp's nemotron_h: ssm tensors, not yet)
-    with pytest.raises(NanotuneError, match="GGUF export of nemotron_h is not written yet"):
+    m, tok = tiny_with_lora("nemotron_h-moe", tmp_path / "nemotron")  # (llama.cpp's nemotron_h_moe: not yet)
+    with pytest.raises(NanotuneError, match="of Nemotron-H with MoE layers is another arch"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     m, tok = tiny_with_lora("gemma4_text", tmp_path / "gemma4", vocab_size_per_layer_input=64)
     with pytest.raises(NanotuneError, match="looks per-layer inputs up over the whole vocabulary \\(128\\)"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     assert sorted(os.listdir(tmp_path)) == ["base", "falcon", "gemma4", "granite", "lfm2", "llama4", "mistral4",
-                                            "nemotron", "olmoe", "phimoe", "qwen35"]  # (no GGUF, no temp)
+                                            "nemotron", "olmoe", "phimoe"]  # (no GGUF, no temp)
 
 
 def test_kquant_and_ollama_modelfile(tmp_path, capfd):
