@@ -168,7 +168,7 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         check_replaceable(out, "gguf")
     cfg = model.config
     arch = formats.FAMILIES[cfg.model_type].gguf_arch
-    if arch in ("qwen3next", "deepseek2", "mistral4"):  # (llama.cpp has them; their tensors: not written yet)
+    if arch == "qwen3next":  # (llama.cpp has it; its fused linear-attention tensors: not written yet)
         raise NanotuneError(f"GGUF export of {arch} is not written yet; export --format merged and convert that with "
                             "llama.cpp's convert_hf_to_gguf.py.")
     if arch in gguf_mixers.ARCHS:
@@ -223,7 +223,8 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         print(f"warning: llama.cpp rounds YaRN's correction range to whole dims (this model's truncate=false does "
               f"not), as in every {arch} GGUF: a few rotary frequencies differ slightly from transformers'.",
               file=sys.stderr)
-    if cfg.attn_scale and not cfg.temperature_nope_only:  # (measured: llama-cpp-python 0.3.36 ignores the keys)
+    if cfg.attn_scale and not cfg.temperature_nope_only and arch != "mistral4":  # (measured: llama-cpp-python
+        #                            0.3.36's mistral3 ignores the keys; its mistral4 (deepseek2's graph) reads them)
         print(f"warning: llama.cpp's {arch} does not scale the queries by position (this model's llama_4_scaling_beta "
               f"{cfg.attn_scale}); beyond {int(cfg.floor_scale)} tokens the GGUF attends differently.", file=sys.stderr)
     if cfg.sliding_window and not formats.FAMILIES[cfg.model_type].gguf_window:

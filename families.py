@@ -65,7 +65,8 @@ EXPERTS_KEY = {"num_experts": "num_local_experts"}  # (config.json may say eithe
 # {arch}.expert_weights_norm)
 GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "gpt-oss": True, "olmoe": False,
                   "granitemoe": True}
-GGUF_LEADING_DENSE = ("glm4moe", "ernie4_5-moe")  # llama.cpp archs that read leading_dense_block_count
+GGUF_LEADING_DENSE = ("glm4moe", "ernie4_5-moe", "deepseek2", "mistral4")  # llama.cpp archs that read
+#                                                                           leading_dense_block_count
 GGUF_MOE = {"num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
             "moe_intermediate_size": "expert_feed_forward_length"}
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",

@@ -445,7 +445,7 @@ def gguf_tensors(reader, cfg: Config, where: str):
     from gguf import quants
     own = gguf_mixers.from_gguf(cfg) if mixer_arch(cfg) else {}
     to_hf = {**{gg: hf for hf, gg in gguf_names(cfg).items()}, **{gg: hf for gg, (hf, _) in own.items()}}
-    biases = {}
+    biases, halves = {}, {}
     for t in reader.tensors:
         if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
             continue
@@ -454,8 +454,8 @@ def gguf_tensors(reader, cfg: Config, where: str):
         name = to_hf[t.name]
         shape = [int(x) for x in reversed(t.shape)]  # GGUF lists dims fastest-first
         w = torch.from_numpy(quants.dequantize(t.data, t.tensor_type).astype("float32").reshape(shape))
-        w = gguf_mixers.transform(cfg, w, own[t.name][1], back=True) if t.name in own else from_gguf(cfg, name, w)
-        for n, x in split_fused(cfg, name, w):
+        w = gguf_mixers.pair(cfg, halves, name, own[t.name][1], w) if t.name in own else from_gguf(cfg, name, w)
+        for n, x in split_fused(cfg, name, w) if w is not None else ():  # (MLA's kv_b: once both halves are read)
             m = GGUF_EXPERTS.fullmatch(n)  # a stack of one projection -> per expert, for stack_experts
             b = GGUF_EXPERT_BIAS.fullmatch(n)
             if b:
@@ -555,7 +555,8 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
             "vocab_size": cfg.vocab_size, "rope.dimension_count": cfg.rotary_dim}
     if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
         keys.update({"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim})
-    write_gguf_rope(w, cfg)
+    if arch not in gguf_mixers.MLA:  # (DeepSeek's YaRN: gguf_mixers.keys)
+        write_gguf_rope(w, cfg)
     keys.update(gguf_values(cfg))
     if cfg.layer_types and FAMILIES[cfg.model_type].gguf_window:  # which layers slide, one flag each
         keys["attention.sliding_window_pattern"] = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
@@ -564,7 +565,7 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
     keys.update(gemma4_gguf_keys(cfg) if arch == "gemma4" else gguf_mixers.keys(cfg) if mixer_arch(cfg) else {})
     for gk, v in keys.items():
         add = w.add_array if isinstance(v, list) else w.add_bool if isinstance(v, bool) else \
-            w.add_float32 if isinstance(v, float) else w.add_uint32
+            w.add_float32 if isinstance(v, float) else w.add_string if isinstance(v, str) else w.add_uint32
         add(f"{arch}.{gk}", v)
     w.add_file_type(FILE_TYPE.get(qtype, 1))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -1,6 +1,7 @@
-"""GGUF for the families whose layers are not all softmax attention: LFM2 (`lfm2`), Granite 4.0-H (`granitehybrid`),
-Nemotron-H (`nemotron_h`) and Qwen3.5 (`qwen35`, `qwen35moe`), in the layout llama.cpp's converter writes and its
-graphs read (convert_hf_to_gguf.py's LFM2Model, GraniteHybridModel, NemotronHModel, Qwen3_5TextModel, checked
+"""GGUF for the families whose layers are not all plain softmax attention: LFM2 (`lfm2`), Granite 4.0-H
+(`granitehybrid`), Nemotron-H (`nemotron_h`), Qwen3.5 (`qwen35`, `qwen35moe`) and multi-head latent attention
+(DeepSeek-V3 `deepseek2`, Mistral 4 `mistral4`), in the layout llama.cpp's converter writes and its graphs read
+(convert_hf_to_gguf.py's LFM2Model, GraniteHybridModel, NemotronHModel, Qwen3_5TextModel, DeepseekV2Model, checked
 against llama-cpp-python's logits in tests/test_export.py). formats.py writes the common keys and tensors; this file
 adds each arch's own: which layers recur (a per-layer kv-head count of 0, or Qwen3.5's recurrent_layers flags),
 the SSM sizes, and the tensors llama.cpp stores differently:
@@ -10,6 +11,8 @@ the SSM sizes, and the tensors llama.cpp stores differently:
     D      [nh]       -> ssm_d [nh, 1];  the gated norm [d_in] -> ssm_norm [G, d_in / G] (Mamba2's groups)
     Qwen3.5: value heads regrouped from HF's key-head-major order (head g r + i) to ggml's tiled one (i nk + g)
     Granite 4.0-H's shared MLP input_linear [2S, C] -> its gate and up halves (ffn_*_shexp; ffn_* without experts)
+    MLA: kv_b_proj [H (nope + v), r] -> attn_k_b [H, r, nope] (k's part, transposed) and attn_v_b [H, v, r]; the
+    rotated rows of q and of the key in adjacent pairs (llama.cpp's rope) where the checkpoint rotates halves
 
 Each entry of `table(cfg)` is (checkpoint name, GGUF name, transform); reading a GGUF back inverts it, the split
 halves landing on nanotune's own gate_proj / up_proj."""
@@ -21,7 +24,8 @@ from cli import NanotuneError
 from families import FAMILIES
 from model import Config
 
-ARCHS = ("lfm2", "granitehybrid", "nemotron_h", "qwen35", "qwen35moe")
+ARCHS = ("lfm2", "granitehybrid", "nemotron_h", "qwen35", "qwen35moe", "deepseek2", "mistral4")
+MLA = ("deepseek2", "mistral4")
 
 
 def arch_of(cfg: Config) -> str:
@@ -43,6 +47,9 @@ def check(cfg: Config):
             why = "requires the Mamba2 width to be twice hidden_size"
         elif arch == "nemotron_h" and cfg.num_experts:
             why = "of Nemotron-H with MoE layers is another arch (nemotron_h_moe), not written yet"
+    s = cfg.rope_scaling or {}
+    if arch in MLA and s.get("rope_type") == "yarn" and s.get("mscale", 0) != s.get("mscale_all_dim", 0):
+        why = "scales YaRN's attention by mscale_all_dim alone, and this model's mscale differs from it"
     if arch in ("qwen35", "qwen35moe") and cfg.linear_heads[2] != cfg.linear_heads[3]:
         why = "sizes the linear attention's value heads by its key heads, and this model's differ"
     if why:
@@ -51,7 +58,7 @@ def check(cfg: Config):
 
 def keys(cfg: Config) -> dict:
     """The arch's own GGUF keys (under the arch), over the common ones formats.py writes."""
-    arch, types = arch_of(cfg), cfg.layer_types
+    arch, types = arch_of(cfg), cfg.layer_types or [""] * cfg.num_hidden_layers
     attn = [t not in ("conv", "linear_attention", "mlp", "moe") for t in types]
     out = {"attention.head_count_kv": [cfg.num_key_value_heads if a else 0 for a in attn]}
     if arch == "lfm2":
@@ -84,6 +91,25 @@ def keys(cfg: Config) -> dict:
             out.update({"expert_count": cfg.num_experts, "expert_used_count": cfg.num_experts_per_tok,
                         "expert_feed_forward_length": cfg.moe_intermediate_size,
                         "expert_shared_feed_forward_length": cfg.shared_expert_intermediate_size})
+    if arch in MLA:  # (run as one shared key head of the latent + the rotated key; the experts as DeepSeek's)
+        ql, r, dr, dv = cfg.latent
+        out = {"attention.head_count_kv": 1, "attention.key_length": r + dr, "attention.value_length": r,
+               "attention.key_length_mla": cfg.head_dim, "attention.value_length_mla": dv,
+               "attention.q_lora_rank": ql, "attention.kv_lora_rank": r, "rope.dimension_count": dr,
+               "leading_dense_block_count": cfg.first_k_dense_replace, "expert_count": cfg.num_experts,
+               "expert_used_count": cfg.num_experts_per_tok, "expert_feed_forward_length": cfg.moe_intermediate_size,
+               "expert_shared_count": cfg.n_shared_experts, "expert_weights_scale": float(cfg.routed_scaling_factor),
+               "expert_weights_norm": bool(cfg.norm_topk_prob), "expert_gating_func": 2 if cfg.router == "sigmoid"
+               else 1}
+        if 1 < cfg.n_group and cfg.topk_group < cfg.n_group:
+            out.update({"expert_group_count": cfg.n_group, "expert_group_used_count": cfg.topk_group})
+        s = cfg.rope_scaling or {}
+        if s.get("rope_type") == "yarn":  # (llama.cpp's YaRN for deepseek2: mscale_all_dim by this key, x 0.1)
+            out.update({"rope.scaling.type": "yarn", "rope.scaling.factor": float(s["factor"]),
+                        "rope.scaling.original_context_length": s["original_max_position_embeddings"],
+                        "rope.scaling.yarn_beta_fast": float(s.get("beta_fast") or 32),
+                        "rope.scaling.yarn_beta_slow": float(s.get("beta_slow") or 1),
+                        "rope.scaling.yarn_log_multiplier": 0.1 * float(s.get("mscale_all_dim") or 0)})
     return out
 
 
@@ -91,7 +117,7 @@ def table(cfg: Config) -> list:
     """(checkpoint name, GGUF name, transform) for every tensor this arch stores its own way."""
     arch, rows = arch_of(cfg), []
     body = "backbone" if arch == "nemotron_h" else "model"  # (checkpoint names)
-    for i, t in enumerate(cfg.layer_types):
+    for i, t in enumerate(cfg.layer_types or [""] * cfg.num_hidden_layers):
         def add(hf, gg, how=None):
             rows.append((f"{body}.layers.{i}.{hf}", f"blk.{i}.{gg}", how))
         if arch == "lfm2" and t == "conv":
@@ -120,6 +146,15 @@ def table(cfg: Config) -> list:
                 for p in ("up", "down"):
                     add(f"mixer.{p}_proj.weight", f"ffn_{p}.weight")
                     add(f"mixer.{p}_proj.bias", f"ffn_{p}.bias")
+        if arch in MLA:
+            for hf, gg, how in (("q_proj.weight", "attn_q.weight", "q_rope"), ("q_b_proj.weight", "attn_q_b.weight",
+                                "q_rope"), ("kv_a_proj_with_mqa.weight", "attn_kv_a_mqa.weight", "kv_rope"),
+                                ("kv_b_proj.weight", "attn_k_b.weight", "k_b"),
+                                ("kv_b_proj.weight", "attn_v_b.weight", "v_b"), ("q_a_proj.weight", "attn_q_a.weight",
+                                                                                  None),
+                                ("q_a_layernorm.weight", "attn_q_a_norm.weight", None),
+                                ("kv_a_layernorm.weight", "attn_kv_a_norm.weight", None)):
+                add(f"self_attn.{hf}", gg, how)
         if arch in ("qwen35", "qwen35moe"):
             add("post_attention_layernorm.weight", "post_attention_norm.weight", "norm")
             add("input_layernorm.weight", "attn_norm.weight", "norm")
@@ -157,8 +192,31 @@ def v_order(cfg: Config, t: torch.Tensor, dim: int, width: int, back=False) -> t
     return t.movedim(0, dim)
 
 
+def rope_pairs(cfg: Config, t: torch.Tensor, start: int, width: int, back=False) -> torch.Tensor:
+    """MLA's rotated rows [start, start + dr) of each `width` rows from halves (x_i, x_{i + dr/2}) to adjacent pairs
+    (llama.cpp's rope), unless the checkpoint already rotates pairs (rope_interleave)."""
+    dr = cfg.latent[2]
+    if cfg.rope_interleaved:
+        return t
+    t = t.reshape(-1, width, *t.shape[1:]).clone()
+    part = t[:, start: start + dr]
+    shape = (part.shape[0], *((dr // 2, 2) if back else (2, dr // 2)), *part.shape[2:])
+    t[:, start: start + dr] = part.reshape(shape).transpose(1, 2).reshape(part.shape)
+    return t.reshape(-1, *t.shape[2:])
+
+
 def transform(cfg: Config, t: torch.Tensor, how, back=False) -> torch.Tensor:
-    """A checkpoint tensor -> its GGUF form (back: the inverse)."""
+    """A checkpoint tensor -> its GGUF form (back: the inverse; kv_b's halves: kv_b)."""
+    if how in ("q_rope", "kv_rope"):
+        ql, r, dr, dv = cfg.latent
+        return rope_pairs(cfg, t, cfg.head_dim - dr, cfg.head_dim, back) if how == "q_rope" else rope_pairs(
+            cfg, t, r, r + dr, back)
+    if how in ("k_b", "v_b"):
+        H, dn, dv = cfg.num_attention_heads, cfg.head_dim - cfg.latent[2], cfg.latent[3]
+        if back:  # t: {"k_b": [H, r, dn], "v_b": [H, dv, r]} -> [H (dn + dv), r]
+            return torch.cat([t["k_b"].transpose(1, 2), t["v_b"]], 1).reshape(H * (dn + dv), -1)
+        k, v = t.reshape(H, dn + dv, -1).split([dn, dv], 1)
+        return k.transpose(1, 2).contiguous() if how == "k_b" else v.contiguous()
     nk, nv, dk, dv = cfg.linear_heads[:4] if cfg.linear_heads else (1, 1, 1, 1)
     if how in ("conv", "conv_qkv"):
         if how == "conv_qkv":  # (the value rows regrouped)
@@ -194,6 +252,14 @@ def to_gguf(cfg: Config, name: str, t: torch.Tensor) -> list:
     return out
 
 
+def pair(cfg: Config, pending: dict, hf: str, how, w):
+    """Reading back: kv_b_proj once both its halves have been read (else None); any other tensor as it is."""
+    if how not in ("k_b", "v_b"):
+        return transform(cfg, w, how, back=True)
+    pending.setdefault(hf, {})[how] = w
+    return transform(cfg, pending.pop(hf), how, back=True) if len(pending[hf]) == 2 else None
+
+
 def from_gguf(cfg: Config) -> dict:
     """GGUF name -> (the name formats.load_tensors takes, the inverse transform) for the tensors of `table`."""
     back = {}
@@ -223,6 +289,27 @@ def config(arch: str, g, names: set) -> dict:
             d.update(num_experts=g("expert_count"), num_experts_per_tok=g("expert_used_count"),
                      moe_intermediate_size=g("expert_feed_forward_length"),
                      shared_expert_intermediate_size=g("expert_shared_feed_forward_length"))
+        return d
+    if arch in MLA:
+        ql, r, dr = g("attention.q_lora_rank"), g("attention.kv_lora_rank"), g("rope.dimension_count")
+        d = {"q_lora_rank": ql or None, "kv_lora_rank": r, "qk_rope_head_dim": dr, "v_head_dim": g(
+            "attention.value_length_mla"), "qk_nope_head_dim": g("attention.key_length_mla") - dr,
+            "num_key_value_heads": g("attention.head_count"), "head_dim": g("attention.key_length_mla"),
+            "rope_interleave": True, "partial_rotary_factor": dr / g("attention.key_length_mla"),
+            "n_routed_experts": g("expert_count"), "num_experts_per_tok": g("expert_used_count"),
+            "moe_intermediate_size": g("expert_feed_forward_length"), "n_shared_experts": g("expert_shared_count"),
+            "first_k_dense_replace": g("leading_dense_block_count"), "routed_scaling_factor": g(
+                "expert_weights_scale"), "norm_topk_prob": bool(g("expert_weights_norm")),
+            "n_group": g("expert_group_count", 1), "topk_group": g("expert_group_used_count", 1)}
+        if g("rope.scaling.type") == "yarn":
+            m = g("rope.scaling.yarn_log_multiplier") / 0.1
+            d["rope_scaling"] = {"rope_type": "yarn", "mscale": m, "mscale_all_dim": m, "factor": g(
+                "rope.scaling.factor"), "original_max_position_embeddings": g("rope.scaling.original_context_length"),
+                "beta_fast": g("rope.scaling.yarn_beta_fast"), "beta_slow": g("rope.scaling.yarn_beta_slow")}
+            d["rope_parameters"] = {"rope_theta": g("rope.freq_base"), **d["rope_scaling"]}
+            if beta := g("attention.temperature_scale"):  # (Mistral 4's query temperature, as Ministral 3's)
+                d["rope_parameters"].update(llama_4_scaling_beta=beta, original_max_position_embeddings=g(
+                    "attention.temperature_length"))
         return d
     nh, G = g("ssm.time_step_rank"), g("ssm.group_count")
     ssm = {"mamba_num_heads" if arch == "nemotron_h" else "mamba_n_heads": nh, "ssm_state_size" if arch ==

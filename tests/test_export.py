@@ -62,6 +62,11 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     "qwen3_5_moe_text": {"linear_value_head_dim": 8},
     "granitemoehybrid": {}, "granitemoehybrid-dense": {"mamba_proj_bias": False, "time_step_limit": (0.0,
                                                                                                   float("inf"))},
+    "deepseek_v3": {}, "mistral4": {},  # (MLA; the second with YaRN and the query temperature past 8 tokens)
+    # halves rotated (rope_interleave false), no q bottleneck, YaRN: llama.cpp scales by mscale_all_dim alone
+    "deepseek_v3-yarn": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                                             "mscale_all_dim": 1.0, "original_max_position_embeddings": 32,
+                                             "beta_fast": 32, "beta_slow": 1}},
     "nemotron_h": {"use_bias": False, "time_step_min": 0.001},  # (its floor, as Nemotron-H ships it: llama.cpp
     #                                                              has none; a time step below 0.001 is rare)
 }
@@ -175,8 +180,8 @@ def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
     m, tok = tiny_with_lora("lfm2", tmp_path / "lfm2", conv_bias=True)  # (llama.cpp's lfm2 loads no biases)
     with pytest.raises(NanotuneError, match="llama.cpp's lfm2 loads no convolution or projection biases"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    m, tok = tiny_with_lora("mistral4", tmp_path / "mistral4")  # (llama.cpp's mistral4: latent tensors, not yet)
-    with pytest.raises(NanotuneError, match="GGUF export of mistral4 is not written yet"):
+    m, tok = tiny_with_lora("deepseek_v3-yarn", tmp_path / "deepseek")  # (YaRN's mscale 0.707 != mscale_all_dim)
+    with pytest.raises(NanotuneError, match="llama.cpp's deepseek2 scales YaRN's attention by mscale_all_dim alone"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     m, tok = tiny_with_lora("granitemoehybrid-dense", tmp_path / "granite")  # (a time-step clamp, Mamba2 biases)
     with pytest.raises(NanotuneError, match="llama.cpp's granitehybrid loads no Mamba2 in_proj / out_proj biases"):
@@ -187,7 +192,7 @@ def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
     m, tok = tiny_with_lora("gemma4_text", tmp_path / "gemma4", vocab_size_per_layer_input=64)
     with pytest.raises(NanotuneError, match="looks per-layer inputs up over the whole vocabulary \\(128\\)"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    assert sorted(os.listdir(tmp_path)) == ["base", "falcon", "gemma4", "granite", "lfm2", "llama4", "mistral4",
+    assert sorted(os.listdir(tmp_path)) == ["base", "deepseek", "falcon", "gemma4", "granite", "lfm2", "llama4",
                                             "nemotron", "olmoe", "phimoe"]  # (no GGUF, no temp)
 
 
