@@ -167,10 +167,7 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
     if os.path.lexists(out):
         check_replaceable(out, "gguf")
     cfg = model.config
-    arch = formats.FAMILIES[cfg.model_type].gguf_arch
-    if arch == "qwen3next":  # (llama.cpp has it; its fused linear-attention tensors: not written yet)
-        raise NanotuneError(f"GGUF export of {arch} is not written yet; export --format merged and convert that with "
-                            "llama.cpp's convert_hf_to_gguf.py.")
+    arch = gguf_mixers.arch_of(cfg)
     if arch in gguf_mixers.ARCHS:
         gguf_mixers.check(cfg)
     if cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
@@ -183,8 +180,8 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         #                                              differs by 0.16; its mpt clamps the fused output, as MPT does)
         raise NanotuneError(f"llama.cpp clamps q, k, v elsewhere than {cfg.model_type} does (clip_qkv "
                             f"{cfg.clip_qkv}, after the q/k norms), so this model's GGUF would be wrong.")
-    if arch not in ("smollm3", "cohere2", "llama4", "granitehybrid", "nemotron_h") and cfg.no_rope_layers and not all(
-            cfg.no_rope_layers):  # (on
+    if arch not in ("smollm3", "cohere2", "llama4", "granitehybrid", "nemotron_h", "nemotron_h_moe") and \
+            cfg.no_rope_layers and not all(cfg.no_rope_layers):  # (on
         raise NanotuneError(f"llama.cpp's {arch} rotates every layer, and this model's full-attention layers have "
                             "no RoPE, so its GGUF would be wrong.")  # llama-cpp-python 0.3.36: its exaone4 does)
     if arch == "mpt" and cfg.attention_multiplier:
@@ -201,7 +198,8 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
                             "export --format merged instead.")
     if arch == "gemma4":
         gemma4_gguf_check(cfg)
-    dense = [i for i in range(cfg.num_hidden_layers) if cfg.num_experts and not (cfg.is_sparse(i) or cfg.moe_block)]
+    dense = [i for i in range(cfg.num_hidden_layers) if cfg.num_experts and not (  # (Nemotron-H: its mixer layers
+        cfg.is_sparse(i) or cfg.moe_block or cfg.single_mixer)]  # have no MLP)
     if arch in GGUF_LEADING_DENSE and dense == list(range(cfg.first_k_dense_replace)) or arch == "llama4" and \
             dense == [i for i in range(cfg.num_hidden_layers) if (i + 1) % cfg.decoder_sparse_step]:
         dense = []  # (llama.cpp's leading_dense_block_count, interleave_moe_layer_step)

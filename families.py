@@ -384,6 +384,7 @@ FAMILIES = {
                       inert=("experts_per_token", "initial_context_length")),  # other names of these)
 }
 GGUF_FAMILY = {f.gguf_arch: mt for mt, f in reversed(FAMILIES.items())}  # GGUF arch -> model_type (the first row)
+GGUF_FAMILY["nemotron_h_moe"] = "nemotron_h"  # (llama.cpp's arch for Nemotron-H with MoE layers)
 # vision-language configs whose text tower nanotune trains
 MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "llama4": "llama4_text", "mistral3": "ministral3",
               "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}

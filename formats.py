@@ -437,7 +437,7 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
 
 
 def mixer_arch(cfg: Config) -> bool:
-    return FAMILIES[cfg.model_type].gguf_arch in gguf_mixers.ARCHS
+    return gguf_mixers.arch_of(cfg) in gguf_mixers.ARCHS
 
 
 def gguf_tensors(reader, cfg: Config, where: str):
@@ -545,7 +545,7 @@ def gguf_rope_scaling(g, tensors) -> dict | None:
 
 def write_gguf_metadata(w, cfg: Config, tok, qtype):
     import gguf
-    arch = FAMILIES[cfg.model_type].gguf_arch
+    arch = gguf_mixers.arch_of(cfg)
     w.add_name("nanotune export")
     keys = {"block_count": cfg.num_hidden_layers, "context_length": cfg.max_position_embeddings,
             "embedding_length": cfg.hidden_size, "feed_forward_length": cfg.intermediate_size,
@@ -579,7 +579,7 @@ def write_gguf(path, cfg: Config, tok, tensors, qtype="f16"):
     import numpy as np
     outtype = (FLOAT_TYPES | BLOCK_TYPES)[qtype]
     F32, F16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16
-    w = gguf.GGUFWriter(path, FAMILIES[cfg.model_type].gguf_arch)
+    w = gguf.GGUFWriter(path, gguf_mixers.arch_of(cfg))
     try:
         write_gguf_metadata(w, cfg, tok, qtype)
         for key, values in (xielu_arrays(cfg, tensors()) if cfg.hidden_act == "xielu" else {}).items():

@@ -1,15 +1,16 @@
 """GGUF for the families whose layers are not all plain softmax attention: LFM2 (`lfm2`), Granite 4.0-H
-(`granitehybrid`), Nemotron-H (`nemotron_h`), Qwen3.5 (`qwen35`, `qwen35moe`) and multi-head latent attention
-(DeepSeek-V3 `deepseek2`, Mistral 4 `mistral4`), in the layout llama.cpp's converter writes and its graphs read
-(convert_hf_to_gguf.py's LFM2Model, GraniteHybridModel, NemotronHModel, Qwen3_5TextModel, DeepseekV2Model, checked
-against llama-cpp-python's logits in tests/test_export.py). formats.py writes the common keys and tensors; this file
-adds each arch's own: which layers recur (a per-layer kv-head count of 0, or Qwen3.5's recurrent_layers flags),
-the SSM sizes, and the tensors llama.cpp stores differently:
+(`granitehybrid`), Nemotron-H (`nemotron_h`), Qwen3.5 (`qwen35`, `qwen35moe`), Qwen3-Next (`qwen3next`) and
+multi-head latent attention (DeepSeek-V3 `deepseek2`, Mistral 4 `mistral4`), in the layout llama.cpp's converter
+writes and its graphs read (convert_hf_to_gguf.py's LFM2Model, GraniteHybridModel, NemotronHModel, Qwen3NextModel,
+Qwen3_5TextModel, DeepseekV2Model, checked against llama-cpp-python's logits in tests/test_export.py). formats.py
+writes the common keys and tensors; this file adds each arch's own: which layers recur (a per-layer kv-head count
+of 0, or Qwen3.5's recurrent_layers flags), the SSM sizes, and the tensors llama.cpp stores differently:
 
     conv1d [C, 1, K]  -> ssm_conv1d [C, K]            (shortconv.conv for LFM2)
     A_log  [nh]       -> ssm_a = -exp(A_log)          ([nh, 1] for Mamba2, [nh] for Qwen3.5)
     D      [nh]       -> ssm_d [nh, 1];  the gated norm [d_in] -> ssm_norm [G, d_in / G] (Mamba2's groups)
     Qwen3.5: value heads regrouped from HF's key-head-major order (head g r + i) to ggml's tiled one (i nk + g)
+    Qwen3-Next: its fused in_proj_qkvz (per key head) -> attn_qkv (q, k, v of every head) and attn_gate (z)
     Granite 4.0-H's shared MLP input_linear [2S, C] -> its gate and up halves (ffn_*_shexp; ffn_* without experts)
     MLA: kv_b_proj [H (nope + v), r] -> attn_k_b [H, r, nope] (k's part, transposed) and attn_v_b [H, v, r]; the
     rotated rows of q and of the key in adjacent pairs (llama.cpp's rope) where the checkpoint rotates halves
@@ -23,13 +24,17 @@ import torch
 from cli import NanotuneError
 from families import FAMILIES
 from model import Config
+from names import fused_order, fused_sizes
 
-ARCHS = ("lfm2", "granitehybrid", "nemotron_h", "qwen35", "qwen35moe", "deepseek2", "mistral4")
+QWEN = ("qwen35", "qwen35moe", "qwen3next")  # (Gated DeltaNet)
+ARCHS = ("lfm2", "granitehybrid", "nemotron_h", "nemotron_h_moe", *QWEN, "deepseek2", "mistral4")
 MLA = ("deepseek2", "mistral4")
 
 
 def arch_of(cfg: Config) -> str:
-    return FAMILIES[cfg.model_type].gguf_arch
+    """llama.cpp's arch for the model (Nemotron-H with experts is its own: nemotron_h_moe)."""
+    arch = FAMILIES[cfg.model_type].gguf_arch
+    return "nemotron_h_moe" if arch == "nemotron_h" and cfg.num_experts else arch
 
 
 def check(cfg: Config):
@@ -37,7 +42,7 @@ def check(cfg: Config):
     arch, why = arch_of(cfg), None
     if arch == "lfm2" and cfg.conv_bias:
         why = "loads no convolution or projection biases, and this model has conv_bias"
-    if arch in ("granitehybrid", "nemotron_h"):
+    if arch in ("granitehybrid", "nemotron_h", "nemotron_h_moe"):
         nh, P, G, N, K, conv_bias, bias, chunk, lo, hi = cfg.ssm
         if bias:
             why = "loads no Mamba2 in_proj / out_proj biases, and this model has them"
@@ -45,12 +50,14 @@ def check(cfg: Config):
             why = f"never clamps the Mamba2 time step, and this model clamps it to [{lo}, {hi}]"
         elif arch == "granitehybrid" and nh * P != 2 * cfg.hidden_size:
             why = "requires the Mamba2 width to be twice hidden_size"
-        elif arch == "nemotron_h" and cfg.num_experts:
-            why = "of Nemotron-H with MoE layers is another arch (nemotron_h_moe), not written yet"
+        elif arch == "nemotron_h_moe" and "mlp" in cfg.layer_types:
+            why = "makes every MLP layer of a model with experts an MoE one, and this model has plain MLP layers too"
+        elif arch == "nemotron_h_moe" and cfg.mlp_bias:
+            why = "loads no biases on the experts' latent projections, and this model has mlp_bias"
     s = cfg.rope_scaling or {}
     if arch in MLA and s.get("rope_type") == "yarn" and s.get("mscale", 0) != s.get("mscale_all_dim", 0):
         why = "scales YaRN's attention by mscale_all_dim alone, and this model's mscale differs from it"
-    if arch in ("qwen35", "qwen35moe") and cfg.linear_heads[2] != cfg.linear_heads[3]:
+    if arch in QWEN and cfg.linear_heads[2] != cfg.linear_heads[3]:
         why = "sizes the linear attention's value heads by its key heads, and this model's differ"
     if why:
         raise NanotuneError(f"llama.cpp's {arch} {why}, so its GGUF would be wrong; export --format merged instead.")
@@ -63,7 +70,7 @@ def keys(cfg: Config) -> dict:
     out = {"attention.head_count_kv": [cfg.num_key_value_heads if a else 0 for a in attn]}
     if arch == "lfm2":
         out["shortconv.l_cache"] = cfg.conv_kernel
-    if arch in ("granitehybrid", "nemotron_h"):
+    if arch in ("granitehybrid", "nemotron_h", "nemotron_h_moe"):
         nh, P, G, N, K = cfg.ssm[:5]
         out.update({"ssm.conv_kernel": K, "ssm.state_size": N, "ssm.group_count": G, "ssm.inner_size": nh * P,
                     "ssm.time_step_rank": nh})
@@ -75,16 +82,25 @@ def keys(cfg: Config) -> dict:
             "expert_used_count": cfg.num_experts_per_tok if cfg.num_experts else 0,
             "expert_shared_feed_forward_length": cfg.shared_mlp,
             "feed_forward_length": cfg.moe_intermediate_size if cfg.num_experts else cfg.shared_mlp})
-    if arch == "nemotron_h":
-        out.update({"feed_forward_length": [cfg.intermediate_size if t == "mlp" else 0 for t in types],
+    if arch == "nemotron_h_moe":  # (its MoE layers by a nonzero width; DeepSeek-V3's router)
+        out.update({"expert_count": cfg.num_experts, "expert_used_count": cfg.num_experts_per_tok,
+                    "expert_feed_forward_length": cfg.moe_intermediate_size, "expert_shared_count": 1,
+                    "expert_shared_feed_forward_length": cfg.shared_expert_intermediate_size,
+                    "expert_weights_norm": bool(cfg.norm_topk_prob), "expert_gating_func": 2,
+                    "expert_weights_scale": float(cfg.routed_scaling_factor), "expert_group_count": cfg.n_group,
+                    "expert_group_used_count": cfg.topk_group, "moe_latent_size": cfg.moe_latent_size})
+    if arch in ("nemotron_h", "nemotron_h_moe"):
+        width = cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size
+        out.update({"feed_forward_length": [width if t in ("mlp", "moe") else 0 for t in types],
                     "attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim,
                     "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
                     "attention.layer_norm_epsilon": float(cfg.rms_norm_eps)})  # (llama.cpp asks for both)
-    if arch in ("qwen35", "qwen35moe"):
+    if arch in QWEN:
         nk, nv, dk, dv, K = cfg.linear_heads
         out = {"ssm.conv_kernel": K, "ssm.state_size": dk, "ssm.group_count": nk, "ssm.time_step_rank": nv,
-               "ssm.inner_size": nv * dv, "attention.recurrent_layers": [t == "linear_attention" for t in types],
-               "rope.dimension_sections": [-(-(cfg.rotary_dim // 2 - k) // 3) for k in range(3)] + [0]}
+               "ssm.inner_size": nv * dv, "attention.recurrent_layers": [t == "linear_attention" for t in types]}
+        if arch != "qwen3next":
+            out["rope.dimension_sections"] = [-(-(cfg.rotary_dim // 2 - k) // 3) for k in range(3)] + [0]
         #  (interleaved M-RoPE: pair s turns by stream s % 3 while within its section; Qwen3.5's 32 pairs: 11, 11, 10.
         #   For text the three streams are the same position, so only the coverage matters)
         if cfg.num_experts:
@@ -116,7 +132,8 @@ def keys(cfg: Config) -> dict:
 def table(cfg: Config) -> list:
     """(checkpoint name, GGUF name, transform) for every tensor this arch stores its own way."""
     arch, rows = arch_of(cfg), []
-    body = "backbone" if arch == "nemotron_h" else "model"  # (checkpoint names)
+    nemotron = arch in ("nemotron_h", "nemotron_h_moe")
+    body = "backbone" if nemotron else "model"  # (checkpoint names)
     for i, t in enumerate(cfg.layer_types or [""] * cfg.num_hidden_layers):
         def add(hf, gg, how=None):
             rows.append((f"{body}.layers.{i}.{hf}", f"blk.{i}.{gg}", how))
@@ -124,7 +141,7 @@ def table(cfg: Config) -> list:
             add("conv.conv.weight", "shortconv.conv.weight", "conv")
             add("conv.in_proj.weight", "shortconv.in_proj.weight")
             add("conv.out_proj.weight", "shortconv.out_proj.weight")
-        mixer = {"granitehybrid": "mamba", "nemotron_h": "mixer"}.get(arch)
+        mixer = "mixer" if nemotron else "mamba" if arch == "granitehybrid" else None
         if mixer and t == "linear_attention":
             for hf, gg, how in (("in_proj.weight", "ssm_in.weight", None), ("conv1d.weight", "ssm_conv1d.weight",
                                 "conv"), ("conv1d.bias", "ssm_conv1d.bias", None), ("dt_bias", "ssm_dt.bias", None),
@@ -137,7 +154,15 @@ def table(cfg: Config) -> list:
             add("shared_mlp.input_linear.weight", f"ffn_gate{sh}.weight", "half0")
             add("shared_mlp.input_linear.weight", f"ffn_up{sh}.weight", "half1")
             add("shared_mlp.output_linear.weight", f"ffn_down{sh}.weight")
-        if arch == "nemotron_h":  # (one norm per layer; the mixer's own tensors)
+        if t == "moe":  # (Nemotron 3)
+            for hf, gg in (("gate.weight", "ffn_gate_inp.weight"), ("gate.e_score_correction_bias",
+                           "exp_probs_b.bias"), ("experts.up_proj.weight", "ffn_up_exps.weight"),
+                           ("experts.down_proj.weight", "ffn_down_exps.weight"), ("fc1_latent_proj.weight",
+                           "ffn_latent_down.weight"), ("fc2_latent_proj.weight", "ffn_latent_up.weight"),
+                           ("shared_experts.up_proj.weight", "ffn_up_shexp.weight"),
+                           ("shared_experts.down_proj.weight", "ffn_down_shexp.weight")):
+                add(f"mixer.{hf}", gg)
+        if nemotron:  # (one norm per layer; the mixer's own tensors)
             add("norm.weight", "attn_norm.weight")
             if t == "full_attention":
                 for p, gg in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output")):
@@ -155,6 +180,17 @@ def table(cfg: Config) -> list:
                                 ("q_a_layernorm.weight", "attn_q_a_norm.weight", None),
                                 ("kv_a_layernorm.weight", "attn_kv_a_norm.weight", None)):
                 add(f"self_attn.{hf}", gg, how)
+        if arch == "qwen3next":  # (its checkpoint's fused inputs: q, k, v of every head, and z; b and a as they are)
+            add("post_attention_layernorm.weight", "post_attention_norm.weight", "norm")
+            add("input_layernorm.weight", "attn_norm.weight", "norm")
+            if t == "linear_attention":
+                for hf, gg, how in (("in_proj_qkvz.weight", "attn_qkv.weight", "qkvz0"), ("in_proj_qkvz.weight",
+                                    "attn_gate.weight", "qkvz1"), ("in_proj_ba.weight", "ssm_ba.weight", None),
+                                    ("A_log", "ssm_a", "a1"), ("dt_bias", "ssm_dt.bias", None),
+                                    ("conv1d.weight", "ssm_conv1d.weight", "conv"), ("norm.weight", "ssm_norm.weight",
+                                                                                     None),
+                                    ("out_proj.weight", "ssm_out.weight", None)):
+                    add(f"linear_attn.{hf}", gg, how)
         if arch in ("qwen35", "qwen35moe"):
             add("post_attention_layernorm.weight", "post_attention_norm.weight", "norm")
             add("input_layernorm.weight", "attn_norm.weight", "norm")
@@ -169,12 +205,12 @@ def table(cfg: Config) -> list:
                     add(f"linear_attn.{hf}", gg, how)
             if cfg.num_experts:
                 add("mlp.shared_expert_gate.weight", "ffn_gate_inp_shexp.weight")  # (kept [1, C])
-    if arch == "nemotron_h":
+    if nemotron:
         rows += [("backbone.embeddings.weight", "token_embd.weight", None), ("backbone.norm_f.weight",
                                                                            "output_norm.weight", None)]
     if arch == "lfm2":
         rows.append(("model.embedding_norm.weight", "token_embd_norm.weight", None))  # (llama.cpp's final norm)
-    if arch in ("qwen35", "qwen35moe"):
+    if arch in QWEN:
         rows.append(("model.norm.weight", "output_norm.weight", "norm"))
     return rows
 
@@ -183,7 +219,7 @@ def v_order(cfg: Config, t: torch.Tensor, dim: int, width: int, back=False) -> t
     """Qwen3.5's value heads (nv = nk r, each `width` wide along `dim`) from HF's order (head g r + i: key head g's
     i-th) to ggml's (i nk + g) and back."""
     nk, nv = cfg.linear_heads[:2]
-    if nk == nv:
+    if nk == nv or arch_of(cfg) == "qwen3next":  # (llama.cpp's qwen3next reads HF's order)
         return t
     r = nv // nk
     t = t.movedim(dim, 0)
@@ -246,7 +282,10 @@ def to_gguf(cfg: Config, name: str, t: torch.Tensor) -> list:
     """A checkpoint tensor this arch stores its own way -> [(GGUF name, tensor)] (two for a split)."""
     out = []
     for hf, gg, how in table(cfg):
-        if hf == name:
+        if hf == name and how in ("qkvz0", "qkvz1"):  # (the fused rows back in q k v | z order, then split)
+            x = fused_order(cfg, "in_proj_qkvz", t).split(fused_sizes(cfg, "in_proj_qkvz", len(t)))[int(how[-1])]
+            out.append((gg, x))
+        elif hf == name:
             x = t.chunk(2, 0)[int(how[-1])] if how in ("half0", "half1") else transform(cfg, t, how)
             out.append((gg, x))
     return out
@@ -266,7 +305,11 @@ def from_gguf(cfg: Config) -> dict:
     for hf, gg, how in table(cfg):
         if how in ("half0", "half1"):  # (nanotune's own halves of the shared MLP)
             hf = hf.replace("input_linear.weight", "gate_proj.weight" if how == "half0" else "up_proj.weight")
-        back[gg] = (hf, how if how not in ("half0", "half1") else None)
+        if how in ("qkvz0", "qkvz1"):  # (and of Qwen3-Next's fused inputs)
+            hf = hf.replace("in_proj_qkvz", "in_proj_qkv" if how == "qkvz0" else "in_proj_z")
+        if hf.endswith((".experts.up_proj.weight", ".experts.down_proj.weight")):  # (Nemotron 3's stacks: nanotune's
+            hf = hf.replace("up_proj.weight", "gate_up_proj").replace("down_proj.weight", "down_proj")  # own names)
+        back[gg] = (hf, how if how not in ("half0", "half1", "qkvz0", "qkvz1") else None)
     return back
 
 
@@ -279,7 +322,7 @@ def config(arch: str, g, names: set) -> dict:
         return {"layer_types": ["full_attention" if k else "conv" for k in kv], "num_key_value_heads": heads,
                 "conv_L_cache": g("shortconv.l_cache"), "block_auto_adjust_ff_dim": False,
                 "tie_word_embeddings": "output.weight" not in names}
-    if arch in ("qwen35", "qwen35moe"):
+    if arch in QWEN:
         nv = g("ssm.time_step_rank")
         d = {"layer_types": ["linear_attention" if r else "full_attention" for r in g("attention.recurrent_layers")],
              "linear_num_key_heads": g("ssm.group_count"), "linear_num_value_heads": nv,
@@ -312,12 +355,20 @@ def config(arch: str, g, names: set) -> dict:
                     "attention.temperature_length"))
         return d
     nh, G = g("ssm.time_step_rank"), g("ssm.group_count")
-    ssm = {"mamba_num_heads" if arch == "nemotron_h" else "mamba_n_heads": nh, "ssm_state_size" if arch ==
-           "nemotron_h" else "mamba_d_state": g("ssm.state_size")}
-    if arch == "nemotron_h":
-        ff = g("feed_forward_length")
-        types = ["full_attention" if k else "mlp" if f else "linear_attention" for k, f in zip(kv, ff)]
-        return {**ssm, "layers_block_type": types, "mamba_head_dim": g("ssm.inner_size") // nh, "n_groups": G,
+    nemotron = arch in ("nemotron_h", "nemotron_h_moe")
+    ssm = {"mamba_num_heads" if nemotron else "mamba_n_heads": nh, "ssm_state_size" if nemotron else "mamba_d_state":
+           g("ssm.state_size")}
+    if arch in ("nemotron_h", "nemotron_h_moe"):
+        ff, E = g("feed_forward_length"), g("expert_count", 0)
+        types = ["full_attention" if k else ("moe" if E else "mlp") if f else "linear_attention"
+                 for k, f in zip(kv, ff)]
+        moe = {"n_routed_experts": E, "num_experts_per_tok": g("expert_used_count"), "moe_intermediate_size": g(
+            "expert_feed_forward_length"), "moe_shared_expert_intermediate_size": g(
+            "expert_shared_feed_forward_length"),
+            "norm_topk_prob": bool(g("expert_weights_norm")), "routed_scaling_factor": g("expert_weights_scale"),
+            "n_group": g("expert_group_count", 1), "topk_group": g("expert_group_used_count", 1),
+            "moe_latent_size": g("moe_latent_size") or None} if E else {}
+        return {**ssm, **moe, "layers_block_type": types, "mamba_head_dim": g("ssm.inner_size") // nh, "n_groups": G,
                 "conv_kernel": g("ssm.conv_kernel"), "num_key_value_heads": heads, "intermediate_size": max(ff),
                 "use_conv_bias": "blk.0.ssm_conv1d.bias" in names or any(".ssm_conv1d.bias" in n for n in names),
                 "mlp_bias": any(n.endswith("ffn_up.bias") for n in names), "head_dim": g("attention.key_length"),

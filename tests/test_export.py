@@ -60,6 +60,7 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     # clamps the time step, and its granitehybrid needs the Mamba2 width at 2 x hidden_size
     "lfm2": {"conv_bias": False}, "qwen3_5_text": {"linear_value_head_dim": 8},  # (llama.cpp's qwen35: dv = dk)
     "qwen3_5_moe_text": {"linear_value_head_dim": 8},
+    "qwen3_next": {"linear_value_head_dim": 8, "mlp_only_layers": []},  # (llama.cpp's qwen3next: every layer MoE)
     "granitemoehybrid": {}, "granitemoehybrid-dense": {"mamba_proj_bias": False, "time_step_limit": (0.0,
                                                                                                   float("inf"))},
     "deepseek_v3": {}, "mistral4": {},  # (MLA; the second with YaRN and the query temperature past 8 tokens)
@@ -69,6 +70,7 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
                                              "beta_fast": 32, "beta_slow": 1}},
     "nemotron_h": {"use_bias": False, "time_step_min": 0.001},  # (its floor, as Nemotron-H ships it: llama.cpp
     #                                                              has none; a time step below 0.001 is rare)
+    "nemotron_h-moe": {},  # (Nemotron 3: llama.cpp's nemotron_h_moe)
 }
 
 
@@ -123,9 +125,9 @@ def llama_cpp_logits(path, ids):
 # ggml's CPU GELU looks its value up in a table over fp16 inputs and outputs: Gemma 4 (GELU in every MLP and
 # per-layer-input gate, init 0.1) measured 5.2e-3 off in f32, 4.1e-4 once nanotune's GELU was rounded the same way
 F32_TOL = {"gemma4_text": 8e-3}
-# q8_0's share of equal top-1s: Qwen3.5-MoE's tiny routers flip 3 of 40 near-ties (0.925 at inits 0.02 to 0.07; its
-# f32 file is within 1e-3, f16 within 2e-2)
-Q8_TOP1 = {"qwen3_5_moe_text": 0.9}
+# q8_0's share of equal top-1s: the tiny Qwen3.5-MoE and Qwen3-Next flip near-ties through their routers (0.925
+# at inits 0.02 to 0.07, and 0.900; their f32 files are within 1e-3, f16 within 2e-2)
+Q8_TOP1 = {"qwen3_5_moe_text": 0.9, "qwen3_next": 0.85}
 
 
 @pytest.mark.parametrize("arch", list(GGUF_ARCHS))
@@ -186,8 +188,9 @@ def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
     m, tok = tiny_with_lora("granitemoehybrid-dense", tmp_path / "granite")  # (a time-step clamp, Mamba2 biases)
     with pytest.raises(NanotuneError, match="llama.cpp's granitehybrid loads no Mamba2 in_proj / out_proj biases"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
-    m, tok = tiny_with_lora("nemotron_h-moe", tmp_path / "nemotron")  # (llama.cpp's nemotron_h_moe: not yet)
-    with pytest.raises(NanotuneError, match="of Nemotron-H with MoE layers is another arch"):
+    m, tok = tiny_with_lora("nemotron_h-moe", tmp_path / "nemotron", layers_block_type=[
+        "linear_attention", "moe", "full_attention", "mlp"])  # (llama.cpp's nemotron_h_moe: every MLP an MoE)
+    with pytest.raises(NanotuneError, match="llama.cpp's nemotron_h_moe makes every MLP layer of a model with experts"):
         export.export_gguf(m, tok, str(tmp_path / "m.gguf"), "f16")
     m, tok = tiny_with_lora("gemma4_text", tmp_path / "gemma4", vocab_size_per_layer_input=64)
     with pytest.raises(NanotuneError, match="looks per-layer inputs up over the whole vocabulary \\(128\\)"):
