@@ -908,6 +908,122 @@ def xielu(x, alpha_p, alpha_n, beta, eps):
     return (xielu_triton if _triton(x) else xielu_ref)(x, alpha_p, alpha_n, beta, eps)
 
 
+# ---------------------------------------------------------------------------------------------
+# Causal depthwise convolution (LFM2's short convolution; the convolutions of Gated DeltaNet and Mamba2), kernel L:
+#     out[b, t, c] = bias[c] + sum_{i < L} w[c, i] v[b, t - (L - 1 - i), c]
+# a tap that reaches before the row or before the token's document (docs[b, t]: its index) reads 0. Backward:
+#     dv[b, s, c] = sum_i w[c, i] dout[b, s + L - 1 - i, c]   (taps within the document)
+#     dw[c, i] = sum_{b, t} dout[b, t, c] v[b, t - (L - 1 - i), c];   dbias[c] = sum_{b, t} dout[b, t, c]
+# The reference builds L shifted products; the kernel reads each tap in place (per-program partial sums of dw and
+# dbias, added up in PyTorch).
+def causal_conv1d_ref(v, w, bias=None, docs=None):
+    """v [B, T, C], w [C, L], bias [C] or None, docs [B, T] or None -> [B, T, C]."""
+    T, L = v.shape[1], w.shape[1]
+    full = F.pad(v, (0, 0, L - 1, 0))  # [B, L-1+T, C]: v_{t-L+1} .. v_t for every t
+    out = bias.to(v.dtype) if bias is not None else 0
+    for i in range(L):  # tap i reaches back L-1-i tokens
+        tap, lag = full[:, i: i + T] * w[:, i].to(v.dtype), L - 1 - i
+        if docs is not None and lag:  # (the tokens before a document's start are another document's)
+            same = torch.zeros_like(docs, dtype=torch.bool)
+            same[:, lag:] = docs[:, lag:] == docs[:, :-lag]
+            tap = tap * same[:, :, None].to(v.dtype)
+        out = out + tap
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _conv_fwd(V, W, BIAS, DOCS, OUT, T, C, L: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr,
+                  BT: tl.constexpr, BC: tl.constexpr):
+        pid, nt = tl.program_id(0), tl.cdiv(T, BT)
+        b, t = pid // nt, (pid % nt) * BT + tl.arange(0, BT)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        tm, cm = t < T, c < C
+        acc = tl.zeros((BT, BC), dtype=tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+        if HAS_DOCS:
+            d = tl.load(DOCS + b * T + t, mask=tm, other=-1)
+        for i in tl.static_range(L):
+            src = t - (L - 1 - i)
+            m = tm & (src >= 0)
+            if HAS_DOCS:
+                m = m & (tl.load(DOCS + b * T + src, mask=m, other=-2) == d)
+            x = tl.load(V + (b * T + src)[:, None].to(tl.int64) * C + c[None, :], mask=m[:, None] & cm[None, :],
+                        other=0.0)
+            acc += x.to(tl.float32) * tl.load(W + c * L + i, mask=cm, other=0.0).to(tl.float32)[None, :]
+        tl.store(OUT + (b * T + t)[:, None].to(tl.int64) * C + c[None, :], acc.to(OUT.dtype.element_ty),
+                 mask=tm[:, None] & cm[None, :])
+
+    @triton.jit
+    def _conv_bwd(DOUT, V, W, DOCS, DV, DW, DB, T, C, L: tl.constexpr, HAS_DOCS: tl.constexpr, BT: tl.constexpr,
+                  BC: tl.constexpr):
+        # dv for this program's rows; its partial sums of dw [C, L] and dbias [C] into DW[pid], DB[pid]
+        pid, nt = tl.program_id(0), tl.cdiv(T, BT)
+        b, s = pid // nt, (pid % nt) * BT + tl.arange(0, BT)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        sm, cm = s < T, c < C
+        both = sm[:, None] & cm[None, :]
+        if HAS_DOCS:
+            d = tl.load(DOCS + b * T + s, mask=sm, other=-1)
+        g_s = tl.load(DOUT + (b * T + s)[:, None].to(tl.int64) * C + c[None, :], mask=both, other=0.0).to(tl.float32)
+        tl.store(DB + pid.to(tl.int64) * C + c, tl.sum(g_s, axis=0), mask=cm)
+        dv = tl.zeros((BT, BC), dtype=tl.float32)
+        for i in tl.static_range(L):
+            lag = L - 1 - i
+            dst, src = s + lag, s - lag  # (dv: the outputs this input feeds; dw: the input this output read)
+            md, ms = sm & (dst < T), sm & (src >= 0)
+            if HAS_DOCS:
+                md = md & (tl.load(DOCS + b * T + dst, mask=md, other=-2) == d)
+                ms = ms & (tl.load(DOCS + b * T + src, mask=ms, other=-2) == d)
+            w_i = tl.load(W + c * L + i, mask=cm, other=0.0).to(tl.float32)
+            g = tl.load(DOUT + (b * T + dst)[:, None].to(tl.int64) * C + c[None, :], mask=md[:, None] & cm[None, :],
+                        other=0.0).to(tl.float32)
+            dv += g * w_i[None, :]
+            x = tl.load(V + (b * T + src)[:, None].to(tl.int64) * C + c[None, :], mask=ms[:, None] & cm[None, :],
+                        other=0.0).to(tl.float32)
+            tl.store(DW + (pid.to(tl.int64) * C + c) * L + i, tl.sum(g_s * x, axis=0), mask=cm)
+        tl.store(DV + (b * T + s)[:, None].to(tl.int64) * C + c[None, :], dv.to(DV.dtype.element_ty), mask=both)
+
+
+class _CausalConv(torch.autograd.Function):
+    BT, BC = 32, 64
+
+    @staticmethod
+    def forward(ctx, v, w, bias, docs):
+        v, w = v.contiguous(), w.contiguous()
+        (B, T, C), L = v.shape, w.shape[1]
+        docs = docs.contiguous() if docs is not None else None
+        out = torch.empty_like(v)
+        grid = (B * triton.cdiv(T, _CausalConv.BT), triton.cdiv(C, _CausalConv.BC))
+        _conv_fwd[grid](v, w, bias, docs, out, T, C, L=L, HAS_BIAS=bias is not None, HAS_DOCS=docs is not None,
+                        BT=_CausalConv.BT, BC=_CausalConv.BC)
+        ctx.save_for_backward(v, w, docs)
+        ctx.bias = bias.dtype if bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        v, w, docs = ctx.saved_tensors
+        (B, T, C), L = v.shape, w.shape[1]
+        grid = (B * triton.cdiv(T, _CausalConv.BT), triton.cdiv(C, _CausalConv.BC))
+        dv = torch.empty_like(v)
+        dw = torch.empty(grid[0], C, L, device=v.device, dtype=torch.float32)
+        db = torch.empty(grid[0], C, device=v.device, dtype=torch.float32)
+        _conv_bwd[grid](dout.contiguous(), v, w, docs, dv, dw, db, T, C, L=L, HAS_DOCS=docs is not None,
+                        BT=_CausalConv.BT, BC=_CausalConv.BC)
+        return dv, dw.sum(0).to(w.dtype), db.sum(0).to(ctx.bias) if ctx.bias else None, None
+
+
+def causal_conv1d_triton(v, w, bias=None, docs=None):
+    return _CausalConv.apply(v, w, bias, docs)
+
+
+def causal_conv1d(v, w, bias=None, docs=None):
+    """The kernel for CUDA tensors (and under the interpreter in tests), the reference elsewhere."""
+    return (causal_conv1d_triton if _triton(v) else causal_conv1d_ref)(v, w, bias, docs)
+
+
 def sparsemixer(scores, eps):
     """PhiMoE's top-2 router (its evaluation path; transformers samples the experts in training): the best expert,
     weighted by a softmax over the experts within a relative 2 eps of it, then the best of the rest alike.

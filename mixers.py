@@ -14,28 +14,22 @@ earlier document), so packing stays exact.
 import torch
 import torch.nn as nn
 
+import kernels
+
 
 def causal_conv(v, w, bias, docs=None, state=None, key="conv"):
     """Causal depthwise convolution: v [B, T, C], w [C, L] (w[:, L-1] on the current token) -> [B, T, C];
-    docs [B, T]: taps never reach into an earlier document; state: a dict whose `key` [B, L-1, C] holds the
-    previous tokens' v (generation), replaced by this call's last L-1."""
-    T, L = v.shape[1], w.shape[1]
-    prev = state.get(key) if state is not None else None
+    docs [B, T]: taps never reach into an earlier document (kernels.causal_conv1d); state: a dict whose `key`
+    [B, L-1, C] holds the previous tokens' v (generation), replaced by this call's last L-1."""
+    if state is None:
+        return kernels.causal_conv1d(v, w, bias, docs)
+    L = w.shape[1]
+    prev = state.get(key)
     if prev is None:
         prev = v.new_zeros(v.shape[0], L - 1, v.shape[2])
     full = torch.cat([prev.to(v.dtype), v], 1)  # [B, L-1+T, C]: v_{t-L+1} .. v_t for every t
-    if state is not None:
-        state[key] = full[:, -(L - 1):].detach() if L > 1 else prev
-    out = bias.to(v.dtype) if bias is not None else 0
-    for i in range(L):  # tap i reaches back L-1-i tokens
-        tap = full[:, i: i + T] * w[:, i].to(v.dtype)
-        lag = L - 1 - i
-        if docs is not None and lag:  # (the tokens before a document's start are another document's)
-            same = torch.zeros_like(docs, dtype=torch.bool)
-            same[:, lag:] = docs[:, lag:] == docs[:, :-lag]
-            tap = tap * same[:, :, None].to(v.dtype)
-        out = out + tap
-    return out
+    state[key] = full[:, -(L - 1):].detach() if L > 1 else prev
+    return kernels.causal_conv1d_ref(full, w, bias)[:, L - 1:]
 
 
 class ShortConv(nn.Module):

@@ -104,6 +104,23 @@ def test_plain_act(dtype, act, eps):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L,bias,docs", [(4, True, True), (3, False, False), (1, True, True), (4, False, True)])
+def test_causal_conv1d(dtype, L, bias, docs):
+    """The causal depthwise convolution (LFM2, Gated DeltaNet, Mamba2): odd lengths and channel counts past a block,
+    documents starting inside rows and at a block edge (32 rows), with and without a bias: output, dv, dw, dbias."""
+    B, T, C = 2, 45, 70
+    v, w = randn(B, T, C), randn(C, L, seed=1)
+    d = None
+    if docs:
+        starts = torch.zeros(B, T, dtype=torch.long, device=DEV)
+        starts[0, 7], starts[0, 32], starts[1, 33], starts[1, 44] = 1, 1, 1, 1
+        d = starts.cumsum(1)
+    b = [randn(C, seed=2)] if bias else []
+    check(lambda v, w, *b: kernels.causal_conv1d_triton(v, w, b[0] if b else None, d),
+          lambda v, w, *b: kernels.causal_conv1d_ref(v, w, b[0] if b else None, d), [v, w, *b], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cap", [None, 30.0])
 # (the Triton rows take ~4 s a case in Triton's CPU interpreter: slow tier; on a GPU they run for real)
 @pytest.mark.parametrize("rows_in", [pytest.param("triton", marks=pytest.mark.slow), "torch"])
