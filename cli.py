@@ -201,8 +201,9 @@ class _Parser(Parser):
         super().error(message)
 
 
-def read_yaml(path, names, aliases):
-    """{field: value} from a YAML mapping; another tool's key names are accepted (aliases)."""
+def read_yaml(path, names, aliases, migrate=None):
+    """{field: value} from a YAML mapping; another tool's key names are accepted (aliases), and another tool's whole
+    file where `migrate` knows it (mapping, path -> (nanotune's mapping, lines to print) or None: axolotl.py)."""
     import yaml
     if not os.path.isfile(path):
         raise NanotuneError(f"config file {path!r} does not exist.")
@@ -215,6 +216,10 @@ def read_yaml(path, names, aliases):
     if not isinstance(y, dict):
         raise NanotuneError(f"{path}: the top level must be a mapping of keys (lr: 1e-4, ...), got a "
                             f"{type(y).__name__}.")
+    if migrate and (other := migrate(y, path)) is not None:
+        y, notes = other
+        for line in notes:
+            print(line, file=sys.stderr)
     values = {}
     for k, v in y.items():
         name = aliases.get(k, k)
@@ -247,7 +252,7 @@ def parse_config(argv, cls):
             p.add_argument(*flags, **kw)
     args = vars(p.parse_args(argv))
     path = args.pop("config", None)
-    values = read_yaml(path, names, aliases) if path else {}
+    values = read_yaml(path, names, aliases, getattr(cls, "migrate", None)) if path else {}
     where = {k: f"{path}: " for k in values} | {k: "--" for k in args}
     values.update(args)
     byname = {f.name: f for f in fields(cls)}

@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+import axolotl
 import data
 import dist
 import lora
@@ -70,6 +71,7 @@ class DPOConfig(TrainConfig):
               "undesirable_weight": (lambda v: v > 0, "a number > 0"),
               "max_prompt_len": (lambda v: v >= 1, "a whole number >= 1"),
               "loss": (lambda v: v in LOSSES, " | ".join(LOSSES))}
+    migrate = staticmethod(lambda y, path: axolotl.migrate(y, path, rl_script=True))  # (an Axolotl `rl:` YAML)
 
 
 # SFT settings preference training does not use: refused when set, never silently ignored

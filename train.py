@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import axolotl
 import dist
 import kernels
 import lora
@@ -144,6 +145,7 @@ class TrainConfig:
     sample_prompts_file: str | None = F_(bundled("identity_prompts.txt"), "file with one held-out prompt per line")
     sample_max_tokens: int = F_(48, "tokens generated per sample prompt")
     limits, aliases = LIMITS, ALIASES  # class attributes, not fields (cli.parse_config reads them)
+    migrate = staticmethod(axolotl.migrate)  # (an Axolotl YAML as it is)
 
 
 # ---------------------------------------------------------------------------------------------
