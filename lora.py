@@ -310,7 +310,29 @@ def coverage(model, n_all: int) -> list:
     if bare:
         lines.append(f"warning: no adapter reaches the routed experts ({100 * bare / n_all:.0f}% of the parameters), "
                      "so they are not trained; add gate_proj, up_proj and down_proj (or gate_up_proj) to lora_targets.")
+    missed = {}  # the blocks' projections no adapter reaches, by name
+    for n, m in model.named_modules():
+        if ".layers." in n and hasattr(m, "in_features") and not isinstance(m, LoRALinear) and not any(
+                n.startswith(f"{a}.") for a, _ in layers) and not n.endswith((".lora_A", ".lora_B", ".base")):
+            c, w = missed.get(n.rsplit(".", 1)[-1], (0, 0))
+            missed[n.rsplit(".", 1)[-1]] = (c + 1, w + m.in_features * m.out_features)  # (how many, their size)
+    big = {k: w for k, (_, w) in missed.items() if w >= 0.02 * n_all}  # (a router or a gate is left alone quietly)
+    if big:
+        share = 100 * sum(big.values()) / n_all
+        lines.append(f"warning: no adapter reaches {', '.join(sorted(big))} ({share:.0f}% of the parameters); add "
+                     "them to lora_targets if they should train.")
     return lines
+
+
+def stuck(model) -> list:
+    """Log lines after the first optimizer step: adapters whose B is still exactly zero (their gradient was zero:
+    nothing they touch reached the loss), by name."""
+    dead = [n for n, m in lora_layers(model) if all(float(b.detach().abs().max()) == 0 for _, b in m.pairs())]
+    if not dead:
+        return []
+    return [f"warning: {len(dead)} of {len(lora_layers(model))} adapters did not move in the first step (their "
+            f"gradient was zero), e.g. {', '.join(dead[:3])}; check that the samples train tokens these layers "
+            "reach."]
 
 
 def set_lora_enabled(model, on: bool):

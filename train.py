@@ -328,6 +328,8 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
             micro = [to_device(task.collate([rows[i] for i in dist.rank_slice(sampler.next(), R, W)], tok), device)
                      for _ in range(cfg.grad_accum)]
             loss, gnorm, count, tokens, mets = train_step(model, opt, sched, micro, task, cfg.max_grad_norm)
+            for line in lora.stuck(model) if step == start + 1 and cfg.lora and not dist.is_dist() else ():
+                log(line)  # (the run doctor: adapters the first step did not move)
             runs.check_finite(step, loss=loss, gradient_norm=gnorm)
             stall.update(gnorm, step)
             tokens_seen += tokens

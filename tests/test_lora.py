@@ -423,3 +423,26 @@ def test_dropout_and_dora_on_the_experts_are_refused(tmp_path):
             lora.apply_lora(formats.load_model(str(tmp_path)), r=2, alpha=2, **kw)
         names = lora.apply_lora(formats.load_model(str(tmp_path)), r=2, alpha=2, targets=["q_proj", "v_proj"], **kw)
         assert names and not any("experts" in n for n in names)
+
+
+def test_the_run_doctor_names_what_the_adapter_misses_and_adapters_that_did_not_move(tmp_path):
+    """A target list without the MLP: the start of the run warns with the MLP's names and share of the parameters
+    (the default targets: no warning). After a step, adapters whose B is still zero are named (here the ones a
+    loss on layer 0's output never reaches)."""
+    make_hf_model("llama", tmp_path)
+    m = formats.load_model(str(tmp_path))
+    n_all = sum(p.numel() for p in m.parameters())
+    lora.apply_lora(m, r=4, alpha=8, targets=["q_proj", "v_proj"])
+    lines = lora.coverage(m, n_all)
+    assert len(lines) == 2 and "no adapter reaches down_proj, gate_proj, k_proj, o_proj, up_proj" in lines[1]
+    m2 = formats.load_model(str(tmp_path))
+    lora.apply_lora(m2, r=4, alpha=8)
+    assert len(lora.coverage(m2, n_all)) == 1
+    opt = torch.optim.AdamW([p for p in m2.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(3, 128, (2, 8))
+    layers, m2.model.layers = m2.model.layers, m2.model.layers[:1]  # (the loss sees layer 0 only: layer 1's
+    m2.logits(m2(ids)).logsumexp(-1).sum().backward()                 # adapters get no gradient)
+    m2.model.layers = layers
+    opt.step()
+    (line,) = lora.stuck(m2)
+    assert line.startswith("warning: 7 of 14 adapters did not move") and "model.layers.1.self_attn.q_proj" in line
