@@ -2,7 +2,8 @@
 
     python export.py --run out --format merged                 # HF directory, LoRA folded in (bf16)
     python export.py --run out --format adapter --dtype float16
-    python export.py --run out --format gguf --quant q8_0 --ollama --verify
+    python export.py --run out --format gguf --quant q8_0 --ollama      # each export is reloaded and checked
+                                                                       # (--no_verify skips that)
     python export.py --model ./Qwen2.5-0.5B --adapter out/adapter --format gguf --quant q4_k_m
 
 GGUF is written by nanotune itself through the `gguf` package (no llama.cpp scripts or binaries):
@@ -475,8 +476,9 @@ def main(argv=None):
                                                   "(q4_k_m, q5_k_m, q6_k, ...) with llama-cpp-python")
     p.add_argument("--ollama", action="store_true", help="gguf: also write an Ollama Modelfile beside it")
     p.add_argument("--system", default=None, help="--ollama: the Modelfile's system prompt")
-    p.add_argument("--verify", action="store_true", help="reload the export (with transformers, peft or llama.cpp "
-                   "when installed) and compare next-token logits; exit 1 past the format's tolerance")
+    p.add_argument("--verify", action="store_true", help="(the default) reload the export (with transformers, peft "
+                   "or llama.cpp when installed) and compare next-token logits; exit 1 past the format's tolerance")
+    p.add_argument("--no_verify", action="store_true", help="skip --verify")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     a = p.parse_args(argv)
     if not (a.run or a.model or a.adapter):
@@ -514,7 +516,7 @@ def main(argv=None):
                 f.write(ollama_modelfile(out, tok, a.system))
             publish(modelfile + ".tmp", modelfile)
     print(f"wrote {out} ({written})")
-    if a.verify:
+    if not a.no_verify:
         try:
             verify(a.format, out, model, tok, base_path, written)
         except NanotuneError as e:  # what failed is not left under the name a finished export has

@@ -369,7 +369,8 @@ def test_overwrite_replaces_only_nanotunes_own_results(tmp_path):
 
 def test_no_inf_is_written_and_a_failed_verify_is_moved_aside(tmp_path, monkeypatch):
     """--dtype float16 on weights past float16's range is refused (it wrote inf, only --verify noticed), leaving no
-    directory; an export that fails --verify is moved to <out>.unverified, not left under its finished name."""
+    directory; an export that fails verification (on by default) is moved to <out>.unverified, not left under its
+    finished name; --no_verify skips it."""
     make_hf_model("llama", tmp_path / "base")
     save_tiny_tokenizer(tmp_path / "base")
     m = formats.load_model(str(tmp_path / "base"))
@@ -383,7 +384,10 @@ def test_no_inf_is_written_and_a_failed_verify_is_moved_aside(tmp_path, monkeypa
     real = export.reader_logits
     monkeypatch.setattr(export, "reader_logits", lambda *a: (lambda who, got: (who, [g + torch.randn_like(g) * 5
                                                                                      for g in got]))(*real(*a)))
-    with pytest.raises(NanotuneError, match=r"verify failed.*moved to .*m32\.unverified"):
+    with pytest.raises(NanotuneError, match=r"verify failed.*moved to .*m32\.unverified"):  # (verify: the default)
         export.main(["--model", str(tmp_path / "base"), "--format", "merged", "--dtype", "float32",
-                     "--out", str(tmp_path / "m32"), "--verify"])
+                     "--out", str(tmp_path / "m32")])
     assert not os.path.exists(tmp_path / "m32") and os.path.isfile(tmp_path / "m32.unverified" / "config.json")
+    export.main(["--model", str(tmp_path / "base"), "--format", "merged", "--dtype", "float32", "--out",
+                 str(tmp_path / "m32b"), "--no_verify"])  # (skipped on request: the export stays)
+    assert os.path.isfile(tmp_path / "m32b" / "config.json")
