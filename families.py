@@ -290,10 +290,10 @@ FAMILIES = {
         defaults=dict(vocab_size=131072, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                       intermediate_size=21504, mlp_hidden_act="relu2", ssm_state_size=128, mamba_num_heads=128,
                       mamba_head_dim=64, n_groups=8, conv_kernel=4, chunk_size=128, use_conv_bias=True, use_bias=False,
-                      time_step_min=0.001, layer_norm_epsilon=1e-5),
+                      layer_norm_epsilon=1e-5),
         requires=dict(mamba_hidden_act=("silu",)), layout=(nemotron_in, nemotron_out), reads=NEMOTRON_SSM,
-        inert=("expand", "mamba_expand", "mamba_proj_bias", "time_step_max", "time_step_floor", "time_step_limit",
-               "mamba_dt_max", "mamba_dt_init_floor", "mamba_dt_limit", "residual_in_fp32", "rescale_prenorm_residual",
+        inert=("expand", "mamba_expand", "mamba_proj_bias", "time_step_max", "time_step_floor", "time_step_min",
+               "mamba_dt_max", "mamba_dt_init_floor", "mamba_dt_min", "residual_in_fp32", "rescale_prenorm_residual",
                "hidden_dropout", "num_logits_to_keep", "use_mamba_kernels", "mamba_ssm_cache_dtype",
                "n_shared_experts", "moe_shared_expert_overlap", "num_nextn_predict_layers", "mtp_layers_block_type"),
         mtp=True),  # (unused by transformers' model: init and kernel switches; the MTP layers are not loaded)

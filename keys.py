@@ -191,8 +191,8 @@ def granite_hybrid_out(c, d: dict):
 
 
 NEMOTRON_SSM = ("layers_block_type", "hybrid_override_pattern", "mamba_num_heads", "mamba_head_dim", "n_groups",
-                "ssm_state_size", "conv_kernel", "use_conv_bias", "use_bias", "chunk_size", "time_step_min",
-                "mamba_n_groups", "mamba_d_conv", "mamba_conv_bias", "mamba_chunk_size", "mamba_dt_min")
+                "ssm_state_size", "conv_kernel", "use_conv_bias", "use_bias", "chunk_size", "time_step_limit",
+                "mamba_n_groups", "mamba_d_conv", "mamba_conv_bias", "mamba_chunk_size", "mamba_dt_limit")
 PATTERN = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}  # (Nemotron-H's legacy pattern)
 
 
@@ -216,15 +216,16 @@ def nemotron_in(d: dict, where: str) -> dict:
                             f"conv_kernel, chunk_size) {shape} must be whole numbers > 0, the heads a multiple of the "
                             "groups; the file is incomplete or not a Nemotron-H config.")
     d.update(layer_types=types, num_hidden_layers=len(types), attention_bias=False)  # (its attention has no biases)
+    lo, hi = (float(v["__float__"]) if isinstance(v, dict) else float(v)  # (transformers >= 5.25 clamps the time
+              for v in get("time_step_limit", "mamba_dt_limit") or (0.0, float("inf")))  # step to this; 5.24 and
     return dict(ssm=(*shape[:5], bool(get("use_conv_bias", "mamba_conv_bias", True)), bool(d.get("use_bias")),
-                     shape[5], float(get("time_step_min", "mamba_dt_min", 0.001)), float("inf")),
-                layer_types=types, no_rope_layers=[0] * len(types))
+                     shape[5], lo, hi), layer_types=types, no_rope_layers=[0] * len(types))  # earlier: at time_step_min)
 
 
 def nemotron_out(c, d: dict):
-    nh, P, G, N, K, conv_bias, bias, chunk, lo, _ = c.ssm
+    nh, P, G, N, K, conv_bias, bias, chunk, lo, hi = c.ssm
     d.update(layers_block_type=c.layer_types, mamba_num_heads=nh, mamba_head_dim=P, n_groups=G, ssm_state_size=N,
-             conv_kernel=K, use_conv_bias=conv_bias, use_bias=bias, chunk_size=chunk, time_step_min=lo,
+             conv_kernel=K, use_conv_bias=conv_bias, use_bias=bias, chunk_size=chunk, time_step_limit=[lo, hi],
              mlp_hidden_act=c.hidden_act, moe_latent_size=c.moe_latent_size or None)
     for k in ("no_rope_layers", "layer_types", "num_hidden_layers", "hidden_act", "rope_scaling", "rope_parameters",
               "rope_theta", "partial_rotary_factor"):  # (no positions at all)

@@ -189,7 +189,7 @@ ARCH_CONFIGS = {
     "nemotron_h": ("NemotronHConfig", dict(
         layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"], head_dim=16, mamba_num_heads=4,
         mamba_head_dim=16, n_groups=2, ssm_state_size=8, chunk_size=8, mlp_bias=True, use_bias=True,
-        time_step_min=0.05)),
+        time_step_limit=(0.05, 4.0))),
     # Nemotron 3 (Nemotron-H with MoE layers): DeepSeek-V3's router over 2 groups, plain relu^2 experts in a 32-wide
     # latent, a shared expert
     "nemotron_h-moe": ("NemotronHConfig", dict(

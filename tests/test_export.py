@@ -68,8 +68,7 @@ GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to 
     "deepseek_v3-yarn": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
                                              "mscale_all_dim": 1.0, "original_max_position_embeddings": 32,
                                              "beta_fast": 32, "beta_slow": 1}},
-    "nemotron_h": {"use_bias": False, "time_step_min": 0.001},  # (its floor, as Nemotron-H ships it: llama.cpp
-    #                                                              has none; a time step below 0.001 is rare)
+    "nemotron_h": {"use_bias": False, "time_step_limit": (0.0, float("inf"))},  # (llama.cpp never clamps)
     "nemotron_h-moe": {},  # (Nemotron 3: llama.cpp's nemotron_h_moe)
 }
 
