@@ -216,10 +216,11 @@ def nemotron_in(d: dict, where: str) -> dict:
                             f"conv_kernel, chunk_size) {shape} must be whole numbers > 0, the heads a multiple of the "
                             "groups; the file is incomplete or not a Nemotron-H config.")
     d.update(layer_types=types, num_hidden_layers=len(types), attention_bias=False)  # (its attention has no biases)
-    lo, hi = (float(v["__float__"]) if isinstance(v, dict) else float(v)  # (transformers >= 5.25 clamps the time
-              for v in get("time_step_limit", "mamba_dt_limit") or (0.0, float("inf")))  # step to this; 5.24 and
+    # the time step's clamp: time_step_limit, as transformers >= 5.25 computes it (5.24 clamped at time_step_min)
+    lo, hi = (float(v["__float__"]) if isinstance(v, dict) else float(v)
+              for v in get("time_step_limit", "mamba_dt_limit") or (0.0, float("inf")))
     return dict(ssm=(*shape[:5], bool(get("use_conv_bias", "mamba_conv_bias", True)), bool(d.get("use_bias")),
-                     shape[5], lo, hi), layer_types=types, no_rope_layers=[0] * len(types))  # earlier: at time_step_min)
+                     shape[5], lo, hi), layer_types=types, no_rope_layers=[0] * len(types))
 
 
 def nemotron_out(c, d: dict):
