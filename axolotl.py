@@ -17,7 +17,7 @@ SAME = {"base_model": "model", "sequence_len": "max_len", "sample_packing": "pac
         "lora_r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
         "lora_target_modules": "lora_targets", "peft_use_dora": "use_dora", "peft_use_rslora": "use_rslora",
         "micro_batch_size": "micro_batch_size", "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs",
-        "max_steps": "max_steps", "learning_rate": "lr", "warmup_steps": "warmup_steps",
+        "max_steps": "max_steps", "learning_rate": "lr", "warmup_steps": "warmup_steps", "warmup_ratio": "warmup_ratio",
         "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "val_set_size": "val_set_size",
         "eval_steps": "eval_steps", "save_steps": "save_steps", "output_dir": "output_dir",
         "gradient_checkpointing": "gradient_checkpointing", "seed": "seed", "logging_steps": "log_steps",
@@ -123,8 +123,6 @@ def from_axolotl(y: dict, path: str, rl_script=False) -> tuple:
                 out["dtype"] = "bfloat16" if k == "bf16" else "float16"
             elif v not in (False, None, "auto"):
                 refuse(path, k, v, "use true, false or auto")
-        elif k == "warmup_ratio":
-            refuse(path, k, v, "set warmup_steps instead (a ratio of the run's steps is not read yet)")
         elif k == "rl":
             if v not in RL or not rl_script:
                 refuse(path, k, v, "preference training runs in dpo.py (python dpo.py --config ...)" if v in RL

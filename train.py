@@ -65,6 +65,7 @@ LIMITS = {
     "lr": (lambda v: v > 0 and math.isfinite(v), "a number > 0 (1e-4..1e-3 is usual for LoRA)"),
     "schedule": (lambda v: v in ("cosine", "linear", "constant"), "cosine, linear or constant"),
     "warmup_steps": (lambda v: v >= 0, "a whole number >= 0"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "weight_decay": (lambda v: 0 <= v < math.inf, "a number >= 0"),
     "epochs": (lambda v: 0 < v < math.inf, "a number > 0"),
     "max_steps": (lambda v: v >= 0, "a whole number >= 0 (0: from epochs)"),
@@ -117,6 +118,7 @@ class TrainConfig:
     lr: float = F_(1e-3, "peak learning rate (tuned for the default job; 1e-4..2e-4 is usual for 7B+ LoRA)")
     schedule: str = F_("cosine", "cosine | linear | constant, after warmup")
     warmup_steps: int = F_(0, "linear warmup steps")
+    warmup_ratio: float = F_(0.0, "warmup as a share of the run's steps, when warmup_steps is 0")
     weight_decay: float = F_(0.0, "AdamW weight decay (matrices only)")
     epochs: float = F_(3.0, "passes over the data (when max_steps is 0)")
     max_steps: int = F_(0, "optimizer steps (0: from epochs)")
@@ -391,10 +393,12 @@ def make_optimizer(model, cfg, device):
 
 
 def make_schedule(opt, cfg, total_steps):
+    warm = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # (a ratio: transformers' rounding)
+
     def f(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        t = (step - warm) / max(1, total_steps - warm)
         return {"cosine": 0.5 * (1 + math.cos(math.pi * t)), "linear": 1 - t, "constant": 1.0}[cfg.schedule]
     if cfg.schedule not in ("cosine", "linear", "constant"):
         raise NanotuneError(f"schedule {cfg.schedule!r} is not one of cosine, linear, constant.")

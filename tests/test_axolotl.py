@@ -101,6 +101,7 @@ gradient_accumulation_steps: 1
 max_steps: 2
 learning_rate: 0.001
 lr_scheduler: linear
+warmup_ratio: 0.1
 output_dir: {out}
 seed: 7
 """
@@ -119,6 +120,7 @@ grad_accum: 1
 max_steps: 2
 lr: 0.001
 schedule: linear
+warmup_ratio: 0.1
 output_dir: {out}
 seed: 7
 """
@@ -188,7 +190,7 @@ def test_an_axolotl_config_builds_the_nanotune_config_a_user_would_write(name, t
 
 @pytest.mark.parametrize("key,value,says", [
     ("load_in_8bit", "true", "use load_in_4bit"), ("lr_scheduler", "one_cycle", "cosine, linear or constant"),
-    ("optimizer", "lion_8bit", "nanotune trains with AdamW"), ("warmup_ratio", "0.1", "set warmup_steps instead"),
+    ("optimizer", "lion_8bit", "nanotune trains with AdamW"),
     ("rl", "dpo", "preference training runs in dpo.py"), ("rope_scaling", "{type: linear}", "remove it, or set"),
     ("special_tokens", "{bos_token: '<s>', eos_token: '</s>'}", "add the tokens to the tokenizer")])
 def test_an_axolotl_key_nanotune_does_not_implement_is_refused_in_one_sentence(key, value, says, tmp_path):
@@ -210,3 +212,21 @@ def test_an_axolotl_config_trains(tmp_path):
     assert len(read_losses(tmp_path / "o")) == 2
     assert os.path.exists(tmp_path / "o" / "adapter" / "adapter_model.safetensors")
     assert "lora_targets" in r.stderr and "Axolotl's wandb" not in r.stderr  # (null keys: unset, not named)
+
+
+def test_warmup_ratio_warms_up_over_its_share_of_the_steps():
+    """warmup_ratio (Axolotl's and transformers' key): ceil(ratio x steps) warmup steps when warmup_steps is 0 (21
+    steps at 0.1: 3), then the schedule; warmup_steps wins when both are set."""
+    import torch
+    cfg = train.TrainConfig(warmup_ratio=0.1, schedule="constant")
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = train.make_schedule(opt, cfg, 21)
+    got = []
+    for _ in range(5):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert got == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cfg.warmup_steps = 1
+    assert train.make_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), cfg, 21).get_last_lr() \
+        == [0.5]
