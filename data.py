@@ -349,6 +349,10 @@ def build_dataset(specs, tok, max_len=2048, truncation="truncate", chat_template
         names = ", ".join(s["path"] if isinstance(s, dict) else s for s in specs)
         raise NanotuneError(f"no sample in {names} has a trainable token (after masking and truncation); check "
                             "roles_to_train / train_on_inputs, the format, or raise max_len.")
+    if stats["dropped_untrained"]:  # (the run doctor: a share of the data masked out entirely)
+        print(f"warning: {stats['dropped_untrained']} of {stats['dropped_untrained'] + len(out)} samples train no "
+              "token and were dropped (no turn of a role in roles_to_train, or its answer truncated away); check "
+              "roles_to_train / train_on_inputs and max_len.", file=sys.stderr)
     stats["samples"] = len(out)
     stats["tokens"] = sum(len(s["input_ids"]) for s in out)
     stats["trained_tokens"] = sum(sum(t != IGNORE for t in s["labels"][1:]) for s in out)

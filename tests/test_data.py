@@ -108,6 +108,18 @@ def test_mixing_weights_and_truncation(tok, tmp_path):
     assert stats["truncated"] == 1 and max(len(s["input_ids"]) for s in cut) == 12
 
 
+def test_samples_that_train_nothing_are_dropped_with_a_warning(tok, tmp_path, capsys):
+    """The run doctor's data check: conversations where no turn of roles_to_train is left (here 2 of 5 without an
+    assistant turn) are dropped and counted in one warning line naming what to check."""
+    f = tmp_path / "d.jsonl"
+    rows = [[{"role": "user", "content": f"q{i}"}] + ([{"role": "assistant", "content": f"a{i}"}] if i % 2 == 0
+                                                      else []) for i in range(5)]
+    f.write_text("\n".join(json.dumps({"messages": m}) for m in rows))
+    kept, stats = data.build_dataset([str(f)], tok, max_len=64)
+    assert len(kept) == 3 and stats["dropped_untrained"] == 2
+    assert "warning: 2 of 5 samples train no token and were dropped" in capsys.readouterr().err
+
+
 def test_packing_rows_and_efficiency():
     samples = [{"input_ids": list(range(n)), "labels": list(range(n))} for n in (5, 4, 3, 6)]
     rows, eff = data.pack(samples, 10)
