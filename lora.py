@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import dist
 import kernels
 from cli import NanotuneError, publish, read_json
-from model import Experts, MoE
+from mlp import Experts, MoE
 from quant import Experts4bit, replace_module
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -154,7 +154,7 @@ class LoRALinear(nn.Module):
 
 
 class LoRAExperts(nn.Module):
-    """Per-expert LoRA on model.Experts' stacked weights: W_e += s B_e A_e for each of the E experts, A [E, r, in]
+    """Per-expert LoRA on mlp.Experts' stacked weights: W_e += s B_e A_e for each of the E experts, A [E, r, in]
     and B [E, out, r] per adapted projection (gate_up_proj [E, 2I, C], down_proj [E, C, I]). The kernel adds the
     low-rank term per expert's rows and never forms the [E, out, in] delta (kernels.moe_experts)."""
     PROJ = ("gate_up_proj", "down_proj")

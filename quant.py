@@ -22,7 +22,7 @@ import torch.nn as nn
 import dist
 import kernels
 from cli import NanotuneError
-from model import Experts
+from mlp import Experts
 
 # The 16 NF4 values (bitsandbytes' table, index = 4-bit code)
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

@@ -342,7 +342,7 @@ def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     its wrappers then, and the keys differ) with the router too."""
     import json
     from names import adapter_names
-    from model import MoE
+    from mlp import MoE
     from peft import LoraConfig, PeftModel
     hf = make_hf_model(arch, tmp_path / "base")
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))

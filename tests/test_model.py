@@ -8,6 +8,7 @@ import formats
 import kernels
 import memory
 import model
+from mlp import MoE
 
 
 def padded_batch(vocab, lengths=(12, 9, 7), seed=1):
@@ -332,7 +333,7 @@ def test_moe_aux_loss_equals_transformers_and_its_gradient_is_exact(arch, tmp_pa
         return torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad])
     logits = []  # the reference: every router's logits kept with their graph, the loss written out
     hooks = [mod.gate.register_forward_hook(lambda _, __, out: logits.append(out)) for mod in m.modules()
-             if isinstance(mod, model.MoE)]
+             if isinstance(mod, MoE)]
     m.zero_grad()
     ce = train.token_loss_sum(m, batch)
     for h in hooks:

@@ -172,7 +172,7 @@ def test_4bit_experts_hold_nf4_of_the_stacked_weights_and_compute_with_them(arch
     import transformers
     from conftest import save_tiny_tokenizer
     import export
-    from model import Experts
+    from mlp import Experts
     make_hf_model(arch, tmp_path / "hf")
     save_tiny_tokenizer(tmp_path / "hf")
     q = formats.load_model(str(tmp_path / "hf"), prepare=quant.prepare_4bit)
