@@ -169,8 +169,7 @@ def export_gguf(model, tok, out, qtype="f16", overwrite=False):
         check_replaceable(out, "gguf")
     cfg = model.config
     arch = gguf_mixers.arch_of(cfg)
-    if arch in gguf_mixers.ARCHS:
-        gguf_mixers.check(cfg)
+    gguf_mixers.check(cfg)  # (what llama.cpp cannot run of the mixer archs; nothing for the others)
     if cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
         raise NanotuneError("llama.cpp scales attention by 1/sqrt(head_dim); this model's "
                             f"query_pre_attn_scalar ({cfg.query_pre_attn_scalar}) differs, so its GGUF would be wrong.")

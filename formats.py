@@ -436,14 +436,10 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
     return cfg
 
 
-def mixer_arch(cfg: Config) -> bool:
-    return gguf_mixers.arch_of(cfg) in gguf_mixers.ARCHS
-
-
 def gguf_tensors(reader, cfg: Config, where: str):
     """Dequantized tensors under HF names, in HF layout (from_gguf), Phi-3 split."""
     from gguf import quants
-    own = gguf_mixers.from_gguf(cfg) if mixer_arch(cfg) else {}
+    own = gguf_mixers.from_gguf(cfg)
     to_hf = {**{gg: hf for hf, gg in gguf_names(cfg).items()}, **{gg: hf for gg, (hf, _) in own.items()}}
     biases, halves = {}, {}
     for t in reader.tensors:
@@ -486,7 +482,7 @@ def gguf_type_for(name, t, outtype):
 
 def gguf_out_tensors(cfg: Config, tensors):
     """(HF name, tensor) in the checkpoint's layout -> (GGUF name, fp32 numpy array), one at a time."""
-    names, own = gguf_names(cfg), {hf for hf, *_ in gguf_mixers.table(cfg)} if mixer_arch(cfg) else set()
+    names, own = gguf_names(cfg), {hf for hf, *_ in gguf_mixers.table(cfg)}
     for name, t in tensors:
         if name in own:  # (an arch's own layout: gguf_mixers.py)
             yield from ((n, x.numpy()) for n, x in gguf_mixers.to_gguf(cfg, name, t.float().cpu()))
@@ -562,7 +558,7 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
         keys["attention.sliding_window_pattern"] = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
     if cfg.local_rope_theta:  # Gemma 3: the sliding layers' own base (unscaled)
         keys["rope.freq_base_swa"] = float(cfg.local_rope_theta)
-    keys.update(gemma4_gguf_keys(cfg) if arch == "gemma4" else gguf_mixers.keys(cfg) if mixer_arch(cfg) else {})
+    keys.update(gemma4_gguf_keys(cfg) if arch == "gemma4" else gguf_mixers.keys(cfg))
     for gk, v in keys.items():
         add = w.add_array if isinstance(v, list) else w.add_bool if isinstance(v, bool) else \
             w.add_float32 if isinstance(v, float) else w.add_string if isinstance(v, str) else w.add_uint32

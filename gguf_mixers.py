@@ -64,8 +64,10 @@ def check(cfg: Config):
 
 
 def keys(cfg: Config) -> dict:
-    """The arch's own GGUF keys (under the arch), over the common ones formats.py writes."""
+    """The arch's own GGUF keys (under the arch), over the common ones formats.py writes ({} for other archs)."""
     arch, types = arch_of(cfg), cfg.layer_types or [""] * cfg.num_hidden_layers
+    if arch not in ARCHS:
+        return {}
     attn = [t not in ("conv", "linear_attention", "mlp", "moe") for t in types]
     out = {"attention.head_count_kv": [cfg.num_key_value_heads if a else 0 for a in attn]}
     if arch == "lfm2":
@@ -130,7 +132,7 @@ def keys(cfg: Config) -> dict:
 
 
 def table(cfg: Config) -> list:
-    """(checkpoint name, GGUF name, transform) for every tensor this arch stores its own way."""
+    """(checkpoint name, GGUF name, transform) for every tensor this arch stores its own way (none for other archs)."""
     arch, rows = arch_of(cfg), []
     nemotron = arch in ("nemotron_h", "nemotron_h_moe")
     body = "backbone" if nemotron else "model"  # (checkpoint names)
@@ -154,7 +156,7 @@ def table(cfg: Config) -> list:
             add("shared_mlp.input_linear.weight", f"ffn_gate{sh}.weight", "half0")
             add("shared_mlp.input_linear.weight", f"ffn_up{sh}.weight", "half1")
             add("shared_mlp.output_linear.weight", f"ffn_down{sh}.weight")
-        if t == "moe":  # (Nemotron 3)
+        if nemotron and t == "moe":  # (Nemotron 3)
             for hf, gg in (("gate.weight", "ffn_gate_inp.weight"), ("gate.e_score_correction_bias",
                            "exp_probs_b.bias"), ("experts.up_proj.weight", "ffn_up_exps.weight"),
                            ("experts.down_proj.weight", "ffn_down_exps.weight"), ("fc1_latent_proj.weight",
