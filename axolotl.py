@@ -9,6 +9,7 @@ Reference: Axolotl's config docs (docs/config-reference.qmd) and its examples/*.
     values, notes = from_axolotl(yaml.safe_load(open("qlora.yml")), "qlora.yml")
 """
 from cli import NanotuneError
+from lora import DEFAULT_TARGETS
 
 MARKERS = ("base_model", "adapter", "lora_target_modules", "lora_target_linear", "sample_packing", "lr_scheduler",
            "rl")  # (keys only Axolotl has: train.py also takes learning_rate, sequence_len, num_epochs ... as aliases)
@@ -107,7 +108,7 @@ def from_axolotl(y: dict, path: str, rl_script=False) -> tuple:
             out["load_in_4bit"] = v == "qlora" or y.get("load_in_4bit", False)
         elif k == "lora_target_linear":
             if v and "lora_target_modules" not in y:
-                out["lora_targets"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                out["lora_targets"] = list(DEFAULT_TARGETS)  # (train.py adds the mixers' own projections)
         elif k == "lr_scheduler":
             if v not in SCHEDULES:
                 refuse(path, k, v, "nanotune schedules cosine, linear or constant after warmup")
