@@ -421,9 +421,8 @@ def bench_kernels():
     Ws = [torch.randn(o, C, device=dev, dtype=dt) * 0.02 for o in (4096, 1024, 1024)]  # q, k, v
     wfs, ab = [lambda d, w=w: w for w in Ws], [torch.randn(16, C, device=dev) * 0.01 for _ in Ws] + [
         torch.randn(w.shape[0], 16, device=dev) * 0.01 for w in Ws]
-
-    def cat(ys):
-        return torch.cat([t.flatten() for t in ys])
+    scan = [torch.randn(64, 64, 64, 128, device=dev) * s for s in (1, 0.01, 0.01)] + [torch.rand(64, 64, device=dev)]
+    cat = lambda ys: torch.cat([t.flatten() for t in ys])  # noqa: E731  (a tuple of outputs as one tensor)
     cases = {
         "lora q/k/v [8192x4096, r=16]": (lambda x, *p: cat(kernels._LoRALinear.apply(x, wfs, [None] * 3, [2.0] * 3,
                                                                                      True, False, *p)),
@@ -432,6 +431,8 @@ def bench_kernels():
         "rms_norm [8192x4096]": (kernels.rms_norm_triton, kernels.rms_norm_ref, (x, w), (1e-5,)),
         "swiglu [8192x14336]": (kernels.gated_act_triton, kernels.gated_act_ref, (g, u), ("silu",)),
         "rope q [4x32x2048x128]": (kernels.rope_triton, kernels.rope_ref, (q,), (cos, sin)),
+        "chunk_scan [64 x 64 chunks of 64 x 128]": (lambda *a: cat(kernels.chunk_scan_triton(*a)),
+                                                    lambda *a: cat(kernels.chunk_scan_ref(*a)), scan, ()),
         "linear_ce [8192x4096 -> 128256]": (kernels.linear_cross_entropy_triton,
                                             lambda a, b, yy: torch.nn.functional.cross_entropy(
                                                 (a @ b.t()).float(), yy, reduction="sum"), (h, W), (y,)),
@@ -447,7 +448,7 @@ def bench_kernels():
                 r[label + "_error"] = str(e).splitlines()[0][:120]
         rows.append(r)
         cols = "  ".join(f"{k}: {r[k][0]:7.2f} ms {r[k][1]:8.0f} MiB" for k in ("triton", "reference", "compiled"))
-        print(f"{name:34s} " + cols, flush=True)
+        print(f"{name:40s} " + cols, flush=True)
     return rows
 
 
@@ -570,15 +571,13 @@ def bench_cpu(a):
     rows = []
     for c, rs in runs.items():
         row = dict(rs[0], step_s=statistics.median(r["step_s"] for r in rs), rounds=[r["step_s"] for r in rs],
-                   peak_gib=max(r["peak_gib"] for r in rs), shape="135m-default", mode="lora-fp32-cpu",
-                   batch=a.batch, seq=a.seq)
+                   peak_gib=max(r["peak_gib"] for r in rs), shape="135m-default", mode="lora-fp32-cpu", batch=a.batch,
+                   seq=a.seq, device=where, date=time.strftime("%Y-%m-%d"), command="python bench.py --cpu")
         row["tokens_per_s"] = a.batch * a.seq / row["step_s"]
         rows.append(row)
     if len(runs) == 2:
         rows[0]["vs_hf_peft"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
         print(f"nanotune / hf_peft: {rows[0]['vs_hf_peft']:.2f}x (median s/step over {a.rounds} rounds)", flush=True)
-    for row in rows:
-        row.update(device=where, date=time.strftime("%Y-%m-%d"), command="python bench.py --cpu")
     # CPU rows go to their own file: results/bench.json is the GPU's (each row's "gpu" names its device)
     save(a.json if a.json != "results/bench.json" else "results/bench_cpu.json", where, rows, a.device_call)
 

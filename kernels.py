@@ -1024,6 +1024,127 @@ def causal_conv1d(v, w, bias=None, docs=None):
     return (causal_conv1d_triton if _triton(v) else causal_conv1d_ref)(v, w, bias, docs)
 
 
+# ---------------------------------------------------------------------------------------------
+# Chunk scan: the sequential part of the chunked delta rule (Gated DeltaNet) and of Mamba2's SSD scan. Per row and
+# head (b), over the chunks n = 0 .. N-1 of C tokens, a state S [K, V] is carried from chunk to chunk:
+#     D_n = U_n - W_n S          (no W: D_n = U_n)          U_n [C, V], W_n [C, K]
+#     S_in[n] = S;   S <- g_n S + K_n^T D_n                K_n [C, K], g_n the state's decay over the chunk (scalar)
+# Everything else (the UT transform inside a chunk, the outputs from S_in and D) is batched matmuls over all chunks
+# at once, in mixers.py. Backward, n = N-1 .. 0, dS the gradient of the state leaving chunk n (the final state's
+# gradient first):
+#     dD = dD_n + K_n dS;   dU_n = dD;   dW_n = -dD S_in[n]^T;   dK_n = D_n dS^T;   dg_n = <dS, S_in[n]>
+#     dS <- g_n dS - W_n^T dD + dS_in[n]
+# A column of S reads and writes only its own column, so the kernel runs one program per (b, block of V columns);
+# dW, dK and dg sum over V: per-block partial sums, added up in PyTorch. All in fp32.
+def chunk_scan_ref(U, W, K, g, S0=None):
+    """U [B, N, C, V], W [B, N, C, K] or None, K [B, N, C, K], g [B, N], S0 [B, K, V] or None -> (D [B, N, C, V]
+    (U itself without W), S_in [B, N, K, V], the final state [B, K, V])."""
+    S = U.new_zeros(U.shape[0], K.shape[-1], U.shape[-1]) if S0 is None else S0
+    Ds, Sin = [], []
+    for n in range(U.shape[1]):
+        Ds.append(U[:, n] - W[:, n] @ S if W is not None else U[:, n])
+        Sin.append(S)
+        S = g[:, n, None, None] * S + K[:, n].transpose(-1, -2) @ Ds[-1]
+    return (torch.stack(Ds, 1) if W is not None else U), torch.stack(Sin, 1), S
+
+
+if triton is not None:
+    @triton.jit
+    def _tile(P, n, R: tl.constexpr, Q: tl.constexpr, r, q, rows, cols):
+        # tile [R, Q] at rows r, columns q of matrix n in a stack of [rows, cols] matrices (fp32; 0 outside)
+        m = (r < rows)[:, None] & (q < cols)[None, :]
+        return tl.load(P + n * rows * cols + r[:, None] * cols + q[None, :], mask=m, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _put(P, n, x, r, q, rows, cols):
+        m = (r < rows)[:, None] & (q < cols)[None, :]
+        tl.store(P + n * rows * cols + r[:, None] * cols + q[None, :], x.to(P.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _scan_fwd(U, W, K, G, S0, D, SIN, SOUT, N, C, KD, V, HAS_W: tl.constexpr, BC: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        c, k, v = tl.arange(0, BC), tl.arange(0, BK), tl.program_id(1) * BV + tl.arange(0, BV)
+        S = _tile(S0, b, BK, BV, k, v, KD, V)  # [BK, BV]
+        for n in range(N):
+            bn = b * N + n
+            d = _tile(U, bn, BC, BV, c, v, C, V)  # [BC, BV]
+            if HAS_W:
+                d -= tl.dot(_tile(W, bn, BC, BK, c, k, C, KD), S, input_precision="ieee")
+                _put(D, bn, d, c, v, C, V)
+            _put(SIN, bn, S, k, v, KD, V)
+            kn = _tile(K, bn, BC, BK, c, k, C, KD)
+            S = tl.load(G + bn).to(tl.float32) * S + tl.dot(tl.trans(kn), d, input_precision="ieee")
+        _put(SOUT, b, S, k, v, KD, V)
+
+    @triton.jit
+    def _scan_bwd(W, K, G, D, SIN, DD, DSIN, DSOUT, DU, DW, DK, DG, DS0, NB, N, C, KD, V, HAS_W: tl.constexpr,
+                  BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+        b, vb = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        c, k, v = tl.arange(0, BC), tl.arange(0, BK), vb * BV + tl.arange(0, BV)
+        dS = _tile(DSOUT, b, BK, BV, k, v, KD, V)
+        for i in range(N):
+            bn = b * N + N - 1 - i
+            pn = vb * NB * N + bn  # this block's partial sums
+            dd = tl.dot(_tile(K, bn, BC, BK, c, k, C, KD), dS, input_precision="ieee")  # [BC, BV]
+            if HAS_W:
+                dd += _tile(DD, bn, BC, BV, c, v, C, V)
+            _put(DU, bn, dd, c, v, C, V)
+            _put(DK, pn, tl.dot(_tile(D, bn, BC, BV, c, v, C, V), tl.trans(dS), input_precision="ieee"), c, k, C, KD)
+            s_in = _tile(SIN, bn, BK, BV, k, v, KD, V)
+            tl.store(DG + pn, tl.sum(tl.sum(dS * s_in, axis=1), axis=0))
+            dS = tl.load(G + bn).to(tl.float32) * dS + _tile(DSIN, bn, BK, BV, k, v, KD, V)
+            if HAS_W:
+                _put(DW, pn, -tl.dot(dd, tl.trans(s_in), input_precision="ieee"), c, k, C, KD)
+                dS -= tl.dot(tl.trans(_tile(W, bn, BC, BK, c, k, C, KD)), dd, input_precision="ieee")
+        _put(DS0, b, dS, k, v, KD, V)
+
+
+class _ChunkScan(torch.autograd.Function):
+    @staticmethod
+    def blocks(U, K):
+        (B, _, C, V), KD = U.shape, K.shape[-1]
+        p2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731  (tl.dot wants sides of 16 or more)
+        BV = min(64, p2(V))
+        return (B, triton.cdiv(V, BV)), dict(BC=p2(C), BK=p2(KD), BV=BV)
+
+    @staticmethod
+    def forward(ctx, U, W, K, g, S0):
+        ctx.dtypes = [t.dtype if t is not None else None for t in (U, W, K, g, S0)]
+        U, K, g = U.contiguous(), K.contiguous(), g.contiguous()
+        W = W.contiguous() if W is not None else None
+        (B, N, C, V), KD = U.shape, K.shape[-1]
+        S0 = S0.contiguous() if S0 is not None else U.new_zeros(B, KD, V)
+        D = torch.empty_like(U) if W is not None else U
+        Sin, S = U.new_empty(B, N, KD, V), U.new_empty(B, KD, V)
+        grid, blk = _ChunkScan.blocks(U, K)
+        _scan_fwd[grid](U, W, K, g, S0, D, Sin, S, N, C, KD, V, HAS_W=W is not None, **blk)
+        ctx.save_for_backward(W, K, g, D, Sin)
+        return (D, Sin, S) if W is not None else (Sin, S)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        W, K, g, D, Sin = ctx.saved_tensors
+        dD, dSin, dS = [t.contiguous() if t is not None else None for t in (grads if W is not None else (None, *grads))]
+        (B, N, C, V), KD = D.shape, K.shape[-1]
+        grid, blk = _ChunkScan.blocks(D, K)
+        part = lambda *s: torch.empty(grid[1], B, N, *s, device=D.device, dtype=torch.float32)  # noqa: E731
+        dU, dW, dK, dg, dS0 = torch.empty_like(D), part(C, KD), part(C, KD), part(), torch.empty_like(dS)
+        _scan_bwd[grid](W, K, g, D, Sin, dD, dSin, dS, dU, dW, dK, dg, dS0, B, N, C, KD, V, HAS_W=W is not None, **blk)
+        out = [dU, dW.sum(0) if W is not None else None, dK.sum(0), dg.sum(0), dS0]
+        return tuple(t.to(dt) if dt is not None else None for t, dt in zip(out, ctx.dtypes))
+
+
+def chunk_scan_triton(U, W, K, g, S0=None):
+    out = _ChunkScan.apply(U, W, K, g, S0)
+    return out if W is not None else (U, *out)
+
+
+def chunk_scan(U, W, K, g, S0=None):
+    """The kernel for CUDA tensors (and under the interpreter in tests), the reference elsewhere."""
+    return (chunk_scan_triton if _triton(U) else chunk_scan_ref)(U, W, K, g, S0)
+
+
 def sparsemixer(scores, eps):
     """PhiMoE's top-2 router (its evaluation path; transformers samples the experts in training): the best expert,
     weighted by a softmax over the experts within a relative 2 eps of it, then the best of the rest alike.

@@ -124,14 +124,14 @@ def delta_rule_chunked(q, k, v, g, beta, starts=None, state=None, chunk=64):
     W = torch.linalg.solve_triangular(eye + M, kb * gamma[..., None], upper=False, unitriangular=True)
     QK = (q @ k.transpose(-1, -2)) * D
     to_end = torch.exp(G[..., -1:] - G) * (seg == seg[..., -1:])  # D_{C, j}: the chunk's last document only
-    S = k.new_zeros(B, H, dk, dv, dtype=f) if state is None else state.to(f)
-    outs = []
-    for n in range(q.shape[2]):
-        delta = U[:, :, n] - W[:, :, n] @ S  # [B, H, C, dv]
-        outs.append((q[:, :, n] * gamma[:, :, n, :, None]) @ S + QK[:, :, n] @ delta)
-        S = S * gamma[:, :, n, -1, None, None] + (k[:, :, n] * to_end[:, :, n, :, None]).transpose(-1, -2) @ delta
-    o = torch.stack(outs, 2).reshape(B, H, -1, dv)[:, :, :T].transpose(1, 2)  # [B, T, H, dv]
-    return o, S
+    # the chunk-to-chunk recurrence (kernels.chunk_scan): Delta = U - W S_in, S_in of the next chunk as above
+    N = q.shape[2]
+    delta, S_in, S = kernels.chunk_scan(U.flatten(0, 1), W.flatten(0, 1), (k * to_end[..., None]).flatten(0, 1),
+                                        gamma[..., -1].flatten(0, 1), state.to(f).flatten(0, 1) if state is not None
+                                        else None)
+    delta, S_in = delta.view(B, H, N, chunk, dv), S_in.view(B, H, N, dk, dv)
+    o = (q * gamma[..., None]) @ S_in + QK @ delta  # [B, H, N, C, dv]
+    return o.reshape(B, H, -1, dv)[:, :, :T].transpose(1, 2), S.view(B, H, dk, dv)  # [B, T, H, dv]
 
 
 class GatedRMSNorm(nn.Module):
@@ -247,14 +247,13 @@ def ssd_chunked(x, dt, A, B, C, starts=None, state=None, chunk=64):
     Y = ((C @ B.transpose(-1, -2)) * D) @ xdt  # within each chunk
     gamma = torch.exp(Acs) * (seg == 0)  # decay from the chunk's start (0 past a document start)
     to_end = torch.exp(Acs[..., -1:] - Acs) * (seg == seg[..., -1:])  # D_{L, j}: the chunk's last document only
-    h = x.new_zeros(Bt, H, P, B.shape[-1], dtype=f) if state is None else state.to(f)
-    ys = []
-    for n in range(a.shape[2]):
-        ys.append(Y[:, :, n] + gamma[:, :, n, :, None] * (C[:, :, n] @ h.transpose(-1, -2)))
-        h = h * gamma[:, :, n, -1, None, None] + (xdt[:, :, n] * to_end[:, :, n, :, None]).transpose(-1, -2) @ \
-            B[:, :, n]
-    y = torch.stack(ys, 2).reshape(Bt, H, -1, P)[:, :, :T].transpose(1, 2)  # [B, T, H, P]
-    return y, h
+    # the chunk-to-chunk recurrence (kernels.chunk_scan, on h^T [N, P]: no W, K = B * D_Lj, U = X_dt)
+    Nc, Ns = a.shape[2], B.shape[-1]
+    _, h_in, h = kernels.chunk_scan(xdt.flatten(0, 1), None, (B * to_end[..., None]).flatten(0, 1),
+                                    gamma[..., -1].flatten(0, 1), state.to(f).transpose(-1, -2).flatten(0, 1)
+                                    if state is not None else None)
+    y = Y + gamma[..., None] * (C @ h_in.view(Bt, H, Nc, Ns, P))  # [B, H, Nc, L, P]
+    return y.reshape(Bt, H, -1, P)[:, :, :T].transpose(1, 2), h.view(Bt, H, Ns, P).transpose(-1, -2)
 
 
 class GroupGatedRMSNorm(nn.Module):

@@ -120,6 +120,50 @@ def test_causal_conv1d(dtype, L, bias, docs):
           lambda v, w, *b: kernels.causal_conv1d_ref(v, w, b[0] if b else None, d), [v, w, *b], dtype)
 
 
+def flat(fn):
+    """fn's tuple of tensors as one flat tensor (check compares one output)."""
+    return lambda *a: torch.cat([t.flatten() for t in fn(*a)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("has_w,has_s0", [(True, False), (False, True)])
+def test_chunk_scan(dtype, has_w, has_s0):
+    """The chunk-to-chunk recurrence of the chunked delta rule (with W) and of the SSD scan (without): D, S_in and
+    the final state, and the gradients of U, W, K, the decays and the incoming state; chunk, key and value sizes
+    that are not powers of two, values past one block of columns."""
+    B, N, C, KD, V = 2, 3, 20, 24, 70
+    U, W, K, g, S0 = randn(B, N, C, V), randn(B, N, C, KD, seed=1, scale=0.1), randn(B, N, C, KD, seed=2, scale=0.1), \
+        randn(B, N, seed=3).sigmoid(), randn(B, KD, V, seed=4)
+    fix = lambda fn: lambda U, K, g, *rest: fn(U, rest[0] if has_w else None, K, g,  # noqa: E731
+                                               rest[-1] if has_s0 else None)
+    check(flat(fix(kernels.chunk_scan_triton)), flat(fix(kernels.chunk_scan_ref)),
+          [U, K, g] + [W] * has_w + [S0] * has_s0, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mixer", ["delta_rule", "ssd"])
+def test_chunk_scan_in_the_mixers(dtype, mixer, monkeypatch):
+    """The chunked delta rule (Gated DeltaNet) and SSD scan (Mamba2) through the kernel = their token-by-token
+    definitions (fp64 truth): output, final state and every gradient, 37 tokens in chunks of 7, documents starting
+    inside a chunk and on a chunk edge, an incoming state."""
+    import mixers
+    B, T, H, dk, dv, chunk = 2, 37, 3, 8, 6, 7
+    starts = torch.zeros(B, T, dtype=torch.bool, device=DEV)
+    starts[0, 12], starts[1, 7], starts[1, 36] = True, True, True
+    if mixer == "delta_rule":
+        k = randn(B, T, H, dk, seed=1)
+        inputs = [randn(B, T, H, dk), k / k.norm(dim=-1, keepdim=True), randn(B, T, H, dv, seed=2),
+                  -randn(B, T, H, seed=3).abs(), randn(B, T, H, seed=4).sigmoid(), randn(B, H, dk, dv, seed=5) * 0.1]
+        recurrent, chunked = mixers.delta_rule_recurrent, mixers.delta_rule_chunked
+    else:
+        inputs = [randn(B, T, H, dv), randn(B, T, H, seed=1).abs() + 0.05, -randn(H, seed=2).abs() - 0.1,
+                  randn(B, T, H, dk, seed=3), randn(B, T, H, dk, seed=4), randn(B, H, dv, dk, seed=5) * 0.1]
+        recurrent, chunked = mixers.ssd_recurrent, mixers.ssd_chunked
+    monkeypatch.setattr(kernels, "chunk_scan", kernels.chunk_scan_triton)
+    check(flat(lambda *a: chunked(*a[:-1], starts, a[-1], chunk=chunk)),
+          flat(lambda *a: recurrent(*a[:-1], starts, a[-1])), inputs, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cap", [None, 30.0])
 # (the Triton rows take ~4 s a case in Triton's CPU interpreter: slow tier; on a GPU they run for real)
