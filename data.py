@@ -177,23 +177,28 @@ def trained_spans(msgs, render, roles, terminators) -> list:
                 hits = [(after + mark[0], mark[1])]
         upto = prefix(i + 1, False)  # (no marker: the turn as the template ends it)
         end = min(hits)[0] + len(min(hits)[1]) if hits else len(upto) if full.startswith(upto) else after
-        spans.append((start, end))
+        spans.append((start, end, m["role"], bool(hits)))  # (whether the turn ends in an end-of-turn marker)
     return spans, full
 
 
-def tokenize(rec, fmt, tok, template=None, roles=("assistant",), train_on_inputs=False, where="") -> tuple:
-    """One record -> (input_ids, labels)."""
+def tokenize(rec, fmt, tok, template=None, roles=("assistant",), train_on_inputs=False, where="", turns=None) -> tuple:
+    """One record -> (input_ids, labels). `turns`, a list: gets (role, first token, end token, ends in an
+    end-of-turn marker) for each trained turn of a conversation (the run doctor's data)."""
     if fmt in ("messages", "sharegpt", "alpaca"):
         msgs = to_messages(rec, fmt, where)
         render = lambda ms, gen: tok.render(ms, add_generation_prompt=gen, template=template)  # noqa: E731
         terminators = list(END_OF_TURN) + [tok.eos_token]
         spans, text = trained_spans(msgs, render, set(roles), terminators)
         enc = tok.backend.encode(text, add_special_tokens=False)
-        ids = enc.ids
-        # a token is trained when it overlaps a trained span: one that joins the header's last character
-        # to the answer's first (BPE merges "\n" + " " of an answer starting with two spaces) is the answer's
-        keep = [train_on_inputs or any((s < b and a < e) if b > a else s <= a < e for s, e in spans)
-                for a, b in enc.offsets]
+        ids, keep = enc.ids, [train_on_inputs] * len(enc.ids)
+        for s, e, role, ended in spans:
+            # a token is trained when it overlaps a trained span: one that joins the header's last character
+            # to the answer's first (BPE merges "\n" + " " of an answer starting with two spaces) is the answer's
+            mine = [i for i, (a, b) in enumerate(enc.offsets) if ((s < b and a < e) if b > a else s <= a < e)]
+            for i in mine:
+                keep[i] = True
+            if turns is not None and mine:
+                turns.append((role, mine[0], mine[-1] + 1, ended))
         return ids, [t if k else IGNORE for t, k in zip(ids, keep)]
     if fmt == "completion":
         _need(rec, ["text"], fmt, where)
@@ -241,7 +246,8 @@ def _cache_key(spec, tok, settings) -> str:
 
 def tokenize_dataset(spec, tok, template, roles, train_on_inputs, cache_dir=None) -> list:
     """All records of one dataset -> [{"input_ids", "labels", "where"}], cached on disk when cache_dir is set."""
-    settings = dict(template=template, roles=list(roles), train_on_inputs=train_on_inputs, type=spec.get("type"))
+    settings = dict(template=template, roles=list(roles), train_on_inputs=train_on_inputs, type=spec.get("type"),
+                    turns=1)  # (turns=1: samples carry their turns; older caches are rebuilt)
     path = os.path.join(cache_dir, _cache_key(spec, tok, settings) + ".pt") if cache_dir else None
     if path and os.path.isfile(path):
         try:
@@ -254,8 +260,9 @@ def tokenize_dataset(spec, tok, template, roles, train_on_inputs, cache_dir=None
     fmt = spec.get("type") or detect_format(records[0][1], records[0][0])  # (a given type: dataset_spec checked it)
     out = []
     for where, rec in records:
-        ids, labels = tokenize(rec, fmt, tok, template, roles, train_on_inputs, where)
-        out.append({"input_ids": ids, "labels": labels, "where": where})
+        turns = []
+        ids, labels = tokenize(rec, fmt, tok, template, roles, train_on_inputs, where, turns)
+        out.append({"input_ids": ids, "labels": labels, "where": where, "turns": turns})
     if path:  # (a cache: a disk too full to hold it costs only the next run's tokenizing)
         os.makedirs(cache_dir, exist_ok=True)
         try:
@@ -356,7 +363,41 @@ def build_dataset(specs, tok, max_len=2048, truncation="truncate", chat_template
     stats["samples"] = len(out)
     stats["tokens"] = sum(len(s["input_ids"]) for s in out)
     stats["trained_tokens"] = sum(sum(t != IGNORE for t in s["labels"][1:]) for s in out)
+    stats.update(turn_stats(out))
     return out, stats
+
+
+def turn_stats(samples) -> dict:
+    """The run doctor's data: trained tokens by role (of the conversations' trained turns; "other" for the rest),
+    how many trained turns there are, how many the template ends without an end-of-turn marker, and how many
+    max_len cuts before their end."""
+    by_role, turns, unended, cut = {}, 0, 0, 0
+    for s in samples:
+        labels = s["labels"]
+        for role, a, b, ended in s.get("turns", ()):
+            if a >= len(labels):  # (truncated away entirely)
+                continue
+            turns, unended, cut = turns + 1, unended + (not ended and b <= len(labels)), cut + (b > len(labels))
+            by_role[role] = by_role.get(role, 0) + sum(t != IGNORE for t in labels[max(a, 1):b])
+    other = sum(sum(t != IGNORE for t in s["labels"][1:]) for s in samples) - sum(by_role.values())
+    return {"trained_by_role": {**by_role, **({"other": other} if other else {})}, "turns": turns,
+            "turns_without_end": unended, "turns_cut": cut}
+
+
+def doctor(stats) -> list:
+    """The run doctor's lines on the data, printed before step 1: trained tokens by role, and a warning for trained
+    turns that end without an end-of-turn marker (the model would never learn to stop) or are cut before it."""
+    by, total = stats.get("trained_by_role", {}), max(1, stats["trained_tokens"])
+    lines = ["data: trained tokens by role: " + ", ".join(f"{r} {n:,} ({100 * n / total:.1f}%)" for r, n in by.items())
+             ] if by else []
+    if stats.get("turns_without_end"):
+        lines.append(f"warning: {stats['turns_without_end']} of {stats['turns']} trained turns end without an "
+                     "end-of-turn token (the chat template writes none after them), so the model will not learn to "
+                     "stop; use a template that ends each turn with a marker (chat_template: chatml, llama3, ...).")
+    if stats.get("turns_cut"):
+        lines.append(f"warning: {stats['turns_cut']} of {stats['turns']} trained turns are cut by max_len before "
+                     "their end-of-turn token, so those answers train no stop; raise max_len or set truncation: drop.")
+    return lines
 
 
 def split_eval(samples, val_set_size, seed):

@@ -157,6 +157,8 @@ def main(argv=None):
     model, tok, device = setup(cfg)
     rows, eval_s, stats = prepare_data(cfg, tok)
     log(f"data: {json.dumps(stats)}")
+    for line in data.doctor(stats):
+        log(line)
     fit(cfg, model, tok, rows, eval_s, SFT(cfg.max_len, graphed_loss(model)) if cfg.cuda_graphs else SFT(), device)
 
 

@@ -120,6 +120,30 @@ def test_samples_that_train_nothing_are_dropped_with_a_warning(tok, tmp_path, ca
     assert "warning: 2 of 5 samples train no token and were dropped" in capsys.readouterr().err
 
 
+def test_the_doctor_counts_trained_tokens_by_role_and_names_turns_that_never_stop(tok, tmp_path):
+    """The run doctor's data lines: trained tokens by role (assistant only by default; the tool role too when
+    trained), silent with ChatML (every turn ends in <|im_end|>); a template that writes no end-of-turn marker gets a
+    warning naming the fix; turns that max_len cuts before their marker get theirs."""
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps({"messages": CONV + [{"role": "tool", "content": "{}"}]}) for _ in range(3)))
+    _, stats = data.build_dataset([str(f)], tok, max_len=256)
+    lines = data.doctor(stats)
+    assert stats["trained_by_role"] == {"assistant": stats["trained_tokens"]} and stats["turns"] == 6
+    assert lines == [f"data: trained tokens by role: assistant {stats['trained_tokens']:,} (100.0%)"]
+    per_answer = len(tok.encode("Paris.<|im_end|>", add_special_tokens=False))
+    _, stats = data.build_dataset([str(f)], tok, max_len=256, roles=("assistant", "tool"))
+    assert stats["trained_by_role"]["tool"] > 0 and stats["trained_by_role"]["assistant"] == 3 * (
+        per_answer + len(tok.encode("Madrid.<|im_end|>", add_special_tokens=False)))
+    bare = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}" \
+           "assistant: {% endif %}"
+    _, stats = data.build_dataset([str(f)], tok, max_len=256, chat_template=bare)
+    (warn,) = [ln for ln in data.doctor(stats) if ln.startswith("warning")]
+    assert stats["turns_without_end"] == 6 and warn.startswith("warning: 6 of 6 trained turns end without an "
+                                                                  "end-of-turn token")
+    _, stats = data.build_dataset([str(f)], tok, max_len=39)  # (the second answer: tokens 37 .. 40)
+    assert stats["turns_cut"] == 3 and "cut by max_len" in data.doctor(stats)[-1]
+
+
 def test_packing_rows_and_efficiency():
     samples = [{"input_ids": list(range(n)), "labels": list(range(n))} for n in (5, 4, 3, 6)]
     rows, eff = data.pack(samples, 10)
