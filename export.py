@@ -15,6 +15,7 @@ written one at a time; every output goes to a temp name first and is renamed whe
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import re
@@ -32,7 +33,7 @@ from names import adapter_names
 import quant
 from cli import NanotuneError, Parser, cli, fresh_tmp, publish, writing
 from formats import BLOCK_TYPES, FLOAT_TYPES, load_model, load_tokenizer, resolve_model_path
-from tokenizer import chat_turns, ollama_stops, ollama_template
+from tokenizer import CHATML, END_OF_TURN, chat_turns, ollama_stops, ollama_template
 
 K_QUANTS = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16,
             "q5_k_m": 17, "q6_k": 18}  # llama.cpp's ftype numbers
@@ -128,7 +129,6 @@ def atomic_dir(out, overwrite, fmt):
 def export_merged(model, tok, out, dtype=torch.bfloat16, overwrite=False, shard_bytes=5 << 30):
     """config.json, model-0000i-of-0000N.safetensors (+ index), tokenizer files, generation_config.json.
     Shards are written as they fill, so only one shard is ever held in memory."""
-    import json
     tmp = atomic_dir(out, overwrite, "merged")
     try:
         with writing(out, tmp, sum(p.numel() for p in model.parameters()) * dtype.itemsize):
@@ -146,12 +146,16 @@ def export_merged(model, tok, out, dtype=torch.bfloat16, overwrite=False, shard_
     publish(tmp, out)
 
 
-def export_adapter(model, out, base_path, dtype=None, overwrite=False):
+def export_adapter(model, out, base_path, dtype=None, overwrite=False, tok=None):
+    """PEFT's adapter_config.json + adapter_model.safetensors, and the trained tokenizer (its chat template) beside
+    them, as trainers save it."""
     if not lora.lora_layers(model):
         raise NanotuneError("this model has no LoRA adapter to export; use --format merged or gguf.")
     tmp = atomic_dir(out, overwrite, "adapter")
     lora.save_adapter(model, tmp, base_model_name=formats.hub_id(base_path), base_path=base_path, dtype=dtype,
                       **adapter_names(model.config, saving=True))
+    if tok is not None:
+        tok.save(tmp)
     publish(tmp, out)
 
 
@@ -461,6 +465,56 @@ def verify(fmt, out, model, tok, base_path, written):
     print(f"verify: passed ({written}: KL <= {worst:.2e}, allowed {tol:g}; the model's next token)")
 
 
+def turn_ends(tok) -> dict:
+    """{marker: token id}: the end-of-turn markers the trained chat template writes (eos where it writes eos_token):
+    what a reader of the export must stop generating at."""
+    t = tok.chat_template or CHATML
+    marks = [m for m in END_OF_TURN if m in t] + ([tok.eos_token] if "eos_token" in t and tok.eos_token else [])
+    return {m: tok.token_id(m) for m in marks if tok.token_id(m) is not None}
+
+
+def written_chat(fmt, out):
+    """(who read it, the chat template, stops(id) -> whether generation ends there, or None where the format keeps no
+    stop ids: an adapter) of what was written: llama.cpp / transformers when installed, else nanotune's readers."""
+    try:
+        if fmt == "gguf":
+            import llama_cpp
+            llm = llama_cpp.Llama(model_path=out, vocab_only=True, n_ctx=8, verbose=False)
+            return "llama.cpp", llm.metadata.get("tokenizer.chat_template"), \
+                lambda i: bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, i))  # (llm held: its vocab lives)
+        import transformers
+        template = transformers.AutoTokenizer.from_pretrained(out).chat_template
+        if fmt == "adapter":
+            return "transformers", template, None
+        eos = transformers.GenerationConfig.from_pretrained(out).eos_token_id
+        return "transformers", template, set(eos if isinstance(eos, list) else [eos]).__contains__
+    except ImportError:
+        own = load_tokenizer(out)
+        if fmt == "merged":
+            with open(os.path.join(out, "generation_config.json")) as f:
+                eos = json.load(f).get("eos_token_id")
+            return "nanotune", own.chat_template, set(eos if isinstance(eos, list) else [eos]).__contains__
+        return "nanotune", own.chat_template, own.stop_ids.__contains__ if fmt == "gguf" else None
+
+
+def verify_chat(fmt, out, tok):
+    """The export's chat template is the one the run trained with, and its reader stops at the end of every trained
+    turn (the markers the template writes); exit 1 otherwise."""
+    who, template, stops = written_chat(fmt, out)
+    if tok.chat_template and template != tok.chat_template:
+        raise NanotuneError(f"verify failed: the chat template {who} reads from {out} is not the one the model was "
+                            "trained with, so chats would be formatted differently; re-export from the run (its "
+                            "tokenizer carries the trained template).")
+    ends = turn_ends(tok)
+    missed = [f"{m} ({i})" for m, i in ends.items() if stops is not None and not stops(i)]
+    if missed:
+        raise NanotuneError(f"verify failed: {who} does not stop generating at {', '.join(missed)}, which ends every "
+                            f"trained turn, so replies would run on; re-export (eos and the stop ids come from the "
+                            "run's tokenizer).")
+    print(f"verify: the trained chat template and its turn end{'s' * (len(ends) > 1)} "
+          f"({', '.join(ends) or 'none'}){' as stop ids' if stops else ''}, as {who} reads {out}")
+
+
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="a train.py output directory (reads its config.yaml, adapter/ or model/)")
@@ -506,7 +560,7 @@ def main(argv=None):
         export_merged(model, tok, out, getattr(torch, written), a.overwrite)
     elif a.format == "adapter":
         written = a.dtype or "float32"
-        export_adapter(model, out, base_path, getattr(torch, written), a.overwrite)
+        export_adapter(model, out, base_path, getattr(torch, written), a.overwrite, tok)
     else:
         written = a.quant.lower()
         export_gguf(model, tok, out, a.quant, a.overwrite)
@@ -518,6 +572,7 @@ def main(argv=None):
     if not a.no_verify:
         try:
             verify(a.format, out, model, tok, base_path, written)
+            verify_chat(a.format, out, tok)
         except NanotuneError as e:  # what failed is not left under the name a finished export has
             aside = out + ".unverified"
             if os.path.lexists(aside):

@@ -1,5 +1,6 @@
 """Export: merged HF directories read by transformers, GGUF files run by llama.cpp (llama-cpp-python),
 adapters, Ollama Modelfiles, and clean failures."""
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from conftest import ARCH_CONFIGS, EAGER, ROOT, make_hf_model, save_tiny_tokeniz
 import export
 import lora
 import formats
+import tokenizer
 from cli import NanotuneError
 
 GGUF_ARCHS = {  # the tiny configs, adjusted only where llama.cpp has no way to express the HF variant
@@ -364,6 +366,35 @@ def test_overwrite_replaces_only_nanotunes_own_results(tmp_path):
     for _ in range(2):  # its own Modelfile and GGUF are replaced
         r = run_export(base + gguf_out)
         assert r.returncode == 0 and (tmp_path / "out" / "Modelfile").read_text().startswith("FROM ./m.gguf\n")
+
+
+def test_verify_checks_the_trained_chat_template_and_its_stop_ids(tmp_path, capsys):
+    """--verify (the default) also reads back the chat template and the stop ids: the merged dir (transformers'
+    tokenizer and generation config) and the GGUF (llama.cpp's metadata and end-of-generation tokens) carry the
+    trained template and stop at <|im_end|>, which ends its turns; an export whose template or stop ids differ from
+    the trained ones fails with a sentence that says which."""
+    make_hf_model("llama", tmp_path / "base")
+    save_tiny_tokenizer(tmp_path / "base", template=tokenizer.BUILTIN_TEMPLATES["chatml"] + " ")
+    export.main(["--model", str(tmp_path / "base"), "--format", "merged", "--dtype", "float32", "--out",
+                 str(tmp_path / "m")])
+    assert "verify: the trained chat template and its turn end (<|im_end|>) as stop ids, as transformers reads" \
+        in capsys.readouterr().out
+    tok = formats.load_tokenizer(str(tmp_path / "base"))
+    other = formats.load_tokenizer(str(tmp_path / "base"))
+    other.chat_template = tokenizer.BUILTIN_TEMPLATES["chatml"]  # (the same but for one trailing space)
+    with pytest.raises(NanotuneError, match="verify failed: the chat template transformers reads from .* is not the "
+                                            "one the model was trained with"):
+        export.verify_chat("merged", str(tmp_path / "m"), other)
+    gen = tmp_path / "m" / "generation_config.json"
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "eos_token_id": tok.token_id("</s>")}))
+    with pytest.raises(NanotuneError, match=r"verify failed: transformers does not stop generating at <\|im_end\|> "):
+        export.verify_chat("merged", str(tmp_path / "m"), tok)
+    pytest.importorskip("llama_cpp")
+    export.main(["--model", str(tmp_path / "base"), "--format", "gguf", "--quant", "f32", "--out",
+                 str(tmp_path / "m.gguf")])
+    assert "(<|im_end|>) as stop ids, as llama.cpp reads" in capsys.readouterr().out
+    with pytest.raises(NanotuneError, match="the chat template llama.cpp reads"):
+        export.verify_chat("gguf", str(tmp_path / "m.gguf"), other)
 
 
 def test_no_inf_is_written_and_a_failed_verify_is_moved_aside(tmp_path, monkeypatch):
