@@ -261,6 +261,21 @@ def parse_config(argv, cls):
     return cfg
 
 
+def make_config(cls, values: dict, where="") -> object:
+    """A `cls` from Python keyword values (nanotune.py's functions), checked as flags are: unknown names get the
+    nearest valid one, each value is converted and range-checked."""
+    names, aliases = [f.name for f in fields(cls)], getattr(cls, "aliases", {})
+    byname, out = {f.name: f for f in fields(cls)}, {}
+    for k, v in values.items():
+        if aliases.get(k, k) not in byname:
+            near = _closest(k, names, aliases)
+            raise NanotuneError(f"{where}unknown setting {k!r}{f' (did you mean {near!r}?)' if near else ''}.")
+        out[aliases.get(k, k)] = _convert(byname[aliases.get(k, k)], v, where)
+    cfg = cls(**out)
+    check_limits(cfg, {k: where for k in out})
+    return cfg
+
+
 def save_config(cfg, path):
     import yaml
     with open(path + ".tmp", "w") as f:

@@ -405,7 +405,7 @@ LOSSY_KL = {"q2_k": 1.5, "q3_k_s": 1.0, "q3_k_m": 1.0, "q3_k_l": 1.0}  # others 
 
 @torch.no_grad()
 def next_token_logits(model, ids):
-    return model.logits(model(torch.tensor([ids]))[0, -1]).float()
+    return model.logits(model(torch.tensor([ids], device=next(model.parameters()).device))[0, -1]).float().cpu()
 
 
 def reader_logits(fmt, out, base_path, prompts):
@@ -515,6 +515,19 @@ def verify_chat(fmt, out, tok):
           f"({', '.join(ends) or 'none'}){' as stop ids' if stops else ''}, as {who} reads {out}")
 
 
+def verified(fmt, out, model, tok, base_path, written):
+    """verify + verify_chat; an export that fails is moved to <out>.unverified, not left under a finished name."""
+    try:
+        verify(fmt, out, model, tok, base_path, written)
+        verify_chat(fmt, out, tok)
+    except NanotuneError as e:
+        aside = out + ".unverified"
+        if os.path.lexists(aside):
+            shutil.rmtree(aside) if os.path.isdir(aside) else os.remove(aside)
+        os.replace(out, aside)
+        raise NanotuneError(f"{e} (the export was moved to {aside})")
+
+
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="a train.py output directory (reads its config.yaml, adapter/ or model/)")
@@ -570,15 +583,7 @@ def main(argv=None):
             publish(modelfile + ".tmp", modelfile)
     print(f"wrote {out} ({written})")
     if not a.no_verify:
-        try:
-            verify(a.format, out, model, tok, base_path, written)
-            verify_chat(a.format, out, tok)
-        except NanotuneError as e:  # what failed is not left under the name a finished export has
-            aside = out + ".unverified"
-            if os.path.lexists(aside):
-                shutil.rmtree(aside) if os.path.isdir(aside) else os.remove(aside)
-            os.replace(out, aside)
-            raise NanotuneError(f"{e} (the export was moved to {aside})")
+        verified(a.format, out, model, tok, base_path, written)
 
 
 if __name__ == "__main__":

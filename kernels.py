@@ -11,7 +11,10 @@ that run on any device. One switch picks them; it knows nothing of nanotune's ot
 """
 import contextlib
 import functools
+import importlib
 import math
+import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -23,6 +26,39 @@ try:  # Triton runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (the CI 
     import triton.language as tl
 except ImportError:
     triton = None
+
+
+# transformers >= 5.25 (and bitsandbytes) import the Hugging Face `kernels` package, whose module name is this file's:
+# with nanotune first on the path, `from kernels import LayerRepository` finds this file. Any name it lacks is then
+# the installed package's, loaded on first use from outside this directory (a module __getattr__, PEP 562; the two
+# share no public name), so transformers and PEFT work in a process that runs nanotune (export --verify, notebooks).
+_PACKAGE = None
+
+
+def __getattr__(name):
+    global _PACKAGE
+    if not name.startswith("__") or name == "__version__":  # (bitsandbytes checks the package's version)
+        if _PACKAGE is None:
+            _PACKAGE = _installed_package()
+        if _PACKAGE:
+            return getattr(_PACKAGE, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _installed_package():
+    """The `kernels` package installed beside transformers, or False."""
+    here, me, path = os.path.dirname(os.path.abspath(__file__)), sys.modules[__name__], sys.path[:]
+    sys.path[:] = [p for p in path if os.path.abspath(p or ".") != here]
+    del sys.modules[__name__]
+    try:
+        package = importlib.import_module("kernels")
+        return package if hasattr(package, "__path__") else False
+    except ImportError:
+        return False
+    finally:
+        sys.path[:] = path
+        sys.modules[__name__] = me  # (the package's submodules stay under their own names)
+
 
 _FUSED = True  # on: Triton kernels for CUDA tensors, the fused autograd Functions (plain PyTorch) anywhere
 _CAST_CACHE = None  # fn(As, Bs, scalings, dtype) -> lora_casts' result, cached (memory.py installs one)

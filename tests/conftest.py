@@ -10,32 +10,7 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CP
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _references_keep_their_kernels():
-    """transformers >= 5.25 (and bitsandbytes) import the Hugging Face `kernels` package, whose module name is
-    nanotune's kernels.py. Where the package is installed, `kernels` stays nanotune's file and any name the
-    file lacks is the package's (a module __getattr__, PEP 562; the two share no name), so the references import
-    their names (at load and lazily, as transformers does) and nanotune its own. In the test process only."""
-    outside = [p for p in sys.path if os.path.abspath(p or ".") != ROOT]
-    saved, sys.path[:] = sys.path[:], outside
-    try:
-        import kernels as package
-    except ImportError:
-        return
-    finally:
-        sys.path[:] = saved
-    if not hasattr(package, "__path__"):  # nanotune's file itself (imported before this): nothing installed
-        return
-    del sys.modules["kernels"]  # (the package's submodules stay, under their own names)
-    sys.path.insert(0, ROOT)
-    import kernels
-    assert not {n for n in dir(package) if not n.startswith("_")} & set(dir(kernels)), "a name in both kernels"
-    kernels.__getattr__ = lambda name: getattr(package, name)
-
-
-_references_keep_their_kernels()
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # (kernels.py reaches the Hugging Face kernels package transformers imports)
 
 
 def pytest_configure(config):

@@ -569,3 +569,20 @@ def test_sink_attention(dtype, masked):
     def call(fn):
         return lambda q, k, v, s: fn(q, k, v, s, mask, D ** -0.5)
     check(call(kernels.sink_attention), call(kernels.sink_attention_ref), [q, k, v, sinks], dtype)
+
+
+def test_the_installed_kernels_package_is_reached_through_nanotunes_file():
+    """transformers >= 5.25 imports the Hugging Face `kernels` package, whose module name is kernels.py's: names the
+    file lacks come from the installed package (transformers, PEFT and bitsandbytes load models in a process that
+    runs nanotune, e.g. export --verify), and the two share no public name."""
+    import os
+    package = kernels._installed_package()
+    if not package:
+        pytest.skip("the Hugging Face kernels package is not installed (transformers < 5.25)")
+    assert os.path.dirname(package.__file__) != os.path.dirname(kernels.__file__)
+    names = {n for n in dir(package) if not n.startswith("_") and not isinstance(getattr(package, n), type(os))}
+    assert not names & set(dir(kernels))  # (modules both import, e.g. importlib, aside)
+    assert kernels.LayerRepository is package.LayerRepository and kernels.__version__ == package.__version__
+    with pytest.raises(AttributeError):
+        kernels.no_such_name
+
