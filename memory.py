@@ -7,6 +7,7 @@ and the host allocator on a CPU. Applied to a built model, as LoRA is (model.py 
     memory.set_sharded(True)                        # FSDP: torch.utils.checkpoint, no cached LoRA casts
 """
 import contextlib
+import functools
 import weakref
 
 import torch
@@ -239,6 +240,46 @@ class _Pass:
 def checkpoint_blocks(model, on=True, offload=False):
     model.block_memory = BlockCheckpoints(offload) if on else None
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiled MLP (long sequences). In a block's backward the dense MLP holds [B, T, I] tensors: gate, up, their product
+# and the gradient of each (Llama-3.1-8B at 500k tokens: 14 GB apiece). Tiled, the MLP runs over tiles of t
+# positions, each its own checkpoint (above): forward keeps no intermediate, and backward recomputes one tile at a
+# time, so one tile's [B, t, I] tensors are alive instead of the sequence's. The price: one more MLP forward.
+# t follows from a byte budget for those tensors (MLP_LIVE of them, in the activations' dtype).
+MLP_LIVE = 6
+
+
+def tile_mlp(model, budget_bytes):
+    """Run every dense MLP in tiles whose intermediates fit `budget_bytes` (0: whole, the default)."""
+    for m in model.modules():
+        if hasattr(m, "tiler"):  # (mlp.MLP)
+            m.tiler = functools.partial(tiled, budget=budget_bytes) if budget_bytes else None
+    return model
+
+
+def tile_tokens(budget_bytes, rows, width, itemsize):
+    """Positions per tile: MLP_LIVE tensors of [rows, t, width] within the budget (at least one)."""
+    return max(1, budget_bytes // (MLP_LIVE * rows * width * itemsize))
+
+
+def tiled(module, run, x, width, budget):
+    """run(x) (module's computation; its trainable parameters get the gradients) over tiles of the sequence."""
+    B, T = x.shape[:2]
+    t = tile_tokens(budget, B, width, x.element_size())
+    if T <= t:
+        return run(x)
+    rng = module.training and any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in module.modules())
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def one(xt):
+        if not torch.is_grad_enabled():
+            return run(xt)
+        if _SHARDED:
+            return torch.utils.checkpoint.checkpoint(run, xt, use_reentrant=False, context_fn=recompute_context)
+        return _Recompute.apply(run, (0, rng), xt, *params)
+    return torch.cat([one(x[:, a: a + t]) for a in range(0, T, t)], 1)
 
 
 # ---------------------------------------------------------------------------------------------

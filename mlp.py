@@ -21,7 +21,8 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(width, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.act, self.gated = cfg.hidden_act, cfg.gated_mlp
+        self.act, self.gated, self.width = cfg.hidden_act, cfg.gated_mlp, width
+        self.tiler = None  # memory.tile_mlp: long sequences run in tiles (fn(mlp, run, x, width) -> y)
         if cfg.hidden_act == "xielu":  # Apertus: the activation has its own parameters per layer (the checkpoint's)
             self.act_fn = nn.Module()
             for n, v in (("alpha_p", [0.2034]), ("alpha_n", [-1.0502]), ("beta", 0.5), ("eps", -1e-6)):
@@ -30,6 +31,11 @@ class MLP(nn.Module):
     def forward(self, x, residual=False):
         """residual: the caller only adds the output to the residual stream, so a recompute for backward
         may skip computing it (kernels.value_unused)."""
+        if self.tiler is not None:
+            return self.tiler(self, partial(self.whole, residual=residual), x, self.width)
+        return self.whole(x, residual)
+
+    def whole(self, x, residual=False):
         if self.gated:
             h = kernels.gated_act(*shared_input(x, self.gate_proj, self.up_proj), self.act)
         else:

@@ -104,6 +104,7 @@ def train(model, tok, records, output_dir="runs/notebook", **settings):
     gpu = device.type == "cuda"
     memory.checkpoint_blocks(model, gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
                              gpu if cfg.offload_activations is None else cfg.offload_activations)
+    memory.tile_mlp(model, int(cfg.mlp_tile_mib * 2**20))
     model.varlen = cfg.varlen_attention
     model.train()
     rows, eval_rows, stats = tr.prepare_data(cfg, tok)

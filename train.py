@@ -66,6 +66,7 @@ LIMITS = {
     "schedule": (lambda v: v in ("cosine", "linear", "constant"), "cosine, linear or constant"),
     "warmup_steps": (lambda v: v >= 0, "a whole number >= 0"),
     "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "mlp_tile_mib": (lambda v: 0 <= v < math.inf, "a number of MiB >= 0 (0: no tiling)"),
     "weight_decay": (lambda v: 0 <= v < math.inf, "a number >= 0"),
     "epochs": (lambda v: 0 < v < math.inf, "a number > 0"),
     "max_steps": (lambda v: v >= 0, "a whole number >= 0 (0: from epochs)"),
@@ -130,6 +131,8 @@ class TrainConfig:
     gradient_checkpointing: bool | None = F_(None, "recompute blocks in backward (default: on for GPU)")
     offload_activations: bool | None = F_(None, "with checkpointing: block inputs wait in pinned host memory "
                                                  "(default: on for GPU)")
+    mlp_tile_mib: float = F_(0.0, "long sequences: the MLP runs in tiles whose backward tensors fit this many MiB "
+                              "(one more MLP forward; 0: whole)")
     dtype: str = F_("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     device: str = F_("auto", "auto | cpu | cuda | cuda:N")
     seed: int = F_(0, "seed for init, data order and dropout")
@@ -156,8 +159,7 @@ def main(argv=None):
     cfg = parse_config(argv, TrainConfig)
     model, tok, device = setup(cfg)
     rows, eval_s, stats = prepare_data(cfg, tok)
-    log(f"data: {json.dumps(stats)}")
-    for line in data.doctor(stats):
+    for line in [f"data: {json.dumps(stats)}", *data.doctor(stats)]:
         log(line)
     fit(cfg, model, tok, rows, eval_s, SFT(cfg.max_len, graphed_loss(model)) if cfg.cuda_graphs else SFT(), device)
 
@@ -238,6 +240,7 @@ def build_model(cfg, device, dtype):
     gpu = device.type == "cuda"
     memory.checkpoint_blocks(model, gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
                              gpu if cfg.offload_activations is None else cfg.offload_activations)
+    memory.tile_mlp(model, int(cfg.mlp_tile_mib * 2**20))
     model.varlen = cfg.varlen_attention
     return model
 
