@@ -193,14 +193,8 @@ def load_model(path: str | None = None, dtype=torch.float32, device="cpu", prepa
         cfg = gguf_config(meta, reader, path)
         tensors = stack_experts(cfg, gguf_tensors(reader, cfg, path))
     else:
-        if not os.path.isdir(path):
-            raise NanotuneError(f"{path} is neither a model directory nor a .gguf file.")
-        where = os.path.join(path, "config.json")
-        if not os.path.isfile(where):
-            raise NanotuneError(f"{path} has no config.json; a model directory needs config.json and *.safetensors "
-                                "(or pass a .gguf file).")
-        d = read_json(where)
-        cfg, qc = config_from_hf(d, where), d.get("quantization_config") or {}
+        cfg, d = model_config(path)
+        qc = d.get("quantization_config") or {}
         quantized = qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit")
         mxfp4 = qc.get("quant_method") == "mxfp4" and cfg.model_type == "gpt_oss"  # (its experts only: dequantized)
         if qc and not quantized and not mxfp4:
@@ -215,6 +209,27 @@ def load_model(path: str | None = None, dtype=torch.float32, device="cpu", prepa
     if prepare is not None:
         prepare(model)
     return load_tensors(model, tensors, dtype, device, path).eval()
+
+
+def model_config(path: str) -> tuple:
+    """(Config, config.json as read) of a model directory, or (Config, the GGUF metadata) of a .gguf file."""
+    if is_gguf(path):
+        reader, meta = read_gguf(path)
+        return gguf_config(meta, reader, path), meta
+    if not os.path.isdir(path):
+        raise NanotuneError(f"{path} is neither a model directory nor a .gguf file.")
+    where = os.path.join(path, "config.json")
+    if not os.path.isfile(where):
+        raise NanotuneError(f"{path} has no config.json; a model directory needs config.json and *.safetensors "
+                            "(or pass a .gguf file).")
+    d = read_json(where)
+    return config_from_hf(d, where), d
+
+
+def meta_model(path: str) -> Transformer:
+    """The model of `path` built on the meta device (shapes only, nothing read or allocated: memory.plan)."""
+    with torch.device("meta"):
+        return Transformer(model_config(resolve_model_path(path))[0])
 
 
 def load(path: str | None = None, dtype=torch.float32, device="cpu"):

@@ -352,3 +352,78 @@ def keep_freed_memory():
     libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
     libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
     libc.mallopt(M_TOP_PAD, 1 << 30)
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner (train.py --plan, and a line before every run loads): the step's peak GPU memory and the host memory
+# it takes, predicted from the model's modules (built on the meta device, so the real shapes, 4-bit storage and
+# adapters count) and the run's settings, N = rows x tokens. At the peak (one block's backward) these are alive:
+#   weights as stored (NF4: 1/2 byte a value + 1/32 of that for the quant state), trainable state (fp32 value,
+#     gradient and AdamW's two moments: 16 bytes a value; bf16 in full fine-tuning: 2 + 2 + 8)
+#   block inputs kept for backward, L x [N, C] (two on the GPU with offload, the rest on the host); without
+#     checkpointing every block's working set
+#   one block's working set: each projection's output and its gradient, N x sum(widths) x 2 values, the dense
+#     MLP's three [N, I] (gate, up, their product) at most the tile budget when tiled; routed experts: k of them
+#   the head: the final hidden state and its gradient ([N, C] x 2) and a [1024, V] fp32 chunk of logits
+# BLOCK_FACTOR scales the working set to what the allocator held in measured peaks: with it the eleven peaks of
+# results/bench.json and #22's long-context table (8B / 1B / 135M; LoRA, QLoRA, full; 2k to 131k tokens) are within 3%.
+BLOCK_FACTOR, WORKSPACE = 0.8, 80 << 20  # (WORKSPACE: cuBLAS / Triton workspaces, the allocator's rounding)
+GIB = 2**30
+
+
+def _block_widths(block, k):
+    """(values per token of the block's projections outside the dense MLP, the dense MLP's [I] values per token)."""
+    other, mlp = 0, 0
+    for m in block.modules():
+        if hasattr(m, "tiler"):  # a dense MLP: gate, up and their product, I each
+            mlp += (3 if m.gated else 2) * m.width
+        elif hasattr(m, "shapes") and hasattr(m, "act"):  # stacked experts, k per token: gate_up, h, down
+            other += k * (m.shapes["gate_up_proj"][1] + m.shapes["down_proj"][2] + m.shapes["down_proj"][1])
+    dense = {id(p) for m in block.modules() if hasattr(m, "tiler") or hasattr(m, "shapes") for p in m.modules()}
+    for m in block.modules():
+        if id(m) not in dense and hasattr(m, "out_features") and not any(hasattr(c, "out_features")
+                                                                          for c in m.children()):
+            other += m.out_features
+    return other, mlp
+
+
+def plan(model, rows, tokens, act_bytes=2, checkpoint=True, offload=True, tile_bytes=0) -> dict:
+    """Predicted bytes: weights, trainable (with gradients and AdamW state), block inputs (GPU / host), the block
+    working set, the head, and their sums `gpu` and `host` (see above)."""
+    cfg, N = model.config, rows * tokens
+    weights = trainable = 0
+    seen = set()  # (tied embeddings: one tensor in two modules)
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.requires_grad:
+                trainable += p.numel() * p.element_size() * 4  # (value, gradient, AdamW's two moments)
+            else:
+                weights += p.numel() * p.element_size()
+        weights += sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))
+        weights += getattr(m, "nbytes", 0) // 32 if hasattr(m, "state") else 0  # (NF4's absmax)
+    widths = [_block_widths(b, cfg.num_experts_per_tok or 1) for b in model.model.layers]
+    work = max(2 * act_bytes * N * (o + (m if not tile_bytes else 0)) + (min(2 * act_bytes * N * m, tile_bytes)
+                                                                          if tile_bytes else 0) for o, m in widths)
+    work = int(BLOCK_FACTOR * work)
+    x = N * cfg.hidden_size * act_bytes  # one block input
+    L = len(widths)
+    inputs_gpu = (2 * x if offload else L * x) if checkpoint else L * work
+    host = L * x if checkpoint and offload else 0
+    head = 2 * x + 1024 * cfg.vocab_size * 4
+    gpu = WORKSPACE + weights + trainable + inputs_gpu + max(head, work + x)  # (the peak: the head's or a block's)
+    return dict(weights=weights, trainable=trainable, inputs_gpu=inputs_gpu, host=host, block=work, head=head,
+                gpu=gpu)
+
+
+def longest(model, rows, gpu_bytes, **kw) -> int:
+    """The longest sequence (tokens per row) whose predicted peak fits gpu_bytes (0 if none)."""
+    lo, hi = 0, 1
+    while plan(model, rows, hi, **kw)["gpu"] <= gpu_bytes and hi < 2**26:
+        lo, hi = hi, hi * 2
+    while hi - lo > 256:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if plan(model, rows, mid, **kw)["gpu"] <= gpu_bytes else (lo, mid)
+    return lo

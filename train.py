@@ -36,6 +36,7 @@ import data
 from data import IGNORE, Sampler, build_dataset, collate, pack
 from families import DROPOUTS
 from names import adapter_names, nanotune_name
+import formats
 from formats import hub_id, load_model, load_tokenizer, resolve_model_path, save_hf
 from lora import DEFAULT_TARGETS
 from model import generate
@@ -67,6 +68,7 @@ LIMITS = {
     "warmup_steps": (lambda v: v >= 0, "a whole number >= 0"),
     "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "mlp_tile_mib": (lambda v: 0 <= v < math.inf, "a number of MiB >= 0 (0: no tiling)"),
+    "gpu_memory_gib": (lambda v: 0 < v < math.inf, "a number of GiB > 0"),
     "weight_decay": (lambda v: 0 <= v < math.inf, "a number >= 0"),
     "epochs": (lambda v: 0 < v < math.inf, "a number > 0"),
     "max_steps": (lambda v: v >= 0, "a whole number >= 0 (0: from epochs)"),
@@ -131,6 +133,9 @@ class TrainConfig:
     gradient_checkpointing: bool | None = F_(None, "recompute blocks in backward (default: on for GPU)")
     offload_activations: bool | None = F_(None, "with checkpointing: block inputs wait in pinned host memory "
                                                  "(default: on for GPU)")
+    plan: bool = F_(False, "print the planner's predicted peak GPU / host memory and the longest sequence that fits, "
+                           "then stop (every run prints its one-line plan on a GPU)")
+    gpu_memory_gib: float | None = F_(None, "plan for a GPU with this much memory (default: the one in use)")
     mlp_tile_mib: float = F_(0.0, "long sequences: the MLP runs in tiles whose backward tensors fit this many MiB "
                               "(one more MLP forward; 0: whole)")
     dtype: str = F_("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
@@ -167,6 +172,9 @@ def main(argv=None):
 def setup(cfg):
     """Check inputs and output dir, seed, pick device/dtype, print the config, load tokenizer and model (+ LoRA /
     4-bit). Everything a user can get wrong is checked before the model loads."""
+    if cfg.plan:  # (the plan only: nothing is written)
+        cfg.model = resolve_model_path(cfg.model)
+        plan_run(cfg, *pick_device(cfg))
     runs.check_output_dir(cfg)
     data.check_inputs(cfg)
     torch.manual_seed(cfg.seed)
@@ -181,6 +189,8 @@ def setup(cfg):
     if ckpt:
         runs.check_resume(cfg, ckpt)
     log(f"nanotune {type(cfg).__name__}:\n" + "\n".join(f"  {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
+    if (device.type == "cuda" or cfg.gpu_memory_gib) and not dist.is_dist():  # (FSDP's shards: not planned yet)
+        plan_run(cfg, device, dtype)
     log(f"loading {cfg.model} ...")
     tok = load_tokenizer(cfg.model)
     if cfg.chat_template:  # one template for the data, the samples, the saved tokenizer and the exports
@@ -243,6 +253,35 @@ def build_model(cfg, device, dtype):
     memory.tile_mlp(model, int(cfg.mlp_tile_mib * 2**20))
     model.varlen = cfg.varlen_attention
     return model
+
+
+def plan_run(cfg, device, dtype):
+    """memory.plan for this run (its model built on the meta device): one line; --plan: the parts and the longest
+    sequence that fits, then stop; a run predicted past the GPU's memory stops before loading, saying what fits."""
+    if device.type != "cuda" and cfg.dtype == "auto":  # (planned from a CPU: the GPU's default precision)
+        dtype = torch.bfloat16
+    m = formats.meta_model(cfg.model).to(dtype)
+    if cfg.load_in_4bit:
+        quant.prepare_4bit(m)
+    add_lora(m, cfg)
+    gpu = device.type == "cuda" or cfg.gpu_memory_gib is not None  # (the plan is a GPU's)
+    kw = dict(act_bytes=dtype.itemsize, tile_bytes=int(cfg.mlp_tile_mib * 2**20),
+              checkpoint=gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
+              offload=gpu if cfg.offload_activations is None else cfg.offload_activations)
+    p, G = memory.plan(m, cfg.micro_batch_size, cfg.max_len, **kw), memory.GIB
+    cap = cfg.gpu_memory_gib * G if cfg.gpu_memory_gib else torch.cuda.get_device_properties(device).total_memory \
+        if device.type == "cuda" else None
+    fits = memory.longest(m, cfg.micro_batch_size, cap, **kw) if cap else None
+    log(f"plan: peak GPU memory {p['gpu'] / G:.1f} GiB at {cfg.micro_batch_size} x {cfg.max_len} tokens, host "
+        f"{p['host'] / G:.1f} GiB" + (f"; up to {fits} tokens a row fit {cap / G:.0f} GiB" if cap else ""))
+    if cfg.plan:
+        log("  " + ", ".join(f"{k} {v / G:.2f} GiB" for k, v in p.items() if k not in ("gpu", "host")) +
+            f" (checkpointing {kw['checkpoint']}, offload {kw['offload']}, MLP tiles {cfg.mlp_tile_mib:g} MiB)")
+        raise SystemExit(0)
+    if cap and p["gpu"] > cap:
+        raise NanotuneError(f"the planner predicts a peak of {p['gpu'] / G:.1f} GiB for {cfg.micro_batch_size} x "
+                            f"{cfg.max_len} tokens, more than the GPU's {cap / G:.0f} GiB; up to {fits} tokens a row "
+                            "fit (max_len), or set mlp_tile_mib 1024, load_in_4bit true or a smaller micro_batch_size.")
 
 
 def shard_on_meta(model, cfg, device, dtype):

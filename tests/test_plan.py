@@ -1,0 +1,79 @@
+"""The memory planner (memory.plan, train.py --plan): its predicted peaks against the peaks bench.py measured on
+the GPU (results/bench.json), and what a run does with the plan."""
+import json
+import os
+
+import pytest
+import torch
+from conftest import ROOT, make_tiny_run_model
+
+import bench
+import lora
+import memory
+import quant
+import train
+from cli import NanotuneError
+from families import config_from_hf
+from model import Transformer
+
+# #22's long-context table (8B QLoRA r16, batch 1, H200; measured before results/bench.json kept such rows)
+LONG = [("8b", "qlora", 1, 32768, 12.86), ("8b", "qlora", 1, 65536, 19.65), ("8b", "qlora", 1, 131072, 32.92)]
+
+
+def bench_model(shape, mode):
+    """bench.py's model of `shape` on the meta device, as its nanotune contender trains it (LoRA r16 on every
+    projection, NF4 base for qlora)."""
+    with torch.device("meta"):
+        m = Transformer(config_from_hf({"model_type": "llama", **bench.SHAPES[shape]}, shape))
+    m.to(torch.bfloat16)
+    if mode == "qlora":
+        quant.prepare_4bit(m)
+    if mode != "full":
+        lora.apply_lora(m, r=16, alpha=32)
+    return m
+
+
+def measured():
+    """The latest single-GPU nanotune peak of each (shape, mode, batch, seq) of the dense bench shapes."""
+    with open(os.path.join(ROOT, "results", "bench.json")) as f:
+        rows = json.load(f)["rows"]
+    last = {}
+    for r in rows:
+        if r.get("contender") == "nanotune" and r.get("shape") in ("8b", "1b", "135m") and \
+                r.get("mode") in ("lora", "qlora", "full") and r.get("peak_gib"):
+            last[r["shape"], r["mode"], r["batch"], r["seq"]] = r["peak_gib"]
+    return [(*k, v) for k, v in last.items()] + LONG
+
+
+def test_the_planner_predicts_the_measured_peaks_within_ten_percent():
+    """memory.plan at bench.py's settings (bf16, checkpointed blocks with offload, no tiles) against every peak
+    measured for the dense shapes: 8B / 1B / 135M, LoRA / QLoRA / full, 2k to 131k tokens, within 10% (at the
+    calibration: 3%)."""
+    cases = measured()
+    assert len(cases) >= 10
+    for shape, mode, rows, seq, gib in cases:
+        got = memory.plan(bench_model(shape, mode), rows, seq)["gpu"] / memory.GIB
+        assert abs(got / gib - 1) <= 0.10, (shape, mode, rows, seq, gib, got)
+
+
+def test_tiles_lower_the_plan_and_the_longest_sequence_grows():
+    """The tiled MLP's share is capped by its budget, so the 8B QLoRA's longest sequence at 80 GiB grows (the
+    block inputs then sit on the host: 8 KiB a token per layer)."""
+    m = bench_model("8b", "qlora")
+    whole, tiled = memory.longest(m, 1, 80 * memory.GIB), memory.longest(m, 1, 80 * memory.GIB, tile_bytes=1 << 30)
+    assert 300_000 < whole < 400_000 and tiled > 2 * whole
+    p = memory.plan(m, 1, 500_000, tile_bytes=1 << 30)
+    assert p["gpu"] < 80 * memory.GIB and p["host"] == 32 * 500_000 * 4096 * 2
+
+
+def test_plan_prints_and_writes_nothing_and_a_run_that_cannot_fit_stops_before_loading(tmp_path, capsys):
+    make_tiny_run_model(tmp_path / "m")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", str(tmp_path / "m"), "--output_dir", str(out), "--plan", "--gpu_memory_gib", "1"])
+    assert e.value.code == 0 and not out.exists()
+    err = capsys.readouterr().err
+    assert "plan: peak GPU memory" in err and "tokens a row fit 1 GiB" in err and "checkpointing True" in err
+    with pytest.raises(NanotuneError, match=r"the planner predicts a peak of .* more than the GPU's 0 GiB; up to 0 "
+                                            "tokens a row fit"):
+        train.main(["--model", str(tmp_path / "m"), "--output_dir", str(out), "--gpu_memory_gib", "0.0001"])
