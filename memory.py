@@ -365,8 +365,10 @@ def keep_freed_memory():
 #   one block's working set: each projection's output and its gradient, N x sum(widths) x 2 values, the dense
 #     MLP's three [N, I] (gate, up, their product) at most the tile budget when tiled; routed experts: k of them
 #   the head: the final hidden state and its gradient ([N, C] x 2) and a [1024, V] fp32 chunk of logits
-# BLOCK_FACTOR scales the working set to what the allocator held in measured peaks: with it the eleven peaks of
-# results/bench.json and #22's long-context table (8B / 1B / 135M; LoRA, QLoRA, full; 2k to 131k tokens) are within 3%.
+#   a 4-bit weight dequantized where it is used (the largest: a MoE layer's stacked experts)
+# BLOCK_FACTOR scales the working set to what the allocator held in measured peaks: with it every single-GPU peak
+# in results/bench.json and #22's long-context table (Llama 8B / 1B / 135M, Qwen3-MoE, gpt-oss, Gemma 3 / 4; LoRA,
+# QLoRA, full; 2k to 131k tokens) is within 4% (tests/test_plan.py).
 BLOCK_FACTOR, WORKSPACE = 0.8, 80 << 20  # (WORKSPACE: cuBLAS / Triton workspaces, the allocator's rounding)
 GIB = 2**30
 
@@ -404,6 +406,9 @@ def plan(model, rows, tokens, act_bytes=2, checkpoint=True, offload=True, tile_b
                 weights += p.numel() * p.element_size()
         weights += sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))
         weights += getattr(m, "nbytes", 0) // 32 if hasattr(m, "state") else 0  # (NF4's absmax)
+    # a 4-bit weight is dequantized where it is used: the largest (a MoE layer's stacked experts) is transient
+    dequant = max((m.in_features * m.out_features * act_bytes for m in model.modules() if hasattr(m, "state")
+                   and hasattr(m, "nbytes")), default=0)
     widths = [_block_widths(b, cfg.num_experts_per_tok or 1) for b in model.model.layers]
     work = max(2 * act_bytes * N * (o + (m if not tile_bytes else 0)) + (min(2 * act_bytes * N * m, tile_bytes)
                                                                           if tile_bytes else 0) for o, m in widths)
@@ -411,11 +416,13 @@ def plan(model, rows, tokens, act_bytes=2, checkpoint=True, offload=True, tile_b
     x = N * cfg.hidden_size * act_bytes  # one block input
     L = len(widths)
     inputs_gpu = (2 * x if offload else L * x) if checkpoint else L * work
+    stores = {cfg.kv_source(i) for i in range(L)} - {None}  # (Gemma 4: layers whose keys later layers reuse keep
+    inputs_gpu += len(stores) * work if checkpoint else 0  # their whole graph, model.forward)
     host = L * x if checkpoint and offload else 0
     head = 2 * x + 1024 * cfg.vocab_size * 4
-    gpu = WORKSPACE + weights + trainable + inputs_gpu + max(head, work + x)  # (the peak: the head's or a block's)
+    gpu = WORKSPACE + weights + trainable + inputs_gpu + max(head, work + x + dequant)  # (the head's or a block's)
     return dict(weights=weights, trainable=trainable, inputs_gpu=inputs_gpu, host=host, block=work, head=head,
-                gpu=gpu)
+                dequant=dequant, gpu=gpu)
 
 
 def longest(model, rows, gpu_bytes, **kw) -> int:
