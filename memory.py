@@ -216,20 +216,21 @@ class BlockCheckpoints:
     """model.block_memory, set by checkpoint_blocks: in training, each block keeps only its input (on the host
     with offload) and runs again in backward. begin() starts one forward pass (its own offload buffers)."""
 
-    def __init__(self, offload):
-        self.offload = offload
+    def __init__(self, offload, keep=0):
+        self.offload, self.keep = offload, keep
 
     def begin(self, device, rng):
         """rng: the blocks draw random numbers (dropout) that the recompute must repeat."""
-        return _Pass(Offload(device) if self.offload else None, rng)
+        return _Pass(Offload(device) if self.offload else None, rng, self.keep)
 
 
 class _Pass:
-    def __init__(self, offload, rng):
-        self.off, self.rng = offload, rng
+    def __init__(self, offload, rng, keep=0):
+        self.off, self.rng, self.keep, self.n = offload, rng, keep, 0
 
     def block(self, layer, x, *args, last=False):
-        with self.off.saving(x) if self.off and not last else contextlib.nullcontext():
+        self.n += 1  # (the first `keep` blocks keep their inputs on the device: a host-memory budget)
+        with self.off.saving(x) if self.off and not last and self.n > self.keep else contextlib.nullcontext():
             return checkpoint(layer, x, *args, rng=self.rng)
 
     def end(self):
@@ -237,9 +238,16 @@ class _Pass:
             self.off.prefetch_last()  # backward starts with the last block, which was not offloaded
 
 
-def checkpoint_blocks(model, on=True, offload=False):
-    model.block_memory = BlockCheckpoints(offload) if on else None
+def checkpoint_blocks(model, on=True, offload=False, keep=0):
+    """keep: with offload, the first `keep` blocks' inputs stay on the device (the rest go to the host)."""
+    model.block_memory = BlockCheckpoints(offload, keep) if on else None
     return model
+
+
+def kept_on_device(layers, rows, tokens, hidden, act_bytes, host_bytes):
+    """How many block inputs stay on the device so that the offloaded rest fit `host_bytes` (None: no limit)."""
+    x = rows * tokens * hidden * act_bytes
+    return 0 if host_bytes is None else max(0, layers - host_bytes // x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +397,7 @@ def _block_widths(block, k):
     return other, mlp
 
 
-def plan(model, rows, tokens, act_bytes=2, checkpoint=True, offload=True, tile_bytes=0) -> dict:
+def plan(model, rows, tokens, act_bytes=2, checkpoint=True, offload=True, tile_bytes=0, keep=0) -> dict:
     """Predicted bytes: weights, trainable (with gradients and AdamW state), block inputs (GPU / host), the block
     working set, the head, and their sums `gpu` and `host` (see above)."""
     cfg, N = model.config, rows * tokens
@@ -415,10 +423,10 @@ def plan(model, rows, tokens, act_bytes=2, checkpoint=True, offload=True, tile_b
     work = int(BLOCK_FACTOR * work)
     x = N * cfg.hidden_size * act_bytes  # one block input
     L = len(widths)
-    inputs_gpu = (2 * x if offload else L * x) if checkpoint else L * work
+    inputs_gpu = ((2 + keep) * x if offload else L * x) if checkpoint else L * work
     stores = {cfg.kv_source(i) for i in range(L)} - {None}  # (Gemma 4: layers whose keys later layers reuse keep
     inputs_gpu += len(stores) * work if checkpoint else 0  # their whole graph, model.forward)
-    host = L * x if checkpoint and offload else 0
+    host = (L - keep) * x if checkpoint and offload else 0
     head = 2 * x + 1024 * cfg.vocab_size * 4
     gpu = WORKSPACE + weights + trainable + inputs_gpu + max(head, work + x + dequant)  # (the head's or a block's)
     return dict(weights=weights, trainable=trainable, inputs_gpu=inputs_gpu, host=host, block=work, head=head,

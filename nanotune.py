@@ -25,7 +25,6 @@ import torch
 import data
 import export
 import lora
-import memory
 import quant
 import runs
 import train as tr
@@ -101,11 +100,7 @@ def train(model, tok, records, output_dir="runs/notebook", **settings):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = next(model.parameters()).device
-    gpu = device.type == "cuda"
-    memory.checkpoint_blocks(model, gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
-                             gpu if cfg.offload_activations is None else cfg.offload_activations)
-    memory.tile_mlp(model, int(cfg.mlp_tile_mib * 2**20))
-    model.varlen = cfg.varlen_attention
+    tr.place_activations(model, cfg, device, getattr(torch, model.settings["dtype"]))
     model.train()
     rows, eval_rows, stats = tr.prepare_data(cfg, tok)
     print(f"data: {json.dumps(stats)}")

@@ -69,6 +69,7 @@ LIMITS = {
     "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "mlp_tile_mib": (lambda v: 0 <= v < math.inf, "a number of MiB >= 0 (0: no tiling)"),
     "gpu_memory_gib": (lambda v: 0 < v < math.inf, "a number of GiB > 0"),
+    "host_memory_gib": (lambda v: 0 <= v < math.inf, "a number of GiB >= 0"),
     "weight_decay": (lambda v: 0 <= v < math.inf, "a number >= 0"),
     "epochs": (lambda v: 0 < v < math.inf, "a number > 0"),
     "max_steps": (lambda v: v >= 0, "a whole number >= 0 (0: from epochs)"),
@@ -136,6 +137,8 @@ class TrainConfig:
     plan: bool = F_(False, "print the planner's predicted peak GPU / host memory and the longest sequence that fits, "
                            "then stop (every run prints its one-line plan on a GPU)")
     gpu_memory_gib: float | None = F_(None, "plan for a GPU with this much memory (default: the one in use)")
+    host_memory_gib: float | None = F_(None, "offloaded block inputs stay within this much host memory (the first "
+                                             "blocks' inputs stay on the GPU; default: no limit)")
     mlp_tile_mib: float = F_(0.0, "long sequences: the MLP runs in tiles whose backward tensors fit this many MiB "
                               "(one more MLP forward; 0: whole)")
     dtype: str = F_("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
@@ -247,12 +250,27 @@ def build_model(cfg, device, dtype):
                                 f"{cfg.model} ({model.config.model_type}) has no experts: leave it unset.")
         model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
     lora.init_lora(model, cfg.seed)
-    gpu = device.type == "cuda"
-    memory.checkpoint_blocks(model, gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
-                             gpu if cfg.offload_activations is None else cfg.offload_activations)
-    memory.tile_mlp(model, int(cfg.mlp_tile_mib * 2**20))
-    model.varlen = cfg.varlen_attention
+    place_activations(model, cfg, device, dtype)
     return model
+
+
+def activations(cfg, mcfg, gpu, dtype) -> dict:
+    """Where the run's activations live (memory.plan's keywords): checkpointing and offload (default: on a GPU),
+    the block inputs kept on the GPU so the offloaded rest fit host_memory_gib, the MLP's tile budget."""
+    ckpt = gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
+    off = gpu if cfg.offload_activations is None else cfg.offload_activations
+    host = int(cfg.host_memory_gib * 2**30) if cfg.host_memory_gib else None
+    keep = memory.kept_on_device(mcfg.num_hidden_layers, cfg.micro_batch_size, cfg.max_len, mcfg.hidden_size,
+                                 dtype.itemsize, host) if ckpt and off else 0
+    return dict(act_bytes=dtype.itemsize, checkpoint=ckpt, offload=off, keep=keep,
+                tile_bytes=int(cfg.mlp_tile_mib * 2**20))
+
+
+def place_activations(model, cfg, device, dtype):
+    a = activations(cfg, model.config, device.type == "cuda", dtype)
+    memory.checkpoint_blocks(model, a["checkpoint"], a["offload"], a["keep"])
+    memory.tile_mlp(model, a["tile_bytes"])
+    model.varlen = cfg.varlen_attention
 
 
 def plan_run(cfg, device, dtype):
@@ -264,10 +282,7 @@ def plan_run(cfg, device, dtype):
     if cfg.load_in_4bit:
         quant.prepare_4bit(m)
     add_lora(m, cfg)
-    gpu = device.type == "cuda" or cfg.gpu_memory_gib is not None  # (the plan is a GPU's)
-    kw = dict(act_bytes=dtype.itemsize, tile_bytes=int(cfg.mlp_tile_mib * 2**20),
-              checkpoint=gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
-              offload=gpu if cfg.offload_activations is None else cfg.offload_activations)
+    kw = activations(cfg, m.config, True, dtype)  # (the plan is a GPU's)
     p, G = memory.plan(m, cfg.micro_batch_size, cfg.max_len, **kw), memory.GIB
     cap = cfg.gpu_memory_gib * G if cfg.gpu_memory_gib else torch.cuda.get_device_properties(device).total_memory \
         if device.type == "cuda" else None
@@ -276,7 +291,8 @@ def plan_run(cfg, device, dtype):
         f"{p['host'] / G:.1f} GiB" + (f"; up to {fits} tokens a row fit {cap / G:.0f} GiB" if cap else ""))
     if cfg.plan:
         log("  " + ", ".join(f"{k} {v / G:.2f} GiB" for k, v in p.items() if k not in ("gpu", "host")) +
-            f" (checkpointing {kw['checkpoint']}, offload {kw['offload']}, MLP tiles {cfg.mlp_tile_mib:g} MiB)")
+            f" (checkpointing {kw['checkpoint']}, offload {kw['offload']} but the first {kw['keep']} block inputs, "
+            f"MLP tiles {cfg.mlp_tile_mib:g} MiB)")
         raise SystemExit(0)
     if cap and p["gpu"] > cap:
         raise NanotuneError(f"the planner predicts a peak of {p['gpu'] / G:.1f} GiB for {cfg.micro_batch_size} x "

@@ -66,6 +66,17 @@ def test_tiles_lower_the_plan_and_the_longest_sequence_grows():
     assert p["gpu"] < 80 * memory.GIB and p["host"] == 32 * 500_000 * 4096 * 2
 
 
+def test_a_host_memory_budget_keeps_the_first_block_inputs_on_the_gpu():
+    """host_memory_gib: the offloaded block inputs fit it, the rest stay on the GPU (8B QLoRA at 500k tokens with
+    1 GiB MLP tiles: 32 inputs of 3.8 GiB; 100 GiB of host holds 26 of them)."""
+    m = bench_model("8b", "qlora")
+    keep = memory.kept_on_device(32, 1, 500_000, 4096, 2, 100 * memory.GIB)
+    p = memory.plan(m, 1, 500_000, tile_bytes=1 << 30, keep=keep)
+    x = 500_000 * 4096 * 2
+    assert keep == 6 and p["host"] == 26 * x <= 100 * memory.GIB and p["inputs_gpu"] == 8 * x
+    assert memory.kept_on_device(32, 1, 500_000, 4096, 2, None) == 0
+
+
 def test_plan_prints_and_writes_nothing_and_a_run_that_cannot_fit_stops_before_loading(tmp_path, capsys):
     make_tiny_run_model(tmp_path / "m")
     out = tmp_path / "out"
