@@ -4,6 +4,7 @@ on the same GPU with the same random-init checkpoint, shape and batch.
     python bench.py --shape 8b --mode lora --batch 4 --seq 2048          # all contenders that import
     python bench.py --shape 1b --mode qlora --contenders nanotune,unsloth
     python bench.py --kernels                                          # each kernel vs reference vs compile
+    python bench.py --shape 8b --mode qlora --batch 1 --seq 65536 --max_context 80 --contenders nanotune-long,unsloth
     python bench.py --cpu                        # the default job's step on a CPU: nanotune vs HF + PEFT
     python bench.py --shape 8b --mode full --contenders nanotune --fsdp --nproc 2  # torchrun + FSDP2, per GPU
     python bench.py --shape 70b --mode qlora --contenders nanotune --fsdp --nproc 2 --steps 3 --warmup 1
@@ -28,6 +29,7 @@ import torch
 
 from cli import publish
 
+LONG_TILE, LONG_HOST = 1 << 30, 100 << 30  # nanotune-long: MLP tiles within 1 GiB, offloaded block inputs in 100 GiB
 SHAPES = {  # Llama-3.1-8B, Llama-3.2-1B and SmolLM2-135M (the default model); tiny for a smoke run
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
@@ -169,7 +171,9 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
                            prepare=q4)
             if mode != "full":
                 lora.apply_lora(m, r=16, alpha=16, dropout=0.0)
-        memory.checkpoint_blocks(m, not cpu, offload="-nooffload" not in name and not cpu)
+        keep = memory.kept_on_device(m.config.num_hidden_layers, 1, seq, m.config.hidden_size, 2, LONG_HOST)
+        memory.checkpoint_blocks(m, not cpu, "-nooffload" not in name and not cpu, keep if "-long" in name else 0)
+        memory.tile_mlp(m, LONG_TILE if "-long" in name else 0)  # (-long: MLP tiles, host memory within 100 GiB)
         m.varlen = "-varlen" in name
         m.train()
 
@@ -254,6 +258,8 @@ def worker(a):
     sync = torch.cuda.synchronize if not a.cpu else (lambda: None)
     if not a.cpu:
         torch.cuda.reset_peak_memory_stats()
+    if a.cap:  # --max_context: this process may allocate at most cap GiB
+        torch.cuda.set_per_process_memory_fraction(a.cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     if a.memory:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     if a.fsdp:
@@ -475,10 +481,15 @@ def main():
     p.add_argument("--micro", type=int, default=8, help="--rollout: rows per micro-batch of the GRPO update after it")
     p.add_argument("--cpu", action="store_true", help="the default job on this CPU (see above)")
     p.add_argument("--rounds", type=int, default=2, help="--cpu: contenders alternate this many times")
+    p.add_argument("--max_context", type=float, default=0, help="CAP_GIB: each contender's longest sequence (batch "
+                   "1) that trains within CAP GiB, searched from --seq, and its tokens/s there")
+    p.add_argument("--cap", type=float, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.seq = a.seq or (256 if a.cpu else 2048)
+    if a.max_context and a.batch != 1:
+        p.error("--max_context searches one sequence a step: pass --batch 1")
     if a.worker:
         return worker(a)
     if a.cpu:
@@ -512,24 +523,20 @@ def main():
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
                    *cmd[1:], "--fsdp"]
         t0 = time.time()
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.worker_timeout)
-        except subprocess.TimeoutExpired:
-            print(f"{c}: skipped (over {a.worker_timeout} s)", flush=True)
-            continue
-        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            lines = r.stderr.strip().splitlines()
-            err = (" | ".join(ln for ln in lines if "Error" in ln or "error" in ln)[-600:]
-                   or (lines or ["no output"])[-1][:300])
-            print(f"{c}: skipped ({err})", flush=True)
-            continue
-        res = json.loads(line[7:])
-        mfu = res["tokens_per_s"] * fpt / peak if peak and not a.rollout else None
+        if a.max_context:  # the longest sequence that trains within the cap (batch 1), its tokens/s there
+            seq, res = longest_context(lambda n: run_worker(cmd + ["--cap", str(a.max_context)], n, a, c), a.seq)
+            if res is None:
+                continue
+            res.update(max_context=seq, cap_gib=a.max_context)
+        else:
+            res = run_worker(cmd, a.seq, a, c)
+            if res is None:
+                continue
+        mfu = res["tokens_per_s"] * fpt / peak if peak and not a.rollout and not a.max_context else None
         res.update(shape=a.shape, mode=a.mode + ("+rollout" if a.rollout else "") +
                    (f"+fsdp{a.nproc}" if a.fsdp and c.startswith("nanotune") else "") +
                    (f"+docs{a.doc_len}" if a.doc_len and c.startswith("nanotune") else ""), batch=a.batch,
-                   seq=a.seq, mfu=mfu, wall_s=round(time.time() - t0))
+                   seq=res.get("max_context", a.seq), mfu=mfu, wall_s=round(time.time() - t0))
         if a.memory:  # (the allocator's history slows the steps: the peak counts, the speed does not)
             res["memory_history"] = True
         rows.append(res)
@@ -580,6 +587,38 @@ def bench_cpu(a):
         print(f"nanotune / hf_peft: {rows[0]['vs_hf_peft']:.2f}x (median s/step over {a.rounds} rounds)", flush=True)
     # CPU rows go to their own file: results/bench.json is the GPU's (each row's "gpu" names its device)
     save(a.json if a.json != "results/bench.json" else "results/bench_cpu.json", where, rows, a.device_call)
+
+
+def run_worker(cmd, seq, a, c):
+    """One contender's worker at `seq` tokens a row -> its RESULT, or None (out of memory, an error, too slow)."""
+    cmd = [*cmd[: cmd.index("--seq") + 1], str(seq), *cmd[cmd.index("--seq") + 2:]]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.worker_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{c} at {seq} tokens: skipped (over {a.worker_timeout} s)", flush=True)
+        return None
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        lines = r.stderr.strip().splitlines()
+        err = (" | ".join(ln for ln in lines if "Error" in ln or "error" in ln)[-600:]
+               or (lines or ["no output"])[-1][:300])
+        print(f"{c} at {seq} tokens: skipped ({err})", flush=True)
+        return None
+    return json.loads(line[7:])
+
+
+def longest_context(trains, start, resolution=8192):
+    """(the longest sequence n with trains(n) a result, that result): doubling from `start` until one fails, then
+    halving the gap down to `resolution` tokens; (0, None) when not even the shortest tried trains."""
+    ok, bad, res, n = 0, None, None, start
+    while bad is None and n < 2**24:
+        r = trains(n)
+        ok, res, n, bad = (n, r, 2 * n, None) if r else (ok, res, n, n)
+    while bad is not None and bad - ok > resolution:
+        mid = (ok + bad) // 2 // 256 * 256
+        r = trains(mid)
+        ok, res, bad = (mid, r, bad) if r else (ok, res, mid)
+    return ok, res
 
 
 def save(path, gpu, rows, device_call=None):

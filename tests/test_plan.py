@@ -88,3 +88,17 @@ def test_plan_prints_and_writes_nothing_and_a_run_that_cannot_fit_stops_before_l
     with pytest.raises(NanotuneError, match=r"the planner predicts a peak of .* more than the GPU's 0 GiB; up to 0 "
                                             "tokens a row fit"):
         train.main(["--model", str(tmp_path / "m"), "--output_dir", str(out), "--gpu_memory_gib", "0.0001"])
+
+
+def test_bench_max_context_search_finds_the_longest_length_that_trains():
+    """bench.py --max_context's search: doubling from the start, then halving the gap to its resolution; the
+    result is a length that trained (with its row), never one that failed."""
+    tried = []
+
+    def trains(n):
+        tried.append(n)
+        return {"tokens": n} if n <= 345_000 else None
+    seq, res = bench.longest_context(trains, 32768)
+    assert 345_000 - 8192 <= seq <= 345_000 and res == {"tokens": seq} and len(tried) < 12
+    assert bench.longest_context(lambda n: None, 4096) == (0, None)
+
