@@ -437,8 +437,9 @@ def pack(samples, max_len: int) -> tuple:
 
 
 def collate(rows, pad_id: int, pad_to: int | None = None) -> dict:
-    """Right-pad rows to the longest (or to pad_to): input_ids/labels [B, T], and attention_mask, or
-    position_ids for packed rows (padding then forms its own document, which nothing attends to)."""
+    """Right-pad rows to the longest (or to pad_to): input_ids/labels [B, T], and attention_mask where a row is
+    padded (none when every row is whole: causal attention needs no [B, 1, T, T] mask, which long rows could not
+    hold), or position_ids for packed rows (padding then forms its own document, which nothing attends to)."""
     T = max(max(len(r["input_ids"]) for r in rows), pad_to or 0)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
@@ -453,6 +454,8 @@ def collate(rows, pad_id: int, pad_to: int | None = None) -> dict:
             extra[i, n:] = torch.arange(T - n)
         else:
             extra[i, :n] = 1
+    if not packed and bool(extra.all()):
+        return {"input_ids": ids, "labels": labels}
     return {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
 
 

@@ -183,10 +183,10 @@ def sequence_logps(model, batch):
     """Per row: (sum of completion-token log-probs [B], completion token count [B], summed NLL over all
     non-padding tokens [B] and their count [B]). Position t predicts token t+1; the head runs one row
     at a time so only [T, V] logits exist at once."""
-    h = model.forward(batch["input_ids"], attention_mask=batch["attention_mask"])  # [B, T, C] (inside model.run)
+    h = model.forward(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # [B, T, C] (in model.run)
     y = batch["input_ids"][:, 1:]
     comp = batch["labels"][:, 1:] != IGNORE  # [B, T-1] completion tokens
-    real = batch["attention_mask"][:, 1:].bool()  # every real token (ORPO's NLL)
+    real = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))[:, 1:].bool()  # real tokens (ORPO)
     logp, n, nll_all, n_all = [], [], [], []
     for b in range(h.shape[0]):
         lp = torch.log_softmax(model.logits(h[b, :-1]).float(), -1).gather(-1, y[b, :, None])[:, 0]  # [T-1]

@@ -192,7 +192,7 @@ def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, t
 def token_logps(model, batch, chunk=256):
     """log pi of every completion token [B, T-1] (0 elsewhere): position t predicts token t+1. The head runs on the
     completion positions only, `chunk` rows at a time, recomputed in backward: no [tokens x vocab] stays alive."""
-    h = model.forward(batch["input_ids"], attention_mask=batch["attention_mask"])[:, :-1]  # [B, T-1, C]
+    h = model.forward(batch["input_ids"], attention_mask=batch.get("attention_mask"))[:, :-1]  # [B, T-1, C]
     comp = batch["labels"][:, 1:] != IGNORE
     y, hs = batch["input_ids"][:, 1:][comp], h[comp]
 

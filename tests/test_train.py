@@ -112,6 +112,26 @@ def test_thirty_steps_with_the_mlp_tiled_follow_thirty_untiled(tmp_path):
     assert curves[1] == pytest.approx(curves[0], rel=1e-4)
 
 
+def test_whole_rows_build_no_attention_mask(tmp_path, monkeypatch):
+    """Rows of one length (a long sequence at batch 1, say) carry no attention_mask, so the forward builds no
+    [B, 1, T, T] mask (causal SDPA; at 500k tokens such a mask alone would be 250 GB); a padded batch keeps its
+    mask, and both losses equal the rows' losses alone."""
+    import model
+    make_tiny_run_model(tmp_path)
+    m = formats.load_model(str(tmp_path)).train()
+    rows = [{"input_ids": list(range(3, 40)), "labels": list(range(3, 40))}, {"input_ids": list(range(5, 20)),
+                                                                               "labels": list(range(5, 20))}]
+    alone = [float(train.token_loss_sum(m, data.collate([r], 0))) for r in rows]
+    padded = data.collate(rows, 0)
+    assert "attention_mask" not in data.collate(rows[:1], 0) and "attention_mask" in padded
+    assert float(train.token_loss_sum(m, padded)) == pytest.approx(sum(alone), rel=1e-5)
+
+    def no_mask(*a, **k):
+        raise AssertionError("a [B, 1, T, T] mask was built for whole rows")
+    monkeypatch.setattr(model, "attention_mask_for", no_mask)
+    assert float(train.token_loss_sum(m, data.collate(rows[:1], 0))) == alone[0]
+
+
 def write_chat_data(path, n=12):
     with open(path, "w") as f:
         for i in range(n):
