@@ -1615,10 +1615,11 @@ def moe_aux_loss(stats, E):
 # value=False skips the x W^T GEMMs and returns uninitialised y: for a recompute in which y only feeds a
 # residual add (see the recompute hints below), since going backward never needs y itself.
 def lora_linear_ref(x, weight_fns, biases, scalings, As, Bs):
-    """The same math through autograd (weight_fns[i](dtype) gives W_i)."""
-    return [F.linear(x, f(x.dtype), None if b is None else b.to(x.dtype))
+    """The same math through autograd (weight_fns[i](dtype) gives W_i; an FP8 one dequantized)."""
+    dense = [w.dense(x.dtype) if isinstance(w, Float8Weight) else w for w in (f(x.dtype) for f in weight_fns)]
+    return [F.linear(x, w, None if b is None else b.to(x.dtype))
             + F.linear(F.linear(x, a.to(x.dtype)), bb.to(x.dtype)) * s
-            for f, b, s, a, bb in zip(weight_fns, biases, scalings, As, Bs)]
+            for w, b, s, a, bb in zip(dense, biases, scalings, As, Bs)]
 
 
 def lora_casts(As, Bs, scalings, dt):
@@ -1640,7 +1641,11 @@ class _LoRALinear(torch.autograd.Function):
             r = sB.shape[1]
             if value:
                 w = f(dt)
-                y = torch.addmm(b.to(dt), x2, w.t()) if b is not None else x2 @ w.t()
+                if isinstance(w, Float8Weight):  # (an FP8 base: its GEMM in FP8, the bias and LoRA term added)
+                    y = base_matmul(x2, w)
+                    y = y.add_(b.to(dt)) if b is not None else y
+                else:
+                    y = torch.addmm(b.to(dt), x2, w.t()) if b is not None else x2 @ w.t()
                 y.addmm_(xa[:, start : start + r], sB.t())
             else:
                 y = x2.new_empty(x2.shape[0], sB.shape[0])
@@ -1662,7 +1667,10 @@ class _LoRALinear(torch.autograd.Function):
         for f, s, sB, dy in zip(ctx.weight_fns, scalings, ctx.sBs, dys):
             r, dy = sB.shape[1], dy.reshape(-1, sB.shape[0])
             w = f(dt)
-            dx = dy @ w if dx is None else dx.addmm_(dy, w)
+            if isinstance(w, Float8Weight):
+                dx = base_matmul(dy, w, False) if dx is None else dx.add_(base_matmul(dy, w, False))
+            else:
+                dx = dy @ w if dx is None else dx.addmm_(dy, w)
             del w  # a dequantized 4-bit weight lives only for its own GEMM
             gs.append(dy @ sB)  # [N, r] = s dy B
             dB = dy.t() @ xa[:, start : start + r]  # [O, r]
@@ -1734,6 +1742,63 @@ def lora_linear(x, weight_fns, biases, scalings, As, Bs, value=True):
         cache = _CAST_CACHE is not None and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
         return list(_LoRALinear.apply(x, list(weight_fns), list(biases), list(scalings), value, cache, *As, *Bs))
     return lora_linear_ref(x, weight_fns, biases, scalings, As, Bs)
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 frozen weights (LoRA's base, --base_dtype float8): W [O, C] held as e4m3 q with a scale per output row,
+# W ~ s[:, None] * q. The base's two GEMMs run in FP8 (torch._scaled_mm: fp32 accumulation, Hopper's FP8 tensor
+# cores on a GPU), each operand scaled per row to e4m3's range on the fly (max 448):
+#   y  = x W^T = diag(sx) (x / sx)_8 q^T diag(s)              sx_n = max_c |x_nc| / 448
+#   dx = dy W  = diag(sg) ((dy s) / sg)_8 q                    sg_n = max_o |dy_no s_o| / 448
+# (dy s: the weight's row scales move onto dy's columns, so q is used as it is stored; _scaled_mm wants its second
+# operand column-major: q^T is, q takes a transposed copy, 1 byte a value.) The base has no weight gradient.
+# References: the same rounding of both operands, multiplied in fp32.
+E4M3 = torch.float8_e4m3fn if hasattr(torch, "float8_e4m3fn") else None
+E4M3_MAX = 448.0
+
+
+class Float8Weight(NamedTuple):
+    q: torch.Tensor  # [O, C] e4m3
+    scale: torch.Tensor  # [O] fp32
+
+    def dense(self, dtype):
+        return (self.q.float() * self.scale[:, None]).to(dtype)
+
+
+def fp8_rows(t):
+    """t [N, K] -> (e4m3 [N, K], fp32 [N] scales): each row scaled so its largest magnitude is e4m3's largest."""
+    s = t.detach().abs().amax(1).float().clamp(min=1e-12) / E4M3_MAX
+    return (t.float() / s[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), s
+
+
+def fp8_weight(w) -> Float8Weight:
+    return Float8Weight(*fp8_rows(w))
+
+
+def fp8_matmul_ref(x, w: Float8Weight, transpose=True):
+    """x W^T (transpose) or x W through the same e4m3 rounding as fp8_matmul, multiplied in fp32."""
+    if transpose:
+        xq, sx = fp8_rows(x)
+        return ((xq.float() * sx[:, None]) @ w.dense(torch.float32).t()).to(x.dtype)
+    gq, sg = fp8_rows(x.float() * w.scale)
+    return ((gq.float() * sg[:, None]) @ w.q.float()).to(x.dtype)
+
+
+def fp8_matmul(x, w: Float8Weight, transpose=True):
+    """x [N, C] W^T -> [N, O] (transpose), or x [N, O] W -> [N, C]: one torch._scaled_mm, in x's dtype."""
+    if not transpose:
+        gq, sg = fp8_rows(x.float() * w.scale)
+        ones = torch.ones(1, w.q.shape[1], device=x.device, dtype=torch.float32)
+        return torch._scaled_mm(gq, w.q.t().contiguous().t(), scale_a=sg[:, None], scale_b=ones, out_dtype=x.dtype)
+    xq, sx = fp8_rows(x)
+    return torch._scaled_mm(xq, w.q.t(), scale_a=sx[:, None], scale_b=w.scale[None, :], out_dtype=x.dtype)
+
+
+def base_matmul(x, w, transpose=True):
+    """x W^T (or x W) for a base weight that is a dense tensor or a Float8Weight."""
+    if isinstance(w, Float8Weight):
+        return (fp8_matmul if _FUSED else fp8_matmul_ref)(x, w, transpose)
+    return x @ w.t() if transpose else x @ w
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,6 +84,10 @@ class LoRALinear(nn.Module):
         return (not (self.disabled or self.merged) and self.lora_magnitude_vector is None
                 and isinstance(self.dropout, nn.Identity) and not getattr(self.base.weight, "requires_grad", False))
 
+    def operand(self, dtype):
+        """What the fused path multiplies by: an FP8 base as it is stored (its GEMMs run in FP8), else weight_as."""
+        return self.base.float8() if hasattr(self.base, "float8") else self.weight_as(dtype)
+
     def weight_as(self, dtype):
         """The base weight, dense, in `dtype` (a 4-bit base dequantizes on every call)."""
         b = self.base
@@ -95,7 +99,7 @@ class LoRALinear(nn.Module):
         call when all can take it; inside kernels.value_unused() a recompute skips the base GEMMs."""
         if not all(isinstance(m, LoRALinear) and m.fusable() for m in mods):
             return [m(x) for m in mods]
-        return kernels.lora_linear(x, [m.weight_as for m in mods], [m.base.bias for m in mods],
+        return kernels.lora_linear(x, [m.operand for m in mods], [m.base.bias for m in mods],
                                    [m.scaling for m in mods], [m.lora_A.weight for m in mods],
                                    [m.lora_B.weight for m in mods], value=not kernels.skip_value())
 

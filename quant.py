@@ -372,3 +372,73 @@ def bnb_quantization_config(model):
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": any("nested_absmax" in m.state for m in layers),
             "bnb_4bit_compute_dtype": str(layers[0].compute_dtype).removeprefix("torch."),
             "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": list(DEFAULT_SKIP)}
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 base weights (train.py --base_dtype float8): e4m3 with a scale per output row (kernels.Float8Weight),
+# rounded as each weight loads; both GEMMs run in FP8 (kernels.fp8_matmul). Half a bf16 weight's bytes. Frozen:
+# LoRA trains beside it, and export.py re-reads the checkpoint's own weights (never this rounding of them).
+class _FP8Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return kernels.base_matmul(x.reshape(-1, x.shape[-1]), layer.float8()).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return kernels.base_matmul(dy.reshape(-1, dy.shape[-1]), ctx.layer.float8(), False).view(
+            *dy.shape[:-1], -1), None
+
+
+class Linear8(nn.Module):
+    def __init__(self, in_features, out_features, bias=None, compute_dtype=torch.bfloat16, device="meta"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype, self.bias = compute_dtype, bias
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=kernels.E4M3, device=device),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device), persistent=False)
+
+    @property
+    def is_ready(self):
+        return not self.weight.is_meta
+
+    def float8(self) -> kernels.Float8Weight:
+        return kernels.Float8Weight(self.weight, self.weight_scale)
+
+    def dense_weight(self, dtype=None) -> torch.Tensor:
+        return self.float8().dense(dtype or self.compute_dtype)
+
+    def set_dense(self, w):
+        q, s = kernels.fp8_rows(w.reshape(self.out_features, self.in_features))
+        self.weight, self.weight_scale = nn.Parameter(q, requires_grad=False), s
+
+    def assign_tensor(self, key: str, t: torch.Tensor, device, dtype):
+        """Loading hook (formats.load_tensors): the weight is rounded to e4m3 on `device` as it arrives."""
+        if key == "bias":
+            self.bias = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.compute_dtype = dtype
+            self.set_dense(t.to(device=device, dtype=torch.float32))
+
+    def forward(self, x):
+        y = _FP8Matmul.apply(x.to(self.compute_dtype), self)
+        return y + self.bias if self.bias is not None else y
+
+    def _apply(self, fn, recurse=True):
+        """.to(device) moves the e4m3 bytes and the scales; a dtype cast (model.to(bf16)) leaves them be."""
+        raw, scale = self.weight.detach(), self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight.dtype != raw.dtype:
+            self.weight = nn.Parameter(raw.to(self.weight.device), requires_grad=False)
+        if self.weight_scale.dtype != scale.dtype:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return self
+
+
+def prepare_fp8(model, skip=DEFAULT_SKIP):
+    """For load_model(prepare=...): the (meta) linears become empty Linear8 layers, filled as weights load
+    (routed experts, embeddings and the head stay in the compute dtype)."""
+    for n, lin in _targets(model, skip):
+        replace_module(model, n, Linear8(lin.in_features, lin.out_features, lin.bias, device=lin.weight.device))
+    return model

@@ -68,6 +68,7 @@ LIMITS = {
     "warmup_steps": (lambda v: v >= 0, "a whole number >= 0"),
     "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "mlp_tile_mib": (lambda v: 0 <= v < math.inf, "a number of MiB >= 0 (0: no tiling)"),
+    "base_dtype": (lambda v: v in ("auto", "float8"), "auto or float8"),
     "gpu_memory_gib": (lambda v: 0 < v < math.inf, "a number of GiB > 0"),
     "host_memory_gib": (lambda v: 0 <= v < math.inf, "a number of GiB >= 0"),
     "weight_decay": (lambda v: 0 <= v < math.inf, "a number >= 0"),
@@ -109,6 +110,8 @@ class TrainConfig:
     # method
     lora: bool = F_(True, "train LoRA adapters (false: full fine-tuning)")
     load_in_4bit: bool = F_(False, "QLoRA: NF4 base weights (double-quantized), quantized while loading")
+    base_dtype: str = F_("auto", "LoRA's frozen base: auto (dtype) | float8 (e4m3 weights with row scales, the "
+                                 "base GEMMs in FP8: GPUs of compute capability 8.9+)")
     lora_r: int = F_(16, "LoRA rank")
     lora_alpha: float = F_(32.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora)")
     lora_dropout: float = F_(0.0, "dropout on the LoRA input")
@@ -235,14 +238,15 @@ def build_model(cfg, device, dtype):
     """Load -> (LoRA | full) -> checkpointing; LoRA weights stay fp32 (the precision policy)."""
     if cfg.load_in_4bit and not cfg.lora:
         raise NanotuneError("load_in_4bit needs lora true: 4-bit base weights are frozen.")
+    if cfg.base_dtype == "float8":
+        check_fp8(cfg, device)
     if dist.is_dist():  # torchrun: LoRA and FSDP2 on the meta model, then every rank loads only its shards
         if cfg.load_in_4bit and cfg.use_dora:
             raise NanotuneError("DoRA over a 4-bit base is not supported under torchrun/FSDP; use LoRA, or one GPU.")
         model = load_model(cfg.model, dtype=dtype, device=device,
                            prepare=lambda m: shard_on_meta(m, cfg, device, dtype))
     else:
-        model = load_model(cfg.model, dtype=dtype, device=device,
-                           prepare=quant.prepare_4bit if cfg.load_in_4bit else None)
+        model = load_model(cfg.model, dtype=dtype, device=device, prepare=base_prepare(cfg))
         add_lora(model, cfg)
     if cfg.router_aux_loss_coef is not None:
         if cfg.router_aux_loss_coef and not model.config.num_experts:
@@ -252,6 +256,22 @@ def build_model(cfg, device, dtype):
     lora.init_lora(model, cfg.seed)
     place_activations(model, cfg, device, dtype)
     return model
+
+
+def base_prepare(cfg):
+    """How the frozen base is held (load_model's prepare): NF4, FP8, or as loaded."""
+    return quant.prepare_4bit if cfg.load_in_4bit else quant.prepare_fp8 if cfg.base_dtype == "float8" else None
+
+
+def check_fp8(cfg, device):
+    """--base_dtype float8: LoRA over a 16-bit checkpoint, one process, a GPU with FP8 GEMMs (or the CPU)."""
+    why = ("it needs lora true (the FP8 base is frozen)" if not cfg.lora else "it replaces load_in_4bit (pick one)"
+           if cfg.load_in_4bit else "torchrun / FSDP does not shard FP8 weights yet" if dist.is_dist() else None)
+    if why is None and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        why = f"{torch.cuda.get_device_name(device)} (compute capability {cc}) has no FP8 GEMMs (8.9+: Ada, Hopper)"
+    if why:
+        raise NanotuneError(f"base_dtype float8: {why}; use base_dtype auto.")
 
 
 def activations(cfg, mcfg, gpu, dtype) -> dict:
@@ -279,8 +299,8 @@ def plan_run(cfg, device, dtype):
     if device.type != "cuda" and cfg.dtype == "auto":  # (planned from a CPU: the GPU's default precision)
         dtype = torch.bfloat16
     m = formats.meta_model(cfg.model).to(dtype)
-    if cfg.load_in_4bit:
-        quant.prepare_4bit(m)
+    if base_prepare(cfg):
+        base_prepare(cfg)(m)
     add_lora(m, cfg)
     kw = activations(cfg, m.config, True, dtype)  # (the plan is a GPU's)
     p, G = memory.plan(m, cfg.micro_batch_size, cfg.max_len, **kw), memory.GIB
