@@ -319,8 +319,9 @@ def test_tiled_mlp_gives_the_untiled_loss_and_gradients(dtype, mode, tmp_path, m
     """memory.tile_mlp: the MLP over tiles of 5 positions (a budget of 5 positions' intermediates; 12 tokens: tiles
     of 5, 5 and 2), each recomputed in backward on its own, inside checkpointed (and offloaded, the first block's
     input kept on the device) blocks or not, with a 4-bit base, or full fine-tuning: the loss and every gradient
-    equal the untiled run's (fp32: 1e-5 of the largest; bf16: 2e-2). With LoRA dropout a tile draws its own masks (not the untiled run's), so the reference
-    is the same tiles in plain autograd (no recompute): the recompute redraws each tile's masks."""
+    equal the untiled run's (fp32: 1e-5 of the largest; bf16: 2e-2). With LoRA dropout a tile draws its own masks
+    (not the untiled run's), so the reference is the same tiles in plain autograd (no recompute): the recompute
+    redraws each tile's masks."""
     import quant
     make_hf_model("llama", tmp_path)
     ids = torch.randint(3, 128, (2, 12))
