@@ -154,8 +154,8 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
     if name.startswith("nanotune"):  # variants: -nooffload (block inputs stay on the GPU), -ref (PyTorch
         import kernels                # references instead of the kernels), -flash (no cuDNN attention),
         import lora                   # -varlen (packed rows through varlen flash attention, not a mask),
-        import memory                 # -graph (forward + backward replayed as one CUDA graph)
-        import quant
+        import memory                 # -graph (forward + backward replayed as one CUDA graph), -fp8 (an FP8
+        import quant                  # base, --base_dtype float8), -long (MLP tiles, host-bounded offload)
         import train
         from formats import load_model
         kernels.set_fused("-ref" not in name)
@@ -166,7 +166,7 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
         if fsdp:  # as train.py under torchrun: LoRA + sharding on the meta model, each rank loads its shards
             m = nanotune_fsdp(ckpt, mode, shape, offload="-nooffload" not in name)
         else:
-            q4 = quant.prepare_4bit if mode == "qlora" else None
+            q4 = quant.prepare_4bit if mode == "qlora" else quant.prepare_fp8 if "-fp8" in name else None
             m = load_model(ckpt, dtype=torch.float32 if cpu else torch.bfloat16, device="cpu" if cpu else "cuda",
                            prepare=q4)
             if mode != "full":

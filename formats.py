@@ -197,10 +197,12 @@ def load_model(path: str | None = None, dtype=torch.float32, device="cpu", prepa
         qc = d.get("quantization_config") or {}
         quantized = qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit")
         mxfp4 = qc.get("quant_method") == "mxfp4" and cfg.model_type == "gpt_oss"  # (its experts only: dequantized)
-        if qc and not quantized and not mxfp4:
+        fp8 = qc.get("quant_method") == "fp8" and qc.get("fmt", "e4m3") == "e4m3"  # (block-scaled, per tensor)
+        if qc and not quantized and not mxfp4 and not fp8:
             raise NanotuneError(f"{path}: quantization {qc.get('quant_method')!r} is not supported; nanotune reads "
-                                "bitsandbytes 4-bit (nf4) and 16/32-bit checkpoints.")
+                                "bitsandbytes 4-bit (nf4), block-scaled FP8 (e4m3) and 16/32-bit checkpoints.")
         raw = quant.dequantize_mxfp4_pairs(iter_safetensors(safetensors_files(path)))  # (gpt-oss's MXFP4 experts)
+        raw = quant.dequantize_fp8_blocks(raw, tuple(qc.get("weight_block_size") or (128, 128))) if fp8 else raw
         tensors = stack_experts(cfg, (p for n, t in raw for p in split_fused(cfg, n, t)))
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -22,6 +22,7 @@ import torch.nn as nn
 import dist
 import kernels
 from cli import NanotuneError
+from kernels import E4M3
 from mlp import Experts
 
 # The 16 NF4 values (bitsandbytes' table, index = 4-bit code)
@@ -136,6 +137,28 @@ def dequantize_mxfp4_pairs(tensors):
         if len(pending[base]) == 2:
             p = pending.pop(base)
             yield base, dequantize_mxfp4(p["blocks"], p["scales"]).transpose(1, 2)
+
+
+def dequantize_fp8_blocks(tensors, block=(128, 128)):
+    """FP8 checkpoints (Qwen3 / DeepSeek-V3 FP8 releases, quant_method "fp8"): each e4m3 `<w>.weight` with its
+    `<w>.weight_scale_inv` [ceil(O / b0), ceil(C / b1)] -> `<w>.weight` in fp32, W = q * scale of its block, one
+    tensor at a time (Linear8 rounds it to row scales as it loads; nothing holds a 16-bit model)."""
+    pending = {}
+    for name, t in tensors:
+        base = name[: -len(".weight_scale_inv")] if name.endswith(".weight_scale_inv") else \
+            name[: -len(".weight")] if name.endswith(".weight") and t.dtype == E4M3 else None
+        if base is None:
+            yield name, t
+            continue
+        pending.setdefault(base, {})["scale" if name.endswith("_inv") else "q"] = t
+        if len(pending[base]) == 2:
+            p = pending.pop(base)
+            O, C = p["q"].shape
+            s = p["scale"].float().repeat_interleave(block[0], 0)[:O].repeat_interleave(block[1], 1)[:, :C]
+            yield base + ".weight", p["q"].float() * s
+    if pending:
+        raise NanotuneError(f"the FP8 checkpoint lacks the scales (or weights) of {next(iter(pending))!r}; it is "
+                            "incomplete.")
 
 
 _TABLES = {}

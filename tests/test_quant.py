@@ -10,6 +10,7 @@ import kernels
 import lora
 import formats
 import quant
+from cli import NanotuneError
 
 bnb = pytest.importorskip("bitsandbytes")
 BF = bnb.functional
@@ -271,3 +272,48 @@ def test_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path):
     assert any(isinstance(x, quant.Experts4bit) for x in q.modules())
     with torch.no_grad():
         assert torch.equal(q.logits(q(ids)), quant.quantize_model(m).logits(m(ids)))
+
+
+def test_a_block_scaled_fp8_checkpoint_loads_one_tensor_at_a_time(tmp_path):
+    """An FP8 release's layout (quant_method "fp8": e4m3 block weights with weight_scale_inv per 32 x 32 block here,
+    partial blocks at the 112-wide edges): each weight loads as q times its block's scale, exactly; with
+    prepare_fp8 (--base_dtype float8) it is re-rounded to row scales within e4m3's step; the model's logits follow
+    the 16-bit model's; a weight whose scales are missing is named."""
+    import json
+    from safetensors.torch import load_file, save_file
+    make_hf_model("llama", tmp_path / "hf")
+    sd, blocks, want = load_file(str(tmp_path / "hf" / "model.safetensors")), {}, {}
+    for n, t in sd.items():
+        if n.endswith("_proj.weight"):
+            O, C = t.shape
+            amax = torch.nn.functional.pad(t.float().abs(), (0, -C % 32, 0, -O % 32)).reshape(
+                -(-O // 32), 32, -(-C // 32), 32).amax((1, 3)).clamp(min=1e-12)
+            s = amax / 448
+            full = s.repeat_interleave(32, 0)[:O].repeat_interleave(32, 1)[:, :C]
+            q = (t.float() / full).to(torch.float8_e4m3fn)
+            blocks[n], blocks[n + "_scale_inv"], want[n] = q, s, q.float() * full
+        else:
+            blocks[n] = t
+    os.makedirs(tmp_path / "fp8")
+    save_file(blocks, str(tmp_path / "fp8" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [32, 32],
+                                  "activation_scheme": "dynamic"}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))
+    m = formats.load_model(str(tmp_path / "fp8"))
+    got = formats.hf_state_dict(m)
+    assert all(torch.equal(got[n], w) for n, w in want.items()) and len(want) == 14
+    m8 = formats.load_model(str(tmp_path / "fp8"), prepare=quant.prepare_fp8)
+    lin = m8.model.layers[1].mlp.up_proj
+    assert type(lin) is quant.Linear8
+    w, d = want["model.layers.1.mlp.up_proj.weight"], lin.dense_weight(torch.float32)
+    assert ((d - w).abs() <= w.abs().amax(1, keepdim=True) / 16).all()
+    ids = torch.randint(3, 128, (1, 9))
+    ref = formats.load_model(str(tmp_path / "hf"))
+    with torch.no_grad():
+        a, b = ref.logits(ref(ids)), m.logits(m(ids))
+    assert (a - b).abs().max() <= 0.1 * a.abs().max()
+    del blocks["model.layers.0.self_attn.q_proj.weight_scale_inv"]
+    save_file(blocks, str(tmp_path / "fp8" / "model.safetensors"))
+    with pytest.raises(NanotuneError, match="lacks the scales .* 'model.layers.0.self_attn.q_proj'"):
+        formats.load_model(str(tmp_path / "fp8"))
