@@ -6,11 +6,11 @@ Each step is what train.py / export.py do, on a model you hold in a variable.
     nt.add_lora(model, r=16, alpha=32)                      # the seven projections (lora.DEFAULT_TARGETS)
     records = [{"messages": [{"role": "user", "content": "Who are you?"},
                              {"role": "assistant", "content": "I am Nano, trained with nanotune."}]}] * 16
-    nt.train(model, tok, records, output_dir="runs/nb", max_steps=30, lr=1e-3)   # any train.py setting
+    nt.train(model, tok, records, output_dir="nb", max_steps=30, lr=1e-3)   # any train.py setting
     print(nt.chat(model, tok, "Who are you?"))
-    nt.save_adapter(model, tok, "runs/nb/adapter-export")   # PEFT loads it
-    nt.save_merged(model, tok, "runs/nb/merged")            # transformers loads it
-    nt.save_gguf(model, tok, "runs/nb/model-q8_0.gguf", "q8_0")  # llama.cpp / Ollama run it
+    nt.save_adapter(model, tok, "nb/adapter-export")   # PEFT loads it
+    nt.save_merged(model, tok, "nb/merged")            # transformers loads it
+    nt.save_gguf(model, tok, "nb/model-q8_0.gguf", "q8_0")  # llama.cpp / Ollama run it
 
 Records are what a dataset file holds, one dict each (messages, instruction/output, prompt/completion, text, ...:
 README 'Data'). Every save is verified as export.py verifies (the written file read back by transformers, PEFT or
