@@ -1785,13 +1785,20 @@ def fp8_matmul_ref(x, w: Float8Weight, transpose=True):
 
 
 def fp8_matmul(x, w: Float8Weight, transpose=True):
-    """x [N, C] W^T -> [N, O] (transpose), or x [N, O] W -> [N, C]: one torch._scaled_mm, in x's dtype."""
+    """x [N, C] W^T -> [N, O] (transpose), or x [N, O] W -> [N, C]: one torch._scaled_mm, in x's dtype. (On a GPU
+    the FP8 GEMM takes sides that are multiples of 16 and, with row scales, gives bf16: other shapes go through
+    the reference, other dtypes through a bf16 result.)"""
+    if x.is_cuda and (x.shape[0] % 16 or w.q.shape[0] % 16 or w.q.shape[1] % 16):
+        return fp8_matmul_ref(x, w, transpose)
+    out = torch.bfloat16 if x.is_cuda else x.dtype
     if not transpose:
         gq, sg = fp8_rows(x.float() * w.scale)
         ones = torch.ones(1, w.q.shape[1], device=x.device, dtype=torch.float32)
-        return torch._scaled_mm(gq, w.q.t().contiguous().t(), scale_a=sg[:, None], scale_b=ones, out_dtype=x.dtype)
-    xq, sx = fp8_rows(x)
-    return torch._scaled_mm(xq, w.q.t(), scale_a=sx[:, None], scale_b=w.scale[None, :], out_dtype=x.dtype)
+        y = torch._scaled_mm(gq, w.q.t().contiguous().t(), scale_a=sg[:, None], scale_b=ones, out_dtype=out)
+    else:
+        xq, sx = fp8_rows(x)
+        y = torch._scaled_mm(xq, w.q.t(), scale_a=sx[:, None], scale_b=w.scale[None, :].contiguous(), out_dtype=out)
+    return y.to(x.dtype)
 
 
 def base_matmul(x, w, transpose=True):
