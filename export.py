@@ -515,9 +515,20 @@ def verify_chat(fmt, out, tok):
           f"({', '.join(ends) or 'none'}){' as stop ids' if stops else ''}, as {who} reads {out}")
 
 
+def adapter_reference(model, out, base_path):
+    """What an adapter export is compared with: the model, or where its base is 4-bit / FP8 (the adapter was trained
+    over that rounding) the checkpoint's 16-bit base with the written adapter, as PEFT users apply it."""
+    if not any(hasattr(m, "nbytes") or hasattr(m, "float8") for m in model.modules()):
+        return model
+    print("verify: the base in memory is 4-bit / FP8; the adapter is checked over the checkpoint's own weights")
+    return lora.load_adapter(load_model(base_path), out, **adapter_names(model.config, saving=False))
+
+
 def verified(fmt, out, model, tok, base_path, written):
     """verify + verify_chat; an export that fails is moved to <out>.unverified, not left under a finished name."""
     try:
+        if fmt == "adapter":
+            model = adapter_reference(model, out, base_path)
         verify(fmt, out, model, tok, base_path, written)
         verify_chat(fmt, out, tok)
     except NanotuneError as e:
