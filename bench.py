@@ -236,6 +236,7 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
 
 
 def nanotune_fsdp(ckpt, mode, shape, offload):
+    import build
     import lora
     import train
     from formats import load_tensors
@@ -244,10 +245,10 @@ def nanotune_fsdp(ckpt, mode, shape, offload):
                            lora_targets=TARGETS, gradient_checkpointing=True, offload_activations=offload)
     dev = torch.device("cuda", torch.cuda.current_device())
     if ckpt is not None:
-        return train.build_model(tc, dev, torch.bfloat16)
+        return build.build_model(tc, dev, torch.bfloat16)
     with torch.device("meta"):
         m = Transformer(shape_config(shape))
-    train.shard_on_meta(m, tc, dev, torch.bfloat16)
+    build.shard_on_meta(m, tc, dev, torch.bfloat16)
     load_tensors(m, random_tensors(m.config, dev), torch.bfloat16, dev, f"random {shape}")
     lora.init_lora(m, 0)
     return m

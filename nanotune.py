@@ -27,6 +27,7 @@ import export
 import lora
 import quant
 import runs
+import build
 import train as tr
 from cli import NanotuneError, make_config, publish
 from formats import load_model, load_tokenizer, resolve_model_path
@@ -65,7 +66,7 @@ def add_lora(model, r=16, alpha=32.0, dropout=0.0, targets=None, use_rslora=Fals
                     use_rslora=use_rslora, use_dora=use_dora, train_modules=list(train_modules),
                     **({"lora_targets": list(targets)} if targets is not None else {}))
     cfg = make_config(TrainConfig, dict(settings, seed=seed), "nt.add_lora: ")
-    tr.add_lora(model, cfg)
+    build.add_lora(model, cfg)
     lora.init_lora(model, cfg.seed)
     model.settings = settings
     n_all = sum(p.numel() for p in model.parameters()) + sum(  # a 4-bit weight counts its values, not its bytes
@@ -100,7 +101,7 @@ def train(model, tok, records, output_dir="runs/notebook", **settings):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = next(model.parameters()).device
-    tr.place_activations(model, cfg, device, getattr(torch, model.settings["dtype"]))
+    build.place_activations(model, cfg, device, getattr(torch, model.settings["dtype"]))
     model.train()
     rows, eval_rows, stats = tr.prepare_data(cfg, tok)
     print(f"data: {json.dumps(stats)}")
