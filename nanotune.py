@@ -2,7 +2,7 @@
 Each step is what train.py / export.py do, on a model you hold in a variable.
 
     import nanotune as nt
-    model, tok = nt.load()                                  # SmolLM2-135M-Instruct; nt.load(path, load_in_4bit=True)
+    model, tok = nt.load()             # SmolLM2-135M-Instruct; nt.load(path, load_in_4bit=True or base_dtype="float8")
     nt.add_lora(model, r=16, alpha=32)                      # the seven projections (lora.DEFAULT_TARGETS)
     records = [{"messages": [{"role": "user", "content": "Who are you?"},
                              {"role": "assistant", "content": "I am Nano, trained with nanotune."}]}] * 16
@@ -35,24 +35,27 @@ from model import generate
 from tokenizer import check_turn_markers, resolve_template
 from train import TrainConfig
 
-FIXED = ("model", "load_in_4bit", "dtype", "device", "chat_template", "lora", "lora_r", "lora_alpha", "lora_dropout",
-         "lora_targets", "use_rslora", "use_dora", "train_modules")  # set by load / add_lora, not by train
+FIXED = ("model", "load_in_4bit", "base_dtype", "dtype", "device", "chat_template", "lora", "lora_r", "lora_alpha",
+         "lora_dropout", "lora_targets", "use_rslora", "use_dora", "train_modules")  # set by load / add_lora
 
 
-def load(model=None, load_in_4bit=False, dtype="auto", device="auto", chat_template=None):
-    """-> (model, tokenizer): an HF directory, a .gguf file or a hub id (default: SmolLM2-135M-Instruct), 4-bit NF4
-    base weights when asked (then add_lora), on the GPU when there is one (bf16; fp32 on the CPU)."""
-    cfg = make_config(TrainConfig, dict(model=model, load_in_4bit=load_in_4bit, dtype=dtype, device=device,
-                                        chat_template=chat_template, lora=False), "nt.load: ")
+def load(model=None, load_in_4bit=False, base_dtype="auto", dtype="auto", device="auto", chat_template=None):
+    """-> (model, tokenizer): an HF directory, a .gguf file or a hub id (default: SmolLM2-135M-Instruct), with the
+    frozen base in NF4 (load_in_4bit) or e4m3 (base_dtype="float8") when asked (then add_lora), on the GPU when
+    there is one (bf16; fp32 on the CPU)."""
+    cfg = make_config(TrainConfig, dict(model=model, load_in_4bit=load_in_4bit, base_dtype=base_dtype, dtype=dtype,
+                                        device=device, chat_template=chat_template), "nt.load: ")
     dev, dt = tr.pick_device(cfg)
+    if cfg.base_dtype == "float8":  # (LoRA comes next: the checks that need it wait for nothing else)
+        build.check_fp8(cfg, dev)
     path = resolve_model_path(cfg.model)
     tok = load_tokenizer(path)
     if cfg.chat_template:  # one template for the data, chat(), the saved tokenizer and the exports
         tok.chat_template = resolve_template(cfg.chat_template)
         check_turn_markers(tok, tok.chat_template, cfg.chat_template)
-    m = load_model(path, dtype=dt, device=dev, prepare=quant.prepare_4bit if cfg.load_in_4bit else None)
-    m.settings = dict(model=path, load_in_4bit=cfg.load_in_4bit, dtype=str(dt).removeprefix("torch."),
-                      device=str(dev), chat_template=cfg.chat_template, lora=False)
+    m = load_model(path, dtype=dt, device=dev, prepare=build.base_prepare(cfg))
+    m.settings = dict(model=path, load_in_4bit=cfg.load_in_4bit, base_dtype=cfg.base_dtype, dtype=str(dt).removeprefix(
+        "torch."), device=str(dev), chat_template=cfg.chat_template, lora=False)
     return m, tok
 
 
@@ -90,8 +93,8 @@ def train(model, tok, records, output_dir="runs/notebook", **settings):
     path = os.path.join(output_dir, "records.jsonl")
     cfg = make_config(TrainConfig, {"sample_prompts_file": None, **settings, **model.settings,
                                     "output_dir": output_dir, "datasets": [path]}, "nt.train: ")
-    if cfg.load_in_4bit and not cfg.lora:
-        raise NanotuneError("nt.train: a 4-bit base trains only through adapters; call nt.add_lora first.")
+    if (cfg.load_in_4bit or cfg.base_dtype == "float8") and not cfg.lora:
+        raise NanotuneError("nt.train: a 4-bit or FP8 base trains only through adapters; call nt.add_lora first.")
     runs.check_output_dir(cfg)
     os.makedirs(output_dir, exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -138,10 +141,26 @@ def save_adapter(model, tok, out, overwrite=False, verify=True):
     return out
 
 
+def own_base(model):
+    """The model to merge: itself, or for an FP8 base the checkpoint's own weights (fp32, on the CPU) with the
+    trained adapters copied in: an export never holds the FP8 rounding of the base."""
+    if model.settings.get("base_dtype") != "float8":
+        return model
+    m = load_model(model.settings["model"])
+    cfg = make_config(TrainConfig, {k: v for k, v in model.settings.items() if k in FIXED}, "nt: ")
+    build.add_lora(m, cfg)
+    got = m.load_state_dict({n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                            strict=False)
+    assert not got.unexpected_keys, got.unexpected_keys  # (every trained tensor has its place)
+    m.settings = dict(model.settings, base_dtype="auto", dtype="float32", device="cpu")
+    return m
+
+
 def save_merged(model, tok, out, dtype="bfloat16", overwrite=False, verify=True):
-    """An HF model directory with the adapters folded in (4-bit bases dequantized), in `dtype`."""
+    """An HF model directory with the adapters folded in (4-bit bases dequantized; an FP8 one re-read), in `dtype`."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise NanotuneError(f"nt.save_merged: dtype {dtype!r} is not one of float32, bfloat16, float16.")
+    model = own_base(model)
     export.export_merged(model, tok, out, getattr(torch, dtype), overwrite)
     if verify:
         export.verified("merged", out, model, tok, model.settings["model"], _written(model, dtype))
@@ -150,6 +169,7 @@ def save_merged(model, tok, out, dtype="bfloat16", overwrite=False, verify=True)
 
 def save_gguf(model, tok, out, qtype="q8_0", overwrite=False, verify=True):
     """A GGUF file of `qtype` (f32, f16, bf16, q8_0, q4_0, ... ; k-quants with llama-cpp-python) for llama.cpp."""
+    model = own_base(model)
     export.export_gguf(model, tok, out, qtype, overwrite)
     if verify:
         export.verified("gguf", out, model, tok, model.settings["model"], _written(model, qtype.lower()))

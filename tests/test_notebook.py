@@ -3,6 +3,7 @@ records -> chat -> save adapter / merged / GGUF, each read back by PEFT, transfo
 import json
 
 import pytest
+import torch
 
 import nanotune as nt
 from cli import NanotuneError
@@ -28,6 +29,28 @@ def test_settings_are_checked_before_anything_is_written(tmp_path):
     with pytest.raises(NanotuneError, match="has adapters already"):
         nt.add_lora(model)
     assert not (tmp_path / "a").exists()
+
+
+def test_an_fp8_base_trains_and_merges_into_the_checkpoints_own_weights(tmp_path):
+    """nt.load(base_dtype="float8"): the block projections are e4m3, LoRA trains over them, and save_merged folds
+    the trained adapters into the checkpoint's own weights (re-read), never into their FP8 rounding."""
+    import lora
+    import quant
+    from conftest import make_tiny_run_model
+    from safetensors.torch import load_file
+    make_tiny_run_model(tmp_path / "m")
+    model, tok = nt.load(str(tmp_path / "m"), base_dtype="float8")
+    assert type(model.model.layers[0].mlp.up_proj) is quant.Linear8
+    nt.add_lora(model, r=4, alpha=8)
+    nt.train(model, tok, RECORDS, output_dir=str(tmp_path / "run"), max_steps=3, lr=1e-2)
+    nt.save_merged(model, tok, str(tmp_path / "merged"), dtype="float32")
+    name = "model.layers.0.mlp.up_proj.weight"
+    base, merged = load_file(str(tmp_path / "m" / "model.safetensors"))[name], load_file(
+        str(tmp_path / "merged" / "model.safetensors"))[name]
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(up, lora.LoRALinear) and float(up.delta_weight().abs().max()) > 1e-4
+    assert torch.allclose(merged, base.float() + up.delta_weight().float(), atol=1e-6)
+    assert (merged - (up.base.dense_weight(torch.float32) + up.delta_weight().float())).abs().max() > 1e-4
 
 
 @pytest.mark.slow
