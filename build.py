@@ -6,6 +6,7 @@ built on the meta device). train.py's setup calls these; dpo.py and grpo.py shar
     model = build.build_model(cfg, device, dtype)    # cfg: a train.TrainConfig (or dpo's / grpo's)
     build.plan_run(cfg, device, dtype)               # one line; --plan: the parts, then stop
 """
+import os
 import sys
 
 import torch
@@ -70,7 +71,40 @@ def activations(cfg, mcfg, gpu, dtype) -> dict:
     keep = memory.kept_on_device(mcfg.num_hidden_layers, cfg.micro_batch_size, cfg.max_len, mcfg.hidden_size,
                                  dtype.itemsize, host) if ckpt and off else 0
     return dict(act_bytes=dtype.itemsize, checkpoint=ckpt, offload=off, keep=keep,
-                tile_bytes=int(cfg.mlp_tile_mib * 2**20))
+                tile_bytes=int((cfg.mlp_tile_mib or 0) * 2**20))
+
+
+AUTO_TILE_MIB, HOST_SHARE = 1024, 0.8  # what the planner picks when a run would not fit: tiles, host budget
+
+
+def host_bytes():
+    """This machine's physical memory (Linux; None elsewhere)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def choose(cfg, m, dtype, cap, host):
+    """The planner's choices where the settings leave them open (mlp_tile_mib, host_memory_gib unset): MLP tiles
+    when the whole MLP would not fit `cap`, and a host budget (the first block inputs stay on the GPU) when the
+    offloaded inputs would not fit HOST_SHARE of `host`. Written into cfg (config.yaml records what ran); -> the
+    plan, its keywords and what was chosen (lines)."""
+    kw, chosen = activations(cfg, m.config, True, dtype), []
+    p = memory.plan(m, cfg.micro_batch_size, cfg.max_len, **kw)
+    if cfg.mlp_tile_mib is None:
+        cfg.mlp_tile_mib = 0.0
+        tiled = dict(kw, tile_bytes=AUTO_TILE_MIB << 20)
+        if cap and p["gpu"] > cap and memory.plan(m, cfg.micro_batch_size, cfg.max_len, **tiled)["gpu"] < p["gpu"]:
+            cfg.mlp_tile_mib, kw = float(AUTO_TILE_MIB), tiled
+            chosen.append(f"MLP tiles of {AUTO_TILE_MIB} MiB (the whole MLP would not fit)")
+    p = memory.plan(m, cfg.micro_batch_size, cfg.max_len, **kw)
+    if cfg.host_memory_gib is None and host and p["host"] > HOST_SHARE * host:
+        cfg.host_memory_gib = round(HOST_SHARE * host / memory.GIB, 1)
+        kw = activations(cfg, m.config, True, dtype)
+        chosen.append(f"the first {kw['keep']} block inputs on the GPU (the host holds {cfg.host_memory_gib:g} GiB)")
+        p = memory.plan(m, cfg.micro_batch_size, cfg.max_len, **kw)
+    return p, kw, chosen
 
 
 def place_activations(model, cfg, device, dtype):
@@ -89,13 +123,14 @@ def plan_run(cfg, device, dtype):
     if base_prepare(cfg):
         base_prepare(cfg)(m)
     add_lora(m, cfg)
-    kw = activations(cfg, m.config, True, dtype)  # (the plan is a GPU's)
-    p, G = memory.plan(m, cfg.micro_batch_size, cfg.max_len, **kw), memory.GIB
+    G = memory.GIB
     cap = cfg.gpu_memory_gib * G if cfg.gpu_memory_gib else torch.cuda.get_device_properties(device).total_memory \
         if device.type == "cuda" else None
+    p, kw, chosen = choose(cfg, m, dtype, cap, host_bytes())  # (the plan is a GPU's)
     fits = memory.longest(m, cfg.micro_batch_size, cap, **kw) if cap else None
     log(f"plan: peak GPU memory {p['gpu'] / G:.1f} GiB at {cfg.micro_batch_size} x {cfg.max_len} tokens, host "
-        f"{p['host'] / G:.1f} GiB" + (f"; up to {fits} tokens a row fit {cap / G:.0f} GiB" if cap else ""))
+        f"{p['host'] / G:.1f} GiB" + (f"; up to {fits} tokens a row fit {cap / G:.0f} GiB" if cap else "") +
+        "".join(f"; chosen: {c}" for c in chosen))
     if cfg.plan:
         log("  " + ", ".join(f"{k} {v / G:.2f} GiB" for k, v in p.items() if k not in ("gpu", "host")) +
             f" (checkpointing {kw['checkpoint']}, offload {kw['offload']} but the first {kw['keep']} block inputs, "

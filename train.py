@@ -141,9 +141,9 @@ class TrainConfig:
                            "then stop (every run prints its one-line plan on a GPU)")
     gpu_memory_gib: float | None = F_(None, "plan for a GPU with this much memory (default: the one in use)")
     host_memory_gib: float | None = F_(None, "offloaded block inputs stay within this much host memory (the first "
-                                             "blocks' inputs stay on the GPU; default: no limit)")
-    mlp_tile_mib: float = F_(0.0, "long sequences: the MLP runs in tiles whose backward tensors fit this many MiB "
-                              "(one more MLP forward; 0: whole)")
+                                             "blocks' inputs stay on the GPU; default: the planner's choice)")
+    mlp_tile_mib: float | None = F_(None, "long sequences: the MLP runs in tiles whose backward tensors fit this "
+                                          "many MiB (one more MLP forward; 0: whole; default: the planner's choice)")
     dtype: str = F_("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     device: str = F_("auto", "auto | cpu | cuda | cuda:N")
     seed: int = F_(0, "seed for init, data order and dropout")

@@ -77,6 +77,27 @@ def test_a_host_memory_budget_keeps_the_first_block_inputs_on_the_gpu():
     assert memory.kept_on_device(32, 1, 500_000, 4096, 2, None) == 0
 
 
+def test_the_planner_chooses_tiles_and_a_host_budget_when_a_run_would_not_fit(tmp_path, monkeypatch, capsys):
+    """With mlp_tile_mib and host_memory_gib left unset, a run whose whole MLP would not fit the GPU gets MLP tiles,
+    and one whose offloaded block inputs would not fit 80% of the host keeps its first block inputs on the GPU;
+    the plan line says what was chosen (tiny model, 4M tokens a row, a GPU between the two predictions)."""
+    import build
+    import formats
+    make_tiny_run_model(tmp_path / "m")
+    m = formats.meta_model(str(tmp_path / "m")).to(torch.bfloat16)
+    lora.apply_lora(m, r=16, alpha=32)
+    T = 1 << 22
+    whole, tiled = (memory.plan(m, 1, T, tile_bytes=t)["gpu"] / memory.GIB for t in (0, 1 << 30))
+    assert tiled < whole
+    monkeypatch.setattr(build, "host_bytes", lambda: memory.GIB)  # (80% of it: less than the 1 GiB offloaded)
+    with pytest.raises(SystemExit):
+        train.main(["--model", str(tmp_path / "m"), "--output_dir", str(tmp_path / "o"), "--plan", "--max_len",
+                    str(T), "--micro_batch_size", "1", "--gpu_memory_gib", str((whole + tiled) / 2)])
+    err = capsys.readouterr().err
+    assert "chosen: MLP tiles of 1024 MiB (the whole MLP would not fit)" in err
+    assert "the first 1 block inputs on the GPU (the host holds 0.8 GiB)" in err and "MLP tiles 1024 MiB)" in err
+
+
 def test_plan_prints_and_writes_nothing_and_a_run_that_cannot_fit_stops_before_loading(tmp_path, capsys):
     make_tiny_run_model(tmp_path / "m")
     out = tmp_path / "out"
