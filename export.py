@@ -270,6 +270,20 @@ def gemma4_gguf_check(cfg):
                             "so its GGUF would be wrong; export --format merged instead.")
 
 
+@contextlib.contextmanager
+def quiet():
+    """stderr (Python's and the C library's, file descriptor 2) to /dev/null inside the block: llama.cpp's logs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def export_kquant(model, tok, out, qtype, overwrite):
     """k-quants come from llama.cpp's own quantizer (through llama-cpp-python): f16 GGUF -> qtype."""
     try:
@@ -297,15 +311,8 @@ def export_kquant(model, tok, out, qtype, overwrite):
               file=sys.stderr)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = K_QUANTS[qtype]
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:  # llama.cpp logs every tensor (hundreds of lines, from C and through Python's stderr): keep it quiet
-        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
-            os.dup2(null.fileno(), 2)
-            rc = llama_cpp.llama_model_quantize(f16.encode(), (out + ".tmp").encode(), ctypes.byref(params))
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with quiet():  # llama.cpp logs every tensor (hundreds of lines, from C and through Python's stderr)
+        rc = llama_cpp.llama_model_quantize(f16.encode(), (out + ".tmp").encode(), ctypes.byref(params))
     os.remove(f16)
     if rc != 0:
         raise NanotuneError(f"llama.cpp could not quantize to {qtype} (code {rc}).")
@@ -479,7 +486,8 @@ def written_chat(fmt, out):
     try:
         if fmt == "gguf":
             import llama_cpp
-            llm = llama_cpp.Llama(model_path=out, vocab_only=True, n_ctx=8, verbose=False)
+            with quiet():  # (a vocabulary-only load warns that the context exceeds the training one: it has none)
+                llm = llama_cpp.Llama(model_path=out, vocab_only=True, n_ctx=8, verbose=False)
             return "llama.cpp", llm.metadata.get("tokenizer.chat_template"), \
                 lambda i: bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, i))  # (llm held: its vocab lives)
         import transformers
