@@ -53,7 +53,7 @@ def _installed_package():
     try:
         package = importlib.import_module("kernels")
         return package if hasattr(package, "__path__") else False
-    except ImportError:
+    except Exception:  # (not installed, or broken: then the names are simply missing)
         return False
     finally:
         sys.path[:] = path
@@ -1154,7 +1154,8 @@ class _ChunkScan(torch.autograd.Function):
         D = torch.empty_like(U) if W is not None else U
         Sin, S = U.new_empty(B, N, KD, V), U.new_empty(B, KD, V)
         grid, blk = _ChunkScan.blocks(U, K)
-        _scan_fwd[grid](U, W, K, g, S0, D, Sin, S, N, C, KD, V, HAS_W=W is not None, **blk)
+        _scan_fwd[grid](U, W, K, g, S0, D, Sin, S, N, C, KD, V, HAS_W=W is not None, **blk,
+                        num_warps=8 if blk["BK"] >= 128 else 4)  # (a [128, 64] fp32 state and its operands)
         ctx.save_for_backward(W, K, g, D, Sin)
         return (D, Sin, S) if W is not None else (Sin, S)
 
@@ -1166,7 +1167,8 @@ class _ChunkScan(torch.autograd.Function):
         grid, blk = _ChunkScan.blocks(D, K)
         part = lambda *s: torch.empty(grid[1], B, N, *s, device=D.device, dtype=torch.float32)  # noqa: E731
         dU, dW, dK, dg, dS0 = torch.empty_like(D), part(C, KD), part(C, KD), part(), torch.empty_like(dS)
-        _scan_bwd[grid](W, K, g, D, Sin, dD, dSin, dS, dU, dW, dK, dg, dS0, B, N, C, KD, V, HAS_W=W is not None, **blk)
+        _scan_bwd[grid](W, K, g, D, Sin, dD, dSin, dS, dU, dW, dK, dg, dS0, B, N, C, KD, V, HAS_W=W is not None, **blk,
+                        num_warps=8 if blk["BK"] >= 128 else 4)
         out = [dU, dW.sum(0) if W is not None else None, dK.sum(0), dg.sum(0), dS0]
         return tuple(t.to(dt) if dt is not None else None for t, dt in zip(out, ctx.dtypes))
 
