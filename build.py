@@ -67,7 +67,7 @@ def activations(cfg, mcfg, gpu, dtype) -> dict:
     the block inputs kept on the GPU so the offloaded rest fit host_memory_gib, the MLP's tile budget."""
     ckpt = gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
     off = gpu if cfg.offload_activations is None else cfg.offload_activations
-    host = int(cfg.host_memory_gib * 2**30) if cfg.host_memory_gib else None
+    host = int(cfg.host_memory_gib * 2**30) if cfg.host_memory_gib is not None else None  # (0: nothing on the host)
     keep = memory.kept_on_device(mcfg.num_hidden_layers, cfg.micro_batch_size, cfg.max_len, mcfg.hidden_size,
                                  dtype.itemsize, host) if ckpt and off else 0
     return dict(act_bytes=dtype.itemsize, checkpoint=ckpt, offload=off, keep=keep,
