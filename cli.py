@@ -281,3 +281,17 @@ def save_config(cfg, path):
     with open(path + ".tmp", "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
     publish(path + ".tmp", path)
+
+
+@contextlib.contextmanager
+def quiet():
+    """stderr (Python's and the C library's, file descriptor 2) to /dev/null inside the block (llama.cpp's logs)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -31,9 +31,9 @@ import lora
 from families import GGUF_LEADING_DENSE, GGUF_NORM_TOPK
 from names import adapter_names
 import quant
-from cli import NanotuneError, Parser, cli, fresh_tmp, publish, writing
+from cli import NanotuneError, Parser, cli, fresh_tmp, publish, quiet, writing
 from formats import BLOCK_TYPES, FLOAT_TYPES, load_model, load_tokenizer, resolve_model_path
-from tokenizer import CHATML, END_OF_TURN, chat_turns, ollama_stops, ollama_template
+from tokenizer import chat_turns, ollama_stops, ollama_template
 
 K_QUANTS = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16,
             "q5_k_m": 17, "q6_k": 18}  # llama.cpp's ftype numbers
@@ -270,20 +270,6 @@ def gemma4_gguf_check(cfg):
                             "so its GGUF would be wrong; export --format merged instead.")
 
 
-@contextlib.contextmanager
-def quiet():
-    """stderr (Python's and the C library's, file descriptor 2) to /dev/null inside the block: llama.cpp's logs."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def export_kquant(model, tok, out, qtype, overwrite):
     """k-quants come from llama.cpp's own quantizer (through llama-cpp-python): f16 GGUF -> qtype."""
     try:
@@ -472,14 +458,6 @@ def verify(fmt, out, model, tok, base_path, written):
     print(f"verify: passed ({written}: KL <= {worst:.2e}, allowed {tol:g}; the model's next token)")
 
 
-def turn_ends(tok) -> dict:
-    """{marker: token id}: the end-of-turn markers the trained chat template writes (eos where it writes eos_token):
-    what a reader of the export must stop generating at."""
-    t = tok.chat_template or CHATML
-    marks = [m for m in END_OF_TURN if m in t] + ([tok.eos_token] if "eos_token" in t and tok.eos_token else [])
-    return {m: tok.token_id(m) for m in marks if tok.token_id(m) is not None}
-
-
 def written_chat(fmt, out):
     """(who read it, the chat template, stops(id) -> whether generation ends there, or None where the format keeps no
     stop ids: an adapter) of what was written: llama.cpp / transformers when installed, else nanotune's readers."""
@@ -513,7 +491,7 @@ def verify_chat(fmt, out, tok):
         raise NanotuneError(f"verify failed: the chat template {who} reads from {out} is not the one the model was "
                             "trained with, so chats would be formatted differently; re-export from the run (its "
                             "tokenizer carries the trained template).")
-    ends = turn_ends(tok)
+    ends = tok.turn_ends()
     missed = [f"{m} ({i})" for m, i in ends.items() if stops is not None and not stops(i)]
     if missed:
         raise NanotuneError(f"verify failed: {who} does not stop generating at {', '.join(missed)}, which ends every "

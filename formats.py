@@ -25,7 +25,8 @@ from names import (FUSED, GGUF_EXPERT_BIAS, GGUF_EXPERTS, STACKED, checkpoint_na
                    gemma4_gguf_names, nanotune_name, pair_expert_biases, stack_experts, unstack_experts,
                    permuted_heads, qk_permute, qkv_groups, xielu_arrays, xielu_tensors)
 from model import Config, Transformer
-from rope import rope_attention_factor, rope_base, rope_inv_freq
+import rope
+from rope import rope_base, rope_inv_freq
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +420,7 @@ def gguf_config(meta: dict, reader, where: str) -> Config:
          "query_pre_attn_scalar": head_dim,  # llama.cpp scales attention by 1/sqrt(head_dim)
          **{f"{t}_token_id": meta.get(f"tokenizer.ggml.{n}_token_id") for t, n in (("bos", "bos"), ("eos", "eos"),
                                                                                    ("pad", "padding"))}}
-    d["rope_scaling"] = gguf_rope_scaling(g, {t.name: t for t in reader.tensors})
+    d["rope_scaling"] = rope.read_gguf(g, {t.name: t for t in reader.tensors})
     d["rope_parameters"] = dict(d["rope_scaling"] or {"rope_type": "default"})  # (not the family's default scaling)
     if beta := g("attention.temperature_scale"):  # Ministral 3's query temperature (llama.cpp ignores it)
         d["rope_parameters"].update(llama_4_scaling_beta=beta,
@@ -516,46 +517,6 @@ def gguf_out_tensors(cfg: Config, tensors):
         yield "rope_factors_short.weight", np.array(s["short_factor"], dtype=np.float32)
 
 
-def write_gguf_rope(w, cfg: Config):
-    """Rope scaling as llama.cpp reads it: linear and YaRN as keys; Llama 3.1 and LongRoPE as divisor tensors
-    (gguf_out_tensors), LongRoPE's attention factor and original context as keys."""
-    import gguf
-    s = cfg.rope_scaling or {}
-    kind, arch = s.get("rope_type"), FAMILIES[cfg.model_type].gguf_arch
-    if kind == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(s["factor"])
-    if kind == "yarn":  # llama.cpp computes YaRN's 0.1 ln(factor) + 1 itself; an explicit factor it cannot take
-        untruncated = s.get("truncate") is False and arch != "gpt-oss"  # (gpt-oss: export.py warns)
-        if untruncated or any(s.get(k) is not None for k in ("attention_factor", "mscale", "mscale_all_dim")):
-            raise NanotuneError("this YaRN config sets attention_factor / mscale / truncate, which llama.cpp's GGUF "
-                                "keys cannot express; export --format merged instead.")
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(s["factor"])
-        w.add_float32(f"{arch}.rope.scaling.yarn_beta_fast", float(s.get("beta_fast") or 32))
-        w.add_float32(f"{arch}.rope.scaling.yarn_beta_slow", float(s.get("beta_slow") or 1))
-    if kind == "longrope":
-        w.add_rope_scaling_attn_factors(rope_attention_factor(s))
-    if kind in ("yarn", "longrope"):
-        w.add_rope_scaling_orig_ctx_len(s["original_max_position_embeddings"])
-
-
-def gguf_rope_scaling(g, tensors) -> dict | None:
-    """The inverse of write_gguf_rope (g: a key under the arch -> value; tensors: name -> GGUF tensor)."""
-    kind, orig = g("rope.scaling.type"), g("rope.scaling.original_context_length")
-    if kind == "linear" and g("rope.scaling.factor"):
-        return {"rope_type": "linear", "factor": g("rope.scaling.factor")}
-    if kind == "yarn":
-        return {"rope_type": "yarn", "factor": g("rope.scaling.factor"), "original_max_position_embeddings": orig,
-                "beta_fast": g("rope.scaling.yarn_beta_fast", 32.0), "beta_slow": g("rope.scaling.yarn_beta_slow", 1.0)}
-    if "rope_factors_long.weight" in tensors:
-        return {"rope_type": "longrope", "original_max_position_embeddings": orig,
-                "attention_factor": g("rope.scaling.attn_factor"),
-                "long_factor": [float(x) for x in tensors["rope_factors_long.weight"].data],
-                "short_factor": [float(x) for x in tensors["rope_factors_short.weight"].data]}
-    return None
-
-
 def write_gguf_metadata(w, cfg: Config, tok, qtype):
     import gguf
     arch = gguf_mixers.arch_of(cfg)
@@ -569,7 +530,7 @@ def write_gguf_metadata(w, cfg: Config, tok, qtype):
     if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
         keys.update({"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim})
     if arch not in gguf_mixers.MLA:  # (DeepSeek's YaRN: gguf_mixers.keys)
-        write_gguf_rope(w, cfg)
+        rope.write_gguf(w, cfg.rope_scaling, FAMILIES[cfg.model_type].gguf_arch)
     keys.update(gguf_values(cfg))
     if cfg.layer_types and FAMILIES[cfg.model_type].gguf_window:  # which layers slide, one flag each
         keys["attention.sliding_window_pattern"] = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]

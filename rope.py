@@ -121,3 +121,45 @@ def rope_from_hf(d: dict, where: str):
     if kind in ("yarn", "longrope") and not scaling.get("factor"):
         scaling["factor"] = d.get("max_position_embeddings") / scaling["original_max_position_embeddings"]
     return theta, scaling, local
+
+
+# GGUF's rope keys (formats.py's GGUF writer and reader)
+def write_gguf(w, scaling, arch):
+    """Rope scaling as llama.cpp reads it (w: a gguf writer, arch: the GGUF arch): linear and YaRN as keys; Llama 3.1
+    and LongRoPE as divisor tensors (formats.gguf_out_tensors), LongRoPE's attention factor and original context as
+    keys."""
+    import gguf
+    s = scaling or {}
+    kind = s.get("rope_type")
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(s["factor"])
+    if kind == "yarn":  # llama.cpp computes YaRN's 0.1 ln(factor) + 1 itself; an explicit factor it cannot take
+        untruncated = s.get("truncate") is False and arch != "gpt-oss"  # (gpt-oss: export.py warns)
+        if untruncated or any(s.get(k) is not None for k in ("attention_factor", "mscale", "mscale_all_dim")):
+            raise NanotuneError("this YaRN config sets attention_factor / mscale / truncate, which llama.cpp's GGUF "
+                                "keys cannot express; export --format merged instead.")
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(s["factor"])
+        w.add_float32(f"{arch}.rope.scaling.yarn_beta_fast", float(s.get("beta_fast") or 32))
+        w.add_float32(f"{arch}.rope.scaling.yarn_beta_slow", float(s.get("beta_slow") or 1))
+    if kind == "longrope":
+        w.add_rope_scaling_attn_factors(rope_attention_factor(s))
+    if kind in ("yarn", "longrope"):
+        w.add_rope_scaling_orig_ctx_len(s["original_max_position_embeddings"])
+
+
+def read_gguf(g, tensors) -> dict | None:
+    """The inverse of write_gguf (g: a key under the arch -> value; tensors: name -> GGUF tensor)."""
+    kind, orig = g("rope.scaling.type"), g("rope.scaling.original_context_length")
+    if kind == "linear" and g("rope.scaling.factor"):
+        return {"rope_type": "linear", "factor": g("rope.scaling.factor")}
+    if kind == "yarn":
+        return {"rope_type": "yarn", "factor": g("rope.scaling.factor"), "original_max_position_embeddings": orig,
+                "beta_fast": g("rope.scaling.yarn_beta_fast", 32.0), "beta_slow": g("rope.scaling.yarn_beta_slow", 1.0)}
+    if "rope_factors_long.weight" in tensors:
+        return {"rope_type": "longrope", "original_max_position_embeddings": orig,
+                "attention_factor": g("rope.scaling.attn_factor"),
+                "long_factor": [float(x) for x in tensors["rope_factors_long.weight"].data],
+                "short_factor": [float(x) for x in tensors["rope_factors_short.weight"].data]}
+    return None

@@ -157,6 +157,13 @@ class Tokenizer:
     def vocab_size(self):
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    def turn_ends(self) -> dict:
+        """{marker: token id}: the end-of-turn markers this chat template writes (eos where it writes eos_token), what a
+        reader of an export must stop generating at."""
+        t = self.chat_template or CHATML
+        marks = [m for m in END_OF_TURN if m in t] + ([self.eos_token] if "eos_token" in t and self.eos_token else [])
+        return {m: self.token_id(m) for m in marks if self.token_id(m) is not None}
+
     @property
     def stop_ids(self) -> set:
         """eos and every end-of-turn marker the vocabulary has: generation stops on any of them."""
