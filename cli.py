@@ -255,6 +255,11 @@ def parse_config(argv, cls):
     values = read_yaml(path, names, aliases, getattr(cls, "migrate", None)) if path else {}
     where = {k: f"{path}: " for k in values} | {k: "--" for k in args}
     values.update(args)
+    return _build(cls, values, where)
+
+
+def _build(cls, values: dict, where: dict):
+    """cls(**values), each value converted to its field's type, then range-checked (where: key -> message prefix)."""
     byname = {f.name: f for f in fields(cls)}
     cfg = cls(**{k: _convert(byname[k], v, where[k] if where[k] != "--" else "") for k, v in values.items()})
     check_limits(cfg, where)
@@ -265,15 +270,12 @@ def make_config(cls, values: dict, where="") -> object:
     """A `cls` from Python keyword values (nanotune.py's functions), checked as flags are: unknown names get the
     nearest valid one, each value is converted and range-checked."""
     names, aliases = [f.name for f in fields(cls)], getattr(cls, "aliases", {})
-    byname, out = {f.name: f for f in fields(cls)}, {}
-    for k, v in values.items():
-        if aliases.get(k, k) not in byname:
+    for k in values:
+        if aliases.get(k, k) not in names:
             near = _closest(k, names, aliases)
             raise NanotuneError(f"{where}unknown setting {k!r}{f' (did you mean {near!r}?)' if near else ''}.")
-        out[aliases.get(k, k)] = _convert(byname[aliases.get(k, k)], v, where)
-    cfg = cls(**out)
-    check_limits(cfg, {k: where for k in out})
-    return cfg
+    values = {aliases.get(k, k): v for k, v in values.items()}
+    return _build(cls, values, {k: where for k in values})
 
 
 def save_config(cfg, path):

@@ -95,19 +95,27 @@ def test_cuda_graph_steps_follow_eager_steps(tmp_path, mode, dtype):
         assert torch.allclose(runs[1][1][n], p, rtol=tol, atol=tol * p.abs().max().item()), n
 
 
+def thirty_steps(tmp_path, *variants):
+    """train.py on a tiny model and chat data, 30 LoRA steps (lr 1e-2, seed 3) per variant (extra flags) -> each
+    run's loss curve."""
+    make_tiny_run_model(tmp_path / "m")
+    write_chat_data(tmp_path / "d.jsonl")
+    curves = []
+    for i, extra in enumerate(variants):
+        out = tmp_path / f"out{i}"
+        train.main(["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--max_steps", "30",
+                    "--lr", "1e-2", "--output_dir", str(out), "--cache_dir", "", "--sample_prompts_file", "none",
+                    "--seed", "3", *extra])
+        curves.append([json.loads(ln)["loss"] for ln in open(out / "metrics.jsonl")])
+    return curves
+
+
 def test_thirty_steps_with_the_mlp_tiled_follow_thirty_untiled(tmp_path):
     """train.py --mlp_tile_mib (here ~7 positions per tile of a 4-row micro-batch, so each sample's MLP runs in
     several tiles, each recomputed alone in backward, inside checkpointed blocks): the 30-step loss curve equals
     the untiled one (fp32: the gradients sum in another order, so 1e-4 after 30 AdamW steps)."""
-    make_tiny_run_model(tmp_path / "m")
-    write_chat_data(tmp_path / "d.jsonl")
-    curves = []
-    for mib in (0, 6 * 4 * 112 * 4 * 7 / 2**20):
-        out = tmp_path / f"out{mib}"
-        train.main(["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--max_steps", "30",
-                    "--lr", "1e-2", "--output_dir", str(out), "--cache_dir", "", "--sample_prompts_file", "none",
-                    "--gradient_checkpointing", "true", "--mlp_tile_mib", str(mib), "--seed", "3"])
-        curves.append([json.loads(ln)["loss"] for ln in open(out / "metrics.jsonl")])
+    curves = thirty_steps(tmp_path, *[["--gradient_checkpointing", "true", "--mlp_tile_mib", str(mib)]
+                                      for mib in (0, 6 * 4 * 112 * 4 * 7 / 2**20)])
     assert len(curves[0]) == 30 and curves[0][-1] < 0.8 * curves[0][0]  # (it trains)
     assert curves[1] == pytest.approx(curves[0], rel=1e-4)
 
@@ -116,15 +124,7 @@ def test_thirty_steps_over_an_fp8_base_follow_the_dense_base(tmp_path):
     """train.py --base_dtype float8: 30 LoRA steps over e4m3 base weights (FP8 GEMMs) follow the dense base's
     curve (the loss falls as much; each step within 3%, the last within 1%); without LoRA, or with 4-bit, it is
     refused in one sentence."""
-    make_tiny_run_model(tmp_path / "m")
-    write_chat_data(tmp_path / "d.jsonl")
-    curves = []
-    for base in ("auto", "float8"):
-        out = tmp_path / f"out-{base}"
-        train.main(["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "d.jsonl"), "--max_steps", "30",
-                    "--lr", "1e-2", "--output_dir", str(out), "--cache_dir", "", "--sample_prompts_file", "none",
-                    "--base_dtype", base, "--seed", "3"])
-        curves.append([json.loads(ln)["loss"] for ln in open(out / "metrics.jsonl")])
+    curves = thirty_steps(tmp_path, ["--base_dtype", "auto"], ["--base_dtype", "float8"])
     assert curves[0][-1] < 0.8 * curves[0][0] and curves[1] == pytest.approx(curves[0], rel=3e-2)
     assert curves[1][-1] == pytest.approx(curves[0][-1], rel=1e-2)
     for extra, why in ((["--lora", "false"], "needs lora true"), (["--load_in_4bit", "true"], "replaces load_in_4bit")):
