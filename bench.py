@@ -147,9 +147,23 @@ def model_flops_per_token(cfg, mode, seq):
     return (6 if mode == "full" else 4) * n + 6 * L * seq * q
 
 
+def long_settings(m, seq, cap_gib):
+    """nanotune-long (as train.py's planner chooses): offloaded block inputs within LONG_HOST of host memory, the
+    first ones kept on the GPU past that, and checkpoints every k blocks for the fewest k whose plan fits the cap
+    (0: the GPU's memory) -> (inputs kept on the GPU, k)."""
+    import memory
+    cap = cap_gib * memory.GIB or torch.cuda.get_device_properties(0).total_memory
+    L, C = m.config.num_hidden_layers, m.config.hidden_size
+    for k in range(1, L + 1):
+        keep = memory.kept_on_device(-(-L // k), 1, seq, C, 2, LONG_HOST)
+        if memory.plan(m, 1, seq, keep=keep, every=k, tile_bytes=LONG_TILE)["gpu"] <= cap:
+            return keep, k
+    return keep, L
+
+
 # ---------------------------------------------------------------------------------------------
 # Workers: one contender, one process
-def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu=False):
+def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu=False, cap=0):
     """-> (model, step_fn(ids) -> loss tensor); ckpt None: random init in place (IN_PLACE shapes)"""
     if name.startswith("nanotune"):  # variants: -nooffload (block inputs stay on the GPU), -ref (PyTorch
         import kernels                # references instead of the kernels), -flash (no cuDNN attention),
@@ -171,8 +185,8 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
                            prepare=q4)
             if mode != "full":
                 lora.apply_lora(m, r=16, alpha=16, dropout=0.0)
-        keep = memory.kept_on_device(m.config.num_hidden_layers, 1, seq, m.config.hidden_size, 2, LONG_HOST)
-        memory.checkpoint_blocks(m, not cpu, "-nooffload" not in name and not cpu, keep if "-long" in name else 0)
+        keep, every = long_settings(m, seq, cap) if "-long" in name else (0, 1)
+        memory.checkpoint_blocks(m, not cpu, "-nooffload" not in name and not cpu, keep, every)
         memory.tile_mlp(m, LONG_TILE if "-long" in name else 0)  # (-long: MLP tiles, host memory within 100 GiB)
         m.varlen = "-varlen" in name
         m.train()
@@ -267,7 +281,7 @@ def worker(a):
         import dist
         dist.init()
     ckpt = None if a.ckpt == "none" else a.ckpt
-    m, loss_fn = load_contender(a.worker, ckpt, a.mode, a.seq, a.fsdp, a.shape, a.doc_len, a.cpu)
+    m, loss_fn = load_contender(a.worker, ckpt, a.mode, a.seq, a.fsdp, a.shape, a.doc_len, a.cpu, a.cap)
     if a.rollout:
         return rollout_worker(a, m.eval(), dev, sync)
     params = [p for p in m.parameters() if p.requires_grad]

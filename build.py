@@ -29,6 +29,9 @@ def build_model(cfg, device, dtype):
     if cfg.base_dtype == "float8":
         check_fp8(cfg, device)
     if dist.is_dist():  # torchrun: LoRA and FSDP2 on the meta model, then every rank loads only its shards
+        if (cfg.checkpoint_every or 1) > 1:
+            raise NanotuneError(f"checkpoint_every {cfg.checkpoint_every} is not supported under torchrun/FSDP (its "
+                                "blocks are checkpointed one by one); leave it unset, or train on one GPU.")
         if cfg.load_in_4bit and cfg.use_dora:
             raise NanotuneError("DoRA over a 4-bit base is not supported under torchrun/FSDP; use LoRA, or one GPU.")
         model = load_model(cfg.model, dtype=dtype, device=device,
@@ -68,10 +71,12 @@ def activations(cfg, mcfg, gpu, dtype) -> dict:
     ckpt = gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
     off = gpu if cfg.offload_activations is None else cfg.offload_activations
     host = int(cfg.host_memory_gib * 2**30) if cfg.host_memory_gib is not None else None  # (0: nothing on the host)
-    keep = memory.kept_on_device(mcfg.num_hidden_layers, cfg.micro_batch_size, cfg.max_len, mcfg.hidden_size,
+    every = cfg.checkpoint_every or 1
+    groups = -(-mcfg.num_hidden_layers // every)  # (inputs kept: one a group of `every` blocks)
+    keep = memory.kept_on_device(groups, cfg.micro_batch_size, cfg.max_len, mcfg.hidden_size,
                                  dtype.itemsize, host) if ckpt and off else 0
     return dict(act_bytes=dtype.itemsize, checkpoint=ckpt, offload=off, keep=keep,
-                tile_bytes=int((cfg.mlp_tile_mib or 0) * 2**20))
+                tile_bytes=int((cfg.mlp_tile_mib or 0) * 2**20), every=every)
 
 
 AUTO_TILE_MIB, HOST_SHARE = 1024, 0.8  # what the planner picks when a run would not fit: tiles, host budget
@@ -86,9 +91,10 @@ def host_bytes():
 
 
 def choose(cfg, m, dtype, cap, host):
-    """The planner's choices where the settings leave them open (mlp_tile_mib, host_memory_gib unset): MLP tiles
-    when the whole MLP would not fit `cap`, and a host budget (the first block inputs stay on the GPU) when the
-    offloaded inputs would not fit HOST_SHARE of `host`. Written into cfg (config.yaml records what ran); -> the
+    """The planner's choices where the settings leave them open (mlp_tile_mib, host_memory_gib, checkpoint_every
+    unset): MLP tiles when the whole MLP would not fit `cap`, a host budget (the first block inputs stay on the GPU)
+    when the offloaded inputs would not fit HOST_SHARE of `host`, and then, if the run still would not fit `cap`,
+    checkpoints every k blocks (the fewest k that fit). Written into cfg (config.yaml records what ran); -> the
     plan, its keywords and what was chosen (lines)."""
     kw, chosen = activations(cfg, m.config, True, dtype), []
     p = memory.plan(m, cfg.micro_batch_size, cfg.max_len, **kw)
@@ -104,12 +110,23 @@ def choose(cfg, m, dtype, cap, host):
         kw = activations(cfg, m.config, True, dtype)
         chosen.append(f"the first {kw['keep']} block inputs on the GPU (the host holds {cfg.host_memory_gib:g} GiB)")
         p = memory.plan(m, cfg.micro_batch_size, cfg.max_len, **kw)
+    if cfg.checkpoint_every is None:
+        cfg.checkpoint_every = 1
+        if cap and kw["checkpoint"] and p["gpu"] > cap:
+            for k in range(2, m.config.num_hidden_layers + 1):
+                cfg.checkpoint_every = k
+                kk = activations(cfg, m.config, True, dtype)
+                pk = memory.plan(m, cfg.micro_batch_size, cfg.max_len, **kk)
+                if pk["gpu"] <= cap:
+                    chosen.append(f"checkpoints every {k} blocks (the block inputs would fit neither GPU nor host)")
+                    return pk, kk, chosen
+            cfg.checkpoint_every = 1
     return p, kw, chosen
 
 
 def place_activations(model, cfg, device, dtype):
     a = activations(cfg, model.config, device.type == "cuda", dtype)
-    memory.checkpoint_blocks(model, a["checkpoint"], a["offload"], a["keep"])
+    memory.checkpoint_blocks(model, a["checkpoint"], a["offload"], a["keep"], a["every"])
     memory.tile_mlp(model, a["tile_bytes"])
     model.varlen = cfg.varlen_attention
 
@@ -133,7 +150,8 @@ def plan_run(cfg, device, dtype):
         "".join(f"; chosen: {c}" for c in chosen))
     if cfg.plan:
         log("  " + ", ".join(f"{k} {v / G:.2f} GiB" for k, v in p.items() if k not in ("gpu", "host")) +
-            f" (checkpointing {kw['checkpoint']}, offload {kw['offload']} but the first {kw['keep']} block inputs, "
+            f" (checkpointing {kw['checkpoint']} every {kw['every']} blocks, offload {kw['offload']} but the first "
+            f"{kw['keep']} inputs, "
             f"MLP tiles {cfg.mlp_tile_mib:g} MiB)")
         raise SystemExit(0)
     if cap and p["gpu"] > cap:

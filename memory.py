@@ -214,33 +214,121 @@ class Offload:
 
 class BlockCheckpoints:
     """model.block_memory, set by checkpoint_blocks: in training, each block keeps only its input (on the host
-    with offload) and runs again in backward. begin() starts one forward pass (its own offload buffers)."""
+    with offload) and runs again in backward; with every=k only each k-th block's input is kept (_Group).
+    begin() starts one forward pass (its own offload buffers)."""
 
-    def __init__(self, offload, keep=0):
-        self.offload, self.keep = offload, keep
+    def __init__(self, offload, keep=0, every=1):
+        self.offload, self.keep, self.every = offload, keep, every
 
     def begin(self, device, rng):
         """rng: the blocks draw random numbers (dropout) that the recompute must repeat."""
-        return _Pass(Offload(device) if self.offload else None, rng, self.keep)
+        return _Pass(Offload(device) if self.offload else None, rng, self.keep, self.every)
+
+
+def _rng_state(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+# Checkpointing every k blocks (a host budget too small for every block input, or a GPU too small to keep the
+# rest): a group of k blocks keeps only its first block's input. Forward runs the blocks without autograd; backward
+# runs blocks 1..k-1 of the group again without autograd to get their inputs back (k - 1 block inputs alive on the
+# device for a moment), then each block's backward as a checkpointed block's (_block_grads), last block first. The
+# price: one more forward of the blocks inside a group; the gain: L / k kept inputs instead of L.
+class _Group(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, y, x, *tensors):
+        """group: [(block fn, its args, RNG state before it or None)] in forward order, already run from x to y
+        (no autograd); tensors: the args that need gradients, then the blocks' trainable parameters."""
+        ctx.group, ctx.tensors = group, tensors
+        ctx.save_for_backward(x)  # the only tensor kept (Offload's hooks may move it to the host)
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        where = {id(t): i for i, t in enumerate(ctx.tensors)}  # (cos / sin are shared: their gradients add up)
+        grads = [None] * len(ctx.tensors)
+        rng = any(st is not None for _, _, st in ctx.group)
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else [], enabled=rng):
+            xs = [x]
+            with torch.no_grad():  # the inputs of blocks 1..k-1 again
+                for fn, args, st in ctx.group[:-1]:
+                    if st is not None:
+                        _set_rng_state(st, x.device)
+                    xs.append(fn(xs[-1], *args))
+            for j in range(len(ctx.group) - 1, -1, -1):
+                fn, args, st = ctx.group[j]
+                if st is not None:
+                    _set_rng_state(st, x.device)
+                params = [p for p in fn.parameters() if p.requires_grad]
+                need_x = j > 0 or ctx.needs_input_grad[2]
+                dx, *gs = _block_grads(fn, xs.pop(), dy, args, params, need_x)
+                for t, g in zip([*args, *params], gs):  # (None for an arg that needs no gradient)
+                    if g is not None:
+                        i = where[id(t)]
+                        grads[i] = g if grads[i] is None else grads[i] + g
+                dy = dx
+        return (None, None, dy, *grads)
 
 
 class _Pass:
-    def __init__(self, offload, rng, keep=0):
-        self.off, self.rng, self.keep, self.n = offload, rng, keep, 0
+    def __init__(self, offload, rng, keep=0, every=1):
+        self.off, self.rng, self.keep, self.every, self.n = offload, rng, keep, every, 0
+        self.group, self.x = [], None  # (every > 1) the open group's blocks and its input
 
     def block(self, layer, x, *args, last=False):
+        if self.every > 1 and not _SHARDED:  # (FSDP: per block, its recompute inside the outer backward)
+            return self._grouped(layer, x, args, last)
         self.n += 1  # (the first `keep` blocks keep their inputs on the device: a host-memory budget)
         with self.off.saving(x) if self.off and not last and self.n > self.keep else contextlib.nullcontext():
             return checkpoint(layer, x, *args, rng=self.rng)
 
-    def end(self):
+    def _grouped(self, layer, x, args, last):
+        if not self.group:
+            self.x = x
+        st = _rng_state(x.device) if self.rng else None
+        with torch.no_grad():
+            y = layer(x, *args)
+        self.group.append((layer, args, st))
+        return self.close(y, last) if len(self.group) == self.every or last else y
+
+    def close(self, y, last=False):
+        """End the open group at its output y (-> y with the group's autograd node). model.py calls it before a
+        block that runs outside checkpointing (Gemma 4's key-value stores)."""
+        if not self.group:
+            return y
+        group, x, self.group, self.x = self.group, self.x, [], None
+        self.n += 1  # (groups: the first `keep` groups keep their inputs on the device)
+        seen, tensors = set(), []
+        for fn, args, _ in group:
+            for t in [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] + [
+                    p for p in fn.parameters() if p.requires_grad]:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    tensors.append(t)
+        with self.off.saving(x) if self.off and not last and self.n > self.keep else contextlib.nullcontext():
+            return _Group.apply(group, y, x, *tensors)
+
+    def end(self, x):
+        """The forward's blocks are done: x, their output, with its group closed (-> x)."""
+        x = self.close(x, last=True)
         if self.off:
             self.off.prefetch_last()  # backward starts with the last block, which was not offloaded
+        return x
 
 
-def checkpoint_blocks(model, on=True, offload=False, keep=0):
-    """keep: with offload, the first `keep` blocks' inputs stay on the device (the rest go to the host)."""
-    model.block_memory = BlockCheckpoints(offload, keep) if on else None
+def checkpoint_blocks(model, on=True, offload=False, keep=0, every=1):
+    """keep: with offload, the first `keep` blocks' inputs stay on the device (the rest go to the host); every=k:
+    only every k-th block's input is kept (the blocks between run again in backward)."""
+    if every < 1:
+        raise ValueError(f"checkpoint every {every} blocks: it must be 1 or more")
+    model.block_memory = BlockCheckpoints(offload, keep, every) if on else None
     return model
 
 
@@ -368,8 +456,9 @@ def keep_freed_memory():
 # adapters count) and the run's settings, N = rows x tokens. At the peak (one block's backward) these are alive:
 #   weights as stored (NF4: 1/2 byte a value + 1/32 of that for the quant state), trainable state (fp32 value,
 #     gradient and AdamW's two moments: 16 bytes a value; bf16 in full fine-tuning: 2 + 2 + 8)
-#   block inputs kept for backward, L x [N, C] (two on the GPU with offload, the rest on the host); without
-#     checkpointing every block's working set
+#   block inputs kept for backward, L x [N, C] (two on the GPU with offload, the rest on the host); L / k of them
+#     checkpointing every k blocks, plus the k - 1 a group's backward recomputes; without checkpointing every
+#     block's working set
 #   one block's working set: each projection's output and its gradient, N x sum(widths) x 2 values, the dense
 #     MLP's three [N, I] (gate, up, their product) at most the tile budget when tiled; routed experts: k of them
 #   the head: the final hidden state and its gradient ([N, C] x 2) and a [1024, V] fp32 chunk of logits
@@ -397,7 +486,7 @@ def _block_widths(block, k):
     return other, mlp
 
 
-def plan(model, rows, tokens, act_bytes=2, checkpoint=True, offload=True, tile_bytes=0, keep=0) -> dict:
+def plan(model, rows, tokens, act_bytes=2, checkpoint=True, offload=True, tile_bytes=0, keep=0, every=1) -> dict:
     """Predicted bytes: weights, trainable (with gradients and AdamW state), block inputs (GPU / host), the block
     working set, the head, and their sums `gpu` and `host` (see above)."""
     cfg, N = model.config, rows * tokens
@@ -423,12 +512,14 @@ def plan(model, rows, tokens, act_bytes=2, checkpoint=True, offload=True, tile_b
     work = int(BLOCK_FACTOR * work)
     x = N * cfg.hidden_size * act_bytes  # one block input
     L = len(widths)
-    inputs_gpu = ((2 + keep) * x if offload else L * x) if checkpoint else L * work
+    G = -(-L // every)  # checkpointed inputs kept: one a group of `every` blocks (whose backward holds every - 1 more)
+    inputs_gpu = ((2 + keep) * x if offload else G * x) if checkpoint else L * work
     stores = {cfg.kv_source(i) for i in range(L)} - {None}  # (Gemma 4: layers whose keys later layers reuse keep
     inputs_gpu += len(stores) * work if checkpoint else 0  # their whole graph, model.forward)
-    host = (L - keep) * x if checkpoint and offload else 0
+    host = (G - keep) * x if checkpoint and offload else 0
     head = 2 * x + 1024 * cfg.vocab_size * 4
-    gpu = WORKSPACE + weights + trainable + inputs_gpu + max(head, work + x + dequant)  # (the head's or a block's)
+    regroup = (every - 1) * x if checkpoint else 0  # (a group's inputs, recomputed in its backward)
+    gpu = WORKSPACE + weights + trainable + inputs_gpu + max(head, work + x + dequant + regroup)  # (head or a block)
     return dict(weights=weights, trainable=trainable, inputs_gpu=inputs_gpu, host=host, block=work, head=head,
                 dequant=dequant, gpu=gpu)
 

@@ -426,11 +426,11 @@ class Transformer(nn.Module):
             if ckpt and i not in stores:  # keep only the block input (on the host with offload); recompute the
                 x = ckpt.block(layer, x, cos, sin, mask, None, args[0], None, *args[1:], last=layer is last)
             else:  # (a store layer keeps its graph: the layers reusing its k, v send their gradients into it)
-                x = layer(x, cos, sin, mask, cache, args[0], kv, *args[1:])
+                x = layer(ckpt.close(x) if ckpt else x, cos, sin, mask, cache, args[0], kv, *args[1:])
         if cache is not None:
             cache.pos += T
         if ckpt:
-            ckpt.end()
+            x = ckpt.end(x)
         h = self.model.norm(x)
         h = h * c.logit_scale if c.logit_scale != 1 else h  # Cohere: logits * s, Granite: logits / s (the head
         return h / c.logits_scaling if c.logits_scaling != 1 else h  # has no bias: its input carries s)

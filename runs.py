@@ -32,7 +32,8 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "model", 
 RESUMABLE = {"resume", "resume_other_data", "overwrite", "output_dir", "device", "dist_timeout", "log_steps",
              "eval_steps", "save_steps", "save_total_limit", "sample_prompts", "sample_prompts_file",
              "sample_max_tokens", "cache_dir", "gradient_checkpointing", "offload_activations", "cuda_graphs",
-             "varlen_attention", "mlp_tile_mib", "plan", "gpu_memory_gib", "host_memory_gib"}
+             "varlen_attention", "mlp_tile_mib", "plan", "gpu_memory_gib", "host_memory_gib",
+             "checkpoint_every"}
 
 
 def check_output_dir(cfg):

@@ -71,6 +71,7 @@ LIMITS = {
     "base_dtype": (lambda v: v in ("auto", "float8"), "auto or float8"),
     "gpu_memory_gib": (lambda v: 0 < v < math.inf, "a number of GiB > 0"),
     "host_memory_gib": (lambda v: 0 <= v < math.inf, "a number of GiB >= 0"),
+    "checkpoint_every": (lambda v: v >= 1, "a whole number >= 1 (1: every block keeps its input)"),
     "weight_decay": (lambda v: 0 <= v < math.inf, "a number >= 0"),
     "epochs": (lambda v: 0 < v < math.inf, "a number > 0"),
     "max_steps": (lambda v: v >= 0, "a whole number >= 0 (0: from epochs)"),
@@ -142,6 +143,8 @@ class TrainConfig:
     gpu_memory_gib: float | None = F_(None, "plan for a GPU with this much memory (default: the one in use)")
     host_memory_gib: float | None = F_(None, "offloaded block inputs stay within this much host memory (the first "
                                              "blocks' inputs stay on the GPU; default: the planner's choice)")
+    checkpoint_every: int | None = F_(None, "with checkpointing, keep only every k-th block's input (the blocks "
+                                            "between run again in backward; default: the planner's choice)")
     mlp_tile_mib: float | None = F_(None, "long sequences: the MLP runs in tiles whose backward tensors fit this "
                                           "many MiB (one more MLP forward; 0: whole; default: the planner's choice)")
     dtype: str = F_("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")

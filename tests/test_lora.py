@@ -319,6 +319,26 @@ def test_lora_over_an_fp8_base_follows_the_dense_base(tmp_path):
             assert (g0[n] - g1[n]).abs().max() <= 0.15 * g0[n].abs().max(), (other, n)
 
 
+def mode_model(path, dtype, mode):
+    """The model at `path` in training mode: "qlora" in mode: an NF4 base; "lora": seeded, randomised r4 adapters
+    (with "dropout": LoRA dropout 0.3); else full fine-tuning."""
+    import quant
+    m = formats.load_model(str(path), dtype=dtype, prepare=quant.prepare_4bit if "qlora" in mode else None)
+    torch.manual_seed(0)
+    if "lora" in mode:
+        lora.apply_lora(m, r=4, alpha=8, dropout=0.3 if "dropout" in mode else 0.0)
+        randomise_adapters(m)
+    return m.train()
+
+
+def lse_step(m, ids):
+    """One forward + backward of a logsumexp loss from seed 1 -> (loss, {trainable name: fp32 gradient})."""
+    torch.manual_seed(1)
+    loss = m.logits(m(ids)).float().logsumexp(-1).sum()
+    loss.backward()
+    return loss.item(), {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["lora-dropout", "lora-ckpt", "full-ckpt-offload", "qlora-ckpt-offload-keep"])
 def test_tiled_mlp_gives_the_untiled_loss_and_gradients(dtype, mode, tmp_path, monkeypatch):
@@ -328,7 +348,6 @@ def test_tiled_mlp_gives_the_untiled_loss_and_gradients(dtype, mode, tmp_path, m
     equal the untiled run's (fp32: 1e-5 of the largest; bf16: 2e-2). With LoRA dropout a tile draws its own masks
     (not the untiled run's), so the reference is the same tiles in plain autograd (no recompute): the recompute
     redraws each tile's masks."""
-    import quant
     make_hf_model("llama", tmp_path)
     ids = torch.randint(3, 128, (2, 12))
     results = []
@@ -336,25 +355,47 @@ def test_tiled_mlp_gives_the_untiled_loss_and_gradients(dtype, mode, tmp_path, m
         if "dropout" in mode and not tile:  # (the reference: tiles without the recompute)
             monkeypatch.setattr(memory._Recompute, "apply", lambda fn, opts, x, *params: fn(x))
         monkeypatch.undo() if tile else None
-        m = formats.load_model(str(tmp_path), dtype=dtype, prepare=quant.prepare_4bit if "qlora" in mode else None)
-        torch.manual_seed(0)
-        if "lora" in mode:
-            lora.apply_lora(m, r=4, alpha=8, dropout=0.3 if "dropout" in mode else 0.0)
-            randomise_adapters(m)
-        m.train()
+        m = mode_model(tmp_path, dtype, mode)
         memory.checkpoint_blocks(m, "ckpt" in mode, "offload" in mode, keep=1 if "keep" in mode else 0)
         width = m.config.intermediate_size
         memory.tile_mlp(m, memory.MLP_LIVE * 2 * width * dtype.itemsize * 5 if tile or "dropout" in mode else 0)
         assert memory.tile_tokens(memory.MLP_LIVE * 2 * width * dtype.itemsize * 5, 2, width, dtype.itemsize) == 5
-        torch.manual_seed(1)
-        loss = m.logits(m(ids)).float().logsumexp(-1).sum()
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}))
+        results.append(lse_step(m, ids))
     (l0, g0), (l1, g1) = results
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert abs(l0 - l1) <= tol * abs(l0) and g0.keys() == g1.keys() and g0
     for n in g0:
         assert (g0[n] - g1[n]).abs().max() <= tol * g0[n].abs().max() + 1e-7, n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch,mode", [("llama", "lora-dropout"), ("llama", "qlora-offload-keep"),
+                                       ("llama", "full-offload"), ("gemma4_text", "full"),
+                                       ("llama4_text", "lora-offload"), ("qwen3_5_text", "qlora")])
+def test_checkpointing_every_k_blocks_gives_the_per_block_gradients(dtype, arch, mode, tmp_path):
+    """memory.checkpoint_blocks(every=k): a group of k blocks keeps only its first input (offloaded but for the
+    first `keep` groups' with offload), backward runs the group again to get the others: 5 blocks in groups of 2
+    and 3 (the last group short) give the loss and every gradient of per-block checkpointing (fp32: 1e-6 of the
+    largest; bf16: 1e-2). LoRA dropout draws the same masks; Gemma 4's per-layer inputs and the keys its later
+    layers reuse get their gradients (a store layer closes the open group); Llama 4's MoE layers, Qwen 3.5's
+    linear attention over a 4-bit base."""
+    layers = {"gemma4_text": dict(layer_types=["sliding_attention", "full_attention"] * 2 + ["full_attention"],
+                                  num_kv_shared_layers=2),
+              "llama4_text": dict(no_rope_layers=[1, 1, 0, 0, 1]),
+              "qwen3_5_text": dict(layer_types=["linear_attention"] * 3 + ["full_attention"] * 2)}.get(arch, {})
+    make_hf_model(arch, tmp_path, num_hidden_layers=5, **layers)
+    ids = torch.randint(3, 128, (2, 12))
+    results = []
+    for every in (1, 2, 3):
+        m = mode_model(tmp_path, dtype, mode)
+        memory.checkpoint_blocks(m, True, "offload" in mode, keep=1 if "keep" in mode else 0, every=every)
+        results.append(lse_step(m, ids))
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    l0, g0 = results[0]
+    for l1, g1 in results[1:]:
+        assert abs(l0 - l1) <= tol * abs(l0) and g0.keys() == g1.keys() and g0
+        for n in g0:
+            assert (g0[n] - g1[n]).abs().max() <= tol * g0[n].abs().max() + 1e-8, n
 
 
 @pytest.mark.parametrize("arch,four_bit", [("qwen2", False), ("llama", True), ("gemma2", False), ("phi", False),

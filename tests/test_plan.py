@@ -98,6 +98,25 @@ def test_the_planner_chooses_tiles_and_a_host_budget_when_a_run_would_not_fit(tm
     assert "the first 1 block inputs on the GPU (the host holds 0.8 GiB)" in err and "MLP tiles 1024 MiB)" in err
 
 
+def test_checkpoints_every_k_blocks_when_the_inputs_fit_neither_gpu_nor_host():
+    """8B QLoRA, one row of 700k tokens, an 80 GiB GPU and 128 GiB of host: with MLP tiles and the host full
+    (80%), the 14 block inputs left on the GPU would not fit; checkpointing every 2 blocks keeps 16 inputs, all on
+    the host, and the plan fits (the group's backward holds one more input). 500k tokens fit with every block's
+    input kept. train.py --plan says so."""
+    import build
+    m, G = bench_model("8b", "qlora"), memory.GIB
+    cfg = train.TrainConfig(max_len=700_000, micro_batch_size=1)
+    p, kw, chosen = build.choose(cfg, m, torch.bfloat16, 80 * G, 128 * G)
+    assert cfg.checkpoint_every == kw["every"] == 2 and kw["keep"] == 0 and cfg.mlp_tile_mib == 1024
+    assert p["gpu"] <= 80 * G and p["host"] == 16 * 700_000 * 4096 * 2 <= build.HOST_SHARE * 128 * G
+    assert chosen[-1] == "checkpoints every 2 blocks (the block inputs would fit neither GPU nor host)"
+    one = memory.plan(m, 1, 700_000, **dict(kw, every=1, keep=memory.kept_on_device(32, 1, 700_000, 4096, 2, int(
+        build.HOST_SHARE * 128 * G))))
+    assert one["gpu"] > 80 * G and p["gpu"] - p["inputs_gpu"] - one["gpu"] + one["inputs_gpu"] == 700_000 * 8192
+    cfg = train.TrainConfig(max_len=500_000, micro_batch_size=1)
+    assert build.choose(cfg, m, torch.bfloat16, 80 * G, 128 * G)[1]["every"] == 1 == cfg.checkpoint_every
+
+
 def test_plan_prints_and_writes_nothing_and_a_run_that_cannot_fit_stops_before_loading(tmp_path, capsys):
     make_tiny_run_model(tmp_path / "m")
     out = tmp_path / "out"
@@ -123,3 +142,16 @@ def test_bench_max_context_search_finds_the_longest_length_that_trains():
     assert 345_000 - 8192 <= seq <= 345_000 and res == {"tokens": seq} and len(tried) < 12
     assert bench.longest_context(lambda n: None, 4096) == (0, None)
 
+
+
+def test_checkpoint_every_is_refused_where_it_cannot_hold(tmp_path, monkeypatch):
+    """checkpoint_every below 1, or above 1 under torchrun (FSDP checkpoints block by block), is one sentence."""
+    import build
+    import dist
+    make_tiny_run_model(tmp_path / "m")
+    with pytest.raises(NanotuneError, match="--checkpoint_every 0 is out of range; use a whole number >= 1"):
+        train.main(["--model", str(tmp_path / "m"), "--output_dir", str(tmp_path / "o"), "--checkpoint_every", "0"])
+    monkeypatch.setattr(dist, "is_dist", lambda: True)
+    with pytest.raises(NanotuneError, match="checkpoint_every 2 is not supported under torchrun/FSDP"):
+        build.build_model(train.TrainConfig(model=str(tmp_path / "m"), checkpoint_every=2), torch.device("cpu"),
+                          torch.float32)

@@ -112,12 +112,14 @@ def thirty_steps(tmp_path, *variants):
 
 def test_thirty_steps_with_the_mlp_tiled_follow_thirty_untiled(tmp_path):
     """train.py --mlp_tile_mib (here ~7 positions per tile of a 4-row micro-batch, so each sample's MLP runs in
-    several tiles, each recomputed alone in backward, inside checkpointed blocks): the 30-step loss curve equals
-    the untiled one (fp32: the gradients sum in another order, so 1e-4 after 30 AdamW steps)."""
-    curves = thirty_steps(tmp_path, *[["--gradient_checkpointing", "true", "--mlp_tile_mib", str(mib)]
-                                      for mib in (0, 6 * 4 * 112 * 4 * 7 / 2**20)])
+    several tiles, each recomputed alone in backward, inside checkpointed blocks), and the same with
+    --checkpoint_every 2 (one input kept for both blocks): the 30-step loss curves equal the untiled one (fp32: the
+    gradients sum in another order, so 1e-4 after 30 AdamW steps)."""
+    tile = str(6 * 4 * 112 * 4 * 7 / 2**20)
+    curves = thirty_steps(tmp_path, *[["--gradient_checkpointing", "true", *extra] for extra in (
+        ["--mlp_tile_mib", "0"], ["--mlp_tile_mib", tile], ["--mlp_tile_mib", tile, "--checkpoint_every", "2"])])
     assert len(curves[0]) == 30 and curves[0][-1] < 0.8 * curves[0][0]  # (it trains)
-    assert curves[1] == pytest.approx(curves[0], rel=1e-4)
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4) and curves[2] == pytest.approx(curves[0], rel=1e-4)
 
 
 def test_thirty_steps_over_an_fp8_base_follow_the_dense_base(tmp_path):
