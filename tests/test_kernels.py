@@ -50,7 +50,7 @@ def randn(*shape, seed=0, scale=1.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 def test_rms_norm(dtype, offset):
-    x, w = randn(3, 123, 77), randn(77, seed=1, scale=0.2) + (0.0 if offset else 1.0)
+    x, w = randn(3, 41, 77), randn(77, seed=1, scale=0.2) + (0.0 if offset else 1.0)
     check(lambda a, b: kernels.rms_norm_triton(a, b, 1e-6, offset),
           lambda a, b: kernels.rms_norm_ref(a, b, 1e-6, offset), [x, w], dtype)
 
@@ -277,6 +277,7 @@ def test_linear_with_manual_backward(dtype, monkeypatch):
             assert torch.equal(g1, g2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
 def test_thirty_steps_with_kernels_on_and_off_follow_one_loss_curve(mode, tmp_path, monkeypatch):
     """30 training steps of a small Llama with the kernels on and with the PyTorch references give the same

@@ -368,11 +368,13 @@ def test_tiled_mlp_gives_the_untiled_loss_and_gradients(dtype, mode, tmp_path, m
         assert (g0[n] - g1[n]).abs().max() <= tol * g0[n].abs().max() + 1e-7, n
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("arch,mode", [("llama", "lora-dropout"), ("llama", "qlora-offload-keep"),
-                                       ("llama", "full-offload"), ("gemma4_text", "full"),
-                                       ("llama4_text", "lora-offload"), ("qwen3_5_text", "qlora")])
-def test_checkpointing_every_k_blocks_gives_the_per_block_gradients(dtype, arch, mode, tmp_path):
+@pytest.mark.parametrize("arch,mode,dtype", [("llama", "lora-dropout", torch.float32),
+                                             ("llama", "qlora-offload-keep", torch.bfloat16),
+                                             ("llama", "full-offload", torch.float32),
+                                             ("gemma4_text", "full", torch.float32),
+                                             ("llama4_text", "lora-offload", torch.bfloat16),
+                                             ("qwen3_5_text", "qlora", torch.float32)])
+def test_checkpointing_every_k_blocks_gives_the_per_block_gradients(arch, mode, dtype, tmp_path):
     """memory.checkpoint_blocks(every=k): a group of k blocks keeps only its first input (offloaded but for the
     first `keep` groups' with offload), backward runs the group again to get the others: 5 blocks in groups of 2
     and 3 (the last group short) give the loss and every gradient of per-block checkpointing (fp32: 1e-6 of the

@@ -110,6 +110,7 @@ def thirty_steps(tmp_path, *variants):
     return curves
 
 
+@pytest.mark.slow
 def test_thirty_steps_with_the_mlp_tiled_follow_thirty_untiled(tmp_path):
     """train.py --mlp_tile_mib (here ~7 positions per tile of a 4-row micro-batch, so each sample's MLP runs in
     several tiles, each recomputed alone in backward, inside checkpointed blocks), and the same with
@@ -122,6 +123,7 @@ def test_thirty_steps_with_the_mlp_tiled_follow_thirty_untiled(tmp_path):
     assert curves[1] == pytest.approx(curves[0], rel=1e-4) and curves[2] == pytest.approx(curves[0], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_thirty_steps_over_an_fp8_base_follow_the_dense_base(tmp_path):
     """train.py --base_dtype float8: 30 LoRA steps over e4m3 base weights (FP8 GEMMs) follow the dense base's
     curve (the loss falls as much; each step within 3%, the last within 1%); without LoRA, or with 4-bit, it is
