@@ -6,6 +6,7 @@ built on the meta device). train.py's setup calls these; dpo.py and grpo.py shar
     model = build.build_model(cfg, device, dtype)    # cfg: a train.TrainConfig (or dpo's / grpo's)
     build.plan_run(cfg, device, dtype)               # one line; --plan: the parts, then stop
 """
+import copy
 import os
 import sys
 
@@ -112,16 +113,33 @@ def choose(cfg, m, dtype, cap, host):
         p = memory.plan(m, cfg.micro_batch_size, cfg.max_len, **kw)
     if cfg.checkpoint_every is None:
         cfg.checkpoint_every = 1
-        if cap and kw["checkpoint"] and p["gpu"] > cap:
-            for k in range(2, m.config.num_hidden_layers + 1):
-                cfg.checkpoint_every = k
-                kk = activations(cfg, m.config, True, dtype)
-                pk = memory.plan(m, cfg.micro_batch_size, cfg.max_len, **kk)
-                if pk["gpu"] <= cap:
-                    chosen.append(f"checkpoints every {k} blocks (the block inputs would fit neither GPU nor host)")
-                    return pk, kk, chosen
-            cfg.checkpoint_every = 1
+        prev = p["gpu"]
+        for k in range(2, m.config.num_hidden_layers + 1) if cap and kw["checkpoint"] and p["gpu"] > cap else ():
+            cfg.checkpoint_every = k
+            kk = activations(cfg, m.config, True, dtype)
+            pk = memory.plan(m, cfg.micro_batch_size, cfg.max_len, **kk)
+            if pk["gpu"] <= cap:
+                chosen.append(f"checkpoints every {k} blocks (the block inputs would fit neither GPU nor host)")
+                return pk, kk, chosen
+            if pk["gpu"] >= prev:  # (past the best k: a group's backward holds more than its fewer inputs save)
+                break
+            prev = pk["gpu"]
+        cfg.checkpoint_every = 1
     return p, kw, chosen
+
+
+CHOICES = ("mlp_tile_mib", "host_memory_gib", "checkpoint_every")  # the settings choose() fills where left unset
+
+
+def longest_chosen(cfg, asked, m, dtype, cap, host):
+    """The longest row (tokens) that fits `cap` (and `host` bytes of host memory) with the planner's choices at that
+    length (the CHOICES as the run's settings `asked` them: unset ones open)."""
+    def peak(tokens):
+        c = copy.copy(cfg)
+        c.max_len = tokens
+        c.__dict__.update(asked)
+        return choose(c, m, dtype, cap, host)[0]["gpu"]
+    return memory.longest(m, cfg.micro_batch_size, cap, peak=peak)
 
 
 def place_activations(model, cfg, device, dtype):
@@ -143,10 +161,12 @@ def plan_run(cfg, device, dtype):
     G = memory.GIB
     cap = cfg.gpu_memory_gib * G if cfg.gpu_memory_gib else torch.cuda.get_device_properties(device).total_memory \
         if device.type == "cuda" else None
-    p, kw, chosen = choose(cfg, m, dtype, cap, host_bytes())  # (the plan is a GPU's)
-    fits = memory.longest(m, cfg.micro_batch_size, cap, **kw) if cap else None
+    asked, host = {k: getattr(cfg, k) for k in CHOICES}, host_bytes()
+    p, kw, chosen = choose(cfg, m, dtype, cap, host)  # (the plan is a GPU's)
+    fits = longest_chosen(cfg, asked, m, dtype, cap, host) if cap else None
     log(f"plan: peak GPU memory {p['gpu'] / G:.1f} GiB at {cfg.micro_batch_size} x {cfg.max_len} tokens, host "
-        f"{p['host'] / G:.1f} GiB" + (f"; up to {fits} tokens a row fit {cap / G:.0f} GiB" if cap else "") +
+        f"{p['host'] / G:.1f} GiB" + (f"; up to {fits} tokens a row fit {cap / G:.0f} GiB" + (
+            " (with the planner's choices there)" if None in asked.values() else "") if cap else "") +
         "".join(f"; chosen: {c}" for c in chosen))
     if cfg.plan:
         log("  " + ", ".join(f"{k} {v / G:.2f} GiB" for k, v in p.items() if k not in ("gpu", "host")) +

@@ -486,10 +486,16 @@ def _block_widths(block, k):
     return other, mlp
 
 
-def plan(model, rows, tokens, act_bytes=2, checkpoint=True, offload=True, tile_bytes=0, keep=0, every=1) -> dict:
-    """Predicted bytes: weights, trainable (with gradients and AdamW state), block inputs (GPU / host), the block
-    working set, the head, and their sums `gpu` and `host` (see above)."""
-    cfg, N = model.config, rows * tokens
+_SIZES = {}  # the last model planned, by id, its parameters' bytes and trainable count -> _sizes (a search plans it
+#             many times)
+
+
+def _sizes(model, act_bytes):
+    """What plan needs of the model whatever the length: (weights, trainable, dequant, per-block widths)."""
+    key = (id(model), act_bytes, *map(sum, zip(*((p.numel() * p.element_size(), p.numel() * p.requires_grad)
+                                                 for p in model.parameters()))))  # (changed in place: planned anew)
+    if key in _SIZES:
+        return _SIZES[key]
     weights = trainable = 0
     seen = set()  # (tied embeddings: one tensor in two modules)
     for m in model.modules():
@@ -506,7 +512,18 @@ def plan(model, rows, tokens, act_bytes=2, checkpoint=True, offload=True, tile_b
     # a 4-bit weight is dequantized where it is used: the largest (a MoE layer's stacked experts) is transient
     dequant = max((m.in_features * m.out_features * act_bytes for m in model.modules() if hasattr(m, "state")
                    and hasattr(m, "nbytes")), default=0)
-    widths = [_block_widths(b, cfg.num_experts_per_tok or 1) for b in model.model.layers]
+    widths = [_block_widths(b, model.config.num_experts_per_tok or 1) for b in model.model.layers]
+    _SIZES.clear()
+    _SIZES[key] = weights, trainable, dequant, widths
+    weakref.finalize(model, _SIZES.pop, key, None)
+    return _SIZES[key]
+
+
+def plan(model, rows, tokens, act_bytes=2, checkpoint=True, offload=True, tile_bytes=0, keep=0, every=1) -> dict:
+    """Predicted bytes: weights, trainable (with gradients and AdamW state), block inputs (GPU / host), the block
+    working set, the head, and their sums `gpu` and `host` (see above)."""
+    cfg, N = model.config, rows * tokens
+    weights, trainable, dequant, widths = _sizes(model, act_bytes)
     work = max(2 * act_bytes * N * (o + (m if not tile_bytes else 0)) + (min(2 * act_bytes * N * m, tile_bytes)
                                                                           if tile_bytes else 0) for o, m in widths)
     work = int(BLOCK_FACTOR * work)
@@ -524,12 +541,14 @@ def plan(model, rows, tokens, act_bytes=2, checkpoint=True, offload=True, tile_b
                 dequant=dequant, gpu=gpu)
 
 
-def longest(model, rows, gpu_bytes, **kw) -> int:
-    """The longest sequence (tokens per row) whose predicted peak fits gpu_bytes (0 if none)."""
+def longest(model, rows, gpu_bytes, peak=None, **kw) -> int:
+    """The longest sequence (tokens per row) whose predicted peak fits gpu_bytes (0 if none); peak(tokens) -> bytes
+    (default: plan's with these keywords)."""
+    peak = peak or (lambda t: plan(model, rows, t, **kw)["gpu"])
     lo, hi = 0, 1
-    while plan(model, rows, hi, **kw)["gpu"] <= gpu_bytes and hi < 2**26:
+    while peak(hi) <= gpu_bytes and hi < 2**26:
         lo, hi = hi, hi * 2
     while hi - lo > 256:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if plan(model, rows, mid, **kw)["gpu"] <= gpu_bytes else (lo, mid)
+        lo, hi = (mid, hi) if peak(mid) <= gpu_bytes else (lo, mid)
     return lo

@@ -117,6 +117,23 @@ def test_checkpoints_every_k_blocks_when_the_inputs_fit_neither_gpu_nor_host():
     assert build.choose(cfg, m, torch.bfloat16, 80 * G, 128 * G)[1]["every"] == 1 == cfg.checkpoint_every
 
 
+def test_the_longest_row_counts_the_planners_choices_at_that_length():
+    """The plan line's longest row: 8B QLoRA on an 80 GiB GPU and 128 GiB of host reaches ~795k tokens with the
+    choices left open (MLP tiles, the host budget, checkpoints every 2 blocks from ~531k on), ~531k with
+    checkpoint_every 1, and what the untiled plan allows with no tiles either."""
+    import build
+    m, G = bench_model("8b", "qlora"), memory.GIB
+    cfg = train.TrainConfig(max_len=4096, micro_batch_size=1)
+    n = {}
+    for name, asked in (("open", {}), ("every 1", dict(checkpoint_every=1)),
+                        ("every 1, untiled", dict(checkpoint_every=1, mlp_tile_mib=0.0))):
+        asked = dict(dict.fromkeys(build.CHOICES), **asked)
+        n[name] = build.longest_chosen(cfg, asked, m, torch.bfloat16, 80 * G, 128 * G)
+    assert 780_000 < n["open"] < 800_000 and 520_000 < n["every 1"] < 540_000
+    assert n["every 1, untiled"] == memory.longest(m, 1, 80 * G)
+    assert cfg.max_len == 4096 and cfg.checkpoint_every is None  # (the run's own settings are left alone)
+
+
 def test_plan_prints_and_writes_nothing_and_a_run_that_cannot_fit_stops_before_loading(tmp_path, capsys):
     make_tiny_run_model(tmp_path / "m")
     out = tmp_path / "out"
@@ -124,7 +141,8 @@ def test_plan_prints_and_writes_nothing_and_a_run_that_cannot_fit_stops_before_l
         train.main(["--model", str(tmp_path / "m"), "--output_dir", str(out), "--plan", "--gpu_memory_gib", "1"])
     assert e.value.code == 0 and not out.exists()
     err = capsys.readouterr().err
-    assert "plan: peak GPU memory" in err and "tokens a row fit 1 GiB" in err and "checkpointing True" in err
+    assert "plan: peak GPU memory" in err and "tokens a row fit 1 GiB (with the planner's choices there)" in err
+    assert "checkpointing True every 1 blocks" in err
     with pytest.raises(NanotuneError, match=r"the planner predicts a peak of .* more than the GPU's 0 GiB; up to 0 "
                                             "tokens a row fit"):
         train.main(["--model", str(tmp_path / "m"), "--output_dir", str(out), "--gpu_memory_gib", "0.0001"])
