@@ -173,3 +173,10 @@ def test_checkpoint_every_is_refused_where_it_cannot_hold(tmp_path, monkeypatch)
     with pytest.raises(NanotuneError, match="checkpoint_every 2 is not supported under torchrun/FSDP"):
         build.build_model(train.TrainConfig(model=str(tmp_path / "m"), checkpoint_every=2), torch.device("cpu"),
                           torch.float32)
+
+
+def test_bench_long_contender_chooses_as_the_planner_does():
+    """bench.py's nanotune-long under an 80 GiB cap, 100 GiB of host: every block input kept at 131k (all on the
+    host), the first 6 on the GPU at 500k, checkpoints every 2 blocks at 600k (all 16 inputs on the host)."""
+    m = bench_model("8b", "qlora")
+    assert [bench.long_settings(m, T, 80) for T in (131072, 500_000, 600_000)] == [(0, 1), (6, 1), (0, 2)]
