@@ -3,6 +3,7 @@ again in backward), offload of those inputs to host memory, the LoRA cast cache,
 and the host allocator on a CPU. Applied to a built model, as LoRA is (model.py knows nothing of it):
 
     memory.checkpoint_blocks(model, offload=True)   # blocks recomputed in backward, their inputs on the host
+    memory.checkpoint_blocks(model, every=2)        # only every 2nd block's input kept (the others run again)
     memory.checkpoint_blocks(model, False)          # every activation kept (the default of a built model)
     memory.set_sharded(True)                        # FSDP: torch.utils.checkpoint, no cached LoRA casts
 """
@@ -87,13 +88,23 @@ def _block_grads(fn, x, dy, args, params, need_x):
     return (dx, *[gs.pop(0) if n else None for n in need], *gs)
 
 
+def _rng_state(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 class _Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, opts, x, *rest):
         n, rng = opts  # rest: n args (cos, sin, mask: shared by every block), then fn's trainable params
         ctx.fn, ctx.args, ctx.params = fn, rest[:n], list(rest[n:])
         # with dropout in the block, the recompute must draw the same masks: keep the RNG state
-        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None) if rng else None
+        ctx.rng = _rng_state(x.device) if rng else None
         ctx.save_for_backward(x)  # the only tensor kept (Offload's hooks may move it to the host)
         return fn(x, *ctx.args)
 
@@ -102,9 +113,7 @@ class _Recompute(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else [], enabled=ctx.rng is not None):
             if ctx.rng is not None:
-                torch.set_rng_state(ctx.rng[0])
-                if ctx.rng[1] is not None:
-                    torch.cuda.set_rng_state(ctx.rng[1], x.device)
+                _set_rng_state(ctx.rng, x.device)
             grads = _block_grads(ctx.fn, x, dy, ctx.args, ctx.params, ctx.needs_input_grad[2])
         return (None, None, *grads)
 
@@ -223,16 +232,6 @@ class BlockCheckpoints:
     def begin(self, device, rng):
         """rng: the blocks draw random numbers (dropout) that the recompute must repeat."""
         return _Pass(Offload(device) if self.offload else None, rng, self.keep, self.every)
-
-
-def _rng_state(device):
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(state, device):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 # Checkpointing every k blocks (a host budget too small for every block input, or a GPU too small to keep the
