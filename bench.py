@@ -148,17 +148,16 @@ def model_flops_per_token(cfg, mode, seq):
 
 
 def long_settings(m, seq, cap_gib):
-    """nanotune-long (as train.py's planner chooses): offloaded block inputs within LONG_HOST of host memory, the
-    first ones kept on the GPU past that, and checkpoints every k blocks for the fewest k whose plan fits the cap
-    (0: the GPU's memory) -> (inputs kept on the GPU, k)."""
-    import memory
-    cap = cap_gib * memory.GIB or torch.cuda.get_device_properties(0).total_memory
-    L, C = m.config.num_hidden_layers, m.config.hidden_size
-    for k in range(1, L + 1):
-        keep = memory.kept_on_device(-(-L // k), 1, seq, C, 2, LONG_HOST)
-        if memory.plan(m, 1, seq, keep=keep, every=k, tile_bytes=LONG_TILE)["gpu"] <= cap:
-            return keep, k
-    return keep, L
+    """nanotune-long: what train.py's planner (build.choose) chooses for one row of `seq` tokens with MLP tiles of
+    LONG_TILE and LONG_HOST of host memory, under the cap (0: the GPU's memory) -> (inputs kept on the GPU, k of
+    checkpoints every k blocks)."""
+    import build
+    import train
+    cap = cap_gib * 2**30 or torch.cuda.get_device_properties(0).total_memory
+    cfg = train.TrainConfig(max_len=seq, micro_batch_size=1, mlp_tile_mib=LONG_TILE / 2**20,
+                            host_memory_gib=LONG_HOST / 2**30)
+    kw = build.choose(cfg, m, torch.bfloat16, cap, None)[1]
+    return kw["keep"], kw["every"]
 
 
 # ---------------------------------------------------------------------------------------------

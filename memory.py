@@ -242,8 +242,8 @@ class BlockCheckpoints:
 class _Group(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, y, x, *tensors):
-        """group: [(block fn, its args, RNG state before it or None)] in forward order, already run from x to y
-        (no autograd); tensors: the args that need gradients, then the blocks' trainable parameters."""
+        """group: [(block fn, its args, its trainable parameters, RNG state before it or None)] in forward order,
+        already run from x to y (no autograd); tensors: those args and parameters that need gradients, each once."""
         ctx.group, ctx.tensors = group, tensors
         ctx.save_for_backward(x)  # the only tensor kept (Offload's hooks may move it to the host)
         return y.detach()
@@ -253,19 +253,18 @@ class _Group(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         where = {id(t): i for i, t in enumerate(ctx.tensors)}  # (cos / sin are shared: their gradients add up)
         grads = [None] * len(ctx.tensors)
-        rng = any(st is not None for _, _, st in ctx.group)
+        rng = any(st is not None for *_, st in ctx.group)
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else [], enabled=rng):
             xs = [x]
             with torch.no_grad():  # the inputs of blocks 1..k-1 again
-                for fn, args, st in ctx.group[:-1]:
+                for fn, args, _, st in ctx.group[:-1]:
                     if st is not None:
                         _set_rng_state(st, x.device)
                     xs.append(fn(xs[-1], *args))
             for j in range(len(ctx.group) - 1, -1, -1):
-                fn, args, st = ctx.group[j]
+                fn, args, params, st = ctx.group[j]
                 if st is not None:
                     _set_rng_state(st, x.device)
-                params = [p for p in fn.parameters() if p.requires_grad]
                 need_x = j > 0 or ctx.needs_input_grad[2]
                 dx, *gs = _block_grads(fn, xs.pop(), dy, args, params, need_x)
                 for t, g in zip([*args, *params], gs):  # (None for an arg that needs no gradient)
@@ -294,7 +293,7 @@ class _Pass:
         st = _rng_state(x.device) if self.rng else None
         with torch.no_grad():
             y = layer(x, *args)
-        self.group.append((layer, args, st))
+        self.group.append((layer, args, [p for p in layer.parameters() if p.requires_grad], st))
         return self.close(y, last) if len(self.group) == self.every or last else y
 
     def close(self, y, last=False):
@@ -304,15 +303,10 @@ class _Pass:
             return y
         group, x, self.group, self.x = self.group, self.x, [], None
         self.n += 1  # (groups: the first `keep` groups keep their inputs on the device)
-        seen, tensors = set(), []
-        for fn, args, _ in group:
-            for t in [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] + [
-                    p for p in fn.parameters() if p.requires_grad]:
-                if id(t) not in seen:
-                    seen.add(id(t))
-                    tensors.append(t)
+        tensors = {id(t): t for _, args, params, _ in group for t in (*args, *params)
+                   if isinstance(t, torch.Tensor) and t.requires_grad}  # (cos / sin: once for the group)
         with self.off.saving(x) if self.off and not last and self.n > self.keep else contextlib.nullcontext():
-            return _Group.apply(group, y, x, *tensors)
+            return _Group.apply(group, y, x, *tensors.values())
 
     def end(self, x):
         """The forward's blocks are done: x, their output, with its group closed (-> x)."""
