@@ -222,30 +222,33 @@ def fold_gqa(q, k, v, mask, scale, drop=0.0):
     return y.view(B, H, T, D)
 
 
-def attention_mask_for(B, T, offset, attention_mask, docs, window, device, chunk=None, pos=None):
+def attention_mask_for(B, T, offset, attention_mask, docs, window, device, chunk=None, pos=None, S=None):
     """Boolean [B, 1, T, S] mask, True = may attend: causal, within `window`, not padding, same document; with
     `chunk` (Llama 4) in the same chunk: of the document (packed rows: pos [B, T]), else of the row counted from
     its first real token (as transformers does)."""
-    q = torch.arange(offset, offset + T, device=device)[:, None]  # [T, 1] absolute query index
-    k = torch.arange(offset + T, device=device)[None, :]  # [1, S]
+    S = offset + T if S is None else S  # (a static decode step's offset is a tensor: S, its keys, is given)
+    q = offset + torch.arange(T, device=device)[:, None]  # [T, 1] absolute query index
+    k = torch.arange(S, device=device)[None, :]  # [1, S]
     m = (k <= q)[None, None]
     if window:
         m = m & (q - k < window)
     if attention_mask is not None:
-        m = m & attention_mask[:, None, None, : offset + T].bool()
+        m = m & attention_mask[:, None, None, :S].bool()
     if docs is not None:
         m = m & (docs[:, None, :, None] == docs[:, None, None, :])
     if chunk and pos is not None:
         m = m & ((pos[:, None, :, None] // chunk) == (pos[:, None, None, :] // chunk))
     elif chunk:
-        lead = (attention_mask[:, : offset + T].cumsum(-1) == 0).sum(-1)[:, None, None] if attention_mask is not \
+        lead = (attention_mask[:, :S].cumsum(-1) == 0).sum(-1)[:, None, None] if attention_mask is not \
             None else torch.zeros(1, 1, 1, dtype=torch.long, device=device)  # [B, 1, 1] leading pads
         m = m & (((q[None] - lead) // chunk) == ((k[None] - lead) // chunk))[:, None]
-    return (m | (k == q)).expand(B, 1, T, offset + T)  # a padded row still sees itself: no NaN rows
+    return (m | (k == q)).expand(B, 1, T, S)  # a padded row still sees itself: no NaN rows
 
 
 class KVCache:
-    """Preallocated keys/values per layer: [B, KV, max_len, D]; `pos` tokens are filled."""
+    """Preallocated keys/values per layer: [B, KV, max_len, D]; `pos` tokens are filled. A static decode step (one
+    that a CUDA graph replays, grpo.GraphDecoder) names no position on the host: it writes at `at`, a 0-dim tensor,
+    and reads the first `span` keys (the causal mask hides those past `at`)."""
 
     def __init__(self, cfg, batch: int, max_len: int, device, dtype):
         types = cfg.layer_types or [""] * cfg.num_hidden_layers  # (none where a layer carries a recurrent state
@@ -257,9 +260,16 @@ class KVCache:
         self.k = [torch.zeros(s, device=device, dtype=dtype) if s else None for s in shapes]
         self.v = [None if cfg.latent or k is None else torch.zeros_like(k) for k in self.k]
         self.pos, self.states = 0, collections.defaultdict(dict)  # (states: LFM2's convolution layers', by index)
+        self.at, self.span = None, None
 
     def update(self, layer, k, v):
         T = k.shape[2]
+        if self.at is not None:  # (static: index_copy_ at the position tensor)
+            idx = self.at + torch.arange(T, device=k.device)
+            self.k[layer].index_copy_(2, idx, k)
+            if v is not None:
+                self.v[layer].index_copy_(2, idx, v)
+            return self.k[layer][:, :, : self.span], v if v is None else self.v[layer][:, :, : self.span]
         self.k[layer][:, :, self.pos : self.pos + T] = k
         if v is not None:
             self.v[layer][:, :, self.pos : self.pos + T] = v

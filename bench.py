@@ -332,8 +332,9 @@ def worker(a):
 @torch.no_grad()
 def rollout_worker(a, m, dev, sync):
     """--rollout N: a GRPO step's sampling, `batch` rows of `seq` random prompt tokens each continued by exactly N
-    sampled tokens (no stop), after a 4-token warm-up: nanotune's grpo.rollout (KV cache) or transformers'
-    generate, the same checkpoint with LoRA on (NF4 base for qlora)."""
+    sampled tokens (no stop), after a 4-token warm-up: nanotune's grpo.rollout (KV cache; on CUDA its decode step
+    replayed as CUDA graphs, nanotune-eager without) or transformers' generate, the same checkpoint with LoRA on (NF4
+    base for qlora)."""
     ids = torch.randint(0, SHAPES[a.shape]["vocab_size"], (a.batch, a.seq), device=dev,
                         generator=torch.Generator(device=dev).manual_seed(0))
     if a.worker.startswith("nanotune"):
@@ -348,7 +349,8 @@ def rollout_worker(a, m, dev, sync):
         return out, time.perf_counter() - t0
     times = []
     for n in (4, a.rollout):
-        out, t = timed(lambda: grpo.rollout(m, ids.tolist(), n, set(), 0, seeds=range(a.batch)) if a.worker.startswith(
+        out, t = timed(lambda: grpo.rollout(m, ids.tolist(), n, set(), 0, seeds=range(a.batch), graphs=False if (
+            "-eager" in a.worker) else None) if a.worker.startswith(
             "nanotune") else m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
                                         max_new_tokens=n, min_new_tokens=n, pad_token_id=0)[:, a.seq:].tolist())
         times.append(t)

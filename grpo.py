@@ -55,6 +55,7 @@ class GRPOConfig(TrainConfig):
     temperature: float = F_(1.0, "sampling temperature of the rollouts")
     top_p: float = F_(1.0, "nucleus sampling of the rollouts")
     top_k: int = F_(0, "top-k sampling of the rollouts (0: off)")
+    decode_graphs: bool = F_(True, "on CUDA, replay the rollouts' decode step as a CUDA graph per 256 cached tokens")
     epsilon: float | None = F_(None, "clip range below 1 (default: 0.2; GSPO 3e-4)")
     epsilon_high: float | None = F_(None, "clip range above 1 (default: epsilon; DAPO 0.28, GSPO 4e-4)")
     beta: float = F_(0.0, "KL weight toward the reference (adapters off); 0 skips the reference pass, as TRL")
@@ -159,30 +160,105 @@ def sample_rows(logits, temperature, top_k, top_p, generators):
     return (logits.softmax(-1) / e).argmax(-1)
 
 
+def static_decoding(model):
+    """Why the decode step of `model` cannot run static (at a position tensor, captured as a CUDA graph), or None."""
+    c = model.config
+    if any(layer.attention is None for layer in model.model.layers):
+        return "its convolution / SSM / linear-attention layers replace their recurrent states each step"
+    if c.alibi or (c.rope_scaling or {}).get("rope_type") == "longrope":
+        return "its position terms (ALiBi slopes, LongRoPE's factors) are chosen on the host each step"
+    if dist.world() > 1:
+        return "under torchrun each step's sharded forward is collective"
+    return None
+
+
+class Decoder:
+    """Rollout decoding over one preallocated KV cache [B, max_len]: the prompts' prefill, then one token per row
+    a step. static: a step writes at a 0-dim position tensor and reads the cache up to the end of its `bucket`
+    (256 keys; the causal mask hides the rest), from inputs in fixed buffers, so on CUDA each bucket's step is
+    captured once as a CUDA graph and replayed (no per-kernel launch cost); elsewhere it runs eagerly (the tests)."""
+
+    def __init__(self, model, B, max_len, static, bucket=256):
+        self.model, self.static, self.max_len, self.bucket = model, static, max_len, bucket
+        dev = model.inv_freq.device
+        self.cache = KVCache(model.config, B, max_len, dev, model.lm_head.weight.dtype)
+        self.mask = torch.zeros(B, max_len, dtype=torch.long, device=dev)  # [B, max_len] 1 = a real token
+        self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)  # the step's input
+        self.capture, self.graphs, self.pool = static and dev.type == "cuda", {}, None
+
+    def prefill(self, ids, mask):
+        """Left-padded prompts [B, L] and their mask -> the last position's logits [B, V]."""
+        self.pos = ids.shape[1]
+        self.mask[:, : self.pos] = mask
+        return self.model.logits(self.model(ids, attention_mask=mask, cache=self.cache)[:, -1])
+
+    def step(self, tok, live):
+        """The next token of every row [B] (live: the rows it is real in) -> the logits after it [B, V]."""
+        p, self.pos = self.pos, self.pos + 1
+        self.mask[:, p] = live
+        if not self.static:
+            return self.model.logits(self.model(tok[:, None], attention_mask=self.mask[:, : p + 1],
+                                                cache=self.cache)[:, -1])
+        self.tok.copy_(tok[:, None])
+        if self.cache.at is None:
+            self.cache.at = torch.zeros((), dtype=torch.long, device=tok.device)
+        self.cache.at.fill_(p)
+        span = min(self.max_len, (p // self.bucket + 1) * self.bucket)
+        if not self.capture:
+            return self.run(span)
+        if span not in self.graphs:
+            self.graphs[span] = self.captured(span)
+        graph, out = self.graphs[span]
+        graph.replay()
+        return out
+
+    def run(self, span):
+        self.cache.span = span
+        return self.model.logits(self.model(self.tok, attention_mask=self.mask[:, :span], cache=self.cache)[:, -1])
+
+    def captured(self, span):
+        """(a CUDA graph of run(span), its output buffer); one warm-up first on a side stream (Triton compiles,
+        cuBLAS workspaces), writing to the cache what the replay writes. The buckets share one memory pool."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.run(span)
+        torch.cuda.current_stream().wait_stream(side)
+        graph, self.pool = torch.cuda.CUDAGraph(), self.pool or torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.run(span)
+        return graph, out
+
+
 @torch.no_grad()
-def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0, seeds=None):
+def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0, seeds=None,
+            graphs=None):
     """Prompt id lists -> completion id lists (through the first stop id, if hit); seeds: one per row (sampling).
     The prompts are left-padded and masked; RoPE sees each row shifted by its padding, which changes no score
-    (relative positions)."""
-    device, dtype = model.inv_freq.device, model.lm_head.weight.dtype
+    (relative positions). graphs: decode static (Decoder; CUDA graphs on CUDA); None: on CUDA where the model
+    allows (static_decoding)."""
+    device = model.inv_freq.device
+    if graphs is None:
+        graphs = device.type == "cuda" and static_decoding(model) is None
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
-    cache = KVCache(model.config, B, L + max_new_tokens, device, dtype)
+    dec = Decoder(model, B, L + max_new_tokens, graphs)
     stops = torch.tensor(sorted(stop_ids), device=device)
     seeds = seeds or torch.randint(2**62, (B,)).tolist()  # (none given: from torch's global generator)
     gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     done, out = torch.zeros(B, dtype=torch.bool, device=device), []
-    h = model(ids, attention_mask=mask, cache=cache)
+    logits = dec.prefill(ids, mask)
     for i in range(max_new_tokens):
-        nxt = sample_rows(model.logits(h[:, -1]), temperature, top_k, top_p, gens)
+        nxt = sample_rows(logits, temperature, top_k, top_p, gens)
         out.append(torch.where(done, pad_id, nxt))
-        mask = torch.cat([mask, (~done).long()[:, None]], 1)  # (a finished row's padding hides itself)
+        live = ~done  # (a finished row's padding hides itself)
         done = done | torch.isin(nxt, stops)
         if i % 8 == 7 and dist.all_sums([float(not bool(done.all()))])[0] == 0:  # (every 8 steps: the CPU waits
             break  # for the GPU there; under torchrun every rank decodes as many steps, its sharded forward being
             #        collective)
-        h = model(out[-1][:, None], attention_mask=mask, cache=cache)
+        if i + 1 < max_new_tokens:
+            logits = dec.step(out[-1], live)
     toks = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
     return [row[: next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))] for row in toks]
 
@@ -287,7 +363,7 @@ class GRPO:
         try:
             prompts = [x["prompt_ids"] for x in items for _ in range(G)]
             comps = rollout(model, prompts, cfg.max_new_tokens, tok.stop_ids, tok.pad_id, cfg.temperature,
-                            cfg.top_k, cfg.top_p, [s % 2**62 for s in seeds])
+                            cfg.top_k, cfg.top_p, [s % 2**62 for s in seeds], None if cfg.decode_graphs else False)
         finally:
             model.train(was)
         texts = [tok.decode([t for t in c if t not in tok.stop_ids]) for c in comps]
@@ -354,7 +430,7 @@ class GRPO:
             for i in range(0, len(items), cfg.micro_batch_size * cfg.num_generations):
                 chunk = items[i: i + cfg.micro_batch_size * cfg.num_generations]
                 comps += rollout(model, [x["prompt_ids"] for x in chunk], cfg.max_new_tokens, tok.stop_ids,
-                                 tok.pad_id, temperature=0.0)
+                                 tok.pad_id, temperature=0.0, graphs=None if cfg.decode_graphs else False)
         finally:
             model.train(was)
         texts = [tok.decode([t for t in c if t not in tok.stop_ids]) for c in comps]

@@ -373,9 +373,11 @@ class Transformer(nn.Module):
         """input_ids [B, T] -> final hidden states [B, T, C]. attention_mask [B, S] (1 = real token, 0 = padding;
         S = cached + T) hides padded keys. position_ids [B, T] marks *packed* rows: each position 0 starts a new
         document and no token attends across documents (the SFT packer passes them). cache: a KVCache."""
-        (B, T), offset, packed = input_ids.shape, cache.pos if cache is not None else 0, position_ids is not None
+        (B, T), packed, static = input_ids.shape, position_ids is not None, cache is not None and cache.at is not None
+        offset = cache.at if static else cache.pos if cache is not None else 0  # (static: a tensor, see KVCache)
+        S = cache.span if static else offset + T  # the keys seen
         if position_ids is None:
-            position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
+            position_ids = (offset + torch.arange(T, device=input_ids.device)).expand(B, T)
         c = self.config
         x = self.model.embed_tokens(input_ids)
         if c.embed_scale:  # Gemma: sqrt(hidden) rounded to the activation dtype, as the reference does
@@ -385,9 +387,8 @@ class Transformer(nn.Module):
         if c.embedding_dropout and self.training:
             x = F.dropout(x, c.embedding_dropout)
         ple = self.model.per_layer_inputs(input_ids, x, c) if c.hidden_size_per_layer_input else None
-        rope = self.rope_tables(position_ids, None if packed else offset + T)
-        S = offset + T
-        need = attention_mask is not None or packed or (offset > 0 and T > 1) or c.alibi
+        rope = self.rope_tables(position_ids, None if packed else S)
+        need = attention_mask is not None or packed or (T > 1 and offset > 0) or c.alibi
         attn = [layer.attention for layer in self.model.layers]  # (None: LFM2's convolutions, Mamba2, ..)
         masks, windows = {}, {c.sliding_window if a.sliding else None for a in attn if a is not None}
         plain, C = attention_mask is None and cache is None and not c.alibi, c.attention_chunk_size  # whole rows
@@ -400,13 +401,13 @@ class Transformer(nn.Module):
         docs = position_ids.eq(0).cumsum(1) if packed else None  # [B, T] document index per token
         for w in windows - set(masks):
             if need or (w and S > w):
-                masks[w] = attention_mask_for(B, T, offset, attention_mask, docs, w, x.device)
+                masks[w] = attention_mask_for(B, T, offset, attention_mask, docs, w, x.device, S=S)
         if c.alibi:  # (a float mask: -inf where masked, the heads' position bias elsewhere)
             masks[None] = alibi_bias(c, B, S, attention_mask, position_ids if packed else None, x).masked_fill(
                 ~masks[None], float("-inf"))
         if C and (need or S > C) and "chunk" not in masks:  # Llama 4's chunked layers
             masks["chunk"] = attention_mask_for(B, T, offset, attention_mask, docs, None, x.device, C,
-                                                position_ids if packed else None)
+                                                position_ids if packed else None, S)
         qscale = None
         if c.attn_scale:  # the queries' temperature, by position (a packed document's own: packed = separate)
             pos = position_ids.float() + c.temperature_offset
@@ -417,7 +418,8 @@ class Transformer(nn.Module):
             ckpt = self.block_memory.begin(x.device, rng=dropout)  # one forward pass of checkpointed blocks
         last, kv = self.model.layers[-1], {} if c.num_kv_shared_layers else None
         stores = {c.kv_source(i) for i in range(c.num_hidden_layers)} - {None}
-        convs = (None if attention_mask is None else attention_mask[:, offset:S], docs)  # (LFM2's convolutions)
+        convs = (attention_mask[:, offset:S] if attention_mask is not None and None in attn else None, docs)  # (for
+        #        the layers without attention: LFM2's convolutions, the SSMs)
         for i, (layer, a) in enumerate(zip(self.model.layers, attn)):
             mask = convs if a is None else masks.get("chunk" if a.chunked else c.sliding_window if a.sliding else None)
             cos, sin = rope[bool(a and a.sliding)]
@@ -427,7 +429,7 @@ class Transformer(nn.Module):
                 x = ckpt.block(layer, x, cos, sin, mask, None, args[0], None, *args[1:], last=layer is last)
             else:  # (a store layer keeps its graph: the layers reusing its k, v send their gradients into it)
                 x = layer(ckpt.close(x) if ckpt else x, cos, sin, mask, cache, args[0], kv, *args[1:])
-        if cache is not None:
+        if cache is not None and not static:
             cache.pos += T
         if ckpt:
             x = ckpt.end(x)

@@ -184,6 +184,76 @@ def test_batched_rollouts_equal_one_row_greedy_generation(tmp_path):
     assert len({len(r) for r in got}) > 1 or all(len(r) == 12 for r in got)
 
 
+STATIC = ["llama", "gemma3", "gpt_oss", "qwen3_moe", "deepseek_v3", "llama4_text", "gemma4_text", "cohere2",
+          "olmo3", "ministral3", "mistral"]
+
+
+def left_padded(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = max(lengths)
+    ids = torch.stack([torch.cat([torch.zeros(L - n, dtype=torch.long), torch.randint(3, 120, (n,), generator=g)])
+                       for n in lengths])
+    return ids, (ids != 0).long() * (torch.arange(L) >= L - torch.tensor(lengths)[:, None]).long()
+
+
+@pytest.mark.parametrize("arch", STATIC)
+def test_static_decode_steps_equal_eager_ones(arch, tmp_path):
+    """The decode step a CUDA graph replays (the position a tensor, the cache read up to a 4-key bucket's end, the
+    inputs in fixed buffers; run eagerly here) gives the eager step's logits (1e-5, fp32) at every step across
+    bucket ends and past the sliding windows and chunks, rows finishing at different steps, padded prompts."""
+    from conftest import make_hf_model
+    import formats
+    make_hf_model(arch, tmp_path / "hf")
+    m = formats.load_model(str(tmp_path / "hf")).eval()
+    assert grpo.static_decoding(m) is None
+    ids, mask = left_padded([3, 9, 6])
+    N = 14
+    eager, static = grpo.Decoder(m, 3, 9 + N, False), grpo.Decoder(m, 3, 9 + N, True, bucket=4)
+    with torch.no_grad():
+        a, b = eager.prefill(ids, mask), static.prefill(ids, mask)
+        for i in range(N - 1):
+            assert (a - b).abs().max() < 1e-5 * max(1.0, float(a.abs().max())), (arch, i)
+            live = torch.tensor([True, i < 5, i < 9])
+            tok = a.argmax(-1)
+            a, b = eager.step(tok, live), static.step(tok, live)
+    assert static.cache.span == 9 + N and (static.cache.at == 9 + N - 2).all()  # (it reached the last bucket)
+
+
+@pytest.mark.parametrize("arch", ["lfm2", "qwen3_5_text", "granitemoehybrid", "mpt", "phi3-longrope"])
+def test_static_decode_refused_where_states_or_host_positions_need_it(arch, tmp_path):
+    """Recurrent layers (their states replaced each step), ALiBi and LongRoPE (chosen on the host) decode eagerly:
+    static_decoding names why, and a rollout left to choose (graphs=None) takes the eager path there."""
+    from conftest import make_hf_model
+    import formats
+    make_hf_model(arch, tmp_path / "hf")
+    m = formats.load_model(str(tmp_path / "hf")).eval()
+    assert grpo.static_decoding(m)
+    prompts = [[5, 17, 33], [9, 41, 7, 8, 12]]
+    assert grpo.rollout(m, prompts, 6, set(), 0, temperature=0.0) == [
+        generate(m, p, max_new_tokens=6, use_cache=False) for p in prompts]
+
+
+def test_graph_decoding_equals_eager_rollouts(tmp_path):
+    """On CUDA the decode step is captured per 256-key bucket and replayed; its rollouts (greedy and sampled,
+    rows of different lengths, past a bucket's end) are the eager decoder's token for token. On the CPU the same
+    comparison runs the static step eagerly."""
+    from conftest import make_hf_model
+    import formats
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    make_hf_model("llama", tmp_path / "hf")
+    m = formats.load_model(str(tmp_path / "hf"), device=dev).eval()
+    prompts = [[5, 17, 33, 9], [3 + i % 117 for i in range(247)], [41, 7]]  # (the longest crosses a bucket's end)
+    for temperature in (0.0, 1.0):
+        runs = [grpo.rollout(m, prompts, 20, {3}, 0, temperature=temperature, seeds=[1, 2, 3], graphs=g)
+                for g in (False, True)]
+        assert runs[0] == runs[1]
+    if dev == "cuda":
+        d = grpo.Decoder(m, 3, 300, True)
+        d.prefill(*(t.to(dev) for t in left_padded([3, 9, 6])))
+        d.step(torch.tensor([4, 5, 6], device=dev), torch.ones(3, dtype=torch.bool, device=dev))
+        assert d.capture and list(d.graphs) == [256]
+
+
 def test_row_sampling_draws_from_the_softmax_within_top_k_and_top_p():
     """Each row's own generator, the Gumbel-max trick: over 4000 draws the frequencies are the softmax's (within
     0.03); top-k and top-p keep only the tokens they should; temperature 0 is the argmax."""
