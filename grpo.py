@@ -32,9 +32,10 @@ import types
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
+import torch.nn as nn
 
 import dist
+import kernels
 import lora
 import train
 from attention import KVCache
@@ -265,17 +266,17 @@ def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, t
 
 # ---------------------------------------------------------------------------------------------
 # The loss
-def token_logps(model, batch, chunk=256):
+def token_logps(model, batch):
     """log pi of every completion token [B, T-1] (0 elsewhere): position t predicts token t+1. The head runs on the
-    completion positions only, `chunk` rows at a time, recomputed in backward: no [tokens x vocab] stays alive."""
+    completion positions only: a frozen plain head through the fused one (kernels.linear_token_logps), any other
+    256 rows at a time, recomputed in backward; no [tokens x vocab] stays alive."""
     h = model.forward(batch["input_ids"], attention_mask=batch.get("attention_mask"))[:, :-1]  # [B, T-1, C]
     comp = batch["labels"][:, 1:] != IGNORE
-    y, hs = batch["input_ids"][:, 1:][comp], h[comp]
-
-    def part(x, t):
-        return torch.log_softmax(model.logits(x).float(), -1).gather(-1, t[:, None])[:, 0]
-    lp = torch.cat([checkpoint(part, hs[i: i + chunk], y[i: i + chunk], use_reentrant=False)
-                    for i in range(0, len(y), chunk)]) if len(y) else hs.new_zeros(0, dtype=torch.float32)
+    y, hs, head = batch["input_ids"][:, 1:][comp], h[comp], model.lm_head
+    if type(head) is nn.Linear and not head.weight.requires_grad and len(y):
+        lp = kernels.linear_token_logps(hs, head.weight, y, model.config.final_logit_softcapping, head.bias)
+    else:
+        lp = kernels.token_logps_ref(hs, model.logits, y)
     return torch.zeros(comp.shape, dtype=lp.dtype, device=lp.device).masked_scatter(comp, lp)
 
 

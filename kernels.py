@@ -664,25 +664,23 @@ class _LinearCE(torch.autograd.Function):
     dh = G W and dW += G^T h (fp32). All gradient work happens in forward; backward scales it."""
 
     @staticmethod
-    def forward(ctx, h, w, b, labels, cap, ignore_index, triton_rows):
+    def forward(ctx, h, w, b, labels, cap, ignore_index, triton_rows, per_row=False):
         N, C = h.shape
         V = w.shape[0]
         # chunks of ~1024 rows: [1024, V] logits stay small while the matmuls stay efficient
         chunk = max(1, min(N, 1024))
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        dh = torch.empty_like(h)
+        loss = torch.zeros(N if per_row else (), dtype=torch.float32, device=h.device)  # per_row: each row's
+        dh = torch.empty_like(h)  # (then a row's dh is d loss_i / d h_i, scaled in backward by its own gradient)
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
         db = torch.zeros(V, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[2] else None
         for i in range(0, N, chunk):
             hc, yc = h[i : i + chunk], labels[i : i + chunk]
             z = hc @ w.t() if b is None else torch.addmm(b, hc, w.t())  # [n, V] in the activation dtype
-            if triton_rows:
-                rows = torch.empty(z.shape[0], dtype=torch.float32, device=h.device)
-                _ce_rows[(z.shape[0],)](z, yc, rows, V, z.stride(0), float(cap or 0.0), ignore_index,
-                                        BLOCK=min(4096, triton.next_power_of_2(V)), SOFTCAP=bool(cap), num_warps=8)
+            rows = ce_rows(z, yc, cap, ignore_index, triton_rows)
+            if per_row:
+                loss[i : i + chunk] = rows
             else:
-                rows = ce_rows_torch(z, yc, cap, ignore_index)
-            loss += rows.sum()
+                loss += rows.sum()
             torch.mm(z, w, out=dh[i : i + chunk])
             if dw is not None:
                 _addmm_fp32(dw, z.t(), hc)  # summed over chunks in fp32
@@ -695,8 +693,20 @@ class _LinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         dh, dw, db = ctx.saved_tensors
+        if g.dim():  # (per_row: the head is frozen, see linear_token_logps)
+            return dh * g[:, None].to(dh.dtype), None, None, None, None, None, None, None
         return (dh * g.to(dh.dtype), (dw * g).to(ctx.w_dtype) if ctx.has_dw else None,
-                (db * g).to(ctx.w_dtype) if ctx.has_db else None, None, None, None, None)
+                (db * g).to(ctx.w_dtype) if ctx.has_db else None, None, None, None, None, None)
+
+
+def ce_rows(z, y, cap, ignore_index, triton_rows):
+    """z [n, V] logits -> per-row loss [n] (fp32), z overwritten by its gradient: _ce_rows or ce_rows_torch."""
+    if not triton_rows:
+        return ce_rows_torch(z, y, cap, ignore_index)
+    rows = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    _ce_rows[(z.shape[0],)](z, y, rows, z.shape[1], z.stride(0), float(cap or 0.0), ignore_index,
+                            BLOCK=min(4096, triton.next_power_of_2(z.shape[1])), SOFTCAP=bool(cap), num_warps=8)
+    return rows
 
 
 def ce_rows_torch(z, y, cap, ignore_index):
@@ -741,6 +751,32 @@ def linear_cross_entropy(h, weight, labels, softcap_value=None, ignore_index=-10
     if _FUSED and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return linear_cross_entropy_fused(h, weight, labels, softcap_value, ignore_index, rows, bias)
     return linear_cross_entropy_ref(h, weight, labels, softcap_value, ignore_index, rows, bias=bias)  # no dh
+
+
+def token_logps_ref(h, head, labels, chunk=256):
+    """h [N, C], head: h -> logits [.., V], labels [N] -> log softmax(head(h))[label] per row, [N] fp32; `chunk`
+    rows of logits at a time, recomputed in backward (any head: LoRA on it, a trainable one)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def part(hc, yc):
+        return torch.log_softmax(head(hc).float(), -1).gather(-1, yc[:, None])[:, 0]
+    if not len(labels):
+        return h.new_zeros(0, dtype=torch.float32)
+    return torch.cat([checkpoint(part, h[i : i + chunk], labels[i : i + chunk], use_reentrant=False)
+                      for i in range(0, len(labels), chunk)])
+
+
+def linear_token_logps(h, weight, labels, softcap_value=None, bias=None):
+    """token_logps_ref for a frozen plain head softcap(h W^T + b), through the fused cross-entropy (log p = -its
+    per-row loss): no [N x V] logits alive, and none recomputed in backward, which scales each row's d loss / d h
+    (made in forward, [N, C] like h) by that row's own gradient."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("linear_token_logps takes a frozen head (token_logps_ref trains one)")
+    if torch.is_grad_enabled() and h.requires_grad:
+        return -_LinearCE.apply(h, weight, bias, labels, softcap_value, -100, _triton(h), True)
+    with torch.no_grad():  # (old or reference log-probs: the rows only, no d loss / d h)
+        return torch.cat([-ce_rows(F.linear(h[i : i + 1024], weight, bias), labels[i : i + 1024], softcap_value,
+                                   -100, _triton(h)) for i in range(0, len(labels), 1024)])
 
 
 # ---------------------------------------------------------------------------------------------

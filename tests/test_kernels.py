@@ -5,6 +5,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 import memory
@@ -190,6 +191,33 @@ def test_linear_cross_entropy(dtype, cap, rows_in):
     b = randn(V, seed=3, scale=0.5)  # a head with a bias (Phi-2): its gradient too
     check(lambda a, c, d: fused(a, c, y, cap, bias=d)[None],
           lambda a, c, d: kernels.linear_cross_entropy_ref(a, c, y, cap, bias=d)[None], [h, w, b], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cap,bias", [(None, False), (30.0, True)])
+@pytest.mark.parametrize("rows_in", [pytest.param("triton", marks=pytest.mark.slow), "torch"])
+def test_linear_token_logps(dtype, cap, bias, rows_in, monkeypatch):
+    """GRPO's per-token log-probs through the fused head (each row's d loss / d h made in forward, scaled in
+    backward by that row's own upstream gradient) vs log_softmax over each chunk's logits (token_logps_ref), fp64
+    truth: the values and dh for a random upstream gradient per row, past one 1024-row chunk; without a gradient
+    the same values; a trainable head refused."""
+    monkeypatch.setattr(kernels, "_triton", lambda t: rows_in == "triton")
+    N, C, V = (37 if rows_in == "triton" else 1030), 24, 257  # (the interpreter walks each row: fewer there)
+    h, w = randn(N, C), randn(V, C, seed=1, scale=0.3)
+    b = randn(V, seed=3, scale=0.5) if bias else None
+    y = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2)).to(DEV)
+
+    def head(dt):
+        return lambda x: kernels.softcap(F.linear(x, w.to(dt), None if b is None else b.to(dt)), cap)
+    check(lambda a: kernels.linear_token_logps(a, w.to(a.dtype), y, cap, None if b is None else b.to(a.dtype)),
+          lambda a: kernels.token_logps_ref(a, head(a.dtype), y), [h], dtype)
+    with torch.no_grad():
+        hd, wd = h.to(dtype), w.to(dtype)
+        bd = None if b is None else b.to(dtype)
+        assert torch.equal(kernels.linear_token_logps(hd, wd, y, cap, bd),
+                           kernels.linear_token_logps(hd.requires_grad_(), wd, y, cap, bd).detach())
+    with pytest.raises(ValueError, match="frozen head"):
+        kernels.linear_token_logps(h, w.clone().requires_grad_(), y)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
