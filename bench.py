@@ -347,16 +347,16 @@ def rollout_worker(a, m, dev, sync):
         out = fn()
         sync()
         return out, time.perf_counter() - t0
-    times = []
+    times, how = [], {}  # (how: nanotune's choices, CUDA graphs and a dequantized base)
     for n in (4, a.rollout):
         out, t = timed(lambda: grpo.rollout(m, ids.tolist(), n, set(), 0, seeds=range(a.batch), graphs=False if (
-            "-eager" in a.worker) else None) if a.worker.startswith(
+            "-eager" in a.worker) else None, info=how) if a.worker.startswith(
             "nanotune") else m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
                                         max_new_tokens=n, min_new_tokens=n, pad_token_id=0)[:, a.seq:].tolist())
         times.append(t)
     assert all(len(r) == a.rollout for r in out)
     res = {"contender": a.worker, "step_s": times[-1], "tokens_per_s": a.batch * a.rollout / times[-1],
-           "new_tokens": a.rollout, "warmup_s": times[0], "rollout_peak_gib": peak_gib(a.cpu)}
+           "new_tokens": a.rollout, "warmup_s": times[0], "rollout_peak_gib": peak_gib(a.cpu), **how}
     if a.worker.startswith("nanotune"):  # then the GRPO step's update on these rows: the whole step's peak
         rows = torch.cat([ids, torch.tensor(out, device=dev)], 1)
         adv = torch.randn(a.batch, device=dev, generator=torch.Generator(dev).manual_seed(0))  # (random rewards)

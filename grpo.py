@@ -37,6 +37,7 @@ import torch.nn as nn
 import dist
 import kernels
 import lora
+import quant
 import train
 from attention import KVCache
 from cli import F_, NanotuneError, bundled, cli
@@ -57,6 +58,8 @@ class GRPOConfig(TrainConfig):
     top_p: float = F_(1.0, "nucleus sampling of the rollouts")
     top_k: int = F_(0, "top-k sampling of the rollouts (0: off)")
     decode_graphs: bool = F_(True, "on CUDA, replay the rollouts' decode step as a CUDA graph per 256 cached tokens")
+    rollout_dense_base: bool | None = F_(None, "dequantize a 4-bit base once per rollout, not at every decode step "
+                                         "(default: on CUDA when it fits in 0.8 of the free GPU memory)")
     epsilon: float | None = F_(None, "clip range below 1 (default: 0.2; GSPO 3e-4)")
     epsilon_high: float | None = F_(None, "clip range above 1 (default: epsilon; DAPO 0.28, GSPO 4e-4)")
     beta: float = F_(0.0, "KL weight toward the reference (adapters off); 0 skips the reference pass, as TRL")
@@ -231,13 +234,23 @@ class Decoder:
         return graph, out
 
 
+def dense_fits(model) -> bool:
+    """Whether the 4-bit base, dequantized once (quant.dense_base), fits in 80% of the GPU memory free now."""
+    need = quant.dense_bytes(model)
+    if not need or model.inv_freq.device.type != "cuda" or dist.world() > 1:  # (FSDP: the weights are sharded)
+        return False
+    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    return need < 0.8 * free
+
+
 @torch.no_grad()
 def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0, seeds=None,
-            graphs=None):
+            graphs=None, dense=None, info=None):
     """Prompt id lists -> completion id lists (through the first stop id, if hit); seeds: one per row (sampling).
     The prompts are left-padded and masked; RoPE sees each row shifted by its padding, which changes no score
     (relative positions). graphs: decode static (Decoder; CUDA graphs on CUDA); None: on CUDA where the model
-    allows (static_decoding)."""
+    allows (static_decoding). dense: a 4-bit base dequantized once for the rollout; None: where it fits
+    (dense_fits). info (a dict) gets both choices."""
     device = model.inv_freq.device
     if graphs is None:
         graphs = device.type == "cuda" and static_decoding(model) is None
@@ -245,23 +258,36 @@ def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, t
     ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
     dec = Decoder(model, B, L + max_new_tokens, graphs)
+    dense = dense_fits(model) if dense is None else dense and quant.dense_bytes(model) > 0
+    if info is not None:
+        info.update(graphs=graphs, dense_base=dense)
     stops = torch.tensor(sorted(stop_ids), device=device)
     seeds = seeds or torch.randint(2**62, (B,)).tolist()  # (none given: from torch's global generator)
     gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     done, out = torch.zeros(B, dtype=torch.bool, device=device), []
-    logits = dec.prefill(ids, mask)
-    for i in range(max_new_tokens):
-        nxt = sample_rows(logits, temperature, top_k, top_p, gens)
-        out.append(torch.where(done, pad_id, nxt))
-        live = ~done  # (a finished row's padding hides itself)
-        done = done | torch.isin(nxt, stops)
-        if i % 8 == 7 and dist.all_sums([float(not bool(done.all()))])[0] == 0:  # (every 8 steps: the CPU waits
-            break  # for the GPU there; under torchrun every rank decodes as many steps, its sharded forward being
-            #        collective)
-        if i + 1 < max_new_tokens:
-            logits = dec.step(out[-1], live)
+    with quant.dense_base(model, dense):
+        logits = dec.prefill(ids, mask)
+        for i in range(max_new_tokens):
+            nxt = sample_rows(logits, temperature, top_k, top_p, gens)
+            out.append(torch.where(done, pad_id, nxt))
+            live = ~done  # (a finished row's padding hides itself)
+            done = done | torch.isin(nxt, stops)
+            if i % 8 == 7 and dist.all_sums([float(not bool(done.all()))])[0] == 0:  # (every 8 steps: the CPU
+                break  # waits for the GPU there; under torchrun every rank decodes as many steps, its sharded
+                #        forward being collective)
+            if i + 1 < max_new_tokens:
+                logits = dec.step(out[-1], live)
     toks = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
     return [row[: next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))] for row in toks]
+
+
+def rollout_line(model, cfg, info):
+    """The run log's line on how the rollouts decode (info: what rollout chose)."""
+    why = (static_decoding(model) or "CUDA graphs need CUDA") if cfg.decode_graphs else "--decode_graphs false"
+    line = "rollouts: decode step " + ("replayed as CUDA graphs" if info["graphs"] else f"eager ({why})")
+    if info["dense_base"]:
+        line += f"; the 4-bit base dequantized once per rollout ({quant.dense_bytes(model) / 2**30:.1f} GiB)"
+    return line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +362,7 @@ class GRPO:
         self.weights = [float(w) for w in cfg.reward_weights]
         self.scale = cfg.scale_rewards or ("none" if cfg.loss == "dr_grpo" else "group")
         self.dynamic = cfg.dynamic_sampling if cfg.dynamic_sampling is not None else cfg.loss == "dapo"
-        self.calls, self.replay = 0, []
+        self.calls, self.replay, self.said = 0, [], False
 
     def resume(self, step):
         """Rollout seeds follow the step, so a resumed run samples what the uninterrupted one would."""
@@ -363,8 +389,13 @@ class GRPO:
         model.eval()
         try:
             prompts = [x["prompt_ids"] for x in items for _ in range(G)]
+            info = {}
             comps = rollout(model, prompts, cfg.max_new_tokens, tok.stop_ids, tok.pad_id, cfg.temperature,
-                            cfg.top_k, cfg.top_p, [s % 2**62 for s in seeds], None if cfg.decode_graphs else False)
+                            cfg.top_k, cfg.top_p, [s % 2**62 for s in seeds], None if cfg.decode_graphs else False,
+                            cfg.rollout_dense_base, info)
+            if not self.said:  # (once: how the rollouts decode)
+                self.said = True
+                train.log(rollout_line(model, cfg, info))
         finally:
             model.train(was)
         texts = [tok.decode([t for t in c if t not in tok.stop_ids]) for c in comps]
@@ -431,7 +462,8 @@ class GRPO:
             for i in range(0, len(items), cfg.micro_batch_size * cfg.num_generations):
                 chunk = items[i: i + cfg.micro_batch_size * cfg.num_generations]
                 comps += rollout(model, [x["prompt_ids"] for x in chunk], cfg.max_new_tokens, tok.stop_ids,
-                                 tok.pad_id, temperature=0.0, graphs=None if cfg.decode_graphs else False)
+                                 tok.pad_id, temperature=0.0, graphs=None if cfg.decode_graphs else False,
+                                 dense=cfg.rollout_dense_base)
         finally:
             model.train(was)
         texts = [tok.decode([t for t in c if t not in tok.stop_ids]) for c in comps]
@@ -479,6 +511,9 @@ def check(cfg):
         raise NanotuneError("num_iterations and max_new_tokens must be at least 1.")
     if cfg.packing:
         raise NanotuneError("packing does not apply to grpo.py (the rows are sampled completions); drop --packing.")
+    if cfg.rollout_dense_base and not cfg.load_in_4bit:
+        raise NanotuneError("--rollout_dense_base true dequantizes a 4-bit base, and this run's base is not 4-bit; "
+                            "drop it or add --load_in_4bit true.")
 
 
 def main(argv=None):

@@ -13,6 +13,7 @@ so the constants cost ~0.127 instead of 0.5 bits/weight.
     quant.quantize_model(model)                # or quantize a model already in memory
     formats.save_4bit(model, "out/model-bnb-4bit")   # loads in transformers + bitsandbytes
 """
+import contextlib
 import functools
 import json
 
@@ -204,6 +205,7 @@ class Linear4bit(nn.Module):
                                    requires_grad=False)
         self.state = None  # absmax, [nested_absmax, offset], shape, dtype
         self.parts = {}  # a pre-quantized bitsandbytes weight's tensors, collected while loading
+        self.dense = None  # the weight dequantized once, inside dense_base()
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, double_quant=True):
@@ -229,6 +231,8 @@ class Linear4bit(nn.Module):
         return self.weight.view(torch.uint8).reshape(-1)[: self.nbytes].view(-1, 1)
 
     def dense_weight(self, dtype=None) -> torch.Tensor:
+        if self.dense is not None and (dtype or self.compute_dtype) == self.dense.dtype:
+            return self.dense
         return dequantize_nf4(dict(self.state, weight=self.packed()), dtype or self.compute_dtype)
 
     def forward(self, x):
@@ -387,6 +391,26 @@ def prepare_4bit(model, skip=DEFAULT_SKIP, double_quant=True, storage=torch.uint
         replace_module(model, n, Experts4bit(e.shapes, e.act, double_quant, storage, e.gate_up_proj.device,
                                              biases=hasattr(e, "gate_up_proj_bias")))
     return model
+
+
+def dense_bytes(model) -> int:
+    """What dense_base(model) holds: every 4-bit linear layer's weight in its compute dtype."""
+    return sum(m.in_features * m.out_features * m.compute_dtype.itemsize for m in model.modules()
+               if isinstance(m, Linear4bit))
+
+
+@contextlib.contextmanager
+def dense_base(model, on=True):
+    """Inside: each 4-bit linear layer's weight dequantized once and reused (a rollout's decode steps then read
+    16-bit weights, instead of dequantizing every weight at every step); freed on exit. Experts stay 4-bit."""
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)] if on else []
+    try:
+        for m in layers:
+            m.dense = m.dense_weight()
+        yield
+    finally:
+        for m in layers:
+            m.dense = None
 
 
 def bnb_quantization_config(model):

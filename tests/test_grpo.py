@@ -254,6 +254,29 @@ def test_graph_decoding_equals_eager_rollouts(tmp_path):
         assert d.capture and list(d.graphs) == [256]
 
 
+def test_a_4bit_base_dequantized_once_samples_the_same_rollouts(tmp_path):
+    """quant.dense_base: inside, every 4-bit layer's weight is dequantized once (what each step would dequantize);
+    rollouts through it (eager and static) are the per-step-dequantizing ones token for token, greedy and sampled;
+    the copies are gone after. --rollout_dense_base true over a base that is not 4-bit is refused."""
+    import quant
+    make_tiny_run_model(tmp_path)
+    m = tiny_lora_model(tmp_path, prepare=quant.prepare_4bit).eval()
+    layers = [x for x in m.modules() if isinstance(x, quant.Linear4bit)]
+    assert layers and quant.dense_bytes(m) == sum(x.in_features * x.out_features * 4 for x in layers)
+    with quant.dense_base(m):
+        assert all(torch.equal(x.dense, quant.dequantize_nf4(dict(x.state, weight=x.packed()))) for x in layers)
+    assert all(x.dense is None for x in layers)
+    prompts = [[5, 17, 33, 9], [41, 7], [8, 9, 10, 11, 12, 13]]
+    for temperature, graphs in ((0.0, False), (1.0, True)):
+        info = {}
+        runs = [grpo.rollout(m, prompts, 10, {3}, 0, temperature, seeds=[1, 2, 3], graphs=graphs, dense=d, info=info)
+                for d in (False, True)]
+        assert runs[0] == runs[1] and info == {"graphs": graphs, "dense_base": True}
+    c = grpo.GRPOConfig(rollout_dense_base=True)
+    with pytest.raises(NanotuneError, match="not 4-bit"):
+        grpo.check(c)
+
+
 def test_row_sampling_draws_from_the_softmax_within_top_k_and_top_p():
     """Each row's own generator, the Gumbel-max trick: over 4000 draws the frequencies are the softmax's (within
     0.03); top-k and top-p keep only the tokens they should; temperature 0 is the argmax."""
