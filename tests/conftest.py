@@ -269,6 +269,18 @@ def auto_register():
         modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("mistral4", "Mistral4ForCausalLM")
 
 
+# The fast tier (-m "not slow") runs each per-family test on these: one family per kind of layer or checkpoint
+# (dense, sliding windows + softcaps + norm offsets, shared keys + per-layer inputs, chunked attention, MoE, sinks +
+# MXFP4, latent attention, linear attention, short convolutions, Mamba2, ALiBi). The full suite runs every family.
+FAST_FAMILIES = {"llama", "gemma3", "gemma4", "gemma4_text", "llama4_text", "qwen3_moe", "gpt_oss", "deepseek_v3",
+                 "qwen3_5_text", "lfm2", "granitemoehybrid", "falcon"}
+
+
+def families(names):
+    """Per-family parametrization: the FAST_FAMILIES in the fast tier, the others in the full suite only."""
+    return [n if n in FAST_FAMILIES else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
 def make_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides):
     """A random tiny transformers model of `arch`, saved as safetensors in out_dir; returns the HF model."""
     import transformers

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCH_CONFIGS, ROOT, make_hf_model, save_tiny_tokenizer
+from conftest import ARCH_CONFIGS, ROOT, families, make_hf_model, save_tiny_tokenizer
 
 import data
 import formats
@@ -385,7 +385,7 @@ UNREAD_VALUES = {"sliding_window": 4, "attn_logit_softcapping": 30.0, "final_log
                  "input_jitter_noise": 0.1}
 
 
-@pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
+@pytest.mark.parametrize("arch", families(ARCH_CONFIGS))
 def test_every_family_refuses_a_key_it_does_not_implement_and_names_a_missing_one(arch, tmp_path):
     """Per family: a math-changing config.json key its row does not read, set to a value that would change the
     model, is refused in one sentence naming the key and the value; a config.json without intermediate_size or
@@ -421,7 +421,7 @@ def test_every_family_refuses_a_key_it_does_not_implement_and_names_a_missing_on
             families.config_from_hf(text, where)
 
 
-@pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
+@pytest.mark.parametrize("arch", families(ARCH_CONFIGS))
 def test_every_key_of_a_familys_config_is_accounted_for(arch, tmp_path, capsys):
     """No config.json key is ignored unknowingly: every key of transformers' own config for the family (its class's
     defaults and the tiny test config's values, as AutoConfig reads the saved file) is read, listed as changing

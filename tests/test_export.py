@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCH_CONFIGS, EAGER, ROOT, make_hf_model, save_tiny_tokenizer, tiny_lora_model
+from conftest import ARCH_CONFIGS, EAGER, ROOT, families, make_hf_model, save_tiny_tokenizer, tiny_lora_model
 
 import export
 import lora
@@ -81,7 +81,7 @@ def tiny_with_lora(arch, path, **overrides):
     return tiny_lora_model(path, seed=3, dora=arch == "qwen2").eval(), formats.load_tokenizer(str(path))
 
 
-@pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
+@pytest.mark.parametrize("arch", families(ARCH_CONFIGS))
 def test_merged_directory_loads_in_transformers(arch, tmp_path):
     import transformers
     m, tok = tiny_with_lora(arch, tmp_path / "base")
@@ -131,7 +131,7 @@ F32_TOL = {"gemma4_text": 8e-3}
 Q8_TOP1 = {"qwen3_5_moe_text": 0.9, "qwen3_next": 0.85}
 
 
-@pytest.mark.parametrize("arch", list(GGUF_ARCHS))
+@pytest.mark.parametrize("arch", families(GGUF_ARCHS))
 def test_gguf_runs_in_llama_cpp_with_nanotunes_logits(arch, tmp_path):
     m, tok = tiny_with_lora(arch, tmp_path / "base", **GGUF_ARCHS[arch])
     ids = torch.randint(5, 100, (40,), generator=torch.Generator().manual_seed(0)).tolist()

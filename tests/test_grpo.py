@@ -233,14 +233,15 @@ def test_static_decode_refused_where_states_or_host_positions_need_it(arch, tmp_
         generate(m, p, max_new_tokens=6, use_cache=False) for p in prompts]
 
 
-def test_graph_decoding_equals_eager_rollouts(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "gpt_oss", "gemma3"])
+def test_graph_decoding_equals_eager_rollouts(arch, tmp_path):
     """On CUDA the decode step is captured per 256-key bucket and replayed; its rollouts (greedy and sampled,
     rows of different lengths, past a bucket's end) are the eager decoder's token for token. On the CPU the same
     comparison runs the static step eagerly."""
     from conftest import make_hf_model
     import formats
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    make_hf_model("llama", tmp_path / "hf")
+    make_hf_model(arch, tmp_path / "hf")
     m = formats.load_model(str(tmp_path / "hf"), device=dev).eval()
     prompts = [[5, 17, 33, 9], [3 + i % 117 for i in range(247)], [41, 7]]  # (the longest crosses a bucket's end)
     for temperature in (0.0, 1.0):

@@ -1,7 +1,7 @@
 """Tier 1: nanotune's LoRA (plain, rsLoRA, DoRA) against `peft` on a tiny model, both adapter directions."""
 import pytest
 import torch
-from conftest import make_hf_model
+from conftest import families, make_hf_model
 
 import lora
 import formats
@@ -89,10 +89,10 @@ def nanotune_adapter_in_peft(arch, path, ids, tol=1e-5, **lora_kw):
 
 
 # every family whose checkpoint keeps q/k/v and gate/up separate (Phi-3 fuses them: PEFT adapts qkv_proj there)
-@pytest.mark.parametrize("arch", ["llama", "ministral", "gemma2", "gemma3", "phi", "olmo2", "granite", "qwen2-yarn",
-                                  "arcee", "starcoder2", "smollm3", "olmo3",
-                                  "seed_oss", "ernie4_5", "exaone4", "cohere", "cohere2",
-                                  "hunyuan_v1_dense", "gemma4_text", "ministral3", "apertus"])
+@pytest.mark.parametrize("arch", families(["llama", "ministral", "gemma2", "gemma3", "phi", "olmo2", "granite",
+                                           "qwen2-yarn", "arcee", "starcoder2", "smollm3", "olmo3", "seed_oss",
+                                           "ernie4_5", "exaone4", "cohere", "cohere2", "hunyuan_v1_dense",
+                                           "gemma4_text", "ministral3", "apertus"]))
 def test_adapter_loads_in_peft_for_every_family(arch, tmp_path):
     """nanotune's adapter on every projection gives peft's logits; a peft-made adapter (the checkpoint's own module
     names: Phi-2's dense / fc2, StarCoder2's c_proj) loads into nanotune with peft's logits."""
@@ -445,8 +445,9 @@ def test_checkpointed_blocks_pass_gradients_to_their_tensor_arguments(tmp_path):
         assert g is not None and g.abs().max() > 0 and (g - grads[1][n]).abs().max() <= 1e-5 * g.abs().max(), n
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "llama4_text", "phimoe",
-                                  "granitemoe", "qwen3_5_moe_text", "granitemoehybrid", "nemotron_h-moe"])
+@pytest.mark.parametrize("arch", families(["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "llama4_text",
+                                           "phimoe", "granitemoe", "qwen3_5_moe_text", "granitemoehybrid",
+                                           "nemotron_h-moe"]))
 @pytest.mark.parametrize("both", [True, False])
 def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     """LoRA on the routed experts (per-expert A/B on the stacked weights, PEFT's `target_parameters`): nanotune's

@@ -9,6 +9,7 @@ import os
 import subprocess
 
 import pytest
+from conftest import families
 
 import formats
 from cli import NanotuneError
@@ -70,7 +71,7 @@ def family_tokenizer(name, tmp_path):
     return formats.load_tokenizer(str(tmp_path))
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", families(sorted(FAMILIES)))
 def test_template_renders_like_transformers_and_trains_each_turns_end(name, tmp_path):
     from transformers import AutoTokenizer
     import data
