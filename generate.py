@@ -56,7 +56,7 @@ def main(argv=None):
         raise NanotuneError(f"--max_new_tokens {a.max_new_tokens} is more than this model's context ({context} "
                             "tokens); ask for fewer.")
     sample = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                  seed=a.seed, stop_ids=tok.stop_ids)
+                  seed=a.seed, stop_ids=tok.stop_ids, graphs=None)  # (on CUDA: the decode step as CUDA graphs)
 
     def reply(ids):
         out = generate(model, ids, **sample)

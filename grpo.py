@@ -39,9 +39,9 @@ import kernels
 import lora
 import quant
 import train
-from attention import KVCache
 from cli import F_, NanotuneError, bundled, cli
 from data import IGNORE, collate, read_records
+from model import Decoding, static_decoding
 from train import TrainConfig
 
 LOSSES = ("grpo", "dr_grpo", "dapo", "gspo")
@@ -164,76 +164,6 @@ def sample_rows(logits, temperature, top_k, top_p, generators):
     return (logits.softmax(-1) / e).argmax(-1)
 
 
-def static_decoding(model):
-    """Why the decode step of `model` cannot run static (at a position tensor, captured as a CUDA graph), or None."""
-    c = model.config
-    if any(layer.attention is None for layer in model.model.layers):
-        return "its convolution / SSM / linear-attention layers replace their recurrent states each step"
-    if c.alibi or (c.rope_scaling or {}).get("rope_type") == "longrope":
-        return "its position terms (ALiBi slopes, LongRoPE's factors) are chosen on the host each step"
-    if dist.world() > 1:
-        return "under torchrun each step's sharded forward is collective"
-    return None
-
-
-class Decoder:
-    """Rollout decoding over one preallocated KV cache [B, max_len]: the prompts' prefill, then one token per row
-    a step. static: a step writes at a 0-dim position tensor and reads the cache up to the end of its `bucket`
-    (256 keys; the causal mask hides the rest), from inputs in fixed buffers, so on CUDA each bucket's step is
-    captured once as a CUDA graph and replayed (no per-kernel launch cost); elsewhere it runs eagerly (the tests)."""
-
-    def __init__(self, model, B, max_len, static, bucket=256):
-        self.model, self.static, self.max_len, self.bucket = model, static, max_len, bucket
-        dev = model.inv_freq.device
-        self.cache = KVCache(model.config, B, max_len, dev, model.lm_head.weight.dtype)
-        self.mask = torch.zeros(B, max_len, dtype=torch.long, device=dev)  # [B, max_len] 1 = a real token
-        self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)  # the step's input
-        self.capture, self.graphs, self.pool = static and dev.type == "cuda", {}, None
-
-    def prefill(self, ids, mask):
-        """Left-padded prompts [B, L] and their mask -> the last position's logits [B, V]."""
-        self.pos = ids.shape[1]
-        self.mask[:, : self.pos] = mask
-        return self.model.logits(self.model(ids, attention_mask=mask, cache=self.cache)[:, -1])
-
-    def step(self, tok, live):
-        """The next token of every row [B] (live: the rows it is real in) -> the logits after it [B, V]."""
-        p, self.pos = self.pos, self.pos + 1
-        self.mask[:, p] = live
-        if not self.static:
-            return self.model.logits(self.model(tok[:, None], attention_mask=self.mask[:, : p + 1],
-                                                cache=self.cache)[:, -1])
-        self.tok.copy_(tok[:, None])
-        if self.cache.at is None:
-            self.cache.at = torch.zeros((), dtype=torch.long, device=tok.device)
-        self.cache.at.fill_(p)
-        span = min(self.max_len, (p // self.bucket + 1) * self.bucket)
-        if not self.capture:
-            return self.run(span)
-        if span not in self.graphs:
-            self.graphs[span] = self.captured(span)
-        graph, out = self.graphs[span]
-        graph.replay()
-        return out
-
-    def run(self, span):
-        self.cache.span = span
-        return self.model.logits(self.model(self.tok, attention_mask=self.mask[:, :span], cache=self.cache)[:, -1])
-
-    def captured(self, span):
-        """(a CUDA graph of run(span), its output buffer); one warm-up first on a side stream (Triton compiles,
-        cuBLAS workspaces), writing to the cache what the replay writes. The buckets share one memory pool."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.run(span)
-        torch.cuda.current_stream().wait_stream(side)
-        graph, self.pool = torch.cuda.CUDAGraph(), self.pool or torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.run(span)
-        return graph, out
-
-
 def dense_fits(model) -> bool:
     """Whether the 4-bit base, dequantized once (quant.dense_base), fits in 80% of the GPU memory free now."""
     need = quant.dense_bytes(model)
@@ -248,16 +178,16 @@ def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, t
             graphs=None, dense=None, info=None):
     """Prompt id lists -> completion id lists (through the first stop id, if hit); seeds: one per row (sampling).
     The prompts are left-padded and masked; RoPE sees each row shifted by its padding, which changes no score
-    (relative positions). graphs: decode static (Decoder; CUDA graphs on CUDA); None: on CUDA where the model
+    (relative positions). graphs: decode static (Decoding; CUDA graphs on CUDA); None: on CUDA where the model
     allows (static_decoding). dense: a 4-bit base dequantized once for the rollout; None: where it fits
     (dense_fits). info (a dict) gets both choices."""
     device = model.inv_freq.device
     if graphs is None:
-        graphs = device.type == "cuda" and static_decoding(model) is None
+        graphs = device.type == "cuda" and static_decoding(model) is None and dist.world() == 1
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
-    dec = Decoder(model, B, L + max_new_tokens, graphs)
+    dec = Decoding(model, B, L + max_new_tokens, graphs)
     dense = dense_fits(model) if dense is None else dense and quant.dense_bytes(model) > 0
     if info is not None:
         info.update(graphs=graphs, dense_base=dense)
@@ -283,7 +213,8 @@ def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, t
 
 def rollout_line(model, cfg, info):
     """The run log's line on how the rollouts decode (info: what rollout chose)."""
-    why = (static_decoding(model) or "CUDA graphs need CUDA") if cfg.decode_graphs else "--decode_graphs false"
+    why = "--decode_graphs false" if not cfg.decode_graphs else static_decoding(model) or (
+        "under torchrun each step's sharded forward is collective" if dist.world() > 1 else "CUDA graphs need CUDA")
     line = "rollouts: decode step " + ("replayed as CUDA graphs" if info["graphs"] else f"eager ({why})")
     if info["dense_base"]:
         line += f"; the 4-bit base dequantized once per rollout ({quant.dense_bytes(model) / 2**30:.1f} GiB)"

@@ -483,25 +483,99 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None) -> int:
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
+def static_decoding(model):
+    """Why the decode step of `model` cannot run static (at a position tensor, captured as a CUDA graph), or None.
+    (A sharded model under torchrun cannot either: its forward is collective; the caller knows that.)"""
+    c = model.config
+    if any(layer.attention is None for layer in model.model.layers):
+        return "its convolution / SSM / linear-attention layers replace their recurrent states each step"
+    if c.alibi or (c.rope_scaling or {}).get("rope_type") == "longrope":
+        return "its position terms (ALiBi slopes, LongRoPE's factors) are chosen on the host each step"
+    return None
+
+
+class Decoding:
+    """Rollout decoding over one preallocated KV cache [B, max_len]: the prompts' prefill, then one token per row
+    a step. static: a step writes at a 0-dim position tensor and reads the cache up to the end of its `bucket`
+    (256 keys; the causal mask hides the rest), from inputs in fixed buffers, so on CUDA each bucket's step is
+    captured once as a CUDA graph and replayed (no per-kernel launch cost); elsewhere it runs eagerly (the tests).
+    Not static, a step passes the attention mask only where the prompts were padded."""
+
+    def __init__(self, model, B, max_len, static, bucket=256):
+        self.model, self.static, self.max_len, self.bucket = model, static, max_len, bucket
+        dev = model.inv_freq.device
+        self.cache = KVCache(model.config, B, max_len, dev, model.lm_head.weight.dtype)
+        self.mask = torch.zeros(B, max_len, dtype=torch.long, device=dev)  # [B, max_len] 1 = a real token
+        self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)  # the step's input
+        self.capture, self.graphs, self.pool = static and dev.type == "cuda", {}, None
+
+    def prefill(self, ids, mask=None):
+        """Prompts [B, L] (left-padded, mask [B, L]; None: none padded) -> the last position's logits [B, V]."""
+        self.pos, self.padded = ids.shape[1], mask is not None
+        self.mask[:, : self.pos] = 1 if mask is None else mask
+        return self.model.logits(self.model(ids, attention_mask=mask, cache=self.cache)[:, -1])
+
+    def step(self, tok, live):
+        """The next token of every row [B] (live: the rows it is real in) -> the logits after it [B, V]."""
+        p, self.pos = self.pos, self.pos + 1
+        self.mask[:, p] = live
+        if not self.static:
+            return self.model.logits(self.model(tok[:, None], attention_mask=self.mask[:, : p + 1] if self.padded
+                                                else None, cache=self.cache)[:, -1])
+        self.tok.copy_(tok[:, None])
+        if self.cache.at is None:
+            self.cache.at = torch.zeros((), dtype=torch.long, device=tok.device)
+        self.cache.at.fill_(p)
+        span = min(self.max_len, (p // self.bucket + 1) * self.bucket)
+        if not self.capture:
+            return self.run(span)
+        if span not in self.graphs:
+            self.graphs[span] = self.captured(span)
+        graph, out = self.graphs[span]
+        graph.replay()
+        return out
+
+    def run(self, span):
+        self.cache.span = span
+        return self.model.logits(self.model(self.tok, attention_mask=self.mask[:, :span], cache=self.cache)[:, -1])
+
+    def captured(self, span):
+        """(a CUDA graph of run(span), its output buffer); one warm-up first on a side stream (Triton compiles,
+        cuBLAS workspaces), writing to the cache what the replay writes. The buckets share one memory pool."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.run(span)
+        torch.cuda.current_stream().wait_stream(side)
+        graph, self.pool = torch.cuda.CUDAGraph(), self.pool or torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.run(span)
+        return graph, out
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt_ids, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
-             stop_ids=(), use_cache=True, seed=None, on_token=None) -> list:
+             stop_ids=(), use_cache=True, seed=None, on_token=None, graphs=False) -> list:
     """New token ids after `prompt_ids` (stop token included when hit). use_cache=False recomputes the
-    whole sequence every step (the reference the KV cache is tested against)."""
-    device, dtype = model.inv_freq.device, model.lm_head.weight.dtype
+    whole sequence every step (the reference the KV cache is tested against). graphs: decode static (Decoding: on
+    CUDA replayed as CUDA graphs); None: on CUDA where static_decoding allows (not for a sharded model)."""
+    device = model.inv_freq.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    ids = list(prompt_ids)
-    cache = KVCache(model.config, 1, len(ids) + max_new_tokens, device, dtype) if use_cache else None
-    step = ids
-    out = []
-    for _ in range(max_new_tokens):
-        h = model(torch.tensor([step], device=device), cache=cache)
-        nxt = sample(model.logits(h[0, -1]).float(), temperature, top_k, top_p, gen)
+    if graphs is None:
+        graphs = device.type == "cuda" and static_decoding(model) is None
+    ids, out = list(prompt_ids), []
+    dec = Decoding(model, 1, len(ids) + max_new_tokens, graphs) if use_cache else None
+    logits = dec.prefill(torch.tensor([ids], device=device))[0] if dec else None
+    for i in range(max_new_tokens):
+        if not dec:
+            logits = model.logits(model(torch.tensor([ids], device=device))[0, -1])
+        nxt = sample(logits.float(), temperature, top_k, top_p, gen)
         out.append(nxt)
         if on_token:
             on_token(nxt)
         if nxt in stop_ids:
             break
         ids.append(nxt)
-        step = [nxt] if use_cache else ids
+        if dec and i + 1 < max_new_tokens:
+            logits = dec.step(torch.tensor([nxt], device=device), torch.ones(1, dtype=torch.bool, device=device))[0]
     return out

@@ -122,7 +122,7 @@ def chat(model, tok, prompt, max_tokens=128):
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     was = model.training
     model.eval()
-    out = generate(model, tok.chat(messages), max_tokens, stop_ids=tok.stop_ids)
+    out = generate(model, tok.chat(messages), max_tokens, stop_ids=tok.stop_ids, graphs=None)
     model.train(was)
     return tok.decode(out).strip()
 

@@ -525,8 +525,8 @@ def to_device(batch, device):
 def answer_prompts(model, tok, prompts, max_tokens):
     was = model.training
     model.eval()
-    out = [tok.decode(generate(model, tok.chat([{"role": "user", "content": p}]), max_tokens,
-                               stop_ids=tok.stop_ids)).strip() for p in prompts]
+    out = [tok.decode(generate(model, tok.chat([{"role": "user", "content": p}]), max_tokens, stop_ids=tok.stop_ids,
+                               graphs=None if dist.world() == 1 else False)).strip() for p in prompts]
     model.train(was)
     return out
 

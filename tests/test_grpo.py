@@ -18,6 +18,7 @@ import grpo
 import train
 from cli import NanotuneError
 from data import IGNORE, collate
+import model
 from model import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,10 +206,10 @@ def test_static_decode_steps_equal_eager_ones(arch, tmp_path):
     import formats
     make_hf_model(arch, tmp_path / "hf")
     m = formats.load_model(str(tmp_path / "hf")).eval()
-    assert grpo.static_decoding(m) is None
+    assert model.static_decoding(m) is None
     ids, mask = left_padded([3, 9, 6])
     N = 14
-    eager, static = grpo.Decoder(m, 3, 9 + N, False), grpo.Decoder(m, 3, 9 + N, True, bucket=4)
+    eager, static = model.Decoding(m, 3, 9 + N, False), model.Decoding(m, 3, 9 + N, True, bucket=4)
     with torch.no_grad():
         a, b = eager.prefill(ids, mask), static.prefill(ids, mask)
         for i in range(N - 1):
@@ -227,7 +228,7 @@ def test_static_decode_refused_where_states_or_host_positions_need_it(arch, tmp_
     import formats
     make_hf_model(arch, tmp_path / "hf")
     m = formats.load_model(str(tmp_path / "hf")).eval()
-    assert grpo.static_decoding(m)
+    assert model.static_decoding(m)
     prompts = [[5, 17, 33], [9, 41, 7, 8, 12]]
     assert grpo.rollout(m, prompts, 6, set(), 0, temperature=0.0) == [
         generate(m, p, max_new_tokens=6, use_cache=False) for p in prompts]
@@ -249,7 +250,7 @@ def test_graph_decoding_equals_eager_rollouts(arch, tmp_path):
                 for g in (False, True)]
         assert runs[0] == runs[1]
     if dev == "cuda":
-        d = grpo.Decoder(m, 3, 300, True)
+        d = model.Decoding(m, 3, 300, True)
         d.prefill(*(t.to(dev) for t in left_padded([3, 9, 6])))
         d.step(torch.tensor([4, 5, 6], device=dev), torch.ones(3, dtype=torch.bool, device=dev))
         assert d.capture and list(d.graphs) == [256]

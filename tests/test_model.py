@@ -165,6 +165,19 @@ def test_kv_cache_generation_equals_full_recompute(arch, tmp_path):
     assert cached == full and len(cached) == 12
 
 
+@pytest.mark.parametrize("arch", families(["llama", "gemma3", "gpt_oss", "deepseek_v3", "llama4_text", "gemma4_text"]))
+def test_static_generation_equals_the_cached_one(arch, tmp_path):
+    """generate(graphs=True): the decode step static (model.Decoding; on CUDA captured and replayed as CUDA graphs,
+    on the CPU run eagerly) gives the cached generation's tokens, greedy and sampled, across a 256-key bucket end."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    make_hf_model(arch, tmp_path / "hf")
+    m = formats.load_model(str(tmp_path / "hf"), device=dev)
+    prompt = [3 + i % 117 for i in range(250)]
+    for temperature, seed in ((0.0, None), (1.0, 3)):
+        static = model.generate(m, prompt, 12, temperature, seed=seed, graphs=True)
+        assert static == model.generate(m, prompt, 12, temperature, seed=seed) and len(static) == 12
+
+
 def test_gemma3_vision_language_checkpoint_loads_its_text_tower(tmp_path):
     """A Gemma3ForConditionalGeneration checkpoint (text under language_model., a vision tower beside it) loads
     as the text model: logits equal transformers' on text input; the vision tensors are left out."""
