@@ -8,8 +8,9 @@ scale, activation, sandwich norms, softcaps, sliding window, tied embeddings, to
 Hugging Face's (`model.layers.0.self_attn.q_proj.weight`): safetensors load without renaming. `Transformer.forward`
 returns the final hidden states; `logits(h)` applies lm_head, so a fused loss can own the head and never build
 [tokens x vocab] logits. Generation decodes through `Decoding`: a KV cache for a batch of left-padded rows, whose
-step can run static (at a position tensor) and, on CUDA, be replayed as a CUDA graph. References: Llama (arXiv:2302.13971), RoPE (arXiv:2104.09864), GQA (arXiv:2305.13245),
-Gemma 2 (arXiv:2408.00118), Llama 3.1 rope scaling (arXiv:2407.21783).
+step can run static (at a position tensor) and, on CUDA, be replayed as a CUDA graph. References: Llama
+(arXiv:2302.13971), RoPE (arXiv:2104.09864), GQA (arXiv:2305.13245), Gemma 2 (arXiv:2408.00118), Llama 3.1 rope
+scaling (arXiv:2407.21783).
 
     from formats import load
     model, tok = load()                      # the default model, SmolLM2-135M-Instruct (GGUF)
