@@ -69,7 +69,7 @@ def dense_tensors(model, unstack=True):
             yield from ((prefix + p, mod.merged_weight(p)) for p in mod.base.shapes)
             yield from expert_biases(prefix, mod.base)
             return
-        if isinstance(mod, quant.Experts4bit):
+        if isinstance(mod, quant.QuantExperts):
             yield from ((prefix + p, mod.dense(p, torch.float32)) for p in mod.shapes)
             yield from expert_biases(prefix, mod)
             return

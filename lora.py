@@ -25,7 +25,7 @@ import dist
 import kernels
 from cli import NanotuneError, publish, read_json
 from mlp import Experts, MoE
-from quant import Experts4bit, replace_module
+from quant import QuantExperts, replace_module
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIXER_TARGETS = ("in_proj_qkv", "in_proj_z", "linear_attn.out_proj",  # Qwen3.5's linear attention, DeepSeek's latent
@@ -203,9 +203,9 @@ class LoRAExperts(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        if isinstance(self.base, Experts4bit):
-            raise NanotuneError("cannot merge into 4-bit experts in place; dequantize the model first (export.py "
-                                "does this).")
+        if isinstance(self.base, QuantExperts):
+            raise NanotuneError("cannot merge into 4-bit or FP8 experts in place; dequantize the model first "
+                                "(export.py does this).")
         if not self.merged:
             for p in self.lora_A:
                 getattr(self.base, p).copy_(self.merged_weight(p))
@@ -240,7 +240,7 @@ def apply_lora(model: nn.Module, r=16, alpha=16, dropout=0.0, targets=DEFAULT_TA
     name -> its own (r, alpha) (PEFT's rank_pattern / alpha_pattern). Returns the wrapped names."""
     for p in model.parameters():
         p.requires_grad_(False)
-    stacks = {n for n, m in model.named_modules() if isinstance(m, Experts)}  # (4-bit experts hold Linear4bits)
+    stacks = {n for n, m in model.named_modules() if isinstance(m, Experts)}  # (quantized experts hold linears)
     names = [n for n, m in model.named_modules() if _matches(n, targets) and hasattr(m, "in_features")
              and not isinstance(m, LoRALinear) and n.rpartition(".")[0] not in stacks]
     wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRAExperts)}

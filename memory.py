@@ -502,9 +502,9 @@ def _sizes(model, act_bytes):
                 weights += p.numel() * p.element_size()
         weights += sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))
         weights += getattr(m, "nbytes", 0) // 32 if hasattr(m, "state") else 0  # (NF4's absmax)
-    # a 4-bit weight is dequantized where it is used: the largest (a MoE layer's stacked experts) is transient
-    dequant = max((m.in_features * m.out_features * act_bytes for m in model.modules() if hasattr(m, "state")
-                   and hasattr(m, "nbytes")), default=0)
+    # a 4-bit or FP8 weight is dequantized where it is used: the largest (a MoE layer's stacked experts) is transient
+    dequant = max((m.in_features * m.out_features * act_bytes for m in model.modules() if hasattr(m, "dense_weight")
+                   and hasattr(m, "in_features")), default=0)
     widths = [_block_widths(b, model.config.num_experts_per_tok or 1) for b in model.model.layers]
     _SIZES.clear()
     _SIZES[key] = weights, trainable, dequant, widths

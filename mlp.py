@@ -60,8 +60,8 @@ def expert_act(cfg):
 class Experts(nn.Module):
     """E SwiGLU experts as stacked weights (transformers 5's layout): gate_up_proj [E, 2I, C] (gate rows first),
     down_proj [E, C, I], with gpt-oss's biases gate_up_proj_bias [E, 2I] and down_proj_bias [E, C] (families.py
-    turns gpt-oss's input-major, interleaved checkpoint tensors into this layout). (quant.Experts4bit holds the
-    weights in NF4, with the same `shapes` and `dense`.)"""
+    turns gpt-oss's input-major, interleaved checkpoint tensors into this layout). (quant.QuantExperts holds the
+    weights in NF4 or FP8, with the same `shapes` and `dense`.)"""
 
     def __init__(self, cfg):
         super().__init__()

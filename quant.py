@@ -306,17 +306,20 @@ class Linear4bit(nn.Module):
         return self.state is not None
 
 
-class Experts4bit(Experts):
-    """A MoE block's experts in NF4 (the bulk of a MoE's bytes): each stacked weight [E, out, in] is held as a
-    Linear4bit over its [E * out, in] rows (NF4 flattens row-major, so the bytes are those of the stacked
-    tensor, and sharding, loading and moving work as for any 4-bit linear). Each call dequantizes the whole
-    stack into the compute dtype (transient: one layer's experts), then runs the same grouped path."""
+class QuantExperts(Experts):
+    """A MoE block's experts (the bulk of its bytes) frozen in NF4 (QLoRA) or, with fp8, in e4m3 with a scale per
+    row (--base_dtype float8): each stacked weight [E, out, in] is held as a Linear4bit / Linear8 over its
+    [E * out, in] rows (NF4 flattens row-major, so the bytes are those of the stacked tensor, and sharding,
+    loading and moving work as for any such linear; a row is one expert's output). Each call dequantizes the
+    whole stack into the compute dtype (transient: one layer's experts), then runs the same grouped path."""
 
-    def __init__(self, shapes: dict, act, double_quant=True, storage=torch.uint8, device="meta", biases=False):
+    def __init__(self, shapes: dict, act, double_quant=True, storage=torch.uint8, device="meta", biases=False,
+                 fp8=False):
         nn.Module.__init__(self)
         self.shapes, self.act = shapes, act
         for p, (E, out, inp) in shapes.items():
-            setattr(self, p, Linear4bit(inp, E * out, double_quant=double_quant, storage=storage, device=device))
+            setattr(self, p, Linear8(inp, E * out, device=device) if fp8 else
+                    Linear4bit(inp, E * out, double_quant=double_quant, storage=storage, device=device))
             if biases:  # gpt-oss: the biases stay in the compute dtype
                 setattr(self, f"{p}_bias", nn.Parameter(torch.zeros(E, out, device=device)))
 
@@ -371,12 +374,12 @@ def _experts(model):
 
 
 def quantize_model(model, skip=DEFAULT_SKIP, double_quant=True):
-    """Replace every nn.Linear (but `skip`) by a Linear4bit and every MoE block's experts by Experts4bit;
+    """Replace every nn.Linear (but `skip`) by a Linear4bit and every MoE block's experts by QuantExperts;
     lm_head and embeddings stay 16-bit."""
     for n, lin in _targets(model, skip):
         replace_module(model, n, Linear4bit.from_linear(lin, double_quant))
     for n, e in _experts(model):
-        replace_module(model, n, Experts4bit.from_experts(e, double_quant))
+        replace_module(model, n, QuantExperts.from_experts(e, double_quant))
     return model
 
 
@@ -388,8 +391,8 @@ def prepare_4bit(model, skip=DEFAULT_SKIP, double_quant=True, storage=torch.uint
         replace_module(model, n, Linear4bit(lin.in_features, lin.out_features, lin.bias, double_quant=double_quant,
                                             storage=storage, device=lin.weight.device))
     for n, e in _experts(model):
-        replace_module(model, n, Experts4bit(e.shapes, e.act, double_quant, storage, e.gate_up_proj.device,
-                                             biases=hasattr(e, "gate_up_proj_bias")))
+        replace_module(model, n, QuantExperts(e.shapes, e.act, double_quant, storage, e.gate_up_proj.device,
+                                              biases=hasattr(e, "gate_up_proj_bias")))
     return model
 
 
@@ -484,8 +487,11 @@ class Linear8(nn.Module):
 
 
 def prepare_fp8(model, skip=DEFAULT_SKIP):
-    """For load_model(prepare=...): the (meta) linears become empty Linear8 layers, filled as weights load
-    (routed experts, embeddings and the head stay in the compute dtype)."""
+    """For load_model(prepare=...): the (meta) linears become empty Linear8 layers and each MoE block's experts
+    FP8 QuantExperts, filled as weights load (embeddings and the head stay in the compute dtype)."""
     for n, lin in _targets(model, skip):
         replace_module(model, n, Linear8(lin.in_features, lin.out_features, lin.bias, device=lin.weight.device))
+    for n, e in _experts(model):
+        replace_module(model, n, QuantExperts(e.shapes, e.act, device=e.gate_up_proj.device,
+                                              biases=hasattr(e, "gate_up_proj_bias"), fp8=True))
     return model

@@ -178,7 +178,7 @@ def test_4bit_experts_hold_nf4_of_the_stacked_weights_and_compute_with_them(arch
     save_tiny_tokenizer(tmp_path / "hf")
     q = formats.load_model(str(tmp_path / "hf"), prepare=quant.prepare_4bit)
     dense = formats.load_model(str(tmp_path / "hf"))
-    experts = [(n, m) for n, m in q.named_modules() if isinstance(m, quant.Experts4bit)]
+    experts = [(n, m) for n, m in q.named_modules() if isinstance(m, quant.QuantExperts)]
     assert experts and not any(type(m) is Experts for m in q.modules())
     for n, m in experts:
         for p in m.shapes:
@@ -188,7 +188,7 @@ def test_4bit_experts_hold_nf4_of_the_stacked_weights_and_compute_with_them(arch
         formats.load_model(str(tmp_path / "hf"))))))
     with torch.no_grad():  # the dense twin: every 4-bit weight replaced by its dequantized values
         for n, m in q.named_modules():
-            if isinstance(m, quant.Experts4bit):
+            if isinstance(m, quant.QuantExperts):
                 for p in m.shapes:
                     getattr(dense.get_submodule(n), p).copy_(m.dense(p, torch.float32))
             elif isinstance(m, quant.Linear4bit) and not n.endswith(("experts.gate_up_proj", "experts.down_proj")):
@@ -213,6 +213,53 @@ def test_4bit_experts_hold_nf4_of_the_stacked_weights_and_compute_with_them(arch
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).float().eval()
     with torch.no_grad():
         assert (hf(input_ids=ids).logits - lq).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_fp8_experts_hold_e4m3_rows_of_the_stacked_weights_and_train(arch, tmp_path):
+    """--base_dtype float8 on a MoE: the routed experts (the bulk of its bytes) load as e4m3, one byte a value with
+    a scale per row (one expert's output), each stacked weight kernels.fp8_rows of the checkpoint's; with only the
+    experts in FP8 (the projections' FP8 GEMMs round activations too: tested in test_lora) the logits and every
+    LoRA gradient, experts' adapters included, equal a dense twin holding the dequantized values; merging into
+    them in place is refused."""
+    from mlp import Experts
+    make_hf_model(arch, tmp_path / "hf")
+    dense = formats.load_model(str(tmp_path / "hf"))
+    full = formats.load_model(str(tmp_path / "hf"), prepare=quant.prepare_fp8)
+    assert all(type(m) is quant.Linear8 for n, m in full.named_modules() if n.endswith(("q_proj", "o_proj")))
+    for n, m in full.named_modules():
+        for p in m.shapes if isinstance(m, quant.QuantExperts) else ():
+            lin, w = getattr(m, p), getattr(dense.get_submodule(n), p)
+            codes, scale = kernels.fp8_rows(w.reshape(-1, w.shape[-1]).float())
+            assert type(lin) is quant.Linear8 and lin.weight.element_size() == 1
+            assert torch.equal(lin.weight.view(torch.uint8), codes.view(torch.uint8))
+            assert torch.equal(lin.weight_scale, scale)
+    names = tuple({n.rpartition(".")[2] for n, x in dense.named_modules() if type(x) is torch.nn.Linear})
+    q = formats.load_model(str(tmp_path / "hf"), prepare=lambda m: quant.prepare_fp8(m, skip=names))
+    experts = [(n, m) for n, m in q.named_modules() if isinstance(m, quant.QuantExperts)]
+    assert experts and not any(type(m) is Experts for m in q.modules())
+    assert not any(type(m) is quant.Linear8 for n, m in q.named_modules() if ".experts." not in n)
+    with torch.no_grad():  # the dense twin: the experts' stacks replaced by their dequantized values
+        for n, m in experts:
+            for p in m.shapes:
+                getattr(dense.get_submodule(n), p).copy_(m.dense(p, torch.float32))
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for m in (q, dense):
+        torch.manual_seed(0)
+        lora.apply_lora(m, r=4, alpha=8)
+        for _, layer in lora.lora_layers(m):
+            for _, b in layer.pairs():
+                b.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(b.numel()))
+        out = m.logits(m(ids))
+        out.float().logsumexp(-1).sum().backward()
+        runs.append((out.detach(), [p.grad for _, lay in lora.lora_layers(m) for pair in lay.pairs() for p in pair]))
+    (lq, gq), (ld, gd) = runs
+    assert (lq - ld).abs().max() < 1e-5 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(gq, gd))
+    moe = [layer for _, layer in lora.lora_layers(q) if isinstance(layer, lora.LoRAExperts)]
+    assert moe and all(g.abs().max() > 0 for g in gq)
+    with pytest.raises(NanotuneError, match="4-bit or FP8 experts"):
+        moe[0].merge()
 
 
 @pytest.mark.slow
@@ -269,7 +316,7 @@ def test_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path):
     assert (ref - ours).abs().max() < 1e-4 and ref.std() > 0.1  # (the MXFP4 experts move the logits visibly)
     shutil.rmtree(tmp_path / "hf")
     q = formats.load_model(str(tmp_path / "mx"), prepare=quant.prepare_4bit)  # QLoRA: MXFP4 -> NF4 while loading
-    assert any(isinstance(x, quant.Experts4bit) for x in q.modules())
+    assert any(isinstance(x, quant.QuantExperts) for x in q.modules())
     with torch.no_grad():
         assert torch.equal(q.logits(q(ids)), quant.quantize_model(m).logits(m(ids)))
 
