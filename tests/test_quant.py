@@ -163,6 +163,22 @@ def test_qlora_backward_matches_dense_lora_and_keeps_no_dense_weight(tmp_path):
     assert torch.allclose(x.grad, x2.grad, atol=1e-6)
 
 
+STEP_IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+def adapted_step(m):
+    """LoRA r4 on m (B drawn non-zero, the same for a model and its twin), one backward of the logits' logsumexp on
+    fixed ids -> (logits, every adapter gradient)."""
+    torch.manual_seed(0)
+    lora.apply_lora(m, r=4, alpha=8)
+    for _, layer in lora.lora_layers(m):
+        for _, b in layer.pairs():
+            b.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(b.numel()))
+    out = m.logits(m(STEP_IDS))
+    out.float().logsumexp(-1).sum().backward()
+    return out.detach(), [p.grad for _, layer in lora.lora_layers(m) for pair in layer.pairs() for p in pair]
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "gpt_oss", "qwen3_5_moe_text", "qwen3_next",
                                   "nemotron_h-moe"])
 def test_4bit_experts_hold_nf4_of_the_stacked_weights_and_compute_with_them(arch, tmp_path):
@@ -193,26 +209,13 @@ def test_4bit_experts_hold_nf4_of_the_stacked_weights_and_compute_with_them(arch
                     getattr(dense.get_submodule(n), p).copy_(m.dense(p, torch.float32))
             elif isinstance(m, quant.Linear4bit) and not n.endswith(("experts.gate_up_proj", "experts.down_proj")):
                 dense.get_submodule(n).weight.copy_(m.dense_weight(torch.float32))
-    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
-    for m in (q, dense):
-        torch.manual_seed(0)
-        lora.apply_lora(m, r=4, alpha=8)
-        for _, layer in lora.lora_layers(m):
-            for _, b in layer.pairs():
-                b.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(b.numel()))
-    grads = []
-    for m in (q, dense):
-        out = m.logits(m(ids))
-        out.float().logsumexp(-1).sum().backward()
-        grads.append((out.detach(), [p.grad for _, layer in lora.lora_layers(m) for pair in layer.pairs()
-                                     for p in pair]))
-    (lq, gq), (ld, gd) = grads
+    (lq, gq), (ld, gd) = (adapted_step(m) for m in (q, dense))
     assert (lq - ld).abs().max() < 1e-5 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(gq, gd))
     export.export_merged(q.eval(), formats.load_tokenizer(str(tmp_path / "hf")), str(tmp_path / "merged"),
                          dtype=torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).float().eval()
     with torch.no_grad():
-        assert (hf(input_ids=ids).logits - lq).abs().max() < 1e-4
+        assert (hf(input_ids=STEP_IDS).logits - lq).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
@@ -243,18 +246,7 @@ def test_fp8_experts_hold_e4m3_rows_of_the_stacked_weights_and_train(arch, tmp_p
         for n, m in experts:
             for p in m.shapes:
                 getattr(dense.get_submodule(n), p).copy_(m.dense(p, torch.float32))
-    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
-    runs = []
-    for m in (q, dense):
-        torch.manual_seed(0)
-        lora.apply_lora(m, r=4, alpha=8)
-        for _, layer in lora.lora_layers(m):
-            for _, b in layer.pairs():
-                b.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(b.numel()))
-        out = m.logits(m(ids))
-        out.float().logsumexp(-1).sum().backward()
-        runs.append((out.detach(), [p.grad for _, lay in lora.lora_layers(m) for pair in lay.pairs() for p in pair]))
-    (lq, gq), (ld, gd) = runs
+    (lq, gq), (ld, gd) = (adapted_step(m) for m in (q, dense))
     assert (lq - ld).abs().max() < 1e-5 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(gq, gd))
     moe = [layer for _, layer in lora.lora_layers(q) if isinstance(layer, lora.LoRAExperts)]
     assert moe and all(g.abs().max() > 0 for g in gq)
