@@ -493,6 +493,8 @@ def static_decoding(model):
         return "its convolution / SSM / linear-attention layers replace their recurrent states each step"
     if c.alibi or (c.rope_scaling or {}).get("rope_type") == "longrope":
         return "its position terms (ALiBi slopes, LongRoPE's factors) are chosen on the host each step"
+    if model.training:
+        return "it is in training mode (a captured dropout mask would repeat every step): call model.eval()"
     return None
 
 
@@ -566,6 +568,8 @@ def generate(model: Transformer, prompt_ids, max_new_tokens=256, temperature=0.0
     if graphs is None:
         graphs = device.type == "cuda" and static_decoding(model) is None
     ids, out = list(prompt_ids), []
+    if max_new_tokens < 1:
+        return out
     dec = Decoding(model, 1, len(ids) + max_new_tokens, graphs) if use_cache else None
     logits = dec.prefill(torch.tensor([ids], device=device))[0] if dec else None
     for i in range(max_new_tokens):
