@@ -495,6 +495,9 @@ def static_decoding(model):
         return "its position terms (ALiBi slopes, LongRoPE's factors) are chosen on the host each step"
     if model.training:
         return "it is in training mode (a captured dropout mask would repeat every step): call model.eval()"
+    w = model.lm_head.weight  # (the activations' device and dtype)
+    if c.num_experts and w.is_cuda and (w.dtype != torch.bfloat16 or kernels._grouped_mm_fn() is None):
+        return "its experts take the reference loop here (not bf16, or no grouped_mm), which waits on the host"
     return None
 
 
