@@ -502,8 +502,8 @@ def static_decoding(model):
 
 
 class Decoding:
-    """Rollout decoding over one preallocated KV cache [B, max_len]: the prompts' prefill, then one token per row
-    a step. static: a step writes at a 0-dim position tensor and reads the cache up to the end of its `bucket`
+    """Decoding B rows over one preallocated KV cache [B, max_len] (generate, GRPO's rollouts): the prompts'
+    prefill, then one token per row a step. static: a step writes at a 0-dim position tensor and reads the cache up to the end of its `bucket`
     (256 keys; the causal mask hides the rest), from inputs in fixed buffers, so on CUDA each bucket's step is
     captured once as a CUDA graph and replayed (no per-kernel launch cost); elsewhere it runs eagerly (the tests).
     Not static, a step passes the attention mask only where the prompts were padded."""
@@ -517,7 +517,8 @@ class Decoding:
         self.capture, self.graphs, self.pool = static and dev.type == "cuda", {}, None
 
     def prefill(self, ids, mask=None):
-        """Prompts [B, L] (left-padded, mask [B, L]; None: none padded) -> the last position's logits [B, V]."""
+        """Prompts [B, L] (left-padded, mask [B, L]; None: none padded, and no row will stop while another goes on)
+        -> the last position's logits [B, V]."""
         self.pos, self.padded = ids.shape[1], mask is not None
         self.mask[:, : self.pos] = 1 if mask is None else mask
         return self.model.logits(self.model(ids, attention_mask=mask, cache=self.cache)[:, -1])
