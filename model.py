@@ -503,9 +503,10 @@ def static_decoding(model):
 
 class Decoding:
     """Decoding B rows over one preallocated KV cache [B, max_len] (generate, GRPO's rollouts): the prompts'
-    prefill, then one token per row a step. static: a step writes at a 0-dim position tensor and reads the cache up to the end of its `bucket`
-    (256 keys; the causal mask hides the rest), from inputs in fixed buffers, so on CUDA each bucket's step is
-    captured once as a CUDA graph and replayed (no per-kernel launch cost); elsewhere it runs eagerly (the tests).
+    prefill, then one token per row a step. static: a step writes at a 0-dim position tensor and reads the cache
+    up to the end of its `bucket` (256 keys; the causal mask hides the rest), from inputs in fixed buffers, so on
+    CUDA each bucket's step is captured once as a CUDA graph and replayed (no per-kernel launch cost); elsewhere
+    it runs eagerly (the tests).
     Not static, a step passes the attention mask only where the prompts were padded."""
 
     def __init__(self, model, B, max_len, static, bucket=256):
