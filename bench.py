@@ -66,8 +66,7 @@ SHAPES = {  # Llama-3.1-8B, Llama-3.2-1B and SmolLM2-135M (the default model); t
     "qwen35-4b": dict(model_type="qwen3_5_text", hidden_size=2560, intermediate_size=9216, num_hidden_layers=32,
                       num_attention_heads=16, num_key_value_heads=4, head_dim=256, vocab_size=248_320,
                       rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25}),
-    # Qwen3.5-35B-A3B with 8 of its 40 layers (7.7B parameters; the whole bf16 checkpoint would crowd the disk): the
-    # same 3 : 1 mix, 256 experts top-8 of 512 plus a gated shared expert of 512
+    # Qwen3.5-35B-A3B, 8 of its 40 layers (7.7B parameters): 3 : 1 mix, 256 experts (512) top-8, a shared one of 512
     "qwen35moe": dict(model_type="qwen3_5_moe_text", hidden_size=2048, num_hidden_layers=8, num_attention_heads=16,
                       num_key_value_heads=2, head_dim=256, num_experts=256, num_experts_per_tok=8,
                       moe_intermediate_size=512, shared_expert_intermediate_size=512, vocab_size=248_320,
