@@ -165,7 +165,7 @@ def sample_rows(logits, temperature, top_k, top_p, generators):
 
 
 def dense_fits(model) -> bool:
-    """Whether the 4-bit base, dequantized once (quant.dense_base), fits in 80% of the GPU memory free now."""
+    """Whether the 4-bit base, dequantized once (quant.dense_base), fits in 0.8 of the GPU memory free now."""
     need = quant.dense_bytes(model)
     if not need or model.inv_freq.device.type != "cuda" or dist.world() > 1:  # (FSDP: the weights are sharded)
         return False

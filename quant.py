@@ -397,7 +397,7 @@ def prepare_4bit(model, skip=DEFAULT_SKIP, double_quant=True, storage=torch.uint
 
 
 def dense_bytes(model) -> int:
-    """What dense_base(model) holds: every 4-bit linear layer's weight in its compute dtype."""
+    """What dense_base(model) holds: every 4-bit linear layer's weight (expert stacks too) in its compute dtype."""
     return sum(m.in_features * m.out_features * m.compute_dtype.itemsize for m in model.modules()
                if isinstance(m, Linear4bit))
 
@@ -405,7 +405,8 @@ def dense_bytes(model) -> int:
 @contextlib.contextmanager
 def dense_base(model, on=True):
     """Inside: each 4-bit linear layer's weight dequantized once and reused (a rollout's decode steps then read
-    16-bit weights, instead of dequantizing every weight at every step); freed on exit. Experts stay 4-bit."""
+    16-bit weights, instead of dequantizing every weight at every step), a MoE's expert stacks included (they
+    are Linear4bits too, and dense_bytes counts them); freed on exit."""
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)] if on else []
     try:
         for m in layers:
