@@ -207,13 +207,16 @@ def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, t
                 #        forward being collective)
             if i + 1 < max_new_tokens:
                 logits = dec.step(out[-1], live)
+    if dec.failed and info is not None:
+        info.update(graphs=False, graphs_failed=dec.failed)
     toks = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
     return [row[: next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))] for row in toks]
 
 
 def rollout_line(model, cfg, info):
     """The run log's line on how the rollouts decode (info: what rollout chose)."""
-    why = "--decode_graphs false" if not cfg.decode_graphs else static_decoding(model) or (
+    failed = info.get("graphs_failed") and "its CUDA graph capture failed: " + info["graphs_failed"]
+    why = "--decode_graphs false" if not cfg.decode_graphs else failed or static_decoding(model) or (
         "under torchrun each step's sharded forward is collective" if dist.world() > 1 else "CUDA graphs need CUDA")
     line = "rollouts: decode step " + ("replayed as CUDA graphs" if info["graphs"] else f"eager ({why})")
     if info["dense_base"]:

@@ -516,6 +516,7 @@ class Decoding:
         self.mask = torch.zeros(B, max_len, dtype=torch.long, device=dev)  # [B, max_len] 1 = a real token
         self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)  # the step's input
         self.capture, self.graphs, self.pool = static and dev.type == "cuda", {}, None
+        self.failed = None  # why a capture failed (the steps then run static but eagerly)
 
     def prefill(self, ids, mask=None):
         """Prompts [B, L] (left-padded, mask [B, L]; None: none padded, and no row will stop while another goes on)
@@ -539,7 +540,13 @@ class Decoding:
         if not self.capture:
             return self.run(span)
         if span not in self.graphs:
-            self.graphs[span] = self.captured(span)
+            try:
+                self.graphs[span] = self.captured(span)
+            except RuntimeError as e:  # (a capture CUDA refuses: the same step, eagerly, and the reason kept)
+                self.capture, self.failed = False, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+                print(f"warning: the decode step was not captured as a CUDA graph ({self.failed}); it runs eagerly",
+                      flush=True)
+                return self.run(span)
         graph, out = self.graphs[span]
         graph.replay()
         return out

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_run_model, tiny_lora_model
+from conftest import families, make_tiny_run_model, tiny_lora_model
 
 import grpo
 import train
@@ -264,7 +264,34 @@ def test_graph_decoding_equals_eager_rollouts(arch, tmp_path):
             live = torch.tensor([True, i < 7, True], device="cuda")
             tok = b.argmax(-1)
             a, b = graphed.step(tok, live), eager.step(tok, live)
-    assert sorted(graphed.graphs) == [256, 280] and not eager.graphs
+    assert sorted(graphed.graphs) == [256, 280] and not eager.graphs and graphed.failed is None
+
+
+def test_a_capture_that_fails_leaves_the_rollout_eager_and_says_why(tmp_path, monkeypatch):
+    """If CUDA refuses a bucket's capture, that step and the rest run static but eagerly (the same tokens), and the
+    rollout's info and the run log's line say why; simulated here by a capture that raises."""
+    from conftest import make_hf_model
+    import formats
+    make_hf_model("llama", tmp_path / "hf")
+    m = formats.load_model(str(tmp_path / "hf")).eval()
+    init = model.Decoding.__init__
+
+    def capturing(self, *a, **k):
+        init(self, *a, **k)
+        self.capture = self.static  # (as on CUDA)
+
+    def refused(self, span):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+    prompts = [[5, 17, 33, 9], [41, 7]]
+    eager = grpo.rollout(m, prompts, 12, {3}, 0, temperature=1.0, seeds=[1, 2], graphs=False)
+    monkeypatch.setattr(model.Decoding, "__init__", capturing)
+    monkeypatch.setattr(model.Decoding, "captured", refused)
+    info = {}
+    assert grpo.rollout(m, prompts, 12, {3}, 0, temperature=1.0, seeds=[1, 2], graphs=True, info=info) == eager
+    assert info == {"graphs": False, "dense_base": False,
+                    "graphs_failed": "RuntimeError: CUDA error: operation not permitted when stream is capturing"}
+    line = grpo.rollout_line(m, grpo.GRPOConfig(), info)
+    assert line == "rollouts: decode step eager (its CUDA graph capture failed: " + info["graphs_failed"] + ")"
 
 
 def test_a_4bit_base_dequantized_once_samples_the_same_rollouts(tmp_path):
@@ -386,3 +413,54 @@ def test_qlora_and_full_fine_tuning_train(method, tmp_path):
     assert len(rows) == 2 and rows[0]["grad_norm"] > 0
     assert ("kl" in rows[-1]) == ("--beta" in method)
     assert os.path.isdir(out / ("adapter" if "--lora" not in method else "model"))
+
+
+# What a CUDA graph capture cannot hold: ops whose result the host must read (a sync), or a host tensor copied in.
+HOST_SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim", "bincount",
+              "repeat_interleave", "equal", "is_nonzero", "allclose", "item"}
+
+
+class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op dispatched inside it that would wait on (or copy from) the host on CUDA."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        if name in HOST_SYNCS or (name == "lift_fresh" and out.dim() > 0):  # (a 0-dim host tensor is a scalar)
+            self.seen.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("arch", families(STATIC + ["qlora"]))
+def test_the_static_decode_step_never_waits_on_the_host(arch, tmp_path, monkeypatch):
+    """CUDA graph capture fails on any op that waits on the host (.item(), nonzero, unique, a host tensor copied
+    in). The static step (model.Decoding.run) dispatches none, in bf16 with the experts on their CUDA path
+    (torch's grouped_mm, which the CPU has too), and on a 4-bit base with LoRA, dequantized per step or once."""
+    import formats
+    import kernels
+    import quant
+    from conftest import make_hf_model
+    grouped = kernels.moe_experts_grouped
+    monkeypatch.setattr(kernels, "moe_experts", lambda *a, **k: grouped(*a, **k))  # (the CUDA choice, on the CPU)
+    if arch == "qlora":
+        make_tiny_run_model(tmp_path)
+        m = tiny_lora_model(tmp_path, prepare=quant.prepare_4bit, dtype=torch.bfloat16)
+    else:
+        make_hf_model(arch, tmp_path / "hf")
+        m = formats.load_model(str(tmp_path / "hf"), dtype=torch.bfloat16)
+    m.eval()
+    assert model.static_decoding(m) is None
+    ids, mask = left_padded([3, 9, 6])
+    for dense in ((False, True) if arch == "qlora" else (False,)):
+        dec = model.Decoding(m, 3, 24, True, bucket=8)
+        with torch.no_grad(), quant.dense_base(m, dense):
+            tok = dec.prefill(ids, mask).argmax(-1)
+            for i in range(4):  # (past the first bucket's end, at 9 + 4 keys)
+                live = torch.tensor([True, True, i < 2])
+                with HostSyncs() as probe:
+                    tok = dec.step(tok, live).argmax(-1)
+                assert probe.seen == [], (arch, dense, i, probe.seen)
