@@ -9,6 +9,7 @@ templates, their Ollama (Go template) translations and the end-of-turn markers g
     tok.chat_template = resolve_template("llama3")                  # a built-in, a file, or inline Jinja2
 """
 import collections
+import functools
 import json
 import os
 import sys
@@ -34,25 +35,14 @@ class _RenderBound(Exception):
     pass
 
 
-def render_chat_template(template: str, messages: list, add_generation_prompt=False, **kwargs) -> str:
-    """Render a Jinja2 chat template in a sandbox, with the globals and filters transformers provides."""
-    import time
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str):
+    """`template` compiled once (compiling a long template costs more than rendering it) in its own sandboxed
+    environment; a render sets env.check, its bounds' counter."""
     from datetime import datetime
 
-    from jinja2 import TemplateError
     from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    lim, t0, steps = RENDER_LIMITS, time.monotonic(), [0]
-
-    def check(n_steps=0, chars=0):
-        steps[0] += n_steps
-        if steps[0] > lim["steps"]:
-            raise _RenderBound(f"{lim['steps']:,} steps")
-        if chars > lim["chars"]:
-            raise _RenderBound(f"{lim['chars']:,} characters")
-        if time.monotonic() - t0 > lim["seconds"]:
-            raise _RenderBound(f"{lim['seconds']:g} s")
 
     class Env(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(["*"])
@@ -60,16 +50,8 @@ def render_chat_template(template: str, messages: list, add_generation_prompt=Fa
         def call_binop(self, context, operator, left, right):
             if operator == "*" and isinstance(left, (str, list, tuple)) or isinstance(right, (str, list, tuple)):
                 n, seq = (right, left) if isinstance(left, (str, list, tuple)) else (left, right)
-                check(chars=len(seq) * n if isinstance(n, int) else 0)
+                self.check(chars=len(seq) * n if isinstance(n, int) else 0)
             return super().call_binop(context, operator, left, right)
-
-    def trace(frame, event, arg):  # (only the template's frames are traced line by line)
-        return step if frame.f_code.co_filename == "<template>" else None
-
-    def step(frame, event, arg):
-        if event == "line":
-            check(1)
-        return step
 
     def raise_exception(msg):
         raise NanotuneError(f"chat template: {msg}")
@@ -85,10 +67,39 @@ def render_chat_template(template: str, messages: list, add_generation_prompt=Fa
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env, env.from_string(template)
+
+
+def render_chat_template(template: str, messages: list, add_generation_prompt=False, **kwargs) -> str:
+    """Render a Jinja2 chat template in a sandbox, with the globals and filters transformers provides."""
+    import time
+
+    from jinja2 import TemplateError
+
+    lim, t0, steps = RENDER_LIMITS, time.monotonic(), [0]
+
+    def check(n_steps=0, chars=0):
+        steps[0] += n_steps
+        if steps[0] > lim["steps"]:
+            raise _RenderBound(f"{lim['steps']:,} steps")
+        if chars > lim["chars"]:
+            raise _RenderBound(f"{lim['chars']:,} characters")
+        if time.monotonic() - t0 > lim["seconds"]:
+            raise _RenderBound(f"{lim['seconds']:g} s")
+
+    def trace(frame, event, arg):  # (only the template's frames are traced line by line)
+        return step if frame.f_code.co_filename == "<template>" else None
+
+    def step(frame, event, arg):
+        if event == "line":
+            check(1)
+        return step
+
     where = f"the chat template starting {template[:40]!r}"
     traced = sys.gettrace() is None  # (a debugger's or coverage's hook is left alone)
     try:
-        compiled, out, n = env.from_string(template), [], 0
+        (env, compiled), out, n = _compiled(template), [], 0
+        env.check = check
         if traced:
             sys.settrace(trace)
         kwargs = {"tools": None, "documents": None, **kwargs}  # (as transformers passes them: `tools is none`)
