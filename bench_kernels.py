@@ -1,5 +1,5 @@
-"""bench.py --kernels: each Triton kernel against its PyTorch reference and torch.compile(reference), forward +
-backward time and memory at Llama-3.1-8B sizes (split from bench.py).
+"""bench.py --kernels: each Triton kernel against its PyTorch reference and torch.compile(reference), forward (+
+backward) time and memory at Llama-3.1-8B sizes (split from bench.py).
 
     python bench.py --kernels
 """
@@ -15,16 +15,21 @@ def bench_kernels():
     dev, dt = "cuda", torch.bfloat16
     N, C, I, V = 4 * 2048, 4096, 14336, 128256
 
+    def step(fn, xs):  # forward, then backward where the kernel has one
+        out = fn(*xs).float().sum()
+        if out.requires_grad:
+            out.backward()
+
     def timeit(fn, *xs):
         xs = [x.detach().requires_grad_(x.is_floating_point()) for x in xs]
         for _ in range(3):
-            fn(*xs).float().sum().backward()
+            step(fn, xs)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         for _ in range(10):
-            fn(*xs).float().sum().backward()
+            step(fn, xs)
         torch.cuda.synchronize()
         return (time.perf_counter() - t0) / 10 * 1e3, (torch.cuda.max_memory_allocated() - base) / 2**20
 
@@ -49,6 +54,9 @@ def bench_kernels():
         "rope q [4x32x2048x128]": (kernels.rope_triton, kernels.rope_ref, (q,), (cos, sin)),
         "chunk_scan [64 x 64 chunks of 64 x 128]": (lambda *a: cat(kernels.chunk_scan_triton(*a)),
                                                     lambda *a: cat(kernels.chunk_scan_ref(*a)), scan, ()),
+        "fp8_rows [8192x14336] x col scales": (lambda a, c: kernels.fp8_rows_triton(a, c)[0].view(torch.uint8),
+                                               lambda a, c: kernels.fp8_rows_ref(a, c)[0].view(torch.uint8),
+                                               (u.detach(), torch.rand(I, device=dev) + 0.5), ()),
         "linear_ce [8192x4096 -> 128256]": (kernels.linear_cross_entropy_triton,
                                             lambda a, b, yy: torch.nn.functional.cross_entropy(
                                                 (a @ b.t()).float(), yy, reduction="sum"), (h, W), (y,)),

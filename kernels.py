@@ -1674,13 +1674,14 @@ class _LoRALinear(torch.autograd.Function):
         A, sBs = (_CAST_CACHE if cache else lora_casts)(AB[:n], AB[n:], scalings, dt)  # [R, C], [O_i, r_i]
         x2 = x.reshape(-1, x.shape[-1])
         xa = x2 @ A.t()  # [N, R]
-        ys, start = [], 0
+        ys, start, x8 = [], 0, None
         for f, b, sB in zip(weight_fns, biases, sBs):
             r = sB.shape[1]
             if value:
                 w = f(dt)
-                if isinstance(w, Float8Weight):  # (an FP8 base: its GEMM in FP8, the bias and LoRA term added)
-                    y = base_matmul(x2, w)
+                if isinstance(w, Float8Weight):  # (an FP8 base: its GEMM in FP8, the bias and LoRA term added;
+                    x8 = x8 or fp8_rows(x2)  # x rounded to e4m3 once for all the projections that read it)
+                    y = fp8_matmul(x2, w, x8=x8)
                     y = y.add_(b.to(dt)) if b is not None else y
                 else:
                     y = torch.addmm(b.to(dt), x2, w.t()) if b is not None else x2 @ w.t()
@@ -1803,10 +1804,60 @@ class Float8Weight(NamedTuple):
         return (self.q.float() * self.scale[:, None]).to(dtype)
 
 
-def fp8_rows(t):
-    """t [N, K] -> (e4m3 [N, K], fp32 [N] scales): each row scaled so its largest magnitude is e4m3's largest."""
-    s = t.detach().abs().amax(1).float().clamp(min=1e-12) / E4M3_MAX
+def fp8_rows_ref(t, cols=None):
+    """t [N, K] (times cols [K], fp32 per-column scales, when given) -> (e4m3 [N, K], fp32 [N] scales): each row
+    scaled so its largest magnitude is e4m3's largest."""
+    t = t.detach() if cols is None else t.detach().float() * cols
+    s = t.abs().amax(1).float().clamp(min=1e-12) / E4M3_MAX
     return (t.float() / s[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), s
+
+
+# The same in one kernel, a program per row: a pass for the row's largest |x c|, a pass writing x c / s in e4m3
+# (PyTorch's version is six passes over fp32 temporaries, per GEMM operand: more time than the FP8 GEMM saves).
+# Rounded to nearest even on the bits, as PyTorch rounds (Triton's own cast differs from it in the interpreter):
+# a normal value (>= 2^-6) drops 20 of fp32's 23 mantissa bits, its exponent rebiased 127 -> 7; a subnormal one
+# rounds to a multiple of 2^-9 by one fp32 add of 2^14 (whose ulp is 2^-9).
+if triton is not None:
+    @triton.jit
+    def _fp8_rows_kernel(x_ptr, c_ptr, q_ptr, s_ptr, K, stride, BLOCK: tl.constexpr, COLS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + row * stride + k, mask=k < K, other=0.0).to(tl.float32)
+            if COLS:
+                v = v * tl.load(c_ptr + k, mask=k < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(v))
+        s = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), 448.0)
+        tl.store(s_ptr + row, s)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + row * stride + k, mask=k < K, other=0.0).to(tl.float32)
+            if COLS:
+                v = v * tl.load(c_ptr + k, mask=k < K, other=0.0)
+            v = tl.minimum(tl.maximum(tl.math.div_rn(v, s), -448.0), 448.0)
+            a = tl.abs(v)
+            b = a.to(tl.uint32, bitcast=True)
+            normal = ((b + 0x7FFFF + ((b >> 20) & 1)) >> 20) - (120 << 3)  # exponent (4 bits) and mantissa (3)
+            sub = (((a + 16384.0) - 16384.0) * 512.0).to(tl.uint32)  # m * 2^-9, m in 0..8 (8: the first normal)
+            bits = tl.where(a >= 0.015625, normal, sub) | ((v.to(tl.uint32, bitcast=True) >> 31) << 7)
+            tl.store(q_ptr + row * K + k, bits.to(tl.uint8), mask=k < K)
+
+
+def fp8_rows_triton(t, cols=None):
+    N, K = t.shape
+    q = torch.empty(N, K, dtype=E4M3, device=t.device)
+    s = torch.empty(N, dtype=torch.float32, device=t.device)
+    if N:
+        t = t if t.stride(1) == 1 else t.contiguous()
+        _fp8_rows_kernel[(N,)](t, t if cols is None else cols.float().contiguous(), q.view(torch.uint8), s, K,
+                               t.stride(0), BLOCK=min(2048, triton.next_power_of_2(max(K, 16))), COLS=cols is not None,
+                               enable_fp_fusion=False)
+    return q, s
+
+
+def fp8_rows(t, cols=None):
+    return fp8_rows_triton(t, cols) if _triton(t) else fp8_rows_ref(t, cols)
 
 
 def fp8_weight(w) -> Float8Weight:
@@ -1816,25 +1867,26 @@ def fp8_weight(w) -> Float8Weight:
 def fp8_matmul_ref(x, w: Float8Weight, transpose=True):
     """x W^T (transpose) or x W through the same e4m3 rounding as fp8_matmul, multiplied in fp32."""
     if transpose:
-        xq, sx = fp8_rows(x)
+        xq, sx = fp8_rows_ref(x)
         return ((xq.float() * sx[:, None]) @ w.dense(torch.float32).t()).to(x.dtype)
-    gq, sg = fp8_rows(x.float() * w.scale)
+    gq, sg = fp8_rows_ref(x, w.scale)
     return ((gq.float() * sg[:, None]) @ w.q.float()).to(x.dtype)
 
 
-def fp8_matmul(x, w: Float8Weight, transpose=True):
-    """x [N, C] W^T -> [N, O] (transpose), or x [N, O] W -> [N, C]: one torch._scaled_mm, in x's dtype. (On a GPU
-    the FP8 GEMM takes sides that are multiples of 16 and, with row scales, gives bf16: other shapes go through
-    the reference, other dtypes through a bf16 result.)"""
+def fp8_matmul(x, w: Float8Weight, transpose=True, x8=None):
+    """x [N, C] W^T -> [N, O] (transpose), or x [N, O] W -> [N, C]: one torch._scaled_mm, in x's dtype. x8: x's
+    fp8_rows, made once for the projections that share x (transpose only). (On a GPU the FP8 GEMM takes sides that
+    are multiples of 16 and, with row scales, gives bf16: other shapes go through the reference, other dtypes
+    through a bf16 result.)"""
     if x.is_cuda and (x.shape[0] % 16 or w.q.shape[0] % 16 or w.q.shape[1] % 16):
         return fp8_matmul_ref(x, w, transpose)
     out = torch.bfloat16 if x.is_cuda else x.dtype
     if not transpose:
-        gq, sg = fp8_rows(x.float() * w.scale)
+        gq, sg = fp8_rows(x, w.scale)
         ones = torch.ones(1, w.q.shape[1], device=x.device, dtype=torch.float32)
         y = torch._scaled_mm(gq, w.q.t().contiguous().t(), scale_a=sg[:, None], scale_b=ones, out_dtype=out)
     else:
-        xq, sx = fp8_rows(x)
+        xq, sx = x8 or fp8_rows(x)
         y = torch._scaled_mm(xq, w.q.t(), scale_a=sx[:, None], scale_b=w.scale[None, :].contiguous(), out_dtype=out)
     return y.to(x.dtype)
 

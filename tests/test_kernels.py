@@ -619,6 +619,27 @@ def test_the_installed_kernels_package_is_reached_through_nanotunes_file():
         kernels.no_such_name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [False, True])
+@pytest.mark.parametrize("N,K", [(5, 37), (3, 2600)])
+def test_fp8_rows_kernel_equals_torchs_rounding_bit_for_bit(dtype, cols, N, K):
+    """The FP8 operands' one-pass kernel (each row's scale, then x c / s rounded to e4m3 on the bits) gives
+    PyTorch's bytes and scales exactly: values across e4m3's range (448 and its subnormals below 2^-6 included,
+    ties to even), a zero row, a strided view, rows longer than one block (2,048), per-column scales or none."""
+    x = randn(N, K + 3, seed=2) * torch.logspace(-5, 0, K + 3, device=DEV)  # (magnitudes over 5 decades)
+    x[0, 2:8] = torch.tensor([448.0, 1.0625, -1.1875, 3 * 2**-10, 2**-10, -0.0], device=DEV)  # (row scale 1: ties
+    #                                            to even, 1.0625 -> 1, 1.1875 -> 1.25, 3 * 2^-10 -> 2^-8, 2^-10 -> 0)
+    x[1] = 0.0
+    x = x.to(dtype)[:, 2 : K + 2]  # (a view whose rows are strided)
+    c = (torch.rand(K, generator=torch.Generator().manual_seed(3)) + 0.5).to(DEV) if cols else None
+    q, s = kernels.fp8_rows_triton(x, c)
+    q_ref, s_ref = kernels.fp8_rows_ref(x, c)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    codes = q.view(torch.uint8) & 0x7F
+    assert (codes == 0x7E).any() and ((codes > 0) & (codes < 8)).any()  # (448 and subnormals were both made)
+    assert s[1] == 1e-12 / 448 and not q[1].float().any()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("transpose", [True, False])
 @pytest.mark.parametrize("N,C,O", [(37, 70, 45), (64, 96, 48)])
