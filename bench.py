@@ -29,6 +29,7 @@ import torch
 
 from cli import publish
 
+TIMED_OUT = "timed out"  # (run_worker: the step did not finish within --worker_timeout)
 LONG_TILE, LONG_HOST = 1 << 30, 100 << 30  # nanotune-long: MLP tiles within 1 GiB, offloaded block inputs in 100 GiB
 SHAPES = {  # Llama-3.1-8B, Llama-3.2-1B and SmolLM2-135M (the default model); tiny for a smoke run
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -487,13 +488,11 @@ def main():
         t0 = time.time()
         if a.max_context:  # the longest sequence that trains within the cap (batch 1), its tokens/s there
             seq, res = longest_context(lambda n: run_worker(cmd + ["--cap", str(a.max_context)], n, a, c), a.seq)
-            if res is None:
-                continue
-            res.update(max_context=seq, cap_gib=a.max_context)
+            res = res and dict(res, max_context=seq, cap_gib=a.max_context)
         else:
             res = run_worker(cmd, a.seq, a, c)
-            if res is None:
-                continue
+        if res is None or res is TIMED_OUT:
+            continue
         mfu = res["tokens_per_s"] * fpt / peak if peak and not a.rollout and not a.max_context else None
         res.update(shape=a.shape, mode=a.mode + ("+rollout" if a.rollout else "") +
                    (f"+fsdp{a.nproc}" if a.fsdp and c.startswith("nanotune") else "") +
@@ -552,13 +551,13 @@ def bench_cpu(a):
 
 
 def run_worker(cmd, seq, a, c):
-    """One contender's worker at `seq` tokens a row -> its RESULT, or None (out of memory, an error, too slow)."""
+    """One contender's worker at `seq` tokens a row -> its RESULT, None (out of memory, an error) or TIMED_OUT."""
     cmd = [*cmd[: cmd.index("--seq") + 1], str(seq), *cmd[cmd.index("--seq") + 2:]]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.worker_timeout)
     except subprocess.TimeoutExpired:
         print(f"{c} at {seq} tokens: skipped (over {a.worker_timeout} s)", flush=True)
-        return None
+        return TIMED_OUT
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         lines = r.stderr.strip().splitlines()
@@ -571,15 +570,15 @@ def run_worker(cmd, seq, a, c):
 
 def longest_context(trains, start, resolution=8192):
     """(the longest sequence n with trains(n) a result, that result): doubling from `start` until one fails, then
-    halving the gap down to `resolution` tokens; (0, None) when not even the shortest tried trains."""
+    halving the gap down to `resolution` tokens; (0, None) when not even the shortest tried trains. A length whose
+    step ran out of time stops the search: not knowing whether it fits, the result says it is a lower bound."""
     ok, bad, res, n = 0, None, None, start
-    while bad is None and n < 2**24:
+    while n:
         r = trains(n)
-        ok, res, n, bad = (n, r, 2 * n, None) if r else (ok, res, n, n)
-    while bad is not None and bad - ok > resolution:
-        mid = (ok + bad) // 2 // 256 * 256
-        r = trains(mid)
-        ok, res, bad = (mid, r, bad) if r else (ok, res, mid)
+        if r is TIMED_OUT:
+            return ok, res and dict(res, timed_out_at=n)
+        ok, res, bad = (n, r, bad) if r else (ok, res, n)
+        n = (2 * n if n < 2**23 else 0) if bad is None else (ok + bad) // 2 // 256 * 256 if bad - ok > resolution else 0
     return ok, res
 
 

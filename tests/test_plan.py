@@ -150,7 +150,8 @@ def test_plan_prints_and_writes_nothing_and_a_run_that_cannot_fit_stops_before_l
 
 def test_bench_max_context_search_finds_the_longest_length_that_trains():
     """bench.py --max_context's search: doubling from the start, then halving the gap to its resolution; the
-    result is a length that trained (with its row), never one that failed."""
+    result is a length that trained (with its row), never one that failed; a step that ran out of time stops the
+    search and marks the result a lower bound."""
     tried = []
 
     def trains(n):
@@ -159,6 +160,8 @@ def test_bench_max_context_search_finds_the_longest_length_that_trains():
     seq, res = bench.longest_context(trains, 32768)
     assert 345_000 - 8192 <= seq <= 345_000 and res == {"tokens": seq} and len(tried) < 12
     assert bench.longest_context(lambda n: None, 4096) == (0, None)
+    slow = lambda n: {"tokens": n} if n <= 100_000 else bench.TIMED_OUT  # noqa: E731  (a step over the time limit:
+    assert bench.longest_context(slow, 32768) == (65536, {"tokens": 65536, "timed_out_at": 131072})  # not "too big")
 
 
 
