@@ -7,6 +7,7 @@ table and config.json <-> Config live in families.py, the checkpoint's tensor na
     model = load_model("./Qwen2.5-0.5B", dtype=torch.bfloat16, device="cuda")
     save_hf(model, "out/model", tok)               # transformers loads it back
 """
+import functools
 import importlib.util
 import json
 import os
@@ -319,6 +320,15 @@ def is_gguf(path: str) -> bool:
 
 
 def read_gguf(path: str):
+    """(gguf's reader, the metadata as a dict) of a GGUF file; parsed once while the file is unchanged (its
+    reader spends seconds on a vocabulary's strings, and a run reads the file for the model and the tokenizer)."""
+    st = os.stat(path)
+    reader, meta = _read_gguf(os.path.abspath(path), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return reader, dict(meta)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_gguf(path: str, stamp: tuple):
     import gguf
     try:
         reader = gguf.GGUFReader(path)
