@@ -281,8 +281,29 @@ def families(names):
     return [n if n in FAST_FAMILIES else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
+_MADE = {}  # (arch, seed, overrides) -> (its saved files, the model, torch's RNG state after making it)
+
+
 def make_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides):
-    """A random tiny transformers model of `arch`, saved as safetensors in out_dir; returns the HF model."""
+    """A random tiny transformers model of `arch`, saved as safetensors in out_dir; returns the HF model. Made once
+    a session per arguments: later calls get a copy of its files and of the model, and the RNG state it left."""
+    import atexit
+    import copy
+    import shutil
+    import tempfile
+    key = (arch, seed, repr(sorted(overrides.items())))
+    if key not in _MADE:
+        saved = tempfile.mkdtemp(prefix="nanotune-hf-")
+        atexit.register(shutil.rmtree, saved, True)
+        m = _make_hf_model(arch, saved, seed, **overrides)
+        _MADE[key] = saved, m, torch.get_rng_state()
+    saved, m, rng = _MADE[key]
+    shutil.copytree(saved, out_dir, dirs_exist_ok=True)
+    torch.set_rng_state(rng)
+    return copy.deepcopy(m)
+
+
+def _make_hf_model(arch, out_dir, seed, **overrides):
     import transformers
     auto_register()
     cls_name, extra = ARCH_CONFIGS[arch]
