@@ -477,7 +477,8 @@ def gguf_tensors(reader, cfg: Config, where: str):
             raise NanotuneError(f"{where}: tensor {t.name!r} does not belong to a {cfg.model_type} model.")
         name = to_hf[t.name]
         shape = [int(x) for x in reversed(t.shape)]  # GGUF lists dims fastest-first
-        w = torch.from_numpy(quants.dequantize(t.data, t.tensor_type).astype("float32").reshape(shape))
+        w = quant.dequantize_gguf(t.data, t.tensor_type.name, shape) if t.tensor_type.name in quant.GGUF_BLOCKS else \
+            torch.from_numpy(quants.dequantize(t.data, t.tensor_type).astype("float32").reshape(shape))
         w = gguf_mixers.pair(cfg, halves, name, own[t.name][1], w) if t.name in own else from_gguf(cfg, name, w)
         for n, x in split_fused(cfg, name, w) if w is not None else ():  # (MLA's kv_b: once both halves are read)
             m = GGUF_EXPERTS.fullmatch(n)  # a stack of one projection -> per expert, for stack_experts

@@ -140,6 +140,25 @@ def dequantize_mxfp4_pairs(tensors):
             yield base, dequantize_mxfp4(p["blocks"], p["scales"]).transpose(1, 2)
 
 
+# GGUF's 32-weight blocks (the default model's GGUF is Q4_1 with a Q8_0 embedding): an fp16 scale d (Q4_1: and
+# an fp16 minimum m) before the codes. Q8_0: w = d q (int8). Q4_0: w = d (q - 8); Q4_1: w = d q + m, q 4-bit,
+# weight j < 16 in byte j's low nibble, weight j + 16 in its high one. Other types go through gguf's numpy code.
+GGUF_BLOCKS = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+
+
+def dequantize_gguf(data, kind: str, shape) -> torch.Tensor:
+    """A GGUF tensor's bytes [rows, row bytes] of type `kind` (a name in GGUF_BLOCKS) -> fp32 weights [shape]."""
+    b = torch.from_numpy(data.copy()).reshape(-1, GGUF_BLOCKS[kind])  # [blocks, bytes] (a memmap: read-only)
+    d = b[:, :2].contiguous().view(torch.float16).float()  # [blocks, 1]
+    if kind == "Q8_0":
+        w = d * b[:, 2:].contiguous().view(torch.int8).float()
+    else:
+        q = b[:, 4 if kind == "Q4_1" else 2:]
+        q = torch.cat([q & 15, q >> 4], 1).float()  # [blocks, 32]
+        w = d * q + b[:, 2:4].contiguous().view(torch.float16).float() if kind == "Q4_1" else d * (q - 8)
+    return w.reshape(shape)
+
+
 def dequantize_fp8_blocks(tensors, block=(128, 128)):
     """FP8 checkpoints (Qwen3 / DeepSeek-V3 FP8 releases, quant_method "fp8"): each e4m3 `<w>.weight` with its
     `<w>.weight_scale_inv` [ceil(O / b0), ceil(C / b1)] -> `<w>.weight` in fp32, W = q * scale of its block, one
