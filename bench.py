@@ -93,8 +93,7 @@ def shape_config(shape):
 
 
 def make_checkpoint(shape, path):
-    """One random-init checkpoint (HF layout, bf16) that every contender loads: N(0, 0.02) matrices,
-    norm weights 1."""
+    """One random-init checkpoint (HF layout, bf16) that every contender loads: N(0, 0.02) matrices, norm weights 1."""
     from formats import save_hf
     from model import Transformer
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -569,16 +568,18 @@ def run_worker(cmd, seq, a, c):
 
 
 def longest_context(trains, start, resolution=8192):
-    """(the longest sequence n with trains(n) a result, that result): doubling from `start` until one fails, then
-    halving the gap down to `resolution` tokens; (0, None) when not even the shortest tried trains. A length whose
-    step ran out of time stops the search: not knowing whether it fits, the result says it is a lower bound."""
+    """(the longest n with trains(n) a result, that result), (0, None) if none: doubling from `start` until one
+    fails, then halving the gap to `resolution`. A step out of time stops it: the result is marked a lower bound."""
     ok, bad, res, n = 0, None, None, start
     while n:
         r = trains(n)
         if r is TIMED_OUT:
             return ok, res and dict(res, timed_out_at=n)
         ok, res, bad = (n, r, bad) if r else (ok, res, n)
-        n = (2 * n if n < 2**23 else 0) if bad is None else (ok + bad) // 2 // 256 * 256 if bad - ok > resolution else 0
+        if bad is None:  # doubling
+            n = 2 * n if n < 2**23 else 0
+        else:  # halving the gap between the longest that trained and the shortest that failed
+            n = (ok + bad) // 2 // 256 * 256 if bad - ok > resolution else 0
     return ok, res
 
 
