@@ -219,7 +219,7 @@ def fold_gqa(q, k, v, mask, scale, drop=0.0):
     else:  # one per head (ALiBi's bias) [B, H, T, S] -> [B, KV, G * T, S]
         m = mask.expand(B, H, T, S).reshape(B, KV, G * T, S)
     y = F.scaled_dot_product_attention(q.reshape(B, KV, G * T, D), k, v, attn_mask=m, dropout_p=drop, scale=scale)
-    return y.view(B, H, T, D)
+    return y.reshape(B, H, T, D)  # (CUDA's kernels may return [B, G * T, KV, D] memory: a copy then)
 
 
 def attention_mask_for(B, T, offset, attention_mask, docs, window, device, chunk=None, pos=None, S=None):

@@ -178,6 +178,23 @@ def test_static_generation_equals_the_cached_one(arch, tmp_path):
         assert static == model.generate(m, prompt, 12, temperature, seed=seed) and len(static) == 12
 
 
+def test_attention_takes_sdpa_outputs_in_cuda_layout(tmp_path, monkeypatch):
+    """CUDA's SDPA kernels may return [B, H, T, D] laid out as [B, T, H, D] in memory. With it, a padded GQA batch
+    (the mask folded into the heads) gives the same logits; a view of that output fails (it did on the H100)."""
+    make_hf_model("llama", tmp_path / "hf")
+    m = formats.load_model(str(tmp_path / "hf"))
+    assert m.config.num_attention_heads != m.config.num_key_value_heads  # (GQA: attention.fold_gqa's path)
+    ids = torch.randint(3, 120, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        want = m(ids, attention_mask=mask)
+        sdpa = F.scaled_dot_product_attention
+        monkeypatch.setattr(F, "scaled_dot_product_attention",
+                            lambda *a, **k: sdpa(*a, **k).transpose(1, 2).contiguous().transpose(1, 2))
+        assert torch.equal(m(ids, attention_mask=mask), want)
+
+
 def test_gemma3_vision_language_checkpoint_loads_its_text_tower(tmp_path):
     """A Gemma3ForConditionalGeneration checkpoint (text under language_model., a vision tower beside it) loads
     as the text model: logits equal transformers' on text input; the vision tensors are left out."""
