@@ -1808,7 +1808,8 @@ def fp8_rows_ref(t, cols=None):
     """t [N, K] (times cols [K], fp32 per-column scales, when given) -> (e4m3 [N, K], fp32 [N] scales): each row
     scaled so its largest magnitude is e4m3's largest."""
     t = t.detach() if cols is None else t.detach().float() * cols
-    s = t.abs().amax(1).float().clamp(min=1e-12) / E4M3_MAX
+    amax = t.abs().amax(1).float().clamp(min=1e-12)  # (divided by a tensor: by a Python number, CUDA multiplies
+    s = amax / amax.new_tensor(E4M3_MAX)              # by its reciprocal, one ulp off the quotient at times)
     return (t.float() / s[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), s
 
 

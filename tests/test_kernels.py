@@ -634,7 +634,11 @@ def test_fp8_rows_kernel_equals_torchs_rounding_bit_for_bit(dtype, cols, N, K):
     c = (torch.rand(K, generator=torch.Generator().manual_seed(3)) + 0.5).to(DEV) if cols else None
     q, s = kernels.fp8_rows_triton(x, c)
     q_ref, s_ref = kernels.fp8_rows_ref(x, c)
-    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(s, s_ref), f"scales of rows {(s != s_ref).nonzero().flatten().tolist()} differ"
+    bad = (q.view(torch.uint8) != q_ref.view(torch.uint8)).nonzero()
+    assert not len(bad), f"{len(bad)} bytes differ, first (row, col, x / s, kernel, torch): " + str(
+        [(i, j, (x[i, j].float() * (c[j] if cols else 1) / s[i]).item(), hex(q.view(torch.uint8)[i, j].item()),
+          hex(q_ref.view(torch.uint8)[i, j].item())) for i, j in bad[:4].tolist()])
     codes = q.view(torch.uint8) & 0x7F
     assert (codes == 0x7E).any() and ((codes > 0) & (codes < 8)).any()  # (448 and subnormals were both made)
     assert s[1] == 1e-12 / 448 and not q[1].float().any()
@@ -653,7 +657,12 @@ def test_fp8_matmul_against_its_reference_and_the_fp64_truth(dtype, transpose, N
     got, ref = kernels.fp8_matmul(x, w, transpose), kernels.fp8_matmul_ref(x, w, transpose)
     assert got.dtype == dtype and got.shape == (N, O if transpose else C)
     tol = TOL[torch.bfloat16] if DEV == "cuda" else TOL[dtype]
-    assert (got.double() - ref.double()).abs().max() <= tol * ref.double().abs().max()
+    err = (got.double() - ref.double()).abs()
+    rows = kernels.fp8_rows(x, None if transpose else w.scale), kernels.fp8_rows_ref(x, None if transpose else w.scale)
+    assert err.max() <= tol * ref.double().abs().max(), (  # (what the next GPU run needs to see if it fails)
+        f"max error {err.max().item():.4f} at {divmod(err.argmax().item(), err.shape[1])}, of |ref| <= "
+        f"{ref.abs().max().item():.4f}; the operand's kernel and reference bytes differ in "
+        f"{(rows[0][0].view(torch.uint8) != rows[1][0].view(torch.uint8)).sum().item()} places")
     W = randn(O, C, seed=1).double() * 0.05  # (the weight before its own rounding)
     truth, size = (x.double() @ W.t(), x.double().abs() @ W.abs().t()) if transpose else \
         (x.double() @ W, x.double().abs() @ W.abs())
