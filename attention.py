@@ -202,9 +202,14 @@ class LatentAttention(nn.Module):
         q, k = torch.cat([q_nope, q_rot], -1), torch.cat([k_nope, k_rot.expand(B, H, S, self.dr)], -1)
         if qscale is not None:
             q = q * qscale
-        if isinstance(mask, kernels.PackedRows):  # (no varlen for these heads: the mask the rows stand for)
-            mask = None if mask.whole and mask.window is None else kernels.rows_mask(mask, B, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale)
+        if isinstance(mask, kernels.PackedRows) and not mask.whole and self.dv <= self.hd <= kernels.FLASH_MAX_HEAD:
+            # packed rows on a GPU: flash varlen, whose heads have one width: v padded to q's, the output cut back
+            y = kernels.varlen_attention(q, k, F.pad(v, (0, self.hd - self.dv)), mask, self.scale)[..., : self.dv]
+        else:
+            if isinstance(mask, kernels.PackedRows):  # (whole rows: causal; heads too wide: the mask they stand for)
+                mask = None if mask.whole and mask.window is None else kernels.rows_mask(mask, B, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.dv))
 
 

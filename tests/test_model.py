@@ -98,7 +98,7 @@ def test_packed_rows_train_like_separate_sequences(arch, tmp_path, monkeypatch):
     one: on a GPU through varlen flash attention (bf16; the test counts its calls), on CPU through
     the block-diagonal mask (fp32). mistral has a sliding window of 5, shorter than the documents; llama4_text
     chunks of 4 (on a GPU each chunk a varlen document); LFM2, Qwen3.5 and Granite 4.0-H reset their convolutions
-    and recurrent states at each document (on a GPU in bf16); DeepSeek-V3's latent attention takes the mask."""
+    and recurrent states at each document (on a GPU in bf16); DeepSeek-V3's latent attention too (v padded)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     make_hf_model(arch, tmp_path / "hf")
@@ -127,6 +127,35 @@ def test_packed_rows_train_like_separate_sequences(arch, tmp_path, monkeypatch):
     assert (packed - separate).abs().max() <= tol * separate.abs().max()
     if dev == "cuda" and kernels.varlen_usable(h, m.config, {None}):
         assert calls, "varlen attention was not used for packed rows on the GPU"
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "mistral4"])
+def test_latent_attention_packs_through_varlen_with_v_padded(arch, tmp_path, monkeypatch):
+    """Packed rows through latent attention on the varlen path (flash takes one head width: v, 12 wide, is padded to
+    q's 24 and the output cut back): the loss and every gradient equal the mask path's. The flash call is stood in
+    for by SDPA with the mask the rows stand for (the GPU runs the real one in the packed-rows test above)."""
+    make_hf_model(arch, tmp_path / "hf")
+    m = formats.load_model(str(tmp_path / "hf")).train()
+    m.varlen = True
+    ids = torch.randint(3, 120, (2, 12), generator=torch.Generator().manual_seed(0))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], list(range(7)) + list(range(5))])
+    widths = []
+
+    def flash(q, k, v, rows, scale):  # (what flash varlen computes: causal attention inside each document)
+        widths.append({q.shape[-1], k.shape[-1], v.shape[-1]})
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=kernels.rows_mask(rows, *q.shape[::2]), scale=scale)
+
+    def loss_and_grads():
+        m.zero_grad()
+        loss = (m(ids, position_ids=pos).float() ** 2).mean()
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+    want = loss_and_grads()
+    monkeypatch.setattr(kernels, "varlen_usable", lambda *a: True)
+    monkeypatch.setattr(kernels, "varlen_attention", flash)
+    got = loss_and_grads()
+    assert widths and all(w == {m.config.head_dim} for w in widths)
+    assert torch.allclose(got[0], want[0], rtol=1e-6) and torch.allclose(got[1], want[1], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("packed", [False, True])
