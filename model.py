@@ -159,9 +159,8 @@ class Config:
         return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
 
     def is_sliding(self, layer: int) -> bool:
-        if not self.sliding_window:
-            return False
-        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+        types = self.layer_types or ["sliding_attention"] * (layer + 1)
+        return bool(self.sliding_window) and types[layer] == "sliding_attention"
 
     def is_chunked(self, layer: int) -> bool:
         types = self.layer_types or [""] * (layer + 1)
@@ -177,9 +176,7 @@ class Config:
     def kv_source(self, layer: int) -> int | None:
         """Gemma 4: the earlier layer whose keys and values this one reuses, or None."""
         first = self.num_hidden_layers - self.num_kv_shared_layers
-        if layer < first:
-            return None
-        return max(i for i in range(first) if self.is_sliding(i) == self.is_sliding(layer))
+        return None if layer < first else max(i for i in range(first) if self.is_sliding(i) == self.is_sliding(layer))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,9 +246,6 @@ class Block(nn.Module):
         a = getattr(self, "self_attn", None) or getattr(self, "mixer", None)
         return a if isinstance(a, (Attention, LatentAttention)) else None
 
-    def mlp_norm(self, x):
-        return (self.pre_feedforward_layernorm if self.post else self.post_attention_layernorm)(x)
-
     def forward(self, x, cos, sin, mask, cache=None, ple=None, kv=None, k=None, v=None, qscale=None):
         """kv, k, v: Gemma 4's stored keys and values (a dict) and the ones this layer reuses (tensors: a checkpointed
         block's backward reaches the layer that made them); qscale: the queries' temperature (Attention.forward)."""
@@ -274,7 +268,8 @@ class Block(nn.Module):
             a = self.post_attention_layernorm(a)
         a = self.drop(a) if self.drop else a
         x = x + (a * self.mult if self.mult != 1 else a)
-        z, skip = self.mlp_norm(x) if self.pre else x, not self.post and self.mult == 1
+        z = (self.pre_feedforward_layernorm if self.post else self.post_attention_layernorm)(x) if self.pre else x
+        skip = not self.post and self.mult == 1
         y = self.mlp(z, residual=skip) if hasattr(self, "mlp") else 0
         y = y + self.shared_mlp(z, residual=skip) if hasattr(self, "shared_mlp") else y
         if hasattr(self, "experts"):
@@ -287,7 +282,6 @@ class Block(nn.Module):
             g = self.per_layer_projection(F.gelu(self.per_layer_input_gate(x), approximate="tanh") * ple)
             x = x + self.post_per_layer_input_norm(g)
         return x * self.layer_scalar if hasattr(self, "layer_scalar") else x
-
 
     def routed(self, r):
         """Gemma 4's experts on the block's MLP input r [B, T, C] (renormalised top-k of a softmax, times each
@@ -447,8 +441,7 @@ class Transformer(nn.Module):
         if not moes:
             return None
         stats, E = [m.router_stats for m in moes], self.config.num_experts
-        value = kernels.moe_aux_loss(stats, E)
-        rows = sum(r for _, _, r in stats)
+        value, rows = kernels.moe_aux_loss(stats, E), sum(r for _, _, r in stats)
         f = sum(c for c, _, _ in stats) / rows
 
         def scale(s):  # (None: add nothing)
@@ -479,8 +472,8 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None) -> int:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches p
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= top_p  # keep the smallest prefix whose mass reaches p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
@@ -502,12 +495,10 @@ def static_decoding(model):
 
 
 class Decoding:
-    """Decoding B rows over one preallocated KV cache [B, max_len] (generate, GRPO's rollouts): the prompts'
-    prefill, then one token per row a step. static: a step writes at a 0-dim position tensor and reads the cache
-    up to the end of its `bucket` (256 keys; the causal mask hides the rest), from inputs in fixed buffers, so on
-    CUDA each bucket's step is captured once as a CUDA graph and replayed (no per-kernel launch cost); elsewhere
-    it runs eagerly (the tests).
-    Not static, a step passes the attention mask only where the prompts were padded."""
+    """B rows over one preallocated KV cache [B, max_len] (generate, GRPO's rollouts): the prompts' prefill, then a
+    token per row a step. static: a step writes at a 0-dim position tensor and reads the cache up to its `bucket`'s
+    end (256 keys; the mask hides the rest) from fixed buffers: on CUDA each bucket's step is captured once as a CUDA
+    graph and replayed; elsewhere it runs eagerly. Not static, a step passes the mask only for padded prompts."""
 
     def __init__(self, model, B, max_len, static, bucket=256):
         self.model, self.static, self.max_len, self.bucket = model, static, max_len, bucket
@@ -556,16 +547,26 @@ class Decoding:
         return self.model.logits(self.model(self.tok, attention_mask=self.mask[:, :span], cache=self.cache)[:, -1])
 
     def captured(self, span):
-        """(a CUDA graph of run(span), its output buffer); one warm-up first on a side stream (Triton compiles,
-        cuBLAS workspaces), writing to the cache what the replay writes. The buckets share one memory pool."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.run(span)
-        torch.cuda.current_stream().wait_stream(side)
+        """(a CUDA graph of run(span), its output buffer) after a warm-up on a side stream (Triton compiles, cuBLAS
+        workspaces; host syncs made errors: what a capture refuses fails there). The buckets share one memory pool."""
+        side, stream, mode = torch.cuda.Stream(), torch.cuda.current_stream(), torch.cuda.get_sync_debug_mode()
+        side.wait_stream(stream)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.stream(side):
+                self.run(span)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+        stream.wait_stream(side)
         graph, self.pool = torch.cuda.CUDAGraph(), self.pool or torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.run(span)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.run(span)
+        except RuntimeError:  # (ending a failed capture, torch raises before it restores the stream and takes the
+            torch.cuda.set_stream(stream)  # RNG out of capture: later random ops would fail; both put back)
+            rng = torch.cuda.default_generators[stream.device.index]
+            rng.graphsafe_set_state(rng.clone_state())
+            raise
         return graph, out
 
 

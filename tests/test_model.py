@@ -207,6 +207,23 @@ def test_static_generation_equals_the_cached_one(arch, tmp_path):
         assert static == model.generate(m, prompt, 12, temperature, seed=seed) and len(static) == 12
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph capture")
+def test_a_failed_capture_leaves_the_process_usable(tmp_path, monkeypatch):
+    """A decode step that fails inside its CUDA graph capture (a host read made only while capturing: the warm-up
+    passes) runs eagerly with the same tokens, and the process goes on: the stream is the one before, and random
+    ops work (torch leaves the RNG in capture mode when ending a failed capture raises; the H100 saw it)."""
+    make_hf_model("llama", tmp_path / "hf")
+    m = formats.load_model(str(tmp_path / "hf"), dtype=torch.bfloat16, device="cuda").eval()
+    prompt = [3 + i % 117 for i in range(20)]
+    want, run = model.generate(m, prompt, 6), model.Decoding.run
+    monkeypatch.setattr(model.Decoding, "run", lambda self, span: (
+        torch.cuda.is_current_stream_capturing() and int(self.cache.at), run(self, span))[1])
+    stream = torch.cuda.current_stream()
+    assert model.generate(m, prompt, 6, graphs=True) == want
+    assert torch.cuda.current_stream() == stream
+    assert F.dropout(torch.ones(64, device="cuda"), 0.5).sum() > 0 and torch.randint(9, (4,), device="cuda").numel()
+
+
 def test_attention_takes_sdpa_outputs_in_cuda_layout(tmp_path, monkeypatch):
     """CUDA's SDPA kernels may return [B, H, T, D] laid out as [B, T, H, D] in memory. With it, a padded GQA batch
     (the mask folded into the heads) gives the same logits; a view of that output fails (it did on the H100)."""
