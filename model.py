@@ -378,10 +378,8 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if c.embed_scale:  # Gemma: sqrt(hidden) rounded to the activation dtype, as the reference does
             x = x * torch.tensor(c.hidden_size**0.5, dtype=x.dtype)
-        if c.embedding_multiplier != 1:  # Granite
-            x = x * c.embedding_multiplier
-        if c.embedding_dropout and self.training:
-            x = F.dropout(x, c.embedding_dropout)
+        x = x * c.embedding_multiplier if c.embedding_multiplier != 1 else x  # Granite
+        x = F.dropout(x, c.embedding_dropout) if c.embedding_dropout and self.training else x
         ple = self.model.per_layer_inputs(input_ids, x, c) if c.hidden_size_per_layer_input else None
         rope = self.rope_tables(position_ids, None if packed else S)
         need = attention_mask is not None or packed or (T > 1 and offset > 0) or c.alibi
@@ -502,6 +500,8 @@ class Decoding:
 
     def __init__(self, model, B, max_len, static, bucket=256):
         self.model, self.static, self.max_len, self.bucket = model, static, max_len, bucket
+        if static and (why := static_decoding(model)) and "recurrent" in why:  # (graphs=True asked of such a model)
+            raise ValueError(f"this model's decode step cannot run static: {why}; pass graphs=None (decided per model)")
         dev = model.inv_freq.device
         self.cache = KVCache(model.config, B, max_len, dev, model.lm_head.weight.dtype)
         self.mask = torch.zeros(B, max_len, dtype=torch.long, device=dev)  # [B, max_len] 1 = a real token

@@ -207,6 +207,17 @@ def test_static_generation_equals_the_cached_one(arch, tmp_path):
         assert static == model.generate(m, prompt, 12, temperature, seed=seed) and len(static) == 12
 
 
+@pytest.mark.parametrize("arch", ["granitemoehybrid", "qwen3_5_text"])
+def test_static_decoding_asked_of_a_recurrent_model_is_refused(arch, tmp_path):
+    """graphs=True (generate, GRPO's rollout) on a model whose SSM / linear-attention layers replace their states
+    each step is refused in one sentence saying why (it crashed inside Granite 4's Mamba2, or ran on)."""
+    make_hf_model(arch, tmp_path / "hf")
+    m = formats.load_model(str(tmp_path / "hf")).eval()
+    with pytest.raises(ValueError, match="cannot run static: its convolution / SSM / linear-attention layers"):
+        model.generate(m, [3, 4, 5], 2, graphs=True)
+    assert len(model.generate(m, [3, 4, 5], 2, graphs=None)) == 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph capture")
 def test_a_failed_capture_leaves_the_process_usable(tmp_path, monkeypatch):
     """A decode step that fails inside its CUDA graph capture (a host read made only while capturing: the warm-up
