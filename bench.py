@@ -20,6 +20,7 @@ import argparse
 import collections
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -330,7 +331,7 @@ def worker(a):
         with open(a.memory, "w") as f:
             f.write(memory_at_peak(torch.cuda.memory._snapshot()))
     print("RESULT " + json.dumps({"contender": a.worker, "step_s": step, "tokens_per_s": a.batch * a.seq / step,
-                                  "peak_gib": peak_gib(a.cpu), "loss_first": losses[0],
+                                  "peak_gib": peak_gib(a.cpu), "host_gib": peak_gib(True), "loss_first": losses[0],
                                   "loss_last": losses[-1], "trainable": sum(p.numel() for p in params)}), flush=True)
 
 
@@ -372,10 +373,8 @@ def rollout_worker(a, m, dev, sync):
 # ---------------------------------------------------------------------------------------------
 def peak_gib(cpu):
     """GPU: the allocator's peak; CPU: the process's peak resident memory (ru_maxrss is KiB on Linux)."""
-    if cpu:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return torch.cuda.max_memory_allocated() / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return rss if cpu else torch.cuda.max_memory_allocated() / 2**30
 
 
 def memory_at_peak(snap, top=40):
@@ -444,7 +443,7 @@ def main():
     p.add_argument("--rounds", type=int, default=2, help="--cpu: contenders alternate this many times")
     p.add_argument("--max_context", type=float, default=0, help="CAP_GIB: each contender's longest sequence (batch "
                    "1) that trains within CAP GiB, searched from --seq, and its tokens/s there")
-    p.add_argument("--cap", type=float, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--cap", type=float, default=0, help="CAP_GIB: one run at --seq within CAP GiB")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -488,8 +487,9 @@ def main():
         if a.max_context:  # the longest sequence that trains within the cap (batch 1), its tokens/s there
             seq, res = longest_context(lambda n: run_worker(cmd + ["--cap", str(a.max_context)], n, a, c), a.seq)
             res = res and dict(res, max_context=seq, cap_gib=a.max_context)
-        else:
-            res = run_worker(cmd, a.seq, a, c)
+        else:  # (--cap: one length within the cap, a --max_context probe: the worker reports its host peak too)
+            res = run_worker(cmd + ["--cap", str(a.cap)] * bool(a.cap), a.seq, a, c)
+            res = dict(res, cap_gib=a.cap) if a.cap and isinstance(res, dict) else res
         if res is None or res is TIMED_OUT:
             continue
         mfu = res["tokens_per_s"] * fpt / peak if peak and not a.rollout and not a.max_context else None
