@@ -235,21 +235,28 @@ def test_a_failed_capture_leaves_the_process_usable(tmp_path, monkeypatch):
     assert F.dropout(torch.ones(64, device="cuda"), 0.5).sum() > 0 and torch.randint(9, (4,), device="cuda").numel()
 
 
-def test_attention_takes_sdpa_outputs_in_cuda_layout(tmp_path, monkeypatch):
-    """CUDA's SDPA kernels may return [B, H, T, D] laid out as [B, T, H, D] in memory. With it, a padded GQA batch
-    (the mask folded into the heads) gives the same logits; a view of that output fails (it did on the H100)."""
-    make_hf_model("llama", tmp_path / "hf")
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "llama4_text", "deepseek_v3"])
+def test_attention_takes_sdpa_outputs_in_cuda_layout(arch, tmp_path, monkeypatch):
+    """CUDA's SDPA kernels may return [B, H, T, D] laid out as [B, T, H, D] in memory. With it, a padded batch
+    (GQA's mask folded into the heads; sliding, chunked and latent attention) gives the same logits and gradients;
+    a view of that output fails (it did on the H100)."""
+    make_hf_model(arch, tmp_path / "hf")
     m = formats.load_model(str(tmp_path / "hf"))
-    assert m.config.num_attention_heads != m.config.num_key_value_heads  # (GQA: attention.fold_gqa's path)
     ids = torch.randint(3, 120, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :4] = 0
-    with torch.no_grad():
-        want = m(ids, attention_mask=mask)
-        sdpa = F.scaled_dot_product_attention
-        monkeypatch.setattr(F, "scaled_dot_product_attention",
-                            lambda *a, **k: sdpa(*a, **k).transpose(1, 2).contiguous().transpose(1, 2))
-        assert torch.equal(m(ids, attention_mask=mask), want)
+
+    def run():
+        m.zero_grad()
+        h = m(ids, attention_mask=mask)
+        (h * mask[..., None]).square().sum().backward()
+        return h.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+    want = run()
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa(*a, **k).transpose(1, 2).contiguous().transpose(1, 2))
+    got = run()
+    assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
 
 
 def test_gemma3_vision_language_checkpoint_loads_its_text_tower(tmp_path):
