@@ -20,7 +20,7 @@ import argparse
 import collections
 import json
 import os
-import resource
+from resource import RUSAGE_SELF, getrusage
 import statistics
 import subprocess
 import sys
@@ -373,8 +373,7 @@ def rollout_worker(a, m, dev, sync):
 # ---------------------------------------------------------------------------------------------
 def peak_gib(cpu):
     """GPU: the allocator's peak; CPU: the process's peak resident memory (ru_maxrss is KiB on Linux)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return rss if cpu else torch.cuda.max_memory_allocated() / 2**30
+    return getrusage(RUSAGE_SELF).ru_maxrss / 2**20 if cpu else torch.cuda.max_memory_allocated() / 2**30
 
 
 def memory_at_peak(snap, top=40):
@@ -469,7 +468,7 @@ def main():
         make_checkpoint(a.shape, ckpt)
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     fpt = model_flops_per_token(SHAPES[a.shape], a.mode, a.seq)
-    rows = []
+    rows, cap = [], a.max_context or a.cap  # (--cap: one length within the cap, as a --max_context probe)
     for c in a.contenders.split(","):
         if c not in APPLIES[a.mode] and not c.startswith("nanotune"):
             continue
@@ -483,13 +482,13 @@ def main():
         if a.fsdp and c.startswith("nanotune"):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
                    *cmd[1:], "--fsdp"]
-        t0 = time.time()
+        t0, cmd = time.time(), cmd + (["--cap", str(cap)] if cap else [])
         if a.max_context:  # the longest sequence that trains within the cap (batch 1), its tokens/s there
-            seq, res = longest_context(lambda n: run_worker(cmd + ["--cap", str(a.max_context)], n, a, c), a.seq)
-            res = res and dict(res, max_context=seq, cap_gib=a.max_context)
-        else:  # (--cap: one length within the cap, a --max_context probe: the worker reports its host peak too)
-            res = run_worker(cmd + ["--cap", str(a.cap)] * bool(a.cap), a.seq, a, c)
-            res = dict(res, cap_gib=a.cap) if a.cap and isinstance(res, dict) else res
+            seq, res = longest_context(lambda n: run_worker(cmd, n, a, c), a.seq)
+            res = res and dict(res, max_context=seq)
+        else:
+            res = run_worker(cmd, a.seq, a, c)
+        res = dict(res, cap_gib=cap) if cap and isinstance(res, dict) else res
         if res is None or res is TIMED_OUT:
             continue
         mfu = res["tokens_per_s"] * fpt / peak if peak and not a.rollout and not a.max_context else None

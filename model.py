@@ -500,8 +500,8 @@ class Decoding:
 
     def __init__(self, model, B, max_len, static, bucket=256):
         self.model, self.static, self.max_len, self.bucket = model, static, max_len, bucket
-        if static and (why := static_decoding(model)) and "recurrent" in why:  # (graphs=True asked of such a model)
-            raise ValueError(f"this model's decode step cannot run static: {why}; pass graphs=None (decided per model)")
+        if static and any(layer.attention is None for layer in model.model.layers):  # (graphs=True asked of it)
+            raise ValueError(f"this model's decode step cannot run static: {static_decoding(model)}; pass graphs=None")
         dev = model.inv_freq.device
         self.cache = KVCache(model.config, B, max_len, dev, model.lm_head.weight.dtype)
         self.mask = torch.zeros(B, max_len, dtype=torch.long, device=dev)  # [B, max_len] 1 = a real token

@@ -657,12 +657,12 @@ def test_fp8_matmul_against_its_reference_and_the_fp64_truth(dtype, transpose, N
     got, ref = kernels.fp8_matmul(x, w, transpose), kernels.fp8_matmul_ref(x, w, transpose)
     assert got.dtype == dtype and got.shape == (N, O if transpose else C)
     tol = TOL[torch.bfloat16] if DEV == "cuda" else TOL[dtype]
-    err = (got.double() - ref.double()).abs()
-    rows = kernels.fp8_rows(x, None if transpose else w.scale), kernels.fp8_rows_ref(x, None if transpose else w.scale)
-    assert err.max() <= tol * ref.double().abs().max(), (  # (what the next GPU run needs to see if it fails)
+    err, cols = (got.double() - ref.double()).abs(), None if transpose else w.scale
+    assert err.max() <= tol * ref.double().abs().max(), (  # (what a GPU run needs to see if it fails)
         f"max error {err.max().item():.4f} at {divmod(err.argmax().item(), err.shape[1])}, of |ref| <= "
         f"{ref.abs().max().item():.4f}; the operand's kernel and reference bytes differ in "
-        f"{(rows[0][0].view(torch.uint8) != rows[1][0].view(torch.uint8)).sum().item()} places")
+        f"{(kernels.fp8_rows(x, cols)[0].view(torch.int8) != kernels.fp8_rows_ref(x, cols)[0].view(torch.int8)).sum()}"
+        " places")
     W = randn(O, C, seed=1).double() * 0.05  # (the weight before its own rounding)
     truth, size = (x.double() @ W.t(), x.double().abs() @ W.abs().t()) if transpose else \
         (x.double() @ W, x.double().abs() @ W.abs())
