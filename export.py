@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import formats
 import gguf_mixers
+import ggufread
 import lora
 from families import GGUF_LEADING_DENSE, GGUF_NORM_TOPK
 from names import adapter_names
@@ -283,12 +284,11 @@ def export_kquant(model, tok, out, qtype, overwrite):
         raise NanotuneError(f"{out} exists; pass --overwrite to replace it.")
     if os.path.lexists(out):
         check_replaceable(out, "gguf")
-    import gguf
     f16 = out + ".f16.tmp"
     if os.path.isfile(f16):  # (an interrupted export's own temp file)
         os.remove(f16)
     export_gguf(model, tok, f16, "f16")
-    rows = [int(t.shape[0]) for t in gguf.GGUFReader(f16).tensors if len(t.shape) > 1]  # ne0: the row length
+    rows = [int(t.shape[0]) for t in ggufread.read(f16).tensors if len(t.shape) > 1]  # ne0: the row length
     odd = sorted({r for r in rows if r % 256})
     if odd:  # k-quant blocks hold 256 values of a row; llama.cpp gives other rows a larger fallback type
         print(f"note: {qtype}: {sum(r % 256 != 0 for r in rows)} of {len(rows)} weight matrices have rows of "

@@ -17,6 +17,7 @@ import torch
 
 import dist
 import gguf_mixers
+import ggufread
 import quant
 import tokenizer
 from cli import NanotuneError, fresh_tmp, publish, read_json
@@ -320,8 +321,8 @@ def is_gguf(path: str) -> bool:
 
 
 def read_gguf(path: str):
-    """(gguf's reader, the metadata as a dict) of a GGUF file; parsed once while the file is unchanged (its
-    reader spends seconds on a vocabulary's strings, and a run reads the file for the model and the tokenizer)."""
+    """(ggufread.GGUFFile, its metadata as a dict) of a GGUF file; parsed once while the file is unchanged (a run
+    reads it for the model and for the tokenizer)."""
     st = os.stat(path)
     reader, meta = _read_gguf(os.path.abspath(path), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return reader, dict(meta)
@@ -329,15 +330,13 @@ def read_gguf(path: str):
 
 @functools.lru_cache(maxsize=2)
 def _read_gguf(path: str, stamp: tuple):
-    import gguf
     try:
-        reader = gguf.GGUFReader(path)
-        meta = {k: f.contents() for k, f in reader.fields.items()}
+        reader = ggufread.read(path)
     except Exception as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise NanotuneError(f"{path} could not be read as GGUF ({why}); "
                             "the file is truncated or corrupt: copy or download it again.")
-    return reader, meta
+    return reader, reader.meta
 
 
 def gguf_names(cfg: Config) -> dict:
@@ -487,7 +486,7 @@ def gguf_tensors(reader, cfg: Config, where: str):
                 yield from pair_expert_biases(biases, b[1], b[2], x)
                 continue
             yield from ((f"{m[1]}.{e}.{m[2]}.weight", x[e]) for e in range(len(x))) if m else [(n, x)]
-    yield from xielu_tensors(reader.fields)
+    yield from xielu_tensors(reader.meta)
 
 
 # GGUF writing (export.py --format gguf) ----------------------------------------------------------

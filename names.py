@@ -284,10 +284,10 @@ def xielu_arrays(cfg: Config, tensors) -> dict:
     return {f"xielu.{p}": [v[f"model.layers.{i}.mlp.act_fn.{p}"] for i in range(cfg.num_hidden_layers)] for p in XIELU}
 
 
-def xielu_tensors(fields: dict):
+def xielu_tensors(meta: dict):
     """The inverse of xielu_arrays, from a GGUF's metadata: (name, tensor) per layer and parameter."""
-    for p in XIELU if "xielu.alpha_p" in fields else ():
-        for i, x in enumerate(fields[f"xielu.{p}"].contents()):
+    for p in XIELU if "xielu.alpha_p" in meta else ():
+        for i, x in enumerate(meta[f"xielu.{p}"]):
             yield f"model.layers.{i}.mlp.act_fn.{p}", torch.tensor([x] if p.startswith("alpha") else x)
 
 

@@ -89,3 +89,10 @@ def test_chat_template_equals_transformers(ours, hf_tok, conv, gen):
     ids = hf_tok.apply_chat_template(conv, tokenize=True, add_generation_prompt=gen)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert tok.chat(conv, add_generation_prompt=gen) == list(ids)
+
+
+def test_ggufread_reads_what_ggufs_reader_reads(smollm_gguf):
+    """ggufread (nanotune's GGUF reader) against gguf's GGUFReader on the default model's file: every key's value
+    and type, every tensor's name, type, shape and bytes."""
+    from test_export import assert_same_as_ggufs_reader
+    assert_same_as_ggufs_reader(smollm_gguf)

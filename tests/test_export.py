@@ -155,6 +155,47 @@ def test_gguf_runs_in_llama_cpp_with_nanotunes_logits(arch, tmp_path):
             assert (mine.argmax(-1) == want.argmax(-1)).float().mean() >= Q8_TOP1.get(arch, 0.95), (arch, q)
 
 
+def assert_same_as_ggufs_reader(path):
+    import gguf
+    import numpy as np
+    import ggufread
+    theirs, ours = gguf.GGUFReader(path), ggufread.read(str(path))
+    want = {k: f.contents() for k, f in theirs.fields.items()}
+    assert list(ours.meta) == list(want)
+    for k, v in want.items():
+        got = ours.meta[k]
+        assert got == v and type(got) is type(v), k
+        assert not isinstance(v, list) or [type(x) for x in got] == [type(x) for x in v], k
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.tensor_type, a.shape) == (b.tensor_type, tuple(b.shape.tolist())), a.name
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape and np.array_equal(a.data, b.data), a.name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma4_text", "apertus", "qwen3_5_moe_text", "gpt_oss"])
+def test_ggufread_reads_what_ggufs_reader_reads(arch, tmp_path):
+    """ggufread against gguf's GGUFReader on files export writes: float and block types, per-layer arrays
+    (Gemma 4's sliding pattern of bools, Apertus' xIELU arrays), stacked experts, a recurrent mixer's tensors."""
+    m, tok = tiny_with_lora(arch, tmp_path / "base", **GGUF_ARCHS.get(arch, {}))
+    for q in ("f32", "f16", "bf16", "q8_0", "q4_1")[: 5 if arch == "llama" else 2]:
+        path = tmp_path / f"m-{q}.gguf"
+        export.export_gguf(m, tok, str(path), q)
+        assert_same_as_ggufs_reader(path)
+
+
+def test_ggufread_refuses_a_cut_file(tmp_path):
+    """A GGUF cut anywhere (in the header, the metadata, the tensor infos or the data) is refused in one sentence."""
+    m, tok = tiny_with_lora("llama", tmp_path / "base")
+    path = tmp_path / "m.gguf"
+    export.export_gguf(m, tok, str(path), "f16")
+    whole = path.read_bytes()
+    for n in (3, 20, len(whole) // 8, len(whole) // 2, len(whole) - 1):
+        cut = tmp_path / f"cut-{n}.gguf"
+        cut.write_bytes(whole[:n])
+        with pytest.raises(NanotuneError, match="could not be read as GGUF.*truncated or corrupt"):
+            formats.read_gguf(str(cut))
+
+
 def test_gguf_llama_cpp_would_run_differently_is_refused(tmp_path):
     """llama.cpp's exaone4 rotates every layer (measured: its logits equal nanotune's with RoPE everywhere, 3e-7,
     and differ by 0.03-0.1 with EXAONE 4.0's NoPE full layers); its olmoe clamps q, k, v elsewhere (0.16 off with

@@ -1,5 +1,6 @@
 """The memory planner (memory.plan, train.py --plan): its predicted peaks against the peaks bench.py measured on
 the GPU (results/bench.json), and what a run does with the plan."""
+import functools
 import json
 import os
 
@@ -20,9 +21,10 @@ from model import Transformer
 LONG = [("8b", "qlora", 1, 32768, 12.86), ("8b", "qlora", 1, 65536, 19.65), ("8b", "qlora", 1, 131072, 32.92)]
 
 
+@functools.lru_cache(maxsize=None)
 def bench_model(shape, mode):
     """bench.py's model of `shape` on the meta device, as its nanotune contender trains it (LoRA r16 on every
-    projection, NF4 base for qlora)."""
+    projection, NF4 base for qlora); built once per module (the planner only reads it)."""
     with torch.device("meta"):
         m = Transformer(config_from_hf({"model_type": "llama", **bench.SHAPES[shape]}, shape))
     m.to(torch.bfloat16)
