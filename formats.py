@@ -206,6 +206,10 @@ def load_model(path: str | None = None, dtype=torch.float32, device="cpu", prepa
                                 "bitsandbytes 4-bit (nf4), block-scaled FP8 (e4m3) and 16/32-bit checkpoints.")
         raw = quant.dequantize_mxfp4_pairs(iter_safetensors(safetensors_files(path)))  # (gpt-oss's MXFP4 experts)
         raw = quant.dequantize_fp8_blocks(raw, tuple(qc.get("weight_block_size") or (128, 128))) if fp8 else raw
+        if fp8 and prepare is quant.prepare_fp8:  # (measured on block scales spread like a release's: 2.7% of |W|)
+            print(f"warning: {path}: base_dtype float8 keeps one scale per row, so the checkpoint's block-scaled FP8 "
+                  "weights are rounded again (about as much error as its own FP8 rounding); base_dtype auto keeps "
+                  "its values exactly, in 16-bit.")
         tensors = stack_experts(cfg, (p for n, t in raw for p in split_fused(cfg, n, t)))
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -313,7 +313,7 @@ def test_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path):
         assert torch.equal(q.logits(q(ids)), quant.quantize_model(m).logits(m(ids)))
 
 
-def test_a_block_scaled_fp8_checkpoint_loads_one_tensor_at_a_time(tmp_path):
+def test_a_block_scaled_fp8_checkpoint_loads_one_tensor_at_a_time(tmp_path, capsys):
     """An FP8 release's layout (quant_method "fp8": e4m3 block weights with weight_scale_inv per 32 x 32 block here,
     partial blocks at the 112-wide edges): each weight loads as q times its block's scale, exactly; with
     prepare_fp8 (--base_dtype float8) it is re-rounded to row scales within e4m3's step; the model's logits follow
@@ -342,11 +342,15 @@ def test_a_block_scaled_fp8_checkpoint_loads_one_tensor_at_a_time(tmp_path):
     m = formats.load_model(str(tmp_path / "fp8"))
     got = formats.hf_state_dict(m)
     assert all(torch.equal(got[n], w) for n, w in want.items()) and len(want) == 14
+    assert "rounded again" not in capsys.readouterr().out
     m8 = formats.load_model(str(tmp_path / "fp8"), prepare=quant.prepare_fp8)
+    assert "base_dtype float8 keeps one scale per row, so the checkpoint's block-scaled FP8" in capsys.readouterr().out
     lin = m8.model.layers[1].mlp.up_proj
     assert type(lin) is quant.Linear8
     w, d = want["model.layers.1.mlp.up_proj.weight"], lin.dense_weight(torch.float32)
     assert ((d - w).abs() <= w.abs().amax(1, keepdim=True) / 16).all()
+    own = (w - sd["model.layers.1.mlp.up_proj.weight"].float()).norm()  # (the warning's "about as much again")
+    assert 0.5 < (d - w).norm() / own < 2
     ids = torch.randint(3, 128, (1, 9))
     ref = formats.load_model(str(tmp_path / "hf"))
     with torch.no_grad():
