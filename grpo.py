@@ -19,6 +19,8 @@ arXiv:2503.14476; GSPO arXiv:2507.18071), as TRL's GRPOTrainer aggregates it:
     dapo         sum over tokens / all completion tokens of the step; clip-higher (eps_high 0.28); groups whose
                  rewards are all equal are dropped (dynamic sampling; their share is logged)
 num_iterations mu > 1 replays each sampled batch mu times (old log-probs from when it was sampled).
+mask_truncated_completions: a completion cut at max_new_tokens (no stop token) trains no token but still counts
+as a completion (DAPO's overlong filtering, as TRL masks it); the share cut is logged either way (`truncated`).
 
 Data (JSONL): {"prompt": str | [messages]} or {"messages": [...]} (the prompt), optional "answer" and any other
 fields; every field reaches the reward functions. Rewards: built-ins numeric (the completion's last number equals
@@ -66,6 +68,7 @@ class GRPOConfig(TrainConfig):
     num_iterations: int = F_(1, "policy updates per sampled batch (mu)")
     scale_rewards: str | None = F_(None, "group | batch | none (default: none for dr_grpo, else group)")
     dynamic_sampling: bool | None = F_(None, "drop groups whose rewards are all equal (default: on for dapo)")
+    mask_truncated_completions: bool = F_(False, "completions cut at max_new_tokens train nothing (see above)")
     rewards: list = F_(["numeric", "format"], "reward functions: numeric | exact | format | length | path.py:fn")
     reward_weights: list = F_([1.0, 0.25], "one weight per reward")
     format_regex: str = F_(r"^\s*-?\d+\s*$", "the format reward: 1 when the whole completion matches")
@@ -337,8 +340,10 @@ class GRPO:
         per, r = score(self.rewards, self.weights, records, texts)
         adv, flat = advantages(r, G, self.scale)
         keep = (~flat if self.dynamic else torch.ones_like(flat)).repeat_interleave(G).float()
-        b = collate([{"input_ids": p + c, "labels": [IGNORE] * len(p) + c} for p, c in zip(prompts, comps)],
-                    tok.pad_id)
+        cut = [len(c) == cfg.max_new_tokens and c[-1] not in tok.stop_ids for c in comps]
+        mask = cfg.mask_truncated_completions
+        b = collate([{"input_ids": p + c, "labels": [IGNORE] * len(p) + ([IGNORE] * len(c) if mask and x else c)}
+                     for p, c, x in zip(prompts, comps, cut)], tok.pad_id)
         b = train.to_device(b, device)
         b.update(advantages=adv.to(device), keep=keep.to(device))
         if cfg.num_iterations > 1:  # (else the old log-probs are the new ones, detached)
@@ -346,6 +351,7 @@ class GRPO:
         if cfg.beta:
             b["ref"] = self.reference(b)
         stats = {"reward": r.sum(), "completion_len": torch.tensor(float(sum(map(len, comps)))),
+                 "truncated": torch.tensor(float(sum(cut))),
                  "groups_dropped": flat.float().sum() * G if self.dynamic else torch.tensor(0.0),
                  **{f"rewards/{name}": per[:, f].sum() for f, (name, _) in enumerate(self.rewards)}}
         return {**b, **{f"stat:{k}": v.to(device) for k, v in stats.items()}}

@@ -81,6 +81,7 @@ def test_policy_loss_equals_trls(kind):
     logp = -torch.rand(B, T, generator=g) * 3
     old, ref = logp + torch.randn(B, T, generator=g) * 0.3, logp + torch.randn(B, T, generator=g) * 0.5
     adv, mask = torch.randn(B, generator=g), (torch.rand(B, T, generator=g) > 0.3).float()
+    mask[1] = 0  # (a completion cut at max_new_tokens under mask_truncated_completions: counted, trains nothing)
     c = cfg_for(kind, beta=0.04)
     trainer = object.__new__(GRPOTrainer)  # only the attributes _compute_loss reads
     trainer.__dict__.update(
@@ -104,6 +105,32 @@ def test_policy_loss_equals_trls(kind):
     loss, _ = grpo.policy_loss(kind, logp, old, ref, adv, mask, c)
     count = mask.sum() if kind == "dapo" else B
     assert abs(float(loss.sum() / count) - float(got)) < 1e-5
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_mask_truncated_completions_trains_no_token_of_a_cut_completion(on, tmp_path, monkeypatch):
+    """A completion that reaches max_new_tokens without a stop token is cut; with mask_truncated_completions its
+    tokens leave the loss mask (the step's count then: TRL's), one that stops on the last token is not cut, and the
+    share cut is logged either way."""
+    make_tiny_run_model(tmp_path)
+    import formats
+    tok = formats.load_tokenizer(str(tmp_path))
+    m = tiny_lora_model(tmp_path).train()
+    cfg = train.parse_config(["--model", str(tmp_path), "--loss", "dapo", "--max_new_tokens", "4",
+                              "--num_generations", "4", "--mask_truncated_completions", str(on).lower(),
+                              "--output_dir", str(tmp_path / "o")], grpo.GRPOConfig)
+    stop = min(tok.stop_ids)
+    comps = [[7, 8, 9, 10], [7, stop], [7, 8, 9, stop], [11, 12, 13, 14]]  # cut, stopped, stopped at 4, cut
+    monkeypatch.setattr(grpo, "rollout", lambda model, prompts, *a: a[-1].update(graphs=False, dense_base=False) or [
+        list(c) for c in comps])  # (a: ..., info, which the run log's line reads)
+    monkeypatch.setattr(grpo, "score", lambda rewards, weights, records, texts: (
+        torch.zeros(4, 2), torch.tensor([1.0, 0.0, 0.5, 0.25])))
+    task = grpo.GRPO(cfg, m, tok)
+    b = task.sample([{"prompt_ids": tok.chat([{"role": "user", "content": "2+2?"}]), "index": 0, "record": {}}],
+                    tok, 0)
+    trained = (b["labels"][:, 1:] != IGNORE).sum(1).tolist()
+    assert trained == ([0, 2, 4, 0] if on else [4, 2, 4, 4])
+    assert task.count(b) == sum(trained) and float(b["stat:truncated"]) == 2
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
