@@ -300,6 +300,10 @@ class GRPO:
         self.scale = cfg.scale_rewards or ("none" if cfg.loss == "dr_grpo" else "group")
         self.dynamic = cfg.dynamic_sampling if cfg.dynamic_sampling is not None else cfg.loss == "dapo"
         self.calls, self.replay, self.said = 0, [], False
+        if cfg.mask_truncated_completions:  # (a masked step's gradient is 0 too)
+            self.stall = GRPO.stall + ("; or every completion ran to max_new_tokens and "
+                                       "mask_truncated_completions left it out (see `truncated` in the log; a "
+                                       "larger max_new_tokens lets them end)")
 
     def resume(self, step):
         """Rollout seeds follow the step, so a resumed run samples what the uninterrupted one would."""

@@ -15,6 +15,7 @@ import torch
 from conftest import families, make_tiny_run_model, tiny_lora_model
 
 import grpo
+import runs
 import train
 from cli import NanotuneError
 from data import IGNORE, collate
@@ -131,6 +132,11 @@ def test_mask_truncated_completions_trains_no_token_of_a_cut_completion(on, tmp_
     trained = (b["labels"][:, 1:] != IGNORE).sum(1).tolist()
     assert trained == ([0, 2, 4, 0] if on else [4, 2, 4, 4])
     assert task.count(b) == sum(trained) and float(b["stat:truncated"]) == 2
+    said = []  # (a step whose every completion is masked has a 0 gradient: the stall warning names it)
+    stall = runs.Stall(said.append, task)
+    for step in range(runs.Stall.STEPS):
+        stall.update(0.0, step)
+    assert ("mask_truncated_completions left it out" in said[0]) == on and "every advantage is 0" in said[0]
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
