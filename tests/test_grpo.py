@@ -132,6 +132,9 @@ def test_mask_truncated_completions_trains_no_token_of_a_cut_completion(on, tmp_
     trained = (b["labels"][:, 1:] != IGNORE).sum(1).tolist()
     assert trained == ([0, 2, 4, 0] if on else [4, 2, 4, 4])
     assert task.count(b) == sum(trained) and float(b["stat:truncated"]) == 2
+    loss, _ = task.loss(m, b)
+    loss.backward()  # (fully masked rows in the batch: a finite loss and gradient)
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
     said = []  # (a step whose every completion is masked has a 0 gradient: the stall warning names it)
     stall = runs.Stall(said.append, task)
     for step in range(runs.Stall.STEPS):
