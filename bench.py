@@ -28,10 +28,9 @@ import time
 
 import torch
 
+from bench_long import LONG_TILE, TIMED_OUT, long_settings, longest_context, meta_model, planned_longest
 from cli import publish
 
-TIMED_OUT = "timed out"  # (run_worker: the step did not finish within --worker_timeout)
-LONG_TILE, LONG_HOST = 1 << 30, 100 << 30  # nanotune-long: MLP tiles within 1 GiB, offloaded block inputs in 100 GiB
 SHAPES = {  # Llama-3.1-8B, Llama-3.2-1B and SmolLM2-135M (the default model); tiny for a smoke run
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
@@ -151,19 +150,6 @@ def model_flops_per_token(cfg, mode, seq):
     per_layer = h * q * 2 + h * kv * 2 + 3 * h * inter
     n = L * per_layer + h * cfg["vocab_size"]
     return (6 if mode == "full" else 4) * n + 6 * L * seq * q
-
-
-def long_settings(m, seq, cap_gib):
-    """nanotune-long: what train.py's planner (build.choose) chooses for one row of `seq` tokens with MLP tiles of
-    LONG_TILE and LONG_HOST of host memory, under the cap (0: the GPU's memory) -> (inputs kept on the GPU, k of
-    checkpoints every k blocks)."""
-    import build
-    import train
-    cap = cap_gib * 2**30 or torch.cuda.get_device_properties(0).total_memory
-    cfg = train.TrainConfig(max_len=seq, micro_batch_size=1, mlp_tile_mib=LONG_TILE / 2**20,
-                            host_memory_gib=LONG_HOST / 2**30)
-    kw = build.choose(cfg, m, torch.bfloat16, cap, None)[1]
-    return kw["keep"], kw["every"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +427,8 @@ def main():
     p.add_argument("--cpu", action="store_true", help="the default job on this CPU (see above)")
     p.add_argument("--rounds", type=int, default=2, help="--cpu: contenders alternate this many times")
     p.add_argument("--max_context", type=float, default=0, help="CAP_GIB: each contender's longest sequence (batch "
-                   "1) that trains within CAP GiB, searched from --seq, and its tokens/s there")
+                   "1) that trains within CAP GiB and its tokens/s there: nanotune-long's from its plan, the "
+                   "others' searched from --seq (bench_long.py)")
     p.add_argument("--cap", type=float, default=0, help="CAP_GIB: one run at --seq within CAP GiB")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -484,8 +471,9 @@ def main():
                    *cmd[1:], "--fsdp"]
         t0, cmd = time.time(), cmd + (["--cap", str(cap)] if cap else [])
         if a.max_context:  # the longest sequence that trains within the cap (batch 1), its tokens/s there
-            seq, res = longest_context(lambda n: run_worker(cmd, n, a, c), a.seq)
-            res = res and dict(res, max_context=seq)
+            plan = planned_longest(meta_model(shape_config(a.shape), a.mode), cap) if "-long" in c else 0
+            seq, res = longest_context(lambda n: run_worker(cmd, n, a, c), plan or a.seq, planned=bool(plan))
+            res = res and dict(res, max_context=seq, **({"planned": plan} if plan else {}))  # (nanotune-long: its plan)
         else:
             res = run_worker(cmd, a.seq, a, c)
         res = dict(res, cap_gib=cap) if cap and isinstance(res, dict) else res
@@ -564,22 +552,6 @@ def run_worker(cmd, seq, a, c):
         print(f"{c} at {seq} tokens: skipped ({err})", flush=True)
         return None
     return json.loads(line[7:])
-
-
-def longest_context(trains, start, resolution=8192):
-    """(the longest n with trains(n) a result, that result), (0, None) if none: doubling from `start` until one
-    fails, then halving the gap to `resolution`. A step out of time stops it: the result is marked a lower bound."""
-    ok, bad, res, n = 0, None, None, start
-    while n:
-        r = trains(n)
-        if r is TIMED_OUT:
-            return ok, res and dict(res, timed_out_at=n)
-        ok, res, bad = (n, r, bad) if r else (ok, res, n)
-        if bad is None:  # doubling
-            n = 2 * n if n < 2**23 else 0
-        else:  # halving the gap between the longest that trained and the shortest that failed
-            n = (ok + bad) // 2 // 256 * 256 if bad - ok > resolution else 0
-    return ok, res
 
 
 def save(path, gpu, rows, device_call=None):

@@ -9,13 +9,11 @@ import torch
 from conftest import ROOT, make_tiny_run_model
 
 import bench
+import bench_long
 import lora
 import memory
-import quant
 import train
 from cli import NanotuneError
-from families import config_from_hf
-from model import Transformer
 
 # #22's long-context table (8B QLoRA r16, batch 1, H200; measured before results/bench.json kept such rows)
 LONG = [("8b", "qlora", 1, 32768, 12.86), ("8b", "qlora", 1, 65536, 19.65), ("8b", "qlora", 1, 131072, 32.92)]
@@ -25,14 +23,7 @@ LONG = [("8b", "qlora", 1, 32768, 12.86), ("8b", "qlora", 1, 65536, 19.65), ("8b
 def bench_model(shape, mode):
     """bench.py's model of `shape` on the meta device, as its nanotune contender trains it (LoRA r16 on every
     projection, NF4 base for qlora); built once per module (the planner only reads it)."""
-    with torch.device("meta"):
-        m = Transformer(config_from_hf({"model_type": "llama", **bench.SHAPES[shape]}, shape))
-    m.to(torch.bfloat16)
-    if mode == "qlora":
-        quant.prepare_4bit(m)
-    if mode != "full":
-        lora.apply_lora(m, r=16, alpha=32)
-    return m
+    return bench_long.meta_model(bench.shape_config(shape), mode)
 
 
 def measured():
@@ -159,11 +150,31 @@ def test_bench_max_context_search_finds_the_longest_length_that_trains():
     def trains(n):
         tried.append(n)
         return {"tokens": n} if n <= 345_000 else None
-    seq, res = bench.longest_context(trains, 32768)
+    seq, res = bench_long.longest_context(trains, 32768)
     assert 345_000 - 8192 <= seq <= 345_000 and res == {"tokens": seq} and len(tried) < 12
-    assert bench.longest_context(lambda n: None, 4096) == (0, None)
-    slow = lambda n: {"tokens": n} if n <= 100_000 else bench.TIMED_OUT  # noqa: E731  (a step over the time limit:
-    assert bench.longest_context(slow, 32768) == (65536, {"tokens": 65536, "timed_out_at": 131072})  # not "too big")
+    assert bench_long.longest_context(lambda n: None, 4096) == (0, None)
+    slow = lambda n: {"tokens": n} if n <= 100_000 else bench_long.TIMED_OUT  # noqa: E731  (a step over the time limit:
+    assert bench_long.longest_context(slow, 32768) == (65536, {"tokens": 65536, "timed_out_at": 131072})  # not "too big")
+    tried.clear()  # from a plan (nanotune-long): the plan if it trains, else down by 1/16 until a length does
+    assert bench_long.longest_context(trains, 300_032, planned=True) == (300_032, {"tokens": 300_032}) and \
+        tried == [300_032]
+    tried.clear()
+    seq, res = bench_long.longest_context(trains, 393_216, planned=True)
+    assert tried == [393_216, 368_640, 345_600, 323_840] and seq == 323_840 and res == {"tokens": seq}
+
+
+def test_bench_starts_nanotune_long_at_the_planners_longest_row():
+    """--max_context's start for nanotune-long: the planner's longest row under the cap with its MLP tiles and host
+    budget (8B QLoRA: ~108k tokens in 16 GiB, ~203k in 24, ~393k in 40, ~796k in 80 with checkpoints every 2
+    blocks); at that length the settings it runs with fit the cap, and 1/16 more would not."""
+    m, G = bench_model("8b", "qlora"), memory.GIB
+    got = {cap: bench_long.planned_longest(m, cap) for cap in (16, 24, 40, 80)}
+    assert 100_000 < got[16] < 115_000 and 190_000 < got[24] < 215_000 and 370_000 < got[40] < 410_000
+    assert 750_000 < got[80] < 850_000 and all(n % 256 == 0 for n in got.values())
+    for cap, n in got.items():
+        keep, every = bench_long.long_settings(m, n, cap)
+        kw = dict(tile_bytes=bench_long.LONG_TILE, keep=keep, every=every)
+        assert memory.plan(m, 1, n, **kw)["gpu"] <= cap * G < memory.plan(m, 1, n * 17 // 16, **kw)["gpu"]
 
 
 
@@ -184,4 +195,4 @@ def test_bench_long_contender_chooses_as_the_planner_does():
     """bench.py's nanotune-long under an 80 GiB cap, 100 GiB of host: every block input kept at 131k (all on the
     host), the first 6 on the GPU at 500k, checkpoints every 2 blocks at 600k (all 16 inputs on the host)."""
     m = bench_model("8b", "qlora")
-    assert [bench.long_settings(m, T, 80) for T in (131072, 500_000, 600_000)] == [(0, 1), (6, 1), (0, 2)]
+    assert [bench_long.long_settings(m, T, 80) for T in (131072, 500_000, 600_000)] == [(0, 1), (6, 1), (0, 2)]
