@@ -21,6 +21,9 @@ arXiv:2503.14476; GSPO arXiv:2507.18071), as TRL's GRPOTrainer aggregates it:
 num_iterations mu > 1 replays each sampled batch mu times (old log-probs from when it was sampled).
 mask_truncated_completions: a completion cut at max_new_tokens (no stop token) trains no token but still counts
 as a completion (DAPO's overlong filtering, as TRL masks it); the share cut is logged either way (`truncated`).
+log_completions: every sampled completion, one JSON line each in OUTPUT_DIR/completions.jsonl (the step, the prompt
+as the model saw it, the completion, each reward function's value, the weighted reward, the advantage, cut or not;
+under torchrun the main rank's); a resumed run's file is first cut back to its checkpoint's step.
 
 Data (JSONL): {"prompt": str | [messages]} or {"messages": [...]} (the prompt), optional "answer" and any other
 fields; every field reaches the reward functions. Rewards: built-ins numeric (the completion's last number equals
@@ -28,6 +31,7 @@ the answer), exact (stripped text equals the answer), format (matches --format_r
 or path.py:function, called as function(record, completion) -> float.
 """
 import importlib.util
+import json
 import os
 import re
 import types
@@ -40,6 +44,7 @@ import dist
 import kernels
 import lora
 import quant
+import runs
 import train
 from cli import F_, NanotuneError, bundled, cli
 from data import IGNORE, collate, read_records
@@ -69,6 +74,7 @@ class GRPOConfig(TrainConfig):
     scale_rewards: str | None = F_(None, "group | batch | none (default: none for dr_grpo, else group)")
     dynamic_sampling: bool | None = F_(None, "drop groups whose rewards are all equal (default: on for dapo)")
     mask_truncated_completions: bool = F_(False, "completions cut at max_new_tokens train nothing (see above)")
+    log_completions: bool = F_(False, "write every sampled completion and its rewards to completions.jsonl")
     rewards: list = F_(["numeric", "format"], "reward functions: numeric | exact | format | length | path.py:fn")
     reward_weights: list = F_([1.0, 0.25], "one weight per reward")
     format_regex: str = F_(r"^\s*-?\d+\s*$", "the format reward: 1 when the whole completion matches")
@@ -299,7 +305,7 @@ class GRPO:
         self.weights = [float(w) for w in cfg.reward_weights]
         self.scale = cfg.scale_rewards or ("none" if cfg.loss == "dr_grpo" else "group")
         self.dynamic = cfg.dynamic_sampling if cfg.dynamic_sampling is not None else cfg.loss == "dapo"
-        self.calls, self.replay, self.said = 0, [], False
+        self.calls, self.replay, self.said, self.logged = 0, [], False, False
         if cfg.mask_truncated_completions:  # (a masked step's gradient is 0 too)
             self.stall = GRPO.stall + ("; or every completion ran to max_new_tokens and "
                                        "mask_truncated_completions left it out (see `truncated` in the log; a "
@@ -308,21 +314,24 @@ class GRPO:
     def resume(self, step):
         """Rollout seeds follow the step, so a resumed run samples what the uninterrupted one would."""
         self.calls = step * self.cfg.grad_accum
+        if self.cfg.log_completions and dist.is_main():  # (the killed run may have logged steps past its checkpoint)
+            runs.truncate_metrics(os.path.join(self.cfg.output_dir, "completions.jsonl"), step)
+            self.logged = True
 
     def collate(self, items, tok):
         """A micro-batch of rollouts; with num_iterations mu > 1 the step's micro-batches are sampled once and
         replayed mu - 1 more steps (the prompts the sampler hands over meanwhile are not used)."""
         ga, mu = self.cfg.grad_accum, self.cfg.num_iterations
-        k, seed = self.calls % (mu * ga), self.cfg.seed * 1_000_003 + self.calls
+        k, seed, step = self.calls % (mu * ga), self.cfg.seed * 1_000_003 + self.calls, self.calls // ga + 1
         self.calls += 1
         if k >= ga:
             return self.replay[k % ga]
-        b = self.sample(items, tok, seed)
+        b = self.sample(items, tok, seed, step)  # (step: the optimizer step it is sampled for, from 1)
         self.replay = (self.replay if k else []) + [b]
         return b
 
     @torch.no_grad()
-    def sample(self, items, tok, seed):
+    def sample(self, items, tok, seed, step=0):
         cfg, G, model = self.cfg, self.cfg.num_generations, self.model
         device = model.inv_freq.device
         seeds = [(seed * 1_000_003 + x["index"]) * 1024 + j for x in items for j in range(G)]  # (a row's own, so
@@ -345,6 +354,8 @@ class GRPO:
         adv, flat = advantages(r, G, self.scale)
         keep = (~flat if self.dynamic else torch.ones_like(flat)).repeat_interleave(G).float()
         cut = [len(c) == cfg.max_new_tokens and c[-1] not in tok.stop_ids for c in comps]
+        if cfg.log_completions and dist.is_main():
+            self.log_completions(step, [tok.decode(p, False) for p in prompts], texts, per, r, adv, cut)
         mask = cfg.mask_truncated_completions
         b = collate([{"input_ids": p + c, "labels": [IGNORE] * len(p) + ([IGNORE] * len(c) if mask and x else c)}
                      for p, c, x in zip(prompts, comps, cut)], tok.pad_id)
@@ -359,6 +370,17 @@ class GRPO:
                  "groups_dropped": flat.float().sum() * G if self.dynamic else torch.tensor(0.0),
                  **{f"rewards/{name}": per[:, f].sum() for f, (name, _) in enumerate(self.rewards)}}
         return {**b, **{f"stat:{k}": v.to(device) for k, v in stats.items()}}
+
+    def log_completions(self, step, prompts, texts, per, r, adv, cut):
+        """--log_completions: this batch's rows appended to completions.jsonl (a fresh run's file starts empty)."""
+        names = [name for name, _ in self.rewards]
+        with open(os.path.join(self.cfg.output_dir, "completions.jsonl"), "a" if self.logged else "w") as f:
+            for i, (p, t) in enumerate(zip(prompts, texts)):
+                row = {"step": step, "prompt": p, "completion": t, "reward": float(r[i]),
+                       "rewards": runs.finite_or_none(dict(zip(names, per[i].tolist()))),
+                       "advantage": float(adv[i]), "truncated": cut[i]}
+                f.write(json.dumps(runs.finite_or_none(row)) + "\n")
+        self.logged = True
 
     def logps(self, model, b):
         return model.run(token_logps, b).detach()

@@ -25,7 +25,8 @@ from cli import NanotuneError, default_of, fresh_tmp, publish, save_config, writ
 
 
 # what a run writes in output_dir: one of these there means the directory holds a run
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "model", "samples.json", "loss.png", "tb")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "model", "samples.json", "loss.png", "tb",
+             "completions.jsonl")
 
 
 # settings a resume may change: they do not change what is trained (the rest must match the checkpoint)

@@ -406,7 +406,9 @@ def test_default_job_runs_and_logs_rewards(tmp_path):
 
 def test_resume_samples_and_trains_as_the_uninterrupted_run(tmp_path):
     """A run resumed from its step-2 checkpoint samples the same rollouts (their seeds follow the step) and logs
-    the uninterrupted run's steps 3 and 4: rewards, loss and gradient norm."""
+    the uninterrupted run's steps 3 and 4: rewards, loss and gradient norm; with --log_completions (and gradient
+    accumulation) its completions.jsonl, cut back to the checkpoint's step first, ends equal to the uninterrupted
+    run's: every sampled completion once, under the step it was sampled for, with its rewards."""
     import shutil
     make_tiny_run_model(tmp_path / "m")
     with open(tmp_path / "p.jsonl", "w") as f:
@@ -415,7 +417,7 @@ def test_resume_samples_and_trains_as_the_uninterrupted_run(tmp_path):
     common = ["--model", str(tmp_path / "m"), "--datasets", str(tmp_path / "p.jsonl"), "--max_steps", "4",
               "--save_steps", "2", "--num_generations", "4", "--max_new_tokens", "5", "--lr", "1e-2",
               "--rewards", "length", "numeric", "--reward_weights", "1", "1", "--sample_prompts_file", "",
-              "--cache_dir", ""]
+              "--cache_dir", "", "--log_completions", "true", "--grad_accum", "2", "--micro_batch_size", "1"]
     grpo.main(common + ["--output_dir", str(tmp_path / "ref")])
     shutil.copytree(tmp_path / "ref", tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "adapter")
@@ -429,6 +431,16 @@ def test_resume_samples_and_trains_as_the_uninterrupted_run(tmp_path):
         return [{k: rows[s][k] for k in ("reward", "loss", "grad_norm", "completion_len")} for s in (3, 4)]
     assert steps(tmp_path / "run") == steps(tmp_path / "ref")
     assert steps(tmp_path / "ref")[0]["grad_norm"] > 0
+    logged = [list(map(json.loads, open(d / "completions.jsonl"))) for d in (tmp_path / "ref", tmp_path / "run")]
+    assert logged[0] == logged[1] and [r["step"] for r in logged[0]] == [s for s in (1, 2, 3, 4) for _ in range(8)]
+    for r in logged[0]:  # (2 micro-batches x 1 prompt x 4 completions a step)
+        assert r["reward"] == pytest.approx(r["rewards"]["length"] + r["rewards"]["numeric"])
+        assert r["prompt"].count("+ 1?") == 1 and isinstance(r["completion"], str) and isinstance(r["truncated"], bool)
+    by_step = {}
+    for r in logged[0]:
+        by_step.setdefault((r["step"], r["prompt"]), []).append(r)
+    for grp in by_step.values():  # group advantages (scale group): mean 0 within each prompt's 4 completions
+        assert len(grp) == 4 and abs(sum(r["advantage"] for r in grp)) < 1e-5
 
 
 @pytest.mark.parametrize("method", [["--load_in_4bit", "true"], ["--lora", "false", "--beta", "0.04"]],
