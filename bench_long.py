@@ -44,10 +44,8 @@ def long_settings(m, seq, cap_gib):
 def planned_longest(m, cap_gib):
     """nanotune-long's longest row (tokens, a multiple of 256) under a cap of cap_gib by the planner, with the
     choices long_settings makes at that length."""
-    import build
-    cfg = long_config(4096)
-    asked = {k: getattr(cfg, k) for k in ("mlp_tile_mib", "host_memory_gib")} | {"checkpoint_every": None}
-    return build.longest_chosen(cfg, asked, m, torch.bfloat16, cap_gib * 2**30, None) // 256 * 256
+    import build  # (long_config fixes the tiles and the host budget; checkpoint_every stays the planner's choice)
+    return build.longest_chosen(long_config(4096), {}, m, torch.bfloat16, cap_gib * 2**30, None) // 256 * 256
 
 
 def longest_context(trains, start, resolution=8192, planned=False):

@@ -315,7 +315,7 @@ class GRPO:
         """Rollout seeds follow the step, so a resumed run samples what the uninterrupted one would."""
         self.calls = step * self.cfg.grad_accum
         if self.cfg.log_completions and dist.is_main():  # (the killed run may have logged steps past its checkpoint)
-            runs.truncate_metrics(os.path.join(self.cfg.output_dir, "completions.jsonl"), step)
+            runs.truncate_log(os.path.join(self.cfg.output_dir, "completions.jsonl"), step)
             self.logged = True
 
     def collate(self, items, tok):

@@ -145,9 +145,9 @@ def clear_run(out):
         shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
 
 
-def truncate_metrics(path, step):
-    """A resumed run's metrics.jsonl keeps only the rows up to its checkpoint's step (the killed run may
-    have written more)."""
+def truncate_log(path, step):
+    """A resumed run's JSON-lines log (metrics.jsonl, grpo.py's completions.jsonl) keeps only the rows up to its
+    checkpoint's step (the killed run may have written more)."""
     if not os.path.isfile(path):
         return
     def row(ln):  # (a line cut short by a full disk or a kill is dropped)

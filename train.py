@@ -279,7 +279,7 @@ def fit(cfg, model, tok, rows, eval_rows, task, device):
         start = runs.load_checkpoint(ckpt, model, opt, sched, sampler)
         getattr(task, "resume", lambda step: None)(start)  # (grpo.py: its rollout seeds follow the step)
         if dist.is_main():
-            runs.truncate_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start)
+            runs.truncate_log(os.path.join(cfg.output_dir, "metrics.jsonl"), start)
         log(f"resumed from {ckpt} at step {start}")
 
     prompts = [] if dist.is_dist() else list(cfg.sample_prompts) + data.read_prompts(cfg.sample_prompts_file)
