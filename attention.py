@@ -2,6 +2,7 @@
 windows, sinks, softcaps, Gemma 4's shared keys and values), its boolean masks and the KV cache. model.py builds
 the blocks around it; `cfg` is model.Config (read by attribute only, so this file imports no model code)."""
 import collections
+import copy
 
 import torch
 import torch.nn as nn
@@ -266,6 +267,13 @@ class KVCache:
         self.v = [None if cfg.latent or k is None else torch.zeros_like(k) for k in self.k]
         self.pos, self.states = 0, collections.defaultdict(dict)  # (states: LFM2's convolution layers', by index)
         self.at, self.span = None, None
+
+    def rows(self, r0, r1):
+        """Rows r0:r1 as a cache of their own (views: a forward's keys and values land in this cache's buffers) at
+        this cache's position (Decoding.prefill in row chunks; a recurrent state would stay in the view)."""
+        view = copy.copy(self)
+        view.k, view.v = ([None if t is None else t[r0:r1] for t in kv] for kv in (self.k, self.v))
+        return view
 
     def update(self, layer, k, v):
         T = k.shape[2]

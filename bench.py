@@ -325,8 +325,8 @@ def worker(a):
 def rollout_worker(a, m, dev, sync):
     """--rollout N: a GRPO step's sampling, `batch` rows of `seq` random prompt tokens each continued by exactly N
     sampled tokens (no stop), after a 4-token warm-up: nanotune's grpo.rollout (KV cache; on CUDA its decode step
-    replayed as CUDA graphs, nanotune-eager without) or transformers' generate, the same checkpoint with LoRA on (NF4
-    base for qlora)."""
+    replayed as CUDA graphs, nanotune-eager without; nanotune-dense: the 4-bit base dequantized once per rollout) or
+    transformers' generate, the same checkpoint with LoRA on (NF4 base for qlora)."""
     ids = torch.randint(0, SHAPES[a.shape]["vocab_size"], (a.batch, a.seq), device=dev,
                         generator=torch.Generator(device=dev).manual_seed(0))
     if a.worker.startswith("nanotune"):
@@ -342,7 +342,7 @@ def rollout_worker(a, m, dev, sync):
     times, how = [], {}  # (how: nanotune's choices, CUDA graphs and a dequantized base)
     for n in (4, a.rollout):
         out, t = timed(lambda: grpo.rollout(m, ids.tolist(), n, set(), 0, seeds=range(a.batch), graphs=False if (
-            "-eager" in a.worker) else None, info=how) if a.worker.startswith(
+            "-eager" in a.worker) else None, dense="-dense" in a.worker, info=how) if a.worker.startswith(
             "nanotune") else m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
                                         max_new_tokens=n, min_new_tokens=n, pad_token_id=0)[:, a.seq:].tolist())
         times.append(t)

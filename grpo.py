@@ -52,6 +52,7 @@ from model import Decoding, static_decoding
 from train import TrainConfig
 
 LOSSES = ("grpo", "dr_grpo", "dapo", "gspo")
+PREFILL_TOKENS = 16384  # a rollout's prompts prefill this many tokens per forward (whole rows; 8B's gate/up: 0.9 GiB)
 
 
 @dataclass
@@ -65,8 +66,8 @@ class GRPOConfig(TrainConfig):
     top_p: float = F_(1.0, "nucleus sampling of the rollouts")
     top_k: int = F_(0, "top-k sampling of the rollouts (0: off)")
     decode_graphs: bool = F_(True, "on CUDA, replay the rollouts' decode step as a CUDA graph per 256 cached tokens")
-    rollout_dense_base: bool | None = F_(None, "dequantize a 4-bit base once per rollout, not at every decode step "
-                                         "(default: on CUDA when it fits in 0.8 of the free GPU memory)")
+    rollout_dense_base: bool = F_(False, "dequantize a 4-bit base once per rollout, not at every decode step (faster "
+                                  "decoding; a 16-bit copy of the base held through the rollout)")
     epsilon: float | None = F_(None, "clip range below 1 (default: 0.2; GSPO 3e-4)")
     epsilon_high: float | None = F_(None, "clip range above 1 (default: epsilon; DAPO 0.28, GSPO 4e-4)")
     beta: float = F_(0.0, "KL weight toward the reference (adapters off); 0 skips the reference pass, as TRL")
@@ -173,23 +174,15 @@ def sample_rows(logits, temperature, top_k, top_p, generators):
     return (logits.softmax(-1) / e).argmax(-1)
 
 
-def dense_fits(model) -> bool:
-    """Whether the 4-bit base, dequantized once (quant.dense_base), fits in 0.8 of the GPU memory free now."""
-    need = quant.dense_bytes(model)
-    if not need or model.inv_freq.device.type != "cuda" or dist.world() > 1:  # (FSDP: the weights are sharded)
-        return False
-    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-    return need < 0.8 * free
-
-
 @torch.no_grad()
 def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0, seeds=None,
-            graphs=None, dense=None, info=None):
+            graphs=None, dense=False, info=None):
     """Prompt id lists -> completion id lists (through the first stop id, if hit); seeds: one per row (sampling).
     The prompts are left-padded and masked; RoPE sees each row shifted by its padding, which changes no score
     (relative positions). graphs: decode static (Decoding; CUDA graphs on CUDA); None: on CUDA where the model
-    allows (static_decoding). dense: a 4-bit base dequantized once for the rollout; None: where it fits
-    (dense_fits). info (a dict) gets both choices."""
+    allows (static_decoding). dense: a 4-bit base dequantized once for the rollout. The prompts prefill
+    PREFILL_TOKENS at a time (whole rows; one forward under torchrun, whose forward is collective). info (a dict)
+    gets the choices."""
     device = model.inv_freq.device
     if graphs is None:
         graphs = device.type == "cuda" and static_decoding(model) is None and dist.world() == 1
@@ -197,7 +190,7 @@ def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, t
     ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
     dec = Decoding(model, B, L + max_new_tokens, graphs)
-    dense = dense_fits(model) if dense is None else dense and quant.dense_bytes(model) > 0
+    dense = dense and quant.dense_bytes(model) > 0
     if info is not None:
         info.update(graphs=graphs, dense_base=dense)
     stops = torch.tensor(sorted(stop_ids), device=device)
@@ -205,7 +198,7 @@ def rollout(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, t
     gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     done, out = torch.zeros(B, dtype=torch.bool, device=device), []
     with quant.dense_base(model, dense):
-        logits = dec.prefill(ids, mask)
+        logits = dec.prefill(ids, mask, max(1, PREFILL_TOKENS // L) if dist.world() == 1 else None)
         for i in range(max_new_tokens):
             nxt = sample_rows(logits, temperature, top_k, top_p, gens)
             out.append(torch.where(done, pad_id, nxt))
@@ -228,8 +221,11 @@ def rollout_line(model, cfg, info):
     why = "--decode_graphs false" if not cfg.decode_graphs else failed or static_decoding(model) or (
         "under torchrun each step's sharded forward is collective" if dist.world() > 1 else "CUDA graphs need CUDA")
     line = "rollouts: decode step " + ("replayed as CUDA graphs" if info["graphs"] else f"eager ({why})")
+    gib = quant.dense_bytes(model) / 2**30
     if info["dense_base"]:
-        line += f"; the 4-bit base dequantized once per rollout ({quant.dense_bytes(model) / 2**30:.1f} GiB)"
+        line += f"; the 4-bit base dequantized once per rollout ({gib:.1f} GiB)"
+    elif gib:
+        line += f"; the 4-bit base dequantized at every step (--rollout_dense_base true: once, {gib:.1f} GiB)"
     return line
 
 
@@ -480,6 +476,9 @@ def check(cfg):
     if cfg.rollout_dense_base and not cfg.load_in_4bit:
         raise NanotuneError("--rollout_dense_base true dequantizes a 4-bit base, and this run's base is not 4-bit; "
                             "drop it or add --load_in_4bit true.")
+    if cfg.rollout_dense_base and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise NanotuneError("--rollout_dense_base true dequantizes the whole base on each GPU, and under torchrun each "
+                            "holds a shard of it; drop it.")
 
 
 def main(argv=None):

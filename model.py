@@ -441,15 +441,14 @@ class Transformer(nn.Module):
         stats, E = [m.router_stats for m in moes], self.config.num_experts
         value, rows = kernels.moe_aux_loss(stats, E), sum(r for _, _, r in stats)
         f = sum(c for c, _, _ in stats) / rows
-
         def scale(s):  # (None: add nothing)
             for m in moes:
                 m.aux_grad["grad"] = None if s is None else (s * E / rows) * f
         return value, scale
 
     def run(self, fn, *args, **kwargs):
-        """fn(self, *args) as part of this module's forward (dist.py registers `run` as an FSDP forward method: root
-        parameters such as lm_head are gathered while a loss that owns the head uses them); fn calls model.forward."""
+        """fn(self, *args) inside this module's forward: dist.py registers `run` as an FSDP forward method (lm_head is
+        gathered while a loss that owns the head uses it); fn calls model.forward."""
         return fn(self, *args, **kwargs)
 
     def logits(self, h):
@@ -469,8 +468,7 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None) -> int:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        p = sorted_logits.softmax(-1)
+        p, order = torch.sort(logits.softmax(-1), descending=True)
         drop = p.cumsum(-1) - p >= top_p  # keep the smallest prefix whose mass reaches p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
@@ -509,12 +507,16 @@ class Decoding:
         self.capture, self.graphs, self.pool = static and dev.type == "cuda", {}, None
         self.failed = None  # why a capture failed (the steps then run static but eagerly)
 
-    def prefill(self, ids, mask=None):
+    def prefill(self, ids, mask=None, rows=None):
         """Prompts [B, L] (left-padded, mask [B, L]; None: none padded, and no row will stop while another goes on)
-        -> the last position's logits [B, V]."""
-        self.pos, self.padded = ids.shape[1], mask is not None
+        -> the last position's logits [B, V]. rows: that many per forward (a lower peak) where no layer is recurrent."""
+        (B, self.pos), self.padded = ids.shape, mask is not None
         self.mask[:, : self.pos] = 1 if mask is None else mask
-        return self.model.logits(self.model(ids, attention_mask=mask, cache=self.cache)[:, -1])
+        n = rows if rows and all(layer.attention is not None for layer in self.model.model.layers) else B
+        h = [self.model(ids[r : r + n], attention_mask=None if mask is None else mask[r : r + n],
+                        cache=self.cache.rows(r, r + n) if n < B else self.cache)[:, -1] for r in range(0, B, n)]
+        self.cache.pos = self.pos
+        return self.model.logits(torch.cat(h))
 
     def step(self, tok, live):
         """The next token of every row [B] (live: the rows it is real in) -> the logits after it [B, V]."""
@@ -581,9 +583,7 @@ def generate(model: Transformer, prompt_ids, max_new_tokens=256, temperature=0.0
     if graphs is None:
         graphs = device.type == "cuda" and static_decoding(model) is None
     ids, out = list(prompt_ids), []
-    if max_new_tokens < 1:
-        return out
-    dec = Decoding(model, 1, len(ids) + max_new_tokens, graphs) if use_cache else None
+    dec = Decoding(model, 1, len(ids) + max_new_tokens, graphs) if use_cache and max_new_tokens > 0 else None
     logits = dec.prefill(torch.tensor([ids], device=device))[0] if dec else None
     for i in range(max_new_tokens):
         if not dec:

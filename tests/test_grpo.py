@@ -237,7 +237,8 @@ def left_padded(lengths, seed=0):
 def test_static_decode_steps_equal_eager_ones(arch, tmp_path):
     """The decode step a CUDA graph replays (the position a tensor, the cache read up to a 4-key bucket's end, the
     inputs in fixed buffers; run eagerly here) gives the eager step's logits (1e-5, fp32) at every step across
-    bucket ends and past the sliding windows and chunks, rows finishing at different steps, padded prompts."""
+    bucket ends and past the sliding windows and chunks, rows finishing at different steps, padded prompts; and so
+    does a decoder whose prompts prefilled in row chunks (2 rows, then 1)."""
     from conftest import make_hf_model
     import formats
     make_hf_model(arch, tmp_path / "hf")
@@ -246,13 +247,15 @@ def test_static_decode_steps_equal_eager_ones(arch, tmp_path):
     ids, mask = left_padded([3, 9, 6])
     N = 14
     eager, static = model.Decoding(m, 3, 9 + N, False), model.Decoding(m, 3, 9 + N, True, bucket=4)
+    rows = model.Decoding(m, 3, 9 + N, False)
     with torch.no_grad():
-        a, b = eager.prefill(ids, mask), static.prefill(ids, mask)
+        a, b, r = eager.prefill(ids, mask), static.prefill(ids, mask), rows.prefill(ids, mask, rows=2)
         for i in range(N - 1):
             assert (a - b).abs().max() < 1e-5 * max(1.0, float(a.abs().max())), (arch, i)
+            assert (a - r).abs().max() < 1e-5 * max(1.0, float(a.abs().max())), (arch, i)
             live = torch.tensor([True, i < 5, i < 9])
             tok = a.argmax(-1)
-            a, b = eager.step(tok, live), static.step(tok, live)
+            a, b, r = eager.step(tok, live), static.step(tok, live), rows.step(tok, live)
     assert static.cache.span == 9 + N and (static.cache.at == 9 + N - 2).all()  # (it reached the last bucket)
 
 
@@ -348,9 +351,22 @@ def test_a_4bit_base_dequantized_once_samples_the_same_rollouts(tmp_path):
         runs = [grpo.rollout(m, prompts, 10, {3}, 0, temperature, seeds=[1, 2, 3], graphs=graphs, dense=d, info=info)
                 for d in (False, True)]
         assert runs[0] == runs[1] and info == {"graphs": graphs, "dense_base": True}
+        gib = f"{quant.dense_bytes(m) / 2**30:.1f} GiB"
+        line = grpo.rollout_line(m, grpo.GRPOConfig(), info)
+        assert line.endswith(f"the 4-bit base dequantized once per rollout ({gib})")
+        assert grpo.rollout_line(m, grpo.GRPOConfig(), dict(info, dense_base=False)).endswith(
+            f"; the 4-bit base dequantized at every step (--rollout_dense_base true: once, {gib})")
     c = grpo.GRPOConfig(rollout_dense_base=True)
     with pytest.raises(NanotuneError, match="not 4-bit"):
         grpo.check(c)
+    c.load_in_4bit = True
+    grpo.check(c)
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        with pytest.raises(NanotuneError, match="under torchrun"):
+            grpo.check(c)
+    finally:
+        del os.environ["WORLD_SIZE"]
 
 
 def test_row_sampling_draws_from_the_softmax_within_top_k_and_top_p():
