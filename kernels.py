@@ -1861,6 +1861,36 @@ def fp8_rows(t, cols=None):
     return fp8_rows_triton(t, cols) if _triton(t) else fp8_rows_ref(t, cols)
 
 
+# A 1-byte matrix transposed (dx = dy W needs q column-major, and the frozen base keeps one copy of q): a program
+# per 64 x 64 tile, read along q's rows and written along the copy's. torch's x.t().contiguous() is an elementwise
+# copy whose writes stride by the row length, 4-5x slower on an H100 (s26-4: 215 us for 8B's 14,336 x 4,096).
+def transpose_bytes_ref(q):
+    return q.t().contiguous()
+
+
+if triton is not None:
+    @triton.jit
+    def _transpose_bytes_kernel(x_ptr, y_ptr, R, C, BLOCK: tl.constexpr):
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # x [R, C] -> y [C, R], both row-major
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = (r[:, None] < R) & (c[None, :] < C)
+        t = tl.load(x_ptr + r[:, None].to(tl.int64) * C + c[None, :], mask=inside)
+        tl.store(y_ptr + c[:, None].to(tl.int64) * R + r[None, :], tl.trans(t), mask=tl.trans(inside))
+
+
+def transpose_bytes_triton(q):
+    R, C = q.shape
+    y = torch.empty(C, R, dtype=q.dtype, device=q.device)
+    if q.numel():
+        grid = (triton.cdiv(R, 64), triton.cdiv(C, 64))
+        _transpose_bytes_kernel[grid](q.contiguous().view(torch.uint8), y.view(torch.uint8), R, C, BLOCK=64)
+    return y
+
+
+def transpose_bytes(q):
+    return transpose_bytes_triton(q) if _triton(q) else transpose_bytes_ref(q)
+
+
 def fp8_weight(w) -> Float8Weight:
     return Float8Weight(*fp8_rows(w))
 
@@ -1874,18 +1904,29 @@ def fp8_matmul_ref(x, w: Float8Weight, transpose=True):
     return ((gq.float() * sg[:, None]) @ w.q.float()).to(x.dtype)
 
 
+@functools.cache
+def cpu_row_scaled_mm() -> bool:
+    """Whether this torch's CPU torch._scaled_mm takes row scales (2.13's does; 2.11's takes one scale a side)."""
+    a = torch.zeros(16, 16, dtype=E4M3)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+        return True
+    except RuntimeError:
+        return False
+
+
 def fp8_matmul(x, w: Float8Weight, transpose=True, x8=None):
     """x [N, C] W^T -> [N, O] (transpose), or x [N, O] W -> [N, C]: one torch._scaled_mm, in x's dtype. x8: x's
     fp8_rows, made once for the projections that share x (transpose only). (On a GPU the FP8 GEMM takes sides that
     are multiples of 16 and, with row scales, gives bf16: other shapes go through the reference, other dtypes
-    through a bf16 result.)"""
-    if x.is_cuda and (x.shape[0] % 16 or w.q.shape[0] % 16 or w.q.shape[1] % 16):
+    through a bf16 result; so does a CPU whose _scaled_mm takes no row scales.)"""
+    if (x.shape[0] % 16 or w.q.shape[0] % 16 or w.q.shape[1] % 16) if x.is_cuda else not cpu_row_scaled_mm():
         return fp8_matmul_ref(x, w, transpose)
     out = torch.bfloat16 if x.is_cuda else x.dtype
     if not transpose:
         gq, sg = fp8_rows(x, w.scale)
         ones = torch.ones(1, w.q.shape[1], device=x.device, dtype=torch.float32)
-        y = torch._scaled_mm(gq, w.q.t().contiguous().t(), scale_a=sg[:, None], scale_b=ones, out_dtype=out)
+        y = torch._scaled_mm(gq, transpose_bytes(w.q).t(), scale_a=sg[:, None], scale_b=ones, out_dtype=out)
     else:
         xq, sx = x8 or fp8_rows(x)
         y = torch._scaled_mm(xq, w.q.t(), scale_a=sx[:, None], scale_b=w.scale[None, :].contiguous(), out_dtype=out)

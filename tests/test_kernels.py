@@ -644,6 +644,15 @@ def test_fp8_rows_kernel_equals_torchs_rounding_bit_for_bit(dtype, cols, N, K):
     assert s[1] == 1e-12 / 448 and not q[1].float().any()
 
 
+@pytest.mark.parametrize("R,C", [(70, 45), (128, 64), (1, 130)])
+def test_transposed_fp8_bytes_equal_torchs(R, C):
+    """The tiled transpose of an e4m3 weight (dx = dy W's column-major operand) gives torch's transposed copy byte for
+    byte: shapes within one 64 x 64 tile, whole tiles, and tiles cut at either edge."""
+    q = kernels.fp8_weight(randn(R, C, seed=4)).q
+    got, ref = kernels.transpose_bytes_triton(q), kernels.transpose_bytes_ref(q)
+    assert got.shape == (C, R) and got.dtype == q.dtype and torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("transpose", [True, False])
 @pytest.mark.parametrize("N,C,O", [(37, 70, 45), (64, 96, 48)])
@@ -668,4 +677,21 @@ def test_fp8_matmul_against_its_reference_and_the_fp64_truth(dtype, transpose, N
         (x.double() @ W, x.double().abs() @ W.abs())
     assert ((got.double() - truth).abs() <= 0.13 * size + tol * truth.abs().max()).all()
     assert (got.double() - truth).abs().max() > 1e-4 * truth.abs().max()  # (it is FP8: not the exact product)
+
+
+def test_fp8_matmul_on_a_cpu_whose_scaled_mm_takes_no_row_scales(monkeypatch):
+    """torch 2.11's CPU _scaled_mm takes one scale per operand (it raises for row scales): fp8_matmul asks once and
+    takes the reference there, the same e4m3 rounding multiplied in fp32."""
+    w, x = kernels.fp8_weight(randn(48, 64, seed=1)), randn(32, 64)
+
+    def per_tensor_only(a, b, scale_a, scale_b, **kw):
+        if scale_a.numel() != 1 or scale_b.numel() != 1:
+            raise RuntimeError("Now _scaled_mm only supports per-tensor scaling for CPU backend.")
+    monkeypatch.setattr(torch, "_scaled_mm", per_tensor_only)
+    kernels.cpu_row_scaled_mm.cache_clear()
+    try:
+        assert not kernels.cpu_row_scaled_mm()
+        assert torch.equal(kernels.fp8_matmul(x, w), kernels.fp8_matmul_ref(x, w))
+    finally:
+        kernels.cpu_row_scaled_mm.cache_clear()
 
