@@ -164,6 +164,7 @@ def load_contender(name, ckpt, mode, seq, fsdp=False, shape=None, doc_len=0, cpu
         import train
         from formats import load_model
         kernels.set_fused("-ref" not in name)
+        kernels.FP8_FAST_ACCUM = "-fp8fast" in name  # (-fp8fast: -fp8 whose forward GEMM accumulates fast)
         if cpu:
             memory.keep_freed_memory()  # as train.py does on a CPU
         if "-flash" in name:  # SDPA without its cuDNN backend (flash attention instead)

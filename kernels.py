@@ -1794,6 +1794,8 @@ def lora_linear(x, weight_fns, biases, scalings, As, Bs, value=True):
 # References: the same rounding of both operands, multiplied in fp32.
 E4M3 = torch.float8_e4m3fn if hasattr(torch, "float8_e4m3fn") else None
 E4M3_MAX = 448.0
+FP8_FAST_ACCUM = False  # y = x W^T's GEMM with Hopper's fast accumulation (fp32 promotion less often; torchao's
+#                         choice for the output GEMM, never for gradients): bench.py's nanotune-fp8fast measures it
 
 
 class Float8Weight(NamedTuple):
@@ -1929,7 +1931,8 @@ def fp8_matmul(x, w: Float8Weight, transpose=True, x8=None):
         y = torch._scaled_mm(gq, transpose_bytes(w.q).t(), scale_a=sg[:, None], scale_b=ones, out_dtype=out)
     else:
         xq, sx = x8 or fp8_rows(x)
-        y = torch._scaled_mm(xq, w.q.t(), scale_a=sx[:, None], scale_b=w.scale[None, :].contiguous(), out_dtype=out)
+        y = torch._scaled_mm(xq, w.q.t(), scale_a=sx[:, None], scale_b=w.scale[None, :].contiguous(), out_dtype=out,
+                             use_fast_accum=FP8_FAST_ACCUM and x.is_cuda)
     return y.to(x.dtype)
 
 

@@ -654,13 +654,15 @@ def test_transposed_fp8_bytes_equal_torchs(R, C):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("transpose,fast", [(True, False), (True, True), (False, False)])
 @pytest.mark.parametrize("N,C,O", [(37, 70, 45), (64, 96, 48)])
-def test_fp8_matmul_against_its_reference_and_the_fp64_truth(dtype, transpose, N, C, O):
+def test_fp8_matmul_against_its_reference_and_the_fp64_truth(dtype, transpose, fast, N, C, O, monkeypatch):
     """The FP8 base GEMMs (torch._scaled_mm, per-row e4m3 scales) on odd shapes (a GPU's FP8 GEMM takes multiples
-    of 16: there they go through the reference) and even ones: y = x W^T and dx = dy W equal the same e4m3
-    rounding multiplied in fp32 (1e-5 / bf16's rounding; a GPU's bf16 result: 1e-2), and stay within e4m3's bound
-    of the fp64 truth: both operands rounded to 3 mantissa bits (relative 2^-4 each): <= 0.13 sum |x||w|."""
+    of 16: there they go through the reference) and even ones: y = x W^T (also with a GPU's fast accumulation) and
+    dx = dy W equal the same e4m3 rounding multiplied in fp32 (1e-5 / bf16's rounding; a GPU's bf16 result: 1e-2),
+    and stay within e4m3's bound of the fp64 truth: both operands rounded to 3 mantissa bits (relative 2^-4 each):
+    <= 0.13 sum |x||w|."""
+    monkeypatch.setattr(kernels, "FP8_FAST_ACCUM", fast)
     w = kernels.fp8_weight(randn(O, C, seed=1) * 0.05)
     x = randn(N, C if transpose else O).to(dtype)
     got, ref = kernels.fp8_matmul(x, w, transpose), kernels.fp8_matmul_ref(x, w, transpose)
