@@ -8,9 +8,8 @@ scale, activation, sandwich norms, softcaps, sliding window, tied embeddings, to
 Hugging Face's (`model.layers.0.self_attn.q_proj.weight`): safetensors load without renaming. `Transformer.forward`
 returns the final hidden states; `logits(h)` applies lm_head, so a fused loss can own the head and never build
 [tokens x vocab] logits. Generation decodes through `Decoding`: a KV cache for a batch of left-padded rows, whose
-step can run static (at a position tensor) and, on CUDA, be replayed as a CUDA graph. References: Llama
-(arXiv:2302.13971), RoPE (arXiv:2104.09864), GQA (arXiv:2305.13245), Gemma 2 (arXiv:2408.00118), Llama 3.1 rope
-scaling (arXiv:2407.21783).
+step can run static (at a position tensor) and, on CUDA, be replayed as a CUDA graph. References (arXiv): Llama
+2302.13971, RoPE 2104.09864, GQA 2305.13245, Gemma 2 2408.00118, Llama 3.1's rope scaling 2407.21783.
 
     from formats import load
     model, tok = load()                      # the default model, SmolLM2-135M-Instruct (GGUF)
@@ -468,7 +467,8 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None) -> int:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        p, order = torch.sort(logits.softmax(-1), descending=True)
+        sorted_logits, order = torch.sort(logits, descending=True)
+        p = sorted_logits.softmax(-1)
         drop = p.cumsum(-1) - p >= top_p  # keep the smallest prefix whose mass reaches p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
