@@ -225,7 +225,8 @@ def rollout_line(model, cfg, info):
     if info["dense_base"]:
         line += f"; the 4-bit base dequantized once per rollout ({gib:.1f} GiB)"
     elif gib:
-        line += f"; the 4-bit base dequantized at every step (--rollout_dense_base true: once, {gib:.1f} GiB)"
+        line += f"; the 4-bit base dequantized at every step (--rollout_dense_base true: once per rollout, " \
+                f"+{gib:.1f} GiB)"
     return line
 
 

@@ -355,7 +355,7 @@ def test_a_4bit_base_dequantized_once_samples_the_same_rollouts(tmp_path):
         line = grpo.rollout_line(m, grpo.GRPOConfig(), info)
         assert line.endswith(f"the 4-bit base dequantized once per rollout ({gib})")
         assert grpo.rollout_line(m, grpo.GRPOConfig(), dict(info, dense_base=False)).endswith(
-            f"; the 4-bit base dequantized at every step (--rollout_dense_base true: once, {gib})")
+            f"; the 4-bit base dequantized at every step (--rollout_dense_base true: once per rollout, +{gib})")
     c = grpo.GRPOConfig(rollout_dense_base=True)
     with pytest.raises(NanotuneError, match="not 4-bit"):
         grpo.check(c)
