@@ -153,8 +153,9 @@ def test_bench_max_context_search_finds_the_longest_length_that_trains():
     seq, res = bench_long.longest_context(trains, 32768)
     assert 345_000 - 8192 <= seq <= 345_000 and res == {"tokens": seq} and len(tried) < 12
     assert bench_long.longest_context(lambda n: None, 4096) == (0, None)
-    slow = lambda n: {"tokens": n} if n <= 100_000 else bench_long.TIMED_OUT  # noqa: E731  (a step over the time limit:
-    assert bench_long.longest_context(slow, 32768) == (65536, {"tokens": 65536, "timed_out_at": 131072})  # not "too big")
+    slow = lambda n: {"tokens": n} if n <= 100_000 else bench_long.TIMED_OUT  # noqa: E731  (a step over the time
+    assert bench_long.longest_context(slow, 32768) == (65536, {"tokens": 65536, "timed_out_at": 131072})  # limit:
+    #                                                                                          not "too big")
     tried.clear()  # from a plan (nanotune-long): the plan if it trains, else down by 1/16 until a length does
     assert bench_long.longest_context(trains, 300_032, planned=True) == (300_032, {"tokens": 300_032}) and \
         tried == [300_032]
