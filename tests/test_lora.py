@@ -452,15 +452,24 @@ def test_checkpointed_blocks_pass_gradients_to_their_tensor_arguments(tmp_path):
 def test_expert_adapter_loads_in_peft_both_ways(arch, both, tmp_path):
     """LoRA on the routed experts (per-expert A/B on the stacked weights, PEFT's `target_parameters`): nanotune's
     adapter gives peft's logits, and a peft-made one nanotune's; one projection adapted, or both (PEFT nests
-    its wrappers then, and the keys differ) with the router too."""
+    its wrappers then, and the keys differ) with the router too. Where the installed peft reads gate_proj / up_proj
+    in an adapter's target_modules as the routed experts' gate_up_proj (its transformers 4 -> 5 conversion: peft
+    0.22 does for Qwen2-MoE), "both" adapts attention, the router and the experts by name, as for GLM-4.5 below."""
     import json
     from names import adapter_names
     from mlp import MoE
     from peft import LoraConfig, PeftModel
+    from peft.utils import transformers_weight_conversion as conv
     hf = make_hf_model(arch, tmp_path / "base")
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     m = formats.load_model(str(tmp_path / "base"))
-    lora.apply_lora(m, r=4, alpha=8, targets=[*lora.DEFAULT_TARGETS, "gate"] if both else ["q_proj", "down_proj"])
+    fused = conv._MOE_FUSED_TARGETS.get(conv._MODEL_TO_CONVERSION_PATTERN.get(hf.config.model_type), {})
+    converts = any({"gate_proj", "up_proj"} <= set(old) for old in fused.values())
+    if both and converts:
+        lora.apply_lora(m, r=4, alpha=8, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate"],
+                        expert_targets=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    else:
+        lora.apply_lora(m, r=4, alpha=8, targets=[*lora.DEFAULT_TARGETS, "gate"] if both else ["q_proj", "down_proj"])
     experts = [e for _, e in lora.lora_layers(m) if isinstance(e, lora.LoRAExperts)]
     assert len(experts) == sum(isinstance(getattr(b, "mlp", None) or b.mixer, MoE) for b in m.model.layers) > 0
     assert all(sorted(e.lora_A) == (["down_proj", "gate_up_proj"] if both else ["down_proj"]) for e in experts)
