@@ -1174,11 +1174,13 @@ if triton is not None:
 
 class _ChunkScan(torch.autograd.Function):
     @staticmethod
-    def blocks(U, K):
+    def blocks(U, K, backward=False):
         (B, _, C, V), KD = U.shape, K.shape[-1]
         p2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731  (tl.dot wants sides of 16 or more)
-        BV = min(64, p2(V))
-        return (B, triton.cdiv(V, BV)), dict(BC=p2(C), BK=p2(KD), BV=BV)
+        # backward holds ~7 fp32 tiles of [BC or BK, BV] or [BC, BK]: at C 64, K 128 (Qwen3.5) BV 64 asks 288 KiB
+        # of shared memory, over an H100's 227; BV 32 there, and no software pipelining of the chunk loop
+        BV = min(32 if backward and p2(C) * p2(KD) >= 64 * 128 else 64, p2(V))
+        return (B, triton.cdiv(V, BV)), dict(BC=p2(C), BK=p2(KD), BV=BV, num_stages=1)
 
     @staticmethod
     def forward(ctx, U, W, K, g, S0):
@@ -1200,7 +1202,7 @@ class _ChunkScan(torch.autograd.Function):
         W, K, g, D, Sin = ctx.saved_tensors
         dD, dSin, dS = [t.contiguous() if t is not None else None for t in (grads if W is not None else (None, *grads))]
         (B, N, C, V), KD = D.shape, K.shape[-1]
-        grid, blk = _ChunkScan.blocks(D, K)
+        grid, blk = _ChunkScan.blocks(D, K, backward=True)
         part = lambda *s: torch.empty(grid[1], B, N, *s, device=D.device, dtype=torch.float32)  # noqa: E731
         dU, dW, dK, dg, dS0 = torch.empty_like(D), part(C, KD), part(C, KD), part(), torch.empty_like(dS)
         _scan_bwd[grid](W, K, g, D, Sin, dD, dSin, dS, dU, dW, dK, dg, dS0, B, N, C, KD, V, HAS_W=W is not None, **blk,

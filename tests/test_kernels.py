@@ -130,11 +130,13 @@ def flat(fn):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("has_w,has_s0", [(True, False), (False, True)])
-def test_chunk_scan(dtype, has_w, has_s0):
+@pytest.mark.parametrize("shape", [(2, 3, 20, 24, 70), (1, 2, 40, 100, 70)])
+def test_chunk_scan(dtype, has_w, has_s0, shape):
     """The chunk-to-chunk recurrence of the chunked delta rule (with W) and of the SSD scan (without): D, S_in and
     the final state, and the gradients of U, W, K, the decays and the incoming state; chunk, key and value sizes
-    that are not powers of two, values past one block of columns."""
-    B, N, C, KD, V = 2, 3, 20, 24, 70
+    that are not powers of two, values past one block of columns (the second shape: Qwen3.5's 64 x 128 blocks,
+    whose backward takes narrower column blocks than its forward)."""
+    B, N, C, KD, V = shape
     U, W, K, g, S0 = randn(B, N, C, V), randn(B, N, C, KD, seed=1, scale=0.1), randn(B, N, C, KD, seed=2, scale=0.1), \
         randn(B, N, seed=3).sigmoid(), randn(B, KD, V, seed=4)
     fix = lambda fn: lambda U, K, g, *rest: fn(U, rest[0] if has_w else None, K, g,  # noqa: E731
@@ -683,8 +685,8 @@ def test_fp8_matmul_against_its_reference_and_the_fp64_truth(dtype, transpose, f
 
 def test_fp8_matmul_on_a_cpu_whose_scaled_mm_takes_no_row_scales(monkeypatch):
     """torch 2.11's CPU _scaled_mm takes one scale per operand (it raises for row scales): fp8_matmul asks once and
-    takes the reference there, the same e4m3 rounding multiplied in fp32."""
-    w, x = kernels.fp8_weight(randn(48, 64, seed=1)), randn(32, 64)
+    takes the reference there, the same e4m3 rounding multiplied in fp32. (CPU tensors on the GPU machine too.)"""
+    w, x = kernels.fp8_weight(randn(48, 64, seed=1).cpu()), randn(32, 64).cpu()
 
     def per_tensor_only(a, b, scale_a, scale_b, **kw):
         if scale_a.numel() != 1 or scale_b.numel() != 1:
