@@ -454,19 +454,22 @@ def keep_freed_memory():
 #     block's working set
 #   one block's working set: each projection's output and its gradient, N x sum(widths) x 2 values, the dense
 #     MLP's three [N, I] (gate, up, their product) at most the tile budget when tiled; routed experts: k of them
+#   a token mixer's own fp32 working set, bytes a token (GatedDeltaNet.work_bytes: the chunked delta rule's)
 #   the head: the final hidden state and its gradient ([N, C] x 2) and a [1024, V] fp32 chunk of logits
 #   a 4-bit weight dequantized where it is used (the largest: a MoE layer's stacked experts)
 # BLOCK_FACTOR scales the working set to what the allocator held in measured peaks: with it every single-GPU peak
-# in results/bench.json and #22's long-context table (Llama 8B / 1B / 135M, Qwen3-MoE, gpt-oss, Gemma 3 / 4; LoRA,
-# QLoRA, full; 2k to 131k tokens) is within 4% (tests/test_plan.py).
+# in results/bench.json and #22's long-context table (Llama 8B / 1B / 135M, Qwen3-MoE, gpt-oss, Gemma 3 / 4,
+# Qwen3.5; LoRA, QLoRA, full; 2k to 131k tokens) is within 4% (tests/test_plan.py).
 BLOCK_FACTOR, WORKSPACE = 0.8, 80 << 20  # (WORKSPACE: cuBLAS / Triton workspaces, the allocator's rounding)
 GIB = 2**30
 
 
 def _block_widths(block, k):
-    """(values per token of the block's projections outside the dense MLP, the dense MLP's [I] values per token)."""
-    other, mlp = 0, 0
+    """(values per token of the block's projections outside the dense MLP, the dense MLP's [I] values per token,
+    the token mixer's own working bytes per token)."""
+    other, mlp, own = 0, 0, 0
     for m in block.modules():
+        own += m.work_bytes() if hasattr(m, "work_bytes") else 0
         if hasattr(m, "tiler"):  # a dense MLP: gate, up and their product, I each
             mlp += (3 if m.gated else 2) * m.width
         elif hasattr(m, "shapes") and hasattr(m, "act"):  # stacked experts, k per token: gate_up, h, down
@@ -476,7 +479,7 @@ def _block_widths(block, k):
         if id(m) not in dense and hasattr(m, "out_features") and not any(hasattr(c, "out_features")
                                                                           for c in m.children()):
             other += m.out_features
-    return other, mlp
+    return other, mlp, own
 
 
 _SIZES = {}  # the last model planned, by id, its parameters' bytes and trainable count -> _sizes (a search plans it
@@ -517,9 +520,9 @@ def plan(model, rows, tokens, act_bytes=2, checkpoint=True, offload=True, tile_b
     working set, the head, and their sums `gpu` and `host` (see above)."""
     cfg, N = model.config, rows * tokens
     weights, trainable, dequant, widths = _sizes(model, act_bytes)
-    work = max(2 * act_bytes * N * (o + (m if not tile_bytes else 0)) + (min(2 * act_bytes * N * m, tile_bytes)
-                                                                          if tile_bytes else 0) for o, m in widths)
-    work = int(BLOCK_FACTOR * work)
+    work = max(BLOCK_FACTOR * (2 * act_bytes * N * (o + (m if not tile_bytes else 0)) + (
+        min(2 * act_bytes * N * m, tile_bytes) if tile_bytes else 0)) + N * own for o, m, own in widths)
+    work = int(work)
     x = N * cfg.hidden_size * act_bytes  # one block input
     L = len(widths)
     G = -(-L // every)  # checkpointed inputs kept: one a group of `every` blocks (whose backward holds every - 1 more)

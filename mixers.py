@@ -161,6 +161,15 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(dv, eps)
         self.out_proj = nn.Linear(v_heads * dv, hidden, bias=False)
 
+    def work_bytes(self):
+        """The chunked rule's fp32 working set at its peak (one block's backward), bytes a token, for the planner
+        (memory.plan): 28 dv + dk dv / C values a value head (q, k, v, their products inside a chunk, U, W, the
+        outputs and their gradients; the chunk states S_in). Set by Qwen3.5's peaks on an H100 (s27-7: 4B 14.25
+        GiB, 35B-A3B cut 21.87; predicted 14.32 and 22.22); the CPU reference scan, whose chunk loop autograd keeps
+        per chunk, measured 36 dv + dk dv / C with torch's profiler."""
+        _, Hv, dk, dv = self.shape
+        return 4 * Hv * (28 * dv + dk * dv // self.chunk)
+
     def inputs(self, h, mask=None, docs=None, state=None):
         """h [B, T, C] -> q, k [B, T, Hv, dk] (normalised, each k head repeated for its value heads), v, z
         [B, T, Hv, dv], g, beta [B, T, Hv]. mask [B, T] zeroes padded inputs, as transformers."""
