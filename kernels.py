@@ -93,6 +93,25 @@ def _triton(t: torch.Tensor) -> bool:
     return _FUSED and triton is not None and t.is_cuda
 
 
+_STAGES = {}  # (kernel, its block sizes, GPU) -> the software-pipelining depth that fits that GPU's shared memory
+
+
+def launch_fitting(kernel, grid, args, consts, num_warps):
+    """kernel[grid](*args, **consts) pipelined 3, 2 or 1 deep: the deepest whose shared memory fits this GPU (per
+    block on an H100 227 KiB, an A100 163, consumer cards ~100; Triton refuses the launch before it starts), kept
+    for the next call. (The chunk scan's tiles at Qwen3.5's sizes: 3 deep 197 KiB forward, 205 backward.)"""
+    key = (kernel, tuple(consts.items()), num_warps, next(a for a in args if torch.is_tensor(a)).device)
+    for stages in [_STAGES[key]] if key in _STAGES else (3, 2, 1):
+        try:
+            kernel[grid](*args, **consts, num_warps=num_warps, num_stages=stages)
+        except triton.runtime.errors.OutOfResources:
+            if stages == 1:
+                raise
+            continue
+        _STAGES[key] = stages
+        return
+
+
 # ---------------------------------------------------------------------------------------------
 # RMSNorm: y = x / sqrt(mean(x^2) + eps) * (offset + w)     offset = 0 (Llama), 1 (Gemma)
 # Statistics in fp32, as every reference implementation does; the result in x's dtype.
@@ -1177,10 +1196,10 @@ class _ChunkScan(torch.autograd.Function):
     def blocks(U, K, backward=False):
         (B, _, C, V), KD = U.shape, K.shape[-1]
         p2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731  (tl.dot wants sides of 16 or more)
-        # backward holds ~7 fp32 tiles of [BC or BK, BV] or [BC, BK]: at C 64, K 128 (Qwen3.5) BV 64 asks 288 KiB
-        # of shared memory, over an H100's 227; BV 32 there, and no software pipelining of the chunk loop
+        # backward holds ~7 fp32 tiles of [BC or BK, BV] or [BC, BK]: at C 64, K 128 (Qwen3.5) BV 32 (more programs,
+        # less shared memory a program); how deep the chunk loop is pipelined: launch_fitting
         BV = min(32 if backward and p2(C) * p2(KD) >= 64 * 128 else 64, p2(V))
-        return (B, triton.cdiv(V, BV)), dict(BC=p2(C), BK=p2(KD), BV=BV, num_stages=1)
+        return (B, triton.cdiv(V, BV)), dict(BC=p2(C), BK=p2(KD), BV=BV)
 
     @staticmethod
     def forward(ctx, U, W, K, g, S0):
@@ -1192,8 +1211,8 @@ class _ChunkScan(torch.autograd.Function):
         D = torch.empty_like(U) if W is not None else U
         Sin, S = U.new_empty(B, N, KD, V), U.new_empty(B, KD, V)
         grid, blk = _ChunkScan.blocks(U, K)
-        _scan_fwd[grid](U, W, K, g, S0, D, Sin, S, N, C, KD, V, HAS_W=W is not None, **blk,
-                        num_warps=8 if blk["BK"] >= 128 else 4)  # (a [128, 64] fp32 state and its operands)
+        launch_fitting(_scan_fwd, grid, (U, W, K, g, S0, D, Sin, S, N, C, KD, V), dict(HAS_W=W is not None, **blk),
+                       num_warps=8 if blk["BK"] >= 128 else 4)  # (a [128, 64] fp32 state and its operands)
         ctx.save_for_backward(W, K, g, D, Sin)
         return (D, Sin, S) if W is not None else (Sin, S)
 
@@ -1205,8 +1224,8 @@ class _ChunkScan(torch.autograd.Function):
         grid, blk = _ChunkScan.blocks(D, K, backward=True)
         part = lambda *s: torch.empty(grid[1], B, N, *s, device=D.device, dtype=torch.float32)  # noqa: E731
         dU, dW, dK, dg, dS0 = torch.empty_like(D), part(C, KD), part(C, KD), part(), torch.empty_like(dS)
-        _scan_bwd[grid](W, K, g, D, Sin, dD, dSin, dS, dU, dW, dK, dg, dS0, B, N, C, KD, V, HAS_W=W is not None, **blk,
-                        num_warps=8 if blk["BK"] >= 128 else 4)
+        launch_fitting(_scan_bwd, grid, (W, K, g, D, Sin, dD, dSin, dS, dU, dW, dK, dg, dS0, B, N, C, KD, V),
+                       dict(HAS_W=W is not None, **blk), num_warps=8 if blk["BK"] >= 128 else 4)
         out = [dU, dW.sum(0) if W is not None else None, dK.sum(0), dg.sum(0), dS0]
         return tuple(t.to(dt) if dt is not None else None for t, dt in zip(out, ctx.dtypes))
 

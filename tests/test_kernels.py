@@ -145,6 +145,32 @@ def test_chunk_scan(dtype, has_w, has_s0, shape):
           [U, K, g] + [W] * has_w + [S0] * has_s0, dtype)
 
 
+def test_a_scan_whose_pipelining_does_not_fit_the_gpu_runs_less_deep(monkeypatch):
+    """launch_fitting: where 3- and 2-deep pipelining ask more shared memory than the GPU has (Triton refuses such a
+    launch before it starts), the chunk scan runs 1 deep with the same result, and the next call goes there first."""
+    tried = []
+
+    class SmallGPU:  # in front of the real kernel: refuses what a ~100 KiB card would
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kw):
+                tried.append(num_stages)
+                if num_stages > 1:
+                    raise kernels.triton.runtime.errors.OutOfResources(196_608, 101_376, "shared memory")
+                return self.kernel[grid](*args, num_stages=num_stages, **kw)
+            return launch
+    monkeypatch.setattr(kernels, "_scan_fwd", SmallGPU(kernels._scan_fwd))
+    monkeypatch.setattr(kernels, "_STAGES", {})
+    U, W, K, g = randn(2, 3, 20, 70), randn(2, 3, 20, 24, seed=1, scale=0.1), randn(2, 3, 20, 24, seed=2, scale=0.1), \
+        randn(2, 3, seed=3).sigmoid()
+    want = kernels.chunk_scan_ref(U, W, K, g)
+    for calls in ([3, 2, 1], [3, 2, 1, 1]):
+        got = kernels.chunk_scan_triton(U, W, K, g)
+        assert tried == calls and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mixer", ["delta_rule", "ssd"])
 def test_chunk_scan_in_the_mixers(dtype, mixer, monkeypatch):
