@@ -167,7 +167,7 @@ class GatedDeltaNet(nn.Module):
         (memory.plan): 28 dv + dk dv / C values a value head (q, k, v, their products inside a chunk, U, W, the
         outputs and their gradients; the chunk states S_in). Set by Qwen3.5's peaks on an H100 (s27-7: 4B 14.25
         GiB, 35B-A3B cut 21.87; predicted 14.32 and 22.22); the CPU reference scan, whose chunk loop autograd keeps
-        per chunk, measured 36 dv + dk dv / C with torch's profiler."""
+        per chunk, holds more (at 128 / 64: 4,179 values a head per added token, torch's profiler)."""
         _, Hv, dk, dv = self.shape
         return 4 * Hv * (28 * dv + dk * dv // self.chunk)
 
@@ -294,6 +294,15 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.ones(heads))
         self.norm = GroupGatedRMSNorm(d_in, groups, eps)
         self.out_proj = nn.Linear(d_in, hidden, bias=bias)
+
+    def work_bytes(self):
+        """The chunked SSD scan's fp32 working set at its peak (one block's backward), bytes a token, for the planner
+        (memory.plan): 13 P + 6 N + 2 P N / L + 3 L values a head (x_dt, B and C repeated per head, the in-chunk
+        products and decays, their gradients; the chunk states). Measured with torch's profiler on the CPU reference
+        path, bytes per added token (within 3% at P 64 / 32, N 128 / 64; tests/test_plan.py); no GPU peak of a
+        Mamba2 family yet (Gated DeltaNet's GPU peaks held ~0.9 of its reference path's: this errs high)."""
+        H, P, _, N = self.shape
+        return 4 * H * (13 * P + 6 * N + 2 * P * N // self.chunk + 3 * self.chunk)
 
     def inputs(self, h, mask=None, docs=None, state=None):
         """h [B, T, C] -> z, x [B, T, H, P], dt [B, T, H] (fp32), B, C [B, T, H, N] (each head's group). mask [B, T]

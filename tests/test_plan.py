@@ -49,6 +49,43 @@ def test_the_planner_predicts_the_measured_peaks_within_ten_percent():
         assert abs(got / gib - 1) <= 0.10, (shape, mode, rows, seq, gib, got)
 
 
+def cpu_bytes_per_token(mixer, hidden=256):
+    """What one more token adds to the most bytes alive at once over a bf16 forward + backward of `mixer` (frozen
+    weights, input gradient wanted) on the CPU: torch's memory profiler at 256 and 128 tokens, the difference / 128
+    (the weights and other fixed costs cancel)."""
+    from torch.profiler import ProfilerActivity, profile
+    mixer = mixer.bfloat16().requires_grad_(False)
+
+    def peak(T):
+        h = torch.randn(1, T, hidden, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0),
+                        requires_grad=True)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            mixer(h).float().sum().backward()
+        alive = most = 0
+        for _, action, _, size in prof._memory_profile().timeline:  # (as export_memory_timeline sums it)
+            alive += size if action.name in ("CREATE", "PREEXISTING") else -size if action.name == "DESTROY" else 0
+            most = max(most, alive)
+        return most
+    return (peak(256) - peak(128)) / 128
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("P,N", [(64, 128), (32, 64)])
+def test_the_token_mixers_working_sets_are_what_the_reference_path_holds(P, N):
+    """memory.plan's term for a mixer's own fp32 working set (work_bytes) against what torch's profiler measures on
+    the CPU's reference path: Mamba2's is that (within 10%); Gated DeltaNet's, set from Qwen3.5's GPU peaks (the
+    Triton scan keeps less), is at most it and not far under."""
+    import mixers
+    torch.manual_seed(0)
+    m = mixers.Mamba2(256, 16, P, 1, N, 4, True, False, 1e-6)
+    got, want = m.work_bytes(), cpu_bytes_per_token(m)
+    assert abs(got / want - 1) <= 0.10, (got, want)
+    d = mixers.GatedDeltaNet(256, 8, 16, P, P, 4, 1e-6)
+    got, ceiling = d.work_bytes(), cpu_bytes_per_token(d)
+    assert 0.7 * ceiling <= got <= ceiling, (got, ceiling)
+
+
 def test_tiles_lower_the_plan_and_the_longest_sequence_grows():
     """The tiled MLP's share is capped by its budget, so the 8B QLoRA's longest sequence at 80 GiB grows (the
     block inputs then sit on the host: 8 KiB a token per layer)."""
