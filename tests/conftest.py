@@ -4,8 +4,14 @@ import os
 import sys
 
 import pytest
-import torch
 
+XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))  # the fast tier's two worker processes (pytest -n 2): a thread
+if XDIST:                                            # each (two each on two cores spin for each other: 415 s, not ~60)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+if XDIST:  # (in case a plugin imported torch before the variable was set)
+    torch.set_num_threads(1)
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU (before triton is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # bitsandbytes (a reference) torch.compiles its CPU dequantize of odd shapes: seconds of inductor here, minutes or a
