@@ -1,8 +1,9 @@
 # #39's GPU test tiers with CI's references (prep.sh). Part 1: kernels, mixers, model, quant, lora; part 2: train
 # (its subprocess tests start CUDA and Triton afresh: 200 s a test). ~8 min each; logs come back in $OUT.
-#   carry [".benchsite", ".gpu/site"]; bash results/calls/tiers.sh s28-4 1   (then ... s28-5 2)
+#   carry [".gpu"]; bash results/calls/tiers.sh s28-4 1   (then ... s28-5 2)
 ID=$1; PART=${2:-1}; . results/calls/env.sh
-export PYTHONPATH=$PWD/.gpu/site:$PYTHONPATH TORCHDYNAMO_DISABLE=1
+[ -d /tmp/site ] || pip install -q --no-deps --target /tmp/site .gpu/wheels/*.whl
+export PYTHONPATH=/tmp/site:$PWD/.gpu/bnb:$PWD TORCHDYNAMO_DISABLE=1
 python -c "import transformers, peft; print('transformers', transformers.__version__, 'peft', peft.__version__)"
 files=$([ "$PART" = 1 ] && echo "kernels mixers model quant lora" || echo "train")
 for f in $files; do
