@@ -4,11 +4,12 @@
 # (bench.py makes it), the identity data, its first 8 records held out. ~8 min.
 #   carry [".benchsite"]; bash results/calls/fp8curve.sh s28-10
 ID=$1; . results/calls/env.sh
-python bench.py --shape 1b --mode lora --contenders nanotune --steps 1 --warmup 0 --json /dev/null > /dev/null 2>&1 || true
-head -8 examples/identity.jsonl > /tmp/heldout.jsonl
+python bench.py --shape 1b --mode lora --contenders nanotune --steps 1 --warmup 0 --json /tmp/ckpt.json \
+  > /dev/null 2>&1 || true  # (it makes the checkpoint)
+head -8 examples/identity.jsonl > /tmp/heldout.jsonl; tail -n +9 examples/identity.jsonl > /tmp/train.jsonl
 for run in bf16 fp8fast; do
   python -c "import sys, kernels, train; kernels.FP8_FAST_ACCUM = True; train.main(sys.argv[1:])" \
-    --model /tmp/nanotune-bench/1b --datasets examples/identity.jsonl --eval_file /tmp/heldout.jsonl \
+    --model /tmp/nanotune-bench/1b --datasets /tmp/train.jsonl --eval_file /tmp/heldout.jsonl \
     --chat_template chatml --eval_steps 50 --max_steps 300 --seed 0 --output_dir /tmp/curve-$run \
     $([ $run = fp8fast ] && echo --base_dtype float8) > "$OUT/curve-$run.log" 2>&1 || true
   echo "$run: $(grep -i "eval" "$OUT/curve-$run.log" | tail -7 | tr '\n' ' ')"
