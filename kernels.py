@@ -99,7 +99,8 @@ _STAGES = {}  # (kernel, its block sizes, GPU) -> the software-pipelining depth 
 def launch_fitting(kernel, grid, args, consts, num_warps):
     """kernel[grid](*args, **consts) pipelined 3, 2 or 1 deep: the deepest whose shared memory fits this GPU (per
     block on an H100 227 KiB, an A100 163, consumer cards ~100; Triton refuses the launch before it starts), kept
-    for the next call. (The chunk scan's tiles at Qwen3.5's sizes: 3 deep 197 KiB forward, 205 backward.)"""
+    for the next call. (The chunk scan's tiles at Qwen3.5's sizes, tf32x3, compiled by triton 3.9 for sm_90: 3 deep
+    224 KiB forward and backward, 2 deep 144 / 128.)"""
     key = (kernel, tuple(consts.items()), num_warps, next(a for a in args if torch.is_tensor(a)).device)
     for stages in [_STAGES[key]] if key in _STAGES else (3, 2, 1):
         try:
@@ -1127,6 +1128,14 @@ def causal_conv1d(v, w, bias=None, docs=None):
 #     dS <- g_n dS - W_n^T dD + dS_in[n]
 # A column of S reads and writes only its own column, so the kernel runs one program per (b, block of V columns);
 # dW, dK and dg sum over V: per-block partial sums, added up in PyTorch. All in fp32.
+# The products run on the tensor cores as "tf32x3": each fp32 operand split into a TF32 part and a TF32 remainder,
+# three TF32 products summed in fp32 (the remainders' product dropped): as accurate as fp32 (emulated on the CPU:
+# 2.4e-7 to 3.5e-7 of the largest value at [64, 128] x [128, 64], fp32's 3.2e-7 to 3.4e-7; TF32 alone 3e-4).
+# "ieee" takes the CUDA cores: at Qwen3.5-4B's shapes the scan took 360 of a step's 1,435 ms of GPU work (s27-8),
+# ~5 TFLOP/s. Sm_75 and older have no TF32: Triton compiles these products for the CUDA cores there.
+SCAN_DOT = "tf32x3"
+
+
 def chunk_scan_ref(U, W, K, g, S0=None):
     """U [B, N, C, V], W [B, N, C, K] or None, K [B, N, C, K], g [B, N], S0 [B, K, V] or None -> (D [B, N, C, V]
     (U itself without W), S_in [B, N, K, V], the final state [B, K, V])."""
@@ -1153,7 +1162,7 @@ if triton is not None:
 
     @triton.jit
     def _scan_fwd(U, W, K, G, S0, D, SIN, SOUT, N, C, KD, V, HAS_W: tl.constexpr, BC: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr):
+                  BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         c, k, v = tl.arange(0, BC), tl.arange(0, BK), tl.program_id(1) * BV + tl.arange(0, BV)
         S = _tile(S0, b, BK, BV, k, v, KD, V)  # [BK, BV]
@@ -1161,33 +1170,33 @@ if triton is not None:
             bn = b * N + n
             d = _tile(U, bn, BC, BV, c, v, C, V)  # [BC, BV]
             if HAS_W:
-                d -= tl.dot(_tile(W, bn, BC, BK, c, k, C, KD), S, input_precision="ieee")
+                d -= tl.dot(_tile(W, bn, BC, BK, c, k, C, KD), S, input_precision=DOT)
                 _put(D, bn, d, c, v, C, V)
             _put(SIN, bn, S, k, v, KD, V)
             kn = _tile(K, bn, BC, BK, c, k, C, KD)
-            S = tl.load(G + bn).to(tl.float32) * S + tl.dot(tl.trans(kn), d, input_precision="ieee")
+            S = tl.load(G + bn).to(tl.float32) * S + tl.dot(tl.trans(kn), d, input_precision=DOT)
         _put(SOUT, b, S, k, v, KD, V)
 
     @triton.jit
     def _scan_bwd(W, K, G, D, SIN, DD, DSIN, DSOUT, DU, DW, DK, DG, DS0, NB, N, C, KD, V, HAS_W: tl.constexpr,
-                  BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                  BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr):
         b, vb = tl.program_id(0).to(tl.int64), tl.program_id(1)
         c, k, v = tl.arange(0, BC), tl.arange(0, BK), vb * BV + tl.arange(0, BV)
         dS = _tile(DSOUT, b, BK, BV, k, v, KD, V)
         for i in range(N):
             bn = b * N + N - 1 - i
             pn = vb * NB * N + bn  # this block's partial sums
-            dd = tl.dot(_tile(K, bn, BC, BK, c, k, C, KD), dS, input_precision="ieee")  # [BC, BV]
+            dd = tl.dot(_tile(K, bn, BC, BK, c, k, C, KD), dS, input_precision=DOT)  # [BC, BV]
             if HAS_W:
                 dd += _tile(DD, bn, BC, BV, c, v, C, V)
             _put(DU, bn, dd, c, v, C, V)
-            _put(DK, pn, tl.dot(_tile(D, bn, BC, BV, c, v, C, V), tl.trans(dS), input_precision="ieee"), c, k, C, KD)
+            _put(DK, pn, tl.dot(_tile(D, bn, BC, BV, c, v, C, V), tl.trans(dS), input_precision=DOT), c, k, C, KD)
             s_in = _tile(SIN, bn, BK, BV, k, v, KD, V)
             tl.store(DG + pn, tl.sum(tl.sum(dS * s_in, axis=1), axis=0))
             dS = tl.load(G + bn).to(tl.float32) * dS + _tile(DSIN, bn, BK, BV, k, v, KD, V)
             if HAS_W:
-                _put(DW, pn, -tl.dot(dd, tl.trans(s_in), input_precision="ieee"), c, k, C, KD)
-                dS -= tl.dot(tl.trans(_tile(W, bn, BC, BK, c, k, C, KD)), dd, input_precision="ieee")
+                _put(DW, pn, -tl.dot(dd, tl.trans(s_in), input_precision=DOT), c, k, C, KD)
+                dS -= tl.dot(tl.trans(_tile(W, bn, BC, BK, c, k, C, KD)), dd, input_precision=DOT)
         _put(DS0, b, dS, k, v, KD, V)
 
 
@@ -1199,7 +1208,7 @@ class _ChunkScan(torch.autograd.Function):
         # backward holds ~7 fp32 tiles of [BC or BK, BV] or [BC, BK]: at C 64, K 128 (Qwen3.5) BV 32 (more programs,
         # less shared memory a program); how deep the chunk loop is pipelined: launch_fitting
         BV = min(32 if backward and p2(C) * p2(KD) >= 64 * 128 else 64, p2(V))
-        return (B, triton.cdiv(V, BV)), dict(BC=p2(C), BK=p2(KD), BV=BV)
+        return (B, triton.cdiv(V, BV)), dict(BC=p2(C), BK=p2(KD), BV=BV, DOT=SCAN_DOT)
 
     @staticmethod
     def forward(ctx, U, W, K, g, S0):

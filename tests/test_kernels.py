@@ -145,6 +145,51 @@ def test_chunk_scan(dtype, has_w, has_s0, shape):
           [U, K, g] + [W] * has_w + [S0] * has_s0, dtype)
 
 
+COMPILE_SCAN = """
+import json, sys
+sys.path.insert(0, ROOT)
+import torch, kernels
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+out = []
+for mixer, (C, KD, V, has_w) in {"delta rule": (64, 128, 128, True), "ssd": (64, 128, 64, False)}.items():
+    for cap in (90, 80, 89):
+        for fn in (kernels._scan_fwd, kernels._scan_bwd):
+            U, K = torch.empty(1, 1, C, V, device="meta"), torch.empty(1, 1, C, KD, device="meta")
+            _, blk = kernels._ChunkScan.blocks(U, K, backward=fn is kernels._scan_bwd)
+            consts = dict(HAS_W=has_w, **blk)
+            sig = {a: "constexpr" if a in consts else "i32" if a in ("NB", "N", "C", "KD", "V") else "*fp32"
+                   for a in fn.arg_names}
+            for stages in (1, 2, 3):
+                k = kernels.triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cap, 32),
+                                           options=dict(num_warps=8 if blk["BK"] >= 128 else 4, num_stages=stages))
+                out.append([mixer, cap, fn.__name__, stages, k.metadata.shared, "mma" in k.asm["ttgir"]])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_the_chunk_scan_compiles_for_hopper_ampere_and_ada_within_their_shared_memory():
+    """The chunk scan's kernels at Qwen3.5's (chunk 64, keys and values 128) and Mamba2's (chunk 64, state 128,
+    head 64) blocks, compiled on this CPU for an H100 (sm_90), an A100 (sm_80) and an Ada card (sm_89): some
+    pipelining depth fits each one's shared memory a block (launch_fitting runs the deepest that fits; s27-5 found
+    the backward asking 288 KiB of an H100's 227 on the GPU), and the products take the tensor cores ("tf32x3")."""
+    import json
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}  # (a real compile)
+    r = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}" + COMPILE_SCAN], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    limit = {90: 232_448, 80: 166_912, 89: 101_376}  # bytes of shared memory a block (CUDA's per-GPU maximum)
+    for mixer, cap, name, fits in {(m, c, n, min(r[4] for r in rows if r[:3] == [m, c, n]) <= limit[c])
+                                   for m, c, n, *_ in rows}:
+        assert fits, (mixer, cap, name)
+    assert all(r[5] for r in rows), [r for r in rows if not r[5]]  # tensor-core products everywhere
+
+
 def test_a_scan_whose_pipelining_does_not_fit_the_gpu_runs_less_deep(monkeypatch):
     """launch_fitting: where 3- and 2-deep pipelining ask more shared memory than the GPU has (Triton refuses such a
     launch before it starts), the chunk scan runs 1 deep with the same result, and the next call goes there first."""

@@ -1,6 +1,8 @@
-"""The chunk scan (kernels._ChunkScan) at Qwen3.5-4B's training shape, pipelined 1, 2 and 3 deep: forward and
-backward ms each (CUDA events, median of 20). kernels.launch_fitting takes the deepest that fits shared memory;
-deeper pipelining lowers occupancy, so this says whether the deepest is also the fastest on this GPU.
+"""The chunk scan (kernels._ChunkScan) at Qwen3.5-4B's training shape: its products as "ieee" fp32 (CUDA cores) and
+as "tf32x3" (tensor cores, kernels.SCAN_DOT), pipelined 1, 2 and 3 deep: forward and backward ms (CUDA events, median
+of 20) and the largest error of the outputs and gradients against an fp64 run of the reference, relative to the
+largest value. kernels.launch_fitting takes the deepest pipelining that fits shared memory; deeper pipelining lowers
+occupancy, so this says whether the deepest is also the fastest on this GPU.
     python results/calls/scan_depth.py"""
 import os
 import statistics
@@ -14,8 +16,10 @@ import kernels  # noqa: E402
 
 B, N, C, K, V = 4 * 32, 2048 // 64, 64, 128, 128  # batch 4 x 2048 tokens, 32 value heads, chunk 64, heads of 128
 g = torch.Generator("cuda").manual_seed(0)
-U, W, Kt = (torch.randn(B, N, C, d, device="cuda", generator=g) * 0.1 for d in (V, K, K))
+U, W, Kt = (torch.randn(B, N, C, d, device="cuda", generator=g) * s for d, s in ((V, 1.0), (K, 0.1), (K, 0.1)))
 decay = torch.rand(B, N, device="cuda", generator=g) * 0.5 + 0.5
+grads = [torch.randn(B, N, C, V, device="cuda", generator=g), torch.randn(B, N, K, V, device="cuda", generator=g),
+         torch.randn(B, K, V, device="cuda", generator=g)]
 
 
 def timed(fn, reps=20):
@@ -27,23 +31,32 @@ def timed(fn, reps=20):
     return statistics.median(ts[3:])
 
 
+def outputs(scan, dtype):
+    leaves = [t.to(dtype).requires_grad_() for t in (U, W, Kt, decay)]
+    out = scan(*leaves)
+    return [*out, *torch.autograd.grad(out, leaves, [t.to(dtype) for t in grads])]
+
+
+truth = outputs(kernels.chunk_scan_ref, torch.float64)
 fitting = kernels.launch_fitting
-for depth in (1, 2, 3):
-    def fixed(kernel, grid, args, consts, num_warps, depth=depth):
-        kernel[grid](*args, **consts, num_warps=num_warps, num_stages=depth)
-    kernels.launch_fitting = fixed
-    leaves = [t.clone().requires_grad_() for t in (U, W, Kt, decay)]
-    try:
-        out = kernels.chunk_scan_triton(*leaves)
-        grads = [torch.randn_like(t) for t in out]
-        fwd = timed(lambda: kernels.chunk_scan_triton(*leaves))
-        bwd = timed(lambda: torch.autograd.grad(kernels.chunk_scan_triton(*leaves), leaves, grads)) - fwd
-        print(f"depth {depth}: forward {fwd:.3f} ms, backward {bwd:.3f} ms", flush=True)
-    except triton.runtime.errors.OutOfResources as e:
-        print(f"depth {depth}: does not fit ({e})", flush=True)
-kernels.launch_fitting = fitting
+for dot in ("ieee", "tf32x3"):
+    kernels.SCAN_DOT = dot
+    for depth in (1, 2, 3):
+        def fixed(kernel, grid, args, consts, num_warps, depth=depth):
+            kernel[grid](*args, **consts, num_warps=num_warps, num_stages=depth)
+        kernels.launch_fitting = fixed
+        leaves = [t.clone().requires_grad_() for t in (U, W, Kt, decay)]
+        try:
+            err = max(((a.double() - t).abs().max() / t.abs().max()).item()
+                      for a, t in zip(outputs(kernels.chunk_scan_triton, torch.float32), truth))
+            fwd = timed(lambda: kernels.chunk_scan_triton(*leaves))
+            bwd = timed(lambda: torch.autograd.grad(kernels.chunk_scan_triton(*leaves), leaves, grads)) - fwd
+            print(f"{dot:7s} depth {depth}: forward {fwd:.3f} ms, backward {bwd:.3f} ms, error {err:.1e}", flush=True)
+        except triton.runtime.errors.OutOfResources as e:
+            print(f"{dot:7s} depth {depth}: does not fit ({e})", flush=True)
+kernels.launch_fitting, kernels.SCAN_DOT = fitting, "tf32x3"
 kernels._STAGES.clear()
-leaves = [t.clone().requires_grad_() for t in (U, W, Kt, decay)]
-torch.autograd.grad(kernels.chunk_scan_triton(*leaves), leaves, grads)
-print("launch_fitting chose:", {k[0].fn.__name__ if hasattr(k[0], "fn") else str(k[0]): v
-                                for k, v in kernels._STAGES.items()})
+print("reference in fp32: error", max(((a.double() - t).abs().max() / t.abs().max()).item()
+                                      for a, t in zip(outputs(kernels.chunk_scan_ref, torch.float32), truth)))
+outputs(kernels.chunk_scan_triton, torch.float32)
+print("launch_fitting chose:", {getattr(k[0], "__name__", str(k[0])): v for k, v in kernels._STAGES.items()})
