@@ -4,7 +4,9 @@
 #   carry [".benchsite"]; bash results/calls/qwen35.sh s28-1; then bash results/calls/qwen35.sh s28-2 unsloth
 ID=$1; . results/calls/env.sh
 if [ "${2:-}" = unsloth ]; then
-  for shape in qwen35-4b qwen35moe; do bench --shape $shape --mode lora --contenders unsloth --worker_timeout 280 | tail -3; done
+  for shape in qwen35-4b qwen35moe; do
+    bench --shape $shape --mode lora --contenders unsloth --worker_timeout 280 | tail -3
+  done
 else
   python results/calls/scan_depth.py 2>&1 | tail -12
   for shape in qwen35-4b qwen35moe; do
