@@ -175,10 +175,11 @@ def test_the_chunk_scan_compiles_for_hopper_ampere_and_ada_within_their_shared_m
     pipelining depth fits each one's shared memory a block (launch_fitting runs the deepest that fits; s27-5 found
     the backward asking 288 KiB of an H100's 227 on the GPU), and the products take the tensor cores ("tf32x3")."""
     import json
+    import os
     import subprocess
     import sys
     from conftest import ROOT
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}  # (a real compile)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # (a real compile)
     r = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}" + COMPILE_SCAN], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

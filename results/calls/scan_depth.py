@@ -38,6 +38,13 @@ def outputs(scan, dtype):
 
 
 truth = outputs(kernels.chunk_scan_ref, torch.float64)
+
+
+def error(scan):  # the largest error of the outputs and gradients in fp32, relative to the largest true value
+    return max(((a.double() - t).abs().max() / t.abs().max()).item()
+               for a, t in zip(outputs(scan, torch.float32), truth))
+
+
 fitting = kernels.launch_fitting
 for dot in ("ieee", "tf32x3"):
     kernels.SCAN_DOT = dot
@@ -47,8 +54,7 @@ for dot in ("ieee", "tf32x3"):
         kernels.launch_fitting = fixed
         leaves = [t.clone().requires_grad_() for t in (U, W, Kt, decay)]
         try:
-            err = max(((a.double() - t).abs().max() / t.abs().max()).item()
-                      for a, t in zip(outputs(kernels.chunk_scan_triton, torch.float32), truth))
+            err = error(kernels.chunk_scan_triton)
             fwd = timed(lambda: kernels.chunk_scan_triton(*leaves))
             bwd = timed(lambda: torch.autograd.grad(kernels.chunk_scan_triton(*leaves), leaves, grads)) - fwd
             print(f"{dot:7s} depth {depth}: forward {fwd:.3f} ms, backward {bwd:.3f} ms, error {err:.1e}", flush=True)
@@ -56,7 +62,6 @@ for dot in ("ieee", "tf32x3"):
             print(f"{dot:7s} depth {depth}: does not fit ({e})", flush=True)
 kernels.launch_fitting, kernels.SCAN_DOT = fitting, "tf32x3"
 kernels._STAGES.clear()
-print("reference in fp32: error", max(((a.double() - t).abs().max() / t.abs().max()).item()
-                                      for a, t in zip(outputs(kernels.chunk_scan_ref, torch.float32), truth)))
+print("reference in fp32: error", error(kernels.chunk_scan_ref))
 outputs(kernels.chunk_scan_triton, torch.float32)
 print("launch_fitting chose:", {getattr(k[0], "__name__", str(k[0])): v for k, v in kernels._STAGES.items()})
