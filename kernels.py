@@ -96,17 +96,16 @@ def _triton(t: torch.Tensor) -> bool:
 _STAGES = {}  # (kernel, its block sizes, GPU) -> the software-pipelining depth that fits that GPU's shared memory
 
 
-def launch_fitting(kernel, grid, args, consts, num_warps):
-    """kernel[grid](*args, **consts) pipelined 3, 2 or 1 deep: the deepest whose shared memory fits this GPU (per
-    block on an H100 227 KiB, an A100 163, consumer cards ~100; Triton refuses the launch before it starts), kept
-    for the next call. (The chunk scan's tiles at Qwen3.5's sizes, tf32x3, compiled by triton 3.9 for sm_90: 3 deep
-    224 KiB forward and backward, 2 deep 144 / 128.)"""
+def launch_fitting(kernel, grid, args, consts, num_warps, depths):
+    """kernel[grid](*args, **consts) software-pipelined depths[0] deep, else the next of `depths` whose shared memory
+    fits this GPU (per block an H100 has 227 KiB, an A100 163, consumer cards ~100; Triton refuses the launch before
+    it starts), kept for the next call."""
     key = (kernel, tuple(consts.items()), num_warps, next(a for a in args if torch.is_tensor(a)).device)
-    for stages in [_STAGES[key]] if key in _STAGES else (3, 2, 1):
+    for stages in [_STAGES[key]] if key in _STAGES else depths:
         try:
             kernel[grid](*args, **consts, num_warps=num_warps, num_stages=stages)
         except triton.runtime.errors.OutOfResources:
-            if stages == 1:
+            if stages == depths[-1]:
                 raise
             continue
         _STAGES[key] = stages
@@ -1129,11 +1128,17 @@ def causal_conv1d(v, w, bias=None, docs=None):
 # A column of S reads and writes only its own column, so the kernel runs one program per (b, block of V columns);
 # dW, dK and dg sum over V: per-block partial sums, added up in PyTorch. All in fp32.
 # The products run on the tensor cores as "tf32x3": each fp32 operand split into a TF32 part and a TF32 remainder,
-# three TF32 products summed in fp32 (the remainders' product dropped): as accurate as fp32 (emulated on the CPU:
-# 2.4e-7 to 3.5e-7 of the largest value at [64, 128] x [128, 64], fp32's 3.2e-7 to 3.4e-7; TF32 alone 3e-4).
+# three TF32 products summed in fp32 (the remainders' product dropped). Emulated on the CPU that is as accurate as
+# fp32 (2.4e-7 to 3.5e-7 of the largest value at [64, 128] x [128, 64], fp32's 3.2e-7 to 3.4e-7; TF32 alone 3e-4);
+# on an H100 (triton 3.6, s29-1) the whole scan at Qwen3.5-4B's shape is 8.7e-6 off fp64, "ieee" 1.4e-6, and
+# 1.8x / 2.4x faster forward / backward (1.90 / 3.98 ms against 3.36 / 9.37 ms, each at its best pipelining depth).
 # "ieee" takes the CUDA cores: at Qwen3.5-4B's shapes the scan took 360 of a step's 1,435 ms of GPU work (s27-8),
 # ~5 TFLOP/s. Sm_75 and older have no TF32: Triton compiles these products for the CUDA cores there.
 SCAN_DOT = "tf32x3"
+# How deep the chunk loop is pipelined, forward and backward, in the order tried (launch_fitting): the fastest on an
+# H100 at Qwen3.5-4B's shape (s29-1, tf32x3): forward 1.90 ms 1 deep, 2.57 ms 2 deep; backward 5.53 ms 1 deep,
+# 3.98 ms 2 deep, 3 deep over the shared memory (240 KiB). (Forward 3 deep, the old first choice, was not timed.)
+SCAN_DEPTHS = ((1,), (2, 1))
 
 
 def chunk_scan_ref(U, W, K, g, S0=None):
@@ -1221,7 +1226,7 @@ class _ChunkScan(torch.autograd.Function):
         Sin, S = U.new_empty(B, N, KD, V), U.new_empty(B, KD, V)
         grid, blk = _ChunkScan.blocks(U, K)
         launch_fitting(_scan_fwd, grid, (U, W, K, g, S0, D, Sin, S, N, C, KD, V), dict(HAS_W=W is not None, **blk),
-                       num_warps=8 if blk["BK"] >= 128 else 4)  # (a [128, 64] fp32 state and its operands)
+                       num_warps=8 if blk["BK"] >= 128 else 4, depths=SCAN_DEPTHS[0])  # ([128, 64] fp32 state)
         ctx.save_for_backward(W, K, g, D, Sin)
         return (D, Sin, S) if W is not None else (Sin, S)
 
@@ -1234,7 +1239,7 @@ class _ChunkScan(torch.autograd.Function):
         part = lambda *s: torch.empty(grid[1], B, N, *s, device=D.device, dtype=torch.float32)  # noqa: E731
         dU, dW, dK, dg, dS0 = torch.empty_like(D), part(C, KD), part(C, KD), part(), torch.empty_like(dS)
         launch_fitting(_scan_bwd, grid, (W, K, g, D, Sin, dD, dSin, dS, dU, dW, dK, dg, dS0, B, N, C, KD, V),
-                       dict(HAS_W=W is not None, **blk), num_warps=8 if blk["BK"] >= 128 else 4)
+                       dict(HAS_W=W is not None, **blk), num_warps=8 if blk["BK"] >= 128 else 4, depths=SCAN_DEPTHS[1])
         out = [dU, dW.sum(0) if W is not None else None, dK.sum(0), dg.sum(0), dS0]
         return tuple(t.to(dt) if dt is not None else None for t, dt in zip(out, ctx.dtypes))
 

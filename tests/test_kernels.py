@@ -160,7 +160,7 @@ for mixer, (C, KD, V, has_w) in {"delta rule": (64, 128, 128, True), "ssd": (64,
             consts = dict(HAS_W=has_w, **blk)
             sig = {a: "constexpr" if a in consts else "i32" if a in ("NB", "N", "C", "KD", "V") else "*fp32"
                    for a in fn.arg_names}
-            for stages in (1, 2, 3):
+            for stages in (1, 2):
                 k = kernels.triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cap, 32),
                                            options=dict(num_warps=8 if blk["BK"] >= 128 else 4, num_stages=stages))
                 out.append([mixer, cap, fn.__name__, stages, k.metadata.shared, "mma" in k.asm["ttgir"]])
@@ -172,8 +172,8 @@ print(json.dumps(out))
 def test_the_chunk_scan_compiles_for_hopper_ampere_and_ada_within_their_shared_memory():
     """The chunk scan's kernels at Qwen3.5's (chunk 64, keys and values 128) and Mamba2's (chunk 64, state 128,
     head 64) blocks, compiled on this CPU for an H100 (sm_90), an A100 (sm_80) and an Ada card (sm_89): some
-    pipelining depth fits each one's shared memory a block (launch_fitting runs the deepest that fits; s27-5 found
-    the backward asking 288 KiB of an H100's 227 on the GPU), and the products take the tensor cores ("tf32x3")."""
+    pipelining depth it tries (kernels.SCAN_DEPTHS) fits each one's shared memory a block (s27-5 found the backward
+    asking 288 KiB of an H100's 227 on the GPU), and the products take the tensor cores ("tf32x3")."""
     import json
     import os
     import subprocess
@@ -192,8 +192,8 @@ def test_the_chunk_scan_compiles_for_hopper_ampere_and_ada_within_their_shared_m
 
 
 def test_a_scan_whose_pipelining_does_not_fit_the_gpu_runs_less_deep(monkeypatch):
-    """launch_fitting: where 3- and 2-deep pipelining ask more shared memory than the GPU has (Triton refuses such a
-    launch before it starts), the chunk scan runs 1 deep with the same result, and the next call goes there first."""
+    """launch_fitting: where the backward's 2-deep pipelining asks more shared memory than the GPU has (Triton refuses
+    such a launch before it starts), it runs 1 deep with the same gradients, and the next call goes there first."""
     tried = []
 
     class SmallGPU:  # in front of the real kernel: refuses what a ~100 KiB card would
@@ -207,13 +207,14 @@ def test_a_scan_whose_pipelining_does_not_fit_the_gpu_runs_less_deep(monkeypatch
                     raise kernels.triton.runtime.errors.OutOfResources(196_608, 101_376, "shared memory")
                 return self.kernel[grid](*args, num_stages=num_stages, **kw)
             return launch
-    monkeypatch.setattr(kernels, "_scan_fwd", SmallGPU(kernels._scan_fwd))
+    monkeypatch.setattr(kernels, "_scan_bwd", SmallGPU(kernels._scan_bwd))
     monkeypatch.setattr(kernels, "_STAGES", {})
-    U, W, K, g = randn(2, 3, 20, 70), randn(2, 3, 20, 24, seed=1, scale=0.1), randn(2, 3, 20, 24, seed=2, scale=0.1), \
-        randn(2, 3, seed=3).sigmoid()
-    want = kernels.chunk_scan_ref(U, W, K, g)
-    for calls in ([3, 2, 1], [3, 2, 1, 1]):
-        got = kernels.chunk_scan_triton(U, W, K, g)
+    leaves = [t.requires_grad_() for t in (randn(2, 3, 20, 70), randn(2, 3, 20, 24, seed=1, scale=0.1),
+                                           randn(2, 3, 20, 24, seed=2, scale=0.1), randn(2, 3, seed=3).sigmoid())]
+    dD = randn(2, 3, 20, 70, seed=4)
+    want = torch.autograd.grad(kernels.chunk_scan_ref(*leaves)[0], leaves, dD)
+    for calls in ([2, 1], [2, 1, 1]):
+        got = torch.autograd.grad(kernels.chunk_scan_triton(*leaves)[0], leaves, dD)
         assert tried == calls and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
 
 

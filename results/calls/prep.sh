@@ -11,5 +11,6 @@ plat="--only-binary=:all: --python-version 3.12 --implementation cp --platform m
 python3 -m pip download -q $plat -d .gpu/wheels transformers==5.25.0  # with all it needs (hub 2.x, kernels, ...)
 python3 -m pip download -q $plat --no-deps -d .gpu/wheels peft==0.22.0 gguf
 rm .gpu/wheels/numpy-*  # (the image's numpy stays: 16 MB less to carry)
+python3 -m pip install -q --no-deps --target .benchsite .gpu/wheels/gguf-*.whl  # (the image lacks it)
 cp -r .benchsite/bitsandbytes .gpu/bnb/  # (the NF4 reference, its CUDA 13 library only)
 du -sh .benchsite .gpu

@@ -1,8 +1,8 @@
 """The chunk scan (kernels._ChunkScan) at Qwen3.5-4B's training shape: its products as "ieee" fp32 (CUDA cores) and
 as "tf32x3" (tensor cores, kernels.SCAN_DOT), pipelined 1, 2 and 3 deep: forward and backward ms (CUDA events, median
 of 20) and the largest error of the outputs and gradients against an fp64 run of the reference, relative to the
-largest value. kernels.launch_fitting takes the deepest pipelining that fits shared memory; deeper pipelining lowers
-occupancy, so this says whether the deepest is also the fastest on this GPU.
+largest value. kernels.SCAN_DEPTHS (the depths launch_fitting tries, in order) comes from this: s29-1 on an H100
+found the forward fastest 1 deep and the backward 2 deep.
     python results/calls/scan_depth.py"""
 import os
 import statistics
@@ -49,17 +49,19 @@ fitting = kernels.launch_fitting
 for dot in ("ieee", "tf32x3"):
     kernels.SCAN_DOT = dot
     for depth in (1, 2, 3):
-        def fixed(kernel, grid, args, consts, num_warps, depth=depth):
+        def fixed(kernel, grid, args, consts, num_warps, depths, depth=depth):
             kernel[grid](*args, **consts, num_warps=num_warps, num_stages=depth)
         kernels.launch_fitting = fixed
         leaves = [t.clone().requires_grad_() for t in (U, W, Kt, decay)]
-        try:
-            err = error(kernels.chunk_scan_triton)
+        line = f"{dot:7s} depth {depth}:"
+        try:  # forward and backward apart: a depth may fit one of them only
             fwd = timed(lambda: kernels.chunk_scan_triton(*leaves))
+            line += f" forward {fwd:.3f} ms,"
             bwd = timed(lambda: torch.autograd.grad(kernels.chunk_scan_triton(*leaves), leaves, grads)) - fwd
-            print(f"{dot:7s} depth {depth}: forward {fwd:.3f} ms, backward {bwd:.3f} ms, error {err:.1e}", flush=True)
+            line += f" backward {bwd:.3f} ms, error {error(kernels.chunk_scan_triton):.1e}"
         except triton.runtime.errors.OutOfResources as e:
-            print(f"{dot:7s} depth {depth}: does not fit ({e})", flush=True)
+            line += f" the rest does not fit ({e})"
+        print(line, flush=True)
 kernels.launch_fitting, kernels.SCAN_DOT = fitting, "tf32x3"
 kernels._STAGES.clear()
 print("reference in fp32: error", error(kernels.chunk_scan_ref))
