@@ -273,7 +273,9 @@ def worker(a):
         import dist
         dist.init()
     ckpt = None if a.ckpt == "none" else a.ckpt
+    t_load = time.perf_counter()
     m, loss_fn = load_contender(a.worker, ckpt, a.mode, a.seq, a.fsdp, a.shape, a.doc_len, a.cpu, a.cap)
+    print(f"loaded in {time.perf_counter() - t_load:.0f} s", file=sys.stderr, flush=True)  # (shown if it times out)
     if a.rollout:
         return rollout_worker(a, m.eval(), dev, sync)
     params = [p for p in m.parameters() if p.requires_grad]
@@ -297,6 +299,7 @@ def worker(a):
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
         losses.append(float(loss))
+        print(f"step {i + 1} of {a.warmup + a.steps}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     step = statistics.median(times)
     if a.profile:  # one more step under the profiler: the GPU time per kernel, largest first
         from torch.autograd import DeviceType
@@ -542,8 +545,11 @@ def run_worker(cmd, seq, a, c):
     cmd = [*cmd[: cmd.index("--seq") + 1], str(seq), *cmd[cmd.index("--seq") + 2:]]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.worker_timeout)
-    except subprocess.TimeoutExpired:
-        print(f"{c} at {seq} tokens: skipped (over {a.worker_timeout} s)", flush=True)
+    except subprocess.TimeoutExpired as e:  # where it stood: its last lines (load time, steps done)
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        tail = [ln for ln in err.splitlines() if ln.strip() and "Warning" not in ln][-3:]
+        print(f"{c} at {seq} tokens: skipped (over {a.worker_timeout} s; it printed: {' | '.join(tail) or 'nothing'})",
+              flush=True)
         return TIMED_OUT
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:

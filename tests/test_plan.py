@@ -234,3 +234,18 @@ def test_bench_long_contender_chooses_as_the_planner_does():
     host), the first 6 on the GPU at 500k, checkpoints every 2 blocks at 600k (all 16 inputs on the host)."""
     m = bench_model("8b", "qlora")
     assert [bench_long.long_settings(m, T, 80) for T in (131072, 500_000, 600_000)] == [(0, 1), (6, 1), (0, 2)]
+
+
+def test_a_contender_past_its_time_says_where_it_stood(capsys):
+    """bench.run_worker: a worker still running at --worker_timeout is stopped, counted as timed out, and its last
+    lines on stderr (load time, steps done) are printed, so a peer that never finishes shows whether it was loading,
+    compiling or stepping (s29-4: Unsloth on Qwen3.5 said only "skipped")."""
+    import sys
+    import types
+    script = ("import sys, time; print('loaded in 41 s', file=sys.stderr, flush=True); "
+              "print('step 1 of 4: 9.5 s', file=sys.stderr, flush=True); time.sleep(30)")
+    got = bench.run_worker([sys.executable, "-c", script, "--seq", "64"], 128, types.SimpleNamespace(worker_timeout=3),
+                           "peer")
+    assert got == bench_long.TIMED_OUT
+    assert "peer at 128 tokens: skipped (over 3 s; it printed: loaded in 41 s | step 1 of 4: 9.5 s)" in \
+        capsys.readouterr().out
