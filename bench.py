@@ -399,7 +399,7 @@ def memory_at_peak(snap, top=40):
 def versions():
     out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
     from importlib.metadata import PackageNotFoundError, version
-    for pkg in ("triton", "transformers", "peft", "bitsandbytes", "liger_kernel", "unsloth", "fla-core"):
+    for pkg in ("triton", "transformers", "peft", "bitsandbytes", "liger_kernel", "unsloth"):
         try:  # installed metadata, no import (importing unsloth patches the process)
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -564,13 +564,10 @@ def run_worker(cmd, seq, a, c):
 def save(path, gpu, rows, device_call=None):
     if not path:
         return
-    # fla: whether the peers' transformers had flash-linear-attention's kernels for Gated DeltaNet (else a PyTorch loop)
-    v = versions()
-    fla = {"fla": v["fla-core"]} if "fla-core" in v else {}
-    rows = [dict(r, gpu=gpu, **fla, **({"device_call": device_call} if device_call else {})) for r in rows]
+    rows = [dict(r, gpu=gpu, **({"device_call": device_call} if device_call else {})) for r in rows]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     old = json.load(open(path)) if os.path.isfile(path) else {"rows": []}
-    old.update(gpu=gpu, versions=v)
+    old.update(gpu=gpu, versions=versions())
     old["rows"] = old.get("rows", []) + rows
     with open(path + ".tmp", "w") as f:
         json.dump(old, f, indent=2)

@@ -249,14 +249,3 @@ def test_a_contender_past_its_time_says_where_it_stood(capsys):
     assert got == bench_long.TIMED_OUT
     assert "peer at 128 tokens: skipped (over 3 s; it printed: loaded in 41 s | step 1 of 4: 9.5 s)" in \
         capsys.readouterr().out
-
-
-@pytest.mark.parametrize("fla", [None, "0.6.0"])
-def test_a_bench_row_says_whether_the_peers_had_flash_linear_attention(tmp_path, monkeypatch, fla):
-    """bench.save: each row carries "fla" (flash-linear-attention's version) where the peers' transformers had its
-    Gated DeltaNet kernels, and none where it fell back to its PyTorch loop (s27-7 and s29-2's HF + PEFT rows)."""
-    monkeypatch.setattr(bench, "versions", lambda: {"torch": "x", **({"fla-core": fla} if fla else {})})
-    path = str(tmp_path / "b.json")
-    bench.save(path, "GPU", [{"contender": "hf_peft"}], "s0-1")
-    row = json.load(open(path))["rows"][0]
-    assert row.get("fla") == fla and row["device_call"] == "s0-1"

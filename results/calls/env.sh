@@ -4,11 +4,6 @@
 set -euo pipefail
 export PYTHONPATH=$PWD/.benchsite:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if [ -d .benchsite/_wheels ]; then  # flash-linear-attention for the peers (prep.sh)
-  [ -d /tmp/fla ] || pip install -q --no-deps --target /tmp/fla .benchsite/_wheels/*.whl 2>&1 | grep -v WARNING || true
-  export PYTHONPATH=$PYTHONPATH:/tmp/fla
-fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-python -c "import fla; print('fla', fla.__version__)" 2>&1 | tail -1
 bench() { python bench.py --json "$OUT/bench.json" --device_call "$ID" "$@" 2>&1 | grep -v Warning || true; }

@@ -12,9 +12,5 @@ python3 -m pip download -q $plat -d .gpu/wheels transformers==5.25.0  # with all
 python3 -m pip download -q $plat --no-deps -d .gpu/wheels peft==0.22.0 gguf
 rm .gpu/wheels/numpy-*  # (the image's numpy stays: 16 MB less to carry)
 python3 -m pip install -q --no-deps --target .benchsite .gpu/wheels/gguf-*.whl  # (the image lacks it)
-# flash-linear-attention: transformers (so HF + PEFT and Unsloth) runs Qwen3.5's / Qwen3-Next's Gated DeltaNet through
-# its Triton kernels when it is installed, as users of those models have it; without it, a slow PyTorch loop
-rm -rf .benchsite/_wheels && python3 -m pip download -q --no-deps -d .benchsite/_wheels fla-core==0.6.0 \
-  flash-linear-attention==0.6.0  # (pure Python; env.sh installs them on the device, einops is there)
 cp -r .benchsite/bitsandbytes .gpu/bnb/  # (the NF4 reference, its CUDA 13 library only)
 du -sh .benchsite .gpu
