@@ -8,7 +8,7 @@ if [ "${2:-}" = unsloth ]; then
   bench --shape "${3:-qwen35-4b}" --mode lora --contenders unsloth --worker_timeout 560 | tail -3
 else
   python results/calls/scan_depth.py 2>&1 | tail -12
-  for shape in qwen35-4b qwen35moe; do  # (HF + PEFT with flash-linear-attention now: env.sh; per-kernel profiles)
+  for shape in qwen35-4b qwen35moe; do  # (per-kernel profiles of both in $OUT)
     bench --shape $shape --mode lora --contenders nanotune,hf_peft --worker_timeout 150 --profile "$OUT/prof" | tail -4
   done
 fi
