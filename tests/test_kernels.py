@@ -160,7 +160,7 @@ for mixer, (C, KD, V, has_w) in {"delta rule": (64, 128, 128, True), "ssd": (64,
             consts = dict(HAS_W=has_w, **blk)
             sig = {a: "constexpr" if a in consts else "i32" if a in ("NB", "N", "C", "KD", "V") else "*fp32"
                    for a in fn.arg_names}
-            for stages in (1, 2):
+            for stages in kernels.SCAN_DEPTHS[fn is kernels._scan_bwd]:  # (the depths launch_fitting tries)
                 k = kernels.triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cap, 32),
                                            options=dict(num_warps=8 if blk["BK"] >= 128 else 4, num_stages=stages))
                 out.append([mixer, cap, fn.__name__, stages, k.metadata.shared, "mma" in k.asm["ttgir"]])
