@@ -244,8 +244,8 @@ def test_a_contender_past_its_time_says_where_it_stood(capsys):
     import types
     script = ("import sys, time; print('loaded in 41 s', file=sys.stderr, flush=True); "
               "print('step 1 of 4: 9.5 s', file=sys.stderr, flush=True); time.sleep(30)")
-    got = bench.run_worker([sys.executable, "-c", script, "--seq", "64"], 128, types.SimpleNamespace(worker_timeout=3),
-                           "peer")
+    got = bench.run_worker([sys.executable, "-c", script, "--seq", "64"], 128,
+                           types.SimpleNamespace(worker_timeout=1.5), "peer")
     assert got == bench_long.TIMED_OUT
-    assert "peer at 128 tokens: skipped (over 3 s; it printed: loaded in 41 s | step 1 of 4: 9.5 s)" in \
+    assert "peer at 128 tokens: skipped (over 1.5 s; it printed: loaded in 41 s | step 1 of 4: 9.5 s)" in \
         capsys.readouterr().out
