@@ -195,7 +195,7 @@ class GatedDeltaNet(nn.Module):
             q, k, v, g, beta, starts, S0, self.chunk)
         if state is not None:
             state["ssm"] = S.detach()
-        return self.out_proj(self.norm(o.to(h.dtype), z).flatten(2))
+        return self.out_proj(self.norm(o.to(h.dtype, memory_format=torch.contiguous_format), z).flatten(2))
 
     @torch.no_grad()
     def recurrent(self, h, mask=None):
