@@ -1285,6 +1285,281 @@ def chunk_scan(U, W, K, g, S0=None):
     return (chunk_scan_triton if _triton(U) else chunk_scan_ref)(U, W, K, g, S0)
 
 
+# ---------------------------------------------------------------------------------------------
+# The chunked delta rule inside a chunk (Gated DeltaNet: mixers.py has the rule and the chunked form's derivation).
+# Per row b, value head h and chunk n of C tokens (i, j tokens of the chunk; q, k from key head h // (H / Hk)):
+#     G = cumsum(g);  D_ij = exp(G_i - G_j) (j <= i, same document; else 0);  gamma_i = exp(G_i) (0 past a start)
+#     prep:  M = (beta k k^T) o D (j < i);  A = (I + M)^-1;  U = A (beta v);  W = A (beta gamma k);
+#            K_end_j = k_j exp(G_C - G_j) (the chunk's last document only);  gamma_C        -> chunk_scan(U, W, ...)
+#     out:   o = (gamma q) S_in + ((q k^T) o D) delta                                      <- delta, S_in
+# The Triton kernels run one program per (chunk, row and value head) with the chunk's products on chip, read q, k, v,
+# g, beta in the model's [B, T, heads, d] layout (no chunked copies, no repeated key heads) and write o there.
+def _delta_chunks(x, C):
+    """[B, T, H, ...] -> [B, H, N, C, ...] in fp32 (fp64 stays fp64), zero-padded to whole chunks."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32)).transpose(1, 2)
+    pad = -x.shape[2] % C
+    x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad)) if pad else x.contiguous()
+    return x.view(*x.shape[:2], -1, C, *x.shape[3:])
+
+
+def _delta_decays(g, starts, C):
+    """g [B, H, N, C] (chunks), starts [B, T] or None -> D [B, H, N, C, C], gamma and to_end [B, H, N, C]."""
+    B, _, N, _ = g.shape
+    st = torch.zeros(B, N * C, dtype=torch.bool, device=g.device) if starts is None else \
+        F.pad(starts, (0, N * C - starts.shape[1]))
+    seg = st.reshape(B, 1, N, C).long().cumsum(-1)  # document index within the chunk (0: the one carried in)
+    G = g.cumsum(-1)
+    same = (seg[..., :, None] == seg[..., None, :]) & torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
+    D = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~same, float("-inf")))
+    return D, torch.exp(G) * (seg == 0), torch.exp(G[..., -1:] - G) * (seg == seg[..., -1:])
+
+
+def delta_prep_ref(k, v, g, beta, starts=None, chunk=64):
+    """k [B, T, Hk, dk], v [B, T, H, dv], g, beta [B, T, H] (H a multiple of Hk), starts [B, T] (True at a document's
+    first token) or None -> chunk_scan's inputs: U [B H, N, C, dv], W and K_end [B H, N, C, dk], gamma_C [B H, N]."""
+    k = k.repeat_interleave(v.shape[2] // k.shape[2], 2)
+    k, v, g, beta = (_delta_chunks(t, chunk) for t in (k, v, g, beta))
+    D, gamma, to_end = _delta_decays(g, starts, chunk)
+    kb = k * beta[..., None]
+    M = (kb @ k.transpose(-1, -2)) * D.tril(-1)
+    eye = torch.eye(chunk, device=k.device, dtype=k.dtype)
+    A = torch.linalg.solve_triangular(eye + M, eye.expand_as(M), upper=False, unitriangular=True)  # (I + M)^-1:
+    U, W = A @ (v * beta[..., None]), A @ (kb * gamma[..., None])  # (one solve, two matmuls: faster than 2 solves)
+    return U.flatten(0, 1), W.flatten(0, 1), (k * to_end[..., None]).flatten(0, 1), gamma[..., -1].flatten(0, 1)
+
+
+def delta_out_ref(q, k, g, starts, S_in, delta, dtype=None):
+    """q, k [B, T, Hk, dk], g [B, T, H], starts as above, S_in [B H, N, dk, dv] and delta [B H, N, C, dv]
+    (chunk_scan's) -> o [B, T, H, dv] in dtype (default: delta's)."""
+    (B, T, H), (_, N, C, dv) = g.shape, delta.shape
+    q, k = (_delta_chunks(t.repeat_interleave(H // t.shape[2], 2), C) for t in (q, k))
+    D, gamma, _ = _delta_decays(_delta_chunks(g, C), starts, C)
+    S_in, dl = (t.to(q.dtype) for t in (S_in, delta))  # (fp32 from the scan; fp64 in the tests' truth)
+    o = (q * gamma[..., None]) @ S_in.view(B, H, N, *S_in.shape[2:]) + \
+        ((q @ k.transpose(-1, -2)) * D) @ dl.view(B, H, N, C, dv)  # [B, H, N, C, dv]
+    return o.reshape(B, H, -1, dv)[:, :, :T].transpose(1, 2).to(dtype or delta.dtype,
+                                                                 memory_format=torch.contiguous_format)
+
+
+if triton is not None:
+    @triton.jit
+    def _rows(P, b, t, h, d, ok, T, H, Dd):
+        # tile [rows t, columns d] of head h, row b of a [B, T, H, Dd] tensor (fp32; 0 where not ok)
+        m = ok[:, None] & (d < Dd)[None, :]
+        return tl.load(P + ((b * T + t[:, None]) * H + h) * Dd + d[None, :], mask=m, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _put_rows(P, b, t, h, d, ok, T, H, Dd, x):
+        m = ok[:, None] & (d < Dd)[None, :]
+        tl.store(P + ((b * T + t[:, None]) * H + h) * Dd + d[None, :], x.to(P.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _chunk_program(T, H, C, N, BC: tl.constexpr, BK: tl.constexpr):
+        # this program's row b, value head h, chunk bn in the [B H, N, ...] stacks, the chunk's rows c (their tokens
+        # t, ok where real), key columns kk
+        n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        c = tl.arange(0, BC)
+        t = n * C + c
+        return bh // H, bh % H, bh * N + n, c, tl.arange(0, BK), t, (c < C) & (t < T)
+
+    @triton.jit
+    def _decays(GP, ST, b, h, c, t, ok, T, H, C, HAS_DOCS: tl.constexpr):
+        # the chunk's G = cumsum(g), document index seg, D [BC, BC] and gamma [BC] (see above), and G, seg at its end
+        G = tl.cumsum(tl.load(GP + (b * T + t) * H + h, mask=ok, other=0.0).to(tl.float32), 0)
+        seg = tl.cumsum(tl.load(ST + b * T + t, mask=ok, other=0).to(tl.int32), 0) if HAS_DOCS else c * 0
+        same = (seg[:, None] == seg[None, :]) & (c[:, None] >= c[None, :])
+        D = tl.where(same, tl.exp(G[:, None] - G[None, :]), 0.0)
+        gamma = tl.where(seg == 0, tl.exp(G), 0.0)
+        last = c == C - 1  # (past the last token g is 0 and no document starts: the same values)
+        return G, seg, D, gamma, tl.sum(tl.where(last, G, 0.0), 0), tl.sum(tl.where(last, seg, 0), 0)
+
+    @triton.jit
+    def _unit_lower_inverse(M, c, BC: tl.constexpr):
+        # (I + M)^-1 for a strictly lower M [BC, BC], by forward substitution: row i = e_i - sum_{j < i} M_ij row j
+        A = tl.where(c[:, None] == c[None, :], 1.0, 0.0)
+        for i in range(1, BC):
+            m = tl.sum(tl.where(c[:, None] == i, M, 0.0), 0)  # M's row i
+            A = tl.where(c[:, None] == i, (tl.where(c == i, 1.0, 0.0) - tl.sum(m[:, None] * A, 0))[None, :], A)
+        return A
+
+    @triton.jit
+    def _delta_prep_fwd(K, V, GP, BETA, ST, U, W, KE, GC, AI, T, H, HK, C, N, KD, VD, HAS_DOCS: tl.constexpr,
+                        BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr):
+        b, h, bn, c, kk, t, ok = _chunk_program(T, H, C, N, BC, BK)
+        G, seg, D, gamma, G_C, seg_C = _decays(GP, ST, b, h, c, t, ok, T, H, C, HAS_DOCS)
+        beta = tl.load(BETA + (b * T + t) * H + h, mask=ok, other=0.0).to(tl.float32)
+        k = _rows(K, b, t, h // (H // HK), kk, ok, T, HK, KD)  # [BC, BK]
+        kb = k * beta[:, None]
+        M = tl.where(c[:, None] > c[None, :], tl.dot(kb, tl.trans(k), input_precision=DOT) * D, 0.0)
+        A = _unit_lower_inverse(M, c, BC)
+        _put(AI, bn, A, c, c, C, C)
+        _put(W, bn, tl.dot(A, kb * gamma[:, None], input_precision=DOT), c, kk, C, KD)
+        _put(KE, bn, k * tl.where(seg == seg_C, tl.exp(G_C - G), 0.0)[:, None], c, kk, C, KD)
+        tl.store(GC + bn, tl.sum(tl.where(c == C - 1, gamma, 0.0), 0))
+        for v0 in range(0, VD, BV):
+            v = v0 + tl.arange(0, BV)
+            vb = _rows(V, b, t, h, v, ok, T, H, VD) * beta[:, None]
+            _put(U, bn, tl.dot(A, vb, input_precision=DOT), c, v, C, VD)
+
+    @triton.jit
+    def _delta_prep_bwd(K, V, GP, BETA, ST, AI, DU, DW, DKE, DGC, DK, DV, DG, DBETA, T, H, HK, C, N, KD, VD,
+                        HAS_DOCS: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        DOT: tl.constexpr):
+        b, h, bn, c, kk, t, ok = _chunk_program(T, H, C, N, BC, BK)
+        G, seg, D, gamma, G_C, seg_C = _decays(GP, ST, b, h, c, t, ok, T, H, C, HAS_DOCS)
+        beta = tl.load(BETA + (b * T + t) * H + h, mask=ok, other=0.0).to(tl.float32)
+        k = _rows(K, b, t, h // (H // HK), kk, ok, T, HK, KD)
+        kb = k * beta[:, None]
+        A = _tile(AI, bn, BC, BC, c, c, C, C)
+        # U = A (beta v): dA = dU (beta v)^T, d(beta v) = A^T dU
+        dA, dbeta = tl.zeros([BC, BC], dtype=tl.float32), tl.zeros([BC], dtype=tl.float32)
+        for v0 in range(0, VD, BV):
+            v = v0 + tl.arange(0, BV)
+            vv, du = _rows(V, b, t, h, v, ok, T, H, VD), _tile(DU, bn, BC, BV, c, v, C, VD)
+            dA += tl.dot(du, tl.trans(vv * beta[:, None]), input_precision=DOT)
+            dvb = tl.dot(tl.trans(A), du, input_precision=DOT)
+            _put_rows(DV, b, t, h, v, ok, T, H, VD, dvb * beta[:, None])
+            dbeta += tl.sum(vv * dvb, 1)
+        # W = A (beta gamma k): likewise; then A = (I + M)^-1: dM = -A^T dA A^T (j < i), M = (kb k^T) o D
+        dw = _tile(DW, bn, BC, BK, c, kk, C, KD)
+        dA += tl.dot(dw, tl.trans(kb * gamma[:, None]), input_precision=DOT)
+        dkbg = tl.dot(tl.trans(A), dw, input_precision=DOT)  # d(beta gamma k)
+        dM = -tl.dot(tl.trans(A), tl.dot(dA, tl.trans(A), input_precision=DOT), input_precision=DOT)
+        dKK = tl.where(c[:, None] > c[None, :], dM * D, 0.0)  # d(kb k^T)
+        dkb = tl.dot(dKK, k, input_precision=DOT) + gamma[:, None] * dkbg  # d(beta k), its two uses
+        to_end = tl.where(seg == seg_C, tl.exp(G_C - G), 0.0)
+        dke = _tile(DKE, bn, BC, BK, c, kk, C, KD)
+        _put_rows(DK, b, t, h, kk, ok, T, H, KD,
+                  beta[:, None] * dkb + tl.dot(tl.trans(dKK), kb, input_precision=DOT) + to_end[:, None] * dke)
+        tl.store(DBETA + (b * T + t) * H + h, dbeta + tl.sum(k * dkb, 1), mask=ok)
+        # dG: through D (M's), gamma (W's and gamma_C) and to_end (K_end's); then g: dg_j = sum_{i >= j} dG_i
+        E = dKK * tl.dot(kb, tl.trans(k), input_precision=DOT)  # dD o D
+        dgamma = tl.sum(kb * dkbg, 1) + tl.where(c == C - 1, tl.load(DGC + bn), 0.0)
+        dte = tl.sum(k * dke, 1) * to_end
+        dG = tl.sum(E, 1) - tl.sum(E, 0) + gamma * dgamma - dte + tl.where(c == C - 1, tl.sum(dte, 0), 0.0)
+        tl.store(DG + (b * T + t) * H + h, tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG, mask=ok)
+
+    @triton.jit
+    def _delta_out_fwd(Q, K, GP, ST, SIN, DL, O, T, H, HK, C, N, KD, VD, HAS_DOCS: tl.constexpr, BC: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr):
+        b, h, bn, c, kk, t, ok = _chunk_program(T, H, C, N, BC, BK)
+        G, seg, D, gamma, G_C, seg_C = _decays(GP, ST, b, h, c, t, ok, T, H, C, HAS_DOCS)
+        q, k = _rows(Q, b, t, h // (H // HK), kk, ok, T, HK, KD), _rows(K, b, t, h // (H // HK), kk, ok, T, HK, KD)
+        QK = tl.dot(q, tl.trans(k), input_precision=DOT) * D
+        qg = q * gamma[:, None]
+        for v0 in range(0, VD, BV):
+            v = v0 + tl.arange(0, BV)
+            o = tl.dot(qg, _tile(SIN, bn, BK, BV, kk, v, KD, VD), input_precision=DOT) + \
+                tl.dot(QK, _tile(DL, bn, BC, BV, c, v, C, VD), input_precision=DOT)
+            _put_rows(O, b, t, h, v, ok, T, H, VD, o)
+
+    @triton.jit
+    def _delta_out_bwd(Q, K, GP, ST, SIN, DL, DO, DQ, DK, DG, DSIN, DDL, T, H, HK, C, N, KD, VD,
+                       HAS_DOCS: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       DOT: tl.constexpr):
+        b, h, bn, c, kk, t, ok = _chunk_program(T, H, C, N, BC, BK)
+        G, seg, D, gamma, G_C, seg_C = _decays(GP, ST, b, h, c, t, ok, T, H, C, HAS_DOCS)
+        q, k = _rows(Q, b, t, h // (H // HK), kk, ok, T, HK, KD), _rows(K, b, t, h // (H // HK), kk, ok, T, HK, KD)
+        QK = tl.dot(q, tl.trans(k), input_precision=DOT)
+        qg = q * gamma[:, None]
+        X, dP = tl.zeros([BC, BK], dtype=tl.float32), tl.zeros([BC, BC], dtype=tl.float32)  # dO S_in^T, dO delta^T
+        for v0 in range(0, VD, BV):
+            v = v0 + tl.arange(0, BV)
+            do = _rows(DO, b, t, h, v, ok, T, H, VD)
+            X += tl.dot(do, tl.trans(_tile(SIN, bn, BK, BV, kk, v, KD, VD)), input_precision=DOT)
+            dP += tl.dot(do, tl.trans(_tile(DL, bn, BC, BV, c, v, C, VD)), input_precision=DOT)
+            _put(DSIN, bn, tl.dot(tl.trans(qg), do, input_precision=DOT), kk, v, KD, VD)
+            _put(DDL, bn, tl.dot(tl.trans(QK * D), do, input_precision=DOT), c, v, C, VD)
+        dPD = dP * D  # d(q k^T)
+        _put_rows(DQ, b, t, h, kk, ok, T, H, KD, gamma[:, None] * X + tl.dot(dPD, k, input_precision=DOT))
+        _put_rows(DK, b, t, h, kk, ok, T, H, KD, tl.dot(tl.trans(dPD), q, input_precision=DOT))
+        E = dPD * QK  # dD o D
+        dG = tl.sum(E, 1) - tl.sum(E, 0) + gamma * tl.sum(q * X, 1)
+        tl.store(DG + (b * T + t) * H + h, tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG, mask=ok)
+
+
+def _delta_launch(kernel, grid, args, blk):
+    launch_fitting(kernel, grid, args, blk, num_warps=8 if blk["BK"] >= 128 else 4, depths=(2, 1))
+
+
+def _delta_blocks(k, v, C, starts):
+    p2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731  (tl.dot wants sides of 16 or more)
+    return dict(HAS_DOCS=starts is not None, BC=p2(C), BK=p2(k.shape[-1]), BV=min(64, p2(v.shape[-1])), DOT=SCAN_DOT)
+
+
+def _key_heads(x, k):
+    """A gradient [B, T, H, d] per value head -> per key head [B, T, Hk, d], in k's dtype."""
+    B, T, H, d = x.shape
+    return x.view(B, T, k.shape[2], H // k.shape[2], d).sum(3).to(k.dtype)
+
+
+class _DeltaPrep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k, v, g, beta, starts, C):
+        k, v, g, beta = (t.contiguous() for t in (k, v, g, beta))
+        (B, T, H, VD), (HK, KD), N = v.shape, k.shape[2:], triton.cdiv(v.shape[1], C)
+        st = starts.to(torch.int8).contiguous() if starts is not None else g  # (unread without documents)
+        out = lambda *s: torch.empty(B * H, N, *s, device=v.device, dtype=torch.float32)  # noqa: E731
+        U, W, KE, gC, A = out(C, VD), out(C, KD), out(C, KD), out(), out(C, C)
+        blk = _delta_blocks(k, v, C, starts)
+        _delta_launch(_delta_prep_fwd, (N, B * H), (k, v, g, beta, st, U, W, KE, gC, A, T, H, HK, C, N, KD, VD), blk)
+        ctx.save_for_backward(k, v, g, beta, st, A)
+        ctx.blk = blk
+        return U, W, KE, gC
+
+    @staticmethod
+    def backward(ctx, dU, dW, dKE, dgC):
+        k, v, g, beta, st, A = ctx.saved_tensors
+        (B, T, H, VD), (HK, KD), (_, N, C, _) = v.shape, k.shape[2:], A.shape
+        dk = torch.empty(B, T, H, KD, device=v.device, dtype=torch.float32)
+        dv, dg, dbeta = torch.empty_like(v), *(torch.empty_like(g, dtype=torch.float32) for _ in range(2))
+        _delta_launch(_delta_prep_bwd, (N, B * H), (k, v, g, beta, st, A, *(t.contiguous() for t in (dU, dW, dKE, dgC)),
+                                                    dk, dv, dg, dbeta, T, H, HK, C, N, KD, VD), ctx.blk)
+        return _key_heads(dk, k), dv, dg.to(g.dtype), dbeta.to(beta.dtype), None, None
+
+
+class _DeltaOut(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, g, starts, S_in, delta, dtype):
+        q, k, g, S_in, delta = (t.contiguous() for t in (q, k, g, S_in, delta))
+        (B, T, H), (HK, KD), (_, N, C, VD) = g.shape, k.shape[2:], delta.shape
+        st = starts.to(torch.int8).contiguous() if starts is not None else g
+        o = torch.empty(B, T, H, VD, device=q.device, dtype=dtype)
+        blk = _delta_blocks(k, delta, C, starts)
+        _delta_launch(_delta_out_fwd, (N, B * H), (q, k, g, st, S_in, delta, o, T, H, HK, C, N, KD, VD), blk)
+        ctx.save_for_backward(q, k, g, st, S_in, delta)
+        ctx.blk = blk
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, g, st, S_in, delta = ctx.saved_tensors
+        (B, T, H), (HK, KD), (_, N, C, VD) = g.shape, k.shape[2:], delta.shape
+        dq, dk = (torch.empty(B, T, H, KD, device=q.device, dtype=torch.float32) for _ in range(2))
+        dg, dS, dD = torch.empty(B, T, H, device=q.device, dtype=torch.float32), torch.empty_like(S_in), \
+            torch.empty_like(delta)
+        _delta_launch(_delta_out_bwd, (N, B * H), (q, k, g, st, S_in, delta, do.contiguous(), dq, dk, dg, dS, dD,
+                                                   T, H, HK, C, N, KD, VD), ctx.blk)
+        return _key_heads(dq, q), _key_heads(dk, k), dg.to(g.dtype), None, dS, dD, None
+
+
+def delta_prep_triton(k, v, g, beta, starts=None, chunk=64):
+    return _DeltaPrep.apply(k, v, g, beta, starts, chunk)
+
+
+def delta_out_triton(q, k, g, starts, S_in, delta, dtype=None):
+    return _DeltaOut.apply(q, k, g, starts, S_in, delta, dtype or delta.dtype)
+
+
+def delta_prep(k, v, g, beta, starts=None, chunk=64):
+    """The kernel for CUDA tensors (and under the interpreter in tests), the reference elsewhere."""
+    return (delta_prep_triton if _triton(k) else delta_prep_ref)(k, v, g, beta, starts, chunk)
+
+
+def delta_out(q, k, g, starts, S_in, delta, dtype=None):
+    return (delta_out_triton if _triton(q) else delta_out_ref)(q, k, g, starts, S_in, delta, dtype)
+
+
 def sparsemixer(scores, eps):
     """PhiMoE's top-2 router (its evaluation path; transformers samples the experts in training): the best expert,
     weighted by a softmax over the experts within a relative 2 eps of it, then the best of the rest alike.

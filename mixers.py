@@ -81,8 +81,10 @@ class ShortConv(nn.Module):
 #     O   = (Q * Gamma) S0 + (Q K^T * D) Delta
 #     S_C = Gamma_C S0 + (K * D_Cj)^T Delta             (Delta_i: the delta rule's update of token i)
 def delta_rule_recurrent(q, k, v, g, beta, starts=None, state=None):
-    """The definition, token by token (fp32): q, k [B, T, H, dk], v [B, T, H, dv], g, beta [B, T, H], starts [B, T]
-    (True at a document's first token), state [B, H, dk, dv] -> (o [B, T, H, dv], the final state)."""
+    """The definition, token by token (fp32): q, k [B, T, Hk, dk], v [B, T, H, dv] (H a multiple of Hk), g, beta
+    [B, T, H], starts [B, T] (True at a document's first token), state [B, H, dk, dv] -> (o [B, T, H, dv], the
+    final state)."""
+    q, k = (t.repeat_interleave(v.shape[2] // t.shape[2], 2) for t in (q, k))  # (a key head per value head)
     B, T, H, dk = k.shape
     f = torch.promote_types(k.dtype, torch.float32)  # (fp32, or fp64 for the tests' truth)
     S = k.new_zeros(B, H, dk, v.shape[-1], dtype=f) if state is None else state.to(f)
@@ -99,40 +101,15 @@ def delta_rule_recurrent(q, k, v, g, beta, starts=None, state=None):
     return torch.stack(out, 1), S
 
 
-def delta_rule_chunked(q, k, v, g, beta, starts=None, state=None, chunk=64):
-    """The same as delta_rule_recurrent, C tokens at a time (see above; fp32); autograd runs through it."""
-    B, T, H, dk = k.shape
-    dv, pad, f = v.shape[-1], -T % chunk, torch.promote_types(k.dtype, torch.float32)
-    if starts is None:
-        starts = torch.zeros(B, T, dtype=torch.bool, device=k.device)
-
-    def blocks(x, fill=0.0):  # [B, T, H, ...] -> [B, H, N, C, ...], contiguous (one copy; padded at the end)
-        x = x.to(f).transpose(1, 2)
-        x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + (0, pad), value=fill) if pad else x.contiguous()
-        return x.view(B, H, -1, chunk, *x.shape[3:])
-    q, k, v, g, beta = blocks(q), blocks(k), blocks(v), blocks(g), blocks(beta)
-    st = torch.nn.functional.pad(starts, (0, pad)).reshape(B, 1, -1, chunk)  # [B, 1, N, C]
-    seg = st.long().cumsum(-1)  # document index within the chunk (0: the one carried in)
-    G = g.cumsum(-1)  # [B, H, N, C]
-    tri = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
-    same = (seg[..., :, None] == seg[..., None, :]) & tri  # j <= i, same document
-    D = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~same, float("-inf")))  # [B, H, N, C, C]
-    gamma = torch.exp(G) * (seg == 0)  # decay from the chunk's start (0 past a document start)
-    kb, vb = k * beta[..., None], v * beta[..., None]
-    M = (kb @ k.transpose(-1, -2)) * D.tril(-1)  # (j < i)
-    eye = torch.eye(chunk, device=k.device, dtype=f)
-    A = torch.linalg.solve_triangular(eye + M, eye.expand_as(M), upper=False, unitriangular=True)  # (I + M)^-1:
-    U, W = A @ vb, A @ (kb * gamma[..., None])  # (one [C, C] solve, then two matmuls: faster than two [C, d] solves)
-    QK = (q @ k.transpose(-1, -2)) * D
-    to_end = torch.exp(G[..., -1:] - G) * (seg == seg[..., -1:])  # D_{C, j}: the chunk's last document only
-    # the chunk-to-chunk recurrence (kernels.chunk_scan): Delta = U - W S_in, S_in of the next chunk as above
-    N = q.shape[2]
-    delta, S_in, S = kernels.chunk_scan(U.flatten(0, 1), W.flatten(0, 1), (k * to_end[..., None]).flatten(0, 1),
-                                        gamma[..., -1].flatten(0, 1), state.to(f).flatten(0, 1) if state is not None
+def delta_rule_chunked(q, k, v, g, beta, starts=None, state=None, chunk=64, dtype=None):
+    """The same as delta_rule_recurrent, C tokens at a time (see above); q, k may have fewer heads than v (a key
+    head serves H / Hk value heads). The pieces are kernels.delta_prep, chunk_scan and delta_out (Triton on a GPU,
+    PyTorch with autograd elsewhere); o in dtype (default fp32)."""
+    B, T, H, dv = v.shape
+    U, W, K_end, gamma_C = kernels.delta_prep(k, v, g, beta, starts, chunk)
+    delta, S_in, S = kernels.chunk_scan(U, W, K_end, gamma_C, state.to(U.dtype).flatten(0, 1) if state is not None
                                         else None)
-    delta, S_in = delta.view(B, H, N, chunk, dv), S_in.view(B, H, N, dk, dv)
-    o = (q * gamma[..., None]) @ S_in + QK @ delta  # [B, H, N, C, dv]
-    return o.reshape(B, H, -1, dv)[:, :, :T].transpose(1, 2), S.view(B, H, dk, dv)  # [B, T, H, dv]
+    return kernels.delta_out(q, k, g, starts, S_in, delta, dtype), S.view(B, H, *S.shape[1:])
 
 
 class GatedRMSNorm(nn.Module):
@@ -171,7 +148,7 @@ class GatedDeltaNet(nn.Module):
         return 4 * Hv * (28 * dv + dk * dv // self.chunk)
 
     def inputs(self, h, mask=None, docs=None, state=None):
-        """h [B, T, C] -> q, k [B, T, Hv, dk] (normalised, each k head repeated for its value heads), v, z
+        """h [B, T, C] -> q, k [B, T, Hk, dk] (normalised, fp32), v, z
         [B, T, Hv, dv], g, beta [B, T, Hv]. mask [B, T] zeroes padded inputs, as transformers."""
         Hk, Hv, dk, dv = self.shape
         if mask is not None:
@@ -181,7 +158,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = x.split([Hk * dk, Hk * dk, Hv * dv], -1)
         q, k = (t.reshape(B, T, Hk, dk).float() for t in (q, k))
         q, k = (t * torch.rsqrt((t * t).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
-        q, k = (t.repeat_interleave(Hv // Hk, dim=2) for t in (q * dk**-0.5, k))
+        q = q * dk**-0.5
         g = -self.A_log.float().exp() * torch.nn.functional.softplus(self.in_proj_a(h).float() + self.dt_bias)
         return q, k, v.reshape(B, T, Hv, dv), self.in_proj_z(h).reshape(B, T, Hv, dv), g, self.in_proj_b(h).sigmoid()
 
@@ -192,7 +169,7 @@ class GatedDeltaNet(nn.Module):
                                                       docs[:, 1:] != docs[:, :-1]], 1)
         S0 = state.get("ssm") if state is not None else None  # (one new token: the recurrent step itself)
         o, S = delta_rule_recurrent(q, k, v, g, beta, starts, S0) if q.shape[1] == 1 else delta_rule_chunked(
-            q, k, v, g, beta, starts, S0, self.chunk)
+            q, k, v, g, beta, starts, S0, self.chunk, h.dtype)
         if state is not None:
             state["ssm"] = S.detach()
         return self.out_proj(self.norm(o.to(h.dtype, memory_format=torch.contiguous_format), z).flatten(2))

@@ -156,6 +156,43 @@ def test_chunk_scan(dtype, has_w, has_s0, shape):
           [U, K, g] + [W] * has_w + [S0] * has_s0, dtype)
 
 
+def delta_inputs(B, T, H, HK, KD, VD, docs):
+    """q, k [B, T, HK, KD] (k of unit length), v [B, T, H, VD], g < 0, beta in (0, 1) [B, T, H], starts [B, T]."""
+    k = randn(B, T, HK, KD, seed=1)
+    starts = torch.zeros(B, T, dtype=torch.bool, device=DEV)
+    if docs:
+        starts[0, 9], starts[1 % B, 16], starts[-1, T - 1] = True, True, True
+    return [randn(B, T, HK, KD), k / k.norm(dim=-1, keepdim=True), randn(B, T, H, VD, seed=2),
+            -randn(B, T, H, seed=3).abs(), randn(B, T, H, seed=4).sigmoid()], starts if docs else None
+
+
+DELTA_SHAPES = [(2, 37, 4, 2, 24, 20, 16, True), (1, 50, 3, 3, 8, 70, 7, False), (1, 64, 2, 1, 40, 24, 64, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", DELTA_SHAPES)
+def test_delta_prep(dtype, shape):
+    """The delta rule's in-chunk preparation (U, W, K_end, gamma_C: the triangular inverse inside), and the gradients
+    of k, v, g and beta through it: chunks that are not powers of two and cut the sequence's end, documents starting
+    inside a chunk and at its first token, key heads serving 2 (or 1, 3) value heads, values past one column block."""
+    B, T, H, HK, KD, VD, C, docs = shape
+    (_, k, v, g, beta), starts = delta_inputs(B, T, H, HK, KD, VD, docs)
+    check(flat(lambda *a: kernels.delta_prep_triton(*a, starts, C)), flat(lambda *a: kernels.delta_prep_ref(
+        *a, starts, C)), [k, v, g, beta], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", DELTA_SHAPES)
+def test_delta_out(dtype, shape):
+    """The delta rule's output from the scan's delta and S_in, and the gradients of q, k, g, S_in and delta."""
+    B, T, H, HK, KD, VD, C, docs = shape
+    (q, k, _, g, _), starts = delta_inputs(B, T, H, HK, KD, VD, docs)
+    N = -(-T // C)
+    S_in, delta = randn(B * H, N, KD, VD, seed=5), randn(B * H, N, C, VD, seed=6)
+    check(lambda *a: kernels.delta_out_triton(*a[:3], starts, *a[3:]),
+          lambda *a: kernels.delta_out_ref(*a[:3], starts, *a[3:]), [q, k, g, S_in, delta], dtype)
+
+
 COMPILE_SCAN = """
 import json, sys
 sys.path.insert(0, ROOT)
@@ -175,6 +212,17 @@ for mixer, (C, KD, V, has_w) in {"delta rule": (64, 128, 128, True), "ssd": (64,
                 k = kernels.triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cap, 32),
                                            options=dict(num_warps=8 if blk["BK"] >= 128 else 4, num_stages=stages))
                 out.append([mixer, cap, fn.__name__, stages, k.metadata.shared, "mma" in k.asm["ttgir"]])
+for cap in (90, 89):  # the delta rule's in-chunk kernels at Qwen3.5's blocks (an A100 has more room than Ada)
+    for fn in (kernels._delta_prep_fwd, kernels._delta_prep_bwd, kernels._delta_out_fwd, kernels._delta_out_bwd):
+        consts = kernels._delta_blocks(torch.empty(0, 128), torch.empty(0, 128), 64, True)
+        sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "HK", "C", "N", "KD", "VD") else
+               "*i8" if a == "ST" else "*fp32" for a in fn.arg_names}
+        for stages in (2, 1):  # (the depths kernels._delta_launch tries)
+            k = kernels.triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cap, 32),
+                                       options=dict(num_warps=8, num_stages=stages))
+            out.append(["delta rule", cap, fn.__name__, stages, k.metadata.shared, "mma" in k.asm["ttgir"]])
+            if k.metadata.shared <= 101_376:
+                break
 print(json.dumps(out))
 """
 
@@ -182,9 +230,10 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_the_chunk_scan_compiles_for_hopper_ampere_and_ada_within_their_shared_memory():
     """The chunk scan's kernels at Qwen3.5's (chunk 64, keys and values 128) and Mamba2's (chunk 64, state 128,
-    head 64) blocks, compiled on this CPU for an H100 (sm_90), an A100 (sm_80) and an Ada card (sm_89): some
-    pipelining depth it tries (kernels.SCAN_DEPTHS) fits each one's shared memory a block (s27-5 found the backward
-    asking 288 KiB of an H100's 227 on the GPU), and the products take the tensor cores ("tf32x3")."""
+    head 64) blocks, and the delta rule's in-chunk kernels at Qwen3.5's, compiled on this CPU for an H100 (sm_90),
+    an A100 (sm_80, the scan only) and an Ada card (sm_89): some pipelining depth tried (kernels.SCAN_DEPTHS,
+    _delta_launch's) fits each one's shared memory a block (s27-5 found the backward asking 288 KiB of an H100's 227
+    on the GPU), and the products take the tensor cores ("tf32x3")."""
     import json
     import os
     import subprocess
@@ -232,18 +281,20 @@ def test_a_scan_whose_pipelining_does_not_fit_the_gpu_runs_less_deep(monkeypatch
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mixer", ["delta_rule", "ssd"])
 def test_chunk_scan_in_the_mixers(dtype, mixer, monkeypatch):
-    """The chunked delta rule (Gated DeltaNet) and SSD scan (Mamba2) through the kernel = their token-by-token
-    definitions (fp64 truth): output, final state and every gradient, 37 tokens in chunks of 7, documents starting
-    inside a chunk and on a chunk edge, an incoming state."""
+    """The chunked delta rule (Gated DeltaNet: its in-chunk kernels too, one key head for 3 value heads) and SSD scan
+    (Mamba2) through the kernels = their token-by-token definitions (fp64 truth): output, final state and every
+    gradient, 37 tokens in chunks of 7, documents starting inside a chunk and on a chunk edge, an incoming state."""
     import mixers
     B, T, H, dk, dv, chunk = 2, 37, 3, 8, 6, 7
     starts = torch.zeros(B, T, dtype=torch.bool, device=DEV)
     starts[0, 12], starts[1, 7], starts[1, 36] = True, True, True
     if mixer == "delta_rule":
-        k = randn(B, T, H, dk, seed=1)
-        inputs = [randn(B, T, H, dk), k / k.norm(dim=-1, keepdim=True), randn(B, T, H, dv, seed=2),
+        k = randn(B, T, 1, dk, seed=1)
+        inputs = [randn(B, T, 1, dk), k / k.norm(dim=-1, keepdim=True), randn(B, T, H, dv, seed=2),
                   -randn(B, T, H, seed=3).abs(), randn(B, T, H, seed=4).sigmoid(), randn(B, H, dk, dv, seed=5) * 0.1]
         recurrent, chunked = mixers.delta_rule_recurrent, mixers.delta_rule_chunked
+        monkeypatch.setattr(kernels, "delta_prep", kernels.delta_prep_triton)
+        monkeypatch.setattr(kernels, "delta_out", kernels.delta_out_triton)
     else:
         inputs = [randn(B, T, H, dv), randn(B, T, H, seed=1).abs() + 0.05, -randn(H, seed=2).abs() - 0.1,
                   randn(B, T, H, dk, seed=3), randn(B, T, H, dk, seed=4), randn(B, H, dv, dk, seed=5) * 0.1]
