@@ -187,11 +187,11 @@ if triton is not None:
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, eps, offset, z=None):
+    def forward(ctx, x, w, eps, offset, z=None, dtype=None):
         shape, x2 = x.shape, x.reshape(-1, x.shape[-1]).contiguous()
         z2 = z.reshape(x2.shape).contiguous() if z is not None else None
         N, C = x2.shape
-        y = torch.empty_like(x2)
+        y = torch.empty_like(x2, dtype=dtype or x.dtype)
         rstd = torch.empty(N, dtype=torch.float32, device=x.device)
         BLOCK = triton.next_power_of_2(C)
         _rms_fwd[(N,)](x2, w, z2 if z is not None else x2, y, rstd, C, eps, offset, BLOCK=BLOCK, GEMMA=bool(offset),
@@ -215,7 +215,7 @@ class _RMSNorm(torch.autograd.Function):
         _rms_bwd[(progs,)](dy, x2, w, gate[0], rstd, dx, dw, gate[1], C, ctx.offset, rows_per, N, BLOCK=BLOCK,
                            NEED_DW=need_dw, GATE=z2 is not None, num_warps=min(16, max(1, BLOCK // 256)))
         dz = dz.view(ctx.shape) if dz is not None else None
-        return dx.view(ctx.shape), (dw.sum(0).to(w.dtype) if need_dw else None), None, None, dz
+        return dx.view(ctx.shape), (dw.sum(0).to(w.dtype) if need_dw else None), None, None, dz, None
 
 
 def _norm_programs(N, device):
@@ -240,6 +240,24 @@ def gated_rms_norm_triton(x, z, weight, eps: float):
 
 def gated_rms_norm(x, z, weight, eps: float):
     return (gated_rms_norm_triton if _triton(x) else gated_rms_norm_ref)(x, z, weight, eps)
+
+
+# L2 norm over the last dimension, times a scale: x / sqrt(sum(x^2) + eps) * s, in fp32 from any input (Gated
+# DeltaNet's q and k, as FLA's and transformers' l2norm). It is an RMS norm: rsqrt(sum + eps) = rsqrt(mean + eps / d)
+# / sqrt(d), so the kernel is the RMSNorm one with eps / d and a constant weight s / sqrt(d), written in fp32.
+def l2_norm_ref(x, scale: float = 1.0, eps: float = 1e-6):
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps) * scale
+
+
+def l2_norm_triton(x, scale: float = 1.0, eps: float = 1e-6):
+    d = x.shape[-1]
+    w = torch.full((d,), scale / math.sqrt(d), device=x.device, dtype=torch.float32)
+    return _RMSNorm.apply(x, w, eps / d, 0.0, None, torch.float32)
+
+
+def l2_norm(x, scale: float = 1.0, eps: float = 1e-6):
+    return (l2_norm_triton if _triton(x) else l2_norm_ref)(x, scale, eps)
 
 
 # ---------------------------------------------------------------------------------------------

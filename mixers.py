@@ -156,9 +156,7 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = h.shape
         x = torch.nn.functional.silu(causal_conv(self.in_proj_qkv(h), self.conv1d.weight[:, 0], None, docs, state))
         q, k, v = x.split([Hk * dk, Hk * dk, Hv * dv], -1)
-        q, k = (t.reshape(B, T, Hk, dk).float() for t in (q, k))
-        q, k = (t * torch.rsqrt((t * t).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
-        q = q * dk**-0.5
+        q, k = (kernels.l2_norm(t.reshape(B, T, Hk, dk), s) for t, s in ((q, dk**-0.5), (k, 1.0)))  # (fp32)
         g = -self.A_log.float().exp() * torch.nn.functional.softplus(self.in_proj_a(h).float() + self.dt_bias)
         return q, k, v.reshape(B, T, Hv, dv), self.in_proj_z(h).reshape(B, T, Hv, dv), g, self.in_proj_b(h).sigmoid()
 

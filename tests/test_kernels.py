@@ -156,6 +156,15 @@ def test_chunk_scan(dtype, has_w, has_s0, shape):
           [U, K, g] + [W] * has_w + [S0] * has_s0, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_l2_norm(dtype):
+    """Gated DeltaNet's q and k normalised (and scaled) through the RMSNorm kernels, in fp32 from either dtype; the
+    input a strided slice, as the conv's output is."""
+    x = randn(2, 37, 3 * 24, scale=3.0)[..., 24:48]
+    check(lambda a: kernels.l2_norm_triton(a, 0.3), lambda a: kernels.l2_norm_ref(a, 0.3), [x], dtype)
+    assert kernels.l2_norm_triton(x.to(dtype)).dtype == torch.float32
+
+
 def delta_inputs(B, T, H, HK, KD, VD, docs):
     """q, k [B, T, HK, KD] (k of unit length), v [B, T, H, VD], g < 0, beta in (0, 1) [B, T, H], starts [B, T]."""
     k = randn(B, T, HK, KD, seed=1)
