@@ -1056,8 +1056,9 @@ def xielu(x, alpha_p, alpha_n, beta, eps):
 #     dw[c, i] = sum_{b, t} dout[b, t, c] v[b, t - (L - 1 - i), c];   dbias[c] = sum_{b, t} dout[b, t, c]
 # The reference builds L shifted products; the kernel reads each tap in place (per-program partial sums of dw and
 # dbias, added up in PyTorch).
-def causal_conv1d_ref(v, w, bias=None, docs=None):
-    """v [B, T, C], w [C, L], bias [C] or None, docs [B, T] or None -> [B, T, C]."""
+def causal_conv1d_ref(v, w, bias=None, docs=None, silu=False):
+    """v [B, T, C], w [C, L], bias [C] or None, docs [B, T] or None -> [B, T, C] (then silu'd: Gated DeltaNet's,
+    Mamba2's)."""
     T, L = v.shape[1], w.shape[1]
     full = F.pad(v, (0, 0, L - 1, 0))  # [B, L-1+T, C]: v_{t-L+1} .. v_t for every t
     out = bias.to(v.dtype) if bias is not None else 0
@@ -1068,18 +1069,15 @@ def causal_conv1d_ref(v, w, bias=None, docs=None):
             same[:, lag:] = docs[:, lag:] == docs[:, :-lag]
             tap = tap * same[:, :, None].to(v.dtype)
         out = out + tap
-    return out
+    return F.silu(out) if silu else out
 
 
 if triton is not None:
     @triton.jit
-    def _conv_fwd(V, W, BIAS, DOCS, OUT, T, C, L: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr,
-                  BT: tl.constexpr, BC: tl.constexpr):
-        pid, nt = tl.program_id(0), tl.cdiv(T, BT)
-        b, t = pid // nt, (pid % nt) * BT + tl.arange(0, BT)
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
-        tm, cm = t < T, c < C
-        acc = tl.zeros((BT, BC), dtype=tl.float32)
+    def _conv_at(V, W, BIAS, DOCS, b, t, tm, c, cm, T, C, L: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_DOCS: tl.constexpr):
+        # the convolution at rows t [BT] of row b (where tm), channels c [BC] (where cm), before any activation: fp32
+        acc = tl.zeros((t.shape[0], c.shape[0]), dtype=tl.float32)
         if HAS_BIAS:
             acc += tl.load(BIAS + c, mask=cm, other=0.0).to(tl.float32)[None, :]
         if HAS_DOCS:
@@ -1092,12 +1090,37 @@ if triton is not None:
             x = tl.load(V + (b * T + src)[:, None].to(tl.int64) * C + c[None, :], mask=m[:, None] & cm[None, :],
                         other=0.0)
             acc += x.to(tl.float32) * tl.load(W + c * L + i, mask=cm, other=0.0).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
+    def _conv_fwd(V, W, BIAS, DOCS, OUT, T, C, L: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr,
+                  SILU: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+        pid, nt = tl.program_id(0), tl.cdiv(T, BT)
+        b, t = pid // nt, (pid % nt) * BT + tl.arange(0, BT)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        tm, cm = t < T, c < C
+        acc = _conv_at(V, W, BIAS, DOCS, b, t, tm, c, cm, T, C, L, HAS_BIAS, HAS_DOCS)
+        if SILU:  # (one rounding, after the activation)
+            acc = acc * tl.sigmoid(acc)
         tl.store(OUT + (b * T + t)[:, None].to(tl.int64) * C + c[None, :], acc.to(OUT.dtype.element_ty),
                  mask=tm[:, None] & cm[None, :])
 
     @triton.jit
-    def _conv_bwd(DOUT, V, W, DOCS, DV, DW, DB, T, C, L: tl.constexpr, HAS_DOCS: tl.constexpr, BT: tl.constexpr,
-                  BC: tl.constexpr):
+    def _conv_grad(DOUT, V, W, BIAS, DOCS, b, t, tm, c, cm, T, C, L: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_DOCS: tl.constexpr, SILU: tl.constexpr):
+        # the gradient of the convolution's output before the activation, at rows t (0 where not tm): with SILU,
+        # dout silu'(a), silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a))), a recomputed from v (its taps are cached)
+        g = tl.load(DOUT + (b * T + t)[:, None].to(tl.int64) * C + c[None, :], mask=tm[:, None] & cm[None, :],
+                    other=0.0).to(tl.float32)
+        if SILU:
+            a = _conv_at(V, W, BIAS, DOCS, b, t, tm, c, cm, T, C, L, HAS_BIAS, HAS_DOCS)
+            sig = tl.sigmoid(a)
+            g = g * sig * (1.0 + a * (1.0 - sig))
+        return g
+
+    @triton.jit
+    def _conv_bwd(DOUT, V, W, BIAS, DOCS, DV, DW, DB, T, C, L: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_DOCS: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
         # dv for this program's rows; its partial sums of dw [C, L] and dbias [C] into DW[pid], DB[pid]
         pid, nt = tl.program_id(0), tl.cdiv(T, BT)
         b, s = pid // nt, (pid % nt) * BT + tl.arange(0, BT)
@@ -1106,7 +1129,7 @@ if triton is not None:
         both = sm[:, None] & cm[None, :]
         if HAS_DOCS:
             d = tl.load(DOCS + b * T + s, mask=sm, other=-1)
-        g_s = tl.load(DOUT + (b * T + s)[:, None].to(tl.int64) * C + c[None, :], mask=both, other=0.0).to(tl.float32)
+        g_s = _conv_grad(DOUT, V, W, BIAS, DOCS, b, s, sm, c, cm, T, C, L, HAS_BIAS, HAS_DOCS, SILU)
         tl.store(DB + pid.to(tl.int64) * C + c, tl.sum(g_s, axis=0), mask=cm)
         dv = tl.zeros((BT, BC), dtype=tl.float32)
         for i in tl.static_range(L):
@@ -1117,9 +1140,8 @@ if triton is not None:
                 md = md & (tl.load(DOCS + b * T + dst, mask=md, other=-2) == d)
                 ms = ms & (tl.load(DOCS + b * T + src, mask=ms, other=-2) == d)
             w_i = tl.load(W + c * L + i, mask=cm, other=0.0).to(tl.float32)
-            g = tl.load(DOUT + (b * T + dst)[:, None].to(tl.int64) * C + c[None, :], mask=md[:, None] & cm[None, :],
-                        other=0.0).to(tl.float32)
-            dv += g * w_i[None, :]
+            dv += _conv_grad(DOUT, V, W, BIAS, DOCS, b, dst, md, c, cm, T, C, L, HAS_BIAS, HAS_DOCS, SILU) * \
+                w_i[None, :]
             x = tl.load(V + (b * T + src)[:, None].to(tl.int64) * C + c[None, :], mask=ms[:, None] & cm[None, :],
                         other=0.0).to(tl.float32)
             tl.store(DW + (pid.to(tl.int64) * C + c) * L + i, tl.sum(g_s * x, axis=0), mask=cm)
@@ -1130,38 +1152,37 @@ class _CausalConv(torch.autograd.Function):
     BT, BC = 32, 64
 
     @staticmethod
-    def forward(ctx, v, w, bias, docs):
+    def forward(ctx, v, w, bias, docs, silu):
         v, w = v.contiguous(), w.contiguous()
         (B, T, C), L = v.shape, w.shape[1]
         docs = docs.contiguous() if docs is not None else None
         out = torch.empty_like(v)
         grid = (B * triton.cdiv(T, _CausalConv.BT), triton.cdiv(C, _CausalConv.BC))
-        _conv_fwd[grid](v, w, bias, docs, out, T, C, L=L, HAS_BIAS=bias is not None, HAS_DOCS=docs is not None,
-                        BT=_CausalConv.BT, BC=_CausalConv.BC)
-        ctx.save_for_backward(v, w, docs)
-        ctx.bias = bias.dtype if bias is not None else None
+        ctx.consts = dict(L=L, HAS_BIAS=bias is not None, HAS_DOCS=docs is not None, SILU=silu, BT=_CausalConv.BT,
+                          BC=_CausalConv.BC)
+        _conv_fwd[grid](v, w, bias, docs, out, T, C, **ctx.consts)
+        ctx.save_for_backward(v, w, bias, docs)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        v, w, docs = ctx.saved_tensors
+        v, w, bias, docs = ctx.saved_tensors
         (B, T, C), L = v.shape, w.shape[1]
         grid = (B * triton.cdiv(T, _CausalConv.BT), triton.cdiv(C, _CausalConv.BC))
         dv = torch.empty_like(v)
         dw = torch.empty(grid[0], C, L, device=v.device, dtype=torch.float32)
         db = torch.empty(grid[0], C, device=v.device, dtype=torch.float32)
-        _conv_bwd[grid](dout.contiguous(), v, w, docs, dv, dw, db, T, C, L=L, HAS_DOCS=docs is not None,
-                        BT=_CausalConv.BT, BC=_CausalConv.BC)
-        return dv, dw.sum(0).to(w.dtype), db.sum(0).to(ctx.bias) if ctx.bias else None, None
+        _conv_bwd[grid](dout.contiguous(), v, w, bias, docs, dv, dw, db, T, C, **ctx.consts)
+        return dv, dw.sum(0).to(w.dtype), db.sum(0).to(bias.dtype) if bias is not None else None, None, None
 
 
-def causal_conv1d_triton(v, w, bias=None, docs=None):
-    return _CausalConv.apply(v, w, bias, docs)
+def causal_conv1d_triton(v, w, bias=None, docs=None, silu=False):
+    return _CausalConv.apply(v, w, bias, docs, silu)
 
 
-def causal_conv1d(v, w, bias=None, docs=None):
+def causal_conv1d(v, w, bias=None, docs=None, silu=False):
     """The kernel for CUDA tensors (and under the interpreter in tests), the reference elsewhere."""
-    return (causal_conv1d_triton if _triton(v) else causal_conv1d_ref)(v, w, bias, docs)
+    return (causal_conv1d_triton if _triton(v) else causal_conv1d_ref)(v, w, bias, docs, silu)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,19 +17,19 @@ import torch.nn as nn
 import kernels
 
 
-def causal_conv(v, w, bias, docs=None, state=None, key="conv"):
-    """Causal depthwise convolution: v [B, T, C], w [C, L] (w[:, L-1] on the current token) -> [B, T, C];
-    docs [B, T]: taps never reach into an earlier document (kernels.causal_conv1d); state: a dict whose `key`
-    [B, L-1, C] holds the previous tokens' v (generation), replaced by this call's last L-1."""
+def causal_conv(v, w, bias, docs=None, state=None, key="conv", silu=False):
+    """Causal depthwise convolution: v [B, T, C], w [C, L] (w[:, L-1] on the current token) -> [B, T, C], then
+    SiLU if silu; docs [B, T]: taps never reach into an earlier document (kernels.causal_conv1d); state: a dict
+    whose `key` [B, L-1, C] holds the previous tokens' v (generation), replaced by this call's last L-1."""
     if state is None:
-        return kernels.causal_conv1d(v, w, bias, docs)
+        return kernels.causal_conv1d(v, w, bias, docs, silu)
     L = w.shape[1]
     prev = state.get(key)
     if prev is None:
         prev = v.new_zeros(v.shape[0], L - 1, v.shape[2])
     full = torch.cat([prev.to(v.dtype), v], 1)  # [B, L-1+T, C]: v_{t-L+1} .. v_t for every t
     state[key] = full[:, -(L - 1):].detach() if L > 1 else prev
-    return kernels.causal_conv1d_ref(full, w, bias)[:, L - 1:]
+    return kernels.causal_conv1d_ref(full, w, bias, silu=silu)[:, L - 1:]
 
 
 class ShortConv(nn.Module):
@@ -154,7 +154,7 @@ class GatedDeltaNet(nn.Module):
         if mask is not None:
             h = h * mask[:, :, None].to(h.dtype)
         B, T, _ = h.shape
-        x = torch.nn.functional.silu(causal_conv(self.in_proj_qkv(h), self.conv1d.weight[:, 0], None, docs, state))
+        x = causal_conv(self.in_proj_qkv(h), self.conv1d.weight[:, 0], None, docs, state, silu=True)
         q, k, v = x.split([Hk * dk, Hk * dk, Hv * dv], -1)
         q, k = (kernels.l2_norm(t.reshape(B, T, Hk, dk), s) for t, s in ((q, dk**-0.5), (k, 1.0)))  # (fp32)
         g = -self.A_log.float().exp() * torch.nn.functional.softplus(self.in_proj_a(h).float() + self.dt_bias)
@@ -286,7 +286,7 @@ class Mamba2(nn.Module):
         if mask is not None:
             h = h * mask[:, :, None].to(h.dtype)
         z, xbc, dt = self.in_proj(h).split([H * P, H * P + 2 * G * N, H], -1)
-        xbc = torch.nn.functional.silu(causal_conv(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, docs, state))
+        xbc = causal_conv(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, docs, state, silu=True)
         if mask is not None:
             xbc = xbc * mask[:, :, None].to(xbc.dtype)
         x, B, C = xbc.split([H * P, G * N, G * N], -1)

@@ -118,10 +118,12 @@ def test_plain_act(dtype, act, eps):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("L,bias,docs", [(4, True, True), (3, False, False), (1, True, True), (4, False, True)])
-def test_causal_conv1d(dtype, L, bias, docs):
-    """The causal depthwise convolution (LFM2, Gated DeltaNet, Mamba2): odd lengths and channel counts past a block,
-    documents starting inside rows and at a block edge (32 rows), with and without a bias: output, dv, dw, dbias."""
+@pytest.mark.parametrize("L,bias,docs,silu", [(4, True, True, True), (3, False, False, False), (1, True, True, False),
+                                              (4, False, True, False), (4, False, True, True), (3, True, False, True)])
+def test_causal_conv1d(dtype, L, bias, docs, silu):
+    """The causal depthwise convolution (LFM2; Gated DeltaNet and Mamba2 with a SiLU after it, recomputed in the
+    backward): odd lengths and channel counts past a block, documents starting inside rows and at a block edge (32
+    rows), with and without a bias: output, dv, dw, dbias."""
     B, T, C = 2, 45, 70
     v, w = randn(B, T, C), randn(C, L, seed=1)
     d = None
@@ -130,8 +132,8 @@ def test_causal_conv1d(dtype, L, bias, docs):
         starts[0, 7], starts[0, 32], starts[1, 33], starts[1, 44] = 1, 1, 1, 1
         d = starts.cumsum(1)
     b = [randn(C, seed=2)] if bias else []
-    check(lambda v, w, *b: kernels.causal_conv1d_triton(v, w, b[0] if b else None, d),
-          lambda v, w, *b: kernels.causal_conv1d_ref(v, w, b[0] if b else None, d), [v, w, *b], dtype)
+    check(lambda v, w, *b: kernels.causal_conv1d_triton(v, w, b[0] if b else None, d, silu),
+          lambda v, w, *b: kernels.causal_conv1d_ref(v, w, b[0] if b else None, d, silu), [v, w, *b], dtype)
 
 
 def flat(fn):
