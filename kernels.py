@@ -1331,6 +1331,7 @@ def chunk_scan(U, W, K, g, S0=None):
 #     prep:  M = (beta k k^T) o D (j < i);  A = (I + M)^-1;  U = A (beta v);  W = A (beta gamma k);
 #            K_end_j = k_j exp(G_C - G_j) (the chunk's last document only);  gamma_C        -> chunk_scan(U, W, ...)
 #     out:   o = (gamma q) S_in + ((q k^T) o D) delta                                      <- delta, S_in
+# The output is also Mamba2's SSD within a chunk (q = C, k = B, delta = X_dt, S_in = h_in, g = dt A): chunk_out.
 # The Triton kernels run one program per (chunk, row and value head) with the chunk's products on chip, read q, k, v,
 # g, beta in the model's [B, T, heads, d] layout (no chunked copies, no repeated key heads) and write o there.
 def _delta_chunks(x, C):
@@ -1353,6 +1354,19 @@ def _delta_decays(g, starts, C):
     return D, torch.exp(G) * (seg == 0), torch.exp(G[..., -1:] - G) * (seg == seg[..., -1:])
 
 
+def chunk_ends(k, g, starts, chunk):
+    """The scan's K_end [B H, N, C, d] (k from key head h // (H / Hk)) and gamma_C [B H, N] without the [C, C]
+    decays: Mamba2's (its B for k; delta_prep makes Gated DeltaNet's). PyTorch, autograd."""
+    k, g = _delta_chunks(k.repeat_interleave(g.shape[2] // k.shape[2], 2), chunk), _delta_chunks(g, chunk)
+    B, _, N, _ = g.shape
+    st = torch.zeros(B, N * chunk, dtype=torch.bool, device=g.device) if starts is None else \
+        F.pad(starts, (0, N * chunk - starts.shape[1]))
+    seg = st.reshape(B, 1, N, chunk).long().cumsum(-1)
+    G = g.cumsum(-1)
+    to_end = torch.exp(G[..., -1:] - G) * (seg == seg[..., -1:])
+    return (k * to_end[..., None]).flatten(0, 1), (torch.exp(G[..., -1]) * (seg[..., -1] == 0)).flatten(0, 1)
+
+
 def delta_prep_ref(k, v, g, beta, starts=None, chunk=64):
     """k [B, T, Hk, dk], v [B, T, H, dv], g, beta [B, T, H] (H a multiple of Hk), starts [B, T] (True at a document's
     first token) or None -> chunk_scan's inputs: U [B H, N, C, dv], W and K_end [B H, N, C, dk], gamma_C [B H, N]."""
@@ -1367,7 +1381,7 @@ def delta_prep_ref(k, v, g, beta, starts=None, chunk=64):
     return U.flatten(0, 1), W.flatten(0, 1), (k * to_end[..., None]).flatten(0, 1), gamma[..., -1].flatten(0, 1)
 
 
-def delta_out_ref(q, k, g, starts, S_in, delta, dtype=None):
+def chunk_out_ref(q, k, g, starts, S_in, delta, dtype=None):
     """q, k [B, T, Hk, dk], g [B, T, H], starts as above, S_in [B H, N, dk, dv] and delta [B H, N, C, dv]
     (chunk_scan's) -> o [B, T, H, dv] in dtype (default: delta's)."""
     (B, T, H), (_, N, C, dv) = g.shape, delta.shape
@@ -1479,7 +1493,7 @@ if triton is not None:
         tl.store(DG + (b * T + t) * H + h, tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG, mask=ok)
 
     @triton.jit
-    def _delta_out_fwd(Q, K, GP, ST, SIN, DL, O, T, H, HK, C, N, KD, VD, HAS_DOCS: tl.constexpr, BC: tl.constexpr,
+    def _chunk_out_fwd(Q, K, GP, ST, SIN, DL, O, T, H, HK, C, N, KD, VD, HAS_DOCS: tl.constexpr, BC: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr):
         b, h, bn, c, kk, t, ok = _chunk_program(T, H, C, N, BC, BK)
         G, seg, D, gamma, G_C, seg_C = _decays(GP, ST, b, h, c, t, ok, T, H, C, HAS_DOCS)
@@ -1493,7 +1507,7 @@ if triton is not None:
             _put_rows(O, b, t, h, v, ok, T, H, VD, o)
 
     @triton.jit
-    def _delta_out_bwd(Q, K, GP, ST, SIN, DL, DO, DQ, DK, DG, DSIN, DDL, T, H, HK, C, N, KD, VD,
+    def _chunk_out_bwd(Q, K, GP, ST, SIN, DL, DO, DQ, DK, DG, DSIN, DDL, T, H, HK, C, N, KD, VD,
                        HAS_DOCS: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        DOT: tl.constexpr):
         b, h, bn, c, kk, t, ok = _chunk_program(T, H, C, N, BC, BK)
@@ -1557,7 +1571,7 @@ class _DeltaPrep(torch.autograd.Function):
         return _key_heads(dk, k), dv, dg.to(g.dtype), dbeta.to(beta.dtype), None, None
 
 
-class _DeltaOut(torch.autograd.Function):
+class _ChunkOut(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, g, starts, S_in, delta, dtype):
         q, k, g, S_in, delta = (t.contiguous() for t in (q, k, g, S_in, delta))
@@ -1565,7 +1579,7 @@ class _DeltaOut(torch.autograd.Function):
         st = starts.to(torch.int8).contiguous() if starts is not None else g
         o = torch.empty(B, T, H, VD, device=q.device, dtype=dtype)
         blk = _delta_blocks(k, delta, C, starts)
-        _delta_launch(_delta_out_fwd, (N, B * H), (q, k, g, st, S_in, delta, o, T, H, HK, C, N, KD, VD), blk)
+        _delta_launch(_chunk_out_fwd, (N, B * H), (q, k, g, st, S_in, delta, o, T, H, HK, C, N, KD, VD), blk)
         ctx.save_for_backward(q, k, g, st, S_in, delta)
         ctx.blk = blk
         return o
@@ -1577,7 +1591,7 @@ class _DeltaOut(torch.autograd.Function):
         dq, dk = (torch.empty(B, T, H, KD, device=q.device, dtype=torch.float32) for _ in range(2))
         dg, dS, dD = torch.empty(B, T, H, device=q.device, dtype=torch.float32), torch.empty_like(S_in), \
             torch.empty_like(delta)
-        _delta_launch(_delta_out_bwd, (N, B * H), (q, k, g, st, S_in, delta, do.contiguous(), dq, dk, dg, dS, dD,
+        _delta_launch(_chunk_out_bwd, (N, B * H), (q, k, g, st, S_in, delta, do.contiguous(), dq, dk, dg, dS, dD,
                                                    T, H, HK, C, N, KD, VD), ctx.blk)
         return _key_heads(dq, q), _key_heads(dk, k), dg.to(g.dtype), None, dS, dD, None
 
@@ -1586,8 +1600,8 @@ def delta_prep_triton(k, v, g, beta, starts=None, chunk=64):
     return _DeltaPrep.apply(k, v, g, beta, starts, chunk)
 
 
-def delta_out_triton(q, k, g, starts, S_in, delta, dtype=None):
-    return _DeltaOut.apply(q, k, g, starts, S_in, delta, dtype or delta.dtype)
+def chunk_out_triton(q, k, g, starts, S_in, delta, dtype=None):
+    return _ChunkOut.apply(q, k, g, starts, S_in, delta, dtype or delta.dtype)
 
 
 def delta_prep(k, v, g, beta, starts=None, chunk=64):
@@ -1595,8 +1609,8 @@ def delta_prep(k, v, g, beta, starts=None, chunk=64):
     return (delta_prep_triton if _triton(k) else delta_prep_ref)(k, v, g, beta, starts, chunk)
 
 
-def delta_out(q, k, g, starts, S_in, delta, dtype=None):
-    return (delta_out_triton if _triton(q) else delta_out_ref)(q, k, g, starts, S_in, delta, dtype)
+def chunk_out(q, k, g, starts, S_in, delta, dtype=None):
+    return (chunk_out_triton if _triton(q) else chunk_out_ref)(q, k, g, starts, S_in, delta, dtype)
 
 
 def sparsemixer(scores, eps):

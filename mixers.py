@@ -103,13 +103,13 @@ def delta_rule_recurrent(q, k, v, g, beta, starts=None, state=None):
 
 def delta_rule_chunked(q, k, v, g, beta, starts=None, state=None, chunk=64, dtype=None):
     """The same as delta_rule_recurrent, C tokens at a time (see above); q, k may have fewer heads than v (a key
-    head serves H / Hk value heads). The pieces are kernels.delta_prep, chunk_scan and delta_out (Triton on a GPU,
+    head serves H / Hk value heads). The pieces are kernels.delta_prep, chunk_scan and chunk_out (Triton on a GPU,
     PyTorch with autograd elsewhere); o in dtype (default fp32)."""
     B, T, H, dv = v.shape
     U, W, K_end, gamma_C = kernels.delta_prep(k, v, g, beta, starts, chunk)
     delta, S_in, S = kernels.chunk_scan(U, W, K_end, gamma_C, state.to(U.dtype).flatten(0, 1) if state is not None
                                         else None)
-    return kernels.delta_out(q, k, g, starts, S_in, delta, dtype), S.view(B, H, *S.shape[1:])
+    return kernels.chunk_out(q, k, g, starts, S_in, delta, dtype), S.view(B, H, *S.shape[1:])
 
 
 class GatedRMSNorm(nn.Module):
@@ -194,8 +194,9 @@ class GatedDeltaNet(nn.Module):
 #     H'  = gamma_L H + X_dt^T (B * D_Lj)                  (the chunk's last document only)
 def ssd_recurrent(x, dt, A, B, C, starts=None, state=None):
     """The definition, token by token (fp32): x [B, T, H, P], dt [B, T, H] (after softplus and clamp), A [H] (< 0),
-    B, C [B, T, H, N] (each head's group), starts [B, T] (True at a document's first token), state [B, H, P, N] ->
-    (y [B, T, H, P] without D's skip, the final state)."""
+    B, C [B, T, G, N] (head h reads group h // (H / G)), starts [B, T] (True at a document's first token), state
+    [B, H, P, N] -> (y [B, T, H, P] without D's skip, the final state)."""
+    B, C = (t.repeat_interleave(x.shape[2] // t.shape[2], 2) for t in (B, C))
     f = torch.promote_types(x.dtype, torch.float32)
     Bt, T, H, P = x.shape
     h = x.new_zeros(Bt, H, P, B.shape[-1], dtype=f) if state is None else state.to(f)
@@ -211,33 +212,18 @@ def ssd_recurrent(x, dt, A, B, C, starts=None, state=None):
 
 
 def ssd_chunked(x, dt, A, B, C, starts=None, state=None, chunk=64):
-    """The same as ssd_recurrent, L tokens at a time (see above; fp32); autograd runs through it."""
-    f = torch.promote_types(x.dtype, torch.float32)
+    """The same as ssd_recurrent, L tokens at a time (see above; fp32); B and C may have a head per group (each
+    serving H / G heads). The scan's inputs in PyTorch, then kernels.chunk_scan and chunk_out (Triton on a GPU;
+    the output within a chunk is the delta rule's with q = C, k = B, delta = X_dt, g = dt A)."""
     Bt, T, H, P = x.shape
-    pad = -T % chunk
-    if starts is None:
-        starts = torch.zeros(Bt, T, dtype=torch.bool, device=x.device)
-
-    def blocks(t):  # [B, T, H, ...] -> [B, H, Nc, L, ...] (padded at the end: dt 0 there, so nothing moves)
-        t = torch.nn.functional.pad(t.to(f).movedim(1, -1), (0, pad)).movedim(-1, 1)
-        return t.reshape(Bt, -1, chunk, *t.shape[2:]).movedim(3, 1)
-    a = blocks(dt * A.to(f))  # [B, H, Nc, L]
-    xdt, B, C = blocks(x * dt[..., None]), blocks(B), blocks(C)  # [B, H, Nc, L, P or N]
-    seg = torch.nn.functional.pad(starts, (0, pad)).reshape(Bt, 1, -1, chunk).long().cumsum(-1)  # [B, 1, Nc, L]
-    Acs = a.cumsum(-1)
-    tri = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
-    same = (seg[..., :, None] == seg[..., None, :]) & tri  # j <= i, same document
-    D = torch.exp((Acs[..., :, None] - Acs[..., None, :]).masked_fill(~same, float("-inf")))  # [B, H, Nc, L, L]
-    Y = ((C @ B.transpose(-1, -2)) * D) @ xdt  # within each chunk
-    gamma = torch.exp(Acs) * (seg == 0)  # decay from the chunk's start (0 past a document start)
-    to_end = torch.exp(Acs[..., -1:] - Acs) * (seg == seg[..., -1:])  # D_{L, j}: the chunk's last document only
+    g = dt * A.to(dt.dtype)  # [B, T, H]: a_t, the log-decay
+    xdt = kernels._delta_chunks(x * dt[..., None], chunk).flatten(0, 1)  # X_dt [B H, Nc, L, P]
+    K, gamma_C = kernels.chunk_ends(B, g, starts, chunk)  # B * D_Lj: the chunk's last document only
     # the chunk-to-chunk recurrence (kernels.chunk_scan, on h^T [N, P]: no W, K = B * D_Lj, U = X_dt)
-    Nc, Ns = a.shape[2], B.shape[-1]
-    _, h_in, h = kernels.chunk_scan(xdt.flatten(0, 1), None, (B * to_end[..., None]).flatten(0, 1),
-                                    gamma[..., -1].flatten(0, 1), state.to(f).transpose(-1, -2).flatten(0, 1)
+    _, h_in, h = kernels.chunk_scan(xdt, None, K, gamma_C, state.to(xdt.dtype).transpose(-1, -2).flatten(0, 1)
                                     if state is not None else None)
-    y = Y + gamma[..., None] * (C @ h_in.view(Bt, H, Nc, Ns, P))  # [B, H, Nc, L, P]
-    return y.reshape(Bt, H, -1, P)[:, :, :T].transpose(1, 2), h.view(Bt, H, Ns, P).transpose(-1, -2)
+    y = kernels.chunk_out(C, B, g, starts, h_in, xdt)  # Y = ((C B^T) o D) X_dt + gamma (C h_in)
+    return y, h.view(Bt, H, *h.shape[1:]).transpose(-1, -2)
 
 
 class GroupGatedRMSNorm(nn.Module):
@@ -271,15 +257,16 @@ class Mamba2(nn.Module):
 
     def work_bytes(self):
         """The chunked SSD scan's fp32 working set at its peak (one block's backward), bytes a token, for the planner
-        (memory.plan): 13 P + 6 N + 2 P N / L + 3 L values a head (x_dt, B and C repeated per head, the in-chunk
-        products and decays, their gradients; the chunk states). Measured with torch's profiler on the CPU reference
-        path, bytes per added token (within 3% at P 64 / 32, N 128 / 64; tests/test_plan.py); no GPU peak of a
-        Mamba2 family yet (Gated DeltaNet's GPU peaks held ~0.9 of its reference path's: this errs high)."""
+        (memory.plan): 13 P + 4.5 N + 2 P N / L + 3 L values a head (x_dt, B and C per head inside the chunked
+        pieces, the in-chunk products and decays, their gradients; the chunk states). Measured with torch's profiler
+        on the CPU reference path, bytes per added token (956.6 and 1,832.6 values a head at P 32 / 64, N 64 / 128,
+        this +0.4% and +1.3%; tests/test_plan.py); no GPU peak of a Mamba2 family yet (on a GPU the output runs in
+        a kernel that keeps less, and Gated DeltaNet's GPU peaks held ~0.9 of its reference path's: this errs high)."""
         H, P, _, N = self.shape
-        return 4 * H * (13 * P + 6 * N + 2 * P * N // self.chunk + 3 * self.chunk)
+        return 2 * H * (26 * P + 9 * N + 4 * P * N // self.chunk + 6 * self.chunk)
 
     def inputs(self, h, mask=None, docs=None, state=None):
-        """h [B, T, C] -> z, x [B, T, H, P], dt [B, T, H] (fp32), B, C [B, T, H, N] (each head's group). mask [B, T]
+        """h [B, T, C] -> z, x [B, T, H, P], dt [B, T, H] (fp32), B, C [B, T, G, N] (per group). mask [B, T]
         zeroes padded tokens before in_proj and after the conv, as transformers."""
         H, P, G, N = self.shape
         Bt, T, _ = h.shape
@@ -290,7 +277,7 @@ class Mamba2(nn.Module):
         if mask is not None:
             xbc = xbc * mask[:, :, None].to(xbc.dtype)
         x, B, C = xbc.split([H * P, G * N, G * N], -1)
-        B, C = (t.reshape(Bt, T, G, N).repeat_interleave(H // G, dim=2) for t in (B, C))
+        B, C = (t.reshape(Bt, T, G, N) for t in (B, C))
         dt = torch.nn.functional.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
         return z, x.reshape(Bt, T, H, P), dt, B, C
 

@@ -1,6 +1,6 @@
 """The chunked delta rule (mixers.delta_rule_chunked) at Qwen3.5-4B's training shape (batch 4 x 2048, 16 key heads
 for 32 value heads of 128, chunk 64, documents of 300 tokens): the Triton path (kernels.delta_prep, chunk_scan,
-delta_out) against the PyTorch one (kernels.fused(False): the references and the PyTorch scan), forward and
+chunk_out) against the PyTorch one (kernels.fused(False): the references and the PyTorch scan), forward and
 forward + backward ms (CUDA events, median of 10; v and beta in bf16 as in the model), peak memory above the
 inputs, and the largest error of the output and gradients (every input in fp32) against an fp64 run of the
 reference, relative to the largest value.
