@@ -1342,13 +1342,18 @@ def _delta_chunks(x, C):
     return x.view(*x.shape[:2], -1, C, *x.shape[3:])
 
 
-def _delta_decays(g, starts, C):
-    """g [B, H, N, C] (chunks), starts [B, T] or None -> D [B, H, N, C, C], gamma and to_end [B, H, N, C]."""
-    B, _, N, _ = g.shape
+def _segments(starts, g):
+    """starts [B, T] or None, g [B, H, N, C] (chunks) -> each token's document index within its chunk [B, 1, N, C]
+    (0: the document carried in from the chunk before)."""
+    B, _, N, C = g.shape
     st = torch.zeros(B, N * C, dtype=torch.bool, device=g.device) if starts is None else \
         F.pad(starts, (0, N * C - starts.shape[1]))
-    seg = st.reshape(B, 1, N, C).long().cumsum(-1)  # document index within the chunk (0: the one carried in)
-    G = g.cumsum(-1)
+    return st.reshape(B, 1, N, C).long().cumsum(-1)
+
+
+def _delta_decays(g, starts, C):
+    """g [B, H, N, C] (chunks), starts [B, T] or None -> D [B, H, N, C, C], gamma and to_end [B, H, N, C]."""
+    seg, G = _segments(starts, g), g.cumsum(-1)
     same = (seg[..., :, None] == seg[..., None, :]) & torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
     D = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~same, float("-inf")))
     return D, torch.exp(G) * (seg == 0), torch.exp(G[..., -1:] - G) * (seg == seg[..., -1:])
@@ -1358,11 +1363,7 @@ def chunk_ends(k, g, starts, chunk):
     """The scan's K_end [B H, N, C, d] (k from key head h // (H / Hk)) and gamma_C [B H, N] without the [C, C]
     decays: Mamba2's (its B for k; delta_prep makes Gated DeltaNet's). PyTorch, autograd."""
     k, g = _delta_chunks(k.repeat_interleave(g.shape[2] // k.shape[2], 2), chunk), _delta_chunks(g, chunk)
-    B, _, N, _ = g.shape
-    st = torch.zeros(B, N * chunk, dtype=torch.bool, device=g.device) if starts is None else \
-        F.pad(starts, (0, N * chunk - starts.shape[1]))
-    seg = st.reshape(B, 1, N, chunk).long().cumsum(-1)
-    G = g.cumsum(-1)
+    seg, G = _segments(starts, g), g.cumsum(-1)
     to_end = torch.exp(G[..., -1:] - G) * (seg == seg[..., -1:])
     return (k * to_end[..., None]).flatten(0, 1), (torch.exp(G[..., -1]) * (seg[..., -1] == 0)).flatten(0, 1)
 
@@ -1532,6 +1533,8 @@ if triton is not None:
 
 
 def _delta_launch(kernel, grid, args, blk):
+    # (the value-block loops pipelined 2 deep where the shared memory holds it: compiled on the CPU, the output
+    # kernel asks 176 KiB at 2 deep on sm_90, 128 on sm_89 (~99 available there), 96 at 1 deep)
     launch_fitting(kernel, grid, args, blk, num_warps=8 if blk["BK"] >= 128 else 4, depths=(2, 1))
 
 
