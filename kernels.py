@@ -1334,7 +1334,7 @@ def chunk_scan(U, W, K, g, S0=None):
 # The output is also Mamba2's SSD within a chunk (q = C, k = B, delta = X_dt, S_in = h_in, g = dt A): chunk_out.
 # The Triton kernels run one program per (chunk, row and value head) with the chunk's products on chip, read q, k, v,
 # g, beta in the model's [B, T, heads, d] layout (no chunked copies, no repeated key heads) and write o there.
-def _delta_chunks(x, C):
+def in_chunks(x, C):
     """[B, T, H, ...] -> [B, H, N, C, ...] in fp32 (fp64 stays fp64), zero-padded to whole chunks."""
     x = x.to(torch.promote_types(x.dtype, torch.float32)).transpose(1, 2)
     pad = -x.shape[2] % C
@@ -1362,7 +1362,7 @@ def _delta_decays(g, starts, C):
 def chunk_ends(k, g, starts, chunk):
     """The scan's K_end [B H, N, C, d] (k from key head h // (H / Hk)) and gamma_C [B H, N] without the [C, C]
     decays: Mamba2's (its B for k; delta_prep makes Gated DeltaNet's). PyTorch, autograd."""
-    k, g = _delta_chunks(k.repeat_interleave(g.shape[2] // k.shape[2], 2), chunk), _delta_chunks(g, chunk)
+    k, g = in_chunks(k.repeat_interleave(g.shape[2] // k.shape[2], 2), chunk), in_chunks(g, chunk)
     seg, G = _segments(starts, g), g.cumsum(-1)
     to_end = torch.exp(G[..., -1:] - G) * (seg == seg[..., -1:])
     return (k * to_end[..., None]).flatten(0, 1), (torch.exp(G[..., -1]) * (seg[..., -1] == 0)).flatten(0, 1)
@@ -1372,7 +1372,7 @@ def delta_prep_ref(k, v, g, beta, starts=None, chunk=64):
     """k [B, T, Hk, dk], v [B, T, H, dv], g, beta [B, T, H] (H a multiple of Hk), starts [B, T] (True at a document's
     first token) or None -> chunk_scan's inputs: U [B H, N, C, dv], W and K_end [B H, N, C, dk], gamma_C [B H, N]."""
     k = k.repeat_interleave(v.shape[2] // k.shape[2], 2)
-    k, v, g, beta = (_delta_chunks(t, chunk) for t in (k, v, g, beta))
+    k, v, g, beta = (in_chunks(t, chunk) for t in (k, v, g, beta))
     D, gamma, to_end = _delta_decays(g, starts, chunk)
     kb = k * beta[..., None]
     M = (kb @ k.transpose(-1, -2)) * D.tril(-1)
@@ -1386,8 +1386,8 @@ def chunk_out_ref(q, k, g, starts, S_in, delta, dtype=None):
     """q, k [B, T, Hk, dk], g [B, T, H], starts as above, S_in [B H, N, dk, dv] and delta [B H, N, C, dv]
     (chunk_scan's) -> o [B, T, H, dv] in dtype (default: delta's)."""
     (B, T, H), (_, N, C, dv) = g.shape, delta.shape
-    q, k = (_delta_chunks(t.repeat_interleave(H // t.shape[2], 2), C) for t in (q, k))
-    D, gamma, _ = _delta_decays(_delta_chunks(g, C), starts, C)
+    q, k = (in_chunks(t.repeat_interleave(H // t.shape[2], 2), C) for t in (q, k))
+    D, gamma, _ = _delta_decays(in_chunks(g, C), starts, C)
     S_in, dl = (t.to(q.dtype) for t in (S_in, delta))  # (fp32 from the scan; fp64 in the tests' truth)
     o = (q * gamma[..., None]) @ S_in.view(B, H, N, *S_in.shape[2:]) + \
         ((q @ k.transpose(-1, -2)) * D) @ dl.view(B, H, N, C, dv)  # [B, H, N, C, dv]

@@ -217,7 +217,7 @@ def ssd_chunked(x, dt, A, B, C, starts=None, state=None, chunk=64):
     the output within a chunk is the delta rule's with q = C, k = B, delta = X_dt, g = dt A)."""
     Bt, T, H, P = x.shape
     g = dt * A.to(dt.dtype)  # [B, T, H]: a_t, the log-decay
-    xdt = kernels._delta_chunks(x * dt[..., None], chunk).flatten(0, 1)  # X_dt [B H, Nc, L, P]
+    xdt = kernels.in_chunks(x * dt[..., None], chunk).flatten(0, 1)  # X_dt [B H, Nc, L, P]
     K, gamma_C = kernels.chunk_ends(B, g, starts, chunk)  # B * D_Lj: the chunk's last document only
     # the chunk-to-chunk recurrence (kernels.chunk_scan, on h^T [N, P]: no W, K = B * D_Lj, U = X_dt)
     _, h_in, h = kernels.chunk_scan(xdt, None, K, gamma_C, state.to(xdt.dtype).transpose(-1, -2).flatten(0, 1)
