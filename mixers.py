@@ -143,7 +143,9 @@ class GatedDeltaNet(nn.Module):
         (memory.plan): 28 dv + dk dv / C values a value head (q, k, v, their products inside a chunk, U, W, the
         outputs and their gradients; the chunk states S_in). Set by Qwen3.5's peaks on an H100 (s27-7: 4B 14.25
         GiB, 35B-A3B cut 21.87; predicted 14.32 and 22.22); the CPU reference scan, whose chunk loop autograd keeps
-        per chunk, holds more (at 128 / 64: 4,179 values a head per added token, torch's profiler)."""
+        per chunk, holds more (at 128 / 64: 4,179 values a head per added token, torch's profiler). Since session 30
+        the rule runs in Triton kernels on a GPU that save ~700 values a head a token (A, S_in, delta, W, K_end):
+        this errs high until a new peak resets it."""
         _, Hv, dk, dv = self.shape
         return 4 * Hv * (28 * dv + dk * dv // self.chunk)
 
