@@ -7,7 +7,7 @@ ID=$1; . results/calls/env.sh
 if [ "${2:-}" = unsloth ]; then
   bench --shape "${3:-qwen35-4b}" --mode lora --contenders unsloth --worker_timeout 560 | tail -3
 else
-  python results/calls/delta_rule.py 2>&1 | tail -6
+  python results/calls/delta_rule.py 2>&1 | grep -v Warning | tail -8 || true  # (the rows run even if it fails)
   for shape in qwen35-4b qwen35moe; do  # (per-kernel profiles of both in $OUT)
     bench --shape $shape --mode lora --contenders nanotune,hf_peft --worker_timeout 150 --profile "$OUT/prof" | tail -4
   done
