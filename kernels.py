@@ -1334,6 +1334,9 @@ def chunk_scan(U, W, K, g, S0=None):
 # The output is also Mamba2's SSD within a chunk (q = C, k = B, delta = X_dt, S_in = h_in, g = dt A): chunk_out.
 # The Triton kernels run one program per (chunk, row and value head) with the chunk's products on chip, read q, k, v,
 # g, beta in the model's [B, T, heads, d] layout (no chunked copies, no repeated key heads) and write o there.
+DELTA_DOT = SCAN_DOT  # the in-chunk kernels' products ("ieee": fp32 on the CUDA cores, if tf32x3 is short on a GPU)
+
+
 def in_chunks(x, C):
     """[B, T, H, ...] -> [B, H, N, C, ...] in fp32 (fp64 stays fp64), zero-padded to whole chunks."""
     x = x.to(torch.promote_types(x.dtype, torch.float32)).transpose(1, 2)
@@ -1540,7 +1543,7 @@ def _delta_launch(kernel, grid, args, blk):
 
 def _delta_blocks(k, v, C, starts):
     p2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731  (tl.dot wants sides of 16 or more)
-    return dict(HAS_DOCS=starts is not None, BC=p2(C), BK=p2(k.shape[-1]), BV=min(64, p2(v.shape[-1])), DOT=SCAN_DOT)
+    return dict(HAS_DOCS=starts is not None, BC=p2(C), BK=p2(k.shape[-1]), BV=min(64, p2(v.shape[-1])), DOT=DELTA_DOT)
 
 
 def _key_heads(x, k):
